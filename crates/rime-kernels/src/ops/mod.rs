@@ -1,0 +1,42 @@
+//! Launchers: one function per WGSL entry point, same name, checking shapes and returning dispatches.
+
+pub mod attention;
+pub mod convert;
+pub mod cross_entropy;
+pub mod elementwise;
+pub mod embedding;
+pub mod lora;
+pub mod matmul;
+pub mod merge;
+pub mod norm;
+pub mod optim;
+pub mod reduce;
+pub mod rope;
+pub mod softmax;
+
+use crate::pipeline::Spec;
+pub use crate::device::grid_1d;
+
+/// Each family lists the specializations its launchers use (at least one each).
+pub fn declared_specs() -> Vec<(&'static str, Spec)> {
+    let mut v = Vec::new();
+    v.extend(attention::specs());
+    v.extend(convert::specs());
+    v.extend(cross_entropy::specs());
+    v.extend(elementwise::specs());
+    v.extend(embedding::specs());
+    v.extend(lora::specs());
+    v.extend(matmul::specs());
+    v.extend(merge::specs());
+    v.extend(norm::specs());
+    v.extend(optim::specs());
+    v.extend(reduce::specs());
+    v.extend(rope::specs());
+    v.extend(softmax::specs());
+    v
+}
+
+/// Uniform parameters as 32-bit words (u32 or f32 bit patterns), the layout every shader's `Params` uses.
+pub(crate) fn words(w: &[u32]) -> Vec<u8> {
+    bytemuck::cast_slice(w).to_vec()
+}

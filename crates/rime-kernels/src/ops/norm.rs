@@ -1,0 +1,7 @@
+//! Launchers for shaders/norm.wgsl (not written yet).
+
+use crate::pipeline::Spec;
+
+pub fn specs() -> Vec<(&'static str, Spec)> {
+    Vec::new()
+}

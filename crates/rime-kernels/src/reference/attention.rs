@@ -1,0 +1,1 @@
+//! CPU reference for shaders/attention.wgsl (not written yet).

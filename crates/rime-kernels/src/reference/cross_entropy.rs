@@ -1,0 +1,1 @@
+//! CPU reference for shaders/cross_entropy.wgsl (not written yet).

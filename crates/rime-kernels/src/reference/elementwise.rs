@@ -1,0 +1,1 @@
+//! CPU reference for shaders/elementwise.wgsl (not written yet).

@@ -1,0 +1,1 @@
+//! CPU reference for shaders/embedding.wgsl (not written yet).

@@ -1,0 +1,1 @@
+//! CPU reference for shaders/lora.wgsl (not written yet).

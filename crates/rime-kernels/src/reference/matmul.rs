@@ -1,0 +1,1 @@
+//! CPU reference for shaders/matmul.wgsl (not written yet).

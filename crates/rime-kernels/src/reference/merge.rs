@@ -1,0 +1,1 @@
+//! CPU reference for shaders/merge.wgsl (not written yet).

@@ -1,0 +1,16 @@
+//! Plain-Rust CPU versions of every kernel, with the same names as the WGSL entry points and launchers.
+//! They are the test oracle: simple loops, f32 (f64 where accumulation order matters), no cleverness.
+
+pub mod attention;
+pub mod convert;
+pub mod cross_entropy;
+pub mod elementwise;
+pub mod embedding;
+pub mod lora;
+pub mod matmul;
+pub mod merge;
+pub mod norm;
+pub mod optim;
+pub mod reduce;
+pub mod rope;
+pub mod softmax;

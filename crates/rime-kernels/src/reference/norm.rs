@@ -1,0 +1,1 @@
+//! CPU reference for shaders/norm.wgsl (not written yet).

@@ -1,0 +1,1 @@
+//! CPU reference for shaders/optim.wgsl (not written yet).

@@ -1,0 +1,1 @@
+//! CPU reference for shaders/reduce.wgsl (not written yet).

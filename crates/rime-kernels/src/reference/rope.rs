@@ -1,0 +1,1 @@
+//! CPU reference for shaders/rope.wgsl (not written yet).

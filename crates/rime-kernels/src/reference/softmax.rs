@@ -1,0 +1,1 @@
+//! CPU reference for shaders/softmax.wgsl (not written yet).

@@ -1,0 +1,69 @@
+//! GPU tensors: a storage buffer, a shape and a dtype. Compute is f32; frozen weights may be stored as
+//! f16 or bf16 (packed two per 32-bit word) and are converted inside the kernels that read them.
+
+use std::sync::Arc;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+    U32,
+    I32,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F16 | DType::BF16 => 2,
+            _ => 4,
+        }
+    }
+    /// Bytes of a buffer holding `n` elements (rounded up to whole 32-bit words).
+    pub fn storage_bytes(self, n: usize) -> u64 {
+        ((n * self.size()).max(4).next_multiple_of(4)) as u64
+    }
+}
+
+/// A tensor on the device. Cloning shares the buffer.
+#[derive(Clone, Debug)]
+pub struct Tensor {
+    pub buffer: Arc<wgpu::Buffer>,
+    pub shape: Vec<usize>,
+    pub dtype: DType,
+}
+
+impl Tensor {
+    pub(crate) fn new(buffer: Arc<wgpu::Buffer>, shape: Vec<usize>, dtype: DType) -> Self {
+        Tensor { buffer, shape, dtype }
+    }
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+    pub fn rank(&self) -> usize {
+        self.shape.len()
+    }
+    /// The last dimension (1 for a scalar).
+    pub fn last_dim(&self) -> usize {
+        self.shape.last().copied().unwrap_or(1)
+    }
+    /// Number of rows when viewed as a 2-D matrix [rows, last_dim].
+    pub fn rows(&self) -> usize {
+        self.numel() / self.last_dim().max(1)
+    }
+    /// Same buffer, another shape of the same element count.
+    pub fn reshape(&self, shape: &[usize]) -> crate::Result<Tensor> {
+        let n: usize = shape.iter().product();
+        if n != self.numel() {
+            return Err(crate::Error::Shape {
+                op: "reshape",
+                msg: format!("{:?} has {} elements, {:?} has {}", self.shape, self.numel(), shape, n),
+            });
+        }
+        Ok(Tensor { buffer: self.buffer.clone(), shape: shape.to_vec(), dtype: self.dtype })
+    }
+    pub fn bytes(&self) -> u64 {
+        self.buffer.size()
+    }
+}

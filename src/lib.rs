@@ -1,0 +1,1 @@
+pub use rime_kernels as kernels;
