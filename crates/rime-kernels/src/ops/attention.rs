@@ -1,7 +1,341 @@
-//! Launchers for shaders/attention.wgsl (not written yet).
+//! Launchers for shaders/attention.wgsl: fused multi-head attention (online-softmax forward that saves the
+//! log-sum-exp, and a backward that recomputes the probabilities from it), with padding mask, causal mask
+//! (aligned to the end of the keys, so T < S works for a KV cache) and grouped-query heads. Memory is linear in
+//! the sequence length; the backward is deterministic (no atomics): one dispatch computes dQ (and the
+//! D = rowsum(dO * O) scratch), a second computes dK and dV by iterating over queries.
 
-use crate::pipeline::Spec;
+use super::words;
+use crate::error::{shape_err, Error, Result};
+use crate::{DType, Device, Dispatch, Spec, Tensor};
+
+const FILE: &str = "attention.wgsl";
+/// Largest supported head size (the kernels keep up to four head vectors per invocation in registers).
+pub const MAX_HEAD_SIZE: usize = 128;
+
+/// Which kernel shape to launch: the CPU variant uses one SIMD vector (8 lanes on lavapipe) per workgroup so
+/// that small T wastes no lanes; the GPU variant uses wider workgroups for occupancy. Both compute the same
+/// thing; [`Variant::for_device`] picks one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Variant {
+    Cpu,
+    Gpu,
+}
+
+impl Variant {
+    pub fn for_device(dev: &Device) -> Variant {
+        if dev.is_cpu() {
+            Variant::Cpu
+        } else {
+            Variant::Gpu
+        }
+    }
+    fn workgroup(self) -> u32 {
+        match self {
+            Variant::Cpu => 8,
+            Variant::Gpu => 64,
+        }
+    }
+}
+
+fn spec(hs: usize, variant: Variant) -> Spec {
+    Spec::new()
+        .prelude(format!("const HS4: u32 = {}u;", hs / 4))
+        .constant("WG", variant.workgroup() as f64)
+}
 
 pub fn specs() -> Vec<(&'static str, Spec)> {
-    Vec::new()
+    let mut v = Vec::new();
+    for hs in (4..=MAX_HEAD_SIZE).step_by(4) {
+        for variant in [Variant::Cpu, Variant::Gpu] {
+            v.push((FILE, spec(hs, variant)));
+        }
+    }
+    v
+}
+
+/// Sizes read from q [B, T, NH, HS] and k [B, S, NKV, HS].
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    b: usize,
+    t: usize,
+    s: usize,
+    nh: usize,
+    nkv: usize,
+    hs: usize,
+}
+
+fn want_f32(op: &'static str, name: &str, x: &Tensor) -> Result<()> {
+    if x.dtype != DType::F32 {
+        return Err(Error::Shape {
+            op,
+            msg: format!("{name} has dtype {:?}, expected F32", x.dtype),
+        });
+    }
+    Ok(())
+}
+
+fn want_shape(op: &'static str, name: &str, x: &Tensor, shape: &[usize]) -> Result<()> {
+    want_f32(op, name, x)?;
+    if x.shape != shape {
+        return Err(shape_err(
+            op,
+            format!("{name} has shape {:?}, expected {shape:?}", x.shape),
+        ));
+    }
+    Ok(())
+}
+
+fn dims(
+    op: &'static str,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+) -> Result<Dims> {
+    want_f32(op, "q", q)?;
+    want_f32(op, "k", k)?;
+    if q.rank() != 4 || k.rank() != 4 {
+        return Err(shape_err(
+            op,
+            format!(
+                "q {:?} must be [B, T, NH, HS] and k {:?} must be [B, S, NKV, HS]",
+                q.shape, k.shape
+            ),
+        ));
+    }
+    let d = Dims {
+        b: q.shape[0],
+        t: q.shape[1],
+        s: k.shape[1],
+        nh: q.shape[2],
+        nkv: k.shape[2],
+        hs: q.shape[3],
+    };
+    if k.shape[0] != d.b || k.shape[3] != d.hs {
+        return Err(shape_err(
+            op,
+            format!(
+                "k {:?} does not match q {:?} in batch or head size",
+                k.shape, q.shape
+            ),
+        ));
+    }
+    if d.b == 0 || d.t == 0 || d.s == 0 || d.nh == 0 || d.nkv == 0 {
+        return Err(shape_err(
+            op,
+            format!("empty dimension in q {:?} or k {:?}", q.shape, k.shape),
+        ));
+    }
+    if d.hs == 0 || d.hs % 4 != 0 || d.hs > MAX_HEAD_SIZE {
+        return Err(shape_err(
+            op,
+            format!("head size {} (q {:?}) must be a positive multiple of 4 and at most {MAX_HEAD_SIZE}", d.hs, q.shape),
+        ));
+    }
+    if d.nh % d.nkv != 0 {
+        return Err(shape_err(
+            op,
+            format!(
+                "{} query heads (q {:?}) is not a multiple of {} kv heads (k {:?})",
+                d.nh, q.shape, d.nkv, k.shape
+            ),
+        ));
+    }
+    want_shape(op, "v", v, &k.shape)?;
+    if let Some(m) = mask {
+        want_shape(op, "mask", m, &[d.b, d.s])?;
+    }
+    Ok(d)
+}
+
+fn params(d: &Dims, has_mask: bool, causal: bool, scale: f32) -> Vec<u8> {
+    words(&[
+        d.b as u32,
+        d.t as u32,
+        d.s as u32,
+        d.nh as u32,
+        d.nkv as u32,
+        causal as u32,
+        has_mask as u32,
+        scale.to_bits(),
+        f32::NEG_INFINITY.to_bits(),
+        0,
+        0,
+        0,
+    ])
+}
+
+fn grid(rows: usize, heads: usize, b: usize, variant: Variant) -> [u32; 3] {
+    [
+        (rows as u32).div_ceil(variant.workgroup()),
+        heads as u32,
+        b as u32,
+    ]
+}
+
+/// out = softmax(scale * q k^T + masks) v per head, lse = log-sum-exp of the scaled, masked scores.
+/// q [B, T, NH, HS]; k, v [B, S, NKV, HS] with NH % NKV == 0 (head h uses kv head h / (NH/NKV)); out [B, T, NH, HS];
+/// lse [B, NH, T]. mask [B, S]: 1 = keep, 0 = padding. causal: query t sees key j iff j <= t + (S - T).
+/// A query row that sees no key gets zeros in out and -inf in lse.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward(
+    dev: &Device,
+    out: &Tensor,
+    lse: &Tensor,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    causal: bool,
+    scale: f32,
+) -> Result<Vec<Dispatch>> {
+    attention_forward_variant(
+        dev,
+        Variant::for_device(dev),
+        out,
+        lse,
+        q,
+        k,
+        v,
+        mask,
+        causal,
+        scale,
+    )
+}
+
+/// [`attention_forward`] with an explicit kernel variant (tests run both).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward_variant(
+    dev: &Device,
+    variant: Variant,
+    out: &Tensor,
+    lse: &Tensor,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    causal: bool,
+    scale: f32,
+) -> Result<Vec<Dispatch>> {
+    const OP: &str = "attention_forward";
+    let d = dims(OP, q, k, v, mask)?;
+    want_shape(OP, "out", out, &q.shape)?;
+    want_shape(OP, "lse", lse, &[d.b, d.nh, d.t])?;
+    let m = mask.unwrap_or(k);
+    Ok(vec![dev.dispatch(
+        FILE,
+        "attention_forward",
+        &spec(d.hs, variant),
+        Some(&params(&d, mask.is_some(), causal, scale)),
+        &[(1, q), (2, k), (3, v), (4, m), (5, out), (6, lse)],
+        grid(d.t, d.nh, d.b, variant),
+    )?])
+}
+
+/// Gradients of [`attention_forward`]: dq like q; dk, dv like k, v (summed over the query heads sharing a kv
+/// head). All three are overwritten. `out` and `lse` are the forward's outputs; delta_tmp [B, NH, T] is scratch.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    dev: &Device,
+    dq: &Tensor,
+    dk: &Tensor,
+    dv: &Tensor,
+    delta_tmp: &Tensor,
+    dout: &Tensor,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    lse: &Tensor,
+    mask: Option<&Tensor>,
+    causal: bool,
+    scale: f32,
+) -> Result<Vec<Dispatch>> {
+    attention_backward_variant(
+        dev,
+        Variant::for_device(dev),
+        dq,
+        dk,
+        dv,
+        delta_tmp,
+        dout,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        mask,
+        causal,
+        scale,
+    )
+}
+
+/// [`attention_backward`] with an explicit kernel variant (tests run both).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_variant(
+    dev: &Device,
+    variant: Variant,
+    dq: &Tensor,
+    dk: &Tensor,
+    dv: &Tensor,
+    delta_tmp: &Tensor,
+    dout: &Tensor,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    lse: &Tensor,
+    mask: Option<&Tensor>,
+    causal: bool,
+    scale: f32,
+) -> Result<Vec<Dispatch>> {
+    const OP: &str = "attention_backward";
+    let d = dims(OP, q, k, v, mask)?;
+    want_shape(OP, "dq", dq, &q.shape)?;
+    want_shape(OP, "dk", dk, &k.shape)?;
+    want_shape(OP, "dv", dv, &k.shape)?;
+    want_shape(OP, "dout", dout, &q.shape)?;
+    want_shape(OP, "out", out, &q.shape)?;
+    want_shape(OP, "lse", lse, &[d.b, d.nh, d.t])?;
+    want_shape(OP, "delta_tmp", delta_tmp, &[d.b, d.nh, d.t])?;
+    let m = mask.unwrap_or(k);
+    let sp = spec(d.hs, variant);
+    let pr = params(&d, mask.is_some(), causal, scale);
+    let query = dev.dispatch(
+        FILE,
+        "attention_backward_query",
+        &sp,
+        Some(&pr),
+        &[
+            (1, q),
+            (2, k),
+            (3, v),
+            (4, m),
+            (7, dout),
+            (8, out),
+            (9, lse),
+            (10, delta_tmp),
+            (12, dq),
+        ],
+        grid(d.t, d.nh, d.b, variant),
+    )?;
+    let key_value = dev.dispatch(
+        FILE,
+        "attention_backward_key_value",
+        &sp,
+        Some(&pr),
+        &[
+            (1, q),
+            (2, k),
+            (3, v),
+            (4, m),
+            (7, dout),
+            (9, lse),
+            (11, delta_tmp),
+            (13, dk),
+            (14, dv),
+        ],
+        grid(d.s, d.nkv, d.b, variant),
+    )?;
+    Ok(vec![query, key_value])
 }

@@ -1,0 +1,462 @@
+mod common;
+use common::*;
+use rime_kernels::ops::attention::*;
+use rime_kernels::reference::attention::{self as r, Dims};
+use rime_kernels::{DType, Device, Tensor};
+
+// Forward: GPU f32 online softmax vs f64 reference.
+const FWD_ATOL: f32 = 2e-5;
+const FWD_RTOL: f32 = 1e-4;
+// Backward: longer f32 sums (over S keys, or over T queries x group heads).
+const BWD_ATOL: f32 = 1e-4;
+const BWD_RTOL: f32 = 1e-3;
+
+#[derive(Clone, Copy, Debug)]
+struct Case {
+    d: Dims,
+    mask: bool,
+    causal: bool,
+}
+
+fn case(
+    b: usize,
+    t: usize,
+    s: usize,
+    nh: usize,
+    nkv: usize,
+    hs: usize,
+    mask: bool,
+    causal: bool,
+) -> Case {
+    Case {
+        d: Dims {
+            b,
+            t,
+            s,
+            nh,
+            nkv,
+            hs,
+        },
+        mask,
+        causal,
+    }
+}
+
+struct Inputs {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    mask: Option<Vec<f32>>,
+    dout: Vec<f32>,
+}
+
+fn inputs(c: &Case, seed: u64) -> Inputs {
+    let d = c.d;
+    let nq = d.b * d.t * d.nh * d.hs;
+    let nk = d.b * d.s * d.nkv * d.hs;
+    // Padding at the end of each sequence with a different length per batch entry, plus holes, so some
+    // rows lose keys in the middle too. Batch entry 0 always keeps key 0.
+    let mask = c.mask.then(|| {
+        let mut r = randn(seed + 4, d.b * d.s, 1.0);
+        for b in 0..d.b {
+            let len = d.s - (b * 3) % d.s.max(1);
+            for j in 0..d.s {
+                let x = &mut r[b * d.s + j];
+                *x = if j < len && *x > -0.6 { 1.0 } else { 0.0 };
+            }
+        }
+        r[0] = 1.0;
+        r
+    });
+    Inputs {
+        q: randn(seed, nq, 2.0),
+        k: randn(seed + 1, nk, 2.0),
+        v: randn(seed + 2, nk, 1.0),
+        mask,
+        dout: randn(seed + 3, nq, 1.0),
+    }
+}
+
+fn scale(d: &Dims) -> f32 {
+    1.0 / (d.hs as f32).sqrt()
+}
+
+fn up(dev: &Device, x: &[f32], shape: &[usize]) -> Tensor {
+    dev.upload_f32(x, shape).unwrap()
+}
+
+struct Gpu {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Option<Tensor>,
+    out: Tensor,
+    lse: Tensor,
+}
+
+fn gpu_forward(c: &Case, x: &Inputs, variant: Variant) -> Gpu {
+    let dev = dev();
+    let d = c.d;
+    let qs = [d.b, d.t, d.nh, d.hs];
+    let ks = [d.b, d.s, d.nkv, d.hs];
+    let g = Gpu {
+        q: up(dev, &x.q, &qs),
+        k: up(dev, &x.k, &ks),
+        v: up(dev, &x.v, &ks),
+        mask: x.mask.as_ref().map(|m| up(dev, m, &[d.b, d.s])),
+        out: dev.empty(&qs, DType::F32).unwrap(),
+        lse: dev.empty(&[d.b, d.nh, d.t], DType::F32).unwrap(),
+    };
+    let ds = attention_forward_variant(
+        dev,
+        variant,
+        &g.out,
+        &g.lse,
+        &g.q,
+        &g.k,
+        &g.v,
+        g.mask.as_ref(),
+        c.causal,
+        scale(&d),
+    )
+    .unwrap();
+    dev.run(&ds).unwrap();
+    g
+}
+
+/// (dq, dk, dv) from the GPU backward, given the GPU forward's out and lse.
+fn gpu_backward(c: &Case, x: &Inputs, g: &Gpu, variant: Variant) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let dev = dev();
+    let d = c.d;
+    let dq = dev.empty(&g.q.shape, DType::F32).unwrap();
+    let dk = dev.empty(&g.k.shape, DType::F32).unwrap();
+    let dv = dev.empty(&g.k.shape, DType::F32).unwrap();
+    let delta = dev.empty(&[d.b, d.nh, d.t], DType::F32).unwrap();
+    let dout = up(dev, &x.dout, &g.q.shape);
+    let ds = attention_backward_variant(
+        dev,
+        variant,
+        &dq,
+        &dk,
+        &dv,
+        &delta,
+        &dout,
+        &g.q,
+        &g.k,
+        &g.v,
+        &g.out,
+        &g.lse,
+        g.mask.as_ref(),
+        c.causal,
+        scale(&d),
+    )
+    .unwrap();
+    dev.run(&ds).unwrap();
+    (
+        dev.download_f32(&dq).unwrap(),
+        dev.download_f32(&dk).unwrap(),
+        dev.download_f32(&dv).unwrap(),
+    )
+}
+
+/// lse may hold -inf (rows that see no key): those must match exactly, the rest within tolerance.
+#[track_caller]
+fn assert_lse(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len());
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        if w == f32::NEG_INFINITY {
+            assert_eq!(
+                g, w,
+                "{what}: lse[{i}] should be -inf (row sees no key), got {g}"
+            );
+        } else {
+            assert!(
+                (g - w).abs() <= FWD_ATOL + FWD_RTOL * w.abs(),
+                "{what}: lse[{i}] got {g}, want {w}"
+            );
+        }
+    }
+}
+
+fn check_forward(c: &Case, seed: u64, variant: Variant) -> (Inputs, Gpu) {
+    let x = inputs(c, seed);
+    let g = gpu_forward(c, &x, variant);
+    let (out, lse) = r::attention_forward(
+        &c.d,
+        &x.q,
+        &x.k,
+        &x.v,
+        x.mask.as_deref(),
+        c.causal,
+        scale(&c.d),
+    );
+    let what = format!("{c:?} {variant:?}");
+    assert_close(
+        &format!("out {what}"),
+        &dev().download_f32(&g.out).unwrap(),
+        &out,
+        FWD_ATOL,
+        FWD_RTOL,
+    );
+    assert_lse(&what, &dev().download_f32(&g.lse).unwrap(), &lse);
+    (x, g)
+}
+
+fn check_backward(c: &Case, seed: u64, variant: Variant) {
+    let (x, g) = check_forward(c, seed, variant);
+    let (dq, dk, dv) = gpu_backward(c, &x, &g, variant);
+    let (wq, wk, wv) = r::attention_backward(
+        &c.d,
+        &x.dout,
+        &x.q,
+        &x.k,
+        &x.v,
+        x.mask.as_deref(),
+        c.causal,
+        scale(&c.d),
+    );
+    let what = format!("{c:?} {variant:?}");
+    assert_close(&format!("dq {what}"), &dq, &wq, BWD_ATOL, BWD_RTOL);
+    assert_close(&format!("dk {what}"), &dk, &wk, BWD_ATOL, BWD_RTOL);
+    assert_close(&format!("dv {what}"), &dv, &wv, BWD_ATOL, BWD_RTOL);
+}
+
+fn forward_cases() -> Vec<Case> {
+    vec![
+        case(1, 1, 1, 1, 1, 4, false, false),
+        case(2, 3, 3, 2, 2, 8, false, false),
+        case(2, 17, 17, 3, 3, 12, true, false),
+        case(1, 17, 17, 4, 2, 32, false, true),
+        case(2, 127, 127, 2, 1, 32, true, true),
+        case(1, 3, 17, 6, 2, 64, false, true), // KV cache: T < S
+        case(1, 1, 127, 3, 1, 64, true, true), // one decode step
+        case(2, 17, 3, 2, 1, 8, true, false),  // T > S
+        case(1, 17, 3, 2, 2, 8, false, true),  // T > S causal: the first rows see nothing
+        case(1, 9, 20, 9, 3, 64, true, false), // SmolLM2 head layout
+        case(1, 5, 7, 1, 1, 128, false, false),
+    ]
+}
+
+#[test]
+fn attention_forward_matches_reference() {
+    for (i, c) in forward_cases().iter().enumerate() {
+        check_forward(c, 100 + i as u64, Variant::Cpu);
+    }
+}
+
+#[test]
+fn attention_forward_gpu_variant_matches_reference() {
+    for (i, c) in [
+        case(2, 70, 70, 4, 2, 32, true, true),
+        case(1, 3, 17, 2, 1, 32, false, false),
+    ]
+    .iter()
+    .enumerate()
+    {
+        check_forward(c, 200 + i as u64, Variant::Gpu);
+    }
+}
+
+#[test]
+fn attention_backward_matches_reference() {
+    let cases = [
+        case(1, 1, 1, 1, 1, 4, false, false),
+        case(2, 3, 3, 2, 2, 8, true, false),
+        case(1, 17, 17, 4, 2, 32, false, true),
+        case(2, 33, 33, 2, 1, 32, true, true),
+        case(1, 3, 17, 6, 2, 64, true, true),
+        case(2, 17, 3, 2, 1, 12, true, false),
+        case(1, 17, 3, 2, 2, 8, false, true),
+        case(1, 9, 20, 9, 3, 64, true, false),
+    ];
+    for (i, c) in cases.iter().enumerate() {
+        check_backward(c, 300 + i as u64, Variant::Cpu);
+    }
+}
+
+#[test]
+fn attention_backward_gpu_variant_matches_reference() {
+    for (i, c) in [
+        case(2, 70, 70, 4, 2, 32, true, true),
+        case(1, 3, 17, 2, 1, 32, false, false),
+    ]
+    .iter()
+    .enumerate()
+    {
+        check_backward(c, 400 + i as u64, Variant::Gpu);
+    }
+}
+
+// L = sum(out * dout), so dL/dq etc. are the backward's outputs for upstream gradient dout; the central
+// differences run on the f64-accumulating CPU forward.
+#[test]
+fn attention_backward_matches_finite_differences() {
+    let cases = [
+        case(1, 3, 5, 4, 2, 8, true, true),
+        case(2, 4, 4, 2, 1, 4, false, false),
+        case(1, 2, 6, 2, 2, 8, true, false),
+    ];
+    for (i, c) in cases.iter().enumerate() {
+        let x = inputs(c, 500 + i as u64);
+        let g = gpu_forward(c, &x, Variant::Cpu);
+        let (dq, dk, dv) = gpu_backward(c, &x, &g, Variant::Cpu);
+        let sc = scale(&c.d);
+        let m = x.mask.as_deref();
+        let loss = |q: &[f32], k: &[f32], v: &[f32]| -> f64 {
+            let (o, _) = r::attention_forward(&c.d, q, k, v, m, c.causal, sc);
+            o.iter()
+                .zip(&x.dout)
+                .map(|(&a, &b)| a as f64 * b as f64)
+                .sum()
+        };
+        let eps = 1e-2;
+        let fq = finite_diff(&x.q, eps, |q| loss(q, &x.k, &x.v));
+        let fk = finite_diff(&x.k, eps, |k| loss(&x.q, k, &x.v));
+        let fv = finite_diff(&x.v, eps, |v| loss(&x.q, &x.k, v));
+        // Finite differences carry O(eps^2) truncation error and the f32 rounding of the outputs.
+        let what = format!("{c:?}");
+        assert_close(&format!("dq vs fd {what}"), &dq, &fq, 2e-3, 1e-2);
+        assert_close(&format!("dk vs fd {what}"), &dk, &fk, 2e-3, 1e-2);
+        assert_close(&format!("dv vs fd {what}"), &dv, &fv, 2e-3, 1e-2);
+    }
+}
+
+#[test]
+fn attention_fully_masked_rows_are_zero() {
+    let dev = dev();
+    // Batch entry 1 is all padding; causal with T > S leaves the first T - S rows of entry 0 without keys.
+    let c = case(2, 6, 4, 2, 1, 8, true, true);
+    let mut x = inputs(&c, 600);
+    let mut m = vec![1.0f32; 8];
+    m[4..].fill(0.0);
+    x.mask = Some(m);
+    let g = gpu_forward(&c, &x, Variant::Cpu);
+    let out = dev.download_f32(&g.out).unwrap();
+    let lse = dev.download_f32(&g.lse).unwrap();
+    let row = c.d.nh * c.d.hs;
+    assert!(
+        out[6 * row..].iter().all(|&v| v == 0.0),
+        "all-padding batch entry must output zeros"
+    );
+    assert!(
+        out[..2 * row].iter().all(|&v| v == 0.0),
+        "rows before the causal window must output zeros"
+    );
+    assert!(lse[12..].iter().all(|&v| v == f32::NEG_INFINITY));
+    let (dq, dk, dv) = gpu_backward(&c, &x, &g, Variant::Cpu);
+    for (name, gr) in [("dq", &dq), ("dk", &dk), ("dv", &dv)] {
+        assert!(gr.iter().all(|v| v.is_finite()), "{name} must be finite");
+    }
+    assert!(dq[6 * row..].iter().all(|&v| v == 0.0));
+    assert!(
+        dk[4 * c.d.hs..].iter().all(|&v| v == 0.0) && dv[4 * c.d.hs..].iter().all(|&v| v == 0.0)
+    );
+    let sc = scale(&c.d);
+    let (wo, wl) = r::attention_forward(&c.d, &x.q, &x.k, &x.v, x.mask.as_deref(), c.causal, sc);
+    assert_close("out", &out, &wo, FWD_ATOL, FWD_RTOL);
+    assert_lse("lse", &lse, &wl);
+    let (wq, wk, wv) = r::attention_backward(
+        &c.d,
+        &x.dout,
+        &x.q,
+        &x.k,
+        &x.v,
+        x.mask.as_deref(),
+        c.causal,
+        sc,
+    );
+    assert_close("dq", &dq, &wq, BWD_ATOL, BWD_RTOL);
+    assert_close("dk", &dk, &wk, BWD_ATOL, BWD_RTOL);
+    assert_close("dv", &dv, &wv, BWD_ATOL, BWD_RTOL);
+}
+
+#[test]
+fn attention_backward_is_deterministic() {
+    let c = case(1, 19, 19, 4, 1, 8, true, true);
+    let x = inputs(&c, 700);
+    let g = gpu_forward(&c, &x, Variant::Cpu);
+    let a = gpu_backward(&c, &x, &g, Variant::Cpu);
+    let b = gpu_backward(&c, &x, &g, Variant::Cpu);
+    assert!(a == b, "two backward runs differ");
+}
+
+#[test]
+fn attention_rejects_bad_shapes() {
+    let dev = dev();
+    let t = |shape: &[usize]| dev.empty(shape, DType::F32).unwrap();
+    let fwd =
+        |out: &Tensor, lse: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, m: Option<&Tensor>| {
+            attention_forward(dev, out, lse, q, k, v, m, false, 1.0)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+    let (q, k, out, lse) = (
+        t(&[2, 5, 4, 8]),
+        t(&[2, 7, 2, 8]),
+        t(&[2, 5, 4, 8]),
+        t(&[2, 4, 5]),
+    );
+    assert_eq!(fwd(&out, &lse, &q, &k, &k, None), "");
+    // head size not a multiple of 4, too large
+    let e = fwd(
+        &t(&[1, 2, 1, 6]),
+        &t(&[1, 1, 2]),
+        &t(&[1, 2, 1, 6]),
+        &t(&[1, 2, 1, 6]),
+        &t(&[1, 2, 1, 6]),
+        None,
+    );
+    assert!(e.contains("multiple of 4"), "{e}");
+    let e = fwd(
+        &t(&[1, 2, 1, 132]),
+        &t(&[1, 1, 2]),
+        &t(&[1, 2, 1, 132]),
+        &t(&[1, 2, 1, 132]),
+        &t(&[1, 2, 1, 132]),
+        None,
+    );
+    assert!(e.contains("at most 128"), "{e}");
+    // heads not divisible
+    let k3 = t(&[2, 7, 3, 8]);
+    let e = fwd(&out, &lse, &q, &k3, &k3, None);
+    assert!(e.contains("kv heads"), "{e}");
+    // mask, lse, v, out, rank, batch
+    let e = fwd(&out, &lse, &q, &k, &k, Some(&t(&[2, 5])));
+    assert!(e.contains("mask"), "{e}");
+    let e = fwd(&out, &t(&[2, 5, 4]), &q, &k, &k, None);
+    assert!(e.contains("lse"), "{e}");
+    let e = fwd(&out, &lse, &q, &k, &t(&[2, 7, 2, 4]), None);
+    assert!(e.contains("v has shape"), "{e}");
+    let e = fwd(&t(&[2, 5, 4, 4]), &lse, &q, &k, &k, None);
+    assert!(e.contains("out"), "{e}");
+    let e = fwd(&out, &lse, &t(&[10, 4, 8]), &k, &k, None);
+    assert!(e.contains("[B, T, NH, HS]"), "{e}");
+    let e = fwd(&out, &lse, &q, &t(&[1, 7, 2, 8]), &t(&[1, 7, 2, 8]), None);
+    assert!(e.contains("batch"), "{e}");
+    let e = fwd(
+        &out,
+        &lse,
+        &dev.empty(&[2, 5, 4, 8], DType::F16).unwrap(),
+        &k,
+        &k,
+        None,
+    );
+    assert!(e.contains("F32"), "{e}");
+    // backward: gradient and scratch shapes
+    let bwd = |dq: &Tensor, dk: &Tensor, delta: &Tensor| {
+        attention_backward(
+            dev, dq, dk, &k, delta, &out, &q, &k, &k, &out, &lse, None, true, 1.0,
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default()
+    };
+    assert_eq!(bwd(&q, &k, &lse), "");
+    let e = bwd(&t(&[2, 5, 4, 4]), &k, &lse);
+    assert!(e.contains("dq"), "{e}");
+    let e = bwd(&q, &t(&[2, 7, 4, 8]), &lse);
+    assert!(e.contains("dk"), "{e}");
+    let e = bwd(&q, &k, &t(&[2, 4, 4]));
+    assert!(e.contains("delta_tmp"), "{e}");
+}
