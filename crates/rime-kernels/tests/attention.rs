@@ -18,28 +18,8 @@ struct Case {
     causal: bool,
 }
 
-fn case(
-    b: usize,
-    t: usize,
-    s: usize,
-    nh: usize,
-    nkv: usize,
-    hs: usize,
-    mask: bool,
-    causal: bool,
-) -> Case {
-    Case {
-        d: Dims {
-            b,
-            t,
-            s,
-            nh,
-            nkv,
-            hs,
-        },
-        mask,
-        causal,
-    }
+fn case(b: usize, t: usize, s: usize, nh: usize, nkv: usize, hs: usize, mask: bool, causal: bool) -> Case {
+    Case { d: Dims { b, t, s, nh, nkv, hs }, mask, causal }
 }
 
 struct Inputs {
@@ -107,19 +87,9 @@ fn gpu_forward(c: &Case, x: &Inputs, variant: Variant) -> Gpu {
         out: dev.empty(&qs, DType::F32).unwrap(),
         lse: dev.empty(&[d.b, d.nh, d.t], DType::F32).unwrap(),
     };
-    let ds = attention_forward_variant(
-        dev,
-        variant,
-        &g.out,
-        &g.lse,
-        &g.q,
-        &g.k,
-        &g.v,
-        g.mask.as_ref(),
-        c.causal,
-        scale(&d),
-    )
-    .unwrap();
+    let ds =
+        attention_forward_variant(dev, variant, &g.out, &g.lse, &g.q, &g.k, &g.v, g.mask.as_ref(), c.causal, scale(&d))
+            .unwrap();
     dev.run(&ds).unwrap();
     g
 }
@@ -152,11 +122,7 @@ fn gpu_backward(c: &Case, x: &Inputs, g: &Gpu, variant: Variant) -> (Vec<f32>, V
     )
     .unwrap();
     dev.run(&ds).unwrap();
-    (
-        dev.download_f32(&dq).unwrap(),
-        dev.download_f32(&dk).unwrap(),
-        dev.download_f32(&dv).unwrap(),
-    )
+    (dev.download_f32(&dq).unwrap(), dev.download_f32(&dk).unwrap(), dev.download_f32(&dv).unwrap())
 }
 
 /// lse may hold -inf (rows that see no key): those must match exactly, the rest within tolerance.
@@ -165,15 +131,9 @@ fn assert_lse(what: &str, got: &[f32], want: &[f32]) {
     assert_eq!(got.len(), want.len());
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         if w == f32::NEG_INFINITY {
-            assert_eq!(
-                g, w,
-                "{what}: lse[{i}] should be -inf (row sees no key), got {g}"
-            );
+            assert_eq!(g, w, "{what}: lse[{i}] should be -inf (row sees no key), got {g}");
         } else {
-            assert!(
-                (g - w).abs() <= FWD_ATOL + FWD_RTOL * w.abs(),
-                "{what}: lse[{i}] got {g}, want {w}"
-            );
+            assert!((g - w).abs() <= FWD_ATOL + FWD_RTOL * w.abs(), "{what}: lse[{i}] got {g}, want {w}");
         }
     }
 }
@@ -181,23 +141,9 @@ fn assert_lse(what: &str, got: &[f32], want: &[f32]) {
 fn check_forward(c: &Case, seed: u64, variant: Variant) -> (Inputs, Gpu) {
     let x = inputs(c, seed);
     let g = gpu_forward(c, &x, variant);
-    let (out, lse) = r::attention_forward(
-        &c.d,
-        &x.q,
-        &x.k,
-        &x.v,
-        x.mask.as_deref(),
-        c.causal,
-        scale(&c.d),
-    );
+    let (out, lse) = r::attention_forward(&c.d, &x.q, &x.k, &x.v, x.mask.as_deref(), c.causal, scale(&c.d));
     let what = format!("{c:?} {variant:?}");
-    assert_close(
-        &format!("out {what}"),
-        &dev().download_f32(&g.out).unwrap(),
-        &out,
-        FWD_ATOL,
-        FWD_RTOL,
-    );
+    assert_close(&format!("out {what}"), &dev().download_f32(&g.out).unwrap(), &out, FWD_ATOL, FWD_RTOL);
     assert_lse(&what, &dev().download_f32(&g.lse).unwrap(), &lse);
     (x, g)
 }
@@ -205,16 +151,7 @@ fn check_forward(c: &Case, seed: u64, variant: Variant) -> (Inputs, Gpu) {
 fn check_backward(c: &Case, seed: u64, variant: Variant) {
     let (x, g) = check_forward(c, seed, variant);
     let (dq, dk, dv) = gpu_backward(c, &x, &g, variant);
-    let (wq, wk, wv) = r::attention_backward(
-        &c.d,
-        &x.dout,
-        &x.q,
-        &x.k,
-        &x.v,
-        x.mask.as_deref(),
-        c.causal,
-        scale(&c.d),
-    );
+    let (wq, wk, wv) = r::attention_backward(&c.d, &x.dout, &x.q, &x.k, &x.v, x.mask.as_deref(), c.causal, scale(&c.d));
     let what = format!("{c:?} {variant:?}");
     assert_close(&format!("dq {what}"), &dq, &wq, BWD_ATOL, BWD_RTOL);
     assert_close(&format!("dk {what}"), &dk, &wk, BWD_ATOL, BWD_RTOL);
@@ -240,20 +177,14 @@ fn forward_cases() -> Vec<Case> {
 #[test]
 fn attention_forward_matches_reference() {
     for (i, c) in forward_cases().iter().enumerate() {
-        check_forward(c, 100 + i as u64, Variant::Cpu);
+        check_forward(c, 100 + i as u64, Variant::Subgroup);
     }
 }
 
 #[test]
-fn attention_forward_gpu_variant_matches_reference() {
-    for (i, c) in [
-        case(2, 70, 70, 4, 2, 32, true, true),
-        case(1, 3, 17, 2, 1, 32, false, false),
-    ]
-    .iter()
-    .enumerate()
-    {
-        check_forward(c, 200 + i as u64, Variant::Gpu);
+fn attention_forward_plain_variant_matches_reference() {
+    for (i, c) in [case(2, 70, 70, 4, 2, 32, true, true), case(1, 3, 17, 2, 1, 32, false, false)].iter().enumerate() {
+        check_forward(c, 200 + i as u64, Variant::Plain);
     }
 }
 
@@ -270,20 +201,14 @@ fn attention_backward_matches_reference() {
         case(1, 9, 20, 9, 3, 64, true, false),
     ];
     for (i, c) in cases.iter().enumerate() {
-        check_backward(c, 300 + i as u64, Variant::Cpu);
+        check_backward(c, 300 + i as u64, Variant::Subgroup);
     }
 }
 
 #[test]
-fn attention_backward_gpu_variant_matches_reference() {
-    for (i, c) in [
-        case(2, 70, 70, 4, 2, 32, true, true),
-        case(1, 3, 17, 2, 1, 32, false, false),
-    ]
-    .iter()
-    .enumerate()
-    {
-        check_backward(c, 400 + i as u64, Variant::Gpu);
+fn attention_backward_plain_variant_matches_reference() {
+    for (i, c) in [case(2, 70, 70, 4, 2, 32, true, true), case(1, 3, 17, 2, 1, 32, false, false)].iter().enumerate() {
+        check_backward(c, 400 + i as u64, Variant::Plain);
     }
 }
 
@@ -291,23 +216,17 @@ fn attention_backward_gpu_variant_matches_reference() {
 // differences run on the f64-accumulating CPU forward.
 #[test]
 fn attention_backward_matches_finite_differences() {
-    let cases = [
-        case(1, 3, 5, 4, 2, 8, true, true),
-        case(2, 4, 4, 2, 1, 4, false, false),
-        case(1, 2, 6, 2, 2, 8, true, false),
-    ];
+    let cases =
+        [case(1, 3, 5, 4, 2, 8, true, true), case(2, 4, 4, 2, 1, 4, false, false), case(1, 2, 6, 2, 2, 8, true, false)];
     for (i, c) in cases.iter().enumerate() {
         let x = inputs(c, 500 + i as u64);
-        let g = gpu_forward(c, &x, Variant::Cpu);
-        let (dq, dk, dv) = gpu_backward(c, &x, &g, Variant::Cpu);
+        let g = gpu_forward(c, &x, Variant::Subgroup);
+        let (dq, dk, dv) = gpu_backward(c, &x, &g, Variant::Subgroup);
         let sc = scale(&c.d);
         let m = x.mask.as_deref();
         let loss = |q: &[f32], k: &[f32], v: &[f32]| -> f64 {
             let (o, _) = r::attention_forward(&c.d, q, k, v, m, c.causal, sc);
-            o.iter()
-                .zip(&x.dout)
-                .map(|(&a, &b)| a as f64 * b as f64)
-                .sum()
+            o.iter().zip(&x.dout).map(|(&a, &b)| a as f64 * b as f64).sum()
         };
         let eps = 1e-2;
         let fq = finite_diff(&x.q, eps, |q| loss(q, &x.k, &x.v));
@@ -330,41 +249,24 @@ fn attention_fully_masked_rows_are_zero() {
     let mut m = vec![1.0f32; 8];
     m[4..].fill(0.0);
     x.mask = Some(m);
-    let g = gpu_forward(&c, &x, Variant::Cpu);
+    let g = gpu_forward(&c, &x, Variant::Subgroup);
     let out = dev.download_f32(&g.out).unwrap();
     let lse = dev.download_f32(&g.lse).unwrap();
     let row = c.d.nh * c.d.hs;
-    assert!(
-        out[6 * row..].iter().all(|&v| v == 0.0),
-        "all-padding batch entry must output zeros"
-    );
-    assert!(
-        out[..2 * row].iter().all(|&v| v == 0.0),
-        "rows before the causal window must output zeros"
-    );
+    assert!(out[6 * row..].iter().all(|&v| v == 0.0), "all-padding batch entry must output zeros");
+    assert!(out[..2 * row].iter().all(|&v| v == 0.0), "rows before the causal window must output zeros");
     assert!(lse[12..].iter().all(|&v| v == f32::NEG_INFINITY));
-    let (dq, dk, dv) = gpu_backward(&c, &x, &g, Variant::Cpu);
+    let (dq, dk, dv) = gpu_backward(&c, &x, &g, Variant::Subgroup);
     for (name, gr) in [("dq", &dq), ("dk", &dk), ("dv", &dv)] {
         assert!(gr.iter().all(|v| v.is_finite()), "{name} must be finite");
     }
     assert!(dq[6 * row..].iter().all(|&v| v == 0.0));
-    assert!(
-        dk[4 * c.d.hs..].iter().all(|&v| v == 0.0) && dv[4 * c.d.hs..].iter().all(|&v| v == 0.0)
-    );
+    assert!(dk[4 * c.d.hs..].iter().all(|&v| v == 0.0) && dv[4 * c.d.hs..].iter().all(|&v| v == 0.0));
     let sc = scale(&c.d);
     let (wo, wl) = r::attention_forward(&c.d, &x.q, &x.k, &x.v, x.mask.as_deref(), c.causal, sc);
     assert_close("out", &out, &wo, FWD_ATOL, FWD_RTOL);
     assert_lse("lse", &lse, &wl);
-    let (wq, wk, wv) = r::attention_backward(
-        &c.d,
-        &x.dout,
-        &x.q,
-        &x.k,
-        &x.v,
-        x.mask.as_deref(),
-        c.causal,
-        sc,
-    );
+    let (wq, wk, wv) = r::attention_backward(&c.d, &x.dout, &x.q, &x.k, &x.v, x.mask.as_deref(), c.causal, sc);
     assert_close("dq", &dq, &wq, BWD_ATOL, BWD_RTOL);
     assert_close("dk", &dk, &wk, BWD_ATOL, BWD_RTOL);
     assert_close("dv", &dv, &wv, BWD_ATOL, BWD_RTOL);
@@ -374,9 +276,9 @@ fn attention_fully_masked_rows_are_zero() {
 fn attention_backward_is_deterministic() {
     let c = case(1, 19, 19, 4, 1, 8, true, true);
     let x = inputs(&c, 700);
-    let g = gpu_forward(&c, &x, Variant::Cpu);
-    let a = gpu_backward(&c, &x, &g, Variant::Cpu);
-    let b = gpu_backward(&c, &x, &g, Variant::Cpu);
+    let g = gpu_forward(&c, &x, Variant::Subgroup);
+    let a = gpu_backward(&c, &x, &g, Variant::Subgroup);
+    let b = gpu_backward(&c, &x, &g, Variant::Subgroup);
     assert!(a == b, "two backward runs differ");
 }
 
@@ -384,38 +286,16 @@ fn attention_backward_is_deterministic() {
 fn attention_rejects_bad_shapes() {
     let dev = dev();
     let t = |shape: &[usize]| dev.empty(shape, DType::F32).unwrap();
-    let fwd =
-        |out: &Tensor, lse: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, m: Option<&Tensor>| {
-            attention_forward(dev, out, lse, q, k, v, m, false, 1.0)
-                .err()
-                .map(|e| e.to_string())
-                .unwrap_or_default()
-        };
-    let (q, k, out, lse) = (
-        t(&[2, 5, 4, 8]),
-        t(&[2, 7, 2, 8]),
-        t(&[2, 5, 4, 8]),
-        t(&[2, 4, 5]),
-    );
+    let fwd = |out: &Tensor, lse: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, m: Option<&Tensor>| {
+        attention_forward(dev, out, lse, q, k, v, m, false, 1.0).err().map(|e| e.to_string()).unwrap_or_default()
+    };
+    let (q, k, out, lse) = (t(&[2, 5, 4, 8]), t(&[2, 7, 2, 8]), t(&[2, 5, 4, 8]), t(&[2, 4, 5]));
     assert_eq!(fwd(&out, &lse, &q, &k, &k, None), "");
     // head size not a multiple of 4, too large
-    let e = fwd(
-        &t(&[1, 2, 1, 6]),
-        &t(&[1, 1, 2]),
-        &t(&[1, 2, 1, 6]),
-        &t(&[1, 2, 1, 6]),
-        &t(&[1, 2, 1, 6]),
-        None,
-    );
+    let e = fwd(&t(&[1, 2, 1, 6]), &t(&[1, 1, 2]), &t(&[1, 2, 1, 6]), &t(&[1, 2, 1, 6]), &t(&[1, 2, 1, 6]), None);
     assert!(e.contains("multiple of 4"), "{e}");
-    let e = fwd(
-        &t(&[1, 2, 1, 132]),
-        &t(&[1, 1, 2]),
-        &t(&[1, 2, 1, 132]),
-        &t(&[1, 2, 1, 132]),
-        &t(&[1, 2, 1, 132]),
-        None,
-    );
+    let e =
+        fwd(&t(&[1, 2, 1, 132]), &t(&[1, 1, 2]), &t(&[1, 2, 1, 132]), &t(&[1, 2, 1, 132]), &t(&[1, 2, 1, 132]), None);
     assert!(e.contains("at most 128"), "{e}");
     // heads not divisible
     let k3 = t(&[2, 7, 3, 8]);
@@ -434,23 +314,14 @@ fn attention_rejects_bad_shapes() {
     assert!(e.contains("[B, T, NH, HS]"), "{e}");
     let e = fwd(&out, &lse, &q, &t(&[1, 7, 2, 8]), &t(&[1, 7, 2, 8]), None);
     assert!(e.contains("batch"), "{e}");
-    let e = fwd(
-        &out,
-        &lse,
-        &dev.empty(&[2, 5, 4, 8], DType::F16).unwrap(),
-        &k,
-        &k,
-        None,
-    );
+    let e = fwd(&out, &lse, &dev.empty(&[2, 5, 4, 8], DType::F16).unwrap(), &k, &k, None);
     assert!(e.contains("F32"), "{e}");
     // backward: gradient and scratch shapes
     let bwd = |dq: &Tensor, dk: &Tensor, delta: &Tensor| {
-        attention_backward(
-            dev, dq, dk, &k, delta, &out, &q, &k, &k, &out, &lse, None, true, 1.0,
-        )
-        .err()
-        .map(|e| e.to_string())
-        .unwrap_or_default()
+        attention_backward(dev, dq, dk, &k, delta, &out, &q, &k, &k, &out, &lse, None, true, 1.0)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
     };
     assert_eq!(bwd(&q, &k, &lse), "");
     let e = bwd(&t(&[2, 5, 4, 4]), &k, &lse);
@@ -459,4 +330,50 @@ fn attention_rejects_bad_shapes() {
     assert!(e.contains("dk"), "{e}");
     let e = bwd(&q, &k, &t(&[2, 4, 4]));
     assert!(e.contains("delta_tmp"), "{e}");
+}
+
+/// Prints kernel times at MiniLM's training shape (B=32, T=128, 12 heads x 32); run with --ignored --nocapture.
+#[test]
+#[ignore]
+fn attention_minilm_timing() {
+    let dev = dev();
+    let (b, t, nh, hs) = (32, 128, 12, 32);
+    let c = case(b, t, t, nh, nh, hs, true, false);
+    let x = inputs(&c, 900);
+    let g = gpu_forward(&c, &x, Variant::for_device(dev));
+    let dq = dev.empty(&g.q.shape, DType::F32).unwrap();
+    let dk = dev.empty(&g.k.shape, DType::F32).unwrap();
+    let dv = dev.empty(&g.k.shape, DType::F32).unwrap();
+    let delta = dev.empty(&[b, nh, t], DType::F32).unwrap();
+    let dout = up(dev, &x.dout, &g.q.shape);
+    let sc = scale(&c.d);
+    let fwd = attention_forward(dev, &g.out, &g.lse, &g.q, &g.k, &g.v, g.mask.as_ref(), false, sc).unwrap();
+    let bwd = attention_backward(
+        dev,
+        &dq,
+        &dk,
+        &dv,
+        &delta,
+        &dout,
+        &g.q,
+        &g.k,
+        &g.v,
+        &g.out,
+        &g.lse,
+        g.mask.as_ref(),
+        false,
+        sc,
+    )
+    .unwrap();
+    let flops = 4.0 * (b * nh * t * t * hs) as f64;
+    for (name, ds, f) in [("forward", &fwd, flops), ("backward", &bwd, 2.5 * flops)] {
+        dev.run(ds).unwrap();
+        let reps = 5;
+        let start = std::time::Instant::now();
+        for _ in 0..reps {
+            dev.run(ds).unwrap();
+        }
+        let secs = start.elapsed().as_secs_f64() / reps as f64;
+        println!("{name}: {:.2} ms, {:.1} GFLOP/s", secs * 1e3, f / secs / 1e9);
+    }
 }

@@ -12,45 +12,87 @@ const FILE: &str = "attention.wgsl";
 /// Largest supported head size (the kernels keep up to four head vectors per invocation in registers).
 pub const MAX_HEAD_SIZE: usize = 128;
 
-/// Which kernel shape to launch: the CPU variant uses one SIMD vector (8 lanes on lavapipe) per workgroup so
-/// that small T wastes no lanes; the GPU variant uses wider workgroups for occupancy. Both compute the same
-/// thing; [`Variant::for_device`] picks one.
+/// Which kernels to launch. Both compute the same thing.
+/// - `Subgroup`: workgroups of 8 lanes that share streamed rows through `subgroupBroadcast` (lavapipe, where
+///   loads inside loops are per-lane scalar loops); needs SUBGROUP and subgroups of at least 8 lanes.
+/// - `Plain`: one row per invocation, 64 per workgroup, every lane loading the same streamed row (a broadcast
+///   load on a GPU); runs anywhere.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Variant {
-    Cpu,
-    Gpu,
+    Subgroup,
+    Plain,
 }
 
 impl Variant {
+    /// `Subgroup` on a CPU adapter that supports it, else `Plain`.
     pub fn for_device(dev: &Device) -> Variant {
-        if dev.is_cpu() {
-            Variant::Cpu
+        if dev.is_cpu() && subgroups_usable(dev) {
+            Variant::Subgroup
         } else {
-            Variant::Gpu
+            Variant::Plain
         }
     }
     fn workgroup(self) -> u32 {
         match self {
-            Variant::Cpu => 8,
-            Variant::Gpu => 64,
+            Variant::Subgroup => 8,
+            Variant::Plain => 64,
+        }
+    }
+    fn entry(self, base: &'static str) -> String {
+        match self {
+            Variant::Subgroup => format!("{base}_subgroup"),
+            Variant::Plain => base.to_string(),
         }
     }
 }
 
+fn subgroups_usable(dev: &Device) -> bool {
+    dev.has_subgroups() && dev.info().subgroup_min_size >= 8
+}
+
+/// The prelude: head size in vec4s, and the lane-broadcast helpers of the subgroup kernels (identity stand-ins
+/// in the plain specialization, whose launchers never dispatch those kernels).
 fn spec(hs: usize, variant: Variant) -> Spec {
-    Spec::new()
-        .prelude(format!("const HS4: u32 = {}u;", hs / 4))
-        .constant("WG", variant.workgroup() as f64)
+    let mut pre = format!("const HS4: u32 = {}u;\n", hs / 4);
+    for i in 0..8 {
+        match variant {
+            Variant::Subgroup => pre.push_str(&format!(
+                "fn bc{i}(x: vec4<f32>) -> vec4<f32> {{ return subgroupBroadcast(x, {i}u); }}\n\
+                 fn bcf{i}(x: f32) -> f32 {{ return subgroupBroadcast(x, {i}u); }}\n"
+            )),
+            Variant::Plain => pre.push_str(&format!(
+                "fn bc{i}(x: vec4<f32>) -> vec4<f32> {{ return x; }}\nfn bcf{i}(x: f32) -> f32 {{ return x; }}\n"
+            )),
+        }
+    }
+    Spec::new().prelude(pre).constant("WG", variant.workgroup() as f64)
 }
 
 pub fn specs() -> Vec<(&'static str, Spec)> {
     let mut v = Vec::new();
     for hs in (4..=MAX_HEAD_SIZE).step_by(4) {
-        for variant in [Variant::Cpu, Variant::Gpu] {
+        for variant in [Variant::Subgroup, Variant::Plain] {
             v.push((FILE, spec(hs, variant)));
         }
     }
     v
+}
+
+fn check_variant(op: &'static str, dev: &Device, variant: Variant) -> Result<()> {
+    if variant == Variant::Subgroup && !subgroups_usable(dev) {
+        return Err(shape_err(
+            op,
+            format!(
+                "the subgroup variant needs SUBGROUP and subgroups of at least 8 lanes; adapter '{}' has \
+                 SUBGROUP = {}, subgroup size {}..{}",
+                dev.info().name,
+                dev.has_subgroups(),
+                dev.info().subgroup_min_size,
+                dev.info().subgroup_max_size
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Sizes read from q [B, T, NH, HS] and k [B, S, NKV, HS].
@@ -66,10 +108,7 @@ struct Dims {
 
 fn want_f32(op: &'static str, name: &str, x: &Tensor) -> Result<()> {
     if x.dtype != DType::F32 {
-        return Err(Error::Shape {
-            op,
-            msg: format!("{name} has dtype {:?}, expected F32", x.dtype),
-        });
+        return Err(Error::Shape { op, msg: format!("{name} has dtype {:?}, expected F32", x.dtype) });
     }
     Ok(())
 }
@@ -77,68 +116,40 @@ fn want_f32(op: &'static str, name: &str, x: &Tensor) -> Result<()> {
 fn want_shape(op: &'static str, name: &str, x: &Tensor, shape: &[usize]) -> Result<()> {
     want_f32(op, name, x)?;
     if x.shape != shape {
-        return Err(shape_err(
-            op,
-            format!("{name} has shape {:?}, expected {shape:?}", x.shape),
-        ));
+        return Err(shape_err(op, format!("{name} has shape {:?}, expected {shape:?}", x.shape)));
     }
     Ok(())
 }
 
-fn dims(
-    op: &'static str,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask: Option<&Tensor>,
-) -> Result<Dims> {
+fn dims(op: &'static str, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Dims> {
     want_f32(op, "q", q)?;
     want_f32(op, "k", k)?;
     if q.rank() != 4 || k.rank() != 4 {
         return Err(shape_err(
             op,
-            format!(
-                "q {:?} must be [B, T, NH, HS] and k {:?} must be [B, S, NKV, HS]",
-                q.shape, k.shape
-            ),
+            format!("q {:?} must be [B, T, NH, HS] and k {:?} must be [B, S, NKV, HS]", q.shape, k.shape),
         ));
     }
-    let d = Dims {
-        b: q.shape[0],
-        t: q.shape[1],
-        s: k.shape[1],
-        nh: q.shape[2],
-        nkv: k.shape[2],
-        hs: q.shape[3],
-    };
+    let d = Dims { b: q.shape[0], t: q.shape[1], s: k.shape[1], nh: q.shape[2], nkv: k.shape[2], hs: q.shape[3] };
     if k.shape[0] != d.b || k.shape[3] != d.hs {
-        return Err(shape_err(
-            op,
-            format!(
-                "k {:?} does not match q {:?} in batch or head size",
-                k.shape, q.shape
-            ),
-        ));
+        return Err(shape_err(op, format!("k {:?} does not match q {:?} in batch or head size", k.shape, q.shape)));
     }
     if d.b == 0 || d.t == 0 || d.s == 0 || d.nh == 0 || d.nkv == 0 {
-        return Err(shape_err(
-            op,
-            format!("empty dimension in q {:?} or k {:?}", q.shape, k.shape),
-        ));
+        return Err(shape_err(op, format!("empty dimension in q {:?} or k {:?}", q.shape, k.shape)));
     }
     if d.hs == 0 || d.hs % 4 != 0 || d.hs > MAX_HEAD_SIZE {
         return Err(shape_err(
             op,
-            format!("head size {} (q {:?}) must be a positive multiple of 4 and at most {MAX_HEAD_SIZE}", d.hs, q.shape),
+            format!(
+                "head size {} (q {:?}) must be a positive multiple of 4 and at most {MAX_HEAD_SIZE}",
+                d.hs, q.shape
+            ),
         ));
     }
     if d.nh % d.nkv != 0 {
         return Err(shape_err(
             op,
-            format!(
-                "{} query heads (q {:?}) is not a multiple of {} kv heads (k {:?})",
-                d.nh, q.shape, d.nkv, k.shape
-            ),
+            format!("{} query heads (q {:?}) is not a multiple of {} kv heads (k {:?})", d.nh, q.shape, d.nkv, k.shape),
         ));
     }
     want_shape(op, "v", v, &k.shape)?;
@@ -166,11 +177,7 @@ fn params(d: &Dims, has_mask: bool, causal: bool, scale: f32) -> Vec<u8> {
 }
 
 fn grid(rows: usize, heads: usize, b: usize, variant: Variant) -> [u32; 3] {
-    [
-        (rows as u32).div_ceil(variant.workgroup()),
-        heads as u32,
-        b as u32,
-    ]
+    [(rows as u32).div_ceil(variant.workgroup()), heads as u32, b as u32]
 }
 
 /// out = softmax(scale * q k^T + masks) v per head, lse = log-sum-exp of the scaled, masked scores.
@@ -189,18 +196,7 @@ pub fn attention_forward(
     causal: bool,
     scale: f32,
 ) -> Result<Vec<Dispatch>> {
-    attention_forward_variant(
-        dev,
-        Variant::for_device(dev),
-        out,
-        lse,
-        q,
-        k,
-        v,
-        mask,
-        causal,
-        scale,
-    )
+    attention_forward_variant(dev, Variant::for_device(dev), out, lse, q, k, v, mask, causal, scale)
 }
 
 /// [`attention_forward`] with an explicit kernel variant (tests run both).
@@ -221,10 +217,11 @@ pub fn attention_forward_variant(
     let d = dims(OP, q, k, v, mask)?;
     want_shape(OP, "out", out, &q.shape)?;
     want_shape(OP, "lse", lse, &[d.b, d.nh, d.t])?;
+    check_variant(OP, dev, variant)?;
     let m = mask.unwrap_or(k);
     Ok(vec![dev.dispatch(
         FILE,
-        "attention_forward",
+        &variant.entry("attention_forward"),
         &spec(d.hs, variant),
         Some(&params(&d, mask.is_some(), causal, scale)),
         &[(1, q), (2, k), (3, v), (4, m), (5, out), (6, lse)],
@@ -298,43 +295,24 @@ pub fn attention_backward_variant(
     want_shape(OP, "out", out, &q.shape)?;
     want_shape(OP, "lse", lse, &[d.b, d.nh, d.t])?;
     want_shape(OP, "delta_tmp", delta_tmp, &[d.b, d.nh, d.t])?;
+    check_variant(OP, dev, variant)?;
     let m = mask.unwrap_or(k);
     let sp = spec(d.hs, variant);
     let pr = params(&d, mask.is_some(), causal, scale);
     let query = dev.dispatch(
         FILE,
-        "attention_backward_query",
+        &variant.entry("attention_backward_query"),
         &sp,
         Some(&pr),
-        &[
-            (1, q),
-            (2, k),
-            (3, v),
-            (4, m),
-            (7, dout),
-            (8, out),
-            (9, lse),
-            (10, delta_tmp),
-            (12, dq),
-        ],
+        &[(1, q), (2, k), (3, v), (4, m), (7, dout), (8, out), (9, lse), (10, delta_tmp), (12, dq)],
         grid(d.t, d.nh, d.b, variant),
     )?;
     let key_value = dev.dispatch(
         FILE,
-        "attention_backward_key_value",
+        &variant.entry("attention_backward_key_value"),
         &sp,
         Some(&pr),
-        &[
-            (1, q),
-            (2, k),
-            (3, v),
-            (4, m),
-            (7, dout),
-            (9, lse),
-            (11, delta_tmp),
-            (13, dk),
-            (14, dv),
-        ],
+        &[(1, q), (2, k), (3, v), (4, m), (7, dout), (9, lse), (11, delta_tmp), (13, dk), (14, dv)],
         grid(d.s, d.nkv, d.b, variant),
     )?;
     Ok(vec![query, key_value])
