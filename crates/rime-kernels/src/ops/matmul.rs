@@ -1,7 +1,473 @@
-//! Launchers for shaders/matmul.wgsl (not written yet).
+//! Launchers for shaders/matmul.wgsl: batched matmul forward and both backwards, with transposes, a shared
+//! (2-D) or batched right operand, an optional bias and f16/bf16 frozen weights. Every op is mapped onto one
+//! strided product ([`Gemm`]), which LoRA reuses; the kernel is picked per call: the vec4 team-tiled kernel
+//! on CPU adapters when the layout allows it (with subgroupBroadcast when the adapter's subgroups are 8
+//! lanes), else the general register-tiled kernel.
 
-use crate::pipeline::Spec;
+use super::words;
+use crate::error::{shape_err, Error, Result};
+use crate::{DType, Device, Dispatch, Spec, Tensor};
+
+const FILE: &str = "matmul.wgsl";
+/// General kernel: workgroup of WGX x WGY invocations, each an 8x8 tile (GTM x GTN in the shader).
+const WGX: u32 = 8;
+const WGY: u32 = 8;
+const GTM: usize = 8;
+const GTN: usize = 8;
+/// Tiled kernel: a team of 8 lanes covers FTM rows and 8 * FTN columns.
+const FTM: usize = 32;
+const FTN: usize = 8;
+
+/// Which kernel runs a product. `Auto` picks per device and layout; a forced variant the layout cannot use
+/// falls back (TiledSubgroup -> Tiled -> General), so every variant is always correct.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Variant {
+    Auto,
+    General,
+    Tiled,
+    TiledSubgroup,
+}
+
+fn rhs_prelude(dt: DType) -> &'static str {
+    match dt {
+        DType::F16 => {
+            "@group(0) @binding(2) var<storage, read> rhs: array<u32>;\n\
+             @group(0) @binding(6) var<storage, read> rhs4: array<vec2<u32>>;\n\
+             fn load_rhs(i: u32) -> f32 { return unpack_f16(rhs[i >> 1u], i); }\n\
+             fn load_rhs4(i: u32) -> vec4<f32> { let w = rhs4[i >> 2u]; \
+             return vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y)); }"
+        }
+        DType::BF16 => {
+            "@group(0) @binding(2) var<storage, read> rhs: array<u32>;\n\
+             @group(0) @binding(6) var<storage, read> rhs4: array<vec2<u32>>;\n\
+             fn load_rhs(i: u32) -> f32 { return unpack_bf16(rhs[i >> 1u], i); }\n\
+             fn load_rhs4(i: u32) -> vec4<f32> { let w = rhs4[i >> 2u]; \
+             return vec4<f32>(bitcast<f32>(w.x << 16u), bitcast<f32>(w.x & 0xffff0000u), \
+             bitcast<f32>(w.y << 16u), bitcast<f32>(w.y & 0xffff0000u)); }"
+        }
+        _ => {
+            "@group(0) @binding(2) var<storage, read> rhs: array<f32>;\n\
+             @group(0) @binding(6) var<storage, read> rhs4: array<vec4<f32>>;\n\
+             fn load_rhs(i: u32) -> f32 { return rhs[i]; }\n\
+             fn load_rhs4(i: u32) -> vec4<f32> { return rhs4[i >> 2u]; }"
+        }
+    }
+}
+
+fn bias_prelude(bias: bool) -> &'static str {
+    if bias {
+        "@group(0) @binding(4) var<storage, read> bias: array<f32>;\n\
+         fn bias_at(n: u32) -> f32 { return bias[n]; }"
+    } else {
+        "fn bias_at(n: u32) -> f32 { return 0.0; }"
+    }
+}
+
+// subgroupBroadcast needs a constant lane, so the eight are spelled out. Only the subgroup spec mentions
+// subgroups: a module that did would fail to build on adapters without SUBGROUP.
+fn team_prelude(subgroup: bool) -> &'static str {
+    if subgroup {
+        "const TEAM: u32 = 8u;\n\
+         fn share_rows(v: vec4<f32>) -> array<vec4<f32>, 8> { return array<vec4<f32>, 8>(\
+         subgroupBroadcast(v, 0u), subgroupBroadcast(v, 1u), subgroupBroadcast(v, 2u), subgroupBroadcast(v, 3u), \
+         subgroupBroadcast(v, 4u), subgroupBroadcast(v, 5u), subgroupBroadcast(v, 6u), subgroupBroadcast(v, 7u)); }"
+    } else {
+        "const TEAM: u32 = 1u;\n\
+         fn share_rows(v: vec4<f32>) -> array<vec4<f32>, 1> { return array<vec4<f32>, 1>(v); }"
+    }
+}
+
+fn spec(rhs: DType, bias: bool, subgroup: bool) -> Spec {
+    Spec::new()
+        .prelude(rhs_prelude(rhs))
+        .prelude(bias_prelude(bias))
+        .prelude(team_prelude(subgroup))
+        .constant("WGX", WGX as f64)
+        .constant("WGY", WGY as f64)
+}
 
 pub fn specs() -> Vec<(&'static str, Spec)> {
-    Vec::new()
+    let mut v = Vec::new();
+    for dt in [DType::F32, DType::F16, DType::BF16] {
+        for bias in [false, true] {
+            for sg in [false, true] {
+                v.push((FILE, spec(dt, bias, sg)));
+            }
+        }
+    }
+    v
+}
+
+/// True when the adapter's subgroups are exactly the 8-lane teams the tiled kernel broadcasts within.
+fn subgroups_of_8(dev: &Device) -> bool {
+    dev.has_subgroups() && dev.info().subgroup_min_size == 8 && dev.info().subgroup_max_size == 8
+}
+
+/// One strided product `out[b, m, n] (+)= alpha * sum_{kb, k} lhs[b, kb, m, k] * rhs[b, kb, k, n] + bias[n]`,
+/// all offsets in elements. lhs and out are f32; rhs may be f32, f16 or bf16.
+pub(crate) struct Gemm<'a> {
+    pub entry: &'static str,
+    pub out: &'a Tensor,
+    pub lhs: &'a Tensor,
+    pub rhs: &'a Tensor,
+    pub bias: Option<&'a Tensor>,
+    pub batch: usize,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub kb: usize,
+    /// lhs strides: row m, reduction k, batch b, reduction batch kb.
+    pub l: [usize; 4],
+    /// rhs strides: reduction k, column n, batch b, reduction batch kb.
+    pub r: [usize; 4],
+    /// out strides: row m, column n, batch b.
+    pub o: [usize; 3],
+    pub alpha: f32,
+    pub accumulate: bool,
+}
+
+impl Gemm<'_> {
+    /// The tiled kernel's layout for rhs (`Some(true)` = K-contiguous "nt"), or None if it cannot run.
+    fn tiled_layout(&self) -> Option<bool> {
+        let a4 = |x: usize| x % 4 == 0;
+        let ok = self.kb == 1
+            && self.l[1] == 1
+            && a4(self.l[0])
+            && a4(self.l[2])
+            && a4(self.k)
+            && a4(self.n)
+            && self.o[1] == 1
+            && a4(self.o[0])
+            && a4(self.o[2])
+            && a4(self.r[2]);
+        if !ok {
+            None
+        } else if self.r[1] == 1 && a4(self.r[0]) {
+            Some(false)
+        } else if self.r[0] == 1 && a4(self.r[1]) {
+            Some(true)
+        } else {
+            None
+        }
+    }
+}
+
+pub(crate) fn gemm(dev: &Device, g: &Gemm, variant: Variant) -> Result<Vec<Dispatch>> {
+    if g.m == 0 || g.n == 0 || g.batch == 0 {
+        return Ok(Vec::new());
+    }
+    let layout = g.tiled_layout();
+    let variant = match variant {
+        Variant::Auto if dev.is_cpu() && layout.is_some() && subgroups_of_8(dev) => Variant::TiledSubgroup,
+        Variant::Auto if dev.is_cpu() && layout.is_some() => Variant::Tiled,
+        Variant::Auto => Variant::General,
+        _ if layout.is_none() => Variant::General,
+        Variant::TiledSubgroup if !subgroups_of_8(dev) => Variant::Tiled,
+        v => v,
+    };
+    let u = |x: usize| -> Result<u32> {
+        u32::try_from(x).map_err(|_| shape_err("matmul", format!("{} does not fit in 32 bits", x)))
+    };
+    let params = words(&[
+        u(g.m)?,
+        u(g.n)?,
+        u(g.k)?,
+        u(g.batch)?,
+        u(g.l[0])?,
+        u(g.l[1])?,
+        u(g.l[2])?,
+        u(g.l[3])?,
+        u(g.r[0])?,
+        u(g.r[1])?,
+        u(g.r[2])?,
+        u(g.r[3])?,
+        u(g.o[0])?,
+        u(g.o[1])?,
+        u(g.o[2])?,
+        u(g.kb)?,
+        g.alpha.to_bits(),
+        g.accumulate as u32,
+        0,
+        0,
+    ]);
+    let sg = variant == Variant::TiledSubgroup;
+    let sp = spec(g.rhs.dtype, g.bias.is_some(), sg);
+    let batch = u(g.batch)?;
+    let d = match (variant, layout) {
+        (Variant::Tiled | Variant::TiledSubgroup, Some(nt)) => {
+            let mut b: Vec<(u32, &Tensor)> = vec![(5, g.lhs), (6, g.rhs), (7, g.out)];
+            if let Some(bias) = g.bias {
+                b.push((4, bias));
+            }
+            let entry = if nt { "matmul_tiled_nt" } else { "matmul_tiled_nn" };
+            let grid = [u(g.n.div_ceil(8 * FTN))?, u(g.m.div_ceil(FTM))?, batch];
+            dev.dispatch(FILE, entry, &sp, Some(&params), &b, grid)?
+        }
+        _ => {
+            let mut b: Vec<(u32, &Tensor)> = vec![(1, g.lhs), (2, g.rhs), (3, g.out)];
+            if let Some(bias) = g.bias {
+                b.push((4, bias));
+            }
+            let grid =
+                [u(g.n.div_ceil(GTN).div_ceil(WGX as usize))?, u(g.m.div_ceil(GTM).div_ceil(WGY as usize))?, batch];
+            dev.dispatch(FILE, g.entry, &sp, Some(&params), &b, grid)?
+        }
+    };
+    Ok(vec![d])
+}
+
+/// Sizes of one matmul: `batch_dims` of a, op(a) is [M, K], op(b) is [K, N].
+struct Dims {
+    batch_dims: Vec<usize>,
+    batch: usize,
+    m: usize,
+    k: usize,
+    n: usize,
+    b_batched: bool,
+}
+
+fn expect_f32(op: &'static str, what: &str, t: &Tensor) -> Result<()> {
+    if t.dtype != DType::F32 {
+        return Err(shape_err(op, format!("{what} {:?} is {:?}, expected F32", t.shape, t.dtype)));
+    }
+    Ok(())
+}
+
+fn expect_weight_dtype(op: &'static str, t: &Tensor) -> Result<()> {
+    match t.dtype {
+        DType::F32 | DType::F16 | DType::BF16 => Ok(()),
+        d => Err(Error::DType { op, got: d, expected: "F32, F16 or BF16 for b" }),
+    }
+}
+
+/// Read M, K (from a-shaped `a`) and K, N (from b-shaped `b`) honouring the transposes.
+fn dims(op: &'static str, a: &Tensor, b: &Tensor, ta: bool, tb: bool) -> Result<Dims> {
+    let (ar, br) = (a.rank(), b.rank());
+    if ar < 2 || br < 2 {
+        return Err(shape_err(op, format!("a {:?} and b {:?} need at least 2 dims", a.shape, b.shape)));
+    }
+    let batch_dims = a.shape[..ar - 2].to_vec();
+    let (m, k) = if ta { (a.shape[ar - 1], a.shape[ar - 2]) } else { (a.shape[ar - 2], a.shape[ar - 1]) };
+    let (kb, n) = if tb { (b.shape[br - 1], b.shape[br - 2]) } else { (b.shape[br - 2], b.shape[br - 1]) };
+    let b_batched = br > 2;
+    if b_batched && b.shape[..br - 2] != batch_dims[..] {
+        return Err(shape_err(
+            op,
+            format!("b {:?} must be 2-D or share a's batch dims {:?} (a {:?})", b.shape, batch_dims, a.shape),
+        ));
+    }
+    if kb != k {
+        return Err(shape_err(
+            op,
+            format!(
+                "inner dims differ: a {:?} (trans_a={ta}) has K={k}, b {:?} (trans_b={tb}) has K={kb}",
+                a.shape, b.shape
+            ),
+        ));
+    }
+    let batch = batch_dims.iter().product();
+    Ok(Dims { batch_dims, batch, m, k, n, b_batched })
+}
+
+fn expect_shape(op: &'static str, what: &str, t: &Tensor, want: &[usize]) -> Result<()> {
+    if t.shape != want {
+        return Err(shape_err(op, format!("{what} is {:?}, expected {:?}", t.shape, want)));
+    }
+    Ok(())
+}
+
+fn with_batch(d: &Dims, last: [usize; 2]) -> Vec<usize> {
+    let mut s = d.batch_dims.clone();
+    s.extend(last);
+    s
+}
+
+/// out = op(a)·op(b) + bias. a: [..batch, M, K] ([.., K, M] if trans_a); b: [K, N] ([N, K] if trans_b),
+/// 2-D (shared) or with a's batch dims; bias: [N]; out: [..batch, M, N]. b may be f16/bf16.
+pub fn matmul_forward(
+    dev: &Device,
+    out: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    bias: Option<&Tensor>,
+    trans_a: bool,
+    trans_b: bool,
+) -> Result<Vec<Dispatch>> {
+    matmul_forward_variant(dev, Variant::Auto, out, a, b, bias, trans_a, trans_b)
+}
+
+/// [`matmul_forward`] with the kernel forced (tests run every variant).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_forward_variant(
+    dev: &Device,
+    variant: Variant,
+    out: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    bias: Option<&Tensor>,
+    trans_a: bool,
+    trans_b: bool,
+) -> Result<Vec<Dispatch>> {
+    const OP: &str = "matmul_forward";
+    expect_f32(OP, "a", a)?;
+    expect_f32(OP, "out", out)?;
+    expect_weight_dtype(OP, b)?;
+    let d = dims(OP, a, b, trans_a, trans_b)?;
+    expect_shape(OP, "out", out, &with_batch(&d, [d.m, d.n]))?;
+    if let Some(bias) = bias {
+        expect_f32(OP, "bias", bias)?;
+        expect_shape(OP, "bias", bias, &[d.n])?;
+    }
+    let (m, k, n) = (d.m, d.k, d.n);
+    let l = if trans_a { [1, m, m * k, 0] } else { [k, 1, m * k, 0] };
+    let r = if trans_b { [1, k, k * n, 0] } else { [n, 1, k * n, 0] };
+    let mut g = Gemm {
+        entry: OP,
+        out,
+        lhs: a,
+        rhs: b,
+        bias,
+        batch: d.batch,
+        m,
+        n,
+        k,
+        kb: 1,
+        l,
+        r,
+        o: [n, 1, m * n],
+        alpha: 1.0,
+        accumulate: false,
+    };
+    if !d.b_batched {
+        g.r[2] = 0;
+        // A shared weight and contiguous rows: the batch is just more rows.
+        if !trans_a {
+            g.m = d.batch * m;
+            g.batch = 1;
+        }
+    }
+    gemm(dev, &g, variant)
+}
+
+/// da = dout·op(b)ᵀ, laid out like a (transposed back when trans_a). dout: [..batch, M, N]; b as in forward.
+pub fn matmul_backward_input(
+    dev: &Device,
+    da: &Tensor,
+    dout: &Tensor,
+    b: &Tensor,
+    trans_a: bool,
+    trans_b: bool,
+) -> Result<Vec<Dispatch>> {
+    matmul_backward_input_variant(dev, Variant::Auto, da, dout, b, trans_a, trans_b)
+}
+
+/// [`matmul_backward_input`] with the kernel forced.
+pub fn matmul_backward_input_variant(
+    dev: &Device,
+    variant: Variant,
+    da: &Tensor,
+    dout: &Tensor,
+    b: &Tensor,
+    trans_a: bool,
+    trans_b: bool,
+) -> Result<Vec<Dispatch>> {
+    const OP: &str = "matmul_backward_input";
+    expect_f32(OP, "da", da)?;
+    expect_f32(OP, "dout", dout)?;
+    expect_weight_dtype(OP, b)?;
+    let d = dims(OP, da, b, trans_a, trans_b)?;
+    expect_shape(OP, "dout", dout, &with_batch(&d, [d.m, d.n]))?;
+    let (m, k, n) = (d.m, d.k, d.n);
+    // Product dims: rows M, columns K, reduction N. rhs(n, k) = op(b)[k, n].
+    let r = if trans_b { [k, 1, k * n, 0] } else { [1, n, k * n, 0] };
+    let o = if trans_a { [1, m, m * k] } else { [k, 1, m * k] };
+    let mut g = Gemm {
+        entry: OP,
+        out: da,
+        lhs: dout,
+        rhs: b,
+        bias: None,
+        batch: d.batch,
+        m,
+        n: k,
+        k: n,
+        kb: 1,
+        l: [n, 1, m * n, 0],
+        r,
+        o,
+        alpha: 1.0,
+        accumulate: false,
+    };
+    if !d.b_batched {
+        g.r[2] = 0;
+        if !trans_a {
+            g.m = d.batch * m;
+            g.batch = 1;
+        }
+    }
+    gemm(dev, &g, variant)
+}
+
+/// db (+)= op(a)ᵀ·dout in b's layout ([K, N], or [N, K] if trans_b), summed over the batch when db is 2-D.
+pub fn matmul_backward_weight(
+    dev: &Device,
+    db: &Tensor,
+    a: &Tensor,
+    dout: &Tensor,
+    trans_a: bool,
+    trans_b: bool,
+    accumulate: bool,
+) -> Result<Vec<Dispatch>> {
+    matmul_backward_weight_variant(dev, Variant::Auto, db, a, dout, trans_a, trans_b, accumulate)
+}
+
+/// [`matmul_backward_weight`] with the kernel forced.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_backward_weight_variant(
+    dev: &Device,
+    variant: Variant,
+    db: &Tensor,
+    a: &Tensor,
+    dout: &Tensor,
+    trans_a: bool,
+    trans_b: bool,
+    accumulate: bool,
+) -> Result<Vec<Dispatch>> {
+    const OP: &str = "matmul_backward_weight";
+    expect_f32(OP, "db", db)?;
+    expect_f32(OP, "a", a)?;
+    expect_f32(OP, "dout", dout)?;
+    let d = dims(OP, a, db, trans_a, trans_b)?;
+    expect_shape(OP, "dout", dout, &with_batch(&d, [d.m, d.n]))?;
+    let (m, k, n) = (d.m, d.k, d.n);
+    // Product dims: rows K, columns N, reduction M (and the batch when db is shared).
+    let l = if trans_a { [m, 1, m * k, m * k] } else { [1, k, m * k, m * k] };
+    let o = if trans_b { [1, k, k * n] } else { [n, 1, k * n] };
+    let mut g = Gemm {
+        entry: OP,
+        out: db,
+        lhs: a,
+        rhs: dout,
+        bias: None,
+        batch: d.batch,
+        m: k,
+        n,
+        k: m,
+        kb: 1,
+        l,
+        r: [n, 1, m * n, m * n],
+        o,
+        alpha: 1.0,
+        accumulate,
+    };
+    if !d.b_batched {
+        g.batch = 1;
+        if trans_a {
+            g.kb = d.batch;
+        } else {
+            // Contiguous rows: the batch sum is one longer reduction.
+            g.k = d.batch * m;
+        }
+    }
+    gemm(dev, &g, variant)
 }

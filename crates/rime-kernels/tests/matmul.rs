@@ -1,0 +1,289 @@
+mod common;
+use common::*;
+use half::{bf16, f16};
+use rime_kernels::ops::matmul::*;
+use rime_kernels::reference::matmul::{self as r, MatmulDims};
+use rime_kernels::{DType, Device, Tensor};
+
+const VARIANTS: [Variant; 3] = [Variant::General, Variant::Tiled, Variant::TiledSubgroup];
+
+/// f32 sums of K products of values in [-1, 1): rounding grows about linearly with K.
+fn tol(k: usize) -> (f32, f32) {
+    (1e-5 + 2e-6 * k as f32, 1e-4)
+}
+
+/// Upload `x` as `dt`, returning the tensor and the values the GPU will actually see.
+fn upload_as(d: &Device, x: &[f32], shape: &[usize], dt: DType) -> (Tensor, Vec<f32>) {
+    match dt {
+        DType::F16 => {
+            let h: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
+            (d.upload_f16(&h, shape).unwrap(), h.iter().map(|v| v.to_f32()).collect())
+        }
+        DType::BF16 => {
+            let h: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+            (d.upload_bf16(&h, shape).unwrap(), h.iter().map(|v| v.to_f32()).collect())
+        }
+        _ => (d.upload_f32(x, shape).unwrap(), x.to_vec()),
+    }
+}
+
+fn shape(batch: &[usize], last: [usize; 2]) -> Vec<usize> {
+    let mut s = batch.to_vec();
+    s.extend(last);
+    s
+}
+
+fn a_shape(batch: &[usize], dm: &MatmulDims) -> Vec<usize> {
+    shape(batch, if dm.trans_a { [dm.k, dm.m] } else { [dm.m, dm.k] })
+}
+
+fn b_shape(batch: &[usize], dm: &MatmulDims) -> Vec<usize> {
+    let last = if dm.trans_b { [dm.n, dm.k] } else { [dm.k, dm.n] };
+    if dm.b_batched {
+        shape(batch, last)
+    } else {
+        last.to_vec()
+    }
+}
+
+/// (batch dims, M, K, N): odd sizes, sizes below and above the tiles, and 4-aligned K/N for the tiled kernel.
+const SHAPES: &[(&[usize], usize, usize, usize)] = &[
+    (&[], 1, 1, 1),
+    (&[], 3, 17, 5),
+    (&[2], 17, 3, 127),
+    (&[2, 3], 5, 33, 7),
+    (&[], 127, 64, 68),
+    (&[3], 33, 20, 36),
+    (&[2], 40, 8, 132),
+];
+
+fn cases() -> Vec<(Vec<usize>, MatmulDims)> {
+    let mut v = Vec::new();
+    for &(batch, m, k, n) in SHAPES {
+        for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+            for b_batched in [false, true] {
+                if b_batched && batch.is_empty() {
+                    continue;
+                }
+                let bn = batch.iter().product();
+                v.push((batch.to_vec(), MatmulDims { batch: bn, m, k, n, b_batched, trans_a: ta, trans_b: tb }));
+            }
+        }
+    }
+    v
+}
+
+fn check_forward(variant: Variant, batch: &[usize], dm: &MatmulDims, dt: DType, with_bias: bool, seed: u64) {
+    let d = dev();
+    let a = randn(seed, dm.batch * dm.m * dm.k, 1.0);
+    let b = randn(seed + 1, dm.b_len(), 1.0);
+    let bias = randn(seed + 2, dm.n, 1.0);
+    let ta = d.upload_f32(&a, &a_shape(batch, dm)).unwrap();
+    let (tb, b_seen) = upload_as(d, &b, &b_shape(batch, dm), dt);
+    let tbias = d.upload_f32(&bias, &[dm.n]).unwrap();
+    let out = d.empty(&shape(batch, [dm.m, dm.n]), DType::F32).unwrap();
+    let bias_t = with_bias.then_some(&tbias);
+    d.run(&matmul_forward_variant(d, variant, &out, &ta, &tb, bias_t, dm.trans_a, dm.trans_b).unwrap()).unwrap();
+    let want = r::matmul_forward(&a, &b_seen, with_bias.then_some(&bias[..]), dm);
+    let (at, rt) = tol(dm.k);
+    assert_close(
+        &format!("forward {variant:?} {dt:?} bias={with_bias} {batch:?} {dm:?}"),
+        &d.download_f32(&out).unwrap(),
+        &want,
+        at,
+        rt,
+    );
+}
+
+#[test]
+fn matmul_forward_matches_reference() {
+    for (i, (batch, dm)) in cases().iter().enumerate() {
+        for v in VARIANTS {
+            check_forward(v, batch, dm, DType::F32, i % 2 == 0, i as u64 * 10);
+        }
+    }
+}
+
+#[test]
+fn matmul_forward_half_weights_matches_reference() {
+    for dt in [DType::F16, DType::BF16] {
+        for (i, (batch, dm)) in cases().iter().enumerate().filter(|(i, _)| i % 3 == 0) {
+            for v in [Variant::General, Variant::Auto] {
+                check_forward(v, batch, dm, dt, i % 2 == 1, i as u64 * 10 + 3);
+            }
+        }
+    }
+}
+
+#[test]
+fn matmul_backward_input_matches_reference() {
+    let d = dev();
+    for (i, (batch, dm)) in cases().iter().enumerate() {
+        let dt = [DType::F32, DType::F16, DType::BF16][i % 3];
+        let dout = randn(i as u64, dm.batch * dm.m * dm.n, 1.0);
+        let b = randn(i as u64 + 100, dm.b_len(), 1.0);
+        let tdout = d.upload_f32(&dout, &shape(batch, [dm.m, dm.n])).unwrap();
+        let (tb, b_seen) = upload_as(d, &b, &b_shape(batch, dm), dt);
+        let want = r::matmul_backward_input(&dout, &b_seen, dm);
+        for v in VARIANTS {
+            let da = d.empty(&a_shape(batch, dm), DType::F32).unwrap();
+            d.run(&matmul_backward_input_variant(d, v, &da, &tdout, &tb, dm.trans_a, dm.trans_b).unwrap()).unwrap();
+            let (at, rt) = tol(dm.n);
+            assert_close(
+                &format!("backward_input {v:?} {dt:?} {batch:?} {dm:?}"),
+                &d.download_f32(&da).unwrap(),
+                &want,
+                at,
+                rt,
+            );
+        }
+    }
+}
+
+#[test]
+fn matmul_backward_weight_matches_reference() {
+    let d = dev();
+    for (i, (batch, dm)) in cases().iter().enumerate() {
+        let a = randn(i as u64 + 7, dm.batch * dm.m * dm.k, 1.0);
+        let dout = randn(i as u64 + 8, dm.batch * dm.m * dm.n, 1.0);
+        let prev = randn(i as u64 + 9, dm.b_len(), 1.0);
+        let ta = d.upload_f32(&a, &a_shape(batch, dm)).unwrap();
+        let tdout = d.upload_f32(&dout, &shape(batch, [dm.m, dm.n])).unwrap();
+        let want = r::matmul_backward_weight(&a, &dout, dm);
+        let want_acc: Vec<f32> = want.iter().zip(&prev).map(|(w, p)| w + p).collect();
+        let red = dm.m * if dm.b_batched { 1 } else { dm.batch };
+        let (at, rt) = tol(red);
+        for v in VARIANTS {
+            for accumulate in [false, true] {
+                let db = d.upload_f32(&prev, &b_shape(batch, dm)).unwrap();
+                d.run(
+                    &matmul_backward_weight_variant(d, v, &db, &ta, &tdout, dm.trans_a, dm.trans_b, accumulate)
+                        .unwrap(),
+                )
+                .unwrap();
+                let w = if accumulate { &want_acc } else { &want };
+                assert_close(
+                    &format!("backward_weight {v:?} acc={accumulate} {batch:?} {dm:?}"),
+                    &d.download_f32(&db).unwrap(),
+                    w,
+                    at,
+                    rt,
+                );
+            }
+        }
+    }
+}
+
+// loss = sum(out ⊙ g); dloss/da = backward_input(g), dloss/db = backward_weight(a, g), dloss/dbias = sum_rows g.
+#[test]
+fn matmul_backward_matches_finite_differences() {
+    let d = dev();
+    for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+        for b_batched in [false, true] {
+            let dm = MatmulDims { batch: 2, m: 3, k: 5, n: 4, b_batched, trans_a: ta, trans_b: tb };
+            let batch = [2usize];
+            let a = randn(1, dm.batch * dm.m * dm.k, 1.0);
+            let b = randn(2, dm.b_len(), 1.0);
+            let g = randn(3, dm.batch * dm.m * dm.n, 1.0);
+            let loss = |a: &[f32], b: &[f32]| -> f64 {
+                r::matmul_forward(a, b, None, &dm).iter().zip(&g).map(|(o, g)| *o as f64 * *g as f64).sum()
+            };
+            let fd_a = finite_diff(&a, 1e-2, |x| loss(x, &b));
+            let fd_b = finite_diff(&b, 1e-2, |x| loss(&a, x));
+            let ref_a = r::matmul_backward_input(&g, &b, &dm);
+            let ref_b = r::matmul_backward_weight(&a, &g, &dm);
+            assert_close("reference da vs fd", &ref_a, &fd_a, 1e-3, 1e-3);
+            assert_close("reference db vs fd", &ref_b, &fd_b, 1e-3, 1e-3);
+            let tg = d.upload_f32(&g, &shape(&batch, [dm.m, dm.n])).unwrap();
+            let tb_ = d.upload_f32(&b, &b_shape(&batch, &dm)).unwrap();
+            let ta_ = d.upload_f32(&a, &a_shape(&batch, &dm)).unwrap();
+            let da = d.empty(&a_shape(&batch, &dm), DType::F32).unwrap();
+            let db = d.empty(&b_shape(&batch, &dm), DType::F32).unwrap();
+            let mut ds = matmul_backward_input(d, &da, &tg, &tb_, ta, tb).unwrap();
+            ds.extend(matmul_backward_weight(d, &db, &ta_, &tg, ta, tb, false).unwrap());
+            d.run(&ds).unwrap();
+            assert_close("gpu da vs fd", &d.download_f32(&da).unwrap(), &fd_a, 1e-3, 1e-3);
+            assert_close("gpu db vs fd", &d.download_f32(&db).unwrap(), &fd_b, 1e-3, 1e-3);
+        }
+    }
+}
+
+#[test]
+fn matmul_linear_convention_matches_reference() {
+    // PyTorch Linear: y = x·Wᵀ + bias, W [OC, C], x [B, T, C].
+    let d = dev();
+    let (bt, c, oc) = ([2usize, 5], 12, 8);
+    let x = randn(40, 10 * c, 1.0);
+    let w = randn(41, oc * c, 1.0);
+    let bias = randn(42, oc, 1.0);
+    let y = d.empty(&[2, 5, oc], DType::F32).unwrap();
+    let tx = d.upload_f32(&x, &[bt[0], bt[1], c]).unwrap();
+    let tw = d.upload_f32(&w, &[oc, c]).unwrap();
+    let tbias = d.upload_f32(&bias, &[oc]).unwrap();
+    d.run(&matmul_forward(d, &y, &tx, &tw, Some(&tbias), false, true).unwrap()).unwrap();
+    let mut want = vec![0f32; 10 * oc];
+    for row in 0..10 {
+        for o in 0..oc {
+            let s: f64 = (0..c).map(|i| x[row * c + i] as f64 * w[o * c + i] as f64).sum();
+            want[row * oc + o] = (s + bias[o] as f64) as f32;
+        }
+    }
+    assert_close("linear", &d.download_f32(&y).unwrap(), &want, 1e-5, 1e-5);
+}
+
+#[test]
+fn matmul_rejects_bad_shapes() {
+    let d = dev();
+    let f = |s: &[usize]| d.empty(s, DType::F32).unwrap();
+    let err = |r: rime_kernels::Result<Vec<rime_kernels::Dispatch>>| r.err().expect("an error").to_string();
+    // inner dims differ
+    let e = err(matmul_forward(d, &f(&[3, 5]), &f(&[3, 4]), &f(&[6, 5]), None, false, false));
+    assert!(e.contains("matmul_forward") && e.contains("inner dims"), "{e}");
+    // wrong out shape
+    let e = err(matmul_forward(d, &f(&[3, 6]), &f(&[3, 4]), &f(&[4, 5]), None, false, false));
+    assert!(e.contains("out is [3, 6]"), "{e}");
+    // bias length
+    let e = err(matmul_forward(d, &f(&[3, 5]), &f(&[3, 4]), &f(&[4, 5]), Some(&f(&[4])), false, false));
+    assert!(e.contains("bias"), "{e}");
+    // batched b whose batch dims differ from a's
+    let e = err(matmul_forward(d, &f(&[2, 3, 5]), &f(&[2, 3, 4]), &f(&[3, 4, 5]), None, false, false));
+    assert!(e.contains("batch dims"), "{e}");
+    // 1-D operand
+    assert!(matmul_forward(d, &f(&[5]), &f(&[4]), &f(&[4, 5]), None, false, false).is_err());
+    // f16 activations are not accepted
+    let h = d.empty(&[3, 4], DType::F16).unwrap();
+    assert!(matmul_forward(d, &f(&[3, 5]), &h, &f(&[4, 5]), None, false, false).is_err());
+    let e = err(matmul_backward_input(d, &f(&[3, 4]), &f(&[3, 6]), &f(&[4, 5]), false, false));
+    assert!(e.contains("matmul_backward_input") && e.contains("dout"), "{e}");
+    let e = err(matmul_backward_weight(d, &f(&[4, 5]), &f(&[3, 4]), &f(&[2, 5]), false, false, false));
+    assert!(e.contains("matmul_backward_weight") && e.contains("dout"), "{e}");
+}
+
+/// Throughput on square sizes; run with `cargo test --release --test matmul -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn matmul_forward_throughput() {
+    let d = dev();
+    let sizes: Vec<usize> = std::env::var("RIME_MM_SIZES")
+        .ok()
+        .map(|s| s.split(',').filter_map(|x| x.parse().ok()).collect())
+        .unwrap_or(vec![512, 1024]);
+    for n in sizes {
+        for (tb, dt) in [(false, DType::F32), (true, DType::F32), (true, DType::F16)] {
+            for v in VARIANTS {
+                let a = d.upload_f32(&randn(1, n * n, 1.0), &[n, n]).unwrap();
+                let (b, _) = upload_as(d, &randn(2, n * n, 1.0), &[n, n], dt);
+                let out = d.empty(&[n, n], DType::F32).unwrap();
+                let ds = matmul_forward_variant(d, v, &out, &a, &b, None, false, tb).unwrap();
+                d.run(&ds).unwrap();
+                let reps = 3;
+                let t = std::time::Instant::now();
+                for _ in 0..reps {
+                    d.run(&ds).unwrap();
+                }
+                let s = t.elapsed().as_secs_f64() / reps as f64;
+                println!("{n}^3 trans_b={tb} {dt:?} {v:?}: {:.1} GFLOP/s", 2.0 * (n as f64).powi(3) / s / 1e9);
+            }
+        }
+    }
+}
