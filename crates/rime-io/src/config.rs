@@ -1,0 +1,325 @@
+//! Hugging Face `config.json` as the few numbers rime's model builders need, for the architectures rime knows
+//! (BERT encoders, Llama decoders), and a check that a checkpoint's tensor shapes agree with them.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::error::{display, format_err, io_err, Error, Result};
+use crate::safetensors::Checkpoint;
+
+/// Model families rime can build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    Bert,
+    Llama,
+}
+
+impl Architecture {
+    /// The `model_type` spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Architecture::Bert => "bert",
+            Architecture::Llama => "llama",
+        }
+    }
+}
+
+/// The architecture hyper-parameters of a checkpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub architecture: Architecture,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    /// Equals `num_attention_heads` when the config does not say (no GQA).
+    pub num_key_value_heads: usize,
+    pub intermediate_size: usize,
+    pub vocab_size: usize,
+    pub max_position_embeddings: usize,
+    /// BERT segment embeddings; 0 for Llama.
+    pub type_vocab_size: usize,
+    /// BERT LayerNorm epsilon.
+    pub layer_norm_eps: f64,
+    /// Llama RMSNorm epsilon.
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub hidden_act: String,
+    pub tie_word_embeddings: bool,
+    pub pad_token_id: Option<u32>,
+    pub bos_token_id: Option<u32>,
+    /// HF allows one id or a list.
+    pub eos_token_id: Vec<u32>,
+}
+
+impl ModelConfig {
+    /// Reads `config.json` (or the `config.json` inside a folder).
+    pub fn from_file(path: impl AsRef<Path>) -> Result<ModelConfig> {
+        let path = path.as_ref();
+        let file = if path.is_dir() { path.join("config.json") } else { path.to_path_buf() };
+        let text = std::fs::read_to_string(&file).map_err(io_err(&file, "cannot read"))?;
+        Self::from_json_str(&text, &file)
+    }
+
+    /// Parses config.json text; `source` names it in messages.
+    pub fn from_json_str(text: &str, source: &Path) -> Result<ModelConfig> {
+        let json: Value = serde_json::from_str(text).map_err(|e| format_err(source, format!("not valid JSON: {e}")))?;
+        let obj = json.as_object().ok_or_else(|| format_err(source, "config is not a JSON object"))?;
+        let file = display(source);
+        let cfg_err = |field: &str, msg: String| Error::Config { file: file.clone(), field: field.to_string(), msg };
+
+        let model_type = obj.get("model_type").and_then(Value::as_str).unwrap_or("");
+        let archs: Vec<&str> = obj
+            .get("architectures")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        let architecture = match model_type {
+            "bert" => Architecture::Bert,
+            "llama" => Architecture::Llama,
+            _ => {
+                if archs.iter().any(|a| a.starts_with("Bert")) {
+                    Architecture::Bert
+                } else if archs.iter().any(|a| a.starts_with("Llama")) {
+                    Architecture::Llama
+                } else {
+                    return Err(cfg_err(
+                        "model_type",
+                        format!(
+                            "unknown architecture (model_type `{model_type}`, architectures {archs:?}); rime supports bert and llama"
+                        ),
+                    ));
+                }
+            }
+        };
+
+        let usize_field = |name: &str| -> Result<Option<usize>> {
+            match obj.get(name) {
+                None | Some(Value::Null) => Ok(None),
+                Some(v) => v
+                    .as_u64()
+                    .and_then(|x| usize::try_from(x).ok())
+                    .map(Some)
+                    .ok_or_else(|| cfg_err(name, format!("expected a non-negative integer, found {v}"))),
+            }
+        };
+        let required = |name: &str| -> Result<usize> {
+            match usize_field(name)? {
+                Some(0) => Err(cfg_err(name, "must be positive, found 0".into())),
+                Some(x) => Ok(x),
+                None => Err(cfg_err(name, "missing".into())),
+            }
+        };
+        let f64_field = |name: &str, default: f64| -> Result<f64> {
+            match obj.get(name) {
+                None | Some(Value::Null) => Ok(default),
+                Some(v) => v.as_f64().ok_or_else(|| cfg_err(name, format!("expected a number, found {v}"))),
+            }
+        };
+        let id_field = |name: &str| -> Result<Vec<u32>> {
+            match obj.get(name) {
+                None | Some(Value::Null) => Ok(Vec::new()),
+                Some(Value::Array(a)) => a
+                    .iter()
+                    .map(|v| {
+                        v.as_u64()
+                            .and_then(|x| u32::try_from(x).ok())
+                            .ok_or_else(|| cfg_err(name, format!("expected token ids, found {v}")))
+                    })
+                    .collect(),
+                Some(v) => v
+                    .as_u64()
+                    .and_then(|x| u32::try_from(x).ok())
+                    .map(|x| vec![x])
+                    .ok_or_else(|| cfg_err(name, format!("expected a token id, found {v}"))),
+            }
+        };
+
+        let hidden_size = required("hidden_size")?;
+        let num_hidden_layers = required("num_hidden_layers")?;
+        let num_attention_heads = required("num_attention_heads")?;
+        let num_key_value_heads = usize_field("num_key_value_heads")?.unwrap_or(num_attention_heads);
+        let intermediate_size = required("intermediate_size")?;
+        let vocab_size = required("vocab_size")?;
+        let max_position_embeddings = usize_field("max_position_embeddings")?.unwrap_or(match architecture {
+            Architecture::Bert => 512,
+            Architecture::Llama => 2048,
+        });
+        let type_vocab_size = match architecture {
+            Architecture::Bert => usize_field("type_vocab_size")?.unwrap_or(2),
+            Architecture::Llama => usize_field("type_vocab_size")?.unwrap_or(0),
+        };
+        if hidden_size % num_attention_heads != 0 {
+            return Err(cfg_err(
+                "num_attention_heads",
+                format!("{num_attention_heads} does not divide hidden_size {hidden_size}"),
+            ));
+        }
+        if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
+            return Err(cfg_err(
+                "num_key_value_heads",
+                format!("{num_key_value_heads} does not divide num_attention_heads {num_attention_heads}"),
+            ));
+        }
+        let hidden_act = match obj.get("hidden_act").or_else(|| obj.get("hidden_activation")) {
+            None | Some(Value::Null) => match architecture {
+                Architecture::Bert => "gelu".to_string(),
+                Architecture::Llama => "silu".to_string(),
+            },
+            Some(Value::String(s)) => s.clone(),
+            Some(v) => return Err(cfg_err("hidden_act", format!("expected a string, found {v}"))),
+        };
+        let tie_word_embeddings = match obj.get("tie_word_embeddings") {
+            None | Some(Value::Null) => true, // transformers' PretrainedConfig default
+            Some(Value::Bool(b)) => *b,
+            Some(v) => return Err(cfg_err("tie_word_embeddings", format!("expected true/false, found {v}"))),
+        };
+        let pad = id_field("pad_token_id")?;
+        let bos = id_field("bos_token_id")?;
+        Ok(ModelConfig {
+            architecture,
+            hidden_size,
+            num_hidden_layers,
+            num_attention_heads,
+            num_key_value_heads,
+            intermediate_size,
+            vocab_size,
+            max_position_embeddings,
+            type_vocab_size,
+            layer_norm_eps: f64_field("layer_norm_eps", 1e-12)?,
+            rms_norm_eps: f64_field("rms_norm_eps", 1e-6)?,
+            rope_theta: f64_field("rope_theta", 10000.0)?,
+            hidden_act,
+            tie_word_embeddings,
+            pad_token_id: pad.first().copied(),
+            bos_token_id: bos.first().copied(),
+            eos_token_id: id_field("eos_token_id")?,
+        })
+    }
+
+    /// Size of one attention head.
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+
+    /// The tensors this config implies with their PyTorch shapes, in Hugging Face names without a model
+    /// prefix (BERT: `embeddings.word_embeddings.weight`...; Llama: `model.embed_tokens.weight`...).
+    /// Biases and norms are included; `lm_head.weight` only when embeddings are not tied.
+    pub fn expected_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let (h, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
+        let mut out: Vec<(String, Vec<usize>)> = Vec::new();
+        let mut push = |n: String, s: Vec<usize>| out.push((n, s));
+        match self.architecture {
+            Architecture::Bert => {
+                push("embeddings.word_embeddings.weight".into(), vec![v, h]);
+                push("embeddings.position_embeddings.weight".into(), vec![self.max_position_embeddings, h]);
+                push("embeddings.token_type_embeddings.weight".into(), vec![self.type_vocab_size, h]);
+                push("embeddings.LayerNorm.weight".into(), vec![h]);
+                push("embeddings.LayerNorm.bias".into(), vec![h]);
+                for l in 0..self.num_hidden_layers {
+                    let p = format!("encoder.layer.{l}");
+                    for m in
+                        ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"]
+                    {
+                        push(format!("{p}.{m}.weight"), vec![h, h]);
+                        push(format!("{p}.{m}.bias"), vec![h]);
+                    }
+                    push(format!("{p}.attention.output.LayerNorm.weight"), vec![h]);
+                    push(format!("{p}.attention.output.LayerNorm.bias"), vec![h]);
+                    push(format!("{p}.intermediate.dense.weight"), vec![i, h]);
+                    push(format!("{p}.intermediate.dense.bias"), vec![i]);
+                    push(format!("{p}.output.dense.weight"), vec![h, i]);
+                    push(format!("{p}.output.dense.bias"), vec![h]);
+                    push(format!("{p}.output.LayerNorm.weight"), vec![h]);
+                    push(format!("{p}.output.LayerNorm.bias"), vec![h]);
+                }
+            }
+            Architecture::Llama => {
+                let kv = self.num_key_value_heads * self.head_dim();
+                push("model.embed_tokens.weight".into(), vec![v, h]);
+                for l in 0..self.num_hidden_layers {
+                    let p = format!("model.layers.{l}");
+                    push(format!("{p}.self_attn.q_proj.weight"), vec![h, h]);
+                    push(format!("{p}.self_attn.k_proj.weight"), vec![kv, h]);
+                    push(format!("{p}.self_attn.v_proj.weight"), vec![kv, h]);
+                    push(format!("{p}.self_attn.o_proj.weight"), vec![h, h]);
+                    push(format!("{p}.mlp.gate_proj.weight"), vec![i, h]);
+                    push(format!("{p}.mlp.up_proj.weight"), vec![i, h]);
+                    push(format!("{p}.mlp.down_proj.weight"), vec![h, i]);
+                    push(format!("{p}.input_layernorm.weight"), vec![h]);
+                    push(format!("{p}.post_attention_layernorm.weight"), vec![h]);
+                }
+                push("model.norm.weight".into(), vec![h]);
+                if !self.tie_word_embeddings {
+                    push("lm_head.weight".into(), vec![v, h]);
+                }
+            }
+        }
+        out
+    }
+
+    /// Checks that every tensor the config implies exists with the implied shape. `shape_of` looks a name up
+    /// in the checkpoint; `names` lists what the checkpoint has (for the message of a missing tensor);
+    /// `file` names the checkpoint. A BERT checkpoint may prefix its names with `bert.`.
+    pub fn check_shapes(
+        &self,
+        file: &Path,
+        names: &[&str],
+        shape_of: &dyn Fn(&str) -> Option<Vec<usize>>,
+    ) -> Result<()> {
+        let prefix = match self.architecture {
+            Architecture::Bert
+                if shape_of("embeddings.word_embeddings.weight").is_none()
+                    && shape_of("bert.embeddings.word_embeddings.weight").is_some() =>
+            {
+                "bert."
+            }
+            _ => "",
+        };
+        for (name, expected) in self.expected_shapes() {
+            let full = format!("{prefix}{name}");
+            match shape_of(&full) {
+                None => return Err(crate::safetensors::missing_tensor(file, &full, names.to_vec())),
+                Some(actual) if actual != expected => {
+                    return Err(Error::ShapeMismatch {
+                        file: display(file),
+                        tensor: full,
+                        actual,
+                        expected,
+                        why: self.shape_reason(&name),
+                    })
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// [`ModelConfig::check_shapes`] against a safetensors checkpoint.
+    pub fn check_checkpoint(&self, ckpt: &Checkpoint) -> Result<()> {
+        let names = ckpt.names();
+        self.check_shapes(ckpt.path(), &names, &|n| ckpt.info(n).ok().map(|(_, s)| s.to_vec()))
+    }
+
+    fn shape_reason(&self, name: &str) -> String {
+        let c = self;
+        if name.contains("word_embeddings") || name.contains("embed_tokens") || name == "lm_head.weight" {
+            format!("vocab_size {}, hidden_size {}", c.vocab_size, c.hidden_size)
+        } else if name.contains("position_embeddings") {
+            format!("max_position_embeddings {}, hidden_size {}", c.max_position_embeddings, c.hidden_size)
+        } else if name.contains("token_type") {
+            format!("type_vocab_size {}, hidden_size {}", c.type_vocab_size, c.hidden_size)
+        } else if name.contains("k_proj") || name.contains("v_proj") {
+            format!(
+                "num_key_value_heads {} × head_dim {}, hidden_size {}",
+                c.num_key_value_heads,
+                c.head_dim(),
+                c.hidden_size
+            )
+        } else if name.contains("intermediate") || name.contains("mlp") || name.contains("output.dense") {
+            format!("intermediate_size {}, hidden_size {}", c.intermediate_size, c.hidden_size)
+        } else {
+            format!("hidden_size {}", c.hidden_size)
+        }
+    }
+}

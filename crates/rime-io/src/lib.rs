@@ -1,0 +1,21 @@
+//! rime-io reads and writes everything rime touches on disk, on the CPU only: safetensors checkpoints
+//! (memory-mapped, sharded), GGUF files (dequantized to f32), Hugging Face `config.json`, tokenizers,
+//! datasets (JSONL / CSV / TSV) and PEFT adapter folders. Bad input always ends in an [`Error`] that names the
+//! file and the tensor, field or line at fault, never in a panic or a half-written file.
+
+pub mod config;
+pub mod dataset;
+pub mod error;
+pub mod models;
+pub mod safetensors;
+pub mod tokenizer;
+
+pub use config::{Architecture, ModelConfig};
+pub use dataset::{split_indices, Columns, Dataset, DatasetFormat, Example, LabelMap};
+pub use error::{Error, Result};
+pub use models::{locate_model, models_dir};
+pub use safetensors::{
+    write_atomically, write_safetensors, write_safetensors_as, write_safetensors_raw, Checkpoint, Dtype, RawTensor,
+    RawTensorOwned, StoreDtype, TensorInfo,
+};
+pub use tokenizer::{BatchEncoding, Padding, Tokenizer};
