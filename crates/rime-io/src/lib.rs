@@ -7,6 +7,7 @@ pub mod config;
 pub mod dataset;
 pub mod error;
 pub mod models;
+pub mod peft;
 pub mod safetensors;
 pub mod tokenizer;
 
@@ -14,6 +15,7 @@ pub use config::{Architecture, ModelConfig};
 pub use dataset::{split_indices, Columns, Dataset, DatasetFormat, Example, LabelMap};
 pub use error::{Error, Result};
 pub use models::{locate_model, models_dir};
+pub use peft::{AdapterConfig, AdapterTensor, LoraPair, PeftAdapter};
 pub use safetensors::{
     write_atomically, write_safetensors, write_safetensors_as, write_safetensors_raw, Checkpoint, Dtype, RawTensor,
     RawTensorOwned, StoreDtype, TensorInfo,
