@@ -1,7 +1,243 @@
-//! Launchers for shaders/merge.wgsl (not written yet).
+//! Launchers for shaders/merge.wgsl: the arithmetic of model merging with peft's `add_weighted_adapter` and
+//! mergekit semantics. Inputs are stacked: `xs` [N, ...] holds N task vectors (or models) of one tensor,
+//! each row flattened to L elements. The recipes compose these launchers:
+//! - task arithmetic / soups: `merge_weighted_sum_forward(xs, w)`;
+//! - magnitude_prune: `merge_magnitude_mask_forward(xs, d)` then `merge_weighted_sum_forward`;
+//! - TIES: `merge_magnitude_mask_forward(xs, d)` then `merge_ties_forward(trimmed, w, method, false)`;
+//! - dare_linear / dare_ties: `merge_dare_forward(xs, mask, d)` then the weighted sum /
+//!   `merge_ties_forward(rescaled, w, method, true)`;
+//! - SLERP: `merge_slerp_forward(a, b, t)`.
 
-use crate::pipeline::Spec;
+use super::{grid_1d, words};
+use crate::error::{shape_err, Error, Result};
+use crate::{DType, Device, Dispatch, Spec, Tensor};
+
+const FILE: &str = "merge.wgsl";
+const WG: u32 = 64;
+/// Most partial results a strided first reduction stage writes per row.
+const MAX_PARTS: usize = 4096;
+/// Fewest elements one first-stage invocation visits.
+const MIN_PER_PART: usize = 64;
 
 pub fn specs() -> Vec<(&'static str, Spec)> {
-    Vec::new()
+    vec![(FILE, spec())]
+}
+
+fn spec() -> Spec {
+    Spec::new().constant("WG", WG as f64)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn params(l: usize, rows: usize, parts: usize, k: usize, a: u32, b: u32, c: u32, d: u32) -> Vec<u8> {
+    words(&[l as u32, rows as u32, parts as u32, k as u32, a, b, c, d])
+}
+
+fn check_f32(op: &'static str, name: &str, t: &Tensor) -> Result<()> {
+    if t.dtype != DType::F32 {
+        return Err(shape_err(op, format!("{name} must be F32, got {:?} of shape {:?}", t.dtype, t.shape)));
+    }
+    Ok(())
+}
+
+/// (N, L) of a stacked input: N = shape[0], L = the rest flattened.
+fn stacked(op: &'static str, xs: &Tensor) -> Result<(usize, usize)> {
+    check_f32(op, "xs", xs)?;
+    if xs.rank() < 2 || xs.shape[0] == 0 {
+        return Err(shape_err(op, format!("xs must be stacked [N, ...] with N >= 1, got shape {:?}", xs.shape)));
+    }
+    let n = xs.shape[0];
+    let l = xs.numel() / n;
+    if xs.numel() > u32::MAX as usize {
+        return Err(shape_err(op, format!("xs {:?} has more elements than a kernel can index (2^32)", xs.shape)));
+    }
+    Ok((n, l))
+}
+
+fn check_out(op: &'static str, out: &Tensor, want: usize, what: &str, xs: &Tensor) -> Result<()> {
+    check_f32(op, "out", out)?;
+    if out.numel() != want {
+        return Err(shape_err(
+            op,
+            format!("out {:?} must hold {want} elements ({what} of xs {:?})", out.shape, xs.shape),
+        ));
+    }
+    Ok(())
+}
+
+fn check_weights(op: &'static str, weights: &[f32], n: usize, xs: &Tensor) -> Result<()> {
+    if weights.len() != n {
+        return Err(shape_err(op, format!("{} weights for {n} stacked inputs (xs {:?})", weights.len(), xs.shape)));
+    }
+    Ok(())
+}
+
+fn parts_for(l: usize) -> usize {
+    l.div_ceil(MIN_PER_PART).clamp(1, MAX_PARTS)
+}
+
+/// out [L] = sum_i weights[i] * xs[i] (model soups, task arithmetic, dare_linear after `merge_dare_forward`).
+pub fn merge_weighted_sum_forward(dev: &Device, out: &Tensor, xs: &Tensor, weights: &[f32]) -> Result<Vec<Dispatch>> {
+    const OP: &str = "merge_weighted_sum_forward";
+    let (n, l) = stacked(OP, xs)?;
+    check_out(OP, out, l, "one row", xs)?;
+    check_weights(OP, weights, n, xs)?;
+    let w = dev.upload_f32(weights, &[n])?;
+    Ok(vec![dev.dispatch(
+        FILE,
+        OP,
+        &spec(),
+        Some(&params(l, n, 0, 0, 0, 0, 0, 0)),
+        &[(1, out), (2, xs), (3, &w)],
+        grid_1d((l as u32).div_ceil(WG)),
+    )?])
+}
+
+/// peft's magnitude pruning of each row: keep the k = int(density * L) largest |x| of the row, zero the rest
+/// (density >= 1 keeps everything, as peft's `prune` does). `density` is f64 so that k matches Python's
+/// `int(density * numel)` exactly. Ties at the threshold keep exactly k like torch.topk, preferring the lower
+/// index (torch leaves the choice among equal values unspecified). out and xs have the same shape.
+pub fn merge_magnitude_mask_forward(dev: &Device, out: &Tensor, xs: &Tensor, density: f64) -> Result<Vec<Dispatch>> {
+    const OP: &str = "merge_magnitude_mask_forward";
+    let (n, l) = stacked(OP, xs)?;
+    check_out(OP, out, n * l, "all", xs)?;
+    if !(density >= 0.0) {
+        return Err(shape_err(OP, format!("density must be >= 0, got {density}")));
+    }
+    let k = if density >= 1.0 { l } else { ((density * l as f64).floor() as usize).min(l) };
+    let grid = grid_1d(((n * l) as u32).div_ceil(WG));
+    let state = dev.empty(&[2 * n], DType::U32)?;
+    let (keep_all, keep_none) = (k >= l, k == 0);
+    let mut ds = Vec::new();
+    if !keep_all && !keep_none {
+        let parts = parts_for(l);
+        let counts = dev.empty(&[n * parts], DType::U32)?;
+        let lo_bits = if l <= 1 { 0 } else { 32 - ((l - 1) as u32).leading_zeros() };
+        let rows_groups = [(n as u32).div_ceil(WG), 1, 1];
+        let p0 = params(l, n, parts, k, 0, lo_bits, 0, 0);
+        ds.push(dev.dispatch(FILE, "merge_magnitude_init_forward", &spec(), Some(&p0), &[(6, &state)], rows_groups)?);
+        let count_grid = [(parts as u32).div_ceil(WG), n as u32, 1];
+        for step in 0..31 + lo_bits {
+            let ps = params(l, n, parts, k, step, lo_bits, 0, 0);
+            ds.push(dev.dispatch(
+                FILE,
+                "merge_magnitude_count_forward",
+                &spec(),
+                Some(&ps),
+                &[(2, xs), (6, &state), (7, &counts)],
+                count_grid,
+            )?);
+            ds.push(dev.dispatch(
+                FILE,
+                "merge_magnitude_select_forward",
+                &spec(),
+                Some(&ps),
+                &[(6, &state), (7, &counts)],
+                rows_groups,
+            )?);
+        }
+    }
+    let pm = params(l, n, 0, k, 0, 0, keep_all as u32, keep_none as u32);
+    ds.push(dev.dispatch(FILE, OP, &spec(), Some(&pm), &[(1, out), (2, xs), (6, &state)], grid)?);
+    Ok(ds)
+}
+
+/// TIES sign election and disjoint merge (peft `calculate_majority_sign_mask` + `disjoint_merge`), out [L].
+/// `xs` are the trimmed (or DARE-rescaled) task vectors before weighting. The sign is elected per element by
+/// `majority_sign_total` (sign of the sum) or else by the count of signs, zero going to +; the rows whose
+/// sign agrees are multiplied by `weights` and averaged (0 where none agree). `elect_weighted` says whether
+/// the election and the agreement test see `xs` as given (false: peft's `ties`, and the golden
+/// `ties_d0.4_*`) or the weighted rows `weights[i] * xs[i]` (true: the golden `dare_ties_d0.6_total`).
+pub fn merge_ties_forward(
+    dev: &Device,
+    out: &Tensor,
+    xs: &Tensor,
+    weights: &[f32],
+    majority_sign_total: bool,
+    elect_weighted: bool,
+) -> Result<Vec<Dispatch>> {
+    const OP: &str = "merge_ties_forward";
+    let (n, l) = stacked(OP, xs)?;
+    check_out(OP, out, l, "one row", xs)?;
+    check_weights(OP, weights, n, xs)?;
+    let w = dev.upload_f32(weights, &[n])?;
+    Ok(vec![dev.dispatch(
+        FILE,
+        OP,
+        &spec(),
+        Some(&params(l, n, 0, 0, majority_sign_total as u32, elect_weighted as u32, 0, 0)),
+        &[(1, out), (2, xs), (3, &w)],
+        grid_1d((l as u32).div_ceil(WG)),
+    )?])
+}
+
+/// DARE's rescaled random pruning with a given keep-mask (0/1 values, e.g. a Bernoulli(density) draw):
+/// out = xs * keep_mask / density, element for element (peft `random_pruning(rescale=True)`).
+pub fn merge_dare_forward(
+    dev: &Device,
+    out: &Tensor,
+    xs: &Tensor,
+    keep_mask: &Tensor,
+    density: f32,
+) -> Result<Vec<Dispatch>> {
+    const OP: &str = "merge_dare_forward";
+    let (n, l) = stacked(OP, xs)?;
+    check_out(OP, out, n * l, "all", xs)?;
+    check_f32(OP, "keep_mask", keep_mask)?;
+    if keep_mask.numel() != n * l {
+        return Err(shape_err(OP, format!("keep_mask {:?} must match xs {:?}", keep_mask.shape, xs.shape)));
+    }
+    if !(density > 0.0 && density <= 1.0) {
+        return Err(shape_err(OP, format!("density must be in (0, 1], got {density}")));
+    }
+    Ok(vec![dev.dispatch(
+        FILE,
+        OP,
+        &spec(),
+        Some(&params(n * l, n, 0, 0, density.to_bits(), 0, 0, 0)),
+        &[(1, out), (2, xs), (5, keep_mask)],
+        grid_1d(((n * l) as u32).div_ceil(WG)),
+    )?])
+}
+
+/// mergekit's SLERP of two tensors at `t`: the angle comes from the normalised vectors, the interpolation
+/// applies to the originals; nearly colinear inputs (|cos| > 0.9995) are lerped. Three dispatches (partial
+/// dot products, coefficients, blend); nothing is read back.
+pub fn merge_slerp_forward(dev: &Device, out: &Tensor, a: &Tensor, b: &Tensor, t: f32) -> Result<Vec<Dispatch>> {
+    const OP: &str = "merge_slerp_forward";
+    check_f32(OP, "a", a)?;
+    check_f32(OP, "b", b)?;
+    check_f32(OP, "out", out)?;
+    let l = a.numel();
+    if b.numel() != l || out.numel() != l {
+        return Err(shape_err(
+            OP,
+            format!("a {:?}, b {:?} and out {:?} must have the same element count", a.shape, b.shape, out.shape),
+        ));
+    }
+    if l > u32::MAX as usize {
+        return Err(Error::Shape { op: OP, msg: format!("a {:?} has more elements than a kernel can index", a.shape) });
+    }
+    let parts = parts_for(l);
+    let sums = dev.empty(&[3 * parts], DType::F32)?;
+    let coef = dev.empty(&[2], DType::F32)?;
+    let p = params(l, 1, parts, 0, t.to_bits(), 0, 0, 0);
+    Ok(vec![
+        dev.dispatch(
+            FILE,
+            "merge_slerp_partial_forward",
+            &spec(),
+            Some(&p),
+            &[(2, a), (8, b), (9, &sums)],
+            grid_1d((parts as u32).div_ceil(WG)),
+        )?,
+        dev.dispatch(FILE, "merge_slerp_coef_forward", &spec(), Some(&p), &[(9, &sums), (10, &coef)], [1, 1, 1])?,
+        dev.dispatch(
+            FILE,
+            OP,
+            &spec(),
+            Some(&p),
+            &[(1, out), (2, a), (8, b), (10, &coef)],
+            grid_1d((l as u32).div_ceil(WG)),
+        )?,
+    ])
 }

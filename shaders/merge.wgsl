@@ -1,0 +1,205 @@
+// Model-merging arithmetic (peft's add_weighted_adapter / mergekit semantics) over stacked inputs:
+// xs [N, L] holds N task vectors (or models) of one tensor of L elements, row-major. Merging runs once per
+// checkpoint, not per step, so reductions favour exactness and determinism over dispatch count: the top-k of
+// magnitude pruning is an exact bisection over (|x| bits, index) keys, one counting pass per key bit.
+
+struct Params { l: u32, rows: u32, parts: u32, k: u32, a: u32, b: u32, c: u32, d: u32 }
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read_write> out: array<f32>;
+@group(0) @binding(2) var<storage, read> xs: array<f32>;
+@group(0) @binding(3) var<storage, read> wts: array<f32>;
+@group(0) @binding(5) var<storage, read> mask: array<f32>;
+@group(0) @binding(6) var<storage, read_write> state: array<u32>;
+@group(0) @binding(7) var<storage, read_write> counts: array<u32>;
+@group(0) @binding(8) var<storage, read> b_in: array<f32>;
+@group(0) @binding(9) var<storage, read_write> sums: array<f32>;
+@group(0) @binding(10) var<storage, read_write> coef: array<f32>;
+
+override WG: u32 = 64u;
+
+fn elem(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
+    return flat_group(wid, nwg) * WG + lid;
+}
+
+// out[l] = sum_i w_i * xs[i, l], summed in row order like torch's (xs * w).sum(0).
+@compute @workgroup_size(WG)
+fn merge_weighted_sum_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                              @builtin(local_invocation_index) lid: u32) {
+    let l = elem(wid, nwg, lid);
+    if (l >= p.l) { return; }
+    var s = 0.0;
+    for (var i = 0u; i < p.rows; i++) { s += wts[i] * xs[i * p.l + l]; }
+    out[l] = s;
+}
+
+// TIES sign election and disjoint merge (peft calculate_majority_sign_mask + disjoint_merge). p.a = 1: the
+// sign of the sum elects ("total"); 0: the sign of the count of signs ("frequency"); ties go to +1. p.b = 0:
+// the election and the agreement test use the rows as given (peft's `ties`); 1: they use the weighted rows
+// w_i * x_i. The weighted rows that agree are averaged (0 where none agree).
+@compute @workgroup_size(WG)
+fn merge_ties_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                      @builtin(local_invocation_index) lid: u32) {
+    let l = elem(wid, nwg, lid);
+    if (l >= p.l) { return; }
+    let total = p.a != 0u;
+    let weighted = p.b != 0u;
+    var s = 0.0;
+    for (var i = 0u; i < p.rows; i++) {
+        let x = xs[i * p.l + l];
+        let e = select(x, wts[i] * x, weighted);
+        s += select(sign(e), e, total);
+    }
+    let majority = select(-1.0, 1.0, s >= 0.0);
+    var acc = 0.0;
+    var cnt = 0.0;
+    for (var i = 0u; i < p.rows; i++) {
+        let x = xs[i * p.l + l];
+        let wx = wts[i] * x;
+        if (sign(select(x, wx, weighted)) == majority) {
+            acc += wx;
+            cnt += 1.0;
+        }
+    }
+    out[l] = acc / max(cnt, 1.0);
+}
+
+// DARE rescaled random pruning with a given Bernoulli keep-mask: x * mask / density (peft random_pruning).
+@compute @workgroup_size(WG)
+fn merge_dare_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                      @builtin(local_invocation_index) lid: u32) {
+    let i = elem(wid, nwg, lid);
+    if (i >= p.l) { return; }
+    out[i] = (xs[i] * mask[i]) / bitcast<f32>(p.a);
+}
+
+// ---------------------------------------------------------------- exact top-k of |x| per row
+// Each element has the distinct key (bits of |x|, L-1-index): larger magnitude first, then lower index, so
+// exactly k keys are >= the k-th largest key. state[2r..2r+2] holds row r's threshold prefix (hi, lo), built
+// from the most significant bit down: step s (p.a) tries setting one more bit and keeps it when at least k
+// keys are still >= the candidate. p.b = number of index bits.
+
+fn candidate(r: u32) -> vec2<u32> {
+    var c = vec2<u32>(state[2u * r], state[2u * r + 1u]);
+    let s = p.a;
+    if (s < 31u) { c.x |= 1u << (30u - s); } else { c.y |= 1u << (p.b - 1u - (s - 31u)); }
+    return c;
+}
+
+fn key_at_least(x: f32, l: u32, c: vec2<u32>) -> bool {
+    let hi = bitcast<u32>(abs(x));
+    let lo = p.l - 1u - l;
+    return hi > c.x || (hi == c.x && lo >= c.y);
+}
+
+@compute @workgroup_size(WG)
+fn merge_magnitude_init_forward(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let r = gid.x;
+    if (r >= p.rows) { return; }
+    state[2u * r] = 0u;
+    state[2u * r + 1u] = 0u;
+}
+
+// Partial counts of keys >= the candidate: invocation j of row r (workgroup row wid.y) strides j, j+parts, ...
+@compute @workgroup_size(WG)
+fn merge_magnitude_count_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let j = wid.x * WG + lid;
+    let r = wid.y;
+    if (j >= p.parts || r >= p.rows) { return; }
+    let c = candidate(r);
+    let base = r * p.l;
+    var n = 0u;
+    for (var l = j; l < p.l; l += p.parts) {
+        n += select(0u, 1u, key_at_least(xs[base + l], l, c));
+    }
+    counts[r * p.parts + j] = n;
+}
+
+@compute @workgroup_size(WG)
+fn merge_magnitude_select_forward(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let r = gid.x;
+    if (r >= p.rows) { return; }
+    var n = 0u;
+    for (var j = 0u; j < p.parts; j++) { n += counts[r * p.parts + j]; }
+    if (n >= p.k) {
+        let c = candidate(r);
+        state[2u * r] = c.x;
+        state[2u * r + 1u] = c.y;
+    }
+}
+
+// out = xs where the key reaches the row's threshold, else 0. p.c: 1 keeps everything (k = L), p.d: 1 keeps
+// nothing (k = 0).
+@compute @workgroup_size(WG)
+fn merge_magnitude_mask_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                                @builtin(local_invocation_index) lid: u32) {
+    let i = elem(wid, nwg, lid);
+    if (i >= p.l * p.rows) { return; }
+    let r = i / p.l;
+    let l = i - r * p.l;
+    let x = xs[i];
+    let c = vec2<u32>(state[2u * r], state[2u * r + 1u]);
+    let keep = p.c != 0u || (p.d == 0u && key_at_least(x, l, c));
+    out[i] = select(0.0, x, keep);
+}
+
+// ---------------------------------------------------------------- SLERP (mergekit)
+// a = xs, b = b_in. Stage 1: strided partial sums of a·a, b·b, a·b per invocation.
+@compute @workgroup_size(WG)
+fn merge_slerp_partial_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                               @builtin(local_invocation_index) lid: u32) {
+    let j = elem(wid, nwg, lid);
+    if (j >= p.parts) { return; }
+    var aa = 0.0;
+    var bb = 0.0;
+    var ab = 0.0;
+    for (var l = j; l < p.l; l += p.parts) {
+        let x = xs[l];
+        let y = b_in[l];
+        aa = fma(x, x, aa);
+        bb = fma(y, y, bb);
+        ab = fma(x, y, ab);
+    }
+    sums[3u * j] = aa;
+    sums[3u * j + 1u] = bb;
+    sums[3u * j + 2u] = ab;
+}
+
+// Stage 2: the interpolation coefficients. mergekit normalises copies (only when the norm exceeds 1e-8),
+// lerps the originals when |dot| > 0.9995, else slerps the ORIGINAL vectors with the angle of the normalised
+// ones. p.a = t (f32 bits).
+@compute @workgroup_size(1)
+fn merge_slerp_coef_forward() {
+    var aa = 0.0;
+    var bb = 0.0;
+    var ab = 0.0;
+    for (var j = 0u; j < p.parts; j++) {
+        aa += sums[3u * j];
+        bb += sums[3u * j + 1u];
+        ab += sums[3u * j + 2u];
+    }
+    let t = bitcast<f32>(p.a);
+    let na = sqrt(aa);
+    let nb = sqrt(bb);
+    let da = select(1.0, na, na > 1e-8);
+    let db = select(1.0, nb, nb > 1e-8);
+    let dot = ab / da / db;
+    var s0 = 1.0 - t;
+    var s1 = t;
+    if (abs(dot) <= 0.9995) {
+        let theta0 = acos(dot);
+        let sin0 = sin(theta0);
+        let theta_t = theta0 * t;
+        s0 = sin(theta0 - theta_t) / sin0;
+        s1 = sin(theta_t) / sin0;
+    }
+    coef[0] = s0;
+    coef[1] = s1;
+}
+
+@compute @workgroup_size(WG)
+fn merge_slerp_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                       @builtin(local_invocation_index) lid: u32) {
+    let l = elem(wid, nwg, lid);
+    if (l >= p.l) { return; }
+    out[l] = coef[0] * xs[l] + coef[1] * b_in[l];
+}
