@@ -332,48 +332,42 @@ fn attention_rejects_bad_shapes() {
     assert!(e.contains("delta_tmp"), "{e}");
 }
 
-/// Prints kernel times at MiniLM's training shape (B=32, T=128, 12 heads x 32); run with --ignored --nocapture.
+/// Prints kernel times at MiniLM's training shape (B=32, T=128, 12 heads x 32) and a SmolLM2-like one
+/// (9 query heads, 3 kv heads x 64, causal); run with --ignored --nocapture.
 #[test]
 #[ignore]
-fn attention_minilm_timing() {
+fn attention_timing() {
     let dev = dev();
-    let (b, t, nh, hs) = (32, 128, 12, 32);
-    let c = case(b, t, t, nh, nh, hs, true, false);
-    let x = inputs(&c, 900);
-    let g = gpu_forward(&c, &x, Variant::for_device(dev));
-    let dq = dev.empty(&g.q.shape, DType::F32).unwrap();
-    let dk = dev.empty(&g.k.shape, DType::F32).unwrap();
-    let dv = dev.empty(&g.k.shape, DType::F32).unwrap();
-    let delta = dev.empty(&[b, nh, t], DType::F32).unwrap();
-    let dout = up(dev, &x.dout, &g.q.shape);
-    let sc = scale(&c.d);
-    let fwd = attention_forward(dev, &g.out, &g.lse, &g.q, &g.k, &g.v, g.mask.as_ref(), false, sc).unwrap();
-    let bwd = attention_backward(
-        dev,
-        &dq,
-        &dk,
-        &dv,
-        &delta,
-        &dout,
-        &g.q,
-        &g.k,
-        &g.v,
-        &g.out,
-        &g.lse,
-        g.mask.as_ref(),
-        false,
-        sc,
-    )
-    .unwrap();
-    let flops = 4.0 * (b * nh * t * t * hs) as f64;
-    for (name, ds, f) in [("forward", &fwd, flops), ("backward", &bwd, 2.5 * flops)] {
-        dev.run(ds).unwrap();
-        let reps = 5;
-        let start = std::time::Instant::now();
-        for _ in 0..reps {
+    let shapes = [
+        ("minilm", case(32, 128, 128, 12, 12, 32, true, false)),
+        ("smollm2", case(4, 256, 256, 9, 3, 64, false, true)),
+    ];
+    for (label, c) in shapes {
+        let Dims { b, t, nh, hs, .. } = c.d;
+        let x = inputs(&c, 900);
+        let g = gpu_forward(&c, &x, Variant::for_device(dev));
+        let dq = dev.empty(&g.q.shape, DType::F32).unwrap();
+        let dk = dev.empty(&g.k.shape, DType::F32).unwrap();
+        let dv = dev.empty(&g.k.shape, DType::F32).unwrap();
+        let delta = dev.empty(&[b, nh, t], DType::F32).unwrap();
+        let dout = up(dev, &x.dout, &g.q.shape);
+        let sc = scale(&c.d);
+        let m = g.mask.as_ref();
+        let fwd = attention_forward(dev, &g.out, &g.lse, &g.q, &g.k, &g.v, m, c.causal, sc).unwrap();
+        let bwd =
+            attention_backward(dev, &dq, &dk, &dv, &delta, &dout, &g.q, &g.k, &g.v, &g.out, &g.lse, m, c.causal, sc)
+                .unwrap();
+        // Full (unmasked) matmul flops: 2 for the forward, 5 for the backward (score recompute, dP, dQ, dK, dV).
+        let flops = 2.0 * (b * nh * t * t * hs) as f64;
+        for (name, ds, f) in [("forward", &fwd, 2.0 * flops), ("backward", &bwd, 5.0 * flops)] {
             dev.run(ds).unwrap();
+            let reps = 3;
+            let start = std::time::Instant::now();
+            for _ in 0..reps {
+                dev.run(ds).unwrap();
+            }
+            let secs = start.elapsed().as_secs_f64() / reps as f64;
+            println!("{label} {name}: {:.2} ms, {:.1} GFLOP/s", secs * 1e3, f / secs / 1e9);
         }
-        let secs = start.elapsed().as_secs_f64() / reps as f64;
-        println!("{name}: {:.2} ms, {:.1} GFLOP/s", secs * 1e3, f / secs / 1e9);
     }
 }
