@@ -85,12 +85,7 @@ impl RowVariant {
 
     /// Every variant the launchers may pick, for the validation test.
     pub(crate) fn declared() -> Vec<RowVariant> {
-        vec![
-            RowVariant::Lanes(8),
-            RowVariant::Lanes(32),
-            RowVariant::Shared(8),
-            RowVariant::Shared(256),
-        ]
+        vec![RowVariant::Lanes(8), RowVariant::Lanes(32), RowVariant::Shared(8), RowVariant::Shared(256)]
     }
 
     /// Refuse a variant this device cannot run.
@@ -125,30 +120,14 @@ pub(crate) fn row_specs(file: &'static str) -> Vec<(&'static str, Spec)> {
 
 pub(crate) fn need_f32(op: &'static str, name: &str, t: &Tensor) -> Result<()> {
     if t.dtype != DType::F32 {
-        return Err(shape_err(
-            op,
-            format!("{name} must be F32, got {:?} of shape {:?}", t.dtype, t.shape),
-        ));
-    }
-    Ok(())
-}
-
-pub(crate) fn need_shape(op: &'static str, name: &str, t: &Tensor, shape: &[usize]) -> Result<()> {
-    if t.shape != shape {
-        return Err(shape_err(
-            op,
-            format!("{name} has shape {:?}, expected {shape:?}", t.shape),
-        ));
+        return Err(shape_err(op, format!("{name} must be F32, got {:?} of shape {:?}", t.dtype, t.shape)));
     }
     Ok(())
 }
 
 pub(crate) fn need_nonempty(op: &'static str, name: &str, t: &Tensor) -> Result<()> {
     if t.numel() == 0 || t.rank() == 0 {
-        return Err(shape_err(
-            op,
-            format!("{name} of shape {:?} is empty or a scalar", t.shape),
-        ));
+        return Err(shape_err(op, format!("{name} of shape {:?} is empty or a scalar", t.shape)));
     }
     Ok(())
 }
@@ -177,26 +156,14 @@ pub fn sum_forward_with(dev: &Device, v: RowVariant, out: &Tensor, x: &Tensor, m
     if out.numel() != x.rows() {
         return Err(shape_err(
             OP,
-            format!(
-                "out {:?} must hold {} values, one per row of x {:?}",
-                out.shape,
-                x.rows(),
-                x.shape
-            ),
+            format!("out {:?} must hold {} values, one per row of x {:?}", out.shape, x.rows(), x.shape),
         ));
     }
     let rows = idx(OP, "rows", x.rows())?;
     let n = idx(OP, "N", x.last_dim())?;
     idx(OP, "numel", x.numel())?;
     let w = words(&[rows, n, mean as u32, 0]);
-    Ok(vec![dev.dispatch(
-        FILE,
-        OP,
-        &v.spec(),
-        Some(&w),
-        &[(1, x), (2, out)],
-        grid_1d(rows),
-    )?])
+    Ok(vec![dev.dispatch(FILE, OP, &v.spec(), Some(&w), &[(1, x), (2, out)], grid_1d(rows))?])
 }
 
 /// out [N] (+)= sum (or mean) of x [.., N] over all rows; `accumulate` adds to out instead of overwriting.
@@ -221,12 +188,7 @@ pub fn sum_rows_forward_with(
     if out.numel() != x.last_dim() {
         return Err(shape_err(
             OP,
-            format!(
-                "out {:?} must hold {} values (last dim of x {:?})",
-                out.shape,
-                x.last_dim(),
-                x.shape
-            ),
+            format!("out {:?} must hold {} values (last dim of x {:?})", out.shape, x.last_dim(), x.shape),
         ));
     }
     let rows = idx(OP, "rows", x.rows())?;
@@ -234,12 +196,5 @@ pub fn sum_rows_forward_with(
     idx(OP, "numel", x.numel())?;
     let flags = mean as u32 | (accumulate as u32) << 1;
     let w = words(&[rows, n, flags, 0]);
-    Ok(vec![dev.dispatch(
-        FILE,
-        OP,
-        &v.spec(),
-        Some(&w),
-        &[(1, x), (2, out)],
-        grid_1d(n.div_ceil(v.wg())),
-    )?])
+    Ok(vec![dev.dispatch(FILE, OP, &v.spec(), Some(&w), &[(1, x), (2, out)], grid_1d(n.div_ceil(v.wg())))?])
 }
