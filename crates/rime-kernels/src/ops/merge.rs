@@ -100,7 +100,7 @@ pub fn merge_magnitude_mask_forward(dev: &Device, out: &Tensor, xs: &Tensor, den
     const OP: &str = "merge_magnitude_mask_forward";
     let (n, l) = stacked(OP, xs)?;
     check_out(OP, out, n * l, "all", xs)?;
-    if !(density >= 0.0) {
+    if density.is_nan() || density < 0.0 {
         return Err(shape_err(OP, format!("density must be >= 0, got {density}")));
     }
     let k = if density >= 1.0 { l } else { ((density * l as f64).floor() as usize).min(l) };
@@ -186,7 +186,7 @@ pub fn merge_dare_forward(
     if keep_mask.numel() != n * l {
         return Err(shape_err(OP, format!("keep_mask {:?} must match xs {:?}", keep_mask.shape, xs.shape)));
     }
-    if !(density > 0.0 && density <= 1.0) {
+    if density.is_nan() || density <= 0.0 || density > 1.0 {
         return Err(shape_err(OP, format!("density must be in (0, 1], got {density}")));
     }
     Ok(vec![dev.dispatch(

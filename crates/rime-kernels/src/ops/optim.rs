@@ -24,13 +24,7 @@ fn spec() -> Spec {
 
 fn f32_tensor(op: &'static str, name: &str, t: &Tensor) -> Result<()> {
     if t.dtype != DType::F32 {
-        return Err(Error::Shape {
-            op,
-            msg: format!(
-                "{name} must be F32, got {:?} of shape {:?}",
-                t.dtype, t.shape
-            ),
-        });
+        return Err(Error::Shape { op, msg: format!("{name} must be F32, got {:?} of shape {:?}", t.dtype, t.shape) });
     }
     Ok(())
 }
@@ -40,14 +34,8 @@ fn same_numel(op: &'static str, names: &[(&str, &Tensor)]) -> Result<usize> {
     for (name, t) in names {
         f32_tensor(op, name, t)?;
         if t.numel() != n {
-            let shapes: Vec<String> = names
-                .iter()
-                .map(|(nm, t)| format!("{nm} {:?}", t.shape))
-                .collect();
-            return Err(shape_err(
-                op,
-                format!("element counts differ: {}", shapes.join(", ")),
-            ));
+            let shapes: Vec<String> = names.iter().map(|(nm, t)| format!("{nm} {:?}", t.shape)).collect();
+            return Err(shape_err(op, format!("element counts differ: {}", shapes.join(", "))));
         }
     }
     Ok(n)
@@ -56,26 +44,24 @@ fn same_numel(op: &'static str, names: &[(&str, &Tensor)]) -> Result<usize> {
 fn check_hyper(op: &'static str, hyper: &Tensor) -> Result<()> {
     f32_tensor(op, "hyper", hyper)?;
     if hyper.numel() != 8 {
-        return Err(shape_err(op, format!("hyper must have 8 elements [lr, b1, b2, eps, wd, bc1, bc2, grad_scale], got shape {:?}", hyper.shape)));
+        return Err(shape_err(
+            op,
+            format!(
+                "hyper must have 8 elements [lr, b1, b2, eps, wd, bc1, bc2, grad_scale], got shape {:?}",
+                hyper.shape
+            ),
+        ));
     }
     Ok(())
 }
 
 fn params(n: usize, parts: usize, accumulate: bool, max_norm: f32) -> Vec<u8> {
-    words(&[
-        n as u32,
-        parts as u32,
-        accumulate as u32,
-        max_norm.to_bits(),
-    ])
+    words(&[n as u32, parts as u32, accumulate as u32, max_norm.to_bits()])
 }
 
 fn check_len(op: &'static str, n: usize) -> Result<()> {
     if n > u32::MAX as usize {
-        return Err(shape_err(
-            op,
-            format!("{n} elements exceed the 2^32 a kernel can index"),
-        ));
+        return Err(shape_err(op, format!("{n} elements exceed the 2^32 a kernel can index")));
     }
     Ok(())
 }
@@ -116,14 +102,7 @@ pub fn sgd_update(
     hyper: &Tensor,
 ) -> Result<Vec<Dispatch>> {
     const OP: &str = "sgd_update";
-    let n = same_numel(
-        OP,
-        &[
-            ("param", param),
-            ("grad", grad),
-            ("momentum_buf", momentum_buf),
-        ],
-    )?;
+    let n = same_numel(OP, &[("param", param), ("grad", grad), ("momentum_buf", momentum_buf)])?;
     check_hyper(OP, hyper)?;
     check_len(OP, n)?;
     let groups = (n as u32).div_ceil(WG);
@@ -139,20 +118,12 @@ pub fn sgd_update(
 
 /// acc[0] = sum(grad²), or acc[0] += sum(grad²) when `accumulate` (to sum over all trainable tensors).
 /// Two dispatches with a fixed summation order, so the result is deterministic.
-pub fn grad_sumsq_forward(
-    dev: &Device,
-    acc: &Tensor,
-    grad: &Tensor,
-    accumulate: bool,
-) -> Result<Vec<Dispatch>> {
+pub fn grad_sumsq_forward(dev: &Device, acc: &Tensor, grad: &Tensor, accumulate: bool) -> Result<Vec<Dispatch>> {
     const OP: &str = "grad_sumsq_forward";
     f32_tensor(OP, "acc", acc)?;
     f32_tensor(OP, "grad", grad)?;
     if acc.numel() != 1 {
-        return Err(shape_err(
-            OP,
-            format!("acc must hold one element, got shape {:?}", acc.shape),
-        ));
+        return Err(shape_err(OP, format!("acc must hold one element, got shape {:?}", acc.shape)));
     }
     let n = grad.numel();
     check_len(OP, n)?;
@@ -168,39 +139,21 @@ pub fn grad_sumsq_forward(
             &[(2, grad), (6, &partial)],
             grid_1d((parts as u32).div_ceil(WG)),
         )?,
-        dev.dispatch(
-            FILE,
-            "grad_sumsq_finish_forward",
-            &spec(),
-            Some(&p),
-            &[(6, &partial), (7, acc)],
-            [1, 1, 1],
-        )?,
+        dev.dispatch(FILE, "grad_sumsq_finish_forward", &spec(), Some(&p), &[(6, &partial), (7, acc)], [1, 1, 1])?,
     ])
 }
 
 /// hyper[7] = min(1, max_norm / (sqrt(acc[0]) + 1e-6)), the coefficient torch.nn.utils.clip_grad_norm_
 /// multiplies gradients by; the optimizer kernels apply it as they read each gradient.
-pub fn clip_scale_forward(
-    dev: &Device,
-    hyper: &Tensor,
-    acc: &Tensor,
-    max_norm: f32,
-) -> Result<Vec<Dispatch>> {
+pub fn clip_scale_forward(dev: &Device, hyper: &Tensor, acc: &Tensor, max_norm: f32) -> Result<Vec<Dispatch>> {
     const OP: &str = "clip_scale_forward";
     check_hyper(OP, hyper)?;
     f32_tensor(OP, "acc", acc)?;
     if acc.numel() != 1 {
-        return Err(shape_err(
-            OP,
-            format!("acc must hold one element, got shape {:?}", acc.shape),
-        ));
+        return Err(shape_err(OP, format!("acc must hold one element, got shape {:?}", acc.shape)));
     }
-    if !(max_norm > 0.0) || !max_norm.is_finite() {
-        return Err(shape_err(
-            OP,
-            format!("max_norm must be positive and finite, got {max_norm}"),
-        ));
+    if !max_norm.is_finite() || max_norm <= 0.0 {
+        return Err(shape_err(OP, format!("max_norm must be positive and finite, got {max_norm}")));
     }
     Ok(vec![dev.dispatch(
         FILE,
