@@ -1,0 +1,123 @@
+//! The parameter store: every weight of a model on the device, by name, frozen or trainable, with the
+//! parameter group (learning rate, weight decay) a trainable one belongs to.
+
+use rime_kernels::{Device, Tensor};
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ParamId(pub usize);
+
+pub struct Param {
+    pub name: String,
+    pub tensor: Tensor,
+    pub trainable: bool,
+    /// Index into the optimizer's parameter groups.
+    pub group: usize,
+}
+
+#[derive(Default)]
+pub struct ParamStore {
+    params: Vec<Param>,
+}
+
+impl ParamStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Add a parameter (name must be unique).
+    pub fn add(&mut self, name: &str, tensor: Tensor, trainable: bool) -> Result<ParamId> {
+        if self.find(name).is_some() {
+            return Err(Error::Invalid(format!("parameter '{name}' added twice")));
+        }
+        self.params.push(Param { name: name.to_string(), tensor, trainable, group: 0 });
+        Ok(ParamId(self.params.len() - 1))
+    }
+
+    pub fn add_f32(
+        &mut self,
+        dev: &Device,
+        name: &str,
+        data: &[f32],
+        shape: &[usize],
+        trainable: bool,
+    ) -> Result<ParamId> {
+        let t = dev.upload_bytes(name, bytemuck::cast_slice(data), shape, rime_kernels::DType::F32)?;
+        self.add(name, t, trainable)
+    }
+
+    pub fn find(&self, name: &str) -> Option<ParamId> {
+        self.params.iter().position(|p| p.name == name).map(ParamId)
+    }
+    pub fn id(&self, name: &str) -> Result<ParamId> {
+        self.find(name).ok_or_else(|| Error::UnknownParam(name.to_string()))
+    }
+    pub fn get(&self, id: ParamId) -> &Param {
+        &self.params[id.0]
+    }
+    pub fn get_mut(&mut self, id: ParamId) -> &mut Param {
+        &mut self.params[id.0]
+    }
+    pub fn iter(&self) -> impl Iterator<Item = (ParamId, &Param)> {
+        self.params.iter().enumerate().map(|(i, p)| (ParamId(i), p))
+    }
+    pub fn len(&self) -> usize {
+        self.params.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.params.is_empty()
+    }
+    pub fn set_trainable(&mut self, id: ParamId, trainable: bool) {
+        self.params[id.0].trainable = trainable;
+    }
+    pub fn set_group(&mut self, id: ParamId, group: usize) {
+        self.params[id.0].group = group;
+    }
+    pub fn trainable(&self) -> impl Iterator<Item = (ParamId, &Param)> {
+        self.iter().filter(|(_, p)| p.trainable)
+    }
+    /// Read a parameter back as f32 (f16/bf16 weights are widened on the CPU).
+    pub fn read_f32(&self, dev: &Device, id: ParamId) -> Result<Vec<f32>> {
+        let p = self.get(id);
+        Ok(match p.tensor.dtype {
+            rime_kernels::DType::F32 => dev.download_f32(&p.tensor)?,
+            rime_kernels::DType::F16 => {
+                let b = dev.download_bytes(&p.tensor)?;
+                b.chunks_exact(2).map(|c| half_to_f32(u16::from_le_bytes([c[0], c[1]]), false)).collect()
+            }
+            rime_kernels::DType::BF16 => {
+                let b = dev.download_bytes(&p.tensor)?;
+                b.chunks_exact(2).map(|c| half_to_f32(u16::from_le_bytes([c[0], c[1]]), true)).collect()
+            }
+            d => return Err(Error::Invalid(format!("parameter '{}' has dtype {d:?}, not a float", p.name))),
+        })
+    }
+}
+
+fn half_to_f32(bits: u16, bf: bool) -> f32 {
+    if bf {
+        f32::from_bits((bits as u32) << 16)
+    } else {
+        // IEEE half -> f32 without pulling `half` into this crate's public API.
+        let s = ((bits >> 15) & 1) as u32;
+        let e = ((bits >> 10) & 0x1f) as i32;
+        let m = (bits & 0x3ff) as u32;
+        let v = if e == 0 {
+            (m as f32) * 2f32.powi(-24)
+        } else if e == 31 {
+            if m == 0 {
+                f32::INFINITY
+            } else {
+                f32::NAN
+            }
+        } else {
+            (1.0 + m as f32 / 1024.0) * 2f32.powi(e - 15)
+        };
+        if s == 1 {
+            -v
+        } else {
+            v
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! BERT encoder (MiniLM and friends): absolute positions, token types, erf GELU, post-LayerNorm.
+//! Parameter names are those of Hugging Face `BertModel` (`embeddings.word_embeddings.weight`,
+//! `encoder.layer.N.attention.self.query.weight`, ...), optionally under a prefix such as `bert.`.
+
+use rime_graph::{Error, Graph, ParamStore, Result, Var};
+use rime_kernels::DType;
+
+use crate::LinearHook;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BertConfig {
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub intermediate: usize,
+    pub vocab: usize,
+    pub max_positions: usize,
+    pub type_vocab: usize,
+    pub eps: f32,
+    /// `gelu` (erf) or `gelu_new`/`gelu_pytorch_tanh` (tanh form).
+    pub gelu_tanh: bool,
+}
+
+/// The per-step inputs of an encoder graph, by name.
+pub const INPUT_IDS: &str = "input_ids";
+pub const TOKEN_TYPE_IDS: &str = "token_type_ids";
+pub const POSITION_IDS: &str = "position_ids";
+pub const ATTENTION_MASK: &str = "attention_mask";
+/// Mean-pooling weights [B, 1, T]: mask / number of real tokens.
+pub const POOL_WEIGHTS: &str = "pool_weights";
+
+/// Handles of a built encoder.
+pub struct Encoder {
+    /// [B, T, C]
+    pub last_hidden: Var,
+    /// [B, C], mask-weighted mean over tokens (sentence-transformers pooling, before normalisation)
+    pub pooled: Var,
+}
+
+fn p(g: &mut Graph, store: &ParamStore, prefix: &str, name: &str) -> Result<Var> {
+    g.param(store, &format!("{prefix}{name}"))
+}
+
+/// Build the encoder for a batch of `b` sequences of `t` tokens.
+pub fn build(
+    g: &mut Graph,
+    store: &ParamStore,
+    cfg: &BertConfig,
+    prefix: &str,
+    b: usize,
+    t: usize,
+    hook: &dyn LinearHook,
+) -> Result<Encoder> {
+    if t > cfg.max_positions {
+        return Err(Error::Invalid(format!(
+            "sequence length {t} exceeds max_position_embeddings {}",
+            cfg.max_positions
+        )));
+    }
+    if cfg.hidden % cfg.heads != 0 {
+        return Err(Error::Invalid(format!(
+            "hidden_size {} is not a multiple of num_attention_heads {}",
+            cfg.hidden, cfg.heads
+        )));
+    }
+    let (c, nh) = (cfg.hidden, cfg.heads);
+    let hs = c / nh;
+    let ids = g.input(INPUT_IDS, &[b, t], DType::U32);
+    let tt = g.input(TOKEN_TYPE_IDS, &[b, t], DType::U32);
+    let pos = g.input(POSITION_IDS, &[b, t], DType::U32);
+    let mask = g.input(ATTENTION_MASK, &[b, t], DType::F32);
+    let pool_w = g.input(POOL_WEIGHTS, &[b, 1, t], DType::F32);
+
+    let we = p(g, store, prefix, "embeddings.word_embeddings.weight")?;
+    let pe = p(g, store, prefix, "embeddings.position_embeddings.weight")?;
+    let te = p(g, store, prefix, "embeddings.token_type_embeddings.weight")?;
+    let e1 = g.embedding(ids, we)?;
+    let e2 = g.embedding(pos, pe)?;
+    let e3 = g.embedding(tt, te)?;
+    let e = g.add(e1, e2)?;
+    let e = g.add(e, e3)?;
+    let lg = p(g, store, prefix, "embeddings.LayerNorm.weight")?;
+    let lb = p(g, store, prefix, "embeddings.LayerNorm.bias")?;
+    let mut x = g.layernorm(e, lg, lb, cfg.eps)?;
+
+    for l in 0..cfg.layers {
+        let base = format!("encoder.layer.{l}.");
+        let lin = |g: &mut Graph, x: Var, m: &str| -> Result<Var> {
+            let module = format!("{base}{m}");
+            let w = p(g, store, prefix, &format!("{module}.weight"))?;
+            let bias = p(g, store, prefix, &format!("{module}.bias"))?;
+            hook.linear(g, store, &format!("{prefix}{module}"), x, w, Some(bias))
+        };
+        let q = lin(g, x, "attention.self.query")?;
+        let k = lin(g, x, "attention.self.key")?;
+        let v = lin(g, x, "attention.self.value")?;
+        let q4 = g.reshape(q, &[b, t, nh, hs])?;
+        let k4 = g.reshape(k, &[b, t, nh, hs])?;
+        let v4 = g.reshape(v, &[b, t, nh, hs])?;
+        let a = g.attention(q4, k4, v4, Some(mask), false, 1.0 / (hs as f32).sqrt())?;
+        let a = g.reshape(a, &[b, t, c])?;
+        let o = lin(g, a, "attention.output.dense")?;
+        let o = hook.block_output(g, store, l, "attention", x, o)?;
+        let r = g.add(o, x)?;
+        let ln_w = p(g, store, prefix, &format!("{base}attention.output.LayerNorm.weight"))?;
+        let ln_b = p(g, store, prefix, &format!("{base}attention.output.LayerNorm.bias"))?;
+        let x1 = g.layernorm(r, ln_w, ln_b, cfg.eps)?;
+        let i = lin(g, x1, "intermediate.dense")?;
+        let i = g.gelu(i, cfg.gelu_tanh);
+        let i = hook.ffn_activation(g, store, l, i)?;
+        let o2 = lin(g, i, "output.dense")?;
+        let o2 = hook.block_output(g, store, l, "ffn", x1, o2)?;
+        let r2 = g.add(o2, x1)?;
+        let ln_w = p(g, store, prefix, &format!("{base}output.LayerNorm.weight"))?;
+        let ln_b = p(g, store, prefix, &format!("{base}output.LayerNorm.bias"))?;
+        x = g.layernorm(r2, ln_w, ln_b, cfg.eps)?;
+    }
+    let pooled = g.matmul(pool_w, x)?; // [B, 1, C]
+    let pooled = g.reshape(pooled, &[b, c])?;
+    Ok(Encoder { last_hidden: x, pooled })
+}
+
+/// Per-step inputs for a batch already tokenized and padded to `t`: ids, token types and the 0/1 mask,
+/// row-major [B, T]. Returns (position_ids, attention mask as f32, pooling weights).
+pub fn aux_inputs(mask: &[u32], b: usize, t: usize) -> (Vec<u32>, Vec<f32>, Vec<f32>) {
+    let pos: Vec<u32> = (0..b).flat_map(|_| 0..t as u32).collect();
+    let maskf: Vec<f32> = mask.iter().map(|&m| if m != 0 { 1.0 } else { 0.0 }).collect();
+    let mut pool = vec![0f32; b * t];
+    for r in 0..b {
+        let n: f32 = maskf[r * t..(r + 1) * t].iter().sum();
+        // sentence-transformers clamps the token count at 1e-9
+        for j in 0..t {
+            pool[r * t + j] = maskf[r * t + j] / n.max(1e-9);
+        }
+    }
+    (pos, maskf, pool)
+}
