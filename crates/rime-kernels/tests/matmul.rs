@@ -287,3 +287,4 @@ fn matmul_forward_throughput() {
         }
     }
 }
+

@@ -63,17 +63,23 @@ fn bias_prelude(bias: bool) -> &'static str {
     }
 }
 
-// subgroupBroadcast needs a constant lane, so the eight are spelled out. Only the subgroup spec mentions
-// subgroups: a module that did would fail to build on adapters without SUBGROUP.
+// Rows mrow0..mrow0+8 of lhs at k..k+3 for the whole team. With subgroups, lane l loads row mrow0+l and
+// subgroupBroadcast (which needs a constant lane, hence spelled out) hands every lane all eight; without,
+// each lane loads all eight. Only the subgroup spec mentions subgroups: a module that did would fail to
+// build on adapters without SUBGROUP.
 fn team_prelude(subgroup: bool) -> &'static str {
     if subgroup {
-        "const TEAM: u32 = 8u;\n\
-         fn share_rows(v: vec4<f32>) -> array<vec4<f32>, 8> { return array<vec4<f32>, 8>(\
+        "fn fetch_rows(lbase: u32, mrow0: u32, lane: u32, k: u32) -> array<vec4<f32>, 8> {\n\
+         let v = lhs_row4(lbase, mrow0 + lane, k);\n\
+         return array<vec4<f32>, 8>(\
          subgroupBroadcast(v, 0u), subgroupBroadcast(v, 1u), subgroupBroadcast(v, 2u), subgroupBroadcast(v, 3u), \
          subgroupBroadcast(v, 4u), subgroupBroadcast(v, 5u), subgroupBroadcast(v, 6u), subgroupBroadcast(v, 7u)); }"
     } else {
-        "const TEAM: u32 = 1u;\n\
-         fn share_rows(v: vec4<f32>) -> array<vec4<f32>, 1> { return array<vec4<f32>, 1>(v); }"
+        "fn fetch_rows(lbase: u32, mrow0: u32, lane: u32, k: u32) -> array<vec4<f32>, 8> {\n\
+         return array<vec4<f32>, 8>(\
+         lhs_row4(lbase, mrow0, k), lhs_row4(lbase, mrow0 + 1u, k), lhs_row4(lbase, mrow0 + 2u, k), \
+         lhs_row4(lbase, mrow0 + 3u, k), lhs_row4(lbase, mrow0 + 4u, k), lhs_row4(lbase, mrow0 + 5u, k), \
+         lhs_row4(lbase, mrow0 + 6u, k), lhs_row4(lbase, mrow0 + 7u, k)); }"
     }
 }
 
