@@ -6,6 +6,8 @@
 pub mod config;
 pub mod dataset;
 pub mod error;
+pub mod gguf;
+mod gguf_tokenizer;
 pub mod models;
 pub mod peft;
 pub mod safetensors;
@@ -14,6 +16,7 @@ pub mod tokenizer;
 pub use config::{Architecture, ModelConfig};
 pub use dataset::{split_indices, Columns, Dataset, DatasetFormat, Example, LabelMap};
 pub use error::{Error, Result};
+pub use gguf::{GgmlType, GgufFile, GgufTensorInfo, GgufValue};
 pub use models::{locate_model, models_dir};
 pub use peft::{AdapterConfig, AdapterTensor, LoraPair, PeftAdapter};
 pub use safetensors::{
