@@ -2,13 +2,17 @@
 // A second operand `b` is either the same size as `a` or a row vector [N] broadcast over the rows of a [.., N]
 // (index `i % nb`). The column reduction of a broadcast operand's gradient (mul_backward) runs one invocation
 // per column over the rows in order, so it is deterministic without atomics.
+// The prelude picks the element type V: f32, or vec4<f32> when every size is a multiple of 4 (n and nb then
+// count vectors). vec4 halves the time on lavapipe, whose per-lane loads are the bottleneck; every function
+// below is written with componentwise ops and select so one body serves both. U is the matching u32 type and
+// lane_index(i) the element indices of vector i.
 
 struct Params { n: u32, nb: u32, flags: u32, s: u32, seed: u32, _p0: u32, _p1: u32, _p2: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> a: array<f32>;
-@group(0) @binding(2) var<storage, read> b: array<f32>;
-@group(0) @binding(3) var<storage, read_write> out: array<f32>;
-@group(0) @binding(4) var<storage, read_write> acc: array<f32>;
+@group(0) @binding(1) var<storage, read> a: array<V>;
+@group(0) @binding(2) var<storage, read> b: array<V>;
+@group(0) @binding(3) var<storage, read_write> out: array<V>;
+@group(0) @binding(4) var<storage, read_write> acc: array<V>;
 
 override WG: u32 = 64u;
 const TANH_APPROX: u32 = 1u;
@@ -47,7 +51,7 @@ fn mul_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     let c = gid(wid, nwg, lid);
     if (c >= p.nb) { return; }
     let rows = p.n / p.nb;
-    var s = 0.0;
+    var s = V(0.0);
     for (var r = 0u; r < rows; r++) {
         let k = r * p.nb + c;
         s += a[k] * b[k];
@@ -75,22 +79,20 @@ fn add_inplace_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workg
 // erfc(z) for z >= 0.5 (Chebyshev fit of erfc(z) exp(z^2) in t = 1 / (1 + z/2), relative error 1.1e-7);
 // 1 - erf through a power series below that. Accurate to ~1e-7 absolute everywhere, which is what matching
 // PyTorch's exact-erf GELU to 1e-6 needs (the short Abramowitz-Stegun fits are off by 1e-5..1e-7).
-fn erfc_pos(z: f32) -> f32 {
-    if (z < 0.5) {
-        let z2 = z * z;
-        // 2/sqrt(pi) * sum (-1)^k z^(2k+1) / (k! (2k+1)), k = 0..7
-        var q = -1.0 / (5040.0 * 15.0);
-        q = q * z2 + 1.0 / (720.0 * 13.0);
-        q = q * z2 - 1.0 / (120.0 * 11.0);
-        q = q * z2 + 1.0 / (24.0 * 9.0);
-        q = q * z2 - 1.0 / (6.0 * 7.0);
-        q = q * z2 + 1.0 / (2.0 * 5.0);
-        q = q * z2 - 1.0 / 3.0;
-        q = q * z2 + 1.0;
-        return 1.0 - 1.1283791670955126 * z * q;
-    }
+fn erfc_pos(z: V) -> V {
+    let z2 = z * z;
+    // 2/sqrt(pi) * sum (-1)^k z^(2k+1) / (k! (2k+1)), k = 0..7
+    var q = V(-1.0 / (5040.0 * 15.0));
+    q = q * z2 + 1.0 / (720.0 * 13.0);
+    q = q * z2 - 1.0 / (120.0 * 11.0);
+    q = q * z2 + 1.0 / (24.0 * 9.0);
+    q = q * z2 - 1.0 / (6.0 * 7.0);
+    q = q * z2 + 1.0 / (2.0 * 5.0);
+    q = q * z2 - 1.0 / 3.0;
+    q = q * z2 + 1.0;
+    let small = 1.0 - 1.1283791670955126 * z * q;
     let t = 1.0 / (1.0 + 0.5 * z);
-    var r = 0.17087277;
+    var r = V(0.17087277);
     r = r * t - 0.82215223;
     r = r * t + 1.48851587;
     r = r * t - 1.13520398;
@@ -100,22 +102,23 @@ fn erfc_pos(z: f32) -> f32 {
     r = r * t + 0.37409196;
     r = r * t + 1.00002368;
     r = r * t - 1.26551223;
-    return t * exp(r - z * z);
+    // Both branches are cheap next to the loads; select keeps one body for f32 and vec4.
+    return select(t * exp(r - z2), small, z < V(0.5));
 }
 
 // Phi(x) = P(N(0,1) <= x), taking the small tail directly on each side to avoid 1 - (1 - tiny).
-fn std_normal_cdf(x: f32) -> f32 {
+fn std_normal_cdf(x: V) -> V {
     let tail = 0.5 * erfc_pos(abs(x) * SQRT_HALF);
-    return select(1.0 - tail, tail, x < 0.0);
+    return select(1.0 - tail, tail, x < V(0.0));
 }
 
 // tanh via exp of a clamped argument: no inf/inf for large |u|, and tanh(10) is 1 in f32.
-fn tanh_safe(u: f32) -> f32 {
-    let e = exp(-2.0 * min(abs(u), 10.0));
+fn tanh_safe(u: V) -> V {
+    let e = exp(-2.0 * min(abs(u), V(10.0)));
     return sign(u) * (1.0 - e) / (1.0 + e);
 }
 
-fn gelu_tanh_inner(x: f32) -> f32 {
+fn gelu_tanh_inner(x: V) -> V {
     return SQRT_2_OVER_PI * (x + 0.044715 * x * x * x);
 }
 
@@ -139,7 +142,7 @@ fn gelu_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
     let i = gid(wid, nwg, lid);
     if (i >= p.n) { return; }
     let x = a[i];
-    var g: f32;
+    var g: V;
     if ((p.flags & TANH_APPROX) != 0u) {
         let t = tanh_safe(gelu_tanh_inner(x));
         g = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * x * x);
@@ -149,7 +152,7 @@ fn gelu_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
     out[i] = b[i] * g;
 }
 
-fn sigmoid(x: f32) -> f32 {
+fn sigmoid(x: V) -> V {
     return 1.0 / (1.0 + exp(-x));
 }
 
@@ -177,7 +180,7 @@ fn relu_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
                 @builtin(local_invocation_index) lid: u32) {
     let i = gid(wid, nwg, lid);
     if (i >= p.n) { return; }
-    out[i] = max(a[i], 0.0);
+    out[i] = max(a[i], V(0.0));
 }
 
 @compute @workgroup_size(WG)
@@ -185,25 +188,25 @@ fn relu_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
                  @builtin(local_invocation_index) lid: u32) {
     let i = gid(wid, nwg, lid);
     if (i >= p.n) { return; }
-    out[i] = select(0.0, b[i], a[i] > 0.0);
+    out[i] = select(V(0.0), b[i], a[i] > V(0.0));
 }
 
 // lowbias32 integer hash (Wellons): a full-avalanche mix, cheap in 32-bit integer ops.
-fn hash_u32(v: u32) -> u32 {
+fn hash_u32(v: U) -> U {
     var h = v;
-    h ^= h >> 16u;
-    h *= 0x7feb352du;
-    h ^= h >> 15u;
-    h *= 0x846ca68bu;
-    h ^= h >> 16u;
+    h ^= h >> U(16u);
+    h *= U(0x7feb352du);
+    h ^= h >> U(15u);
+    h *= U(0x846ca68bu);
+    h ^= h >> U(16u);
     return h;
 }
 
-// The keep mask is a pure function of (seed, index), so backward regenerates it instead of storing it.
-// p.s holds 1/(1-p) and p.flags holds the drop threshold as a 24-bit fraction.
-fn dropout_scale(i: u32) -> f32 {
-    let h = hash_u32(i ^ hash_u32(p.seed ^ 0x9e3779b9u));
-    return select(0.0, scalar(), (h >> 8u) >= p.flags);
+// The keep mask is a pure function of (seed, element index), so backward regenerates it instead of storing
+// it. p.s holds 1/(1-p) and p.flags holds the drop threshold as a 24-bit fraction.
+fn dropout_scale(i: u32) -> V {
+    let h = hash_u32(lane_index(i) ^ hash_u32(U(p.seed ^ 0x9e3779b9u)));
+    return select(V(0.0), V(scalar()), (h >> U(8u)) >= U(p.flags));
 }
 
 @compute @workgroup_size(WG)

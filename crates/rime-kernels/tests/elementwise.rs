@@ -3,7 +3,8 @@ use common::*;
 use rime_kernels::ops::elementwise::*;
 use rime_kernels::{reference::elementwise as r, DType, Tensor};
 
-const SIZES: &[usize] = &[1, 3, 17, 127, 4099];
+/// Odd sizes run one element per invocation, multiples of 4 the vec4 specialization.
+const SIZES: &[usize] = &[1, 3, 4, 17, 127, 128, 4096, 4099];
 
 fn up(x: &[f32], shape: &[usize]) -> Tensor {
     dev().upload_f32(x, shape).unwrap()
@@ -18,7 +19,7 @@ fn empty(shape: &[usize]) -> Tensor {
 }
 
 /// (rows, N) pairs for broadcast tests.
-const MATS: &[(usize, usize)] = &[(1, 1), (3, 17), (17, 3), (5, 127)];
+const MATS: &[(usize, usize)] = &[(1, 1), (3, 17), (17, 3), (5, 127), (3, 16), (5, 128), (7, 4)];
 
 #[test]
 fn add_mul_matches_reference() {
@@ -43,6 +44,13 @@ fn add_mul_matches_reference() {
     let out = empty(&[n]);
     d.run(&add_forward(d, &out, &up(&a, &[n]), &up(&b, &[n])).unwrap()).unwrap();
     assert_close("add (2-D grid)", &get(&out), &r::add_forward(&a, &b), 0.0, 0.0);
+    // The same with vec4 elements.
+    let n = 65535 * 64 * 4 + 4;
+    let a = randn(4, n, 1.0);
+    let b = randn(5, n, 1.0);
+    let out = empty(&[n]);
+    d.run(&add_forward(d, &out, &up(&a, &[n]), &up(&b, &[n])).unwrap()).unwrap();
+    assert_close("add (2-D grid, vec4)", &get(&out), &r::add_forward(&a, &b), 0.0, 0.0);
 }
 
 #[test]
@@ -208,7 +216,7 @@ fn activations_match_finite_differences() {
 #[test]
 fn dropout_matches_reference() {
     let d = dev();
-    for &n in &[1usize, 17, 127, 10007] {
+    for &n in &[1usize, 16, 17, 127, 10007, 10008] {
         for (p, seed) in [(0.0f32, 1u32), (0.1, 7), (0.5, 12345), (1.0, 3)] {
             let x = randn(24, n, 1.0);
             let out = empty(&[n]);
@@ -225,7 +233,7 @@ fn dropout_matches_reference() {
                 0.0,
                 0.0,
             );
-            if n == 10007 {
+            if n >= 10007 {
                 let kept = (0..n as u32).filter(|&i| r::dropout_keep(i, p, seed)).count() as f32 / n as f32;
                 assert!((kept - (1.0 - p)).abs() < 0.02, "p={p}: kept fraction {kept}");
             }
