@@ -14,6 +14,9 @@ use memmap2::Mmap;
 use crate::config::{Architecture, ModelConfig};
 use crate::error::{display, format_err, io_err, Error, Result};
 
+/// A tensor under its Hugging Face name: (name, PyTorch shape, f32 data).
+pub type NamedTensor = (String, Vec<usize>, Vec<f32>);
+
 /// A metadata value.
 #[derive(Debug, Clone, PartialEq)]
 pub enum GgufValue {
@@ -570,7 +573,7 @@ impl GgufFile {
 
     /// One tensor under its Hugging Face name: dequantized, PyTorch shape, `attn_q`/`attn_k` un-permuted.
     /// Returns (HF name, shape, data).
-    pub fn load_hf_tensor(&self, gguf_name: &str, config: &ModelConfig) -> Result<(String, Vec<usize>, Vec<f32>)> {
+    pub fn load_hf_tensor(&self, gguf_name: &str, config: &ModelConfig) -> Result<NamedTensor> {
         let t = self.tensor_info(gguf_name)?;
         let hf = hf_name(gguf_name).ok_or_else(|| Error::Tensor {
             file: display(&self.path),
@@ -600,7 +603,7 @@ impl GgufFile {
 
     /// Every mappable tensor under Hugging Face names (see [`GgufFile::load_hf_tensor`]), after checking the
     /// shapes against `config`. Sorted by HF name.
-    pub fn load_hf(&self, config: &ModelConfig) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+    pub fn load_hf(&self, config: &ModelConfig) -> Result<Vec<NamedTensor>> {
         self.check_config(config)?;
         let mut out = Vec::with_capacity(self.tensors.len());
         for t in &self.tensors {
@@ -741,7 +744,7 @@ fn parse(path: &Path, b: &[u8]) -> Result<Parsed> {
     let mut prev_name = "";
     for &i in &order {
         let t = &tensors[i];
-        let end = t.offset.checked_add(t.nbytes).unwrap_or(usize::MAX);
+        let end = t.offset.saturating_add(t.nbytes);
         if end > data_len {
             return Err(Error::Tensor {
                 file: display(path),
@@ -827,7 +830,7 @@ fn f16(b: &[u8], at: usize) -> f32 {
 /// None for unsupported types or a byte length that does not match.
 pub fn dequantize(ty: GgmlType, bytes: &[u8], numel: usize) -> Option<Vec<f32>> {
     let (bs, bb) = ty.block()?;
-    if numel % bs != 0 || bytes.len() != numel / bs * bb {
+    if numel / bs * bs != numel || bytes.len() != numel / bs * bb {
         return None;
     }
     let mut y = Vec::with_capacity(numel);

@@ -16,7 +16,7 @@ pub mod tokenizer;
 pub use config::{Architecture, ModelConfig};
 pub use dataset::{split_indices, Columns, Dataset, DatasetFormat, Example, LabelMap};
 pub use error::{Error, Result};
-pub use gguf::{GgmlType, GgufFile, GgufTensorInfo, GgufValue};
+pub use gguf::{GgmlType, GgufFile, GgufTensorInfo, GgufValue, NamedTensor};
 pub use models::{locate_model, models_dir};
 pub use peft::{AdapterConfig, AdapterTensor, LoraPair, PeftAdapter};
 pub use safetensors::{

@@ -700,7 +700,10 @@ pub fn write_atomically(
         .file_name()
         .map(|f| f.to_string_lossy().into_owned())
         .ok_or_else(|| Error::InvalidArgument { file: display(path), msg: "not a file path".into() })?;
-    let tmp = dir.join(format!(".{fname}.tmp.{}", std::process::id()));
+    // pid + a process-wide counter: two threads (or processes) writing the same path never share a temp file.
+    static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(".{fname}.tmp.{}.{n}", std::process::id()));
     let result = (|| -> std::io::Result<()> {
         let file = File::create(&tmp)?;
         {

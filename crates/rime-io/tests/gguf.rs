@@ -106,13 +106,13 @@ fn q6_k_block_matches_hand_computed_values() {
     assert_eq!(y.len(), 256);
     // Group g of 32 in each half of 128 takes its 2 high bits from (qh >> 2g) & 3 = g, and its low 4 bits from
     // ql's low nibble (= 1) for g = 0, 1 or high nibble (= 2) for g = 2, 3: q = low | g << 4, minus 32.
-    for e in 0..256 {
+    for (e, &got) in y.iter().enumerate() {
         let (n, r) = (e / 128, e % 128);
         let (g, l) = (r / 32, r % 32);
         let low = if g < 2 { 1 } else { 2 };
         let q = (low | ((g as i32) << 4)) - 32;
         let sc = (n * 8 + l / 16 + 2 * g) as f32 - 8.0;
-        assert_eq!(y[e], 0.5 * sc * q as f32, "element {e}");
+        assert_eq!(got, 0.5 * sc * q as f32, "element {e}");
     }
     // By hand: element 0: q = 1 - 32 = -31, scale -8 -> 0.5 * -8 * -31 = 124.
     assert_eq!(y[0], 124.0);
@@ -213,9 +213,7 @@ impl GgufBuilder {
             offsets.push(offset);
             offset += (data.len() as u64).div_ceil(32) * 32;
         }
-        while out.len() % 32 != 0 {
-            out.push(0);
-        }
+        out.resize(out.len().div_ceil(32) * 32, 0);
         let base = out.len();
         for ((_, _, _, data), off) in self.tensors.iter().zip(offsets) {
             out.resize(base + off as usize, 0);
