@@ -2,17 +2,20 @@
 // out), mean over the kept rows. Forward: one workgroup per row computes the row's log-sum-exp in one online
 // pass (saved for the backward); a single workgroup then reduces the rows in a fixed order, so the loss is
 // deterministic. Backward: a single workgroup turns dloss into dloss / kept_rows, then one workgroup per row
-// writes scale * (softmax - onehot) from the saved lse (no reduction needed).
+// writes scale * (softmax - onehot) from the saved lse (no reduction needed). Row elements are V (f32, or
+// vec4<f32> when V is a multiple of 4: vec4 loads are what lavapipe is fast at); p.vv counts them per row.
 
-struct Params { rows: u32, v: u32, ignore_index: u32, _p0: u32 }
+struct Params { rows: u32, v: u32, ignore_index: u32, vv: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> logits: array<f32>;
+@group(0) @binding(1) var<storage, read> logits: array<V>;
 @group(0) @binding(2) var<storage, read> targets: array<i32>;
 @group(0) @binding(3) var<storage, read_write> lse: array<f32>;
 @group(0) @binding(4) var<storage, read_write> loss: array<f32>;
 @group(0) @binding(5) var<storage, read> dloss: array<f32>;
-@group(0) @binding(6) var<storage, read_write> dlogits: array<f32>;
+@group(0) @binding(6) var<storage, read_write> dlogits: array<V>;
 @group(0) @binding(7) var<storage, read_write> scale: array<f32>;
+// The logits again, element-wise, for picking the target logit.
+@group(0) @binding(8) var<storage, read> logits_f32: array<f32>;
 
 override WG: u32 = 64u;
 const NEG_BIG: f32 = -3.0e38;
@@ -30,21 +33,19 @@ fn cross_entropy_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_wor
                          @builtin(local_invocation_index) lid: u32) {
     let row = flat_group(wid, nwg);
     let valid = row < p.rows;
-    let n = select(0u, p.v, valid);
-    let base = row * p.v;
-    var m = NEG_BIG;
-    var l = 0.0;
+    let n = select(0u, p.vv, valid);
+    let base = row * p.vv;
+    // Running max and rescaled sum per component (two exps per element, but no divergent branch).
+    var m = V(NEG_BIG);
+    var l = V(0.0);
     for (var j = lid; j < n; j += WG) {
         let x = logits[base + j];
-        if (x > m) {
-            l = l * exp(m - x) + 1.0;
-            m = x;
-        } else {
-            l += exp(x - m);
-        }
+        let mn = max(m, x);
+        l = l * exp(m - mn) + exp(x - mn);
+        m = mn;
     }
-    let mx = row_max(m, lid);
-    let total = row_sum(l * exp(m - mx), lid);
+    let mx = row_max(hmax(m), lid);
+    let total = row_sum(hsum(l * exp(m - mx)), lid);
     if (valid && lid == 0u) {
         lse[row] = mx + log(total);
     }
@@ -62,7 +63,7 @@ fn cross_entropy_forward_loss(@builtin(local_invocation_index) lid: u32) {
         if (ignored(t)) { continue; }
         count += 1.0;
         if (in_range(t)) {
-            s += lse[r] - logits[r * p.v + u32(t)];
+            s += lse[r] - logits_f32[r * p.v + u32(t)];
         } else {
             s += nan;
         }
@@ -92,13 +93,14 @@ fn cross_entropy_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_wo
                           @builtin(local_invocation_index) lid: u32) {
     let row = flat_group(wid, nwg);
     if (row >= p.rows) { return; }
-    let base = row * p.v;
+    let base = row * p.vv;
     let t = targets[row];
     // Ignored rows, and rows with an invalid target, get no gradient.
     let g = select(0.0, scale[0], !ignored(t) && in_range(t));
     let l = lse[row];
-    for (var j = lid; j < p.v; j += WG) {
-        let onehot = select(0.0, 1.0, i32(j) == t);
+    let tv = U(bitcast<u32>(t));
+    for (var j = lid; j < p.vv; j += WG) {
+        let onehot = select(V(0.0), V(1.0), lane_index(j) == tv);
         dlogits[base + j] = g * (exp(logits[base + j] - l) - onehot);
     }
 }

@@ -11,7 +11,9 @@ fn variants(d: &Device) -> Vec<RowVariant> {
 }
 
 const IGNORE: i32 = -100;
-const SHAPES: &[(usize, usize)] = &[(1, 1), (3, 17), (17, 3), (5, 127), (4, 4099), (130, 33)];
+/// Odd V runs f32 elements, V a multiple of 4 vec4.
+const SHAPES: &[(usize, usize)] =
+    &[(1, 1), (3, 17), (17, 3), (5, 127), (4, 4099), (130, 33), (1, 4), (3, 128), (4, 4096)];
 
 fn up(x: &[f32], shape: &[usize]) -> Tensor {
     dev().upload_f32(x, shape).unwrap()

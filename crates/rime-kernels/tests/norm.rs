@@ -10,7 +10,9 @@ fn variants(d: &Device) -> Vec<RowVariant> {
     v
 }
 
-const SHAPES: &[(usize, usize)] = &[(1, 1), (3, 17), (17, 3), (5, 127), (2, 1031), (127, 8)];
+/// Odd C runs f32 elements, C a multiple of 4 vec4.
+const SHAPES: &[(usize, usize)] =
+    &[(1, 1), (3, 17), (17, 3), (5, 127), (2, 1031), (127, 8), (1, 4), (3, 768), (2, 1028)];
 const EPS: f32 = 1e-5;
 
 fn up(x: &[f32], shape: &[usize]) -> Tensor {

@@ -1,7 +1,7 @@
 //! Launchers for shaders/cross_entropy.wgsl: mean cross-entropy of logits [N, V] against targets [N] (I32,
 //! rows equal to ignore_index left out), saving the per-row log-sum-exp for the backward.
 
-use super::reduce::{idx, need_f32, need_nonempty, row_specs, RowVariant};
+use super::reduce::{idx, need_f32, need_nonempty, row_specs, width_for, RowVariant};
 use super::{grid_1d, words};
 use crate::error::{shape_err, Result};
 use crate::{DType, Device, Dispatch, Spec, Tensor};
@@ -73,8 +73,9 @@ pub fn cross_entropy_forward_with(
     rv.check(OP, dev)?;
     let (n, v) = dims(OP, logits, targets, lse)?;
     scalar(OP, "loss", loss)?;
-    let w = words(&[n, v, ignore_index as u32, 0]);
-    let spec = rv.spec();
+    let width = width_for(v as usize);
+    let w = words(&[n, v, ignore_index as u32, v / width]);
+    let spec = rv.spec_w(width);
     Ok(vec![
         dev.dispatch(FILE, OP, &spec, Some(&w), &[(1, logits), (3, lse)], grid_1d(n))?,
         dev.dispatch(
@@ -82,7 +83,7 @@ pub fn cross_entropy_forward_with(
             "cross_entropy_forward_loss",
             &spec,
             Some(&w),
-            &[(1, logits), (2, targets), (3, lse), (4, loss)],
+            &[(2, targets), (3, lse), (4, loss), (8, logits)],
             [1, 1, 1],
         )?,
     ])
@@ -124,8 +125,9 @@ pub fn cross_entropy_backward_with(
     // dloss / kept rows lives on the GPU (dloss may be produced by an earlier kernel); the scratch word is
     // held alive by the dispatches' bind groups.
     let scale = dev.empty(&[1], DType::F32)?;
-    let w = words(&[n, v, ignore_index as u32, 0]);
-    let spec = rv.spec();
+    let width = width_for(v as usize);
+    let w = words(&[n, v, ignore_index as u32, v / width]);
+    let spec = rv.spec_w(width);
     Ok(vec![
         dev.dispatch(
             FILE,

@@ -2,7 +2,7 @@
 //! saving mean / rstd [rows] for the backward, with separate input and weight gradients so a frozen norm
 //! never computes dgamma.
 
-use super::reduce::{idx, need_f32, need_nonempty, row_specs, RowVariant};
+use super::reduce::{idx, need_f32, need_nonempty, row_specs, width_for, RowVariant};
 use super::{grid_1d, words};
 use crate::error::{shape_err, Result};
 use crate::{Device, Dispatch, Spec, Tensor};
@@ -49,6 +49,12 @@ fn dims(
     Ok((rows as u32, c as u32))
 }
 
+/// The specialization for rows of c channels, and the number of elements (f32 or vec4) per row.
+fn element_spec(v: RowVariant, c: u32) -> (Spec, u32) {
+    let w = width_for(c as usize);
+    (v.spec_w(w), c / w)
+}
+
 fn check_eps(op: &'static str, eps: f32) -> Result<()> {
     if !(eps >= 0.0 && eps.is_finite()) {
         return Err(shape_err(op, format!("eps {eps} must be finite and >= 0")));
@@ -89,9 +95,10 @@ pub fn layernorm_forward_with(
     check_eps(OP, eps)?;
     let (rows, c) =
         dims(OP, x, &[("out", out)], &[("mean", mean), ("rstd", rstd)], &[("gamma", gamma), ("beta", beta)])?;
-    let w = words(&[rows, c, eps.to_bits(), 0]);
+    let (spec, cv) = element_spec(v, c);
+    let w = words(&[rows, c, eps.to_bits(), 0, cv, 0, 0, 0]);
     let b = [(1, x), (2, gamma), (3, beta), (4, out), (5, mean), (6, rstd)];
-    Ok(vec![dev.dispatch(FILE, OP, &v.spec(), Some(&w), &b, grid_1d(rows))?])
+    Ok(vec![dev.dispatch(FILE, OP, &spec, Some(&w), &b, grid_1d(rows))?])
 }
 
 /// dx from dout and the saved mean / rstd.
@@ -122,9 +129,10 @@ pub fn layernorm_backward_input_with(
     const OP: &str = "layernorm_backward_input";
     v.check(OP, dev)?;
     let (rows, c) = dims(OP, x, &[("dx", dx), ("dout", dout)], &[("mean", mean), ("rstd", rstd)], &[("gamma", gamma)])?;
-    let w = words(&[rows, c, 0, 0]);
+    let (spec, cv) = element_spec(v, c);
+    let w = words(&[rows, c, 0, 0, cv, 0, 0, 0]);
     let b = [(1, x), (2, gamma), (4, dx), (7, dout), (8, mean), (9, rstd)];
-    Ok(vec![dev.dispatch(FILE, OP, &v.spec(), Some(&w), &b, grid_1d(rows))?])
+    Ok(vec![dev.dispatch(FILE, OP, &spec, Some(&w), &b, grid_1d(rows))?])
 }
 
 /// dgamma = sum over rows of dout * xhat, dbeta = sum of dout; `accumulate` adds to the existing values.
@@ -159,9 +167,10 @@ pub fn layernorm_backward_weight_with(
     v.check(OP, dev)?;
     let (rows, c) =
         dims(OP, x, &[("dout", dout)], &[("mean", mean), ("rstd", rstd)], &[("dgamma", dgamma), ("dbeta", dbeta)])?;
-    let w = words(&[rows, c, 0, accumulate as u32]);
+    let (spec, cv) = element_spec(v, c);
+    let w = words(&[rows, c, 0, accumulate as u32, cv, 0, 0, 0]);
     let b = [(1, x), (7, dout), (8, mean), (9, rstd), (10, dgamma), (11, dbeta)];
-    Ok(vec![dev.dispatch(FILE, OP, &v.spec(), Some(&w), &b, grid_1d(c.div_ceil(v.wg())))?])
+    Ok(vec![dev.dispatch(FILE, OP, &spec, Some(&w), &b, grid_1d(cv.div_ceil(v.wg())))?])
 }
 
 /// out = x * rstd * gamma (Llama's RMSNorm); rstd [rows] is saved for the backward.
@@ -190,9 +199,10 @@ pub fn rmsnorm_forward_with(
     v.check(OP, dev)?;
     check_eps(OP, eps)?;
     let (rows, c) = dims(OP, x, &[("out", out)], &[("rstd", rstd)], &[("gamma", gamma)])?;
-    let w = words(&[rows, c, eps.to_bits(), 0]);
+    let (spec, cv) = element_spec(v, c);
+    let w = words(&[rows, c, eps.to_bits(), 0, cv, 0, 0, 0]);
     let b = [(1, x), (2, gamma), (4, out), (6, rstd)];
-    Ok(vec![dev.dispatch(FILE, OP, &v.spec(), Some(&w), &b, grid_1d(rows))?])
+    Ok(vec![dev.dispatch(FILE, OP, &spec, Some(&w), &b, grid_1d(rows))?])
 }
 
 pub fn rmsnorm_backward_input(
@@ -219,9 +229,10 @@ pub fn rmsnorm_backward_input_with(
     const OP: &str = "rmsnorm_backward_input";
     v.check(OP, dev)?;
     let (rows, c) = dims(OP, x, &[("dx", dx), ("dout", dout)], &[("rstd", rstd)], &[("gamma", gamma)])?;
-    let w = words(&[rows, c, 0, 0]);
+    let (spec, cv) = element_spec(v, c);
+    let w = words(&[rows, c, 0, 0, cv, 0, 0, 0]);
     let b = [(1, x), (2, gamma), (4, dx), (7, dout), (9, rstd)];
-    Ok(vec![dev.dispatch(FILE, OP, &v.spec(), Some(&w), &b, grid_1d(rows))?])
+    Ok(vec![dev.dispatch(FILE, OP, &spec, Some(&w), &b, grid_1d(rows))?])
 }
 
 /// dgamma = sum over rows of dout * x * rstd; `accumulate` adds to the existing values.
@@ -249,7 +260,8 @@ pub fn rmsnorm_backward_weight_with(
     const OP: &str = "rmsnorm_backward_weight";
     v.check(OP, dev)?;
     let (rows, c) = dims(OP, x, &[("dout", dout)], &[("rstd", rstd)], &[("dgamma", dgamma)])?;
-    let w = words(&[rows, c, 0, accumulate as u32]);
+    let (spec, cv) = element_spec(v, c);
+    let w = words(&[rows, c, 0, accumulate as u32, cv, 0, 0, 0]);
     let b = [(1, x), (7, dout), (9, rstd), (10, dgamma)];
-    Ok(vec![dev.dispatch(FILE, OP, &v.spec(), Some(&w), &b, grid_1d(c.div_ceil(v.wg())))?])
+    Ok(vec![dev.dispatch(FILE, OP, &spec, Some(&w), &b, grid_1d(cv.div_ceil(v.wg())))?])
 }
