@@ -240,91 +240,86 @@ fn attention_backward_key_value(@builtin(workgroup_id) wid: vec3<u32>,
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Subgroup variants (lavapipe): the workgroup is one subgroup of 8 lanes. Inside a loop lavapipe turns every
-// storage load into a per-lane scalar loop, so instead of each lane loading the same key row, lane i loads row
-// (block start + i) and the rows are shared with subgroupBroadcast (helpers bc0..bc7 / bcf0..bcf7 from the
-// prelude), which makes 8 keys (or queries) cost one load each per lane.
+// Subgroup variants (lavapipe). The workgroup is one subgroup of 8 lanes and each lane owns RB rows (prelude
+// const), rows r * 8 + lane of the workgroup's block. Inside a loop lavapipe turns every storage load into a
+// per-lane scalar loop, so rather than each lane loading the same streamed row, lane i loads row (block start
+// + i) and the rows are shared with subgroupBroadcast (bc0..bc7 / bcf0..bcf7); each broadcast value then feeds
+// the RB rows of the lane, which amortises the broadcast (itself not free on lavapipe).
 
 @compute @workgroup_size(8)
 fn attention_forward_subgroup(@builtin(workgroup_id) wid: vec3<u32>,
                               @builtin(local_invocation_index) lid: u32) {
     let h = wid.y;
     let b = wid.z;
-    let t0 = wid.x * 8u;
-    let t = t0 + lid;
-    let tc = min(t, p.t - 1u);
+    let t0 = wid.x * 8u * RB;
     let kh = h / (p.nh / p.nkv);
     let scale = bitcast<f32>(p.scale_bits);
 
-    var qr: array<vec4<f32>, HS4>;
-    let qbase = ((b * p.t + tc) * p.nh + h) * HS4;
-    for (var c = 0u; c < HS4; c++) { qr[c] = q[qbase + c] * scale; }
-
-    var jend = p.s;
-    var my_end = p.s;
-    if (p.causal != 0u) {
-        jend = causal_end(min(t0 + 7u, p.t - 1u));
-        my_end = causal_end(tc);
+    var qr: array<array<vec4<f32>, HS4>, RB>;
+    var my_end: array<u32, RB>;
+    for (var r = 0u; r < RB; r++) {
+        let tc = min(t0 + r * 8u + lid, p.t - 1u);
+        let qbase = ((b * p.t + tc) * p.nh + h) * HS4;
+        for (var c = 0u; c < HS4; c++) { qr[r][c] = q[qbase + c] * scale; }
+        my_end[r] = select(p.s, causal_end(tc), p.causal != 0u);
     }
+    let jend = select(p.s, causal_end(min(t0 + 8u * RB - 1u, p.t - 1u)), p.causal != 0u);
 
-    var o: array<vec4<f32>, HS4>;
-    var m = NEG_BIG;
-    var l = 0.0;
+    var o: array<array<vec4<f32>, HS4>, RB>;
+    var m: array<f32, RB>;
+    var l: array<f32, RB>;
+    for (var r = 0u; r < RB; r++) { m[r] = NEG_BIG; }
     for (var j0 = 0u; j0 < jend; j0 += 8u) {
         let jl = min(j0 + lid, p.s - 1u);
         let kb = ((b * p.s + jl) * p.nkv + kh) * HS4;
         let keep = select(0.0, 1.0, key_kept(b, jl));
-        var a: array<vec4<f32>, 8>;
+        let kp = array<f32, 8>(bcf0(keep), bcf1(keep), bcf2(keep), bcf3(keep), bcf4(keep), bcf5(keep), bcf6(keep), bcf7(keep));
+        var a: array<array<f32, 8>, RB>;
         for (var c = 0u; c < HS4; c++) {
             let kc = k[kb + c];
-            let qc = qr[c];
-            a[0] = fma(qc, bc0(kc), a[0]);
-            a[1] = fma(qc, bc1(kc), a[1]);
-            a[2] = fma(qc, bc2(kc), a[2]);
-            a[3] = fma(qc, bc3(kc), a[3]);
-            a[4] = fma(qc, bc4(kc), a[4]);
-            a[5] = fma(qc, bc5(kc), a[5]);
-            a[6] = fma(qc, bc6(kc), a[6]);
-            a[7] = fma(qc, bc7(kc), a[7]);
+            let kk = array<vec4<f32>, 8>(bc0(kc), bc1(kc), bc2(kc), bc3(kc), bc4(kc), bc5(kc), bc6(kc), bc7(kc));
+            for (var r = 0u; r < RB; r++) {
+                let qc = qr[r][c];
+                for (var i = 0u; i < 8u; i++) { a[r][i] += dot(qc, kk[i]); }
+            }
         }
-        var sc: array<f32, 8>;
-        sc[0] = select(NEG_BIG, hsum(a[0]), bcf0(keep) != 0.0 && j0 + 0u < my_end);
-        sc[1] = select(NEG_BIG, hsum(a[1]), bcf1(keep) != 0.0 && j0 + 1u < my_end);
-        sc[2] = select(NEG_BIG, hsum(a[2]), bcf2(keep) != 0.0 && j0 + 2u < my_end);
-        sc[3] = select(NEG_BIG, hsum(a[3]), bcf3(keep) != 0.0 && j0 + 3u < my_end);
-        sc[4] = select(NEG_BIG, hsum(a[4]), bcf4(keep) != 0.0 && j0 + 4u < my_end);
-        sc[5] = select(NEG_BIG, hsum(a[5]), bcf5(keep) != 0.0 && j0 + 5u < my_end);
-        sc[6] = select(NEG_BIG, hsum(a[6]), bcf6(keep) != 0.0 && j0 + 6u < my_end);
-        sc[7] = select(NEG_BIG, hsum(a[7]), bcf7(keep) != 0.0 && j0 + 7u < my_end);
-        var bm = m;
-        for (var i = 0u; i < 8u; i++) { bm = max(bm, sc[i]); }
-        let corr = exp(m - bm);
-        var pr: array<f32, 8>;
-        l *= corr;
-        for (var i = 0u; i < 8u; i++) {
-            pr[i] = select(0.0, exp(sc[i] - bm), sc[i] > NEG_BIG);
-            l += pr[i];
+        var corr: array<f32, RB>;
+        for (var r = 0u; r < RB; r++) {
+            var bm = m[r];
+            for (var i = 0u; i < 8u; i++) {
+                let s = select(NEG_BIG, a[r][i], kp[i] != 0.0 && j0 + i < my_end[r]);
+                a[r][i] = s;
+                bm = max(bm, s);
+            }
+            corr[r] = exp(m[r] - bm);
+            var lr = l[r] * corr[r];
+            for (var i = 0u; i < 8u; i++) {
+                let pi = select(0.0, exp(a[r][i] - bm), a[r][i] > NEG_BIG);
+                a[r][i] = pi;
+                lr += pi;
+            }
+            l[r] = lr;
+            m[r] = bm;
         }
         for (var c = 0u; c < HS4; c++) {
             let vc = v[kb + c];
-            var acc = o[c] * corr;
-            acc = fma(vec4<f32>(pr[0]), bc0(vc), acc);
-            acc = fma(vec4<f32>(pr[1]), bc1(vc), acc);
-            acc = fma(vec4<f32>(pr[2]), bc2(vc), acc);
-            acc = fma(vec4<f32>(pr[3]), bc3(vc), acc);
-            acc = fma(vec4<f32>(pr[4]), bc4(vc), acc);
-            acc = fma(vec4<f32>(pr[5]), bc5(vc), acc);
-            acc = fma(vec4<f32>(pr[6]), bc6(vc), acc);
-            acc = fma(vec4<f32>(pr[7]), bc7(vc), acc);
-            o[c] = acc;
+            let vv = array<vec4<f32>, 8>(bc0(vc), bc1(vc), bc2(vc), bc3(vc), bc4(vc), bc5(vc), bc6(vc), bc7(vc));
+            for (var r = 0u; r < RB; r++) {
+                var acc = o[r][c] * corr[r];
+                for (var i = 0u; i < 8u; i++) { acc = fma(vec4<f32>(a[r][i]), vv[i], acc); }
+                o[r][c] = acc;
+            }
         }
-        m = bm;
     }
 
-    if (t < p.t) {
-        let inv = select(0.0, 1.0 / l, l > 0.0);
-        for (var c = 0u; c < HS4; c++) { out[qbase + c] = o[c] * inv; }
-        lse[(b * p.nh + h) * p.t + t] = select(bitcast<f32>(p.neg_inf_bits), m + log(l), l > 0.0);
+    for (var r = 0u; r < RB; r++) {
+        let t = t0 + r * 8u + lid;
+        if (t < p.t) {
+            let qbase = ((b * p.t + t) * p.nh + h) * HS4;
+            let inv = select(0.0, 1.0 / l[r], l[r] > 0.0);
+            for (var c = 0u; c < HS4; c++) { out[qbase + c] = o[r][c] * inv; }
+            lse[(b * p.nh + h) * p.t + t] = select(bitcast<f32>(p.neg_inf_bits), m[r] + log(l[r]), l[r] > 0.0);
+        }
     }
 }
 
@@ -333,92 +328,81 @@ fn attention_backward_query_subgroup(@builtin(workgroup_id) wid: vec3<u32>,
                                      @builtin(local_invocation_index) lid: u32) {
     let h = wid.y;
     let b = wid.z;
-    let t0 = wid.x * 8u;
-    let t = t0 + lid;
-    let tc = min(t, p.t - 1u);
+    let t0 = wid.x * 8u * RB;
     let kh = h / (p.nh / p.nkv);
     let scale = bitcast<f32>(p.scale_bits);
 
-    var qr: array<vec4<f32>, HS4>;
-    var dor: array<vec4<f32>, HS4>;
-    let qbase = ((b * p.t + tc) * p.nh + h) * HS4;
-    var dacc = vec4<f32>(0.0);
-    for (var c = 0u; c < HS4; c++) {
-        qr[c] = q[qbase + c] * scale;
-        dor[c] = dout[qbase + c];
-        dacc = fma(dor[c], out_in[qbase + c], dacc);
+    var qr: array<array<vec4<f32>, HS4>, RB>;
+    var dor: array<array<vec4<f32>, HS4>, RB>;
+    var d_t: array<f32, RB>;
+    var lse_t: array<f32, RB>;
+    var my_end: array<u32, RB>;
+    for (var r = 0u; r < RB; r++) {
+        let t = t0 + r * 8u + lid;
+        let tc = min(t, p.t - 1u);
+        let qbase = ((b * p.t + tc) * p.nh + h) * HS4;
+        var dacc = 0.0;
+        for (var c = 0u; c < HS4; c++) {
+            qr[r][c] = q[qbase + c] * scale;
+            dor[r][c] = dout[qbase + c];
+            dacc += dot(dor[r][c], out_in[qbase + c]);
+        }
+        d_t[r] = dacc;
+        let row = (b * p.nh + h) * p.t + tc;
+        lse_t[r] = lse_in[row];
+        if (t < p.t) { delta[row] = dacc; }
+        my_end[r] = select(p.s, causal_end(tc), p.causal != 0u);
     }
-    let d_t = hsum(dacc);
-    let row = (b * p.nh + h) * p.t + tc;
-    let lse_t = lse_in[row];
-    if (t < p.t) { delta[row] = d_t; }
+    let jend = select(p.s, causal_end(min(t0 + 8u * RB - 1u, p.t - 1u)), p.causal != 0u);
 
-    var jend = p.s;
-    var my_end = p.s;
-    if (p.causal != 0u) {
-        jend = causal_end(min(t0 + 7u, p.t - 1u));
-        my_end = causal_end(tc);
-    }
-
-    var g: array<vec4<f32>, HS4>;
+    var g: array<array<vec4<f32>, HS4>, RB>;
     for (var j0 = 0u; j0 < jend; j0 += 8u) {
         let jl = min(j0 + lid, p.s - 1u);
         let kb = ((b * p.s + jl) * p.nkv + kh) * HS4;
         let keep = select(0.0, 1.0, key_kept(b, jl));
+        let kp = array<f32, 8>(bcf0(keep), bcf1(keep), bcf2(keep), bcf3(keep), bcf4(keep), bcf5(keep), bcf6(keep), bcf7(keep));
         var kl: array<vec4<f32>, HS4>;
-        var sa: array<vec4<f32>, 8>;
-        var pa: array<vec4<f32>, 8>;
+        var sa: array<array<f32, 8>, RB>;
+        var pa: array<array<f32, 8>, RB>;
         for (var c = 0u; c < HS4; c++) {
             let kc = k[kb + c];
             let vc = v[kb + c];
             kl[c] = kc;
-            let qc = qr[c];
-            let dc = dor[c];
-            sa[0] = fma(qc, bc0(kc), sa[0]);
-            sa[1] = fma(qc, bc1(kc), sa[1]);
-            sa[2] = fma(qc, bc2(kc), sa[2]);
-            sa[3] = fma(qc, bc3(kc), sa[3]);
-            sa[4] = fma(qc, bc4(kc), sa[4]);
-            sa[5] = fma(qc, bc5(kc), sa[5]);
-            sa[6] = fma(qc, bc6(kc), sa[6]);
-            sa[7] = fma(qc, bc7(kc), sa[7]);
-            pa[0] = fma(dc, bc0(vc), pa[0]);
-            pa[1] = fma(dc, bc1(vc), pa[1]);
-            pa[2] = fma(dc, bc2(vc), pa[2]);
-            pa[3] = fma(dc, bc3(vc), pa[3]);
-            pa[4] = fma(dc, bc4(vc), pa[4]);
-            pa[5] = fma(dc, bc5(vc), pa[5]);
-            pa[6] = fma(dc, bc6(vc), pa[6]);
-            pa[7] = fma(dc, bc7(vc), pa[7]);
+            let kk = array<vec4<f32>, 8>(bc0(kc), bc1(kc), bc2(kc), bc3(kc), bc4(kc), bc5(kc), bc6(kc), bc7(kc));
+            let vv = array<vec4<f32>, 8>(bc0(vc), bc1(vc), bc2(vc), bc3(vc), bc4(vc), bc5(vc), bc6(vc), bc7(vc));
+            for (var r = 0u; r < RB; r++) {
+                let qc = qr[r][c];
+                let dc = dor[r][c];
+                for (var i = 0u; i < 8u; i++) {
+                    sa[r][i] += dot(qc, kk[i]);
+                    pa[r][i] += dot(dc, vv[i]);
+                }
+            }
         }
         // A visible key implies the row saw at least one key, so lse_t is finite wherever it is used.
-        var ds: array<f32, 8>;
-        ds[0] = select(0.0, exp(hsum(sa[0]) - lse_t), bcf0(keep) != 0.0 && j0 + 0u < my_end);
-        ds[1] = select(0.0, exp(hsum(sa[1]) - lse_t), bcf1(keep) != 0.0 && j0 + 1u < my_end);
-        ds[2] = select(0.0, exp(hsum(sa[2]) - lse_t), bcf2(keep) != 0.0 && j0 + 2u < my_end);
-        ds[3] = select(0.0, exp(hsum(sa[3]) - lse_t), bcf3(keep) != 0.0 && j0 + 3u < my_end);
-        ds[4] = select(0.0, exp(hsum(sa[4]) - lse_t), bcf4(keep) != 0.0 && j0 + 4u < my_end);
-        ds[5] = select(0.0, exp(hsum(sa[5]) - lse_t), bcf5(keep) != 0.0 && j0 + 5u < my_end);
-        ds[6] = select(0.0, exp(hsum(sa[6]) - lse_t), bcf6(keep) != 0.0 && j0 + 6u < my_end);
-        ds[7] = select(0.0, exp(hsum(sa[7]) - lse_t), bcf7(keep) != 0.0 && j0 + 7u < my_end);
-        for (var i = 0u; i < 8u; i++) { ds[i] = ds[i] * (hsum(pa[i]) - d_t); }
+        for (var r = 0u; r < RB; r++) {
+            for (var i = 0u; i < 8u; i++) {
+                let pj = select(0.0, exp(sa[r][i] - lse_t[r]), kp[i] != 0.0 && j0 + i < my_end[r]);
+                sa[r][i] = pj * (pa[r][i] - d_t[r]);
+            }
+        }
         for (var c = 0u; c < HS4; c++) {
             let kc = kl[c];
-            var acc = g[c];
-            acc = fma(vec4<f32>(ds[0]), bc0(kc), acc);
-            acc = fma(vec4<f32>(ds[1]), bc1(kc), acc);
-            acc = fma(vec4<f32>(ds[2]), bc2(kc), acc);
-            acc = fma(vec4<f32>(ds[3]), bc3(kc), acc);
-            acc = fma(vec4<f32>(ds[4]), bc4(kc), acc);
-            acc = fma(vec4<f32>(ds[5]), bc5(kc), acc);
-            acc = fma(vec4<f32>(ds[6]), bc6(kc), acc);
-            acc = fma(vec4<f32>(ds[7]), bc7(kc), acc);
-            g[c] = acc;
+            let kk = array<vec4<f32>, 8>(bc0(kc), bc1(kc), bc2(kc), bc3(kc), bc4(kc), bc5(kc), bc6(kc), bc7(kc));
+            for (var r = 0u; r < RB; r++) {
+                var acc = g[r][c];
+                for (var i = 0u; i < 8u; i++) { acc = fma(vec4<f32>(sa[r][i]), kk[i], acc); }
+                g[r][c] = acc;
+            }
         }
     }
 
-    if (t < p.t) {
-        for (var c = 0u; c < HS4; c++) { dq[qbase + c] = g[c] * scale; }
+    for (var r = 0u; r < RB; r++) {
+        let t = t0 + r * 8u + lid;
+        if (t < p.t) {
+            let qbase = ((b * p.t + t) * p.nh + h) * HS4;
+            for (var c = 0u; c < HS4; c++) { dq[qbase + c] = g[r][c] * scale; }
+        }
     }
 }
 
@@ -427,30 +411,29 @@ fn attention_backward_key_value_subgroup(@builtin(workgroup_id) wid: vec3<u32>,
                                          @builtin(local_invocation_index) lid: u32) {
     let kh = wid.y;
     let b = wid.z;
-    let j0 = wid.x * 8u;
-    let j = j0 + lid;
-    let jc = min(j, p.s - 1u);
+    let j0 = wid.x * 8u * RB;
     let group = p.nh / p.nkv;
     let scale = bitcast<f32>(p.scale_bits);
 
-    var kr: array<vec4<f32>, HS4>;
-    var vr: array<vec4<f32>, HS4>;
-    let kbase = ((b * p.s + jc) * p.nkv + kh) * HS4;
-    for (var c = 0u; c < HS4; c++) {
-        kr[c] = k[kbase + c] * scale;
-        vr[c] = v[kbase + c];
+    var kr: array<array<vec4<f32>, HS4>, RB>;
+    var vr: array<array<vec4<f32>, HS4>, RB>;
+    var kept: array<bool, RB>;
+    var my_start: array<u32, RB>;
+    for (var r = 0u; r < RB; r++) {
+        let jc = min(j0 + r * 8u + lid, p.s - 1u);
+        let kbase = ((b * p.s + jc) * p.nkv + kh) * HS4;
+        for (var c = 0u; c < HS4; c++) {
+            kr[r][c] = k[kbase + c] * scale;
+            vr[r][c] = v[kbase + c];
+        }
+        kept[r] = key_kept(b, jc);
+        // Causal: query t sees key j iff t >= j + T - S.
+        my_start[r] = select(0u, u32(clamp(i32(jc) + i32(p.t) - i32(p.s), 0, i32(p.t))), p.causal != 0u);
     }
-    let kept = key_kept(b, jc);
+    let tstart = select(0u, u32(clamp(i32(j0) + i32(p.t) - i32(p.s), 0, i32(p.t))), p.causal != 0u);
 
-    var tstart = 0u;
-    var my_start = 0u;
-    if (p.causal != 0u) {
-        tstart = u32(clamp(i32(j0) + i32(p.t) - i32(p.s), 0, i32(p.t)));
-        my_start = u32(clamp(i32(jc) + i32(p.t) - i32(p.s), 0, i32(p.t)));
-    }
-
-    var gk: array<vec4<f32>, HS4>;
-    var gv: array<vec4<f32>, HS4>;
+    var gk: array<array<vec4<f32>, HS4>, RB>;
+    var gv: array<array<vec4<f32>, HS4>, RB>;
     for (var hh = 0u; hh < group; hh++) {
         let h = kh * group + hh;
         for (var t0 = tstart; t0 < p.t; t0 += 8u) {
@@ -459,83 +442,62 @@ fn attention_backward_key_value_subgroup(@builtin(workgroup_id) wid: vec3<u32>,
             let row = (b * p.nh + h) * p.t + tl;
             let lse_l = lse_in[row];
             let d_l = delta_in[row];
+            let ls = array<f32, 8>(bcf0(lse_l), bcf1(lse_l), bcf2(lse_l), bcf3(lse_l), bcf4(lse_l), bcf5(lse_l), bcf6(lse_l), bcf7(lse_l));
+            let dd = array<f32, 8>(bcf0(d_l), bcf1(d_l), bcf2(d_l), bcf3(d_l), bcf4(d_l), bcf5(d_l), bcf6(d_l), bcf7(d_l));
             var ql: array<vec4<f32>, HS4>;
             var dl: array<vec4<f32>, HS4>;
-            var sa: array<vec4<f32>, 8>;
-            var pa: array<vec4<f32>, 8>;
+            var sa: array<array<f32, 8>, RB>;
+            var pa: array<array<f32, 8>, RB>;
             for (var c = 0u; c < HS4; c++) {
                 let qc = q[qb + c];
                 let dc = dout[qb + c];
                 ql[c] = qc;
                 dl[c] = dc;
-                let kc = kr[c];
-                let vc = vr[c];
-                sa[0] = fma(kc, bc0(qc), sa[0]);
-                sa[1] = fma(kc, bc1(qc), sa[1]);
-                sa[2] = fma(kc, bc2(qc), sa[2]);
-                sa[3] = fma(kc, bc3(qc), sa[3]);
-                sa[4] = fma(kc, bc4(qc), sa[4]);
-                sa[5] = fma(kc, bc5(qc), sa[5]);
-                sa[6] = fma(kc, bc6(qc), sa[6]);
-                sa[7] = fma(kc, bc7(qc), sa[7]);
-                pa[0] = fma(vc, bc0(dc), pa[0]);
-                pa[1] = fma(vc, bc1(dc), pa[1]);
-                pa[2] = fma(vc, bc2(dc), pa[2]);
-                pa[3] = fma(vc, bc3(dc), pa[3]);
-                pa[4] = fma(vc, bc4(dc), pa[4]);
-                pa[5] = fma(vc, bc5(dc), pa[5]);
-                pa[6] = fma(vc, bc6(dc), pa[6]);
-                pa[7] = fma(vc, bc7(dc), pa[7]);
+                let qq = array<vec4<f32>, 8>(bc0(qc), bc1(qc), bc2(qc), bc3(qc), bc4(qc), bc5(qc), bc6(qc), bc7(qc));
+                let oo = array<vec4<f32>, 8>(bc0(dc), bc1(dc), bc2(dc), bc3(dc), bc4(dc), bc5(dc), bc6(dc), bc7(dc));
+                for (var r = 0u; r < RB; r++) {
+                    let kc = kr[r][c];
+                    let vc = vr[r][c];
+                    for (var i = 0u; i < 8u; i++) {
+                        sa[r][i] += dot(kc, qq[i]);
+                        pa[r][i] += dot(vc, oo[i]);
+                    }
+                }
             }
-            var pr: array<f32, 8>;
-            var ds: array<f32, 8>;
-            pr[0] = select(0.0, exp(hsum(sa[0]) - bcf0(lse_l)), kept && t0 + 0u < p.t && t0 + 0u >= my_start);
-            pr[1] = select(0.0, exp(hsum(sa[1]) - bcf1(lse_l)), kept && t0 + 1u < p.t && t0 + 1u >= my_start);
-            pr[2] = select(0.0, exp(hsum(sa[2]) - bcf2(lse_l)), kept && t0 + 2u < p.t && t0 + 2u >= my_start);
-            pr[3] = select(0.0, exp(hsum(sa[3]) - bcf3(lse_l)), kept && t0 + 3u < p.t && t0 + 3u >= my_start);
-            pr[4] = select(0.0, exp(hsum(sa[4]) - bcf4(lse_l)), kept && t0 + 4u < p.t && t0 + 4u >= my_start);
-            pr[5] = select(0.0, exp(hsum(sa[5]) - bcf5(lse_l)), kept && t0 + 5u < p.t && t0 + 5u >= my_start);
-            pr[6] = select(0.0, exp(hsum(sa[6]) - bcf6(lse_l)), kept && t0 + 6u < p.t && t0 + 6u >= my_start);
-            pr[7] = select(0.0, exp(hsum(sa[7]) - bcf7(lse_l)), kept && t0 + 7u < p.t && t0 + 7u >= my_start);
-            ds[0] = pr[0] * (hsum(pa[0]) - bcf0(d_l));
-            ds[1] = pr[1] * (hsum(pa[1]) - bcf1(d_l));
-            ds[2] = pr[2] * (hsum(pa[2]) - bcf2(d_l));
-            ds[3] = pr[3] * (hsum(pa[3]) - bcf3(d_l));
-            ds[4] = pr[4] * (hsum(pa[4]) - bcf4(d_l));
-            ds[5] = pr[5] * (hsum(pa[5]) - bcf5(d_l));
-            ds[6] = pr[6] * (hsum(pa[6]) - bcf6(d_l));
-            ds[7] = pr[7] * (hsum(pa[7]) - bcf7(d_l));
+            for (var r = 0u; r < RB; r++) {
+                for (var i = 0u; i < 8u; i++) {
+                    let t = t0 + i;
+                    let ok = kept[r] && t < p.t && t >= my_start[r];
+                    let pj = select(0.0, exp(sa[r][i] - ls[i]), ok);
+                    sa[r][i] = pj;
+                    pa[r][i] = pj * (pa[r][i] - dd[i]);
+                }
+            }
             for (var c = 0u; c < HS4; c++) {
-                let qc = ql[c];
-                let dc = dl[c];
-                var ak = gk[c];
-                var av = gv[c];
-                av = fma(vec4<f32>(pr[0]), bc0(dc), av);
-                av = fma(vec4<f32>(pr[1]), bc1(dc), av);
-                av = fma(vec4<f32>(pr[2]), bc2(dc), av);
-                av = fma(vec4<f32>(pr[3]), bc3(dc), av);
-                av = fma(vec4<f32>(pr[4]), bc4(dc), av);
-                av = fma(vec4<f32>(pr[5]), bc5(dc), av);
-                av = fma(vec4<f32>(pr[6]), bc6(dc), av);
-                av = fma(vec4<f32>(pr[7]), bc7(dc), av);
-                ak = fma(vec4<f32>(ds[0]), bc0(qc), ak);
-                ak = fma(vec4<f32>(ds[1]), bc1(qc), ak);
-                ak = fma(vec4<f32>(ds[2]), bc2(qc), ak);
-                ak = fma(vec4<f32>(ds[3]), bc3(qc), ak);
-                ak = fma(vec4<f32>(ds[4]), bc4(qc), ak);
-                ak = fma(vec4<f32>(ds[5]), bc5(qc), ak);
-                ak = fma(vec4<f32>(ds[6]), bc6(qc), ak);
-                ak = fma(vec4<f32>(ds[7]), bc7(qc), ak);
-                gk[c] = ak;
-                gv[c] = av;
+                let qq = array<vec4<f32>, 8>(bc0(ql[c]), bc1(ql[c]), bc2(ql[c]), bc3(ql[c]), bc4(ql[c]), bc5(ql[c]), bc6(ql[c]), bc7(ql[c]));
+                let oo = array<vec4<f32>, 8>(bc0(dl[c]), bc1(dl[c]), bc2(dl[c]), bc3(dl[c]), bc4(dl[c]), bc5(dl[c]), bc6(dl[c]), bc7(dl[c]));
+                for (var r = 0u; r < RB; r++) {
+                    var ak = gk[r][c];
+                    var av = gv[r][c];
+                    for (var i = 0u; i < 8u; i++) {
+                        av = fma(vec4<f32>(sa[r][i]), oo[i], av);
+                        ak = fma(vec4<f32>(pa[r][i]), qq[i], ak);
+                    }
+                    gk[r][c] = ak;
+                    gv[r][c] = av;
+                }
             }
         }
     }
 
-    if (j < p.s) {
-        for (var c = 0u; c < HS4; c++) {
-            dk[kbase + c] = gk[c] * scale;
-            dv[kbase + c] = gv[c];
+    for (var r = 0u; r < RB; r++) {
+        let j = j0 + r * 8u + lid;
+        if (j < p.s) {
+            let kbase = ((b * p.s + j) * p.nkv + kh) * HS4;
+            for (var c = 0u; c < HS4; c++) {
+                dk[kbase + c] = gk[r][c] * scale;
+                dv[kbase + c] = gv[r][c];
+            }
         }
     }
 }

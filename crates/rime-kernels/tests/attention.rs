@@ -199,6 +199,7 @@ fn attention_backward_matches_reference() {
         case(2, 17, 3, 2, 1, 12, true, false),
         case(1, 17, 3, 2, 2, 8, false, true),
         case(1, 9, 20, 9, 3, 64, true, false),
+        case(1, 5, 7, 2, 1, 128, true, true),
     ];
     for (i, c) in cases.iter().enumerate() {
         check_backward(c, 300 + i as u64, Variant::Subgroup);
@@ -369,5 +370,21 @@ fn attention_timing() {
             let secs = start.elapsed().as_secs_f64() / reps as f64;
             println!("{label} {name}: {:.2} ms, {:.1} GFLOP/s", secs * 1e3, f / secs / 1e9);
         }
+    }
+}
+
+// Devices without SUBGROUP get the plain specialization: it must validate without subgroup support.
+#[test]
+fn attention_plain_specialization_needs_no_subgroups() {
+    use rime_kernels::shaders::source_with_prelude;
+    let plain: Vec<_> = specs().into_iter().filter(|(_, s)| !s.prelude.contains("subgroupBroadcast")).collect();
+    assert!(!plain.is_empty());
+    for (file, spec) in plain {
+        let src = source_with_prelude(file, &spec.prelude).unwrap();
+        let module = naga::front::wgsl::parse_str(&src).unwrap();
+        let caps = naga::valid::Capabilities::all() - naga::valid::Capabilities::SUBGROUP;
+        naga::valid::Validator::new(naga::valid::ValidationFlags::all(), caps)
+            .validate(&module)
+            .unwrap_or_else(|e| panic!("{file} ({spec:?}): {e:?}"));
     }
 }

@@ -50,10 +50,21 @@ fn subgroups_usable(dev: &Device) -> bool {
     dev.has_subgroups() && dev.info().subgroup_min_size >= 8
 }
 
+/// Rows per lane in the subgroup kernels: each broadcast value then feeds that many rows. Two measured best on
+/// lavapipe at head sizes 32 and 64 (three or four make the unrolled loops too large for Mesa to unroll, and
+/// the row state spills); 128-wide heads keep one.
+fn rows_per_lane(hs: usize) -> usize {
+    if hs <= 64 {
+        2
+    } else {
+        1
+    }
+}
+
 /// The prelude: head size in vec4s, and the lane-broadcast helpers of the subgroup kernels (identity stand-ins
 /// in the plain specialization, whose launchers never dispatch those kernels).
 fn spec(hs: usize, variant: Variant) -> Spec {
-    let mut pre = format!("const HS4: u32 = {}u;\n", hs / 4);
+    let mut pre = format!("const HS4: u32 = {}u;\nconst RB: u32 = {}u;\n", hs / 4, rows_per_lane(hs));
     for i in 0..8 {
         match variant {
             Variant::Subgroup => pre.push_str(&format!(
@@ -176,8 +187,12 @@ fn params(d: &Dims, has_mask: bool, causal: bool, scale: f32) -> Vec<u8> {
     ])
 }
 
-fn grid(rows: usize, heads: usize, b: usize, variant: Variant) -> [u32; 3] {
-    [(rows as u32).div_ceil(variant.workgroup()), heads as u32, b as u32]
+fn grid(rows: usize, heads: usize, b: usize, hs: usize, variant: Variant) -> [u32; 3] {
+    let per_group = match variant {
+        Variant::Subgroup => 8 * rows_per_lane(hs) as u32,
+        Variant::Plain => variant.workgroup(),
+    };
+    [(rows as u32).div_ceil(per_group), heads as u32, b as u32]
 }
 
 /// out = softmax(scale * q k^T + masks) v per head, lse = log-sum-exp of the scaled, masked scores.
@@ -225,7 +240,7 @@ pub fn attention_forward_variant(
         &spec(d.hs, variant),
         Some(&params(&d, mask.is_some(), causal, scale)),
         &[(1, q), (2, k), (3, v), (4, m), (5, out), (6, lse)],
-        grid(d.t, d.nh, d.b, variant),
+        grid(d.t, d.nh, d.b, d.hs, variant),
     )?])
 }
 
@@ -305,7 +320,7 @@ pub fn attention_backward_variant(
         &sp,
         Some(&pr),
         &[(1, q), (2, k), (3, v), (4, m), (7, dout), (8, out), (9, lse), (10, delta_tmp), (12, dq)],
-        grid(d.t, d.nh, d.b, variant),
+        grid(d.t, d.nh, d.b, d.hs, variant),
     )?;
     let key_value = dev.dispatch(
         FILE,
@@ -313,7 +328,7 @@ pub fn attention_backward_variant(
         &sp,
         Some(&pr),
         &[(1, q), (2, k), (3, v), (4, m), (7, dout), (9, lse), (11, delta_tmp), (13, dk), (14, dv)],
-        grid(d.s, d.nkv, d.b, variant),
+        grid(d.s, d.nkv, d.b, d.hs, variant),
     )?;
     Ok(vec![query, key_value])
 }
