@@ -5,16 +5,13 @@ use rime_kernels::{reference::reduce as r, DType, Device};
 
 /// Every row variant this device can run (the automatic choice first).
 fn variants(d: &Device) -> Vec<RowVariant> {
-    let mut v = vec![
-        RowVariant::for_device(d),
-        RowVariant::Shared(8),
-        RowVariant::Shared(256),
-    ];
+    let mut v = vec![RowVariant::for_device(d), RowVariant::Shared(8), RowVariant::Shared(256)];
     v.dedup();
     v
 }
 
-const SHAPES: &[(usize, usize)] = &[(1, 1), (3, 17), (17, 127), (5, 1000), (127, 3), (2, 4099)];
+/// N a multiple of 4 runs vec4 elements, odd N f32.
+const SHAPES: &[(usize, usize)] = &[(1, 1), (3, 17), (17, 127), (5, 1000), (127, 3), (2, 4099), (1, 4), (9, 768)];
 
 #[test]
 fn sum_matches_reference() {
@@ -49,8 +46,7 @@ fn sum_rows_matches_reference() {
             let prev = randn(9, n, 1.0);
             for (mean, acc) in [(false, false), (true, false), (false, true), (true, true)] {
                 let out = d.upload_f32(&prev, &[n]).unwrap();
-                d.run(&sum_rows_forward_with(d, v, &out, &xt, mean, acc).unwrap())
-                    .unwrap();
+                d.run(&sum_rows_forward_with(d, v, &out, &xt, mean, acc).unwrap()).unwrap();
                 let want = r::sum_rows_forward(&x, n, mean, acc.then_some(&prev[..]));
                 let tol = 1e-5 * (rows as f32).sqrt();
                 assert_close(
@@ -69,15 +65,9 @@ fn sum_rows_matches_reference() {
 fn sum_rejects_bad_shapes() {
     let d = dev();
     let x = d.empty(&[4, 6], DType::F32).unwrap();
-    let e = sum_forward(d, &d.empty(&[5], DType::F32).unwrap(), &x, false)
-        .err()
-        .unwrap()
-        .to_string();
+    let e = sum_forward(d, &d.empty(&[5], DType::F32).unwrap(), &x, false).err().unwrap().to_string();
     assert!(e.contains("sum_forward") && e.contains("[4, 6]"), "{e}");
-    let e = sum_rows_forward(d, &d.empty(&[4], DType::F32).unwrap(), &x, false, false)
-        .err()
-        .unwrap()
-        .to_string();
+    let e = sum_rows_forward(d, &d.empty(&[4], DType::F32).unwrap(), &x, false, false).err().unwrap().to_string();
     assert!(e.contains("sum_rows_forward"), "{e}");
     assert!(sum_forward(d, &d.empty(&[4], DType::U32).unwrap(), &x, false).is_err());
 }
@@ -108,9 +98,7 @@ fn validate(specs: &[(&'static str, rime_kernels::Spec)]) {
         let module =
             naga::front::wgsl::parse_str(&src).unwrap_or_else(|e| panic!("{file}: {}", e.emit_to_string(&src)));
         let mut v = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all());
-        let info = v
-            .validate(&module)
-            .unwrap_or_else(|e| panic!("{file} ({spec:?}) invalid: {e:?}"));
+        let info = v.validate(&module).unwrap_or_else(|e| panic!("{file} ({spec:?}) invalid: {e:?}"));
         let consts: naga::back::PipelineConstants = spec.constants.iter().map(|(k, v)| (k.clone(), *v)).collect();
         naga::back::pipeline_constants::process_overrides(&module, &info, None, &consts).unwrap();
     }

@@ -195,8 +195,9 @@ pub fn sum_forward_with(dev: &Device, v: RowVariant, out: &Tensor, x: &Tensor, m
     let rows = idx(OP, "rows", x.rows())?;
     let n = idx(OP, "N", x.last_dim())?;
     idx(OP, "numel", x.numel())?;
-    let w = words(&[rows, n, mean as u32, 0]);
-    Ok(vec![dev.dispatch(FILE, OP, &v.spec(), Some(&w), &[(1, x), (2, out)], grid_1d(rows))?])
+    let width = width_for(n as usize);
+    let w = words(&[rows, n, mean as u32, n / width]);
+    Ok(vec![dev.dispatch(FILE, OP, &v.spec_w(width), Some(&w), &[(1, x), (2, out)], grid_1d(rows))?])
 }
 
 /// out [N] (+)= sum (or mean) of x [.., N] over all rows; `accumulate` adds to out instead of overwriting.
@@ -228,6 +229,8 @@ pub fn sum_rows_forward_with(
     let n = idx(OP, "N", x.last_dim())?;
     idx(OP, "numel", x.numel())?;
     let flags = mean as u32 | (accumulate as u32) << 1;
-    let w = words(&[rows, n, flags, 0]);
-    Ok(vec![dev.dispatch(FILE, OP, &v.spec(), Some(&w), &[(1, x), (2, out)], grid_1d(n.div_ceil(v.wg())))?])
+    let width = width_for(n as usize);
+    let w = words(&[rows, n, flags, n / width]);
+    let groups = grid_1d((n / width).div_ceil(v.wg()));
+    Ok(vec![dev.dispatch(FILE, OP, &v.spec_w(width), Some(&w), &[(1, x), (3, out)], groups)?])
 }
