@@ -1,0 +1,408 @@
+//! The merge config: mergekit's YAML shape (`merge_method`, `base_model`, `models`, `parameters`, `dtype`),
+//! parsed into a checked [`MergeConfig`]. Defaults follow mergekit 0.1.5 (`normalize` true for linear and
+//! TIES, false for task_arithmetic and DARE; `lambda` 1; `density` 1). Whatever rime cannot honour is an error
+//! naming the key, never silently ignored; the one exception is `int8_mask`, a mergekit memory saving with no
+//! effect on the result here (masks are never materialised in a model dtype).
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::{Error, Result};
+
+/// The merge methods rime implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Linear,
+    TaskArithmetic,
+    Ties,
+    DareLinear,
+    DareTies,
+    Slerp,
+}
+
+impl Method {
+    pub const ALL: [(&'static str, Method); 6] = [
+        ("linear", Method::Linear),
+        ("task_arithmetic", Method::TaskArithmetic),
+        ("ties", Method::Ties),
+        ("dare_linear", Method::DareLinear),
+        ("dare_ties", Method::DareTies),
+        ("slerp", Method::Slerp),
+    ];
+
+    pub fn parse(s: &str) -> Option<Method> {
+        Self::ALL.iter().find(|(n, _)| *n == s).map(|(_, m)| *m)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        Self::ALL.iter().find(|(_, m)| *m == self).map(|(n, _)| *n).unwrap_or("?")
+    }
+
+    /// Methods that merge task vectors (model - base) and so need `base_model`.
+    pub fn needs_base(self) -> bool {
+        !matches!(self, Method::Linear)
+    }
+
+    /// Per-model parameters the method reads.
+    fn model_params(self) -> &'static [&'static str] {
+        match self {
+            Method::Linear | Method::TaskArithmetic => &["weight"],
+            Method::Ties | Method::DareLinear | Method::DareTies => &["weight", "density"],
+            Method::Slerp => &[],
+        }
+    }
+
+    /// Global parameters the method reads (besides the per-model ones, which may also be given globally).
+    fn global_params(self) -> &'static [&'static str] {
+        match self {
+            Method::Linear => &["normalize"],
+            Method::TaskArithmetic => &["normalize", "lambda"],
+            Method::Ties => &["normalize", "lambda", "int8_mask"],
+            Method::DareLinear | Method::DareTies => &["normalize", "lambda", "int8_mask", "seed"],
+            Method::Slerp => &["t"],
+        }
+    }
+
+    fn default_normalize(self) -> bool {
+        matches!(self, Method::Linear | Method::Ties)
+    }
+}
+
+/// Output element type of floating-point tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutDtype {
+    F32,
+    F16,
+    BF16,
+}
+
+impl OutDtype {
+    fn parse(s: &str) -> Option<OutDtype> {
+        match s {
+            "float32" | "fp32" | "f32" => Some(OutDtype::F32),
+            "float16" | "fp16" | "f16" | "half" => Some(OutDtype::F16),
+            "bfloat16" | "bf16" => Some(OutDtype::BF16),
+            _ => None,
+        }
+    }
+}
+
+/// A parameter value: a number (or bool), or mergekit's per-tensor list
+/// `[{filter: "attention", value: 0.3}, {value: 0.7}]` (first entry whose filter is a substring of the tensor
+/// name wins; an entry without filter matches every tensor).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Param {
+    Num(f64),
+    Filtered(Vec<(Option<String>, f64)>),
+}
+
+impl Param {
+    /// The value for one tensor, or None when no filter matches.
+    pub fn for_tensor(&self, tensor: &str) -> Option<f64> {
+        match self {
+            Param::Num(x) => Some(*x),
+            Param::Filtered(v) => {
+                v.iter().find(|(f, _)| f.as_deref().is_none_or(|f| tensor.contains(f))).map(|(_, x)| *x)
+            }
+        }
+    }
+
+    fn values(&self) -> Vec<f64> {
+        match self {
+            Param::Num(x) => vec![*x],
+            Param::Filtered(v) => v.iter().map(|(_, x)| *x).collect(),
+        }
+    }
+}
+
+/// One input model: its resolved path and its parameters (`weight`, `density`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelEntry {
+    /// As written in the config.
+    pub name: String,
+    /// A folder or a `.safetensors` file.
+    pub path: PathBuf,
+    pub weight: Option<Param>,
+    pub density: Option<Param>,
+}
+
+/// A checked merge config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MergeConfig {
+    /// The config file, for messages.
+    pub source: PathBuf,
+    pub method: Method,
+    pub base: Option<ModelEntry>,
+    /// The models listed under `models`, base included if listed there.
+    pub models: Vec<ModelEntry>,
+    pub normalize: bool,
+    pub lambda: Param,
+    pub t: Option<Param>,
+    pub seed: u64,
+    /// Output dtype of float tensors; None keeps each tensor's dtype as stored in the base (or first) model.
+    pub dtype: Option<OutDtype>,
+    /// Keys accepted but without effect (e.g. `int8_mask`), for the report.
+    pub notes: Vec<String>,
+}
+
+impl MergeConfig {
+    /// Reads and checks a YAML config; relative model paths are looked up as given, then next to the config
+    /// file, then in the models folder (`rime_io::locate_model`).
+    pub fn from_file(path: impl AsRef<Path>) -> Result<MergeConfig> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Config { file: path.display().to_string(), msg: format!("cannot read: {e}") })?;
+        Self::from_yaml_str(&text, path)
+    }
+
+    /// Parses config text; `source` names it in messages and anchors relative model paths.
+    pub fn from_yaml_str(text: &str, source: &Path) -> Result<MergeConfig> {
+        let file = source.display().to_string();
+        let err = |msg: String| Error::Config { file: file.clone(), msg };
+        let doc: Value = serde_norway::from_str(text).map_err(|e| err(format!("not valid YAML: {e}")))?;
+        let top = doc.as_object().ok_or_else(|| err("expected a mapping at the top level".into()))?;
+        const TOP: [&str; 8] =
+            ["merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "name"];
+        for k in top.keys() {
+            if k == "slices" {
+                return Err(err("`slices` is not supported: rime merges whole models tensor by tensor by name; list \
+                                the models under `models`"
+                    .into()));
+            }
+            if !TOP.contains(&k.as_str()) {
+                return Err(err(format!("unknown key `{k}` (known: {})", TOP.join(", "))));
+            }
+        }
+        let method_name = top
+            .get("merge_method")
+            .and_then(Value::as_str)
+            .ok_or_else(|| err("`merge_method` is missing or not a string".into()))?;
+        let method = Method::parse(method_name).ok_or_else(|| {
+            let known: Vec<&str> = Method::ALL.iter().map(|(n, _)| *n).collect();
+            err(format!("unknown merge_method `{method_name}` (rime knows: {})", known.join(", ")))
+        })?;
+        let mut notes = Vec::new();
+        match top.get("tokenizer_source") {
+            None | Some(Value::Null) => {}
+            Some(Value::String(s)) if s == "base" => {}
+            Some(v) => return Err(err(format!("tokenizer_source {v} is not supported (only `base`)"))),
+        }
+        let dtype_of = |key: &str| -> Result<Option<OutDtype>> {
+            match top.get(key) {
+                None | Some(Value::Null) => Ok(None),
+                Some(Value::String(s)) => OutDtype::parse(s)
+                    .map(Some)
+                    .ok_or_else(|| err(format!("`{key}: {s}` is not one of float32, float16, bfloat16"))),
+                Some(v) => Err(err(format!("`{key}` must be a string, found {v}"))),
+            }
+        };
+        // mergekit: `dtype` is the compute type and `out_dtype` the output type (default: dtype). rime always
+        // computes in f32.
+        let dtype = dtype_of("out_dtype")?.or(dtype_of("dtype")?);
+
+        let base_dir = source.parent().unwrap_or(Path::new("."));
+        let base_name = match top.get("base_model") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(v) => return Err(err(format!("`base_model` must be a path, found {v}"))),
+        };
+        // Global parameters; per-model parameter names given globally act as defaults for every model.
+        let allowed_global: Vec<&str> = method.global_params().iter().chain(method.model_params()).copied().collect();
+        let gparams = parse_params(top.get("parameters"), "parameters", &allowed_global, method, &err)?;
+        let gget = |k: &str| gparams.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        let mut models = Vec::new();
+        let list = match top.get("models") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(a)) => a.clone(),
+            Some(v) => return Err(err(format!("`models` must be a list, found {v}"))),
+        };
+        for (i, m) in list.iter().enumerate() {
+            let (name, params) = match m {
+                Value::String(s) => (s.clone(), None),
+                Value::Object(o) => {
+                    for k in o.keys() {
+                        if k != "model" && k != "parameters" {
+                            return Err(err(format!("models[{i}]: unknown key `{k}` (known: model, parameters)")));
+                        }
+                    }
+                    let name = o
+                        .get("model")
+                        .and_then(Value::as_str)
+                        .ok_or_else(|| err(format!("models[{i}]: `model` is missing or not a string")))?;
+                    (name.to_string(), o.get("parameters"))
+                }
+                v => return Err(err(format!("models[{i}]: expected `{{model: PATH, parameters: ...}}`, found {v}"))),
+            };
+            let what = format!("models[{i}] (`{name}`) parameters");
+            let p = parse_params(params, &what, method.model_params(), method, &err)?;
+            let pget = |k: &str| p.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()).or_else(|| gget(k));
+            let path = resolve_model(&name, base_dir).ok_or_else(|| {
+                err(format!(
+                    "models[{i}]: model `{name}` not found (as a path, next to the config, or in the models folder)"
+                ))
+            })?;
+            models.push(ModelEntry { name, path, weight: pget("weight"), density: pget("density") });
+        }
+        let base = match base_name {
+            None => None,
+            Some(name) => {
+                let path = resolve_model(&name, base_dir).ok_or_else(|| {
+                    err(format!(
+                        "base_model `{name}` not found (as a path, next to the config, or in the models folder)"
+                    ))
+                })?;
+                Some(ModelEntry { name, path, weight: None, density: None })
+            }
+        };
+        if method.needs_base() && base.is_none() {
+            return Err(err(format!("merge_method `{}` needs `base_model` (it merges model - base)", method.as_str())));
+        }
+        for m in &models {
+            if let Some(d) = &m.density {
+                for x in d.values() {
+                    if !(x > 0.0 && x <= 1.0) {
+                        return Err(err(format!("model `{}`: density {x} is outside (0, 1]", m.name)));
+                    }
+                }
+            }
+        }
+        let normalize = match gget("normalize") {
+            None => method.default_normalize(),
+            Some(Param::Num(x)) => x != 0.0,
+            Some(_) => return Err(err("`normalize` must be true or false, not a per-tensor list".into())),
+        };
+        if gget("int8_mask").is_some() {
+            notes.push("int8_mask ignored: masks are never stored in a model dtype here".into());
+        }
+        let seed = match gget("seed") {
+            None => 0,
+            Some(Param::Num(x)) if x >= 0.0 && x.fract() == 0.0 => x as u64,
+            Some(v) => return Err(err(format!("`seed` must be a non-negative integer, found {v:?}"))),
+        };
+        let t = gget("t");
+        if let Some(t) = &t {
+            if t.values().iter().any(|x| !x.is_finite()) {
+                return Err(err("`t` must be finite".into()));
+            }
+        }
+        let cfg = MergeConfig {
+            source: source.to_path_buf(),
+            method,
+            base,
+            models,
+            normalize,
+            lambda: gget("lambda").unwrap_or(Param::Num(1.0)),
+            t,
+            seed,
+            dtype,
+            notes,
+        };
+        cfg.check_inputs()?;
+        Ok(cfg)
+    }
+
+    fn check_inputs(&self) -> Result<()> {
+        let err = |msg: String| Error::Config { file: self.source.display().to_string(), msg };
+        match self.method {
+            Method::Linear if self.models.is_empty() => {
+                Err(err("linear needs at least one model under `models`".into()))
+            }
+            Method::Slerp => {
+                if self.t.is_none() {
+                    return Err(err("slerp needs `parameters: {t: ...}`".into()));
+                }
+                let others = self.task_models();
+                if others.len() != 1 {
+                    return Err(err(format!(
+                        "slerp interpolates base_model and exactly one other model; {} others listed",
+                        others.len()
+                    )));
+                }
+                Ok(())
+            }
+            m if m.needs_base() && self.task_models().is_empty() => {
+                Err(err(format!("{} needs at least one model besides base_model", m.as_str())))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The models that contribute task vectors: those listed, the base excluded (mergekit does the same).
+    pub fn task_models(&self) -> Vec<&ModelEntry> {
+        let base = self.base.as_ref().map(|b| canon(&b.path));
+        self.models.iter().filter(|m| Some(canon(&m.path)) != base).collect()
+    }
+}
+
+fn canon(p: &Path) -> PathBuf {
+    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+fn resolve_model(name: &str, config_dir: &Path) -> Option<PathBuf> {
+    let p = PathBuf::from(name);
+    if p.exists() {
+        return Some(p);
+    }
+    let q = config_dir.join(name);
+    if q.exists() {
+        return Some(q);
+    }
+    rime_io::locate_model(name).ok()
+}
+
+fn parse_params(
+    v: Option<&Value>,
+    what: &str,
+    allowed: &[&str],
+    method: Method,
+    err: &dyn Fn(String) -> Error,
+) -> Result<Vec<(String, Param)>> {
+    let map = match v {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Object(m)) => m,
+        Some(v) => return Err(err(format!("{what}: expected a mapping, found {v}"))),
+    };
+    let mut out = Vec::new();
+    for (k, v) in map {
+        if !allowed.contains(&k.as_str()) {
+            return Err(err(format!(
+                "{what}: unknown parameter `{k}` for merge_method `{}` (it reads: {})",
+                method.as_str(),
+                allowed.join(", ")
+            )));
+        }
+        let p = match v {
+            Value::Bool(b) => Param::Num(*b as u8 as f64),
+            Value::Number(n) => Param::Num(n.as_f64().unwrap_or(f64::NAN)),
+            Value::Array(a) if a.iter().all(Value::is_number) => {
+                return Err(err(format!(
+                "{what}: `{k}` is a gradient list; rime does not interpolate values across layers, give a number or \
+                     [{{filter: ..., value: ...}}] entries"
+            )))
+            }
+            Value::Array(a) => {
+                let mut entries = Vec::new();
+                for e in a {
+                    let o = e
+                        .as_object()
+                        .ok_or_else(|| err(format!("{what}: `{k}`: expected {{filter, value}}, found {e}")))?;
+                    let value = o
+                        .get("value")
+                        .and_then(|x| x.as_f64().or(x.as_bool().map(|b| b as u8 as f64)))
+                        .ok_or_else(|| err(format!("{what}: `{k}`: entry {e} has no numeric `value`")))?;
+                    let filter = match o.get("filter") {
+                        None | Some(Value::Null) => None,
+                        Some(Value::String(s)) => Some(s.clone()),
+                        Some(f) => return Err(err(format!("{what}: `{k}`: filter {f} must be a string"))),
+                    };
+                    entries.push((filter, value));
+                }
+                Param::Filtered(entries)
+            }
+            v => return Err(err(format!("{what}: `{k}` must be a number, found {v}"))),
+        };
+        out.push((k.clone(), p));
+    }
+    Ok(out)
+}

@@ -1,0 +1,42 @@
+//! rime-merge combines checkpoints without training: model soups (`linear`), task arithmetic, TIES, DARE
+//! (`dare_linear`, `dare_ties`) and SLERP, read from a mergekit-shaped YAML config, and the folding of a peft
+//! LoRA adapter into its base. It streams: one tensor name at a time is read from every input (as f32),
+//! stacked, run through the merge kernels of `rime_kernels::ops::merge`, read back and written, so that peak
+//! memory stays near (inputs + 2) x the largest tensor. The output folder is built under a temporary sibling
+//! name and renamed into place at the end: a failed merge leaves no output folder behind.
+
+pub mod config;
+mod engine;
+mod lora;
+mod output;
+
+pub use config::{MergeConfig, Method, ModelEntry, OutDtype, Param};
+pub use engine::{dare_mask, merge, MergeOptions, MergeReport};
+pub use lora::fold_lora;
+pub use output::{parse_size, DEFAULT_SHARD_SIZE};
+
+/// Result alias of this crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Everything that can stop a merge. Each message names the config file, model, tensor or path at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The merge config is malformed or asks for something rime does not do.
+    #[error("{file}: {msg}")]
+    Config { file: String, msg: String },
+    /// The inputs disagree (tensor names, shapes) or a tensor cannot be merged as asked.
+    #[error("tensor `{tensor}`: {msg}")]
+    Tensor { tensor: String, msg: String },
+    /// The output folder exists and `force` was not given, or cannot be created / renamed.
+    #[error("{path}: {msg}")]
+    Output { path: String, msg: String },
+    /// An invalid argument (e.g. a shard size that does not parse).
+    #[error("{0}")]
+    Invalid(String),
+    /// Reading a checkpoint, config or adapter failed.
+    #[error(transparent)]
+    Io(#[from] rime_io::Error),
+    /// A kernel launch or the device failed.
+    #[error("GPU: {0}")]
+    Kernel(#[from] rime_kernels::Error),
+}

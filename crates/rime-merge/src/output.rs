@@ -1,0 +1,238 @@
+//! Writing a merged model: the whole safetensors header is known before any tensor is merged (names, shapes
+//! and output dtypes come from the input headers), so each shard is written header first and then tensor by
+//! tensor as the merge produces them; nothing holds the whole model. Everything goes into a temporary sibling
+//! folder that is renamed onto the output at the end and removed on failure.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use rime_io::Dtype;
+use serde_json::{json, Value};
+
+use crate::{Error, Result};
+
+/// Default largest shard (5 GB, as transformers' `save_pretrained`).
+pub const DEFAULT_SHARD_SIZE: u64 = 5_000_000_000;
+
+/// Files copied from the base (or first) model folder when present.
+pub(crate) const SIDE_FILES: [&str; 11] = [
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "tokenizer.model",
+    "sentencepiece.bpe.model",
+];
+
+/// Parses `5GB`, `500MB`, `2GiB`, `1000000` (bytes).
+pub fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let x: f64 = num.parse().map_err(|_| Error::Invalid(format!("size `{s}`: expected e.g. 5GB, 500MB or 1000000")))?;
+    let mult = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1.0,
+        "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "KIB" => 1024.0,
+        "MIB" => 1024.0 * 1024.0,
+        "GIB" => 1024.0 * 1024.0 * 1024.0,
+        u => return Err(Error::Invalid(format!("size `{s}`: unknown unit `{u}` (B, KB, MB, GB, KiB, MiB, GiB)"))),
+    };
+    let v = x * mult;
+    if !(v >= 1.0) {
+        return Err(Error::Invalid(format!("size `{s}` must be at least one byte")));
+    }
+    Ok(v as u64)
+}
+
+/// One tensor of the output, as it will be stored.
+#[derive(Debug, Clone)]
+pub(crate) struct Planned {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+}
+
+impl Planned {
+    pub fn bytes(&self) -> u64 {
+        (self.shape.iter().product::<usize>() * self.dtype.size()) as u64
+    }
+}
+
+/// The temporary output folder; removed on drop unless committed.
+pub(crate) struct Staging {
+    pub tmp: PathBuf,
+    out: PathBuf,
+    force: bool,
+    committed: bool,
+}
+
+impl Staging {
+    /// Refuses an existing `out` unless `force`; creates the temporary sibling folder.
+    pub fn new(out: &Path, force: bool) -> Result<Staging> {
+        let oerr = |msg: String| Error::Output { path: out.display().to_string(), msg };
+        if out.exists() && !force {
+            return Err(oerr("exists; pass --force (or MergeOptions::force) to replace it".into()));
+        }
+        let name = out.file_name().ok_or_else(|| oerr("not a folder path".into()))?.to_string_lossy().into_owned();
+        let parent = match out.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        if !parent.is_dir() {
+            return Err(oerr(format!("parent folder {} does not exist", parent.display())));
+        }
+        let tmp = parent.join(format!(".{name}.rime-merge-tmp-{}", std::process::id()));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(|e| oerr(format!("cannot clear {}: {e}", tmp.display())))?;
+        }
+        std::fs::create_dir(&tmp).map_err(|e| oerr(format!("cannot create {}: {e}", tmp.display())))?;
+        Ok(Staging { tmp, out: out.to_path_buf(), force, committed: false })
+    }
+
+    /// Renames the temporary folder onto the output (replacing an existing one only with `force`).
+    pub fn commit(mut self) -> Result<()> {
+        let oerr = |msg: String| Error::Output { path: self.out.display().to_string(), msg };
+        let mut old = None;
+        if self.out.exists() {
+            if !self.force {
+                return Err(oerr("appeared during the merge; not replaced without --force".into()));
+            }
+            let name = self.out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let o = self.tmp.with_file_name(format!(".{name}.rime-merge-old-{}", std::process::id()));
+            std::fs::rename(&self.out, &o).map_err(|e| oerr(format!("cannot move the old output aside: {e}")))?;
+            old = Some(o);
+        }
+        std::fs::rename(&self.tmp, &self.out)
+            .map_err(|e| oerr(format!("cannot rename the finished output into place: {e}")))?;
+        self.committed = true;
+        if let Some(o) = old {
+            let _ = if o.is_dir() { std::fs::remove_dir_all(&o) } else { std::fs::remove_file(&o) };
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_dir_all(&self.tmp);
+        }
+    }
+}
+
+/// Copies the side files (config, tokenizer) that exist next to `model` (a folder or a file in one).
+pub(crate) fn copy_side_files(model: &Path, dst: &Path) -> Result<Vec<String>> {
+    let dir = if model.is_dir() { model.to_path_buf() } else { model.parent().unwrap_or(Path::new(".")).to_path_buf() };
+    let mut copied = Vec::new();
+    for f in SIDE_FILES {
+        let src = dir.join(f);
+        if src.is_file() {
+            std::fs::copy(&src, dst.join(f)).map_err(|e| Error::Output {
+                path: dst.join(f).display().to_string(),
+                msg: format!("cannot copy from {}: {e}", src.display()),
+            })?;
+            copied.push(f.to_string());
+        }
+    }
+    Ok(copied)
+}
+
+/// Writes `plan` (sorted by name here) into `dir` as one `model.safetensors`, or as shards of at most
+/// `shard_size` bytes with `model.safetensors.index.json`; `produce` returns each tensor's bytes in plan order.
+/// Returns the bytes written.
+pub(crate) fn write_shards(
+    dir: &Path,
+    mut plan: Vec<Planned>,
+    shard_size: u64,
+    mut produce: impl FnMut(&Planned) -> Result<Vec<u8>>,
+) -> Result<u64> {
+    plan.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut shards: Vec<Vec<Planned>> = vec![Vec::new()];
+    let mut cur = 0u64;
+    for p in plan {
+        let b = p.bytes();
+        if cur > 0 && cur + b > shard_size {
+            shards.push(Vec::new());
+            cur = 0;
+        }
+        cur += b;
+        shards.last_mut().map(|s| s.push(p));
+    }
+    let n = shards.len();
+    let names: Vec<String> = if n == 1 {
+        vec!["model.safetensors".into()]
+    } else {
+        (1..=n).map(|i| format!("model-{i:05}-of-{n:05}.safetensors")).collect()
+    };
+    let mut written = 0u64;
+    let mut weight_map = BTreeMap::new();
+    let mut total = 0u64;
+    for (shard, fname) in shards.iter().zip(&names) {
+        let path = dir.join(fname);
+        let ioerr =
+            |e: std::io::Error| Error::Output { path: path.display().to_string(), msg: format!("cannot write: {e}") };
+        let mut header = serde_json::Map::new();
+        header.insert("__metadata__".into(), json!({"format": "pt"}));
+        let mut off = 0u64;
+        for p in shard {
+            header.insert(
+                p.name.clone(),
+                json!({"dtype": p.dtype.as_str(), "shape": p.shape, "data_offsets": [off, off + p.bytes()]}),
+            );
+            off += p.bytes();
+            weight_map.insert(p.name.clone(), Value::String(fname.clone()));
+        }
+        total += off;
+        let mut hb = serde_json::to_vec(&Value::Object(header)).map_err(|e| Error::Invalid(e.to_string()))?;
+        while hb.len() % 8 != 0 {
+            hb.push(b' ');
+        }
+        let file = File::create(&path).map_err(ioerr)?;
+        let mut w = BufWriter::with_capacity(1 << 20, file);
+        w.write_all(&(hb.len() as u64).to_le_bytes()).map_err(ioerr)?;
+        w.write_all(&hb).map_err(ioerr)?;
+        written += 8 + hb.len() as u64;
+        for p in shard {
+            let bytes = produce(p)?;
+            if bytes.len() as u64 != p.bytes() {
+                return Err(Error::Tensor {
+                    tensor: p.name.clone(),
+                    msg: format!("produced {} bytes, the header promised {}", bytes.len(), p.bytes()),
+                });
+            }
+            w.write_all(&bytes).map_err(ioerr)?;
+            written += bytes.len() as u64;
+        }
+        let file = w.into_inner().map_err(|e| ioerr(e.into_error()))?;
+        file.sync_all().map_err(ioerr)?;
+    }
+    if n > 1 {
+        let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        let path = dir.join("model.safetensors.index.json");
+        let text = serde_json::to_string_pretty(&index).map_err(|e| Error::Invalid(e.to_string()))?;
+        std::fs::write(&path, &text)
+            .map_err(|e| Error::Output { path: path.display().to_string(), msg: format!("cannot write: {e}") })?;
+        written += text.len() as u64;
+    }
+    Ok(written)
+}
+
+/// f32 values as little-endian bytes of `dtype` (F16/BF16 round to nearest even).
+pub(crate) fn encode(data: &[f32], dtype: Dtype) -> Vec<u8> {
+    match dtype {
+        Dtype::F16 => data.iter().flat_map(|&x| half::f16::from_f32(x).to_bits().to_le_bytes()).collect(),
+        Dtype::BF16 => data.iter().flat_map(|&x| half::bf16::from_f32(x).to_bits().to_le_bytes()).collect(),
+        Dtype::F64 => data.iter().flat_map(|&x| (x as f64).to_le_bytes()).collect(),
+        _ => data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+    }
+}
