@@ -167,7 +167,10 @@ fn gelu_tanh_b(
     gelu_backward(d, dx, g, x, true)
 }
 
-fn activations() -> Vec<(&'static str, Fwd, Bwd, fn(&[f32]) -> Vec<f32>, fn(&[f32], &[f32]) -> Vec<f32>)> {
+type RefFwd = fn(&[f32]) -> Vec<f32>;
+type RefBwd = fn(&[f32], &[f32]) -> Vec<f32>;
+
+fn activations() -> Vec<(&'static str, Fwd, Bwd, RefFwd, RefBwd)> {
     vec![
         (
             "gelu",

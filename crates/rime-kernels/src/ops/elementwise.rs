@@ -38,7 +38,7 @@ fn launch(
     seed: u32,
     bindings: &[(u32, &Tensor)],
 ) -> Result<Dispatch> {
-    let width = if n % 4 == 0 && nb % 4 == 0 { 4 } else { 1 };
+    let width = if (n | nb) & 3 == 0 { 4 } else { 1 };
     let (n, nb) = (n / width, nb / width);
     let threads = if per_column { nb } else { n };
     let w = words(&[n, nb, flags, s, seed, 0, 0, 0]);

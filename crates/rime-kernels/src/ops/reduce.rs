@@ -144,7 +144,7 @@ pub(crate) fn row_specs(file: &'static str) -> Vec<(&'static str, Spec)> {
 
 /// Elements per load for rows of `n`: vec4 when it divides (about twice as fast on lavapipe).
 pub(crate) fn width_for(n: usize) -> u32 {
-    if n % 4 == 0 {
+    if n & 3 == 0 {
         4
     } else {
         1

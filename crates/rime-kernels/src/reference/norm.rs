@@ -85,6 +85,7 @@ pub fn rmsnorm_backward_input(dout: &[f32], x: &[f32], rstd: &[f32], gamma: &[f3
     dx
 }
 
+#[allow(clippy::needless_range_loop)]
 pub fn rmsnorm_backward_weight(dout: &[f32], x: &[f32], rstd: &[f32], c: usize, prev: Option<&[f32]>) -> Vec<f32> {
     let mut g: Vec<f64> = prev.map_or(vec![0.0; c], |p| p.iter().map(|&v| v as f64).collect());
     for r in 0..x.len() / c {
