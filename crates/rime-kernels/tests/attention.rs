@@ -333,6 +333,15 @@ fn attention_rejects_bad_shapes() {
     assert!(e.contains("delta_tmp"), "{e}");
 }
 
+/// User + system CPU time of this process (lavapipe's worker threads included): unlike wall time, it holds
+/// steady when other jobs share the machine.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let ticks: f64 = fields.get(11..13).map_or(0.0, |f| f.iter().filter_map(|x| x.parse::<f64>().ok()).sum());
+    ticks / 100.0
+}
+
 /// Prints kernel times at MiniLM's training shape (B=32, T=128, 12 heads x 32) and a SmolLM2-like one
 /// (9 query heads, 3 kv heads x 64, causal); run with --ignored --nocapture.
 #[test]
@@ -358,17 +367,32 @@ fn attention_timing() {
         let bwd =
             attention_backward(dev, &dq, &dk, &dv, &delta, &dout, &g.q, &g.k, &g.v, &g.out, &g.lse, m, c.causal, sc)
                 .unwrap();
-        // Full (unmasked) matmul flops: 2 for the forward, 5 for the backward (score recompute, dP, dQ, dK, dV).
+        // Full (unmasked) matmul flops: 2 for the forward, 5 for the backward (score recompute, dP, dQ, dK, dV),
+        // of which the dQ kernel does 3 and the dK/dV kernel 4 (both recompute scores and dP).
         let flops = 2.0 * (b * nh * t * t * hs) as f64;
-        for (name, ds, f) in [("forward", &fwd, 2.0 * flops), ("backward", &bwd, 5.0 * flops)] {
+        let parts = [
+            ("forward", &fwd[..], 2.0 * flops),
+            ("backward", &bwd[..], 5.0 * flops),
+            ("backward dq", &bwd[..1], 3.0 * flops),
+            ("backward dk/dv", &bwd[1..], 4.0 * flops),
+        ];
+        for (name, ds, f) in parts {
             dev.run(ds).unwrap();
-            let reps = 3;
+            let reps = 5;
             let start = std::time::Instant::now();
+            let cpu0 = cpu_seconds();
             for _ in 0..reps {
                 dev.run(ds).unwrap();
             }
             let secs = start.elapsed().as_secs_f64() / reps as f64;
-            println!("{label} {name}: {:.2} ms, {:.1} GFLOP/s", secs * 1e3, f / secs / 1e9);
+            let cpu = (cpu_seconds() - cpu0) / reps as f64;
+            println!(
+                "{label} {name}: {:.2} ms, {:.1} GFLOP/s; {:.2} CPU-ms, {:.1} GFLOP per CPU-second",
+                secs * 1e3,
+                f / secs / 1e9,
+                cpu * 1e3,
+                f / cpu / 1e9
+            );
         }
     }
 }
