@@ -4,7 +4,7 @@
 //   out[b, m, n] = alpha * sum_{kb, k} lhs[b, kb, m, k] * rhs[b, kb, k, n]
 // where kb is an outer reduction over batches (the batch sum of a shared weight's gradient).
 // lhs and out are f32; rhs is f32, f16 or bf16, read through `load_rhs` / `load_rhs4` from the prelude, which
-// also supplies `bias_at` and `fetch_rows` (the lhs rows a team shares: subgroupBroadcast or plain loads).
+// also supplies `fetch_rows` (the lhs rows a team shares: subgroupBroadcast or plain loads).
 //
 // Two kernels: `mm_general` (any strides, 8x8 register tile per invocation, scalar loads) and the tiled
 // kernel for K-contiguous lhs and 4-aligned shapes (vec4 loads, a team of 8 lanes sharing the lhs rows).
@@ -17,13 +17,14 @@ struct Params {
     l_sm: u32, l_sk: u32, l_sb: u32, l_skb: u32,
     r_sk: u32, r_sn: u32, r_sb: u32, r_skb: u32,
     o_sm: u32, o_sn: u32, o_sb: u32, kb: u32,
-    alpha: u32, accumulate: u32, _p0: u32, _p1: u32,
+    alpha: u32, accumulate: u32, has_bias: u32, _p1: u32,
 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> lhs: array<f32>;
 // binding 2: rhs (prelude), read by load_rhs
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
-// binding 4: bias (prelude, optional), read by bias_at
+// Bound to some read-only tensor when there is no bias (a binding an entry point uses must be bound).
+@group(0) @binding(4) var<storage, read> bias: array<f32>;
 @group(0) @binding(5) var<storage, read> lhs4: array<vec4<f32>>;
 // binding 6: rhs as 4-element groups (prelude), read by load_rhs4
 @group(0) @binding(7) var<storage, read_write> out4: array<vec4<f32>>;
@@ -34,6 +35,11 @@ override WGY: u32 = 8u;
 
 // Tiled kernel: rows per team (a workgroup of 8 lanes). Each lane owns 8 columns.
 const FTM: u32 = 32u;
+
+fn bias_at(n: u32) -> f32 {
+    if (p.has_bias != 0u) { return bias[n]; }
+    return 0.0;
+}
 
 fn finish(o: u32, n: u32, v: f32) -> f32 {
     var r = bitcast<f32>(p.alpha) * v + bias_at(n);

@@ -54,15 +54,6 @@ fn rhs_prelude(dt: DType) -> &'static str {
     }
 }
 
-fn bias_prelude(bias: bool) -> &'static str {
-    if bias {
-        "@group(0) @binding(4) var<storage, read> bias: array<f32>;\n\
-         fn bias_at(n: u32) -> f32 { return bias[n]; }"
-    } else {
-        "fn bias_at(n: u32) -> f32 { return 0.0; }"
-    }
-}
-
 // Rows mrow0..mrow0+8 of lhs at k..k+3 for the whole team. With subgroups, lane l loads row mrow0+l and
 // subgroupBroadcast (which needs a constant lane, hence spelled out) hands every lane all eight; without,
 // each lane loads all eight. Only the subgroup spec mentions subgroups: a module that did would fail to
@@ -83,10 +74,9 @@ fn team_prelude(subgroup: bool) -> &'static str {
     }
 }
 
-fn spec(rhs: DType, bias: bool, subgroup: bool) -> Spec {
+fn spec(rhs: DType, subgroup: bool) -> Spec {
     Spec::new()
         .prelude(rhs_prelude(rhs))
-        .prelude(bias_prelude(bias))
         .prelude(team_prelude(subgroup))
         .constant("WGX", WGX as f64)
         .constant("WGY", WGY as f64)
@@ -95,10 +85,8 @@ fn spec(rhs: DType, bias: bool, subgroup: bool) -> Spec {
 pub fn specs() -> Vec<(&'static str, Spec)> {
     let mut v = Vec::new();
     for dt in [DType::F32, DType::F16, DType::BF16] {
-        for bias in [false, true] {
-            for sg in [false, true] {
-                v.push((FILE, spec(dt, bias, sg)));
-            }
+        for sg in [false, true] {
+            v.push((FILE, spec(dt, sg)));
         }
     }
     v
@@ -193,27 +181,21 @@ pub(crate) fn gemm(dev: &Device, g: &Gemm, variant: Variant) -> Result<Vec<Dispa
         u(g.kb)?,
         g.alpha.to_bits(),
         g.accumulate as u32,
-        0,
+        g.bias.is_some() as u32,
         0,
     ]);
     let sg = variant == Variant::TiledSubgroup;
-    let sp = spec(g.rhs.dtype, g.bias.is_some(), sg);
+    let sp = spec(g.rhs.dtype, sg);
     let batch = u(g.batch)?;
     let d = match (variant, layout) {
         (Variant::Tiled | Variant::TiledSubgroup, Some(nt)) => {
-            let mut b: Vec<(u32, &Tensor)> = vec![(5, g.lhs), (6, g.rhs), (7, g.out)];
-            if let Some(bias) = g.bias {
-                b.push((4, bias));
-            }
+            let b = [(5, g.lhs), (6, g.rhs), (7, g.out), (4, g.bias.unwrap_or(g.lhs))];
             let entry = if nt { "matmul_tiled_nt" } else { "matmul_tiled_nn" };
             let grid = [u(g.n.div_ceil(8 * FTN))?, u(g.m.div_ceil(FTM))?, batch];
             dev.dispatch(FILE, entry, &sp, Some(&params), &b, grid)?
         }
         _ => {
-            let mut b: Vec<(u32, &Tensor)> = vec![(1, g.lhs), (2, g.rhs), (3, g.out)];
-            if let Some(bias) = g.bias {
-                b.push((4, bias));
-            }
+            let b = [(1, g.lhs), (2, g.rhs), (3, g.out), (4, g.bias.unwrap_or(g.lhs))];
             let grid =
                 [u(g.n.div_ceil(GTN).div_ceil(WGX as usize))?, u(g.m.div_ceil(GTM).div_ceil(WGY as usize))?, batch];
             dev.dispatch(FILE, g.entry, &sp, Some(&params), &b, grid)?
