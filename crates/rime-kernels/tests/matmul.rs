@@ -234,6 +234,34 @@ fn matmul_linear_convention_matches_reference() {
 }
 
 #[test]
+fn matmul_empty_inner_dim_matches_reference() {
+    // K = 0: out is the bias alone, db is zero (or unchanged when accumulating).
+    let d = dev();
+    for v in VARIANTS {
+        let out = d.empty(&[3, 8], DType::F32).unwrap();
+        let (a, b) = (d.empty(&[3, 0], DType::F32).unwrap(), d.empty(&[0, 8], DType::F32).unwrap());
+        let bias: Vec<f32> = (0..8).map(|i| i as f32).collect();
+        d.run(
+            &matmul_forward_variant(d, v, &out, &a, &b, Some(&d.upload_f32(&bias, &[8]).unwrap()), false, false)
+                .unwrap(),
+        )
+        .unwrap();
+        let want: Vec<f32> = (0..24).map(|i| (i % 8) as f32).collect();
+        assert_close(&format!("K=0 forward {v:?}"), &d.download_f32(&out).unwrap(), &want, 0.0, 0.0);
+    }
+}
+
+/// The subgroup tests above exercise the broadcast kernel only where subgroups are 8 lanes (lavapipe);
+/// elsewhere TiledSubgroup falls back to Tiled. Fail loudly if lavapipe ever reports another size.
+#[test]
+fn lavapipe_subgroups_are_eight_lanes() {
+    let d = dev();
+    if d.is_cpu() && d.has_subgroups() {
+        assert_eq!((d.info().subgroup_min_size, d.info().subgroup_max_size), (8, 8), "{:?}", d.info());
+    }
+}
+
+#[test]
 fn matmul_rejects_bad_shapes() {
     let d = dev();
     let f = |s: &[usize]| d.empty(s, DType::F32).unwrap();

@@ -124,7 +124,9 @@ impl Gemm<'_> {
     /// The tiled kernel's layout for rhs (`Some(true)` = K-contiguous "nt"), or None if it cannot run.
     fn tiled_layout(&self) -> Option<bool> {
         let a4 = |x: usize| x % 4 == 0;
+        // k > 0 also keeps every vec4 binding at least one element long.
         let ok = self.kb == 1
+            && self.k > 0
             && self.l[1] == 1
             && a4(self.l[0])
             && a4(self.l[2])
