@@ -280,7 +280,14 @@ fn attention_forward_subgroup(@builtin(workgroup_id) wid: vec3<u32>,
             let kk = array<vec4<f32>, 8>(bc0(kc), bc1(kc), bc2(kc), bc3(kc), bc4(kc), bc5(kc), bc6(kc), bc7(kc));
             for (var r = 0u; r < RB; r++) {
                 let qc = qr[r][c];
-                for (var i = 0u; i < 8u; i++) { a[r][i] += dot(qc, kk[i]); }
+                a[r][0] += dot(qc, kk[0]);
+                a[r][1] += dot(qc, kk[1]);
+                a[r][2] += dot(qc, kk[2]);
+                a[r][3] += dot(qc, kk[3]);
+                a[r][4] += dot(qc, kk[4]);
+                a[r][5] += dot(qc, kk[5]);
+                a[r][6] += dot(qc, kk[6]);
+                a[r][7] += dot(qc, kk[7]);
             }
         }
         var corr: array<f32, RB>;
@@ -306,7 +313,14 @@ fn attention_forward_subgroup(@builtin(workgroup_id) wid: vec3<u32>,
             let vv = array<vec4<f32>, 8>(bc0(vc), bc1(vc), bc2(vc), bc3(vc), bc4(vc), bc5(vc), bc6(vc), bc7(vc));
             for (var r = 0u; r < RB; r++) {
                 var acc = o[r][c] * corr[r];
-                for (var i = 0u; i < 8u; i++) { acc = fma(vec4<f32>(a[r][i]), vv[i], acc); }
+                acc = fma(vec4<f32>(a[r][0]), vv[0], acc);
+                acc = fma(vec4<f32>(a[r][1]), vv[1], acc);
+                acc = fma(vec4<f32>(a[r][2]), vv[2], acc);
+                acc = fma(vec4<f32>(a[r][3]), vv[3], acc);
+                acc = fma(vec4<f32>(a[r][4]), vv[4], acc);
+                acc = fma(vec4<f32>(a[r][5]), vv[5], acc);
+                acc = fma(vec4<f32>(a[r][6]), vv[6], acc);
+                acc = fma(vec4<f32>(a[r][7]), vv[7], acc);
                 o[r][c] = acc;
             }
         }
@@ -373,10 +387,22 @@ fn attention_backward_query_subgroup(@builtin(workgroup_id) wid: vec3<u32>,
             for (var r = 0u; r < RB; r++) {
                 let qc = qr[r][c];
                 let dc = dor[r][c];
-                for (var i = 0u; i < 8u; i++) {
-                    sa[r][i] += dot(qc, kk[i]);
-                    pa[r][i] += dot(dc, vv[i]);
-                }
+                sa[r][0] += dot(qc, kk[0]);
+                sa[r][1] += dot(qc, kk[1]);
+                sa[r][2] += dot(qc, kk[2]);
+                sa[r][3] += dot(qc, kk[3]);
+                sa[r][4] += dot(qc, kk[4]);
+                sa[r][5] += dot(qc, kk[5]);
+                sa[r][6] += dot(qc, kk[6]);
+                sa[r][7] += dot(qc, kk[7]);
+                pa[r][0] += dot(dc, vv[0]);
+                pa[r][1] += dot(dc, vv[1]);
+                pa[r][2] += dot(dc, vv[2]);
+                pa[r][3] += dot(dc, vv[3]);
+                pa[r][4] += dot(dc, vv[4]);
+                pa[r][5] += dot(dc, vv[5]);
+                pa[r][6] += dot(dc, vv[6]);
+                pa[r][7] += dot(dc, vv[7]);
             }
         }
         // A visible key implies the row saw at least one key, so lse_t is finite wherever it is used.
@@ -391,7 +417,14 @@ fn attention_backward_query_subgroup(@builtin(workgroup_id) wid: vec3<u32>,
             let kk = array<vec4<f32>, 8>(bc0(kc), bc1(kc), bc2(kc), bc3(kc), bc4(kc), bc5(kc), bc6(kc), bc7(kc));
             for (var r = 0u; r < RB; r++) {
                 var acc = g[r][c];
-                for (var i = 0u; i < 8u; i++) { acc = fma(vec4<f32>(sa[r][i]), kk[i], acc); }
+                acc = fma(vec4<f32>(sa[r][0]), kk[0], acc);
+                acc = fma(vec4<f32>(sa[r][1]), kk[1], acc);
+                acc = fma(vec4<f32>(sa[r][2]), kk[2], acc);
+                acc = fma(vec4<f32>(sa[r][3]), kk[3], acc);
+                acc = fma(vec4<f32>(sa[r][4]), kk[4], acc);
+                acc = fma(vec4<f32>(sa[r][5]), kk[5], acc);
+                acc = fma(vec4<f32>(sa[r][6]), kk[6], acc);
+                acc = fma(vec4<f32>(sa[r][7]), kk[7], acc);
                 g[r][c] = acc;
             }
         }
@@ -458,10 +491,22 @@ fn attention_backward_key_value_subgroup(@builtin(workgroup_id) wid: vec3<u32>,
                 for (var r = 0u; r < RB; r++) {
                     let kc = kr[r][c];
                     let vc = vr[r][c];
-                    for (var i = 0u; i < 8u; i++) {
-                        sa[r][i] += dot(kc, qq[i]);
-                        pa[r][i] += dot(vc, oo[i]);
-                    }
+                    sa[r][0] += dot(kc, qq[0]);
+                    sa[r][1] += dot(kc, qq[1]);
+                    sa[r][2] += dot(kc, qq[2]);
+                    sa[r][3] += dot(kc, qq[3]);
+                    sa[r][4] += dot(kc, qq[4]);
+                    sa[r][5] += dot(kc, qq[5]);
+                    sa[r][6] += dot(kc, qq[6]);
+                    sa[r][7] += dot(kc, qq[7]);
+                    pa[r][0] += dot(vc, oo[0]);
+                    pa[r][1] += dot(vc, oo[1]);
+                    pa[r][2] += dot(vc, oo[2]);
+                    pa[r][3] += dot(vc, oo[3]);
+                    pa[r][4] += dot(vc, oo[4]);
+                    pa[r][5] += dot(vc, oo[5]);
+                    pa[r][6] += dot(vc, oo[6]);
+                    pa[r][7] += dot(vc, oo[7]);
                 }
             }
             for (var r = 0u; r < RB; r++) {
@@ -479,10 +524,22 @@ fn attention_backward_key_value_subgroup(@builtin(workgroup_id) wid: vec3<u32>,
                 for (var r = 0u; r < RB; r++) {
                     var ak = gk[r][c];
                     var av = gv[r][c];
-                    for (var i = 0u; i < 8u; i++) {
-                        av = fma(vec4<f32>(sa[r][i]), oo[i], av);
-                        ak = fma(vec4<f32>(pa[r][i]), qq[i], ak);
-                    }
+                    av = fma(vec4<f32>(sa[r][0]), oo[0], av);
+                    av = fma(vec4<f32>(sa[r][1]), oo[1], av);
+                    av = fma(vec4<f32>(sa[r][2]), oo[2], av);
+                    av = fma(vec4<f32>(sa[r][3]), oo[3], av);
+                    av = fma(vec4<f32>(sa[r][4]), oo[4], av);
+                    av = fma(vec4<f32>(sa[r][5]), oo[5], av);
+                    av = fma(vec4<f32>(sa[r][6]), oo[6], av);
+                    av = fma(vec4<f32>(sa[r][7]), oo[7], av);
+                    ak = fma(vec4<f32>(pa[r][0]), qq[0], ak);
+                    ak = fma(vec4<f32>(pa[r][1]), qq[1], ak);
+                    ak = fma(vec4<f32>(pa[r][2]), qq[2], ak);
+                    ak = fma(vec4<f32>(pa[r][3]), qq[3], ak);
+                    ak = fma(vec4<f32>(pa[r][4]), qq[4], ak);
+                    ak = fma(vec4<f32>(pa[r][5]), qq[5], ak);
+                    ak = fma(vec4<f32>(pa[r][6]), qq[6], ak);
+                    ak = fma(vec4<f32>(pa[r][7]), qq[7], ak);
                     gk[r][c] = ak;
                     gv[r][c] = av;
                 }
