@@ -367,9 +367,12 @@ fn attention_timing() {
         let bwd =
             attention_backward(dev, &dq, &dk, &dv, &delta, &dout, &g.q, &g.k, &g.v, &g.out, &g.lse, m, c.causal, sc)
                 .unwrap();
-        // Full (unmasked) matmul flops: 2 for the forward, 5 for the backward (score recompute, dP, dQ, dK, dV),
-        // of which the dQ kernel does 3 and the dK/dV kernel 4 (both recompute scores and dP).
-        let flops = 2.0 * (b * nh * t * t * hs) as f64;
+        // Matmul flops per visible (query, key) pair and head element: 2 x 2 for the forward, 2 x 5 for the
+        // backward (score recompute, dP, dQ, dK, dV), of which the dQ kernel does 3 and the dK/dV kernel 4 (both
+        // recompute scores and dP). Pairs hidden by the causal rule are not counted.
+        let s = c.d.s;
+        let pairs: usize = (0..t).map(|q| if c.causal { (q + 1 + s).saturating_sub(t).min(s) } else { s }).sum();
+        let flops = 2.0 * (b * nh * pairs * hs) as f64;
         let parts = [
             ("forward", &fwd[..], 2.0 * flops),
             ("backward", &bwd[..], 5.0 * flops),
