@@ -244,7 +244,10 @@ fn attention_backward_key_value(@builtin(workgroup_id) wid: vec3<u32>,
 // const), rows r * 8 + lane of the workgroup's block. Inside a loop lavapipe turns every storage load into a
 // per-lane scalar loop, so rather than each lane loading the same streamed row, lane i loads row (block start
 // + i) and the rows are shared with subgroupBroadcast (bc0..bc7 / bcf0..bcf7); each broadcast value then feeds
-// the RB rows of the lane, which amortises the broadcast (itself not free on lavapipe).
+// the RB rows of the lane, which amortises the broadcast (itself not free on lavapipe). These kernels take the
+// 8 invocations of a workgroup to be lanes 0..7 of one subgroup (the launcher asks for subgroups of at least 8).
+// The per-key steps are written out for keys 0..7: broadcast lanes must be constants, and a dynamically
+// indexed array costs per-lane scratch memory on lavapipe.
 
 @compute @workgroup_size(8)
 fn attention_forward_subgroup(@builtin(workgroup_id) wid: vec3<u32>,

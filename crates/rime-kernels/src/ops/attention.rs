@@ -50,9 +50,9 @@ fn subgroups_usable(dev: &Device) -> bool {
     dev.has_subgroups() && dev.info().subgroup_min_size >= 8
 }
 
-/// Rows per lane in the subgroup kernels: each broadcast value then feeds that many rows. Two measured best on
-/// lavapipe at head sizes 32 and 64 (three or four make the unrolled loops too large for Mesa to unroll, and
-/// the row state spills); 128-wide heads keep one.
+/// Rows per lane in the subgroup kernels: each broadcast value then feeds that many rows. Of one to four, two
+/// measured fastest on lavapipe at head sizes 32 and 64 for every kernel; 128-wide heads keep one to bound the
+/// per-lane state (up to four head vectors per row).
 fn rows_per_lane(hs: usize) -> usize {
     if hs <= 64 {
         2
