@@ -1,1 +1,53 @@
-fn main(){}
+//! The `rime` command-line tool: a thin layer over the library crates that parses flags, prints progress
+//! and results, and turns errors into messages that name the file, tensor or flag at fault.
+
+mod info;
+mod merge;
+mod train;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "rime",
+    version,
+    about = "Fine-tune and merge pretrained transformers on any GPU (Vulkan, Metal, DX12; lavapipe on CPU-only machines)",
+    long_about = None,
+)]
+struct Cli {
+    /// Choose the GPU adapter by a substring of its name (see `rime info`); also RIME_ADAPTER.
+    #[arg(long, global = true)]
+    adapter: Option<String>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// List the adapters wgpu sees, the one rime picks, its limits and features, and run a kernel self-check.
+    Info(info::InfoArgs),
+    /// Fine-tune a model (no arguments: the main job, LoRA on MiniLM for fine_foods reviews).
+    Train(train::TrainArgs),
+    /// Merge checkpoints (mergekit-style YAML: linear, task_arithmetic, ties, dare, slerp) or fold a LoRA adapter.
+    Merge(merge::MergeArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let opts = rime_kernels::DeviceOptions { adapter: cli.adapter.clone() };
+    let r = match cli.cmd {
+        Cmd::Info(a) => info::run(&opts, &a),
+        Cmd::Train(a) => train::run(&opts, &a),
+        Cmd::Merge(a) => merge::run(&opts, &a),
+    };
+    if let Err(e) = r {
+        eprintln!("error: {e}");
+        let mut src = std::error::Error::source(&*e);
+        while let Some(s) = src {
+            eprintln!("  caused by: {s}");
+            src = s.source();
+        }
+        std::process::exit(1);
+    }
+}
+

@@ -960,6 +960,21 @@ impl Executor {
         outputs: &[Var],
         optim_cfg: Option<OptimConfig>,
     ) -> Result<Self> {
+        Self::new_sharing(dev, graph, store, loss, outputs, optim_cfg, None)
+    }
+
+    /// Like [`Executor::new`], sharing the optimizer state (Adam moments) of `donor` for the parameters both
+    /// train: graphs of the same model at other shapes (sequence-length buckets) then take turns stepping
+    /// one optimizer. Set [`Executor::step`] to the global step count before each step.
+    pub fn new_sharing(
+        dev: &Device,
+        graph: Graph,
+        store: &ParamStore,
+        loss: Option<Var>,
+        outputs: &[Var],
+        optim_cfg: Option<OptimConfig>,
+        donor: Option<&Executor>,
+    ) -> Result<Self> {
         let n = graph.nodes.len();
         let mut needs = vec![false; n];
         for (i, node) in graph.nodes.iter().enumerate() {
@@ -1104,6 +1119,16 @@ impl Executor {
         for s in 0..ns {
             if slots[s].kind == Kind::Planned && last[s] != usize::MAX && first[s] != usize::MAX {
                 frees_at.entry(last[s]).or_default().push(s);
+            }
+        }
+        // Shared optimizer state: take the donor's moment buffers for the same parameters.
+        if let Some(d) = donor {
+            for (id, mine) in &opt_state {
+                if let Some((_, theirs)) = d.opt_state.iter().find(|(p, _)| p == id) {
+                    for (a, b) in mine.iter().zip(theirs) {
+                        slots[*a].tensor = d.slots[*b].tensor.clone();
+                    }
+                }
             }
         }
         // Non-planned slots get their own buffers now.
