@@ -4,7 +4,7 @@
 //   out[b, m, n] = alpha * sum_{kb, k} lhs[b, kb, m, k] * rhs[b, kb, k, n]
 // where kb is an outer reduction over batches (the batch sum of a shared weight's gradient).
 // lhs and out are f32; rhs is f32, f16 or bf16, read through `load_rhs` / `load_rhs4` from the prelude, which
-// also supplies `fetch_rows` (the lhs rows a team shares: subgroupBroadcast or plain loads).
+// also supplies `fetch_rows` / `fetch_cols` (the lhs values a team shares: subgroupBroadcast or plain loads).
 //
 // Two kernels: `mm_general` (any strides, 8x8 register tile per invocation, scalar loads) and the tiled
 // kernel for K-contiguous lhs and 4-aligned shapes (vec4 loads, a team of 8 lanes sharing the lhs rows).
@@ -70,6 +70,11 @@ fn store8v(b: u32, m: u32, n0: u32, v0: vec4<f32>, v1: vec4<f32>) {
     let o = b * p.o_sb + m * p.o_sm + n0;
     store4v(o, n0, v0);
     if (n0 + 4u < p.n) { store4v(o + 4u, n0 + 4u, v1); }
+}
+
+// lhs rows m..m+3 (clamped to the last four) at one k, for M-contiguous lhs; used by fetch_cols.
+fn lhs_col4(base: u32, m: u32) -> vec4<f32> {
+    return lhs4[(base + min(m, p.m - 4u)) >> 2u];
 }
 
 // lhs row m (clamped), elements k..k+3; used by the prelude's fetch_rows.
@@ -508,6 +513,125 @@ fn tiled_nt(wid: vec3<u32>, lane: u32) {
     store8v(b, m0 + 31u, n0, c31_0, c31_1);
 }
 
+// Tiled kernel, lhs M-contiguous (a gradient's transposed operand), rhs N-contiguous; one k per step.
+fn tiled_tn(wid: vec3<u32>, lane: u32) {
+    let m0 = wid.y * FTM;
+    let n0 = (wid.x * 8u + lane) * 8u;
+    let b = wid.z;
+    let lbase = b * p.l_sb;
+    let rbase = b * p.r_sb;
+    let c0 = rbase + min(n0, p.n - 4u);
+    let c1 = rbase + min(n0 + 4u, p.n - 4u);
+    var c0_0 = vec4<f32>(0.0); var c0_1 = vec4<f32>(0.0);
+    var c1_0 = vec4<f32>(0.0); var c1_1 = vec4<f32>(0.0);
+    var c2_0 = vec4<f32>(0.0); var c2_1 = vec4<f32>(0.0);
+    var c3_0 = vec4<f32>(0.0); var c3_1 = vec4<f32>(0.0);
+    var c4_0 = vec4<f32>(0.0); var c4_1 = vec4<f32>(0.0);
+    var c5_0 = vec4<f32>(0.0); var c5_1 = vec4<f32>(0.0);
+    var c6_0 = vec4<f32>(0.0); var c6_1 = vec4<f32>(0.0);
+    var c7_0 = vec4<f32>(0.0); var c7_1 = vec4<f32>(0.0);
+    var c8_0 = vec4<f32>(0.0); var c8_1 = vec4<f32>(0.0);
+    var c9_0 = vec4<f32>(0.0); var c9_1 = vec4<f32>(0.0);
+    var c10_0 = vec4<f32>(0.0); var c10_1 = vec4<f32>(0.0);
+    var c11_0 = vec4<f32>(0.0); var c11_1 = vec4<f32>(0.0);
+    var c12_0 = vec4<f32>(0.0); var c12_1 = vec4<f32>(0.0);
+    var c13_0 = vec4<f32>(0.0); var c13_1 = vec4<f32>(0.0);
+    var c14_0 = vec4<f32>(0.0); var c14_1 = vec4<f32>(0.0);
+    var c15_0 = vec4<f32>(0.0); var c15_1 = vec4<f32>(0.0);
+    var c16_0 = vec4<f32>(0.0); var c16_1 = vec4<f32>(0.0);
+    var c17_0 = vec4<f32>(0.0); var c17_1 = vec4<f32>(0.0);
+    var c18_0 = vec4<f32>(0.0); var c18_1 = vec4<f32>(0.0);
+    var c19_0 = vec4<f32>(0.0); var c19_1 = vec4<f32>(0.0);
+    var c20_0 = vec4<f32>(0.0); var c20_1 = vec4<f32>(0.0);
+    var c21_0 = vec4<f32>(0.0); var c21_1 = vec4<f32>(0.0);
+    var c22_0 = vec4<f32>(0.0); var c22_1 = vec4<f32>(0.0);
+    var c23_0 = vec4<f32>(0.0); var c23_1 = vec4<f32>(0.0);
+    var c24_0 = vec4<f32>(0.0); var c24_1 = vec4<f32>(0.0);
+    var c25_0 = vec4<f32>(0.0); var c25_1 = vec4<f32>(0.0);
+    var c26_0 = vec4<f32>(0.0); var c26_1 = vec4<f32>(0.0);
+    var c27_0 = vec4<f32>(0.0); var c27_1 = vec4<f32>(0.0);
+    var c28_0 = vec4<f32>(0.0); var c28_1 = vec4<f32>(0.0);
+    var c29_0 = vec4<f32>(0.0); var c29_1 = vec4<f32>(0.0);
+    var c30_0 = vec4<f32>(0.0); var c30_1 = vec4<f32>(0.0);
+    var c31_0 = vec4<f32>(0.0); var c31_1 = vec4<f32>(0.0);
+    for (var k = 0u; k < p.k; k++) {
+        let rk = k * p.r_sk;
+        let b_0 = load_rhs4(c0 + rk); let b_1 = load_rhs4(c1 + rk);
+        let cols = fetch_cols(lbase + k * p.l_sk, m0, lane);
+        { let a = cols[0];
+          c0_0 = fma(vec4<f32>(a.x), b_0, c0_0); c0_1 = fma(vec4<f32>(a.x), b_1, c0_1);
+          c1_0 = fma(vec4<f32>(a.y), b_0, c1_0); c1_1 = fma(vec4<f32>(a.y), b_1, c1_1);
+          c2_0 = fma(vec4<f32>(a.z), b_0, c2_0); c2_1 = fma(vec4<f32>(a.z), b_1, c2_1);
+          c3_0 = fma(vec4<f32>(a.w), b_0, c3_0); c3_1 = fma(vec4<f32>(a.w), b_1, c3_1); }
+        { let a = cols[1];
+          c4_0 = fma(vec4<f32>(a.x), b_0, c4_0); c4_1 = fma(vec4<f32>(a.x), b_1, c4_1);
+          c5_0 = fma(vec4<f32>(a.y), b_0, c5_0); c5_1 = fma(vec4<f32>(a.y), b_1, c5_1);
+          c6_0 = fma(vec4<f32>(a.z), b_0, c6_0); c6_1 = fma(vec4<f32>(a.z), b_1, c6_1);
+          c7_0 = fma(vec4<f32>(a.w), b_0, c7_0); c7_1 = fma(vec4<f32>(a.w), b_1, c7_1); }
+        { let a = cols[2];
+          c8_0 = fma(vec4<f32>(a.x), b_0, c8_0); c8_1 = fma(vec4<f32>(a.x), b_1, c8_1);
+          c9_0 = fma(vec4<f32>(a.y), b_0, c9_0); c9_1 = fma(vec4<f32>(a.y), b_1, c9_1);
+          c10_0 = fma(vec4<f32>(a.z), b_0, c10_0); c10_1 = fma(vec4<f32>(a.z), b_1, c10_1);
+          c11_0 = fma(vec4<f32>(a.w), b_0, c11_0); c11_1 = fma(vec4<f32>(a.w), b_1, c11_1); }
+        { let a = cols[3];
+          c12_0 = fma(vec4<f32>(a.x), b_0, c12_0); c12_1 = fma(vec4<f32>(a.x), b_1, c12_1);
+          c13_0 = fma(vec4<f32>(a.y), b_0, c13_0); c13_1 = fma(vec4<f32>(a.y), b_1, c13_1);
+          c14_0 = fma(vec4<f32>(a.z), b_0, c14_0); c14_1 = fma(vec4<f32>(a.z), b_1, c14_1);
+          c15_0 = fma(vec4<f32>(a.w), b_0, c15_0); c15_1 = fma(vec4<f32>(a.w), b_1, c15_1); }
+        { let a = cols[4];
+          c16_0 = fma(vec4<f32>(a.x), b_0, c16_0); c16_1 = fma(vec4<f32>(a.x), b_1, c16_1);
+          c17_0 = fma(vec4<f32>(a.y), b_0, c17_0); c17_1 = fma(vec4<f32>(a.y), b_1, c17_1);
+          c18_0 = fma(vec4<f32>(a.z), b_0, c18_0); c18_1 = fma(vec4<f32>(a.z), b_1, c18_1);
+          c19_0 = fma(vec4<f32>(a.w), b_0, c19_0); c19_1 = fma(vec4<f32>(a.w), b_1, c19_1); }
+        { let a = cols[5];
+          c20_0 = fma(vec4<f32>(a.x), b_0, c20_0); c20_1 = fma(vec4<f32>(a.x), b_1, c20_1);
+          c21_0 = fma(vec4<f32>(a.y), b_0, c21_0); c21_1 = fma(vec4<f32>(a.y), b_1, c21_1);
+          c22_0 = fma(vec4<f32>(a.z), b_0, c22_0); c22_1 = fma(vec4<f32>(a.z), b_1, c22_1);
+          c23_0 = fma(vec4<f32>(a.w), b_0, c23_0); c23_1 = fma(vec4<f32>(a.w), b_1, c23_1); }
+        { let a = cols[6];
+          c24_0 = fma(vec4<f32>(a.x), b_0, c24_0); c24_1 = fma(vec4<f32>(a.x), b_1, c24_1);
+          c25_0 = fma(vec4<f32>(a.y), b_0, c25_0); c25_1 = fma(vec4<f32>(a.y), b_1, c25_1);
+          c26_0 = fma(vec4<f32>(a.z), b_0, c26_0); c26_1 = fma(vec4<f32>(a.z), b_1, c26_1);
+          c27_0 = fma(vec4<f32>(a.w), b_0, c27_0); c27_1 = fma(vec4<f32>(a.w), b_1, c27_1); }
+        { let a = cols[7];
+          c28_0 = fma(vec4<f32>(a.x), b_0, c28_0); c28_1 = fma(vec4<f32>(a.x), b_1, c28_1);
+          c29_0 = fma(vec4<f32>(a.y), b_0, c29_0); c29_1 = fma(vec4<f32>(a.y), b_1, c29_1);
+          c30_0 = fma(vec4<f32>(a.z), b_0, c30_0); c30_1 = fma(vec4<f32>(a.z), b_1, c30_1);
+          c31_0 = fma(vec4<f32>(a.w), b_0, c31_0); c31_1 = fma(vec4<f32>(a.w), b_1, c31_1); }
+    }
+    store8v(b, m0 + 0u, n0, c0_0, c0_1);
+    store8v(b, m0 + 1u, n0, c1_0, c1_1);
+    store8v(b, m0 + 2u, n0, c2_0, c2_1);
+    store8v(b, m0 + 3u, n0, c3_0, c3_1);
+    store8v(b, m0 + 4u, n0, c4_0, c4_1);
+    store8v(b, m0 + 5u, n0, c5_0, c5_1);
+    store8v(b, m0 + 6u, n0, c6_0, c6_1);
+    store8v(b, m0 + 7u, n0, c7_0, c7_1);
+    store8v(b, m0 + 8u, n0, c8_0, c8_1);
+    store8v(b, m0 + 9u, n0, c9_0, c9_1);
+    store8v(b, m0 + 10u, n0, c10_0, c10_1);
+    store8v(b, m0 + 11u, n0, c11_0, c11_1);
+    store8v(b, m0 + 12u, n0, c12_0, c12_1);
+    store8v(b, m0 + 13u, n0, c13_0, c13_1);
+    store8v(b, m0 + 14u, n0, c14_0, c14_1);
+    store8v(b, m0 + 15u, n0, c15_0, c15_1);
+    store8v(b, m0 + 16u, n0, c16_0, c16_1);
+    store8v(b, m0 + 17u, n0, c17_0, c17_1);
+    store8v(b, m0 + 18u, n0, c18_0, c18_1);
+    store8v(b, m0 + 19u, n0, c19_0, c19_1);
+    store8v(b, m0 + 20u, n0, c20_0, c20_1);
+    store8v(b, m0 + 21u, n0, c21_0, c21_1);
+    store8v(b, m0 + 22u, n0, c22_0, c22_1);
+    store8v(b, m0 + 23u, n0, c23_0, c23_1);
+    store8v(b, m0 + 24u, n0, c24_0, c24_1);
+    store8v(b, m0 + 25u, n0, c25_0, c25_1);
+    store8v(b, m0 + 26u, n0, c26_0, c26_1);
+    store8v(b, m0 + 27u, n0, c27_0, c27_1);
+    store8v(b, m0 + 28u, n0, c28_0, c28_1);
+    store8v(b, m0 + 29u, n0, c29_0, c29_1);
+    store8v(b, m0 + 30u, n0, c30_0, c30_1);
+    store8v(b, m0 + 31u, n0, c31_0, c31_1);
+}
 
 // The three ops share one body; separate entry points keep the names of the ops they serve.
 @compute @workgroup_size(WGX, WGY)
@@ -518,11 +642,16 @@ fn matmul_backward_input(@builtin(global_invocation_id) gid: vec3<u32>) { mm_gen
 fn matmul_backward_weight(@builtin(global_invocation_id) gid: vec3<u32>) { mm_general(gid); }
 
 // Tiled entry points: a workgroup is one team of 8 lanes (one subgroup on lavapipe) covering FTM rows and
-// 64 columns. Requires: lhs K-contiguous (l_sk = 1) with l_sm, l_sb multiple of 4, K % 4 = 0, N % 4 = 0,
-// out rows contiguous; rhs N-contiguous ("nn": r_sn = 1) or K-contiguous ("nt": r_sk = 1).
+// 64 columns; N % 4 = 0, out rows contiguous, all strides multiples of 4. "nn": lhs K-contiguous, rhs
+// N-contiguous, K % 4 = 0; "nt": lhs and rhs K-contiguous (a Linear weight), K % 4 = 0; "tn": lhs
+// M-contiguous (the transposed activations of a weight gradient), rhs N-contiguous, M % 4 = 0.
 @compute @workgroup_size(8)
 fn matmul_tiled_nn(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     tiled_nn(wid, lid);
+}
+@compute @workgroup_size(8)
+fn matmul_tiled_tn(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    tiled_tn(wid, lid);
 }
 @compute @workgroup_size(8)
 fn matmul_tiled_nt(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {

@@ -46,7 +46,7 @@ fn b_shape(batch: &[usize], dm: &MatmulDims) -> Vec<usize> {
     }
 }
 
-/// (batch dims, M, K, N): odd sizes, sizes below and above the tiles, and 4-aligned K/N for the tiled kernel.
+/// (batch dims, M, K, N): odd sizes, sizes below and above the tiles, and 4-aligned M/K/N for the tiled kernels.
 const SHAPES: &[(&[usize], usize, usize, usize)] = &[
     (&[], 1, 1, 1),
     (&[], 3, 17, 5),
@@ -55,6 +55,7 @@ const SHAPES: &[(&[usize], usize, usize, usize)] = &[
     (&[], 127, 64, 68),
     (&[3], 33, 20, 36),
     (&[2], 40, 8, 132),
+    (&[], 36, 68, 40),
 ];
 
 fn cases() -> Vec<(Vec<usize>, MatmulDims)> {
@@ -299,7 +300,8 @@ fn cpu_seconds() -> f64 {
     (f.get(11).unwrap_or(&0.0) + f.get(12).unwrap_or(&0.0)) / 100.0
 }
 
-/// Throughput on square sizes; run with `cargo test --release --test matmul -- --ignored --nocapture`.
+/// Throughput on square sizes (forward for both weight layouts, and a Linear weight gradient); run with
+/// `cargo test --test matmul -- --ignored --nocapture` (RIME_MM_SIZES=1024,2048, RIME_MM_VARIANT=...).
 #[test]
 #[ignore]
 fn matmul_forward_throughput() {
@@ -308,34 +310,39 @@ fn matmul_forward_throughput() {
         .ok()
         .map(|s| s.split(',').filter_map(|x| x.parse().ok()).collect())
         .unwrap_or(vec![512, 1024]);
+    let time = |label: String, n: usize, ds: &[rime_kernels::Dispatch]| {
+        let t0 = std::time::Instant::now();
+        d.run(ds).unwrap();
+        let build = t0.elapsed().as_secs_f64();
+        let reps = 6;
+        let (t, cpu0) = (std::time::Instant::now(), cpu_seconds());
+        for _ in 0..reps {
+            d.run(ds).unwrap();
+        }
+        let s = t.elapsed().as_secs_f64() / reps as f64;
+        let cpu = (cpu_seconds() - cpu0) / reps as f64;
+        let flop = 2.0 * (n as f64).powi(3);
+        println!(
+            "{label}: {:.1} GFLOP/s, {:.1} GFLOP per CPU-second (first run {build:.2} s)",
+            flop / s / 1e9,
+            flop / cpu / 1e9
+        );
+    };
     for n in sizes {
-        for (tb, dt) in [(false, DType::F32), (true, DType::F32), (true, DType::F16)] {
-            for v in VARIANTS {
-                // RIME_MM_VARIANT=TiledSubgroup (etc.) times one variant only.
-                if std::env::var("RIME_MM_VARIANT").is_ok_and(|w| w != format!("{v:?}")) {
-                    continue;
-                }
-                let a = d.upload_f32(&randn(1, n * n, 1.0), &[n, n]).unwrap();
-                let (b, _) = upload_as(d, &randn(2, n * n, 1.0), &[n, n], dt);
-                let out = d.empty(&[n, n], DType::F32).unwrap();
-                let t0 = std::time::Instant::now();
-                let ds = matmul_forward_variant(d, v, &out, &a, &b, None, false, tb).unwrap();
-                d.run(&ds).unwrap();
-                let build = t0.elapsed().as_secs_f64();
-                let reps = 6;
-                let (t, cpu0) = (std::time::Instant::now(), cpu_seconds());
-                for _ in 0..reps {
-                    d.run(&ds).unwrap();
-                }
-                let s = t.elapsed().as_secs_f64() / reps as f64;
-                let cpu = (cpu_seconds() - cpu0) / reps as f64;
-                let flop = 2.0 * (n as f64).powi(3);
-                println!(
-                    "{n}^3 trans_b={tb} {dt:?} {v:?}: {:.1} GFLOP/s, {:.1} GFLOP per CPU-second (first run {build:.2} s)",
-                    flop / s / 1e9,
-                    flop / cpu / 1e9
-                );
+        let a = d.upload_f32(&randn(1, n * n, 1.0), &[n, n]).unwrap();
+        let out = d.empty(&[n, n], DType::F32).unwrap();
+        for v in VARIANTS {
+            // RIME_MM_VARIANT=TiledSubgroup (etc.) times one variant only.
+            if std::env::var("RIME_MM_VARIANT").is_ok_and(|w| w != format!("{v:?}")) {
+                continue;
             }
+            for (tb, dt) in [(false, DType::F32), (true, DType::F32), (true, DType::F16)] {
+                let (b, _) = upload_as(d, &randn(2, n * n, 1.0), &[n, n], dt);
+                let ds = matmul_forward_variant(d, v, &out, &a, &b, None, false, tb).unwrap();
+                time(format!("{n}^3 forward trans_b={tb} {dt:?} {v:?}"), n, &ds);
+            }
+            let ds = matmul_backward_weight_variant(d, v, &out, &a, &a, false, true, false).unwrap();
+            time(format!("{n}^3 backward_weight trans_b=true {v:?}"), n, &ds);
         }
     }
 }

@@ -54,14 +54,19 @@ fn rhs_prelude(dt: DType) -> &'static str {
     }
 }
 
-// Rows mrow0..mrow0+8 of lhs at k..k+3 for the whole team. With subgroups, lane l loads row mrow0+l and
-// subgroupBroadcast (which needs a constant lane, hence spelled out) hands every lane all eight; without,
-// each lane loads all eight. Only the subgroup spec mentions subgroups: a module that did would fail to
+// The lhs values a team shares: rows mrow0..mrow0+8 at k..k+3 (fetch_rows), or rows m0..m0+32 at one k for
+// M-contiguous lhs (fetch_cols). With subgroups, lane l loads one vec4 and subgroupBroadcast (which needs a
+// constant lane, hence spelled out) hands every lane all eight; without, each lane loads all eight. Only the subgroup spec mentions subgroups: a module that did would fail to
 // build on adapters without SUBGROUP.
 fn team_prelude(subgroup: bool) -> &'static str {
     if subgroup {
         "fn fetch_rows(lbase: u32, mrow0: u32, lane: u32, k: u32) -> array<vec4<f32>, 8> {\n\
          let v = lhs_row4(lbase, mrow0 + lane, k);\n\
+         return array<vec4<f32>, 8>(\
+         subgroupBroadcast(v, 0u), subgroupBroadcast(v, 1u), subgroupBroadcast(v, 2u), subgroupBroadcast(v, 3u), \
+         subgroupBroadcast(v, 4u), subgroupBroadcast(v, 5u), subgroupBroadcast(v, 6u), subgroupBroadcast(v, 7u)); }\n\
+         fn fetch_cols(base: u32, m0: u32, lane: u32) -> array<vec4<f32>, 8> {\n\
+         let v = lhs_col4(base, m0 + 4u * lane);\n\
          return array<vec4<f32>, 8>(\
          subgroupBroadcast(v, 0u), subgroupBroadcast(v, 1u), subgroupBroadcast(v, 2u), subgroupBroadcast(v, 3u), \
          subgroupBroadcast(v, 4u), subgroupBroadcast(v, 5u), subgroupBroadcast(v, 6u), subgroupBroadcast(v, 7u)); }"
@@ -70,7 +75,11 @@ fn team_prelude(subgroup: bool) -> &'static str {
          return array<vec4<f32>, 8>(\
          lhs_row4(lbase, mrow0, k), lhs_row4(lbase, mrow0 + 1u, k), lhs_row4(lbase, mrow0 + 2u, k), \
          lhs_row4(lbase, mrow0 + 3u, k), lhs_row4(lbase, mrow0 + 4u, k), lhs_row4(lbase, mrow0 + 5u, k), \
-         lhs_row4(lbase, mrow0 + 6u, k), lhs_row4(lbase, mrow0 + 7u, k)); }"
+         lhs_row4(lbase, mrow0 + 6u, k), lhs_row4(lbase, mrow0 + 7u, k)); }\n\
+         fn fetch_cols(base: u32, m0: u32, lane: u32) -> array<vec4<f32>, 8> {\n\
+         return array<vec4<f32>, 8>(\
+         lhs_col4(base, m0), lhs_col4(base, m0 + 4u), lhs_col4(base, m0 + 8u), lhs_col4(base, m0 + 12u), \
+         lhs_col4(base, m0 + 16u), lhs_col4(base, m0 + 20u), lhs_col4(base, m0 + 24u), lhs_col4(base, m0 + 28u)); }"
     }
 }
 
@@ -120,28 +129,40 @@ pub(crate) struct Gemm<'a> {
     pub accumulate: bool,
 }
 
+/// The tiled kernel's operand layouts (see matmul.wgsl).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tiled {
+    Nn,
+    Nt,
+    Tn,
+}
+
 impl Gemm<'_> {
-    /// The tiled kernel's layout for rhs (`Some(true)` = K-contiguous "nt"), or None if it cannot run.
-    fn tiled_layout(&self) -> Option<bool> {
+    /// Which tiled kernel can run this product, if any.
+    fn tiled_layout(&self) -> Option<Tiled> {
         let a4 = |x: usize| x % 4 == 0;
         // k > 0 also keeps every vec4 binding at least one element long.
-        let ok = self.kb == 1
+        let common = self.kb == 1
             && self.k > 0
-            && self.l[1] == 1
-            && a4(self.l[0])
-            && a4(self.l[2])
-            && a4(self.k)
             && a4(self.n)
             && self.o[1] == 1
             && a4(self.o[0])
             && a4(self.o[2])
+            && a4(self.l[2])
             && a4(self.r[2]);
-        if !ok {
+        let rhs_nn = self.r[1] == 1 && a4(self.r[0]);
+        if !common {
             None
-        } else if self.r[1] == 1 && a4(self.r[0]) {
-            Some(false)
-        } else if self.r[0] == 1 && a4(self.r[1]) {
-            Some(true)
+        } else if self.l[1] == 1 && a4(self.l[0]) && a4(self.k) {
+            if rhs_nn {
+                Some(Tiled::Nn)
+            } else if self.r[0] == 1 && a4(self.r[1]) {
+                Some(Tiled::Nt)
+            } else {
+                None
+            }
+        } else if self.l[0] == 1 && a4(self.l[1]) && a4(self.m) && rhs_nn {
+            Some(Tiled::Tn)
         } else {
             None
         }
@@ -190,9 +211,13 @@ pub(crate) fn gemm(dev: &Device, g: &Gemm, variant: Variant) -> Result<Vec<Dispa
     let sp = spec(g.rhs.dtype, sg);
     let batch = u(g.batch)?;
     let d = match (variant, layout) {
-        (Variant::Tiled | Variant::TiledSubgroup, Some(nt)) => {
+        (Variant::Tiled | Variant::TiledSubgroup, Some(layout)) => {
             let b = [(5, g.lhs), (6, g.rhs), (7, g.out), (4, g.bias.unwrap_or(g.lhs))];
-            let entry = if nt { "matmul_tiled_nt" } else { "matmul_tiled_nn" };
+            let entry = match layout {
+                Tiled::Nn => "matmul_tiled_nn",
+                Tiled::Nt => "matmul_tiled_nt",
+                Tiled::Tn => "matmul_tiled_tn",
+            };
             let grid = [u(g.n.div_ceil(8 * FTN))?, u(g.m.div_ceil(FTM))?, batch];
             dev.dispatch(FILE, entry, &sp, Some(&params), &b, grid)?
         }
@@ -430,25 +455,46 @@ pub fn matmul_backward_weight_variant(
     let d = dims(OP, a, db, trans_a, trans_b)?;
     expect_shape(OP, "dout", dout, &with_batch(&d, [d.m, d.n]))?;
     let (m, k, n) = (d.m, d.k, d.n);
-    // Product dims: rows K, columns N, reduction M (and the batch when db is shared).
-    let l = if trans_a { [m, 1, m * k, m * k] } else { [1, k, m * k, m * k] };
-    let o = if trans_b { [1, k, k * n] } else { [n, 1, k * n] };
-    let mut g = Gemm {
-        entry: OP,
-        out: db,
-        lhs: a,
-        rhs: dout,
-        bias: None,
-        batch: d.batch,
-        m: k,
-        n,
-        k: m,
-        kb: 1,
-        l,
-        r: [n, 1, m * n, m * n],
-        o,
-        alpha: 1.0,
-        accumulate,
+    // Reduction over M (and the batch when db is shared). op(a)[m, k] at a_m * m + a_k * k.
+    let (a_m, a_k) = if trans_a { (1, m) } else { (k, 1) };
+    let mut g = if trans_b {
+        // db [N, K] = doutᵀ · op(a): rows N, columns K, so db's rows stay contiguous.
+        Gemm {
+            entry: OP,
+            out: db,
+            lhs: dout,
+            rhs: a,
+            bias: None,
+            batch: d.batch,
+            m: n,
+            n: k,
+            k: m,
+            kb: 1,
+            l: [1, n, m * n, m * n],
+            r: [a_m, a_k, m * k, m * k],
+            o: [k, 1, k * n],
+            alpha: 1.0,
+            accumulate,
+        }
+    } else {
+        // db [K, N] = op(a)ᵀ · dout: rows K, columns N.
+        Gemm {
+            entry: OP,
+            out: db,
+            lhs: a,
+            rhs: dout,
+            bias: None,
+            batch: d.batch,
+            m: k,
+            n,
+            k: m,
+            kb: 1,
+            l: [a_k, a_m, m * k, m * k],
+            r: [n, 1, m * n, m * n],
+            o: [n, 1, k * n],
+            alpha: 1.0,
+            accumulate,
+        }
     };
     if !d.b_batched {
         g.batch = 1;
