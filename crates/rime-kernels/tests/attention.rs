@@ -18,6 +18,7 @@ struct Case {
     causal: bool,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn case(b: usize, t: usize, s: usize, nh: usize, nkv: usize, hs: usize, mask: bool, causal: bool) -> Case {
     Case { d: Dims { b, t, s, nh, nkv, hs }, mask, causal }
 }

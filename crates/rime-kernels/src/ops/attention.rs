@@ -148,7 +148,7 @@ fn dims(op: &'static str, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tens
     if d.b == 0 || d.t == 0 || d.s == 0 || d.nh == 0 || d.nkv == 0 {
         return Err(shape_err(op, format!("empty dimension in q {:?} or k {:?}", q.shape, k.shape)));
     }
-    if d.hs == 0 || d.hs % 4 != 0 || d.hs > MAX_HEAD_SIZE {
+    if d.hs == 0 || !d.hs.is_multiple_of(4) || d.hs > MAX_HEAD_SIZE {
         return Err(shape_err(
             op,
             format!(
@@ -157,7 +157,7 @@ fn dims(op: &'static str, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tens
             ),
         ));
     }
-    if d.nh % d.nkv != 0 {
+    if !d.nh.is_multiple_of(d.nkv) {
         return Err(shape_err(
             op,
             format!("{} query heads (q {:?}) is not a multiple of {} kv heads (k {:?})", d.nh, q.shape, d.nkv, k.shape),

@@ -30,6 +30,7 @@ impl Dims {
 }
 
 /// Probabilities of one (b, h, t) row over the keys (all zero when no key is visible) and the row's lse.
+#[allow(clippy::too_many_arguments)]
 fn probs(
     d: &Dims,
     q: &[f32],
@@ -46,25 +47,16 @@ fn probs(
         .map(|j| {
             d.visible(mask, causal, b, t, j).then(|| {
                 let ka = d.k_at(b, j, h);
-                scale as f64
-                    * (0..d.hs)
-                        .map(|c| q[qa + c] as f64 * k[ka + c] as f64)
-                        .sum::<f64>()
+                scale as f64 * (0..d.hs).map(|c| q[qa + c] as f64 * k[ka + c] as f64).sum::<f64>()
             })
         })
         .collect();
-    let mx = scores
-        .iter()
-        .flatten()
-        .fold(f64::NEG_INFINITY, |a, &b| a.max(b));
+    let mx = scores.iter().flatten().fold(f64::NEG_INFINITY, |a, &b| a.max(b));
     if mx == f64::NEG_INFINITY {
         return (vec![0.0; d.s], f64::NEG_INFINITY);
     }
     let sum: f64 = scores.iter().flatten().map(|s| (s - mx).exp()).sum();
-    let p = scores
-        .iter()
-        .map(|s| s.map_or(0.0, |s| (s - mx).exp() / sum))
-        .collect();
+    let p = scores.iter().map(|s| s.map_or(0.0, |s| (s - mx).exp() / sum)).collect();
     (p, mx + sum.ln())
 }
 
@@ -120,9 +112,7 @@ pub fn attention_backward(
                 let dp: Vec<f64> = (0..d.s)
                     .map(|j| {
                         let va = d.k_at(b, j, h);
-                        (0..d.hs)
-                            .map(|c| dout[qa + c] as f64 * v[va + c] as f64)
-                            .sum()
+                        (0..d.hs).map(|c| dout[qa + c] as f64 * v[va + c] as f64).sum()
                     })
                     .collect();
                 let dot: f64 = (0..d.s).map(|j| p[j] * dp[j]).sum();
