@@ -1,8 +1,9 @@
 //! Launchers for shaders/matmul.wgsl: batched matmul forward and both backwards, with transposes, a shared
 //! (2-D) or batched right operand, an optional bias and f16/bf16 frozen weights. Every op is mapped onto one
-//! strided product ([`Gemm`]), which LoRA reuses; the kernel is picked per call: the vec4 team-tiled kernel
-//! on CPU adapters when the layout allows it (with subgroupBroadcast when the adapter's subgroups are 8
-//! lanes), else the general register-tiled kernel.
+//! strided product ([`Gemm`]), which LoRA reuses; the kernel is picked per call: on CPU adapters (lavapipe)
+//! a vec4 team-tiled kernel when the layout allows it (forward, backward_input without trans_a, and weight
+//! gradients, with 4-aligned sizes; subgroupBroadcast when the adapter's subgroups are 8 lanes), else the
+//! general register-tiled kernel, which is also the choice on GPUs (measured faster there).
 
 use super::words;
 use crate::error::{shape_err, Error, Result};
@@ -14,7 +15,7 @@ const WGX: u32 = 8;
 const WGY: u32 = 8;
 const GTM: usize = 8;
 const GTN: usize = 8;
-/// Tiled kernel: a team of 8 lanes covers FTM rows and 8 * FTN columns.
+/// Tiled kernels: a team of 8 lanes (one workgroup) covers FTM rows and 8 * FTN columns.
 const FTM: usize = 32;
 const FTN: usize = 8;
 
@@ -140,7 +141,7 @@ enum Tiled {
 impl Gemm<'_> {
     /// Which tiled kernel can run this product, if any.
     fn tiled_layout(&self) -> Option<Tiled> {
-        let a4 = |x: usize| x % 4 == 0;
+        let a4 = |x: usize| x & 3 == 0;
         // k > 0 also keeps every vec4 binding at least one element long.
         let common = self.kb == 1
             && self.k > 0
