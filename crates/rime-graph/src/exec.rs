@@ -380,7 +380,11 @@ impl<'g> Builder<'g> {
                     Phase::Forward,
                     &[&ir, &tr],
                     &[&ow],
-                    Box::new(move |d, r| embedding::embedding_forward(d, &r(&o), &r(&i2), &r(&t2))),
+                    Box::new(move |d, r| {
+                        let (ids, out) = (r(&i2), r(&o));
+                        let n = ids.numel();
+                        embedding::embedding_forward(d, &out.reshape(&[n, out.numel() / n.max(1)])?, &ids.reshape(&[n])?, &r(&t2))
+                    }),
                 );
             }
             Op::Attention { q, k, v: vv, mask, causal, scale } => {
@@ -807,7 +811,11 @@ impl<'g> Builder<'g> {
                         bw,
                         &[&dout, &ir],
                         &[&t.r],
-                        Box::new(move |d, r| embedding::embedding_backward(d, &r(&dt), &r(&d2), &r(&i2), acc)),
+                        Box::new(move |d, r| {
+                            let (ids, dy) = (r(&i2), r(&d2));
+                            let n = ids.numel();
+                            embedding::embedding_backward(d, &r(&dt), &dy.reshape(&[n, dy.numel() / n.max(1)])?, &ids.reshape(&[n])?, acc)
+                        }),
                     );
                     self.finish(&t);
                 }

@@ -102,6 +102,23 @@ pub fn encode(tok: &Tokenizer, ds: &Dataset, labels: Option<&LabelMap>) -> Resul
     Ok((out, truncated))
 }
 
+/// The batches of one epoch, grouped by length as Hugging Face's `group_by_length`: shuffle, cut into
+/// mega-batches of 50 batches, sort each by length, cut into batches, shuffle the batch order. Every example
+/// is seen once per epoch; batches hold texts of similar length, so less compute goes to padding.
+pub fn epoch_batches(enc: &Encoded, batch: usize, seed: u64) -> Vec<Vec<usize>> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut order: Vec<usize> = (0..enc.ids.len()).collect();
+    order.shuffle(&mut rng);
+    let mut batches: Vec<Vec<usize>> = vec![];
+    for mega in order.chunks(batch * 50) {
+        let mut m = mega.to_vec();
+        m.sort_by_key(|&i| std::cmp::Reverse(enc.ids[i].len()));
+        batches.extend(m.chunks(batch).map(|c| c.to_vec()));
+    }
+    batches.shuffle(&mut rng);
+    batches
+}
+
 /// Sequence-length buckets: graphs are compiled per bucket.
 fn bucket(len: usize, max_length: usize) -> usize {
     let b = len.div_ceil(32) * 32;
@@ -393,14 +410,15 @@ pub fn train(dev: &Device, cfg: &TrainConfig, on: &mut dyn FnMut(Event)) -> Resu
     };
 
     'epochs: for epoch in start_epoch..cfg.epochs {
-        let mut order: Vec<usize> = (0..train_enc.ids.len()).collect();
-        order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(cfg.seed.wrapping_add(epoch as u64)));
-        for (bi, chunk) in order.chunks(cfg.batch_size).enumerate() {
+        let batches = epoch_batches(&train_enc, cfg.batch_size, cfg.seed.wrapping_add(epoch as u64));
+        let mut hit_max = false;
+        for (bi, chunk) in batches.iter().enumerate() {
             if epoch == start_epoch && bi < skip_in_epoch {
                 continue;
             }
             if cfg.max_steps.is_some_and(|m| global_step >= m) {
-                break 'epochs;
+                hit_max = true;
+                break;
             }
             let longest = chunk.iter().map(|&i| train_enc.ids[i].len()).max().unwrap_or(1);
             let t = bucket(longest, cfg.max_length);
@@ -437,6 +455,9 @@ pub fn train(dev: &Device, cfg: &TrainConfig, on: &mut dyn FnMut(Event)) -> Resu
         on(Event::Eval { epoch, metrics: m.clone(), best: improved });
         last_metrics = m;
         save_checkpoint(&mut sess, global_step, best_acc, best_epoch)?;
+        if hit_max {
+            break 'epochs;
+        }
         if patience_left == Some(0) {
             on(Event::Info(format!("early stop: no improvement for {} evaluations", cfg.patience.unwrap_or(0))));
             stopped_early = true;

@@ -29,7 +29,10 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32)
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let d = (g - w).abs();
         let tol = atol + rtol * w.abs();
-        assert!(d <= tol || (g.is_nan() && w.is_nan()), "{what}: index {i}: got {g}, want {w} (|diff| {d} > tol {tol})");
+        assert!(
+            d <= tol || (g.is_nan() && w.is_nan()),
+            "{what}: index {i}: got {g}, want {w} (|diff| {d} > tol {tol})"
+        );
         if d > worst.1 {
             worst = (i, d);
         }
