@@ -28,6 +28,8 @@ enum Cmd {
     Info(info::InfoArgs),
     /// Fine-tune a model (no arguments: the main job, LoRA on MiniLM for fine_foods reviews).
     Train(train::TrainArgs),
+    /// Evaluate an adapter written by `rime train` on labelled data.
+    Eval(train::EvalArgs),
     /// Merge checkpoints (mergekit-style YAML: linear, task_arithmetic, ties, dare, slerp) or fold a LoRA adapter.
     Merge(merge::MergeArgs),
 }
@@ -39,6 +41,7 @@ fn main() {
         Cmd::Info(a) => info::run(&opts, &a),
         Cmd::Train(a) => train::run(&opts, &a),
         Cmd::Merge(a) => merge::run(&opts, &a),
+        Cmd::Eval(a) => train::run_eval(&opts, &a),
     };
     if let Err(e) = r {
         eprintln!("error: {e}");
@@ -50,4 +53,3 @@ fn main() {
         std::process::exit(1);
     }
 }
-

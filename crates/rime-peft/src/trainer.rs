@@ -157,11 +157,32 @@ pub struct Session<'d> {
 }
 
 impl<'d> Session<'d> {
+    /// A forward-only session (evaluation, features) over parameters already in `store`.
+    pub fn for_inference(
+        dev: &'d Device,
+        store: ParamStore,
+        cfg: BertConfig,
+        prefix: String,
+        hook: Box<dyn LinearHook>,
+        batch: usize,
+        max_length: usize,
+    ) -> Self {
+        Session { dev, store, cfg, prefix, hook, batch, max_length, optim: None, execs: HashMap::new() }
+    }
+
     pub fn exec(&mut self, t: usize) -> Result<&mut ShapeExec> {
         if !self.execs.contains_key(&t) {
             let donor = self.execs.values().next().map(|s| &s.exec);
             let mut g = rime_graph::Graph::new();
-            let enc = rime_models::bert::build(&mut g, &self.store, &self.cfg, &self.prefix, self.batch, t, self.hook.as_ref())?;
+            let enc = rime_models::bert::build(
+                &mut g,
+                &self.store,
+                &self.cfg,
+                &self.prefix,
+                self.batch,
+                t,
+                self.hook.as_ref(),
+            )?;
             let hw = g.param(&self.store, classifier::HEAD_WEIGHT)?;
             let hb = g.param(&self.store, classifier::HEAD_BIAS)?;
             let logits = g.linear(enc.pooled, hw, Some(hb))?;
@@ -243,7 +264,11 @@ pub fn metrics_from_logits(logits: &[f32], labels: &[i32], classes: usize) -> Ev
 }
 
 /// Open the model: checkpoint, config, tokenizer; parameters uploaded frozen.
-pub fn open_model(dev: &Device, model: &Path, max_length: usize) -> Result<(ParamStore, BertConfig, String, Tokenizer)> {
+pub fn open_model(
+    dev: &Device,
+    model: &Path,
+    max_length: usize,
+) -> Result<(ParamStore, BertConfig, String, Tokenizer)> {
     let cfg = ModelConfig::from_file(model)?;
     if cfg.architecture != rime_io::Architecture::Bert {
         return Err(Error::Msg(format!(
@@ -352,7 +377,8 @@ pub fn train(dev: &Device, cfg: &TrainConfig, on: &mut dyn FnMut(Event)) -> Resu
     let mut history: Vec<serde_json::Value> = vec![];
     if cfg.resume && ckpt_dir.join("state.json").exists() {
         let state: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(ckpt_dir.join("state.json")).map_err(|e| Error::Msg(format!("{}: {e}", ckpt_dir.display())))?,
+            &std::fs::read_to_string(ckpt_dir.join("state.json"))
+                .map_err(|e| Error::Msg(format!("{}: {e}", ckpt_dir.display())))?,
         )
         .map_err(|e| Error::Msg(format!("{}/state.json: {e}", ckpt_dir.display())))?;
         classifier::load_adapter(dev, &mut sess.store, &ckpt_dir.join("adapter"))?;
@@ -396,7 +422,10 @@ pub fn train(dev: &Device, cfg: &TrainConfig, on: &mut dyn FnMut(Event)) -> Resu
         if let Some(se) = sess.execs.values().next() {
             se.exec.save_optimizer_state(dev, &sess.store, &tmp.join("optimizer.safetensors"))?;
         }
-        write_json(&tmp.join("state.json"), &serde_json::json!({"global_step": step, "best_accuracy": best_acc, "best_epoch": best_epoch}))?;
+        write_json(
+            &tmp.join("state.json"),
+            &serde_json::json!({"global_step": step, "best_accuracy": best_acc, "best_epoch": best_epoch}),
+        )?;
         if ckpt_dir.exists() {
             std::fs::remove_dir_all(&ckpt_dir).map_err(|e| Error::Msg(format!("{}: {e}", ckpt_dir.display())))?;
         }
@@ -404,10 +433,15 @@ pub fn train(dev: &Device, cfg: &TrainConfig, on: &mut dyn FnMut(Event)) -> Resu
         Ok(())
     };
 
-    let mut log_loss = |jsonl: &mut std::fs::File, step: usize, epoch: usize, loss: f32, eps: f64, lr: f32| -> Result<()> {
-        writeln!(jsonl, "{}", serde_json::json!({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "examples_per_s": eps}))
+    let mut log_loss =
+        |jsonl: &mut std::fs::File, step: usize, epoch: usize, loss: f32, eps: f64, lr: f32| -> Result<()> {
+            writeln!(
+                jsonl,
+                "{}",
+                serde_json::json!({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "examples_per_s": eps})
+            )
             .map_err(|e| Error::Msg(format!("metrics.jsonl: {e}")))
-    };
+        };
 
     'epochs: for epoch in start_epoch..cfg.epochs {
         let batches = epoch_batches(&train_enc, cfg.batch_size, cfg.seed.wrapping_add(epoch as u64));
@@ -432,7 +466,19 @@ pub fn train(dev: &Device, cfg: &TrainConfig, on: &mut dyn FnMut(Event)) -> Resu
             // (the executor itself can also hand it over one step late, without waiting).
             if let Some(l) = se.exec.last_loss(dev)? {
                 examples_done += chunk.len();
-                report_loss(l, global_step, epoch, &mut last_good, examples_done, &t_start, &cfg.out, on, &mut jsonl, &mut log_loss, lr)?;
+                report_loss(
+                    l,
+                    global_step,
+                    epoch,
+                    &mut last_good,
+                    examples_done,
+                    &t_start,
+                    &cfg.out,
+                    on,
+                    &mut jsonl,
+                    &mut log_loss,
+                    lr,
+                )?;
             }
             global_step += 1;
             if cfg.save_every > 0 && global_step % cfg.save_every == 0 {
@@ -469,7 +515,11 @@ pub fn train(dev: &Device, cfg: &TrainConfig, on: &mut dyn FnMut(Event)) -> Resu
     // The best adapter's metrics are the run's result.
     let best = history.iter().find(|h| h["epoch"].as_u64() == Some(best_epoch as u64)).cloned();
     let (acc, f1, loss) = match &best {
-        Some(b) => (b["eval_accuracy"].as_f64().unwrap_or(0.0), b["eval_macro_f1"].as_f64().unwrap_or(0.0), b["eval_loss"].as_f64().unwrap_or(0.0)),
+        Some(b) => (
+            b["eval_accuracy"].as_f64().unwrap_or(0.0),
+            b["eval_macro_f1"].as_f64().unwrap_or(0.0),
+            b["eval_loss"].as_f64().unwrap_or(0.0),
+        ),
         None => (last_metrics.accuracy, last_metrics.macro_f1, last_metrics.loss),
     };
     let (dps, mem) = sess
@@ -560,7 +610,9 @@ pub fn probe_baseline(dev: &Device, cfg: &TrainConfig) -> Result<EvalMetrics> {
     let (w, b) = fit_logistic(&ftr, &tr.labels, hidden, k, 300, 1e-2, 1e-4);
     let logits: Vec<f32> = fev
         .chunks(hidden)
-        .flat_map(|x| (0..k).map(|c| b[c] + (0..hidden).map(|j| w[c * hidden + j] * x[j]).sum::<f32>()).collect::<Vec<_>>())
+        .flat_map(|x| {
+            (0..k).map(|c| b[c] + (0..hidden).map(|j| w[c * hidden + j] * x[j]).sum::<f32>()).collect::<Vec<_>>()
+        })
         .collect();
     Ok(metrics_from_logits(&logits, &ev.labels, k))
 }
@@ -606,4 +658,34 @@ pub fn fit_logistic(x: &[f32], y: &[i32], d: usize, k: usize, iters: usize, lr: 
         }
     }
     (w, b)
+}
+
+/// Evaluate a saved adapter (LoRA or probe, with its head) on a labelled file.
+pub fn evaluate_adapter(
+    dev: &Device,
+    model: &Path,
+    adapter: &Path,
+    data: &Path,
+    columns: &Columns,
+    batch: usize,
+    max_length: usize,
+) -> Result<EvalMetrics> {
+    let (mut store, bcfg, prefix, tok) = open_model(dev, model, max_length)?;
+    let (acfg, labels) = classifier::load_adapter(dev, &mut store, adapter)?;
+    if labels.is_empty() || store.find(classifier::HEAD_WEIGHT).is_none() {
+        return Err(Error::Msg(format!(
+            "{}: no classification head (head.weight) and labels (rime_labels) in this adapter",
+            adapter.display()
+        )));
+    }
+    let ds = Dataset::load(data, columns)?;
+    let map = LabelMap::from_labels(labels);
+    let (enc, _) = encode(&tok, &ds, Some(&map))?;
+    let hook: Box<dyn LinearHook> = if acfg.peft_type == "LORA" {
+        Box::new(crate::lora::LoraHook { scale: acfg.scale() as f32 })
+    } else {
+        Box::new(rime_models::Plain)
+    };
+    let mut sess = Session::for_inference(dev, store, bcfg, prefix, hook, batch, max_length);
+    sess.evaluate(&enc, |_| {})
 }

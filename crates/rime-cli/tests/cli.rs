@@ -1,0 +1,135 @@
+//! End to end through the `rime` binary: info, a short fine-tune then eval of its adapter, and bad inputs
+//! that must end in a clear error (never a panic).
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn rime() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_rime"))
+}
+
+fn model() -> Option<PathBuf> {
+    match rime_io::locate_model("all-minilm-l6-v2") {
+        Ok(p) => Some(p),
+        Err(_) => {
+            eprintln!("SKIPPED: model not found, run scripts/fetch-models.sh");
+            None
+        }
+    }
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("rime-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn info_shows_an_adapter_and_passes_self_check() {
+    let out = rime().args(["info", "--json"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["chosen"]["name"].as_str().is_some_and(|s| !s.is_empty()));
+    assert_eq!(v["self_check"]["ok"], true);
+}
+
+#[test]
+fn train_then_eval_a_lora_adapter() {
+    let Some(m) = model() else { return };
+    let d = tmp("train");
+    let data = d.join("train.jsonl");
+    let rows: Vec<String> = (0..24)
+        .map(|i| {
+            let (t, l) = if i % 2 == 0 {
+                ("great tasty snack, love it", "great")
+            } else {
+                ("stale and bland, a waste", "other")
+            };
+            serde_json::json!({"text": format!("{t} #{i}"), "label": l}).to_string()
+        })
+        .collect();
+    std::fs::write(&data, rows.join("\n")).unwrap();
+    let out = d.join("run");
+    let st = rime()
+        .args([
+            "train",
+            "--model",
+            m.to_str().unwrap(),
+            "--train",
+            data.to_str().unwrap(),
+            "--eval",
+            data.to_str().unwrap(),
+        ])
+        .args([
+            "--batch-size",
+            "8",
+            "--max-length",
+            "16",
+            "--epochs",
+            "1",
+            "--lr",
+            "5e-3",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    for f in [
+        "best/adapter_config.json",
+        "best/adapter_model.safetensors",
+        "metrics.json",
+        "metrics.jsonl",
+        "checkpoint/state.json",
+    ] {
+        assert!(out.join(f).exists(), "{f} missing");
+    }
+    let metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    for k in ["eval_accuracy", "eval_macro_f1", "eval_loss", "train_examples_per_s"] {
+        assert!(metrics[k].is_number(), "metrics.json lacks {k}");
+    }
+    let ev = rime()
+        .args(["eval", "--model", m.to_str().unwrap(), "--adapter", out.join("best").to_str().unwrap()])
+        .args(["--data", data.to_str().unwrap(), "--json", "--max-length", "16", "--batch-size", "8"])
+        .output()
+        .unwrap();
+    assert!(ev.status.success(), "{}", String::from_utf8_lossy(&ev.stderr));
+    let e: serde_json::Value = serde_json::from_slice(&ev.stdout).unwrap();
+    let acc = e["accuracy"].as_f64().unwrap();
+    assert!(
+        (acc - metrics["eval_accuracy"].as_f64().unwrap()).abs() < 1e-9,
+        "eval of the saved adapter {acc} vs training's {}",
+        metrics["eval_accuracy"]
+    );
+    std::fs::remove_dir_all(&d).ok();
+}
+
+#[test]
+fn bad_inputs_give_clear_errors() {
+    let Some(m) = model() else { return };
+    let d = tmp("bad");
+    let empty = d.join("empty.jsonl");
+    std::fs::write(&empty, "").unwrap();
+    let wrong = d.join("wrong.csv");
+    std::fs::write(&wrong, "review,stars\n\"good\",5\n\"bad\",1\n").unwrap();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec!["--train".into(), empty.display().to_string()], "empty"),
+        (vec!["--train".into(), wrong.display().to_string()], "review"),
+        (vec!["--train".into(), wrong.display().to_string(), "--method".into(), "nope".into()], "--method"),
+        (vec!["--train".into(), d.join("missing.jsonl").display().to_string()], "missing.jsonl"),
+    ];
+    for (args, needle) in cases {
+        let o = rime()
+            .args(["train", "--model", m.to_str().unwrap(), "--out", d.join("o").to_str().unwrap()])
+            .args(&args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{args:?} should fail");
+        assert!(err.contains(needle), "{args:?}: error should mention {needle}: {err}");
+        assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    }
+    std::fs::remove_dir_all(&d).ok();
+}
