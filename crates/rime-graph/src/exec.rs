@@ -85,14 +85,17 @@ impl MemoryReport {
 
 impl std::fmt::Display for MemoryReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mb = |b: u64| b as f64 / (1024.0 * 1024.0);
-        writeln!(f, "frozen weights     {:>10.3} MiB", mb(self.frozen_weights))?;
-        writeln!(f, "trainable params   {:>10.3} MiB", mb(self.trainable_params))?;
-        writeln!(f, "gradients          {:>10.3} MiB (frozen: {} bytes)", mb(self.gradients), self.frozen_gradients)?;
-        writeln!(f, "optimizer state    {:>10.3} MiB", mb(self.optimizer_state))?;
-        writeln!(f, "activation peak    {:>10.3} MiB", mb(self.activation_peak))?;
-        writeln!(f, "inputs             {:>10.3} MiB", mb(self.inputs))?;
-        write!(f, "total              {:>10.3} MiB", mb(self.total()))
+        let row = |f: &mut std::fmt::Formatter<'_>, name: &str, b: u64| {
+            writeln!(f, "{name:<20}{b:>14} bytes {:>11.3} MiB", b as f64 / (1024.0 * 1024.0))
+        };
+        row(f, "frozen weights", self.frozen_weights)?;
+        row(f, "trainable params", self.trainable_params)?;
+        row(f, "gradients", self.gradients)?;
+        row(f, "  of frozen weights", self.frozen_gradients)?;
+        row(f, "optimizer state", self.optimizer_state)?;
+        row(f, "activation peak", self.activation_peak)?;
+        row(f, "inputs", self.inputs)?;
+        write!(f, "{:<20}{:>14} bytes {:>11.3} MiB", "total", self.total(), self.total() as f64 / (1024.0 * 1024.0))
     }
 }
 
