@@ -4,6 +4,8 @@
 //! without the model knowing about them.
 
 pub mod bert;
+pub mod generate;
+pub mod llama;
 
 use rime_graph::{Graph, ParamStore, Result, Var};
 

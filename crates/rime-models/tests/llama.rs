@@ -1,0 +1,296 @@
+//! Llama decoder: parity with PyTorch on SmolLM2-135M (../shared/golden/smollm2_forward.safetensors), the KV-cache
+//! decoder against the full graph forward (real model and a small random one), gradients through a LoRA hook,
+//! and the LoRA fold.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use rand::{Rng, SeedableRng};
+use rime_graph::{Executor, Graph, OptimConfig, ParamStore, Result as GResult, Var};
+use rime_io::Checkpoint;
+use rime_kernels::{DType, Device, DeviceOptions};
+use rime_models::generate::{argmax, Decoder};
+use rime_models::llama::{self, LlamaConfig};
+use rime_models::LinearHook;
+
+fn dev() -> &'static Device {
+    static D: OnceLock<Device> = OnceLock::new();
+    D.get_or_init(|| Device::new(&DeviceOptions::default()).expect("a wgpu adapter (lavapipe in CI)"))
+}
+
+fn golden(name: &str) -> Option<PathBuf> {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/golden").join(name);
+    if p.exists() {
+        Some(p)
+    } else {
+        eprintln!("SKIPPED: golden file {} not found (../shared/golden beside the checkout)", p.display());
+        None
+    }
+}
+
+fn smollm2() -> Option<PathBuf> {
+    match rime_io::locate_model("smollm2-135m-instruct.Q4_1.gguf") {
+        Ok(p) => Some(p),
+        Err(e) => {
+            eprintln!("SKIPPED: SmolLM2 GGUF not found, run scripts/fetch-models.sh ({e})");
+            None
+        }
+    }
+}
+
+fn max_abs(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max)
+}
+
+/// Full-graph logits [T, V] for one sequence.
+fn graph_logits(d: &Device, store: &ParamStore, cfg: &LlamaConfig, ids: &[u32]) -> Vec<f32> {
+    let mut g = Graph::new();
+    let logits = llama::build(&mut g, store, cfg, 1, ids.len(), &rime_models::Plain).unwrap();
+    let mut ex = Executor::new(d, g, store, None, &[logits], None).unwrap();
+    ex.feed_u32(d, llama::INPUT_IDS, ids).unwrap();
+    ex.forward(d).unwrap();
+    ex.read(d, logits).unwrap()
+}
+
+#[test]
+fn smollm2_forward_matches_torch() {
+    let (Some(gold), Some(model)) = (golden("smollm2_forward.safetensors"), smollm2()) else { return };
+    let d = dev();
+    let ck = Checkpoint::open(&gold).unwrap();
+    let ids: Vec<u32> = ck.get_i64("input_ids").unwrap().into_iter().map(|x| x as u32).collect();
+    let m = llama::load_gguf(d, &model, None, DType::F32).unwrap();
+    let (t, v) = (ids.len(), m.cfg.vocab);
+    assert_eq!(v, 49152);
+    let logits = graph_logits(d, &m.store, &m.cfg, &ids);
+
+    // argmax of every position, identical
+    let want_argmax: Vec<u32> = ck.get_i64("argmax").unwrap().into_iter().map(|x| x as u32).collect();
+    let got_argmax: Vec<u32> = (0..t).map(|r| argmax(&logits[r * v..(r + 1) * v])).collect();
+    assert_eq!(got_argmax, want_argmax, "argmax per position differs from torch");
+
+    // logits of the last position (all of the vocabulary) and the first 256 logits of every position
+    let last = &logits[(t - 1) * v..];
+    let d_last = max_abs(last, &ck.get_f32("logits_last").unwrap());
+    let head: Vec<f32> = (0..t).flat_map(|r| logits[r * v..r * v + 256].to_vec()).collect();
+    let d_head = max_abs(&head, &ck.get_f32("logits_head256").unwrap());
+    // log-sum-exp over the whole vocabulary, every position
+    let lse: Vec<f32> = (0..t)
+        .map(|r| {
+            let row = &logits[r * v..(r + 1) * v];
+            let mx = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            mx + row.iter().map(|&x| ((x - mx) as f64).exp()).sum::<f64>().ln() as f32
+        })
+        .collect();
+    let d_lse = max_abs(&lse, &ck.get_f32("logsumexp").unwrap());
+    println!(
+        "smollm2 max |diff| vs torch: logits_last {d_last:.3e}, logits_head256 {d_head:.3e}, logsumexp {d_lse:.3e}"
+    );
+    assert!(d_last <= 2e-3, "logits_last differs from torch by {d_last} (tolerance 2e-3)");
+    assert!(d_head <= 2e-3, "logits_head256 differs from torch by {d_head} (tolerance 2e-3)");
+    assert!(d_lse <= 2e-3, "logsumexp differs from torch by {d_lse} (tolerance 2e-3)");
+
+    // The KV-cache decoder on the same tokens: a 4-token prompt, then one token at a time.
+    let mut dec = Decoder::new(d, &m.store, &m.cfg, 16).unwrap();
+    let mut worst = 0f32;
+    let first = dec.prefill(d, &ids[..4]).unwrap();
+    worst = worst.max(max_abs(&first, &logits[3 * v..4 * v]));
+    for (p, &id) in ids.iter().enumerate().skip(4) {
+        let step = dec.decode(d, id).unwrap();
+        worst = worst.max(max_abs(&step, &logits[p * v..(p + 1) * v]));
+    }
+    println!("smollm2 KV-cache decode vs full forward: max |diff| {worst:.3e}");
+    assert!(worst <= 1e-3, "KV-cache logits differ from the full forward by {worst} (tolerance 1e-3)");
+
+    // The tokenizer from the GGUF gives the stored ids for the stored prompt.
+    let prompt = serde_json_str(ck.metadata().get("prompt").unwrap());
+    assert_eq!(m.tokenizer.encode(&prompt, false).unwrap(), ids, "tokenizer ids for {prompt:?}");
+}
+
+fn serde_json_str(s: &str) -> String {
+    // The metadata values are JSON strings ("\"...\"").
+    s.trim().trim_matches('"').replace("\\\"", "\"")
+}
+
+/// A small random Llama (GQA 4/2 heads, untied head) in a fresh store.
+fn tiny(d: &Device, seed: u64, tie: bool) -> (ParamStore, LlamaConfig) {
+    let cfg = LlamaConfig {
+        hidden: 32,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        intermediate: 48,
+        vocab: 61,
+        max_positions: 64,
+        eps: 1e-5,
+        rope_theta: 10000.0,
+        tie_word_embeddings: tie,
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut store = ParamStore::new();
+    let (c, kv, i) = (cfg.hidden, cfg.kv_heads * cfg.head_dim(), cfg.intermediate);
+    let mut add = |name: &str, shape: &[usize], std: f32, base: f32| {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = (0..n).map(|_| base + std * (rng.random::<f32>() * 2.0 - 1.0)).collect();
+        store.add_f32(d, name, &data, shape, false).unwrap();
+    };
+    add("model.embed_tokens.weight", &[cfg.vocab, c], 1.0, 0.0);
+    for l in 0..cfg.layers {
+        let n = |s: &str| format!("model.layers.{l}.{s}.weight");
+        add(&n("input_layernorm"), &[c], 0.2, 1.0);
+        add(&n("self_attn.q_proj"), &[c, c], 0.3, 0.0);
+        add(&n("self_attn.k_proj"), &[kv, c], 0.3, 0.0);
+        add(&n("self_attn.v_proj"), &[kv, c], 0.3, 0.0);
+        add(&n("self_attn.o_proj"), &[c, c], 0.3, 0.0);
+        add(&n("post_attention_layernorm"), &[c], 0.2, 1.0);
+        add(&n("mlp.gate_proj"), &[i, c], 0.3, 0.0);
+        add(&n("mlp.up_proj"), &[i, c], 0.3, 0.0);
+        add(&n("mlp.down_proj"), &[c, i], 0.3, 0.0);
+    }
+    add("model.norm.weight", &[c], 0.2, 1.0);
+    if !tie {
+        add("lm_head.weight", &[cfg.vocab, c], 0.3, 0.0);
+    }
+    (store, cfg)
+}
+
+#[test]
+fn kv_cache_decode_matches_full_forward() {
+    let d = dev();
+    for tie in [false, true] {
+        let (store, cfg) = tiny(d, 7, tie);
+        let ids: Vec<u32> = vec![3, 17, 60, 0, 42, 8, 8, 29, 55];
+        let v = cfg.vocab;
+        let full = graph_logits(d, &store, &cfg, &ids);
+        let mut dec = Decoder::new(d, &store, &cfg, 12).unwrap();
+        let mut worst = 0f32;
+        // two prompt chunks (the second attends to the first through the cache), then single tokens
+        dec.prefill(d, &ids[..3]).unwrap();
+        let l = dec.prefill(d, &ids[3..5]).unwrap();
+        worst = worst.max(max_abs(&l, &full[4 * v..5 * v]));
+        for (p, &id) in ids.iter().enumerate().skip(5) {
+            let l = dec.decode(d, id).unwrap();
+            worst = worst.max(max_abs(&l, &full[p * v..(p + 1) * v]));
+        }
+        assert_eq!(dec.len(), ids.len());
+        println!("tiny llama (tied={tie}) KV-cache vs full forward: max |diff| {worst:.3e}");
+        assert!(worst <= 1e-4, "KV-cache logits differ from the full forward by {worst}");
+
+        // after a reset the same prompt gives the same logits
+        dec.reset(d).unwrap();
+        let again = dec.prefill(d, &ids[..5]).unwrap();
+        assert!(max_abs(&again, &full[4 * v..5 * v]) <= 1e-4);
+        // the cache refuses to overflow
+        for &id in &ids[5..] {
+            dec.decode(d, id).unwrap();
+        }
+        dec.decode(d, 1).unwrap();
+        dec.decode(d, 1).unwrap();
+        dec.decode(d, 1).unwrap();
+        assert!(dec.decode(d, 1).is_err(), "decoding past max_seq must fail");
+        assert!(dec.prefill(d, &[]).is_err());
+    }
+    let (store, cfg) = tiny(d, 7, false);
+    let mut dec = Decoder::new(d, &store, &cfg, 12).unwrap();
+    assert!(dec.prefill(d, &[61]).is_err(), "an id outside the vocabulary must be refused");
+}
+
+/// LoRA on q_proj and v_proj through the hook: x·Wᵀ + s·(x·Aᵀ)·Bᵀ with A, B trainable.
+struct TestLora {
+    scale: f32,
+}
+impl LinearHook for TestLora {
+    fn linear(&self, g: &mut Graph, store: &ParamStore, module: &str, x: Var, w: Var, b: Option<Var>) -> GResult<Var> {
+        if module.ends_with("q_proj") || module.ends_with("v_proj") {
+            let a = g.param(store, &format!("{module}.lora_A.weight"))?;
+            let bb = g.param(store, &format!("{module}.lora_B.weight"))?;
+            g.lora(x, w, b, a, bb, self.scale)
+        } else {
+            g.linear(x, w, b)
+        }
+    }
+}
+
+#[test]
+fn lora_gradients_reach_adapter_only() {
+    let d = dev();
+    let (mut store, cfg) = tiny(d, 11, true);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let r = 4;
+    let kv = cfg.kv_heads * cfg.head_dim();
+    for l in 0..cfg.layers {
+        for (m, out) in [("q_proj", cfg.hidden), ("v_proj", kv)] {
+            let base = format!("model.layers.{l}.self_attn.{m}");
+            let a: Vec<f32> = (0..r * cfg.hidden).map(|_| rng.random::<f32>() - 0.5).collect();
+            let b: Vec<f32> = (0..out * r).map(|_| 0.3 * (rng.random::<f32>() - 0.5)).collect();
+            store.add_f32(d, &format!("{base}.lora_A.weight"), &a, &[r, cfg.hidden], true).unwrap();
+            store.add_f32(d, &format!("{base}.lora_B.weight"), &b, &[out, r], true).unwrap();
+        }
+    }
+    let ids: Vec<u32> = vec![5, 9, 33, 2, 40, 11];
+    let targets: Vec<i32> = vec![9, 33, 2, 40, 11, -100];
+    let t = ids.len();
+    let loss_of = |store: &ParamStore, grads: bool| -> (f32, Option<Vec<f32>>, usize) {
+        let mut g = Graph::new();
+        let logits = llama::build(&mut g, store, &cfg, 1, t, &TestLora { scale: 2.0 }).unwrap();
+        let logits = g.reshape(logits, &[t, cfg.vocab]).unwrap();
+        let tg = g.input("targets", &[t], DType::I32);
+        let loss = g.cross_entropy(logits, tg, -100).unwrap();
+        let mut ex = Executor::new(d, g, store, Some(loss), &[loss], Some(OptimConfig::sgd(0.0, 0.0, 0.0))).unwrap();
+        ex.feed_u32(d, llama::INPUT_IDS, &ids).unwrap();
+        ex.feed_i32(d, "targets", &targets).unwrap();
+        ex.backward_only(d).unwrap();
+        let l = ex.read(d, loss).unwrap()[0];
+        let grad = grads.then(|| {
+            let id = store.id("model.layers.0.self_attn.q_proj.lora_B.weight").unwrap();
+            ex.read_param_grad(d, id).unwrap()
+        });
+        (l, grad, ex.gradient_buffers())
+    };
+    let (l0, grad, nbuf) = loss_of(&store, true);
+    let grad = grad.unwrap();
+    assert!(l0.is_finite());
+    assert_eq!(nbuf, 4 * cfg.layers, "only the LoRA factors get gradient buffers");
+    // central finite difference on a few entries of layer 0's q_proj lora_B: dL/dB[i] ≈ (L(B+h) - L(B-h)) / 2h
+    let id = store.id("model.layers.0.self_attn.q_proj.lora_B.weight").unwrap();
+    let b0 = store.read_f32(d, id).unwrap();
+    let h = 1e-2f32;
+    for &i in &[0usize, 5, 17, 63] {
+        let mut bp = b0.clone();
+        bp[i] += h;
+        d.write_f32(&store.get(id).tensor, &bp).unwrap();
+        let (lp, _, _) = loss_of(&store, false);
+        bp[i] -= 2.0 * h;
+        d.write_f32(&store.get(id).tensor, &bp).unwrap();
+        let (lm, _, _) = loss_of(&store, false);
+        d.write_f32(&store.get(id).tensor, &b0).unwrap();
+        let fd = (lp - lm) / (2.0 * h);
+        println!("dL/dB[{i}]: autodiff {:.5}, finite difference {fd:.5}", grad[i]);
+        assert!((fd - grad[i]).abs() <= 2e-3 + 0.05 * fd.abs(), "gradient {i}: {} vs fd {fd}", grad[i]);
+    }
+}
+
+#[test]
+fn lora_fold_adds_scaled_product() {
+    let cfg = rime_io::AdapterConfig::lora(2, 8.0, vec!["q_proj".into()]);
+    let a = rime_io::AdapterTensor {
+        name: "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight".into(),
+        shape: vec![2, 3],
+        data: vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+    };
+    let b = rime_io::AdapterTensor {
+        name: "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight".into(),
+        shape: vec![2, 2],
+        data: vec![1.0, 0.0, 0.5, -1.0],
+    };
+    let ad = rime_io::PeftAdapter::new(cfg, vec![a, b]);
+    let mut ts = vec![("model.layers.0.self_attn.q_proj.weight".to_string(), vec![2, 3], vec![0.0; 6])];
+    let done = llama::fold_lora(&mut ts, &ad, std::path::Path::new("adapter")).unwrap();
+    assert_eq!(done, vec!["model.layers.0.self_attn.q_proj".to_string()]);
+    // s = 8 / 2 = 4; B·A = [[1,2,3], [0.5-4, 1-5, 1.5-6]]
+    assert_eq!(ts[0].2, vec![4.0, 8.0, 12.0, -14.0, -16.0, -18.0]);
+    // a module the model lacks is an error naming it
+    let mut other = vec![("model.layers.0.self_attn.k_proj.weight".to_string(), vec![2, 3], vec![0.0; 6])];
+    let e = llama::fold_lora(&mut other, &ad, std::path::Path::new("adapter")).unwrap_err().to_string();
+    assert!(e.contains("q_proj"), "{e}");
+}
