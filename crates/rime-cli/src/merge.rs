@@ -30,6 +30,13 @@ use std::path::PathBuf;
 ///
 /// writes W + (alpha/r)·B·A (alpha/√r with use_rslora) for every adapted module.
 ///
+/// Combining LoRA adapters into one (peft's add_weighted_adapter: linear, cat, svd, ties, dare_linear,
+/// dare_ties, magnitude_prune, with peft's semantics; heads of rime adapters are averaged with the weights):
+///
+///   rime merge --combine-lora A1,A2,A3 --weights .5,.3,.2 --combination ties --density 0.4 --out DIR
+///
+/// writes a peft adapter folder (adapter_config.json, adapter_model.safetensors, merge_report.json).
+///
 /// The output folder gets model.safetensors (shards and model.safetensors.index.json above --shard-size),
 /// the base's config.json and tokenizer files, and merge_report.json (method, inputs, bytes read and written,
 /// seconds, GB/s). It is built in a temporary sibling folder and renamed into place at the end, so a failed
@@ -38,7 +45,7 @@ use std::path::PathBuf;
 #[command(verbatim_doc_comment)]
 pub struct MergeArgs {
     /// The merge config (YAML). Not used with --fold-lora.
-    #[arg(required_unless_present = "fold_lora", conflicts_with = "fold_lora")]
+    #[arg(required_unless_present_any = ["fold_lora", "combine_lora"], conflicts_with_all = ["fold_lora", "combine_lora"])]
     pub config: Option<PathBuf>,
     /// Output folder.
     #[arg(long)]
@@ -58,12 +65,64 @@ pub struct MergeArgs {
     /// Output dtype for --fold-lora (float32, float16, bfloat16); default: as stored in the base.
     #[arg(long)]
     pub dtype: Option<String>,
+    /// Combine these peft LoRA adapter folders (comma-separated) into one adapter.
+    #[arg(long, value_delimiter = ',', conflicts_with = "fold_lora")]
+    pub combine_lora: Option<Vec<PathBuf>>,
+    /// Weights of --combine-lora, one per adapter (default: 1/N each).
+    #[arg(long, value_delimiter = ',', allow_negative_numbers = true)]
+    pub weights: Option<Vec<f64>>,
+    /// peft combination_type: linear, cat, svd, ties, dare_linear, dare_ties, magnitude_prune.
+    #[arg(long, default_value = "svd")]
+    pub combination: String,
+    /// Fraction kept by ties, dare_*, magnitude_prune, in (0, 1].
+    #[arg(long)]
+    pub density: Option<f64>,
+    /// peft majority_sign_method for ties / dare_ties: total or frequency.
+    #[arg(long, default_value = "total")]
+    pub majority_sign: String,
+    /// Rank of an svd combination (default: the largest input rank).
+    #[arg(long)]
+    pub svd_rank: Option<usize>,
+    /// Seed of DARE's random drop.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
 }
 
 pub fn run(opts: &rime_kernels::DeviceOptions, args: &MergeArgs) -> Result<(), Box<dyn std::error::Error>> {
     let shard_size = rime_merge::parse_size(&args.shard_size)?;
     let mopts = rime_merge::MergeOptions { force: args.force, shard_size };
     let report = match (&args.fold_lora, &args.config) {
+        _ if args.combine_lora.is_some() => {
+            let list = args.combine_lora.as_deref().unwrap_or_default();
+            if list.is_empty() {
+                return Err("--combine-lora needs at least one adapter folder".into());
+            }
+            let weights = match &args.weights {
+                Some(w) => w.clone(),
+                None => vec![1.0 / list.len() as f64; list.len()],
+            };
+            if weights.len() != list.len() {
+                return Err(format!("--weights has {} values for {} adapters", weights.len(), list.len()).into());
+            }
+            let combination = rime_merge::Combination::parse(&args.combination).ok_or_else(|| {
+                let known: Vec<&str> = rime_merge::Combination::ALL.iter().map(|(n, _)| *n).collect();
+                format!("--combination {}: expected one of {}", args.combination, known.join(", "))
+            })?;
+            let majority_sign_total = match args.majority_sign.as_str() {
+                "total" => true,
+                "frequency" => false,
+                m => return Err(format!("--majority-sign {m}: expected total or frequency").into()),
+            };
+            let copts = rime_merge::CombineOptions {
+                combination,
+                density: args.density,
+                majority_sign_total,
+                svd_rank: args.svd_rank,
+                seed: args.seed,
+            };
+            let dev = rime_kernels::Device::new(opts)?;
+            rime_merge::combine_lora(&dev, list, &weights, &copts, &args.out, args.force)?
+        }
         (Some(adapter), _) => {
             let base = args.base.as_ref().ok_or("--fold-lora needs --base MODEL")?;
             let dtype = match args.dtype.as_deref() {

@@ -254,7 +254,7 @@ fn merge_tensor(dev: &Device, cfg: &MergeConfig, name: &str, mut xs: Vec<Vec<f32
     }
 }
 
-fn check_binding(dev: &Device, name: &str, l: usize, why: &str) -> Result<()> {
+pub(crate) fn check_binding(dev: &Device, name: &str, l: usize, why: &str) -> Result<()> {
     if (l as u64) * 4 > dev.max_binding() {
         return Err(Error::Tensor {
             tensor: name.to_string(),
@@ -281,7 +281,7 @@ fn chunk_cols(dev: &Device, rows: usize, l: usize) -> usize {
 }
 
 /// out [L] = sum_i w[i] * rows[i] on the GPU, in column chunks when [N, L] exceeds one binding.
-fn weighted_sum(dev: &Device, _name: &str, rows: &[f32], n: usize, l: usize, w: &[f32]) -> Result<Vec<f32>> {
+pub(crate) fn weighted_sum(dev: &Device, _name: &str, rows: &[f32], n: usize, l: usize, w: &[f32]) -> Result<Vec<f32>> {
     let cols = chunk_cols(dev, n, l);
     if cols == l {
         let xs = dev.upload_f32(rows, &[n, l])?;
@@ -307,7 +307,7 @@ fn weighted_sum(dev: &Device, _name: &str, rows: &[f32], n: usize, l: usize, w: 
 }
 
 /// Keeps the int(density * L) largest |x| of one task vector (mergekit's `magnitude`, no rescale).
-fn magnitude_trim(dev: &Device, name: &str, d: &[f32], density: f64) -> Result<Vec<f32>> {
+pub(crate) fn magnitude_trim(dev: &Device, name: &str, d: &[f32], density: f64) -> Result<Vec<f32>> {
     let l = d.len();
     check_binding(dev, name, l, "TIES' top-k by magnitude needs the whole tensor at once")?;
     let xs = dev.upload_f32(d, &[1, l])?;
@@ -317,7 +317,7 @@ fn magnitude_trim(dev: &Device, name: &str, d: &[f32], density: f64) -> Result<V
 }
 
 /// DARE: d * mask / density, elementwise, in chunks that fit one binding.
-fn dare(dev: &Device, _name: &str, d: &[f32], mask: &[f32], density: f32) -> Result<Vec<f32>> {
+pub(crate) fn dare(dev: &Device, _name: &str, d: &[f32], mask: &[f32], density: f32) -> Result<Vec<f32>> {
     let l = d.len();
     let cols = chunk_cols(dev, 1, l);
     let mut res = Vec::with_capacity(l);
