@@ -5,8 +5,10 @@ use std::path::{Path, PathBuf};
 use indicatif::{ProgressBar, ProgressStyle};
 use rime_io::dataset::Columns;
 use rime_kernels::{Device, DeviceOptions};
+use rime_peft::adapter::{AdapterMode, BottleneckConfig};
 use rime_peft::classifier::Method;
 use rime_peft::lora::{LoraConfig, LoraInit};
+use rime_peft::svfit::SvfitConfig;
 use rime_peft::trainer::{self, Event, TrainConfig};
 
 type BoxErr = Box<dyn std::error::Error>;
@@ -38,9 +40,21 @@ pub struct TrainArgs {
     text_pair_column: Option<String>,
     #[arg(long, default_value = "label")]
     label_column: String,
-    /// lora or probe (the classification head alone).
+    /// lora, svfit, ia3, adapter, or probe (the classification head alone).
     #[arg(long, default_value = "lora")]
     method: String,
+    /// svfit: keep the fewest singular values reaching this fraction of the energy Σσ² (instead of --rank).
+    #[arg(long)]
+    svfit_energy: Option<f32>,
+    /// adapter: bottleneck width.
+    #[arg(long, default_value_t = 64)]
+    adapter_size: usize,
+    /// adapter: serial (Houlsby) or parallel (He et al.).
+    #[arg(long, default_value = "serial")]
+    adapter_mode: String,
+    /// adapter: scale of the adapter's output (He et al.'s scaled parallel adapter uses 4).
+    #[arg(long, default_value_t = 1.0)]
+    adapter_scale: f32,
     #[arg(long, default_value_t = 1)]
     epochs: usize,
     #[arg(long, default_value_t = 1e-3)]
@@ -115,6 +129,10 @@ pub fn default_model() -> Result<PathBuf, BoxErr> {
     })
 }
 
+fn target_list(s: &str) -> Vec<String> {
+    s.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()
+}
+
 pub fn run(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
     let main_job = a.train.is_none();
     let model = match &a.model {
@@ -137,9 +155,21 @@ pub fn run(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
             seed: a.seed,
         }),
         "probe" => Method::Probe,
+        "svfit" => Method::Svfit(SvfitConfig { rank: a.rank, energy: a.svfit_energy, targets: target_list(&a.targets) }),
+        // IA3 scales key, value and the FFN activation; --targets applies only when changed from LoRA's default.
+        "ia3" => Method::Ia3 {
+            targets: if a.targets == "query,value" { rime_peft::ia3::default_targets() } else { target_list(&a.targets) },
+        },
+        "adapter" => Method::Adapter(BottleneckConfig {
+            size: a.adapter_size,
+            mode: AdapterMode::parse(&a.adapter_mode)
+                .ok_or_else(|| format!("--adapter-mode '{}': expected serial or parallel", a.adapter_mode))?,
+            scale: a.adapter_scale,
+            seed: a.seed,
+        }),
         m => {
             return Err(format!(
-                "--method '{m}' is not available; this build has: lora, probe (svfit, ia3, adapter, prompt, prefix are planned)"
+                "--method '{m}' is not available; this build has: lora, svfit, ia3, adapter, probe (prompt, prefix are planned)"
             )
             .into())
         }

@@ -12,7 +12,10 @@ use rime_kernels::{DType, Device};
 use rime_models::bert::{self, BertConfig};
 use rime_models::{LinearHook, Plain};
 
+use crate::adapter::{AdapterHook, AdapterMode, BottleneckConfig};
+use crate::ia3::Ia3Hook;
 use crate::lora::{LoraConfig, LoraHook};
+use crate::svfit::{SvfitConfig, SvfitHook};
 use crate::{Error, Result};
 
 pub const HEAD_WEIGHT: &str = "head.weight";
@@ -24,6 +27,14 @@ pub enum Method {
     Lora(LoraConfig),
     /// The head alone (linear probe).
     Probe,
+    /// Singular values of the target weights.
+    Svfit(SvfitConfig),
+    /// Scaling vectors on these target modules (see [`crate::ia3::default_targets`]).
+    Ia3 {
+        targets: Vec<String>,
+    },
+    /// Bottleneck adapters after the attention and FFN sub-blocks.
+    Adapter(BottleneckConfig),
 }
 
 impl Method {
@@ -31,8 +42,42 @@ impl Method {
         match self {
             Method::Lora(_) => "lora",
             Method::Probe => "probe",
+            Method::Svfit(_) => "svfit",
+            Method::Ia3 { .. } => "ia3",
+            Method::Adapter(_) => "adapter",
         }
     }
+}
+
+/// Add a method's trainable (and frozen helper) tensors to a store holding the model; SVFit also rewrites
+/// the target weights into W_rest. Returns a line describing what was added.
+pub fn prepare_method(dev: &Device, store: &mut ParamStore, method: &Method) -> Result<String> {
+    Ok(match method {
+        Method::Lora(l) => {
+            let mods = crate::lora::add_lora(dev, store, l)?;
+            format!("LoRA r={} alpha={} on {} modules", l.rank, l.alpha, mods.len())
+        }
+        Method::Probe => "linear probe: the head alone".to_string(),
+        Method::Svfit(c) => {
+            let mods = crate::svfit::add_svfit(dev, store, c)?;
+            let rs: Vec<usize> = mods.iter().map(|(_, r)| *r).collect();
+            format!(
+                "SVFit on {} modules, singular values kept: {} (min {}, max {})",
+                mods.len(),
+                rs.iter().sum::<usize>(),
+                rs.iter().min().unwrap_or(&0),
+                rs.iter().max().unwrap_or(&0)
+            )
+        }
+        Method::Ia3 { targets } => {
+            let (o, f) = crate::ia3::add_ia3(dev, store, targets)?;
+            format!("IA3: {} output-scaled and {} input-scaled (FFN) modules", o.len(), f.len())
+        }
+        Method::Adapter(c) => {
+            let n = crate::adapter::add_adapters(dev, store, c)?;
+            format!("{} bottleneck adapters of size {} ({}, scale {})", n, c.size, c.mode.name(), c.scale)
+        }
+    })
 }
 
 pub fn bert_config(cfg: &ModelConfig) -> BertConfig {
@@ -134,14 +179,50 @@ pub fn hook_for(method: &Method) -> Box<dyn LinearHook> {
     match method {
         Method::Lora(c) => Box::new(LoraHook { scale: c.scale() }),
         Method::Probe => Box::new(Plain),
+        Method::Svfit(_) => Box::new(SvfitHook),
+        Method::Ia3 { .. } => Box::new(Ia3Hook),
+        Method::Adapter(c) => Box::new(AdapterHook { mode: c.mode, scale: c.scale }),
     }
+}
+
+/// The hook for an adapter folder that [`load_adapter`] read (by its `peft_type`).
+pub fn hook_for_adapter(cfg: &rime_io::peft::AdapterConfig) -> Result<Box<dyn LinearHook>> {
+    Ok(match cfg.peft_type.as_str() {
+        "LORA" => Box::new(LoraHook { scale: cfg.scale() as f32 }),
+        "RIME_PROBE" => Box::new(Plain),
+        crate::svfit::PEFT_TYPE => Box::new(SvfitHook),
+        crate::ia3::PEFT_TYPE => Box::new(Ia3Hook),
+        crate::adapter::PEFT_TYPE => {
+            let mode = cfg.raw.get("adapter_mode").and_then(|v| v.as_str()).and_then(AdapterMode::parse);
+            let scale = cfg.raw.get("adapter_scale").and_then(|v| v.as_f64());
+            match (mode, scale) {
+                (Some(mode), Some(scale)) => Box::new(AdapterHook { mode, scale: scale as f32 }),
+                _ => {
+                    return Err(Error::Msg(
+                        "adapter_config.json of a RIME_BOTTLENECK adapter needs adapter_mode (serial|parallel) \
+                         and adapter_scale"
+                            .into(),
+                    ))
+                }
+            }
+        }
+        t => {
+            return Err(Error::Msg(format!(
+                "adapter peft_type '{t}' is not supported (LORA, IA3, RIME_SVFIT, RIME_BOTTLENECK, RIME_PROBE)"
+            )))
+        }
+    })
 }
 
 /// Trainable tensors under their peft names, for saving an adapter.
 pub fn trainable_tensors(dev: &Device, store: &ParamStore) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
     let mut out = Vec::new();
     for (id, p) in store.trainable() {
-        let name = if p.name.starts_with("base_model.model.") { p.name.clone() } else { format!("base_model.model.{}", p.name) };
+        let name = if p.name.starts_with("base_model.model.") {
+            p.name.clone()
+        } else {
+            format!("base_model.model.{}", p.name)
+        };
         out.push((name, p.tensor.shape.clone(), store.read_f32(dev, id)?));
     }
     Ok(out)
@@ -156,7 +237,22 @@ pub fn save_adapter(
     labels: &[String],
     dir: &Path,
 ) -> Result<()> {
-    let tensors = trainable_tensors(dev, store)?;
+    let mut tensors = trainable_tensors(dev, store)?;
+    if let Method::Svfit(_) = method {
+        // U and V are frozen but part of the adapter (see crate::svfit).
+        for (id, p) in store.iter() {
+            if p.name.ends_with(".svfit_U") || p.name.ends_with(".svfit_V") {
+                tensors.push((p.name.clone(), p.tensor.shape.clone(), store.read_f32(dev, id)?));
+            }
+        }
+    }
+    let module_of = |suffix: &str| -> Vec<String> {
+        store
+            .iter()
+            .filter_map(|(_, p)| p.name.strip_suffix(suffix))
+            .map(|m| m.trim_start_matches("base_model.model.").to_string())
+            .collect()
+    };
     let mut config = match method {
         Method::Lora(c) => {
             let mut a = rime_io::peft::AdapterConfig::lora(c.rank, c.alpha as f64, c.targets.clone());
@@ -166,6 +262,36 @@ pub fn save_adapter(
         Method::Probe => {
             let mut a = rime_io::peft::AdapterConfig::lora(0, 0.0, vec![]);
             a.peft_type = "RIME_PROBE".into();
+            a
+        }
+        Method::Svfit(c) => {
+            let mut a = rime_io::peft::AdapterConfig::lora(c.rank, 0.0, module_of(".svfit_sigma"));
+            a.peft_type = crate::svfit::PEFT_TYPE.into();
+            for (_, p) in store.iter() {
+                if let Some(m) = p.name.strip_suffix(".svfit_sigma") {
+                    a.rank_pattern.insert(m.trim_start_matches("base_model.model.").to_string(), p.tensor.numel());
+                }
+            }
+            a.raw.insert("svfit_energy".into(), serde_json::json!(c.energy));
+            a
+        }
+        Method::Ia3 { .. } => {
+            let mods = module_of(".ia3_l");
+            // rime-io writes `r` for every type and reads back only a positive one; IA3 ignores it.
+            let mut a = rime_io::peft::AdapterConfig::lora(1, 0.0, mods.clone());
+            a.peft_type = crate::ia3::PEFT_TYPE.into();
+            let ff: Vec<String> = mods.into_iter().filter(|m| crate::ia3::is_feedforward(m)).collect();
+            a.raw.insert("feedforward_modules".into(), serde_json::json!(ff));
+            a.raw.insert("init_ia3_weights".into(), serde_json::json!(true));
+            a
+        }
+        Method::Adapter(c) => {
+            let mut a = rime_io::peft::AdapterConfig::lora(c.size, 0.0, module_of(".down.weight"));
+            a.peft_type = crate::adapter::PEFT_TYPE.into();
+            a.raw.insert("adapter_size".into(), serde_json::json!(c.size));
+            a.raw.insert("adapter_mode".into(), serde_json::json!(c.mode.name()));
+            a.raw.insert("adapter_scale".into(), serde_json::json!(c.scale));
+            a.raw.insert("adapter_activation".into(), serde_json::json!("relu"));
             a
         }
     };
@@ -191,12 +317,21 @@ pub fn save_adapter(
 
 /// Load an adapter folder's tensors into the store: existing trainable parameters are overwritten,
 /// missing ones (e.g. LoRA factors on a fresh store) are added (trainable). Returns the adapter's labels.
-pub fn load_adapter(dev: &Device, store: &mut ParamStore, dir: &Path) -> Result<(rime_io::peft::AdapterConfig, Vec<String>)> {
+pub fn load_adapter(
+    dev: &Device,
+    store: &mut ParamStore,
+    dir: &Path,
+) -> Result<(rime_io::peft::AdapterConfig, Vec<String>)> {
     let ad = rime_io::peft::PeftAdapter::load(dir)?;
     for t in &ad.tensors {
         let local = t.name.strip_prefix("base_model.model.").unwrap_or(&t.name);
         // LoRA factors keep peft's full name in the store; the head and other saved modules their own.
-        let name = if local.contains(".lora_") { t.name.clone() } else { local.replace(".modules_to_save.default", "") };
+        // Method tensors (LoRA factors, SVFit, IA3 vectors, bottleneck adapters) keep peft's full name in the
+        // store; the head and other saved modules their own.
+        let method_tensor = [".lora_", ".svfit_", ".ia3_l", ".adapter."].iter().any(|k| local.contains(k));
+        let name = if method_tensor { t.name.clone() } else { local.replace(".modules_to_save.default", "") };
+        // SVFit's singular vectors stay frozen.
+        let trainable = !(name.ends_with(".svfit_U") || name.ends_with(".svfit_V"));
         match store.find(&name) {
             Some(id) => {
                 let p = store.get(id);
@@ -212,9 +347,12 @@ pub fn load_adapter(dev: &Device, store: &mut ParamStore, dir: &Path) -> Result<
                 dev.write_f32(&p.tensor, &t.data)?;
             }
             None => {
-                store.add_f32(dev, &name, &t.data, &t.shape, true)?;
+                store.add_f32(dev, &name, &t.data, &t.shape, trainable)?;
             }
         }
+    }
+    if ad.config.peft_type == crate::svfit::PEFT_TYPE {
+        crate::svfit::restore_rest(dev, store)?;
     }
     let labels: Vec<String> = ad
         .config

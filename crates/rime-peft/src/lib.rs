@@ -1,9 +1,12 @@
 //! rime-peft: parameter-efficient tuning methods as rewrites of a model graph, and the trainer.
 
+pub mod adapter;
 pub mod classifier;
+pub mod ia3;
 pub mod lora;
 pub mod metrics;
 pub mod plot;
+pub mod svfit;
 pub mod trainer;
 
 /// Errors of the tuning layer; wraps the lower crates' errors, which name their files and tensors.

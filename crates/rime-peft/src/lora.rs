@@ -38,14 +38,42 @@ impl LoraConfig {
 
     /// Does this module name match the targets (peft: exact name or a suffix after a dot)?
     pub fn matches(&self, module: &str) -> bool {
-        self.targets.iter().any(|t| {
-            if let Some(re) = t.strip_prefix("re:") {
-                Regex::new(re).map(|r| r.is_match(module)).unwrap_or(false)
-            } else {
-                module == t || module.ends_with(&format!(".{t}"))
-            }
-        })
+        target_matches(&self.targets, module)
     }
+}
+
+/// Does a module name match any target (peft: exact name or a suffix after a dot; `re:<regex>` searches)?
+pub fn target_matches(targets: &[String], module: &str) -> bool {
+    targets.iter().any(|t| {
+        if let Some(re) = t.strip_prefix("re:") {
+            Regex::new(re).map(|r| r.is_match(module)).unwrap_or(false)
+        } else {
+            module == t || module.ends_with(&format!(".{t}"))
+        }
+    })
+}
+
+/// The 2-D weights `<module>.weight` of the model (not adapter tensors) whose module matches `targets`, with
+/// their shapes; an error listing a few module names when none match.
+pub fn find_targets(store: &ParamStore, targets: &[String]) -> Result<Vec<(String, Vec<usize>)>> {
+    let modules: Vec<(String, Vec<usize>)> = store
+        .iter()
+        .filter_map(|(_, p)| p.name.strip_suffix(".weight").map(|m| (m.to_string(), p.tensor.shape.clone())))
+        .filter(|(m, s)| s.len() == 2 && !m.starts_with("base_model.") && target_matches(targets, m))
+        .collect();
+    if modules.is_empty() {
+        let some: Vec<String> = store
+            .iter()
+            .filter(|(_, p)| p.tensor.shape.len() == 2)
+            .take(6)
+            .map(|(_, p)| p.name.trim_end_matches(".weight").to_string())
+            .collect();
+        return Err(rime_graph::Error::Invalid(format!(
+            "--targets {targets:?} matched no linear layer; modules look like: {}",
+            some.join(", ")
+        )));
+    }
+    Ok(modules)
 }
 
 /// peft's name of a LoRA factor for a module (`base_model.model.<module>.lora_A.weight`).
@@ -57,24 +85,7 @@ pub fn factor_name(module: &str, which: char) -> String {
 /// `<module>.weight`). Returns the modules adapted; errors if none matched (listing a few candidates).
 pub fn add_lora(dev: &Device, store: &mut ParamStore, cfg: &LoraConfig) -> Result<Vec<String>> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
-    let modules: Vec<(String, Vec<usize>)> = store
-        .iter()
-        .filter_map(|(_, p)| p.name.strip_suffix(".weight").map(|m| (m.to_string(), p.tensor.shape.clone())))
-        .filter(|(m, s)| s.len() == 2 && !m.starts_with("base_model.") && cfg.matches(m))
-        .collect();
-    if modules.is_empty() {
-        let some: Vec<String> = store
-            .iter()
-            .filter(|(_, p)| p.tensor.shape.len() == 2)
-            .take(6)
-            .map(|(_, p)| p.name.trim_end_matches(".weight").to_string())
-            .collect();
-        return Err(rime_graph::Error::Invalid(format!(
-            "--targets {:?} matched no linear layer; modules look like: {}",
-            cfg.targets,
-            some.join(", ")
-        )));
-    }
+    let modules = find_targets(store, &cfg.targets)?;
     for (m, shape) in &modules {
         let (out_f, in_f) = (shape[0], shape[1]);
         let a: Vec<f32> = match cfg.init {

@@ -1,0 +1,126 @@
+//! Bottleneck adapters: `a(h) = up(relu(down(h)))`, C → size → C, added to a transformer sub-block's
+//! output before its residual add and LayerNorm, after the attention output and after the FFN.
+//! - serial (Houlsby et al. 2019): `y' = y + s·a(y)`;
+//! - parallel (He et al. 2022, "Towards a unified view"): `y' = y + s·a(x)`, x the sub-block's input; with
+//!   s > 1 (He et al. use 4) this is their scaled parallel adapter.
+//!
+//! `up` starts at zero, so training starts from the pretrained model; `down` as torch.nn.Linear.
+//! peft has no bottleneck adapter: the folder uses peft's layout with `peft_type` `RIME_BOTTLENECK` and
+//! `adapter_size`, `adapter_mode`, `adapter_scale` in adapter_config.json; tensors are
+//! `base_model.model.encoder.layer.N.{attention.output|output}.adapter.{down|up}.{weight|bias}`
+//! (down.weight [size, C], up.weight [C, size]).
+
+use rand::{Rng, SeedableRng};
+use regex::Regex;
+use rime_graph::{Graph, ParamStore, Result, Var};
+use rime_kernels::Device;
+use rime_models::LinearHook;
+
+pub const PEFT_TYPE: &str = "RIME_BOTTLENECK";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdapterMode {
+    Serial,
+    Parallel,
+}
+
+impl AdapterMode {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "serial" => Some(AdapterMode::Serial),
+            "parallel" => Some(AdapterMode::Parallel),
+            _ => None,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            AdapterMode::Serial => "serial",
+            AdapterMode::Parallel => "parallel",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct BottleneckConfig {
+    pub size: usize,
+    pub mode: AdapterMode,
+    pub scale: f32,
+    pub seed: u64,
+}
+
+/// The adapter's module name for a sub-block (`attention` or `ffn`) of layer `layer`.
+pub fn module_name(layer: usize, block: &str) -> String {
+    let sub = if block == "attention" { "attention.output" } else { "output" };
+    format!("base_model.model.encoder.layer.{layer}.{sub}.adapter")
+}
+
+/// Add down/up projections for every encoder layer of the store (found by its
+/// `encoder.layer.N.attention.output.dense.weight`). Returns the number of adapters.
+pub fn add_adapters(dev: &Device, store: &mut ParamStore, cfg: &BottleneckConfig) -> Result<usize> {
+    if cfg.size == 0 {
+        return Err(rime_graph::Error::Invalid("--adapter-size 0: the bottleneck needs at least 1 unit".into()));
+    }
+    let re = Regex::new(r"(^|\.)encoder\.layer\.(\d+)\.attention\.output\.dense\.weight$")
+        .map_err(|e| rime_graph::Error::Invalid(e.to_string()))?;
+    let mut layers: Vec<(usize, usize)> = store
+        .iter()
+        .filter_map(|(_, p)| {
+            let c = re.captures(&p.name)?;
+            Some((c[2].parse().ok()?, p.tensor.shape[0]))
+        })
+        .collect();
+    layers.sort();
+    if layers.is_empty() {
+        return Err(rime_graph::Error::Invalid(
+            "adapter: no encoder.layer.N.attention.output.dense.weight in the model (not a BERT encoder?)".into(),
+        ));
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed ^ 0xada9);
+    let mut n = 0;
+    for (l, c) in layers {
+        for block in ["attention", "ffn"] {
+            let m = module_name(l, block);
+            let bound = 1.0 / (c as f32).sqrt();
+            let down: Vec<f32> = (0..cfg.size * c).map(|_| rng.random_range(-bound..bound)).collect();
+            store.add_f32(dev, &format!("{m}.down.weight"), &down, &[cfg.size, c], true)?;
+            store.add_f32(dev, &format!("{m}.down.bias"), &vec![0.0; cfg.size], &[cfg.size], true)?;
+            store.add_f32(dev, &format!("{m}.up.weight"), &vec![0.0; c * cfg.size], &[c, cfg.size], true)?;
+            store.add_f32(dev, &format!("{m}.up.bias"), &vec![0.0; c], &[c], true)?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+pub struct AdapterHook {
+    pub mode: AdapterMode,
+    pub scale: f32,
+}
+
+impl LinearHook for AdapterHook {
+    fn block_output(
+        &self,
+        g: &mut Graph,
+        store: &ParamStore,
+        layer: usize,
+        block: &str,
+        x_in: Var,
+        y: Var,
+    ) -> Result<Var> {
+        let m = module_name(layer, block);
+        if store.find(&format!("{m}.down.weight")).is_none() {
+            return Ok(y);
+        }
+        let p = |g: &mut Graph, s: &str| g.param(store, &format!("{m}.{s}"));
+        let (dw, db, uw, ub) = (p(g, "down.weight")?, p(g, "down.bias")?, p(g, "up.weight")?, p(g, "up.bias")?);
+        let src = match self.mode {
+            AdapterMode::Serial => y,
+            AdapterMode::Parallel => x_in,
+        };
+        let h = g.linear(src, dw, Some(db))?;
+        let h = g.relu(h);
+        let a = g.linear(h, uw, Some(ub))?;
+        let a = if self.scale != 1.0 { g.scale(a, self.scale) } else { a };
+        g.add(y, a)
+    }
+}

@@ -1,0 +1,366 @@
+//! Tuning methods beside LoRA (SVFit, IA3, bottleneck adapters) on a tiny random BERT: gradients of every
+//! trainable tensor against central finite differences, a few AdamW steps that must lower the loss, and a
+//! save → load round trip of the peft-layout adapter that must reproduce the logits. Plus the SVD itself.
+
+use std::sync::OnceLock;
+
+use rand::{Rng, SeedableRng};
+use rime_graph::{OptimConfig, ParamStore};
+use rime_kernels::{Device, DeviceOptions};
+use rime_models::bert::BertConfig;
+use rime_peft::adapter::{AdapterMode, BottleneckConfig};
+use rime_peft::classifier::{self, Method, ShapeExec};
+use rime_peft::svfit::{self, SvfitConfig};
+
+fn dev() -> &'static Device {
+    static D: OnceLock<Device> = OnceLock::new();
+    D.get_or_init(|| Device::new(&DeviceOptions::default()).expect("a wgpu adapter (lavapipe in CI)"))
+}
+
+fn rnd(seed: u64, n: usize, s: f32) -> Vec<f32> {
+    let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..n).map(|_| r.random_range(-s..s)).collect()
+}
+
+const B: usize = 3;
+const T: usize = 5;
+
+fn tiny_cfg() -> BertConfig {
+    BertConfig {
+        hidden: 8,
+        layers: 2,
+        heads: 2,
+        intermediate: 12,
+        vocab: 20,
+        max_positions: 16,
+        type_vocab: 2,
+        eps: 1e-12,
+        gelu_tanh: false,
+    }
+}
+
+/// A random BertModel under Hugging Face names (frozen) and a 3-class head (trainable).
+fn tiny_store(d: &Device) -> ParamStore {
+    let c = tiny_cfg();
+    let (h, f) = (c.hidden, c.intermediate);
+    let mut st = ParamStore::new();
+    let mut seed = 100;
+    let mut add = |st: &mut ParamStore, name: &str, shape: &[usize], s: f32, center: f32| {
+        seed += 1;
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = rnd(seed, n, s).into_iter().map(|x| x + center).collect();
+        st.add_f32(d, name, &v, shape, false).unwrap();
+    };
+    add(&mut st, "embeddings.word_embeddings.weight", &[c.vocab, h], 1.0, 0.0);
+    add(&mut st, "embeddings.position_embeddings.weight", &[c.max_positions, h], 0.3, 0.0);
+    add(&mut st, "embeddings.token_type_embeddings.weight", &[c.type_vocab, h], 0.3, 0.0);
+    add(&mut st, "embeddings.LayerNorm.weight", &[h], 0.1, 1.0);
+    add(&mut st, "embeddings.LayerNorm.bias", &[h], 0.1, 0.0);
+    for l in 0..c.layers {
+        let p = format!("encoder.layer.{l}.");
+        for (m, o, i) in [
+            ("attention.self.query", h, h),
+            ("attention.self.key", h, h),
+            ("attention.self.value", h, h),
+            ("attention.output.dense", h, h),
+            ("intermediate.dense", f, h),
+            ("output.dense", h, f),
+        ] {
+            add(&mut st, &format!("{p}{m}.weight"), &[o, i], 0.5, 0.0);
+            add(&mut st, &format!("{p}{m}.bias"), &[o], 0.1, 0.0);
+        }
+        for ln in ["attention.output.LayerNorm", "output.LayerNorm"] {
+            add(&mut st, &format!("{p}{ln}.weight"), &[h], 0.1, 1.0);
+            add(&mut st, &format!("{p}{ln}.bias"), &[h], 0.1, 0.0);
+        }
+    }
+    classifier::init_head(d, &mut st, h, 3, 7).unwrap();
+    st
+}
+
+fn batch() -> (Vec<u32>, Vec<u32>, Vec<u32>, Vec<i32>) {
+    let ids: Vec<u32> = (0..B * T).map(|i| ((i * 7 + 3) % 20) as u32).collect();
+    let types = vec![0u32; B * T];
+    let mut mask = vec![1u32; B * T];
+    mask[T - 1] = 0; // one padded position
+    mask[2 * T - 2..2 * T].fill(0);
+    (ids, types, mask, vec![0, 2, 1])
+}
+
+fn exec(d: &Device, st: &ParamStore, method: &Method, optim: Option<OptimConfig>) -> ShapeExec {
+    let hook = classifier::hook_for(method);
+    let se = classifier::build_exec(d, st, &tiny_cfg(), "", hook.as_ref(), B, T, optim).unwrap();
+    let (ids, types, mask, labels) = batch();
+    classifier::feed(d, &se, &ids, &types, &mask, &labels).unwrap();
+    se
+}
+
+/// Give zero-initialised trainable tensors (adapter up-projections) random values so that every gradient
+/// is exercised; multiplicative ones (σ, IA3 vectors) get a perturbation around their value.
+fn perturb(d: &Device, st: &ParamStore) {
+    for (k, (id, p)) in st.trainable().enumerate() {
+        let mut w = st.read_f32(d, id).unwrap();
+        for (x, r) in w.iter_mut().zip(rnd(500 + k as u64, p.tensor.numel(), 0.3)) {
+            *x = if *x == 0.0 { r } else { *x * (1.0 + r) };
+        }
+        d.write_f32(&p.tensor, &w).unwrap();
+    }
+}
+
+/// Central differences of the GPU loss vs the executor's gradients, a few coordinates per tensor.
+/// f32 forward through two post-LN layers: eps 1e-2, tolerance 3e-3 abs + 5% rel.
+fn check_grads(d: &Device, st: &ParamStore, se: &mut ShapeExec) -> usize {
+    se.exec.backward_only(d).unwrap();
+    let mut r = rand::rngs::StdRng::seed_from_u64(9);
+    let mut checked = 0;
+    for (id, p) in st.trainable() {
+        let g = se.exec.read_param_grad(d, id).unwrap();
+        let mut w = st.read_f32(d, id).unwrap();
+        for _ in 0..3 {
+            let i = r.random_range(0..w.len());
+            let orig = w[i];
+            let eps = 1e-2f32;
+            let mut at = |v: f32, w: &mut Vec<f32>| {
+                w[i] = v;
+                d.write_f32(&p.tensor, w).unwrap();
+                se.exec.forward(d).unwrap();
+                se.exec.read(d, se.loss).unwrap()[0] as f64
+            };
+            let up = at(orig + eps, &mut w);
+            let down = at(orig - eps, &mut w);
+            at(orig, &mut w);
+            let fd = ((up - down) / (2.0 * eps as f64)) as f32;
+            let tol = 3e-3 + 0.05 * fd.abs().max(g[i].abs());
+            assert!((fd - g[i]).abs() <= tol, "{}[{i}]: autodiff {} vs finite difference {fd}", p.name, g[i]);
+            checked += 1;
+        }
+    }
+    checked
+}
+
+fn loss_falls(method: &Method) {
+    let d = dev();
+    let mut st = tiny_store(d);
+    classifier::prepare_method(d, &mut st, method).unwrap();
+    let mut se = exec(d, &st, method, Some(OptimConfig::adamw(2e-2, 0.0)));
+    se.exec.forward(d).unwrap();
+    let first = se.exec.read(d, se.loss).unwrap()[0];
+    for _ in 0..40 {
+        se.exec.step(d).unwrap();
+    }
+    se.exec.forward(d).unwrap();
+    let last = se.exec.read(d, se.loss).unwrap()[0];
+    println!("{}: loss {first:.4} -> {last:.4} after 40 AdamW steps", method.name());
+    assert!(last.is_finite() && last < 0.7 * first, "{}: loss {first} -> {last}", method.name());
+}
+
+/// Train a little, save the adapter, load it into a fresh copy of the model: same logits.
+fn round_trip(method: &Method, peft_type: &str, expect_names: &[&str]) {
+    let d = dev();
+    let mut st = tiny_store(d);
+    classifier::prepare_method(d, &mut st, method).unwrap();
+    perturb(d, &st);
+    let mut se = exec(d, &st, method, None);
+    se.exec.forward(d).unwrap();
+    let want = se.exec.read(d, se.logits).unwrap();
+    let dir = std::env::temp_dir().join(format!("rime-methods-{}-{}", method.name(), std::process::id()));
+    classifier::save_adapter(d, &st, method, "tiny", &["a".into(), "b".into(), "c".into()], &dir).unwrap();
+    let ad = rime_io::peft::PeftAdapter::load(&dir).unwrap();
+    assert_eq!(ad.config.peft_type, peft_type);
+    for n in expect_names {
+        assert!(
+            ad.get(n).is_some(),
+            "{n} missing; adapter has {:?}",
+            ad.tensors.iter().map(|t| &t.name).collect::<Vec<_>>()
+        );
+    }
+    let mut fresh = ParamStore::new();
+    for (id, p) in tiny_store(d).iter() {
+        if !p.name.starts_with("head.") {
+            fresh.add_f32(d, &p.name, &tiny_store(d).read_f32(d, id).unwrap(), &p.tensor.shape, false).unwrap();
+        }
+    }
+    let (cfg, labels) = classifier::load_adapter(d, &mut fresh, &dir).unwrap();
+    assert_eq!(labels, ["a", "b", "c"]);
+    let hook = classifier::hook_for_adapter(&cfg).unwrap();
+    let mut se2 = classifier::build_exec(d, &fresh, &tiny_cfg(), "", hook.as_ref(), B, T, None).unwrap();
+    let (ids, types, mask, labels) = batch();
+    classifier::feed(d, &se2, &ids, &types, &mask, &labels).unwrap();
+    se2.exec.forward(d).unwrap();
+    let got = se2.exec.read(d, se2.logits).unwrap();
+    let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(diff < 1e-4, "{}: logits after load differ by {diff}", method.name());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn svd_reconstructs_and_is_orthonormal() {
+    for (m, n) in [(7, 5), (5, 7), (6, 6)] {
+        let w = rnd(m as u64 * 10 + n as u64, m * n, 1.0);
+        let (u, s, vt) = svfit::svd(&w, m, n);
+        let k = m.min(n);
+        assert_eq!((u.len(), s.len(), vt.len()), (m * k, k, k * n));
+        assert!(s.windows(2).all(|p| p[0] >= p[1]), "σ not descending: {s:?}");
+        for i in 0..m {
+            for j in 0..n {
+                let r: f32 = (0..k).map(|a| u[i * k + a] * s[a] * vt[a * n + j]).sum();
+                assert!((r - w[i * n + j]).abs() < 1e-5, "USVᵀ[{i},{j}] = {r}, W = {}", w[i * n + j]);
+            }
+        }
+        for a in 0..k {
+            for b2 in 0..k {
+                let uu: f32 = (0..m).map(|i| u[i * k + a] * u[i * k + b2]).sum();
+                let vv: f32 = (0..n).map(|j| vt[a * n + j] * vt[b2 * n + j]).sum();
+                let e = if a == b2 { 1.0 } else { 0.0 };
+                assert!((uu - e).abs() < 1e-5 && (vv - e).abs() < 1e-5, "UᵀU or VᵀV [{a},{b2}] = {uu}, {vv}");
+            }
+        }
+    }
+    // energy: σ = [3, 2, 1] has Σσ² = 14; 0.6 needs 9+4 = 13 ≥ 8.4 → no, 9 ≥ 8.4 → 1 value
+    assert_eq!(svfit::choose_rank(&[3.0, 2.0, 1.0], 8, Some(0.6)), 1);
+    assert_eq!(svfit::choose_rank(&[3.0, 2.0, 1.0], 8, Some(0.9)), 2);
+    assert_eq!(svfit::choose_rank(&[3.0, 2.0, 1.0], 8, None), 3);
+    assert_eq!(svfit::choose_rank(&[3.0, 2.0, 1.0], 2, None), 2);
+}
+
+fn svfit_method() -> Method {
+    Method::Svfit(SvfitConfig { rank: 3, energy: None, targets: vec!["query".into(), "value".into()] })
+}
+fn ia3_method() -> Method {
+    Method::Ia3 { targets: rime_peft::ia3::default_targets() }
+}
+fn adapter_method(mode: AdapterMode, scale: f32) -> Method {
+    Method::Adapter(BottleneckConfig { size: 4, mode, scale, seed: 1 })
+}
+
+#[test]
+fn svfit_split_keeps_the_model_and_energy_picks_rank() {
+    let d = dev();
+    let plain = tiny_store(d);
+    let mut se0 = exec(d, &plain, &Method::Probe, None);
+    se0.exec.forward(d).unwrap();
+    let want = se0.exec.read(d, se0.logits).unwrap();
+    let mut st = tiny_store(d);
+    let e = Method::Svfit(SvfitConfig { rank: 0, energy: Some(0.9), targets: vec!["query".into()] });
+    let info = classifier::prepare_method(d, &mut st, &e).unwrap();
+    println!("{info}");
+    let sig = st.id(&svfit::sigma_name("encoder.layer.0.attention.self.query")).unwrap();
+    let r = st.get(sig).tensor.numel();
+    assert!(r >= 1 && r < 8, "energy 0.9 of a random 8×8 kept {r} values");
+    // σ at its initial value: W_rest + UσVᵀ is W, the logits are the pretrained model's.
+    let mut se = exec(d, &st, &e, Some(OptimConfig::adamw(1e-2, 0.0)));
+    se.exec.forward(d).unwrap();
+    let got = se.exec.read(d, se.logits).unwrap();
+    let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(diff < 1e-4, "svfit at init changes the logits by {diff}");
+    assert_eq!(se.exec.gradient_buffers(), 2 + 2, "σ of 2 layers and the head (weight, bias)");
+}
+
+#[test]
+fn svfit_gradients_match_finite_differences() {
+    let d = dev();
+    let mut st = tiny_store(d);
+    classifier::prepare_method(d, &mut st, &svfit_method()).unwrap();
+    perturb(d, &st);
+    let mut se = exec(d, &st, &svfit_method(), Some(OptimConfig::adamw(1e-2, 0.0)));
+    assert!(check_grads(d, &st, &mut se) >= 3 * 6);
+}
+
+#[test]
+fn svfit_loss_falls() {
+    loss_falls(&svfit_method());
+}
+
+#[test]
+fn svfit_adapter_round_trip() {
+    round_trip(
+        &svfit_method(),
+        "RIME_SVFIT",
+        &[
+            "base_model.model.encoder.layer.1.attention.self.value.svfit_sigma",
+            "base_model.model.encoder.layer.1.attention.self.value.svfit_U",
+            "base_model.model.encoder.layer.1.attention.self.value.svfit_V",
+            "base_model.model.head.weight",
+        ],
+    );
+}
+
+#[test]
+fn ia3_gradients_match_finite_differences() {
+    let d = dev();
+    let mut st = tiny_store(d);
+    let info = classifier::prepare_method(d, &mut st, &ia3_method()).unwrap();
+    assert!(info.contains("4 output-scaled and 2 input-scaled"), "{info}");
+    perturb(d, &st);
+    let mut se = exec(d, &st, &ia3_method(), Some(OptimConfig::adamw(1e-2, 0.0)));
+    assert!(check_grads(d, &st, &mut se) >= 3 * 8);
+}
+
+#[test]
+fn ia3_loss_falls() {
+    loss_falls(&ia3_method());
+}
+
+#[test]
+fn ia3_adapter_round_trip_with_peft_names_and_shapes() {
+    round_trip(
+        &ia3_method(),
+        "IA3",
+        &[
+            "base_model.model.encoder.layer.0.attention.self.key.ia3_l",
+            "base_model.model.encoder.layer.0.attention.self.value.ia3_l",
+            "base_model.model.encoder.layer.0.output.dense.ia3_l",
+        ],
+    );
+    let d = dev();
+    let mut st = tiny_store(d);
+    classifier::prepare_method(d, &mut st, &ia3_method()).unwrap();
+    let shape = |n: &str| st.get(st.id(n).unwrap()).tensor.shape.clone();
+    // peft: [out, 1] for key/value, [1, in] for a feed-forward module
+    assert_eq!(shape("base_model.model.encoder.layer.0.attention.self.key.ia3_l"), [8, 1]);
+    assert_eq!(shape("base_model.model.encoder.layer.0.output.dense.ia3_l"), [1, 12]);
+    assert!(st.find("base_model.model.encoder.layer.0.attention.output.dense.ia3_l").is_none());
+}
+
+#[test]
+fn adapter_gradients_match_finite_differences() {
+    let d = dev();
+    for m in [adapter_method(AdapterMode::Serial, 1.0), adapter_method(AdapterMode::Parallel, 4.0)] {
+        let mut st = tiny_store(d);
+        classifier::prepare_method(d, &mut st, &m).unwrap();
+        perturb(d, &st);
+        let mut se = exec(d, &st, &m, Some(OptimConfig::adamw(1e-2, 0.0)));
+        assert!(check_grads(d, &st, &mut se) >= 3 * 18);
+    }
+}
+
+#[test]
+fn adapter_starts_as_identity_and_loss_falls() {
+    let d = dev();
+    let plain = tiny_store(d);
+    let mut se0 = exec(d, &plain, &Method::Probe, None);
+    se0.exec.forward(d).unwrap();
+    let want = se0.exec.read(d, se0.logits).unwrap();
+    for m in [adapter_method(AdapterMode::Serial, 1.0), adapter_method(AdapterMode::Parallel, 4.0)] {
+        let mut st = tiny_store(d);
+        classifier::prepare_method(d, &mut st, &m).unwrap();
+        let mut se = exec(d, &st, &m, None);
+        se.exec.forward(d).unwrap();
+        let got = se.exec.read(d, se.logits).unwrap();
+        let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(diff < 1e-6, "{m:?} at init changes the logits by {diff}");
+        loss_falls(&m);
+    }
+}
+
+#[test]
+fn adapter_round_trip() {
+    round_trip(
+        &adapter_method(AdapterMode::Parallel, 4.0),
+        "RIME_BOTTLENECK",
+        &[
+            "base_model.model.encoder.layer.0.attention.output.adapter.down.weight",
+            "base_model.model.encoder.layer.1.output.adapter.up.bias",
+        ],
+    );
+}
