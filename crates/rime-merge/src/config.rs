@@ -19,16 +19,22 @@ pub enum Method {
     DareLinear,
     DareTies,
     Slerp,
+    /// Model soup by greedy selection on held-out accuracy (rime adapters with heads).
+    GreedySoup,
+    /// aTLAS: one learned coefficient per task vector per tensor.
+    Atlas,
 }
 
 impl Method {
-    pub const ALL: [(&'static str, Method); 6] = [
+    pub const ALL: [(&'static str, Method); 8] = [
         ("linear", Method::Linear),
         ("task_arithmetic", Method::TaskArithmetic),
         ("ties", Method::Ties),
         ("dare_linear", Method::DareLinear),
         ("dare_ties", Method::DareTies),
         ("slerp", Method::Slerp),
+        ("greedy_soup", Method::GreedySoup),
+        ("atlas", Method::Atlas),
     ];
 
     pub fn parse(s: &str) -> Option<Method> {
@@ -49,7 +55,16 @@ impl Method {
         match self {
             Method::Linear | Method::TaskArithmetic => &["weight"],
             Method::Ties | Method::DareLinear | Method::DareTies => &["weight", "density"],
-            Method::Slerp => &[],
+            Method::Slerp | Method::GreedySoup | Method::Atlas => &[],
+        }
+    }
+
+    /// Global parameters whose value is a path (resolved like model paths) or a word.
+    fn string_params(self) -> &'static [&'static str] {
+        match self {
+            Method::GreedySoup => &["eval_data", "combination", "text_column", "label_column"],
+            Method::Atlas => &["train_data", "eval_data", "text_column", "label_column"],
+            _ => &[],
         }
     }
 
@@ -61,6 +76,8 @@ impl Method {
             Method::Ties => &["normalize", "lambda", "int8_mask"],
             Method::DareLinear | Method::DareTies => &["normalize", "lambda", "int8_mask", "seed"],
             Method::Slerp => &["t"],
+            Method::GreedySoup => &["batch_size", "max_length"],
+            Method::Atlas => &["batch_size", "max_length", "steps", "lr", "examples", "seed"],
         }
     }
 
@@ -144,6 +161,10 @@ pub struct MergeConfig {
     pub dtype: Option<OutDtype>,
     /// Keys accepted but without effect (e.g. `int8_mask`), for the report.
     pub notes: Vec<String>,
+    /// Word- or path-valued parameters of greedy_soup / atlas (`eval_data`, `train_data`, ...), as written.
+    pub strings: std::collections::BTreeMap<String, String>,
+    /// Numeric parameters of greedy_soup / atlas (`steps`, `lr`, `batch_size`, ...).
+    pub numbers: std::collections::BTreeMap<String, f64>,
 }
 
 impl MergeConfig {
@@ -209,7 +230,44 @@ impl MergeConfig {
         };
         // Global parameters; per-model parameter names given globally act as defaults for every model.
         let allowed_global: Vec<&str> = method.global_params().iter().chain(method.model_params()).copied().collect();
-        let gparams = parse_params(top.get("parameters"), "parameters", &allowed_global, method, &err)?;
+        let mut strings = std::collections::BTreeMap::new();
+        let mut params_v = top.get("parameters").cloned();
+        if let Some(Value::Object(m)) = params_v.as_mut() {
+            for k in method.string_params() {
+                match m.remove(*k) {
+                    None | Some(Value::Null) => {}
+                    Some(Value::String(v)) => {
+                        strings.insert(k.to_string(), v);
+                    }
+                    Some(v) => return Err(err(format!("parameters: `{k}` must be a string, found {v}"))),
+                }
+            }
+            if !method.string_params().is_empty() {
+                for k in m.keys() {
+                    if !allowed_global.contains(&k.as_str()) {
+                        let mut known: Vec<&str> = allowed_global.clone();
+                        known.extend(method.string_params());
+                        return Err(err(format!(
+                            "parameters: unknown parameter `{k}` for merge_method `{}` (it reads: {})",
+                            method.as_str(),
+                            known.join(", ")
+                        )));
+                    }
+                }
+            }
+        }
+        let gparams = parse_params(params_v.as_ref(), "parameters", &allowed_global, method, &err)?;
+        let mut numbers = std::collections::BTreeMap::new();
+        if matches!(method, Method::GreedySoup | Method::Atlas) {
+            for (k, v) in &gparams {
+                match v {
+                    Param::Num(x) if x.is_finite() => {
+                        numbers.insert(k.clone(), *x);
+                    }
+                    _ => return Err(err(format!("parameters: `{k}` must be a number"))),
+                }
+            }
+        }
         let gget = |k: &str| gparams.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
         let mut models = Vec::new();
         let list = match top.get("models") {
@@ -297,6 +355,8 @@ impl MergeConfig {
             seed,
             dtype,
             notes,
+            strings,
+            numbers,
         };
         cfg.check_inputs()?;
         Ok(cfg)

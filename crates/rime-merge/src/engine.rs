@@ -71,6 +71,11 @@ pub struct MergeReport {
 
 /// Merges as `cfg` says into the folder `out`.
 pub fn merge(dev: &Device, cfg: &MergeConfig, out: &Path, opts: &MergeOptions) -> Result<MergeReport> {
+    match cfg.method {
+        Method::GreedySoup => return crate::soup::greedy_soup(dev, cfg, out, opts),
+        Method::Atlas => return crate::atlas::atlas(dev, cfg, out, opts),
+        _ => {}
+    }
     let t0 = Instant::now();
     // Inputs in order: the base first (task-vector methods, slerp), then the contributing models.
     let entries: Vec<&ModelEntry> = match cfg.method {

@@ -5,17 +5,20 @@
 //! memory stays near (inputs + 2) x the largest tensor. The output folder is built under a temporary sibling
 //! name and renamed into place at the end: a failed merge leaves no output folder behind.
 
+pub mod atlas;
 mod combine;
 pub mod config;
 mod engine;
 mod lora;
 mod output;
+mod soup;
 
 pub use combine::{combine_adapters, combine_lora, combine_stack, Combination, CombineOptions};
 pub use config::{MergeConfig, Method, ModelEntry, OutDtype, Param};
 pub use engine::{dare_mask, merge, MergeOptions, MergeReport};
 pub use lora::fold_lora;
 pub use output::{parse_size, DEFAULT_SHARD_SIZE};
+pub use soup::{greedy_soup, SoupDecision};
 
 /// Result alias of this crate.
 pub type Result<T> = std::result::Result<T, Error>;
