@@ -37,6 +37,12 @@ use std::path::PathBuf;
 ///
 /// writes a peft adapter folder (adapter_config.json, adapter_model.safetensors, merge_report.json).
 ///
+/// Learned merges of rime adapters with heads (`rime train` outputs), base_model = the model they tuned:
+///   merge_method: greedy_soup    # parameters: {eval_data: FILE, combination: linear|cat, max_length, batch_size}
+///   merge_method: atlas          # parameters: {train_data: FILE, eval_data: FILE, examples: 64, steps: 30, lr: 0.05}
+/// greedy_soup writes the soup adapter (decisions in merge_report.json); atlas writes the merged model, head/
+/// (rime eval --model OUT --adapter OUT/head) and atlas_coefficients.json.
+///
 /// The output folder gets model.safetensors (shards and model.safetensors.index.json above --shard-size),
 /// the base's config.json and tokenizer files, and merge_report.json (method, inputs, bytes read and written,
 /// seconds, GB/s). It is built in a temporary sibling folder and renamed into place at the end, so a failed
@@ -161,7 +167,7 @@ pub fn run(opts: &rime_kernels::DeviceOptions, args: &MergeArgs) -> Result<(), B
         report.gb_per_s
     );
     for n in &report.notes {
-        println!("note: {n}");
+        eprintln!("note: {n}");
     }
     Ok(())
 }
