@@ -405,6 +405,8 @@ pub fn train(dev: &Device, cfg: &TrainConfig, on: &mut dyn FnMut(Event)) -> Resu
         .map_err(|e| Error::Msg(format!("{}: {e}", cfg.out.display())))?;
     on(Event::Start { steps: total, examples: train_enc.ids.len() });
     let t_start = Instant::now();
+    // Time spent evaluating and checkpointing, excluded from the training throughput.
+    let mut paused = std::time::Duration::ZERO;
     let mut examples_done = 0usize;
     let mut last_good: Option<usize> = None;
     let mut patience_left = cfg.patience;
@@ -482,9 +484,12 @@ pub fn train(dev: &Device, cfg: &TrainConfig, on: &mut dyn FnMut(Event)) -> Resu
             }
             global_step += 1;
             if cfg.save_every > 0 && global_step % cfg.save_every == 0 {
+                let t_save = Instant::now();
                 save_checkpoint(&mut sess, global_step, best_acc, best_epoch)?;
+                paused += t_save.elapsed();
             }
         }
+        let t_eval = Instant::now();
         let m = sess.evaluate(&eval_enc, |_| {})?;
         let improved = m.accuracy > best_acc;
         if improved {
@@ -501,6 +506,7 @@ pub fn train(dev: &Device, cfg: &TrainConfig, on: &mut dyn FnMut(Event)) -> Resu
         on(Event::Eval { epoch, metrics: m.clone(), best: improved });
         last_metrics = m;
         save_checkpoint(&mut sess, global_step, best_acc, best_epoch)?;
+        paused += t_eval.elapsed();
         if hit_max {
             break 'epochs;
         }
@@ -510,7 +516,7 @@ pub fn train(dev: &Device, cfg: &TrainConfig, on: &mut dyn FnMut(Event)) -> Resu
             break;
         }
     }
-    let secs = t_start.elapsed().as_secs_f64();
+    let secs = (t_start.elapsed() - paused).as_secs_f64();
     let _ = stopped_early;
     // The best adapter's metrics are the run's result.
     let best = history.iter().find(|h| h["epoch"].as_u64() == Some(best_epoch as u64)).cloned();
