@@ -1,0 +1,562 @@
+//! The cases: shapes from real models (MiniLM-L6 at batch 32 × sequence 128, SmolLM2-135M, a 4096-wide
+//! Llama layer) and square products, each timed on the device and, right after, on the CPU baseline.
+//! FLOP counts are nominal (2·M·N·K per product, attention 4·B·NH·T²·HS forward and 10·B·NH·T²·HS backward
+//! with the probabilities recomputed), the same count for rime and the baseline, so a ratio is a time ratio.
+
+use std::time::Instant;
+
+use rime_graph::{OptimConfig, ParamStore};
+use rime_kernels::ops::{attention, lora, matmul, merge};
+use rime_kernels::{DType, Device, Dispatch, Tensor};
+use rime_models::bert::BertConfig;
+use rime_peft::classifier::{self, Method};
+use rime_peft::lora::{LoraConfig, LoraInit};
+
+use crate::cpu::{self, row, trans};
+use crate::timer::{measure_cpu, Stats, Timer};
+use crate::{adapter_label, CaseResult, Error, Options, Result, Unit};
+
+pub(crate) struct Ctx<'d> {
+    pub dev: &'d Device,
+    pub opts: &'d Options,
+    pub timer: Timer<'d>,
+    pub adapter: String,
+}
+
+impl<'d> Ctx<'d> {
+    pub fn new(dev: &'d Device, opts: &'d Options) -> Ctx<'d> {
+        Ctx { dev, opts, timer: Timer::new(dev, opts.wall), adapter: adapter_label(dev) }
+    }
+
+    fn gpu(&self, ds: &[Dispatch]) -> Result<Stats> {
+        self.timer.measure(ds, self.opts.warmup, self.opts.runs)
+    }
+
+    fn cpu(&self, f: impl FnMut()) -> Stats {
+        measure_cpu(self.opts.warmup.max(1), self.opts.runs, f)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn result(
+        &self,
+        name: &str,
+        shape: String,
+        unit: Unit,
+        work: f64,
+        gpu: Stats,
+        baseline: String,
+        cpu: Stats,
+    ) -> CaseResult {
+        let value = work / gpu.median * 1e-9;
+        let baseline_value = work / cpu.median * 1e-9;
+        let mut extra = serde_json::Map::new();
+        extra.insert("runs".into(), gpu.runs.into());
+        extra.insert("ms_min".into(), (gpu.min * 1e3).into());
+        extra.insert("ms_max".into(), (gpu.max * 1e3).into());
+        CaseResult {
+            name: name.to_string(),
+            shape,
+            unit,
+            value,
+            baseline,
+            baseline_value,
+            ratio: value / baseline_value,
+            ms: gpu.median * 1e3,
+            baseline_ms: cpu.median * 1e3,
+            timing: self.timer.method(),
+            adapter: self.adapter.clone(),
+            extra,
+        }
+    }
+}
+
+fn gemm_label() -> String {
+    format!("gemm 0.18 f32 (rayon, {} threads)", crate::cpu_threads())
+}
+
+/// Deterministic values in [-1, 1) (xorshift; speed matters for 48M-element inputs, quality does not).
+pub(crate) fn fill(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32) / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+fn upload(dev: &Device, shape: &[usize], seed: u64) -> Result<(Tensor, Vec<f32>)> {
+    let data = fill(shape.iter().product(), seed);
+    Ok((dev.upload_f32(&data, shape)?, data))
+}
+
+// ------------------------------------------------------------------------------------------------ matmul
+
+struct MatmulCase {
+    name: &'static str,
+    m: usize,
+    k: usize,
+    n: usize,
+    /// x·Wᵀ with W [N, K] (a linear layer, the layout models run) or a plain A·B.
+    linear: bool,
+}
+
+fn matmul_cases(o: &Options) -> Vec<MatmulCase> {
+    let c = |name, m, k, n, linear| MatmulCase { name, m, k, n, linear };
+    if o.tiny {
+        return vec![c("matmul_tiny_linear", 64, 32, 48, true), c("matmul_tiny_square", 64, 64, 64, false)];
+    }
+    let mut v = vec![
+        c("matmul_minilm_attn_proj", 4096, 384, 384, true),
+        c("matmul_minilm_ffn_up", 4096, 384, 1536, true),
+        c("matmul_minilm_ffn_down", 4096, 1536, 384, true),
+        c("matmul_smollm2_attn_proj", 4096, 576, 576, true),
+        c("matmul_smollm2_mlp_up", 4096, 576, 1536, true),
+        c("matmul_smollm2_mlp_down", 4096, 1536, 576, true),
+    ];
+    if !o.quick {
+        v.push(c("matmul_llama_4096", 4096, 4096, 4096, true));
+    }
+    v.push(c("matmul_square_512", 512, 512, 512, false));
+    v.push(c("matmul_square_1024", 1024, 1024, 1024, false));
+    if !o.quick {
+        v.push(c("matmul_square_2048", 2048, 2048, 2048, false));
+    }
+    v
+}
+
+pub(crate) fn matmul(ctx: &Ctx) -> Result<Vec<CaseResult>> {
+    let dev = ctx.dev;
+    let mut out = Vec::new();
+    for c in matmul_cases(ctx.opts) {
+        let (m, k, n) = (c.m, c.k, c.n);
+        let (a_t, a) = upload(dev, &[m, k], 1)?;
+        let w_shape = if c.linear { [n, k] } else { [k, n] };
+        let (w_t, w) = upload(dev, &w_shape, 2)?;
+        let o_t = dev.empty(&[m, n], DType::F32)?;
+        let ds = matmul::matmul_forward(dev, &o_t, &a_t, &w_t, None, false, c.linear)?;
+        let gpu = ctx.gpu(&ds)?;
+        drop(ds);
+        for t in [a_t, w_t, o_t] {
+            dev.recycle(t);
+        }
+        let mut dst = vec![0f32; m * n];
+        let wv = if c.linear { trans(k) } else { row(n) };
+        let cpu =
+            ctx.cpu(|| cpu::gemm_f32(m, n, k, &mut dst, row(n), false, &a, row(k), &w, wv, 1.0, cpu::all_threads()));
+        let layout = if c.linear { "x·Wᵀ" } else { "A·B" };
+        let shape = format!("{m}x{k}x{n} (MxKxN, {layout})");
+        let flops = 2.0 * (m * n * k) as f64;
+        out.push(ctx.result(c.name, shape, Unit::Gflops, flops, gpu, gemm_label(), cpu));
+    }
+    Ok(out)
+}
+
+// --------------------------------------------------------------------------------------------- attention
+
+struct AttnShape {
+    b: usize,
+    t: usize,
+    nh: usize,
+    hs: usize,
+}
+
+fn attn_shape(o: &Options) -> AttnShape {
+    if o.tiny {
+        AttnShape { b: 2, t: 16, nh: 2, hs: 32 }
+    } else {
+        AttnShape { b: 32, t: 128, nh: 12, hs: 32 }
+    }
+}
+
+pub(crate) fn attention(ctx: &Ctx) -> Result<Vec<CaseResult>> {
+    let dev = ctx.dev;
+    let AttnShape { b, t, nh, hs } = attn_shape(ctx.opts);
+    let shape4 = [b, t, nh, hs];
+    let scale = 1.0 / (hs as f32).sqrt();
+    let (q_t, q) = upload(dev, &shape4, 11)?;
+    let (k_t, k) = upload(dev, &shape4, 12)?;
+    let (v_t, v) = upload(dev, &shape4, 13)?;
+    let (do_t, dout) = upload(dev, &shape4, 14)?;
+    let mask = vec![1f32; b * t];
+    let mask_t = dev.upload_f32(&mask, &[b, t])?;
+    let out_t = dev.empty(&shape4, DType::F32)?;
+    let lse_t = dev.empty(&[b, nh, t], DType::F32)?;
+    let fwd = attention::attention_forward(dev, &out_t, &lse_t, &q_t, &k_t, &v_t, Some(&mask_t), false, scale)?;
+    let gpu_f = ctx.gpu(&fwd)?;
+    let (dq_t, dk_t, dv_t) =
+        (dev.empty(&shape4, DType::F32)?, dev.empty(&shape4, DType::F32)?, dev.empty(&shape4, DType::F32)?);
+    let delta_t = dev.empty(&[b, nh, t], DType::F32)?;
+    let bwd = attention::attention_backward(
+        dev,
+        &dq_t,
+        &dk_t,
+        &dv_t,
+        &delta_t,
+        &do_t,
+        &q_t,
+        &k_t,
+        &v_t,
+        &out_t,
+        &lse_t,
+        Some(&mask_t),
+        false,
+        scale,
+    )?;
+    dev.run(&fwd)?;
+    let gpu_b = ctx.gpu(&bwd)?;
+
+    let a = cpu::Attention { b, t, nh, hs, scale };
+    let n = b * t * nh * hs;
+    let mut out = vec![0f32; n];
+    let mut lse = vec![0f32; b * nh * t];
+    let cpu_f = ctx.cpu(|| a.forward(&mut out, &mut lse, &q, &k, &v, &mask));
+    let (mut dq, mut dk, mut dv) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+    let cpu_b = ctx.cpu(|| a.backward(&mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &out, &lse, &mask));
+
+    let base = format!("{} (heads in parallel, gemm per head)", gemm_label());
+    let shape = format!("B={b} T={t} NH={nh} HS={hs}");
+    let unit = (b * nh * t * t * hs) as f64;
+    Ok(vec![
+        ctx.result("attention_forward", shape.clone(), Unit::Gflops, 4.0 * unit, gpu_f, base.clone(), cpu_f),
+        ctx.result("attention_backward", shape, Unit::Gflops, 10.0 * unit, gpu_b, base, cpu_b),
+    ])
+}
+
+// -------------------------------------------------------------------------------------------------- lora
+
+/// The products of one LoRA linear forward + backward with a frozen W: (m, n, k) of each, in the order the
+/// baseline runs them.
+fn lora_products(m: usize, c: usize, oc: usize, r: usize) -> [(usize, usize, usize); 8] {
+    [
+        (m, r, c),  // h = x·Aᵀ
+        (m, oc, c), // out = x·Wᵀ
+        (m, oc, r), // out += s·h·Bᵀ
+        (m, r, oc), // dh = dout·B
+        (m, c, oc), // dx = dout·W
+        (m, c, r),  // dx += s·dh·A
+        (oc, r, m), // dB = s·doutᵀ·h
+        (r, c, m),  // dA = s·dhᵀ·x
+    ]
+}
+
+pub(crate) fn lora(ctx: &Ctx) -> Result<CaseResult> {
+    let dev = ctx.dev;
+    let (m, c, oc, r) = if ctx.opts.tiny { (64, 32, 32, 4) } else { (4096, 384, 384, 8) };
+    let s = 16.0 / r as f32;
+    let (x_t, x) = upload(dev, &[m, c], 21)?;
+    let (w_t, w) = upload(dev, &[oc, c], 22)?;
+    let (bias_t, bias) = upload(dev, &[oc], 23)?;
+    let (a_t, a) = upload(dev, &[r, c], 24)?;
+    let (b_t, bm) = upload(dev, &[oc, r], 25)?;
+    let (do_t, dout) = upload(dev, &[m, oc], 26)?;
+    let e = |shape: &[usize]| dev.empty(shape, DType::F32);
+    let (out_t, h_t, dx_t, dh_t, da_t, db_t) =
+        (e(&[m, oc])?, e(&[m, r])?, e(&[m, c])?, e(&[m, r])?, e(&[r, c])?, e(&[oc, r])?);
+    let mut ds = lora::lora_forward(dev, &out_t, &h_t, &x_t, &w_t, Some(&bias_t), &a_t, &b_t, s)?;
+    ds.extend(lora::lora_backward_input(dev, &dx_t, &dh_t, &do_t, &w_t, &a_t, &b_t, s)?);
+    ds.extend(lora::lora_backward_weight(dev, &da_t, &db_t, &dh_t, &do_t, &x_t, &h_t, &b_t, s, false)?);
+    let gpu = ctx.gpu(&ds)?;
+
+    let (mut out, mut h, mut dx, mut dh) =
+        (vec![0f32; m * oc], vec![0f32; m * r], vec![0f32; m * c], vec![0f32; m * r]);
+    let (mut da, mut db) = (vec![0f32; r * c], vec![0f32; oc * r]);
+    let p = cpu::all_threads;
+    let cpu = ctx.cpu(|| {
+        cpu::gemm_f32(m, r, c, &mut h, row(r), false, &x, row(c), &a, trans(c), 1.0, p());
+        cpu::gemm_f32(m, oc, c, &mut out, row(oc), false, &x, row(c), &w, trans(c), 1.0, p());
+        cpu::gemm_f32(m, oc, r, &mut out, row(oc), true, &h, row(r), &bm, trans(r), s, p());
+        for orow in out.chunks_mut(oc) {
+            for (o, bv) in orow.iter_mut().zip(&bias) {
+                *o += bv;
+            }
+        }
+        cpu::gemm_f32(m, r, oc, &mut dh, row(r), false, &dout, row(oc), &bm, row(r), 1.0, p());
+        cpu::gemm_f32(m, c, oc, &mut dx, row(c), false, &dout, row(oc), &w, row(c), 1.0, p());
+        cpu::gemm_f32(m, c, r, &mut dx, row(c), true, &dh, row(r), &a, row(c), s, p());
+        cpu::gemm_f32(oc, r, m, &mut db, row(r), false, &dout, trans(oc), &h, row(r), s, p());
+        cpu::gemm_f32(r, c, m, &mut da, row(c), false, &dh, trans(r), &x, row(c), s, p());
+    });
+    let flops: f64 = lora_products(m, c, oc, r).iter().map(|&(a, b, k)| 2.0 * (a * b * k) as f64).sum();
+    let shape = format!("x [{m},{c}] W [{oc},{c}] r={r} (fwd+bwd, frozen W)");
+    Ok(ctx.result("lora_minilm_query", shape, Unit::Gflops, flops, gpu, gemm_label(), cpu))
+}
+
+// ------------------------------------------------------------------------------------------------- merge
+
+pub(crate) fn merge(ctx: &Ctx) -> Result<CaseResult> {
+    let dev = ctx.dev;
+    let n_in = 3;
+    let l: usize = if ctx.opts.tiny { 4096 } else { 16 << 20 };
+    let weights = [0.5f32, 0.3, 0.2];
+    let xs: Vec<Vec<f32>> = (0..n_in).map(|i| fill(l, 31 + i as u64)).collect();
+    // The stacked input [3, chunk] must fit one binding (128 MiB on lavapipe): split the length.
+    let max_chunk = ((ctx.dev.max_binding() as usize / (4 * n_in)) / 1024 * 1024).max(1024);
+    let mut ds = Vec::new();
+    let mut start = 0;
+    while start < l {
+        let len = max_chunk.min(l - start);
+        let mut stacked = Vec::with_capacity(n_in * len);
+        for x in &xs {
+            stacked.extend_from_slice(&x[start..start + len]);
+        }
+        let xs_t = dev.upload_f32(&stacked, &[n_in, len])?;
+        let out_t = dev.empty(&[len], DType::F32)?;
+        ds.extend(merge::merge_weighted_sum_forward(dev, &out_t, &xs_t, &weights)?);
+        start += len;
+    }
+    let gpu = ctx.gpu(&ds)?;
+    drop(ds);
+    let mut out = vec![0f32; l];
+    let cpu = ctx.cpu(|| cpu::weighted_sum(&mut out, &xs, &weights));
+    let bytes = (4 * (n_in + 1) * l) as f64;
+    let shape = format!("{n_in} x {l} f32 -> {l} ({} MB moved)", (bytes / 1e6).round());
+    let base = format!("Rust loop (rayon, {} threads)", crate::cpu_threads());
+    Ok(ctx.result("merge_weighted_sum", shape, Unit::Gbps, bytes, gpu, base, cpu))
+}
+
+// -------------------------------------------------------------------------------------------- train step
+
+fn minilm_config() -> BertConfig {
+    BertConfig {
+        hidden: 384,
+        layers: 6,
+        heads: 12,
+        intermediate: 1536,
+        vocab: 30522,
+        max_positions: 512,
+        type_vocab: 2,
+        eps: 1e-12,
+        gelu_tanh: false,
+    }
+}
+
+fn tiny_config() -> BertConfig {
+    BertConfig {
+        hidden: 64,
+        layers: 2,
+        heads: 2,
+        intermediate: 128,
+        vocab: 100,
+        max_positions: 32,
+        type_vocab: 2,
+        eps: 1e-12,
+        gelu_tanh: false,
+    }
+}
+
+/// A BERT encoder with random weights under Hugging Face names (no checkpoint needed).
+fn random_bert(dev: &Device, cfg: &BertConfig) -> Result<ParamStore> {
+    let mut store = ParamStore::new();
+    let mut seed = 100;
+    let mut add = |store: &mut ParamStore, name: &str, shape: &[usize], kind: u8| -> Result<()> {
+        seed += 1;
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = match kind {
+            b'w' => fill(n, seed).into_iter().map(|x| 0.04 * x).collect(),
+            b'1' => vec![1.0; n],
+            _ => vec![0.0; n],
+        };
+        store.add_f32(dev, name, &data, shape, false)?;
+        Ok(())
+    };
+    let (c, i) = (cfg.hidden, cfg.intermediate);
+    add(&mut store, "embeddings.word_embeddings.weight", &[cfg.vocab, c], b'w')?;
+    add(&mut store, "embeddings.position_embeddings.weight", &[cfg.max_positions, c], b'w')?;
+    add(&mut store, "embeddings.token_type_embeddings.weight", &[cfg.type_vocab, c], b'w')?;
+    add(&mut store, "embeddings.LayerNorm.weight", &[c], b'1')?;
+    add(&mut store, "embeddings.LayerNorm.bias", &[c], b'0')?;
+    for l in 0..cfg.layers {
+        let p = format!("encoder.layer.{l}.");
+        for (m, out_f, in_f) in [
+            ("attention.self.query", c, c),
+            ("attention.self.key", c, c),
+            ("attention.self.value", c, c),
+            ("attention.output.dense", c, c),
+            ("intermediate.dense", i, c),
+            ("output.dense", c, i),
+        ] {
+            add(&mut store, &format!("{p}{m}.weight"), &[out_f, in_f], b'w')?;
+            add(&mut store, &format!("{p}{m}.bias"), &[out_f], b'0')?;
+        }
+        for ln in ["attention.output.LayerNorm", "output.LayerNorm"] {
+            add(&mut store, &format!("{p}{ln}.weight"), &[c], b'1')?;
+            add(&mut store, &format!("{p}{ln}.bias"), &[c], b'0')?;
+        }
+    }
+    Ok(store)
+}
+
+/// The products and attention calls a LoRA step on a frozen BERT must do (nominal; layernorm, GELU,
+/// embeddings, pooling, head and optimizer are left out): (m, n, k) per product, and the attention shape.
+fn step_products(cfg: &BertConfig, b: usize, t: usize, r: usize) -> Vec<(usize, usize, usize)> {
+    let (m, c, i) = (b * t, cfg.hidden, cfg.intermediate);
+    let mut v = Vec::new();
+    for layer in 0..cfg.layers {
+        // forward: q, k, v, o, up, down; LoRA on q and v
+        v.extend([(m, c, c), (m, c, c), (m, c, c), (m, c, c), (m, i, c), (m, c, i)]);
+        for _ in 0..2 {
+            v.extend([(m, r, c), (m, c, r)]);
+        }
+        // backward through the frozen linears (no weight gradients): down, up, o; q, k, v except in layer 0,
+        // whose input needs no gradient.
+        v.extend([(m, i, c), (m, c, i), (m, c, c)]);
+        if layer > 0 {
+            v.extend([(m, c, c), (m, c, c), (m, c, c)]);
+        }
+        // LoRA factors of q and v: dh, dB, dA (+ dx through A above layer 0)
+        for _ in 0..2 {
+            v.extend([(m, r, c), (c, r, m), (r, c, m)]);
+            if layer > 0 {
+                v.push((m, c, r));
+            }
+        }
+    }
+    v
+}
+
+/// The CPU lower bound of a step: every product of [`step_products`] through `gemm`, plus attention forward
+/// and backward per layer.
+fn cpu_step(ctx: &Ctx, cfg: &BertConfig, b: usize, t: usize, r: usize) -> (Stats, f64) {
+    let prods = step_products(cfg, b, t, r);
+    let big = prods.iter().map(|&(m, n, k)| (m * k).max(k * n).max(m * n)).max().unwrap_or(1);
+    let lhs = fill(big, 41);
+    let rhs = fill(big, 42);
+    let mut dst = vec![0f32; big];
+    let hs = cfg.hidden / cfg.heads;
+    let att = cpu::Attention { b, t, nh: cfg.heads, hs, scale: 1.0 / (hs as f32).sqrt() };
+    let n = b * t * cfg.hidden;
+    let (q, k, v, dout) = (fill(n, 43), fill(n, 44), fill(n, 45), fill(n, 46));
+    let mask = vec![1f32; b * t];
+    let (mut out, mut lse) = (vec![0f32; n], vec![0f32; b * cfg.heads * t]);
+    let (mut dq, mut dk, mut dv) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+    let steps = ctx.opts.runs.clamp(1, 3);
+    let stats = measure_cpu(1, steps, || {
+        for &(m, nn, kk) in &prods {
+            cpu::gemm_f32(m, nn, kk, &mut dst, row(nn), false, &lhs, row(kk), &rhs, row(nn), 1.0, cpu::all_threads());
+        }
+        for _ in 0..cfg.layers {
+            att.forward(&mut out, &mut lse, &q, &k, &v, &mask);
+            att.backward(&mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &out, &lse, &mask);
+        }
+    });
+    let flops = prods.iter().map(|&(m, n, k)| 2.0 * (m * n * k) as f64).sum::<f64>()
+        + cfg.layers as f64 * 14.0 * (b * cfg.heads * t * t * hs) as f64;
+    (stats, flops)
+}
+
+/// CPU time of the calling thread so far, in seconds (Linux; None elsewhere).
+fn thread_cpu_s() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let ns: f64 = s.split_whitespace().next()?.parse().ok()?;
+    Some(ns * 1e-9)
+}
+
+pub(crate) fn train_step(ctx: &Ctx) -> Result<CaseResult> {
+    let dev = ctx.dev;
+    let tiny = ctx.opts.tiny;
+    let (b, t, r) = if tiny { (2, 16, 4) } else { (32, 128, 8) };
+    let found = if tiny { None } else { rime_io::locate_model("all-minilm-l6-v2").ok() };
+    let (mut store, cfg, prefix, weights) = match found {
+        Some(path) => {
+            let (store, cfg, prefix, _tok) = rime_peft::trainer::open_model(dev, &path, t)?;
+            (store, cfg, prefix, format!("checkpoint {}", path.display()))
+        }
+        None => {
+            let cfg = if tiny { tiny_config() } else { minilm_config() };
+            (random_bert(dev, &cfg)?, cfg, String::new(), "random weights of MiniLM-L6's shapes".to_string())
+        }
+    };
+    classifier::init_head(dev, &mut store, cfg.hidden, 2, 0)?;
+    let lcfg = LoraConfig {
+        rank: r,
+        alpha: 2.0 * r as f32,
+        targets: vec!["query".into(), "value".into()],
+        rslora: false,
+        init: LoraInit::Kaiming,
+        seed: 0,
+    };
+    rime_peft::lora::add_lora(dev, &mut store, &lcfg)?;
+    let hook = classifier::hook_for(&Method::Lora(lcfg));
+    let optim = OptimConfig::adamw(1e-4, 0.01);
+    let mut se = classifier::build_exec(dev, &store, &cfg, &prefix, hook.as_ref(), b, t, Some(optim))?;
+    let ids: Vec<u32> = fill(b * t, 51).iter().map(|x| ((x + 1.0) * 0.5 * (cfg.vocab - 1) as f32) as u32).collect();
+    let types = vec![0u32; b * t];
+    let mask = vec![1u32; b * t];
+    let labels: Vec<i32> = (0..b).map(|i| (i % 2) as i32).collect();
+    classifier::feed(dev, &se, &ids, &types, &mask, &labels)?;
+
+    let exec = &mut se.exec;
+    for _ in 0..ctx.opts.warmup.max(1) {
+        exec.step(dev)?;
+    }
+    exec.last_loss(dev)?;
+
+    // The trainer's loop: back-to-back steps (each reads the previous loss, so each waits for the GPU).
+    let steps = ctx.opts.train_steps.max(1);
+    let cpu0 = thread_cpu_s();
+    let t0 = Instant::now();
+    for _ in 0..steps {
+        exec.step(dev)?;
+    }
+    let loss = exec.last_loss(dev)?;
+    let wall = t0.elapsed().as_secs_f64() / steps as f64;
+    let host_cpu = cpu0.and_then(|c0| thread_cpu_s().map(|c1| (c1 - c0) / steps as f64));
+    if let Some(l) = loss {
+        if !l.is_finite() {
+            return Err(Error::Msg(format!("train-step: the loss is {l} (not finite)")));
+        }
+    }
+
+    // GPU time of a step: timestamps written just before and just after the step's own submit. The marker
+    // before it fires at once, while the step is still being recorded, so the recording time is taken off.
+    let mut record_s = Vec::new();
+    let mut kernel_s = Vec::new();
+    if let Some(set) = ctx.timer.marker_set() {
+        for _ in 0..steps {
+            ctx.timer.submit_marker(&set, 0);
+            let r0 = Instant::now();
+            exec.step(dev)?; // nothing pending: records and submits without waiting
+            let rec = r0.elapsed().as_secs_f64();
+            ctx.timer.submit_marker(&set, 1);
+            exec.last_loss(dev)?;
+            if let Some(ns) = ctx.timer.read_marker_pair(&set)? {
+                record_s.push(rec);
+                kernel_s.push((ns * 1e-9 - rec).max(0.0));
+            }
+        }
+    }
+    let kernel = (!kernel_s.is_empty()).then(|| Stats::of(kernel_s).median);
+    let record = (!record_s.is_empty()).then(|| Stats::of(record_s).median);
+    let outside = match (kernel, host_cpu) {
+        (Some(k), _) => Some(((wall - k) / wall).clamp(0.0, 1.0)),
+        (None, Some(h)) => Some((h / wall).clamp(0.0, 1.0)),
+        _ => None,
+    };
+
+    let (cpu, flops) = cpu_step(ctx, &cfg, b, t, r);
+    let gpu = Stats { median: wall, min: wall, max: wall, runs: steps };
+    let shape = format!("B={b} T={t} L={} C={} LoRA r={r} q,v + head", cfg.layers, cfg.hidden);
+    let base = format!("{}: the step's products + attention only (lower bound of a CPU step)", gemm_label());
+    let mut res = ctx.result("train_step_minilm_lora", shape, Unit::Gflops, flops, gpu, base, cpu);
+    let ms = |x: f64| (x * 1e5).round() / 100.0;
+    let e = &mut res.extra;
+    e.insert("examples_per_s".into(), (b as f64 / wall).into());
+    e.insert("baseline_examples_per_s".into(), (b as f64 / res.baseline_ms * 1e3).into());
+    e.insert("step_ms".into(), ms(wall).into());
+    e.insert("kernel_ms".into(), kernel.map(ms).into());
+    e.insert("record_submit_ms".into(), record.map(ms).into());
+    e.insert("host_cpu_ms".into(), host_cpu.map(ms).into());
+    e.insert("outside_kernels_share".into(), outside.map(|x| (x * 1e4).round() / 1e4).into());
+    e.insert(
+        "outside_kernels_method".into(),
+        if kernel.is_some() { "1 - timestamped GPU time / wall" } else { "calling thread's CPU time / wall" }.into(),
+    );
+    e.insert("dispatches_per_step".into(), exec.dispatches_per_step().into());
+    e.insert("loss".into(), loss.map(|l| l as f64).into());
+    e.insert("weights".into(), weights.into());
+    res.timing = "wall per step (steady training loop)";
+    Ok(res)
+}
