@@ -95,6 +95,8 @@ pub fn add_adapters(dev: &Device, store: &mut ParamStore, cfg: &BottleneckConfig
 pub struct AdapterHook {
     pub mode: AdapterMode,
     pub scale: f32,
+    /// A sub-block without its adapter is an error (the adapters were never added).
+    pub strict: bool,
 }
 
 impl LinearHook for AdapterHook {
@@ -109,6 +111,11 @@ impl LinearHook for AdapterHook {
     ) -> Result<Var> {
         let m = module_name(layer, block);
         if store.find(&format!("{m}.down.weight")).is_none() {
+            if self.strict {
+                return Err(rime_graph::Error::Invalid(format!(
+                    "adapter '{m}' is not in the store: add the adapters first (classifier::prepare_method)"
+                )));
+            }
             return Ok(y);
         }
         let p = |g: &mut Graph, s: &str| g.param(store, &format!("{m}.{s}"));

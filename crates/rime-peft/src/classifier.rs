@@ -179,9 +179,9 @@ pub fn hook_for(method: &Method) -> Box<dyn LinearHook> {
     match method {
         Method::Lora(c) => Box::new(LoraHook { scale: c.scale() }),
         Method::Probe => Box::new(Plain),
-        Method::Svfit(_) => Box::new(SvfitHook),
-        Method::Ia3 { .. } => Box::new(Ia3Hook),
-        Method::Adapter(c) => Box::new(AdapterHook { mode: c.mode, scale: c.scale }),
+        Method::Svfit(c) => Box::new(SvfitHook { targets: Some(c.targets.clone()) }),
+        Method::Ia3 { targets } => Box::new(Ia3Hook { targets: Some(targets.clone()) }),
+        Method::Adapter(c) => Box::new(AdapterHook { mode: c.mode, scale: c.scale, strict: true }),
     }
 }
 
@@ -190,13 +190,13 @@ pub fn hook_for_adapter(cfg: &rime_io::peft::AdapterConfig) -> Result<Box<dyn Li
     Ok(match cfg.peft_type.as_str() {
         "LORA" => Box::new(LoraHook { scale: cfg.scale() as f32 }),
         "RIME_PROBE" => Box::new(Plain),
-        crate::svfit::PEFT_TYPE => Box::new(SvfitHook),
-        crate::ia3::PEFT_TYPE => Box::new(Ia3Hook),
+        crate::svfit::PEFT_TYPE => Box::new(SvfitHook { targets: None }),
+        crate::ia3::PEFT_TYPE => Box::new(Ia3Hook { targets: None }),
         crate::adapter::PEFT_TYPE => {
             let mode = cfg.raw.get("adapter_mode").and_then(|v| v.as_str()).and_then(AdapterMode::parse);
             let scale = cfg.raw.get("adapter_scale").and_then(|v| v.as_f64());
             match (mode, scale) {
-                (Some(mode), Some(scale)) => Box::new(AdapterHook { mode, scale: scale as f32 }),
+                (Some(mode), Some(scale)) => Box::new(AdapterHook { mode, scale: scale as f32, strict: false }),
                 _ => {
                     return Err(Error::Msg(
                         "adapter_config.json of a RIME_BOTTLENECK adapter needs adapter_mode (serial|parallel) \

@@ -47,12 +47,22 @@ pub fn default_targets() -> Vec<String> {
 }
 
 /// The rewrite: `y = (x·Wᵀ + b) ∘ l` for [out, 1] vectors, `y = (x ∘ l)·Wᵀ + b` for [1, in] ones.
-pub struct Ia3Hook;
+/// With `targets`, a target module without its vector is an error (the vectors were never added).
+pub struct Ia3Hook {
+    pub targets: Option<Vec<String>>,
+}
 
 impl LinearHook for Ia3Hook {
     fn linear(&self, g: &mut Graph, store: &ParamStore, module: &str, x: Var, w: Var, b: Option<Var>) -> Result<Var> {
         let name = vector_name(module);
-        let Some(id) = store.find(&name) else { return g.linear(x, w, b) };
+        let Some(id) = store.find(&name) else {
+            if self.targets.as_ref().is_some_and(|t| crate::lora::target_matches(t, module)) {
+                return Err(rime_graph::Error::Invalid(format!(
+                    "ia3 vector for '{module}' is not in the store: add it first (classifier::prepare_method)"
+                )));
+            }
+            return g.linear(x, w, b);
+        };
         let shape = store.get(id).tensor.shape.clone();
         let l = g.param(store, &name)?;
         let n: usize = shape.iter().product();

@@ -222,13 +222,21 @@ pub fn restore_rest(dev: &Device, store: &ParamStore) -> Result<usize> {
     Ok(n)
 }
 
-/// The rewrite: modules with a `svfit_sigma` in the store get the low-rank σ path beside W_rest.
-pub struct SvfitHook;
+/// The rewrite: modules with a `svfit_sigma` in the store get the low-rank σ path beside W_rest. With
+/// `targets`, a target module without σ is an error (the method's tensors were never added).
+pub struct SvfitHook {
+    pub targets: Option<Vec<String>>,
+}
 
 impl LinearHook for SvfitHook {
     fn linear(&self, g: &mut Graph, store: &ParamStore, module: &str, x: Var, w: Var, b: Option<Var>) -> Result<Var> {
         let sn = sigma_name(module);
         if store.find(&sn).is_none() {
+            if self.targets.as_ref().is_some_and(|t| crate::lora::target_matches(t, module)) {
+                return Err(rime_graph::Error::Invalid(format!(
+                    "svfit tensors for '{module}' are not in the store: add them first (classifier::prepare_method)"
+                )));
+            }
             return g.linear(x, w, b);
         }
         let base = g.linear(x, w, b)?;

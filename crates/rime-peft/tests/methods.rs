@@ -138,10 +138,16 @@ fn check_grads(d: &Device, st: &ParamStore, se: &mut ShapeExec) -> usize {
     checked
 }
 
-fn loss_falls(method: &Method) {
+/// 40 AdamW steps on one batch with the head frozen must bring the loss below `factor` × the first.
+fn loss_falls(method: &Method, factor: f32) {
     let d = dev();
     let mut st = tiny_store(d);
     classifier::prepare_method(d, &mut st, method).unwrap();
+    // The head stays fixed: the fall is the method's own doing.
+    for n in [classifier::HEAD_WEIGHT, classifier::HEAD_BIAS] {
+        let id = st.id(n).unwrap();
+        st.set_trainable(id, false);
+    }
     let mut se = exec(d, &st, method, Some(OptimConfig::adamw(2e-2, 0.0)));
     se.exec.forward(d).unwrap();
     let first = se.exec.read(d, se.loss).unwrap()[0];
@@ -151,7 +157,7 @@ fn loss_falls(method: &Method) {
     se.exec.forward(d).unwrap();
     let last = se.exec.read(d, se.loss).unwrap()[0];
     println!("{}: loss {first:.4} -> {last:.4} after 40 AdamW steps", method.name());
-    assert!(last.is_finite() && last < 0.7 * first, "{}: loss {first} -> {last}", method.name());
+    assert!(last.is_finite() && last < factor * first, "{}: loss {first} -> {last}", method.name());
 }
 
 /// Train a little, save the adapter, load it into a fresh copy of the model: same logits.
@@ -268,7 +274,7 @@ fn svfit_gradients_match_finite_differences() {
 
 #[test]
 fn svfit_loss_falls() {
-    loss_falls(&svfit_method());
+    loss_falls(&svfit_method(), 0.95);
 }
 
 #[test]
@@ -298,7 +304,7 @@ fn ia3_gradients_match_finite_differences() {
 
 #[test]
 fn ia3_loss_falls() {
-    loss_falls(&ia3_method());
+    loss_falls(&ia3_method(), 0.8);
 }
 
 #[test]
@@ -349,7 +355,7 @@ fn adapter_starts_as_identity_and_loss_falls() {
         let got = se.exec.read(d, se.logits).unwrap();
         let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(diff < 1e-6, "{m:?} at init changes the logits by {diff}");
-        loss_falls(&m);
+        loss_falls(&m, 0.5);
     }
 }
 
