@@ -140,6 +140,14 @@ pub fn embed(
     if max_length < 2 {
         return Err("--max-length must be at least 2 (the [CLS] and [SEP] tokens)".into());
     }
+    if !model.is_dir() {
+        return Err(format!(
+            "--model {}: expected a Hugging Face model folder of a BERT encoder (config.json, model.safetensors, \
+             tokenizer.json)",
+            model.display()
+        )
+        .into());
+    }
     let (mut store, bcfg, prefix, tok) = trainer::open_model(dev, model, max_length)?;
     let max_length = tok.max_length().unwrap_or(max_length);
     let method = match adapter {

@@ -304,11 +304,11 @@ fn inspect_corrupt_files_are_clear_errors() {
     short.extend_from_slice(header);
     short.extend_from_slice(&[0u8; 16]);
     cases.push((d.join("short.safetensors"), short));
-    if let Some(m) = rime_io::locate_model("all-minilm-l6-v2").ok() {
+    if let Ok(m) = rime_io::locate_model("all-minilm-l6-v2") {
         let bytes = std::fs::read(m.join("model.safetensors")).unwrap();
         cases.push((d.join("truncated.safetensors"), bytes[..4096].to_vec()));
     }
-    if let Some(g) = rime_io::locate_model("smollm2-135m-instruct.Q4_1.gguf").ok() {
+    if let Ok(g) = rime_io::locate_model("smollm2-135m-instruct.Q4_1.gguf") {
         let mut f = std::fs::File::open(g).unwrap();
         let mut buf = vec![0u8; 4096];
         std::io::Read::read_exact(&mut f, &mut buf).unwrap();
