@@ -336,3 +336,44 @@ fn inspect_corrupt_files_are_clear_errors() {
     }
     let _ = std::fs::remove_dir_all(&d);
 }
+
+#[test]
+fn inspect_sharded_checkpoint_and_unknown_architecture() {
+    let d = tmp("sharded");
+    let meta = std::collections::BTreeMap::new();
+    let a = vec![1f32; 12];
+    let b = vec![2f32; 10];
+    rime_io::write_safetensors(
+        d.join("model-00001-of-00002.safetensors"),
+        &[("layers.2.w".to_string(), vec![3, 4], &a[..])],
+        &meta,
+    )
+    .unwrap();
+    rime_io::write_safetensors_as(
+        d.join("model-00002-of-00002.safetensors"),
+        &[("layers.10.w".to_string(), vec![10], &b[..])],
+        &meta,
+        rime_io::StoreDtype::BF16,
+    )
+    .unwrap();
+    let index = serde_json::json!({"metadata": {"total_size": 68}, "weight_map": {
+        "layers.2.w": "model-00001-of-00002.safetensors", "layers.10.w": "model-00002-of-00002.safetensors"}});
+    std::fs::write(d.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    std::fs::write(d.join("config.json"), r#"{"model_type": "mamba", "architectures": ["MambaForCausalLM"]}"#).unwrap();
+    let v = inspect_json(&d);
+    assert_eq!(v["format"], "safetensors");
+    assert_eq!(v["files"].as_array().unwrap().len(), 2);
+    assert_eq!(v["tensor_count"], 2);
+    assert_eq!(v["parameters"], 22);
+    assert_eq!(v["dtypes"]["BF16"]["tensors"], 1);
+    assert_eq!(v["architecture"]["model_type"], "mamba");
+    assert!(v["rime"].as_str().unwrap().contains("cannot build"), "{}", v["rime"]);
+    assert_eq!(v["tensors"][0]["name"], "layers.2.w", "natural order");
+    // A shard listed in the index but missing is an error naming it.
+    std::fs::remove_file(d.join("model-00002-of-00002.safetensors")).unwrap();
+    let out = rime().arg("inspect").arg(&d).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("model-00002-of-00002.safetensors"), "{err}");
+    let _ = std::fs::remove_dir_all(&d);
+}
