@@ -341,8 +341,8 @@ fn inspect_corrupt_files_are_clear_errors() {
 fn inspect_sharded_checkpoint_and_unknown_architecture() {
     let d = tmp("sharded");
     let meta = std::collections::BTreeMap::new();
-    let a = vec![1f32; 12];
-    let b = vec![2f32; 10];
+    let a = [1f32; 12];
+    let b = [2f32; 10];
     rime_io::write_safetensors(
         d.join("model-00001-of-00002.safetensors"),
         &[("layers.2.w".to_string(), vec![3, 4], &a[..])],
