@@ -494,50 +494,54 @@ pub(crate) fn train_step(ctx: &Ctx) -> Result<CaseResult> {
     }
     exec.last_loss(dev)?;
 
-    // The trainer's loop: back-to-back steps (each reads the previous loss, so each waits for the GPU).
+    // Steps one at a time, as the trainer runs them (each step() waits for the GPU: it reads the previous
+    // loss). With timestamps, a marker submitted just before the step and one just after bracket its GPU
+    // work; the marker before fires at once, while the step is still being recorded, so the recording time
+    // is taken off. The share outside kernels is then 1 - kernel time / wall time of the same step.
     let steps = ctx.opts.train_steps.max(1);
+    let set = ctx.timer.marker_set();
+    let (mut wall_s, mut record_s, mut kernel_s, mut outside_s) = (vec![], vec![], vec![], vec![]);
+    let mut loss = None;
     let cpu0 = thread_cpu_s();
-    let t0 = Instant::now();
     for _ in 0..steps {
-        exec.step(dev)?;
+        if let Some(set) = &set {
+            ctx.timer.submit_marker(set, 0);
+        }
+        let r0 = Instant::now();
+        exec.step(dev)?; // nothing pending: records and submits without waiting
+        let rec = r0.elapsed().as_secs_f64();
+        if let Some(set) = &set {
+            ctx.timer.submit_marker(set, 1);
+        }
+        loss = exec.last_loss(dev)?;
+        let wall = r0.elapsed().as_secs_f64();
+        wall_s.push(wall);
+        record_s.push(rec);
+        if let Some(set) = &set {
+            if let Some(ns) = ctx.timer.read_marker_pair(set)? {
+                let k = (ns * 1e-9 - rec).clamp(0.0, wall);
+                kernel_s.push(k);
+                outside_s.push(1.0 - k / wall);
+            }
+        }
     }
-    let loss = exec.last_loss(dev)?;
-    let wall = t0.elapsed().as_secs_f64() / steps as f64;
     let host_cpu = cpu0.and_then(|c0| thread_cpu_s().map(|c1| (c1 - c0) / steps as f64));
     if let Some(l) = loss {
         if !l.is_finite() {
             return Err(Error::Msg(format!("train-step: the loss is {l} (not finite)")));
         }
     }
-
-    // GPU time of a step: timestamps written just before and just after the step's own submit. The marker
-    // before it fires at once, while the step is still being recorded, so the recording time is taken off.
-    let mut record_s = Vec::new();
-    let mut kernel_s = Vec::new();
-    if let Some(set) = ctx.timer.marker_set() {
-        for _ in 0..steps {
-            ctx.timer.submit_marker(&set, 0);
-            let r0 = Instant::now();
-            exec.step(dev)?; // nothing pending: records and submits without waiting
-            let rec = r0.elapsed().as_secs_f64();
-            ctx.timer.submit_marker(&set, 1);
-            exec.last_loss(dev)?;
-            if let Some(ns) = ctx.timer.read_marker_pair(&set)? {
-                record_s.push(rec);
-                kernel_s.push((ns * 1e-9 - rec).max(0.0));
-            }
-        }
-    }
-    let kernel = (!kernel_s.is_empty()).then(|| Stats::of(kernel_s).median);
-    let record = (!record_s.is_empty()).then(|| Stats::of(record_s).median);
-    let outside = match (kernel, host_cpu) {
-        (Some(k), _) => Some(((wall - k) / wall).clamp(0.0, 1.0)),
+    let med = |v: Vec<f64>| (!v.is_empty()).then(|| Stats::of(v).median);
+    let gpu = Stats::of(wall_s);
+    let wall = gpu.median;
+    let (kernel, record) = (med(kernel_s), med(record_s));
+    let outside = match (med(outside_s), host_cpu) {
+        (Some(o), _) => Some(o),
         (None, Some(h)) => Some((h / wall).clamp(0.0, 1.0)),
         _ => None,
     };
 
     let (cpu, flops) = cpu_step(ctx, &cfg, b, t, r);
-    let gpu = Stats { median: wall, min: wall, max: wall, runs: steps };
     let shape = format!("B={b} T={t} L={} C={} LoRA r={r} q,v + head", cfg.layers, cfg.hidden);
     let base = format!("{}: the step's products + attention only (lower bound of a CPU step)", gemm_label());
     let mut res = ctx.result("train_step_minilm_lora", shape, Unit::Gflops, flops, gpu, base, cpu);
