@@ -193,12 +193,7 @@ pub fn run(opts: &DeviceOptions, a: &EmbedArgs) -> Result<(), BoxErr> {
         None => crate::train::default_model()?,
     };
     let max_length = a.max_length.or_else(|| sentence_max_length(&model)).unwrap_or(512);
-    // While the global GPU flag is also spelled `--adapter`, clap hands it this command's LoRA folder too.
-    let mut opts = opts.clone();
-    if a.adapter.is_some() && opts.adapter == a.adapter {
-        opts.adapter = None;
-    }
-    let dev = Device::new(&opts)?;
+    let dev = Device::new(opts)?;
     let adapter = a.adapter.as_ref().map(PathBuf::from);
     let (emb, hidden) = embed(&dev, &model, adapter.as_deref(), &texts, a.batch_size, max_length, !a.no_normalize)?;
     let stdout = std::io::stdout();

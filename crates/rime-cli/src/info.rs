@@ -9,6 +9,9 @@ pub struct InfoArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
+    /// Choose the GPU adapter by a substring of its name (same as the global --gpu and RIME_ADAPTER).
+    #[arg(long, value_name = "NAME")]
+    adapter: Option<String>,
     /// Skip the kernel self-check.
     #[arg(long)]
     no_check: bool,
@@ -17,7 +20,8 @@ pub struct InfoArgs {
 type BoxErr = Box<dyn std::error::Error>;
 
 pub fn run(opts: &DeviceOptions, args: &InfoArgs) -> Result<(), BoxErr> {
-    let dev = Device::new(opts)?;
+    let opts = DeviceOptions { adapter: args.adapter.clone().or_else(|| opts.adapter.clone()) };
+    let dev = Device::new(&opts)?;
     let info = dev.info();
     let l = dev.limits();
     let check = if args.no_check { None } else { Some(self_check(&dev)) };
