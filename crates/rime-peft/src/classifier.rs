@@ -260,7 +260,8 @@ pub fn save_adapter(
             a
         }
         Method::Probe => {
-            let mut a = rime_io::peft::AdapterConfig::lora(0, 0.0, vec![]);
+            // r = 1 only because the adapter_config reader refuses r = 0; a probe has no low-rank part.
+            let mut a = rime_io::peft::AdapterConfig::lora(1, 1.0, vec![]);
             a.peft_type = "RIME_PROBE".into();
             a
         }

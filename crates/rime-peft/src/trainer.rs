@@ -328,10 +328,8 @@ pub fn train(dev: &Device, cfg: &TrainConfig, on: &mut dyn FnMut(Event)) -> Resu
         )));
     }
     classifier::init_head(dev, &mut store, bcfg.hidden, labels.len(), cfg.seed)?;
-    if let Method::Lora(l) = &cfg.method {
-        let mods = crate::lora::add_lora(dev, &mut store, l)?;
-        on(Event::Info(format!("LoRA r={} alpha={} on {} modules", l.rank, l.alpha, mods.len())));
-    }
+    let info = classifier::prepare_method(dev, &mut store, &cfg.method)?;
+    on(Event::Info(info));
     let steps_per_epoch = train_enc.ids.len().div_ceil(cfg.batch_size);
     let total = steps_per_epoch * cfg.epochs;
     let total = cfg.max_steps.map_or(total, |m| m.min(total));
@@ -687,11 +685,7 @@ pub fn evaluate_adapter(
     let ds = Dataset::load(data, columns)?;
     let map = LabelMap::from_labels(labels);
     let (enc, _) = encode(&tok, &ds, Some(&map))?;
-    let hook: Box<dyn LinearHook> = if acfg.peft_type == "LORA" {
-        Box::new(crate::lora::LoraHook { scale: acfg.scale() as f32 })
-    } else {
-        Box::new(rime_models::Plain)
-    };
+    let hook: Box<dyn LinearHook> = classifier::hook_for_adapter(&acfg)?;
     let mut sess = Session::for_inference(dev, store, bcfg, prefix, hook, batch, max_length);
     sess.evaluate(&enc, |_| {})
 }
