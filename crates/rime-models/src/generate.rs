@@ -424,3 +424,24 @@ pub fn generate_greedy(
     st.decode_secs = t1.elapsed().as_secs_f64();
     Ok(st)
 }
+
+/// Renders a Hugging Face chat template (Jinja, through minijinja) for one user message with the generation
+/// prompt added, as `tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)`
+/// does. The text is then tokenized without adding special tokens (the template writes them).
+pub fn render_chat(template: &str, prompt: &str, bos_token: &str, eos_token: &str) -> Result<String> {
+    let mut env = minijinja::Environment::new();
+    // transformers defines raise_exception for templates that reject a conversation.
+    env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+        Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+    });
+    let bad = |what: &str, e: minijinja::Error| Error::Invalid(format!("chat template {what}: {e:#}"));
+    env.add_template("chat_template", template).map_err(|e| bad("does not parse", e))?;
+    let tmpl = env.get_template("chat_template").map_err(|e| bad("does not parse", e))?;
+    let ctx = minijinja::context! {
+        messages => vec![minijinja::context! { role => "user", content => prompt }],
+        add_generation_prompt => true,
+        bos_token => bos_token,
+        eos_token => eos_token,
+    };
+    tmpl.render(ctx).map_err(|e| bad("failed", e))
+}

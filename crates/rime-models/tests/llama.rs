@@ -294,3 +294,58 @@ fn lora_fold_adds_scaled_product() {
     let e = llama::fold_lora(&mut other, &ad, std::path::Path::new("adapter")).unwrap_err().to_string();
     assert!(e.contains("q_proj"), "{e}");
 }
+
+#[test]
+fn chat_template_renders_like_transformers() {
+    // A ChatML template in the style of SmolLM2's, with a guard that calls raise_exception.
+    let tmpl = "{% if messages[0]['role'] == 'assistant' %}{{ raise_exception('starts with assistant') }}{% endif %}\
+                {{ bos_token }}{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + \
+                message['content'] + '<|im_end|>' + '\n'}}{% endfor %}\
+                {% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+    let text = rime_models::generate::render_chat(tmpl, "Hi?", "<s>", "</s>").unwrap();
+    assert_eq!(text, "<s><|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\n");
+    let e = rime_models::generate::render_chat("{{ raise_exception('no') }}", "x", "", "").unwrap_err();
+    assert!(e.to_string().contains("no"), "{e}");
+    assert!(rime_models::generate::render_chat("{% if %}", "x", "", "").is_err());
+
+    // SmolLM2's own template: a default system prompt, then the user turn and the assistant prompt.
+    let Some(model) = smollm2() else { return };
+    let f = rime_io::GgufFile::open(&model).unwrap();
+    let text = rime_models::generate::render_chat(f.chat_template().unwrap(), "What is 2+2?", "", "").unwrap();
+    assert!(text.starts_with("<|im_start|>system\n"), "{text}");
+    assert!(text.ends_with("<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"), "{text}");
+    // the special tokens survive tokenization as single ids
+    let tok = f.tokenizer().unwrap();
+    let ids = tok.encode(&text, false).unwrap();
+    let im_start = tok.token_to_id("<|im_start|>").unwrap();
+    assert_eq!(ids[0], im_start);
+    assert_eq!(ids.iter().filter(|&&i| i == im_start).count(), 3);
+}
+
+#[test]
+fn smollm2_greedy_answers_paris() {
+    let Some(model) = smollm2() else { return };
+    let d = dev();
+    let m = llama::load_gguf(d, &model, None, DType::F32).unwrap();
+    let text = rime_models::generate::render_chat(
+        m.chat_template.as_deref().unwrap(),
+        "What is the capital of France?",
+        "",
+        "",
+    )
+    .unwrap();
+    let ids = m.tokenizer.encode(&text, false).unwrap();
+    let mut dec = Decoder::new(d, &m.store, &m.cfg, ids.len() + 12).unwrap();
+    let mut eos = m.eos_tokens.clone();
+    eos.extend(m.tokenizer.token_to_id("<|im_end|>"));
+    let mut seen = Vec::new();
+    let st = rime_models::generate::generate_greedy(d, &mut dec, &ids, 12, &eos, &mut |t| {
+        seen.push(t);
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(seen, st.generated);
+    let answer = m.tokenizer.decode(&st.generated, true).unwrap();
+    println!("SmolLM2: {answer:?} ({:.2} tokens/s decoding)", st.decode_tokens_per_sec());
+    assert!(answer.contains("Paris"), "answer: {answer:?}");
+}
