@@ -349,3 +349,30 @@ fn smollm2_greedy_answers_paris() {
     println!("SmolLM2: {answer:?} ({:.2} tokens/s decoding)", st.decode_tokens_per_sec());
     assert!(answer.contains("Paris"), "answer: {answer:?}");
 }
+
+#[test]
+fn smollm2_loads_with_folded_adapter() {
+    let Some(model) = smollm2() else { return };
+    let d = dev();
+    let dir = std::env::temp_dir().join(format!("rime-llama-adapter-{}", std::process::id()));
+    let (r, c) = (2, 576);
+    let name = |f: &str| format!("base_model.model.model.layers.3.self_attn.v_proj.{f}.weight");
+    let a = rime_io::AdapterTensor { name: name("lora_A"), shape: vec![r, c], data: vec![0.05; r * c] };
+    let b = rime_io::AdapterTensor { name: name("lora_B"), shape: vec![192, r], data: vec![0.1; 192 * r] };
+    rime_io::PeftAdapter::new(rime_io::AdapterConfig::lora(r, 4.0, vec!["v_proj".into()]), vec![a, b])
+        .save(&dir)
+        .unwrap();
+    let ids = [1u32, 504, 3458];
+    let logits = |adapter: Option<&std::path::Path>| {
+        let m = llama::load_gguf(d, &model, adapter, DType::F32).unwrap();
+        let mut dec = Decoder::new(d, &m.store, &m.cfg, 4).unwrap();
+        (dec.prefill(d, &ids).unwrap(), m.folded)
+    };
+    let (plain, none) = logits(None);
+    let (adapted, folded) = logits(Some(&dir));
+    std::fs::remove_dir_all(&dir).ok();
+    assert!(none.is_empty());
+    assert_eq!(folded, vec!["model.layers.3.self_attn.v_proj".to_string()]);
+    let diff = max_abs(&plain, &adapted);
+    assert!(diff > 1e-3, "folding a non-zero adapter must change the logits (max diff {diff})");
+}
