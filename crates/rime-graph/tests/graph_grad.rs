@@ -263,3 +263,105 @@ fn optimizer_state_round_trips() {
     assert!(e.contains("missing.safetensors"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Two micro-batches of 4 rows with loss scale 1/2 accumulate the same gradient as one batch of 8 rows
+/// (mean losses of equal-size halves average to the full mean).
+#[test]
+fn micro_batch_accumulation_equals_the_full_batch_gradient() {
+    let d = dev();
+    let (c, k) = (5, 3);
+    let x = rnd(40, 8 * c, 1.0);
+    let t = [0, 2, 1, 1, 2, 0, 1, 2];
+    let build = |n: usize| {
+        let mut store = ParamStore::new();
+        store.add_f32(d, "w", &rnd(41, k * c, 0.5), &[k, c], true).unwrap();
+        let mut g = Graph::new();
+        let xi = g.input("x", &[n, c], DType::F32);
+        let ti = targets(&mut g, n);
+        let w = g.param(&store, "w").unwrap();
+        let logits = g.linear(xi, w, None).unwrap();
+        let loss = g.cross_entropy(logits, ti, -100).unwrap();
+        let ex = Executor::new(d, g, &store, Some(loss), &[], Some(OptimConfig::sgd(0.0, 0.0, 0.0))).unwrap();
+        (ex, store)
+    };
+    let (mut full, fs) = build(8);
+    full.feed_f32(d, "x", &x).unwrap();
+    full.feed_i32(d, "targets", &t).unwrap();
+    full.backward_only(d).unwrap();
+    let want = full.read_param_grad(d, fs.id("w").unwrap()).unwrap();
+
+    let (mut half, hs) = build(4);
+    half.set_loss_scale(d, 0.5).unwrap();
+    // lr 0: the update leaves w unchanged, so the accumulated gradient stays readable after the last micro-step.
+    for (i, last) in [(0usize, false), (1, true)] {
+        half.feed_f32(d, "x", &x[i * 4 * c..(i + 1) * 4 * c]).unwrap();
+        half.feed_i32(d, "targets", &t[i * 4..(i + 1) * 4]).unwrap();
+        half.micro_step(d, i == 0, last).unwrap();
+    }
+    d.wait().unwrap();
+    let got = half.read_param_grad(d, hs.id("w").unwrap()).unwrap();
+    for (a, b) in got.iter().zip(&want) {
+        assert!((a - b).abs() < 1e-5, "accumulated {got:?} vs full batch {want:?}");
+    }
+}
+
+/// SGD with momentum and parameter groups: group 1 trains at a tenth of the learning rate with its own weight
+/// decay; the updates match torch.optim.SGD's rule computed on the CPU from the gradients.
+#[test]
+fn sgd_momentum_with_parameter_groups_matches_the_update_rule() {
+    let d = dev();
+    let mut store = ParamStore::new();
+    let w0 = rnd(50, 6, 0.5);
+    let v0 = rnd(51, 2, 0.5);
+    store.add_f32(d, "w", &w0, &[2, 3], true).unwrap();
+    store.add_f32(d, "b", &v0, &[2], true).unwrap();
+    store.set_group(store.id("b").unwrap(), 1);
+    let mut g = Graph::new();
+    let x = g.input("x", &[4, 3], DType::F32);
+    let t = targets(&mut g, 4);
+    let (w, b) = (g.param(&store, "w").unwrap(), g.param(&store, "b").unwrap());
+    let logits = g.linear(x, w, Some(b)).unwrap();
+    let loss = g.cross_entropy(logits, t, -100).unwrap();
+    let mut cfg = OptimConfig::sgd(0.1, 0.9, 0.01);
+    cfg.groups.push(rime_graph::ParamGroup { lr_scale: 0.1, weight_decay: 0.0 });
+    let mut ex = Executor::new(d, g, &store, Some(loss), &[], Some(cfg)).unwrap();
+    ex.feed_f32(d, "x", &rnd(52, 12, 1.0)).unwrap();
+    ex.feed_i32(d, "targets", &[0, 1, 1, 0]).unwrap();
+    // Step 1 from the gradient at w0.
+    ex.backward_only(d).unwrap();
+    let (gw, gb) = (
+        ex.read_param_grad(d, store.id("w").unwrap()).unwrap(),
+        ex.read_param_grad(d, store.id("b").unwrap()).unwrap(),
+    );
+    ex.step(d).unwrap();
+    d.wait().unwrap();
+    let w1 = store.read_f32(d, store.id("w").unwrap()).unwrap();
+    let b1 = store.read_f32(d, store.id("b").unwrap()).unwrap();
+    for i in 0..6 {
+        // torch: g += wd * p; buf = g (first step); p -= lr * buf
+        let want = w0[i] - 0.1 * (gw[i] + 0.01 * w0[i]);
+        assert!((w1[i] - want).abs() < 1e-6, "w[{i}] {} vs {want}", w1[i]);
+    }
+    for i in 0..2 {
+        let want = v0[i] - 0.01 * gb[i];
+        assert!((b1[i] - want).abs() < 1e-6, "b[{i}] {} vs {want}", b1[i]);
+    }
+}
+
+#[test]
+fn learning_rate_schedules_follow_transformers() {
+    use rime_graph::LrSchedule;
+    let lin = LrSchedule::Linear { warmup: 10, total: 110 };
+    assert_eq!(lin.factor(0), 0.0);
+    assert!((lin.factor(5) - 0.5).abs() < 1e-6);
+    assert!((lin.factor(10) - 1.0).abs() < 1e-6);
+    assert!((lin.factor(60) - 0.5).abs() < 1e-6);
+    assert_eq!(lin.factor(110), 0.0);
+    let cos = LrSchedule::Cosine { warmup: 0, total: 100 };
+    assert!((cos.factor(50) - 0.5).abs() < 1e-6);
+    assert!(cos.factor(100).abs() < 1e-6);
+    assert_eq!(LrSchedule::Constant.factor(12345), 1.0);
+    let cfg = OptimConfig::adamw(1e-3, 0.01);
+    let h = cfg.hyper(0, 0);
+    assert!((h[5] - 0.1).abs() < 1e-7 && (h[6] - 0.001).abs() < 1e-7, "bias corrections of step 1: {h:?}");
+}
