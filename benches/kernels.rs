@@ -6,10 +6,11 @@ use rime_bench::{Options, Suite};
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let flag = |f: &str| args.iter().any(|a| a == f);
-    // cargo passes `--bench`; a test run (`cargo test --benches`) passes nothing we act on.
+    // `cargo bench` passes `--bench`; without it (`cargo test --benches`) only a smoke run on toy shapes.
+    let tiny = flag("--tiny") || !flag("--bench");
     let case = args.iter().find(|a| !a.starts_with('-')).map_or("all", |s| s.as_str());
     let suite = Suite::parse(case)?;
-    let mut opts = Options::new(flag("--quick"), flag("--tiny"));
+    let mut opts = Options::new(flag("--quick"), tiny);
     opts.wall = flag("--wall");
     let dev = rime_kernels::Device::new(&rime_kernels::DeviceOptions::default())?;
     let json = flag("--json");
