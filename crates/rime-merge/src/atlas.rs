@@ -326,7 +326,8 @@ pub fn atlas(dev: &Device, cfg: &MergeConfig, out: &Path, opts: &MergeOptions) -
             data: t.merged(l),
         })
         .collect();
-    let mut hcfg = rime_io::AdapterConfig::lora(0, 0.0, vec![]);
+    // r = 1 only because the adapter_config reader refuses r = 0; a head-only adapter has no low-rank part.
+    let mut hcfg = rime_io::AdapterConfig::lora(1, 1.0, vec![]);
     hcfg.peft_type = "RIME_PROBE".into();
     hcfg.modules_to_save = vec!["head".into()];
     hcfg.task_type = Some("SEQ_CLS".into());
