@@ -386,7 +386,12 @@ impl<'g> Builder<'g> {
                     Box::new(move |d, r| {
                         let (ids, out) = (r(&i2), r(&o));
                         let n = ids.numel();
-                        embedding::embedding_forward(d, &out.reshape(&[n, out.numel() / n.max(1)])?, &ids.reshape(&[n])?, &r(&t2))
+                        embedding::embedding_forward(
+                            d,
+                            &out.reshape(&[n, out.numel() / n.max(1)])?,
+                            &ids.reshape(&[n])?,
+                            &r(&t2),
+                        )
                     }),
                 );
             }
@@ -817,7 +822,13 @@ impl<'g> Builder<'g> {
                         Box::new(move |d, r| {
                             let (ids, dy) = (r(&i2), r(&d2));
                             let n = ids.numel();
-                            embedding::embedding_backward(d, &r(&dt), &dy.reshape(&[n, dy.numel() / n.max(1)])?, &ids.reshape(&[n])?, acc)
+                            embedding::embedding_backward(
+                                d,
+                                &r(&dt),
+                                &dy.reshape(&[n, dy.numel() / n.max(1)])?,
+                                &ids.reshape(&[n])?,
+                                acc,
+                            )
                         }),
                     );
                     self.finish(&t);

@@ -8,11 +8,11 @@
 
 mod device;
 mod error;
+pub mod ops;
 mod pipeline;
 pub mod reference;
 pub mod shaders;
 mod tensor;
-pub mod ops;
 
 pub use device::{AdapterReport, Device, DeviceOptions};
 pub use error::{Error, Result};

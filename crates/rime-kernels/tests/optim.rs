@@ -46,42 +46,16 @@ fn adamw_update_matches_hand_derived_values() {
     let (p, g, m, v) = (up(d, &[1.0]), up(d, &[0.5]), up(d, &[0.0]), up(d, &[0.0]));
     let hyper = d.zeros(&[8], DType::F32).unwrap();
     let ds = adamw_update(d, &p, &g, &m, &v, &hyper).unwrap();
-    d.write_f32(&hyper, &adam_hyper(0.1, 0.9, 0.999, 1e-8, 0.1, 1, 1.0))
-        .unwrap();
+    d.write_f32(&hyper, &adam_hyper(0.1, 0.9, 0.999, 1e-8, 0.1, 1, 1.0)).unwrap();
     d.run(&ds).unwrap();
-    assert_close(
-        "step 1 param",
-        &d.download_f32(&p).unwrap(),
-        &[0.89],
-        1e-6,
-        0.0,
-    );
-    d.write_f32(&hyper, &adam_hyper(0.1, 0.9, 0.999, 1e-8, 0.1, 2, 1.0))
-        .unwrap();
+    assert_close("step 1 param", &d.download_f32(&p).unwrap(), &[0.89], 1e-6, 0.0);
+    d.write_f32(&hyper, &adam_hyper(0.1, 0.9, 0.999, 1e-8, 0.1, 2, 1.0)).unwrap();
     d.run(&ds).unwrap();
-    assert_close(
-        "step 2 param",
-        &d.download_f32(&p).unwrap(),
-        &[0.7811],
-        1e-6,
-        0.0,
-    );
-    assert_close(
-        "step 2 m",
-        &d.download_f32(&m).unwrap(),
-        &[0.095],
-        1e-7,
-        0.0,
-    );
+    assert_close("step 2 param", &d.download_f32(&p).unwrap(), &[0.7811], 1e-6, 0.0);
+    assert_close("step 2 m", &d.download_f32(&m).unwrap(), &[0.095], 1e-7, 0.0);
     // 1 - beta2 is formed from the f32 beta2 (0.999f32 is 0.99900001287), so v carries a 1.3e-5 relative
     // offset from the decimal value; torch forms 1 - beta2 in f64 and lands on 0.001.
-    assert_close(
-        "step 2 v",
-        &d.download_f32(&v).unwrap(),
-        &[4.9975e-4],
-        0.0,
-        2e-5,
-    );
+    assert_close("step 2 v", &d.download_f32(&v).unwrap(), &[4.9975e-4], 0.0, 2e-5);
 }
 
 #[test]
@@ -90,24 +64,13 @@ fn adamw_weight_decay_is_decoupled() {
     // acts: p *= (1 - lr*wd) per step.
     let d = dev();
     let x = randn(3, 17, 1.0);
-    let (p, g, m, v) = (
-        up(d, &x),
-        up(d, &[0.0; 17]),
-        up(d, &[0.0; 17]),
-        up(d, &[0.0; 17]),
-    );
+    let (p, g, m, v) = (up(d, &x), up(d, &[0.0; 17]), up(d, &[0.0; 17]), up(d, &[0.0; 17]));
     let hyper = up(d, &adam_hyper(0.5, 0.9, 0.999, 1e-8, 0.2, 1, 1.0));
     let ds = adamw_update(d, &p, &g, &m, &v, &hyper).unwrap();
     d.run(&ds).unwrap();
     d.run(&ds).unwrap();
     let want: Vec<f32> = x.iter().map(|&a| a * 0.9 * 0.9).collect();
-    assert_close(
-        "decayed param",
-        &d.download_f32(&p).unwrap(),
-        &want,
-        1e-7,
-        1e-6,
-    );
+    assert_close("decayed param", &d.download_f32(&p).unwrap(), &want, 1e-7, 1e-6);
 }
 
 #[test]
@@ -124,12 +87,7 @@ fn sgd_update_matches_reference() {
             let g = randn(50 + t, n, 1.0);
             d.write_f32(&grad, &g).unwrap();
             d.run(&ds).unwrap();
-            r::sgd_update(
-                &mut p,
-                &g,
-                &mut buf,
-                &[0.05, 0.9, 0.0, 0.0, 0.01, 0.0, 0.0, 0.5],
-            );
+            r::sgd_update(&mut p, &g, &mut buf, &[0.05, 0.9, 0.0, 0.0, 0.01, 0.0, 0.0, 0.5]);
         }
         assert_close("sgd param", &d.download_f32(&gp).unwrap(), &p, 1e-6, 1e-5);
         assert_close("sgd buf", &d.download_f32(&gb).unwrap(), &buf, 1e-6, 1e-5);
@@ -151,30 +109,17 @@ fn grad_sumsq_matches_reference() {
     for &n in &[1usize, 3, 17, 127, 5000, 300_000] {
         let g = randn(n as u64 + 11, n, 1.0);
         let gg = up(d, &g);
-        d.run(&grad_sumsq_forward(d, &acc, &gg, false).unwrap())
-            .unwrap();
+        d.run(&grad_sumsq_forward(d, &acc, &gg, false).unwrap()).unwrap();
         let got = d.download_f32(&acc).unwrap();
         let mut want = [0.0f32];
         r::grad_sumsq_forward(&mut want, &g, false);
         assert_close("sumsq", &got, &want, 1e-6, 1e-5);
         // Deterministic: the same input gives the same bits.
-        d.run(&grad_sumsq_forward(d, &acc, &gg, false).unwrap())
-            .unwrap();
-        assert_eq!(
-            got[0].to_bits(),
-            d.download_f32(&acc).unwrap()[0].to_bits(),
-            "sumsq n={n} not deterministic"
-        );
+        d.run(&grad_sumsq_forward(d, &acc, &gg, false).unwrap()).unwrap();
+        assert_eq!(got[0].to_bits(), d.download_f32(&acc).unwrap()[0].to_bits(), "sumsq n={n} not deterministic");
         // Accumulating adds to what acc holds.
-        d.run(&grad_sumsq_forward(d, &acc, &gg, true).unwrap())
-            .unwrap();
-        assert_close(
-            "sumsq accumulated",
-            &d.download_f32(&acc).unwrap(),
-            &[2.0 * want[0]],
-            1e-6,
-            1e-5,
-        );
+        d.run(&grad_sumsq_forward(d, &acc, &gg, true).unwrap()).unwrap();
+        assert_close("sumsq accumulated", &d.download_f32(&acc).unwrap(), &[2.0 * want[0]], 1e-6, 1e-5);
     }
 }
 
@@ -183,16 +128,8 @@ fn clip_then_adamw_matches_reference_end_to_end() {
     let d = dev();
     let sizes = [17usize, 300, 5];
     for &max_norm in &[0.5f32, 1e6] {
-        let mut ps: Vec<Vec<f32>> = sizes
-            .iter()
-            .enumerate()
-            .map(|(i, &n)| randn(i as u64, n, 1.0))
-            .collect();
-        let gs: Vec<Vec<f32>> = sizes
-            .iter()
-            .enumerate()
-            .map(|(i, &n)| randn(100 + i as u64, n, 1.0))
-            .collect();
+        let mut ps: Vec<Vec<f32>> = sizes.iter().enumerate().map(|(i, &n)| randn(i as u64, n, 1.0)).collect();
+        let gs: Vec<Vec<f32>> = sizes.iter().enumerate().map(|(i, &n)| randn(100 + i as u64, n, 1.0)).collect();
         let mut ms: Vec<Vec<f32>> = sizes.iter().map(|&n| vec![0.0; n]).collect();
         let mut vs = ms.clone();
         let gp: Vec<Tensor> = ps.iter().map(|x| up(d, x)).collect();
@@ -218,28 +155,11 @@ fn clip_then_adamw_matches_reference_end_to_end() {
         }
         r::clip_scale_forward(&mut h, &racc, max_norm);
         // torch: total_norm = ||grads||, coef = max_norm / (total_norm + 1e-6) clamped at 1.
-        let total: f64 = gs
-            .iter()
-            .flatten()
-            .map(|&g| (g as f64).powi(2))
-            .sum::<f64>()
-            .sqrt();
+        let total: f64 = gs.iter().flatten().map(|&g| (g as f64).powi(2)).sum::<f64>().sqrt();
         let torch_coef = (max_norm as f64 / (total + 1e-6)).min(1.0) as f32;
-        assert_close(
-            "clip coefficient vs torch formula",
-            &[h[7]],
-            &[torch_coef],
-            0.0,
-            1e-6,
-        );
+        assert_close("clip coefficient vs torch formula", &[h[7]], &[torch_coef], 0.0, 1e-6);
         assert_close("acc", &d.download_f32(&acc).unwrap(), &racc, 1e-5, 1e-5);
-        assert_close(
-            "hyper after clip",
-            &d.download_f32(&hyper).unwrap(),
-            &h,
-            0.0,
-            1e-6,
-        );
+        assert_close("hyper after clip", &d.download_f32(&hyper).unwrap(), &h, 0.0, 1e-6);
         if max_norm > 1e5 {
             assert_eq!(h[7], 1.0, "no clipping below max_norm");
         } else {
@@ -247,20 +167,8 @@ fn clip_then_adamw_matches_reference_end_to_end() {
         }
         for i in 0..3 {
             r::adamw_update(&mut ps[i], &gs[i], &mut ms[i], &mut vs[i], &h);
-            assert_close(
-                "clipped adamw param",
-                &d.download_f32(&gp[i]).unwrap(),
-                &ps[i],
-                1e-6,
-                1e-5,
-            );
-            assert_close(
-                "clipped adamw m",
-                &d.download_f32(&gm[i]).unwrap(),
-                &ms[i],
-                1e-6,
-                1e-5,
-            );
+            assert_close("clipped adamw param", &d.download_f32(&gp[i]).unwrap(), &ps[i], 1e-6, 1e-5);
+            assert_close("clipped adamw m", &d.download_f32(&gm[i]).unwrap(), &ms[i], 1e-6, 1e-5);
         }
     }
 }
@@ -272,21 +180,12 @@ fn optim_rejects_bad_shapes() {
     let b = d.empty(&[5], DType::F32).unwrap();
     let h = d.empty(&[8], DType::F32).unwrap();
     let h7 = d.empty(&[7], DType::F32).unwrap();
-    let e = adamw_update(d, &a, &b, &a.clone(), &a.clone(), &h)
-        .err()
-        .unwrap()
-        .to_string();
+    let e = adamw_update(d, &a, &b, &a.clone(), &a.clone(), &h).err().unwrap().to_string();
     assert!(e.contains("adamw_update") && e.contains("[5]"), "{e}");
-    let e = adamw_update(d, &a, &a.clone(), &a.clone(), &a.clone(), &h7)
-        .err()
-        .unwrap()
-        .to_string();
+    let e = adamw_update(d, &a, &a.clone(), &a.clone(), &a.clone(), &h7).err().unwrap().to_string();
     assert!(e.contains("hyper"), "{e}");
     assert!(sgd_update(d, &a, &b, &a.clone(), &h).is_err());
-    let e = grad_sumsq_forward(d, &a, &b, false)
-        .err()
-        .unwrap()
-        .to_string();
+    let e = grad_sumsq_forward(d, &a, &b, false).err().unwrap().to_string();
     assert!(e.contains("acc"), "{e}");
     assert!(clip_scale_forward(d, &h, &a, 1.0).is_err());
     assert!(clip_scale_forward(d, &h, &d.empty(&[1], DType::F32).unwrap(), -1.0).is_err());

@@ -17,8 +17,7 @@ fn every_shader_validates_for_every_declared_specialization() {
         let mut v = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all());
         let info = v.validate(&module).unwrap_or_else(|e| panic!("{file} ({spec:?}) invalid: {e:?}"));
         // Apply the override constants too, as the pipeline would.
-        let consts: naga::back::PipelineConstants =
-            spec.constants.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        let consts: naga::back::PipelineConstants = spec.constants.iter().map(|(k, v)| (k.clone(), *v)).collect();
         naga::back::pipeline_constants::process_overrides(&module, &info, None, &consts)
             .unwrap_or_else(|e| panic!("{file} ({spec:?}) overrides: {e:?}"));
     }

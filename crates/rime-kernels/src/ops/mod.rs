@@ -14,8 +14,8 @@ pub mod reduce;
 pub mod rope;
 pub mod softmax;
 
-use crate::pipeline::Spec;
 pub use crate::device::grid_1d;
+use crate::pipeline::Spec;
 
 /// Each family lists the specializations its launchers use (at least one each).
 pub fn declared_specs() -> Vec<(&'static str, Spec)> {

@@ -9,11 +9,7 @@ pub fn adamw_update(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32
         let g = grad[i] * scale;
         let x = param[i] * (1.0 - lr * wd);
         let w1 = 1.0 - b1;
-        let mi = if w1.abs() < 0.5 {
-            m[i] + w1 * (g - m[i])
-        } else {
-            g - (g - m[i]) * (1.0 - w1)
-        };
+        let mi = if w1.abs() < 0.5 { m[i] + w1 * (g - m[i]) } else { g - (g - m[i]) * (1.0 - w1) };
         let vi = v[i] * b2 + (1.0 - b2) * g * g;
         let denom = vi.sqrt() / bc2.sqrt() + eps;
         param[i] = x + (-(lr / bc1) * mi) / denom;
@@ -36,11 +32,7 @@ pub fn sgd_update(param: &mut [f32], grad: &[f32], momentum_buf: &mut [f32], hyp
 /// acc[0] (+)= sum(grad²), accumulated in f64.
 pub fn grad_sumsq_forward(acc: &mut [f32], grad: &[f32], accumulate: bool) {
     let s: f64 = grad.iter().map(|&g| (g as f64) * (g as f64)).sum();
-    acc[0] = if accumulate {
-        (acc[0] as f64 + s) as f32
-    } else {
-        s as f32
-    };
+    acc[0] = if accumulate { (acc[0] as f64 + s) as f32 } else { s as f32 };
 }
 
 /// hyper[7] = min(1, max_norm / (sqrt(acc[0]) + 1e-6)).
