@@ -133,3 +133,55 @@ fn bad_inputs_give_clear_errors() {
     }
     std::fs::remove_dir_all(&d).ok();
 }
+
+/// An interrupted run resumes from its checkpoint: steps continue from where the checkpoint left off, and the
+/// resumed run ends with the same parameters as an uninterrupted one (deterministic, seeded).
+#[test]
+fn interrupted_training_resumes_from_its_checkpoint() {
+    let Some(m) = model() else { return };
+    let d = tmp("resume");
+    let data = d.join("train.jsonl");
+    let rows: Vec<String> = (0..32)
+        .map(|i| {
+            let (t, l) = if i % 2 == 0 { ("lovely fresh and tasty", "great") } else { ("broken seal, stale", "other") };
+            serde_json::json!({"text": format!("{t} {i}"), "label": l}).to_string()
+        })
+        .collect();
+    std::fs::write(&data, rows.join("\n")).unwrap();
+    let run = |out: &std::path::Path, extra: &[&str]| {
+        let o = rime()
+            .args(["train", "--model", m.to_str().unwrap(), "--train", data.to_str().unwrap(), "--eval"])
+            .arg(data.to_str().unwrap())
+            .args(["--batch-size", "8", "--max-length", "16", "--epochs", "1", "--save-every", "1", "--out"])
+            .arg(out.to_str().unwrap())
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{extra:?}: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stderr).to_string()
+    };
+    let full = d.join("full");
+    run(&full, &[]);
+    let part = d.join("part");
+    run(&part, &["--max-steps", "2"]);
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(part.join("checkpoint/state.json")).unwrap()).unwrap();
+    assert_eq!(state["global_step"], 2);
+    let log = run(&part, &["--resume"]);
+    assert!(log.contains("resumed from"), "{log}");
+    let steps: Vec<u64> = std::fs::read_to_string(part.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["loss"].is_number())
+        .filter_map(|v| v["step"].as_u64())
+        .collect();
+    assert_eq!(steps, vec![0, 1, 2, 3], "every step logged once across the interruption");
+    let a = rime_io::peft::PeftAdapter::load(full.join("checkpoint/adapter")).unwrap();
+    let b = rime_io::peft::PeftAdapter::load(part.join("checkpoint/adapter")).unwrap();
+    for (x, y) in a.tensors.iter().zip(&b.tensors) {
+        let diff = x.data.iter().zip(&y.data).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+        assert!(diff < 1e-5, "{}: resumed run differs from the uninterrupted one by {diff}", x.name);
+    }
+    std::fs::remove_dir_all(&d).ok();
+}
