@@ -185,3 +185,62 @@ fn interrupted_training_resumes_from_its_checkpoint() {
     }
     std::fs::remove_dir_all(&d).ok();
 }
+
+/// greedy_soup over two adapters written by `rime train`: every candidate gets a logged decision, the soup's
+/// held-out accuracy is at least the best candidate's, and the soup adapter evaluates with `rime eval`.
+#[test]
+fn greedy_soup_of_trained_adapters_logs_decisions_and_evaluates() {
+    let Some(m) = model() else { return };
+    let d = tmp("soup");
+    let data = d.join("data.jsonl");
+    let rows: Vec<String> = (0..24)
+        .map(|i| {
+            let (t, l) =
+                if i % 2 == 0 { ("delicious, will buy again", "great") } else { ("tasteless and overpriced", "other") };
+            serde_json::json!({"text": format!("{t} {i}"), "label": l}).to_string()
+        })
+        .collect();
+    std::fs::write(&data, rows.join("\n")).unwrap();
+    let mut adapters = vec![];
+    for seed in ["1", "2"] {
+        let out = d.join(format!("ft{seed}"));
+        let o = rime()
+            .args(["train", "--model", m.to_str().unwrap(), "--train", data.to_str().unwrap(), "--eval"])
+            .arg(data.to_str().unwrap())
+            .args(["--batch-size", "8", "--max-length", "16", "--lr", "5e-3", "--seed", seed, "--out"])
+            .arg(out.to_str().unwrap())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        adapters.push(out.join("best"));
+    }
+    let yaml = format!(
+        "merge_method: greedy_soup\nbase_model: {}\nmodels:\n  - model: {}\n  - model: {}\nparameters:\n  eval_data: {}\n  max_length: 16\n  batch_size: 8\n",
+        m.display(),
+        adapters[0].display(),
+        adapters[1].display(),
+        data.display()
+    );
+    let cfg = d.join("soup.yaml");
+    std::fs::write(&cfg, yaml).unwrap();
+    let soup = d.join("soup");
+    let o = rime().args(["merge", cfg.to_str().unwrap(), "--out", soup.to_str().unwrap()]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(soup.join("merge_report.json")).unwrap()).unwrap();
+    let decisions = report["decisions"].as_array().expect("decisions in merge_report.json");
+    assert_eq!(decisions.len(), 2, "one decision per candidate: {report}");
+    let best_alone = decisions.iter().filter_map(|x| x["accuracy_alone"].as_f64()).fold(0.0, f64::max);
+    let soup_acc = report["soup_accuracy"].as_f64().unwrap();
+    assert!(soup_acc >= best_alone - 1e-12, "greedy soup never lowers held-out accuracy: {soup_acc} < {best_alone}");
+    let ev = rime()
+        .args(["eval", "--model", m.to_str().unwrap(), "--adapter", soup.to_str().unwrap(), "--data"])
+        .arg(data.to_str().unwrap())
+        .args(["--json", "--max-length", "16", "--batch-size", "8"])
+        .output()
+        .unwrap();
+    assert!(ev.status.success(), "{}", String::from_utf8_lossy(&ev.stderr));
+    let e: serde_json::Value = serde_json::from_slice(&ev.stdout).unwrap();
+    assert!((e["accuracy"].as_f64().unwrap() - soup_acc).abs() < 1e-9, "rime eval of the soup {e} vs {soup_acc}");
+    std::fs::remove_dir_all(&d).ok();
+}
