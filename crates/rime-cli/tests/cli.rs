@@ -244,3 +244,60 @@ fn greedy_soup_of_trained_adapters_logs_decisions_and_evaluates() {
     assert!((e["accuracy"].as_f64().unwrap() - soup_acc).abs() < 1e-9, "rime eval of the soup {e} vs {soup_acc}");
     std::fs::remove_dir_all(&d).ok();
 }
+
+/// aTLAS over two trained adapters: learns coefficients (written to atlas_coefficients.json), writes a merged
+/// model plus a head adapter, and that pair evaluates with `rime eval`.
+#[test]
+fn atlas_over_trained_adapters_writes_a_model_that_evaluates() {
+    let Some(m) = model() else { return };
+    let d = tmp("atlas");
+    let data = d.join("data.jsonl");
+    let rows: Vec<String> = (0..16)
+        .map(|i| {
+            let (t, l) = if i % 2 == 0 { ("crunchy and sweet", "great") } else { ("soggy, mouldy", "other") };
+            serde_json::json!({"text": format!("{t} {i}"), "label": l}).to_string()
+        })
+        .collect();
+    std::fs::write(&data, rows.join("\n")).unwrap();
+    let mut adapters = vec![];
+    for seed in ["3", "4"] {
+        let out = d.join(format!("ft{seed}"));
+        let o = rime()
+            .args(["train", "--model", m.to_str().unwrap(), "--train", data.to_str().unwrap(), "--eval"])
+            .arg(data.to_str().unwrap())
+            .args(["--batch-size", "8", "--max-length", "16", "--lr", "5e-3", "--seed", seed, "--out"])
+            .arg(out.to_str().unwrap())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        adapters.push(out.join("best"));
+    }
+    let yaml = format!(
+        "merge_method: atlas\nbase_model: {}\nmodels:\n  - model: {}\n  - model: {}\nparameters:\n  train_data: {}\n  eval_data: {}\n  steps: 2\n  examples: 8\n  batch_size: 8\n  max_length: 16\n",
+        m.display(),
+        adapters[0].display(),
+        adapters[1].display(),
+        data.display(),
+        data.display()
+    );
+    let cfg = d.join("atlas.yaml");
+    std::fs::write(&cfg, yaml).unwrap();
+    let out = d.join("merged");
+    let o = rime().args(["merge", cfg.to_str().unwrap(), "--out", out.to_str().unwrap()]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for f in
+        ["model.safetensors", "config.json", "tokenizer.json", "atlas_coefficients.json", "head/adapter_config.json"]
+    {
+        assert!(out.join(f).exists(), "{f} missing");
+    }
+    let ev = rime()
+        .args(["eval", "--model", out.to_str().unwrap(), "--adapter", out.join("head").to_str().unwrap(), "--data"])
+        .arg(data.to_str().unwrap())
+        .args(["--json", "--max-length", "16", "--batch-size", "8"])
+        .output()
+        .unwrap();
+    assert!(ev.status.success(), "{}", String::from_utf8_lossy(&ev.stderr));
+    let e: serde_json::Value = serde_json::from_slice(&ev.stdout).unwrap();
+    assert!(e["accuracy"].as_f64().is_some());
+    std::fs::remove_dir_all(&d).ok();
+}
