@@ -301,3 +301,26 @@ fn atlas_over_trained_adapters_writes_a_model_that_evaluates() {
     assert!(e["accuracy"].as_f64().is_some());
     std::fs::remove_dir_all(&d).ok();
 }
+
+/// A diverging run (absurd learning rate) stops with an error that names the step and the kept checkpoint.
+#[test]
+fn diverging_loss_stops_and_names_the_step() {
+    let Some(m) = model() else { return };
+    let d = tmp("nan");
+    let data = d.join("d.jsonl");
+    std::fs::write(&data, "{\"text\":\"good\",\"label\":\"a\"}\n{\"text\":\"bad\",\"label\":\"b\"}\n".repeat(2))
+        .unwrap();
+    let o = rime()
+        .args(["train", "--model", m.to_str().unwrap(), "--train", data.to_str().unwrap(), "--eval"])
+        .arg(data.to_str().unwrap())
+        .args(["--lr", "1e30", "--max-grad-norm", "0", "--batch-size", "2", "--max-length", "8", "--epochs", "3"])
+        .args(["--save-every", "1", "--out"])
+        .arg(d.join("run").to_str().unwrap())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("at step") && err.contains("checkpoint") && !err.contains("panicked"), "{err}");
+    assert!(d.join("run/checkpoint/state.json").exists(), "the last good checkpoint is kept");
+    std::fs::remove_dir_all(&d).ok();
+}

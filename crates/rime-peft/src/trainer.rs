@@ -412,6 +412,15 @@ pub fn train(dev: &Device, cfg: &TrainConfig, on: &mut dyn FnMut(Event)) -> Resu
     let mut last_metrics = EvalMetrics::default();
 
     let save_checkpoint = |sess: &mut Session, step: usize, best_acc: f64, best_epoch: usize| -> Result<()> {
+        // Never overwrite the last good checkpoint with diverged parameters.
+        for (name, _, data) in classifier::trainable_tensors(sess.dev, &sess.store)? {
+            if data.iter().any(|x| !x.is_finite()) {
+                return Err(Error::Msg(format!(
+                    "parameter '{name}' became non-finite after step {step}; stopped. {} Try a lower --lr.",
+                    checkpoint_note(&cfg.out)
+                )));
+            }
+        }
         let tmp = cfg.out.join("checkpoint.tmp");
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).map_err(|e| Error::Msg(format!("{}: {e}", tmp.display())))?;
@@ -570,9 +579,9 @@ fn report_loss(
 ) -> Result<()> {
     if !loss.is_finite() {
         return Err(Error::Msg(format!(
-            "loss became {loss} at step {step}; stopped. The last good checkpoint is in {} (step {}). Try a lower --lr.",
-            out.join("checkpoint").display(),
-            last_good.map_or("none".into(), |s| s.to_string())
+            "loss became {loss} at step {step} (last finite loss at step {}); stopped. {} Try a lower --lr.",
+            last_good.map_or("none".into(), |s| s.to_string()),
+            checkpoint_note(out)
         )));
     }
     *last_good = Some(step);
@@ -688,4 +697,16 @@ pub fn evaluate_adapter(
     let hook: Box<dyn LinearHook> = classifier::hook_for_adapter(&acfg)?;
     let mut sess = Session::for_inference(dev, store, bcfg, prefix, hook, batch, max_length);
     sess.evaluate(&enc, |_| {})
+}
+
+/// Where the last good checkpoint is, for error messages.
+fn checkpoint_note(out: &Path) -> String {
+    let dir = out.join("checkpoint");
+    match std::fs::read_to_string(dir.join("state.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+    {
+        Some(v) => format!("The last good checkpoint (step {}) is kept in {}.", v["global_step"], dir.display()),
+        None => format!("No checkpoint was saved before it in {} (see --save-every).", out.display()),
+    }
 }
