@@ -107,6 +107,10 @@ pub struct TrainArgs {
     /// Skip the linear-probe baseline of the main job.
     #[arg(long)]
     no_baseline: bool,
+    /// classify (sequence classification with an encoder) or causal-lm (LoRA on a Llama GGUF, next-token loss on
+    /// --text-column, with --text-pair-column as an unscored prompt; writes OUT/adapter).
+    #[arg(long, default_value = "classify")]
+    task: String,
     /// Output folder: best/ (peft adapter), checkpoint/, metrics.jsonl, metrics.json, training.png.
     #[arg(long, default_value = "runs/fine_foods")]
     out: PathBuf,
@@ -134,6 +138,11 @@ fn target_list(s: &str) -> Vec<String> {
 }
 
 pub fn run(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
+    match a.task.as_str() {
+        "classify" => {}
+        "causal-lm" => return run_causal(opts, a),
+        t => return Err(format!("--task '{t}': expected classify or causal-lm").into()),
+    }
     let main_job = a.train.is_none();
     let model = match &a.model {
         Some(m) => m.clone(),
@@ -322,5 +331,51 @@ pub fn run_eval(opts: &DeviceOptions, a: &EvalArgs) -> Result<(), BoxErr> {
             m.accuracy, m.macro_f1, m.loss, m.examples
         );
     }
+    Ok(())
+}
+
+fn run_causal(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
+    let train =
+        a.train.clone().ok_or("--task causal-lm needs --train FILE (a completion column, optional prompt column)")?;
+    let model = match &a.model {
+        Some(m) => m.clone(),
+        None => rime_io::models_dir().join("smollm2-135m-instruct.Q4_1.gguf"),
+    };
+    let targets = if a.targets == "query,value" { "q_proj,v_proj".to_string() } else { a.targets.clone() };
+    if a.method != "lora" {
+        return Err("--task causal-lm supports --method lora".into());
+    }
+    let cfg = rime_peft::causal::CausalConfig {
+        model,
+        train,
+        columns: Columns { text: a.text_column.clone(), text_pair: a.text_pair_column.clone(), label: None },
+        lora: LoraConfig {
+            rank: a.rank,
+            alpha: a.alpha,
+            targets: targets.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
+            rslora: a.rslora,
+            init: LoraInit::Kaiming,
+            seed: a.seed,
+        },
+        epochs: a.epochs,
+        lr: a.lr,
+        weight_decay: a.weight_decay,
+        batch_size: a.batch_size,
+        max_length: a.max_length,
+        max_steps: a.max_steps,
+        seed: a.seed,
+        out: a.out.clone(),
+    };
+    let dev = Device::new(opts)?;
+    let s = rime_peft::causal::train_causal(&dev, &cfg, |step, loss| eprintln!("step {step}: loss {loss:.4}"))?;
+    println!(
+        "causal-lm LoRA: {} steps, loss {:.4} -> {:.4}, {:.2} examples/s, {} trainable parameters; adapter in {}",
+        s.steps,
+        s.first_loss,
+        s.last_loss,
+        s.train_examples_per_s,
+        s.trainable_params,
+        cfg.out.join("adapter").display()
+    );
     Ok(())
 }

@@ -324,3 +324,56 @@ fn diverging_loss_stops_and_names_the_step() {
     assert!(d.join("run/checkpoint/state.json").exists(), "the last good checkpoint is kept");
     std::fs::remove_dir_all(&d).ok();
 }
+
+/// Causal-LM LoRA on SmolLM2: on one repeated prompt/completion pair the completion loss falls, and the
+/// adapter it writes (peft layout, CAUSAL_LM) loads into `rime generate --adapter`.
+#[test]
+fn causal_lm_lora_learns_and_its_adapter_generates() {
+    let gguf = match rime_io::models_dir().join("smollm2-135m-instruct.Q4_1.gguf") {
+        p if p.exists() => p,
+        _ => {
+            eprintln!("SKIPPED: SmolLM2 GGUF not found, run scripts/fetch-models.sh");
+            return;
+        }
+    };
+    let d = tmp("clm");
+    let data = d.join("d.jsonl");
+    let row = serde_json::json!({"prompt": "Say the secret word.", "completion": "The secret word is pumpernickel."})
+        .to_string();
+    std::fs::write(&data, [row.as_str(); 4].join("\n")).unwrap();
+    let out = d.join("run");
+    let o = rime()
+        .args(["train", "--task", "causal-lm", "--model", gguf.to_str().unwrap(), "--train", data.to_str().unwrap()])
+        .args([
+            "--text-column",
+            "completion",
+            "--text-pair-column",
+            "prompt",
+            "--batch-size",
+            "2",
+            "--max-length",
+            "24",
+        ])
+        .args(["--epochs", "3", "--lr", "3e-3", "--out", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let losses: Vec<f32> = err
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("step ").and_then(|r| r.split("loss ").nth(1)).and_then(|x| x.trim().parse().ok())
+        })
+        .collect();
+    assert_eq!(losses.len(), 6, "{err}");
+    assert!(losses[5] < 0.5 * losses[0], "completion loss should fall on a repeated example: {losses:?}");
+    let cfg = std::fs::read_to_string(out.join("adapter/adapter_config.json")).unwrap();
+    assert!(cfg.contains("CAUSAL_LM") && cfg.contains("q_proj"), "{cfg}");
+    let g = rime()
+        .args(["generate", "--model", gguf.to_str().unwrap(), "--adapter", out.join("adapter").to_str().unwrap()])
+        .args(["--prompt", "Say the secret word.", "--max-new-tokens", "4"])
+        .output()
+        .unwrap();
+    assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
+    std::fs::remove_dir_all(&d).ok();
+}

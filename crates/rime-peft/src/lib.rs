@@ -1,6 +1,7 @@
 //! rime-peft: parameter-efficient tuning methods as rewrites of a model graph, and the trainer.
 
 pub mod adapter;
+pub mod causal;
 pub mod classifier;
 pub mod ia3;
 pub mod lora;
