@@ -18,6 +18,19 @@ fn model() -> Option<PathBuf> {
     }
 }
 
+/// A one-epoch LoRA fine-tune on `data` (also its eval set) with `rime train`; returns its best/ adapter.
+fn train_tiny(m: &std::path::Path, data: &std::path::Path, out: &std::path::Path, seed: &str) -> PathBuf {
+    let o = rime()
+        .args(["train", "--model", m.to_str().unwrap(), "--train", data.to_str().unwrap(), "--eval"])
+        .arg(data.to_str().unwrap())
+        .args(["--batch-size", "8", "--max-length", "16", "--lr", "5e-3", "--seed", seed, "--out"])
+        .arg(out.to_str().unwrap())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    out.join("best")
+}
+
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("rime-cli-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -201,19 +214,8 @@ fn greedy_soup_of_trained_adapters_logs_decisions_and_evaluates() {
         })
         .collect();
     std::fs::write(&data, rows.join("\n")).unwrap();
-    let mut adapters = vec![];
-    for seed in ["1", "2"] {
-        let out = d.join(format!("ft{seed}"));
-        let o = rime()
-            .args(["train", "--model", m.to_str().unwrap(), "--train", data.to_str().unwrap(), "--eval"])
-            .arg(data.to_str().unwrap())
-            .args(["--batch-size", "8", "--max-length", "16", "--lr", "5e-3", "--seed", seed, "--out"])
-            .arg(out.to_str().unwrap())
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        adapters.push(out.join("best"));
-    }
+    let adapters: Vec<PathBuf> =
+        ["1", "2"].iter().map(|seed| train_tiny(&m, &data, &d.join(format!("ft{seed}")), seed)).collect();
     let yaml = format!(
         "merge_method: greedy_soup\nbase_model: {}\nmodels:\n  - model: {}\n  - model: {}\nparameters:\n  eval_data: {}\n  max_length: 16\n  batch_size: 8\n",
         m.display(),
@@ -259,19 +261,8 @@ fn atlas_over_trained_adapters_writes_a_model_that_evaluates() {
         })
         .collect();
     std::fs::write(&data, rows.join("\n")).unwrap();
-    let mut adapters = vec![];
-    for seed in ["3", "4"] {
-        let out = d.join(format!("ft{seed}"));
-        let o = rime()
-            .args(["train", "--model", m.to_str().unwrap(), "--train", data.to_str().unwrap(), "--eval"])
-            .arg(data.to_str().unwrap())
-            .args(["--batch-size", "8", "--max-length", "16", "--lr", "5e-3", "--seed", seed, "--out"])
-            .arg(out.to_str().unwrap())
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        adapters.push(out.join("best"));
-    }
+    let adapters: Vec<PathBuf> =
+        ["3", "4"].iter().map(|seed| train_tiny(&m, &data, &d.join(format!("ft{seed}")), seed)).collect();
     let yaml = format!(
         "merge_method: atlas\nbase_model: {}\nmodels:\n  - model: {}\n  - model: {}\nparameters:\n  train_data: {}\n  eval_data: {}\n  steps: 2\n  examples: 8\n  batch_size: 8\n  max_length: 16\n",
         m.display(),
