@@ -302,7 +302,8 @@ impl Graph {
     pub fn relu(&mut self, x: Var) -> Var {
         self.unary(Op::Relu { x }, x)
     }
-    /// Dropout with probability p; the seed is combined with the step number by the executor.
+    /// Dropout with probability p and a fixed seed: an executor built from this graph draws the same mask at
+    /// every step (per-step masks are not implemented yet, so the tuning methods do not use dropout).
     pub fn dropout(&mut self, x: Var, p: f32, seed: u32) -> Var {
         if p <= 0.0 {
             return x;
