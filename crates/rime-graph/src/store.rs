@@ -84,40 +84,13 @@ impl ParamStore {
             rime_kernels::DType::F32 => dev.download_f32(&p.tensor)?,
             rime_kernels::DType::F16 => {
                 let b = dev.download_bytes(&p.tensor)?;
-                b.chunks_exact(2).map(|c| half_to_f32(u16::from_le_bytes([c[0], c[1]]), false)).collect()
+                b.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
             }
             rime_kernels::DType::BF16 => {
                 let b = dev.download_bytes(&p.tensor)?;
-                b.chunks_exact(2).map(|c| half_to_f32(u16::from_le_bytes([c[0], c[1]]), true)).collect()
+                b.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
             }
             d => return Err(Error::Invalid(format!("parameter '{}' has dtype {d:?}, not a float", p.name))),
         })
-    }
-}
-
-fn half_to_f32(bits: u16, bf: bool) -> f32 {
-    if bf {
-        f32::from_bits((bits as u32) << 16)
-    } else {
-        // IEEE half -> f32 without pulling `half` into this crate's public API.
-        let s = ((bits >> 15) & 1) as u32;
-        let e = ((bits >> 10) & 0x1f) as i32;
-        let m = (bits & 0x3ff) as u32;
-        let v = if e == 0 {
-            (m as f32) * 2f32.powi(-24)
-        } else if e == 31 {
-            if m == 0 {
-                f32::INFINITY
-            } else {
-                f32::NAN
-            }
-        } else {
-            (1.0 + m as f32 / 1024.0) * 2f32.powi(e - 15)
-        };
-        if s == 1 {
-            -v
-        } else {
-            v
-        }
     }
 }

@@ -365,3 +365,16 @@ fn learning_rate_schedules_follow_transformers() {
     let h = cfg.hyper(0, 0);
     assert!((h[5] - 0.1).abs() < 1e-7 && (h[6] - 0.001).abs() < 1e-7, "bias corrections of step 1: {h:?}");
 }
+
+#[test]
+fn store_reads_f16_and_bf16_parameters_back_as_f32() {
+    let d = dev();
+    let vals = [1.5f32, -0.25, 3.0];
+    let mut store = ParamStore::new();
+    let h: Vec<half::f16> = vals.iter().map(|&v| half::f16::from_f32(v)).collect();
+    let b: Vec<half::bf16> = vals.iter().map(|&v| half::bf16::from_f32(v)).collect();
+    let ih = store.add("h", d.upload_f16(&h, &[3]).unwrap(), false).unwrap();
+    let ib = store.add("b", d.upload_bf16(&b, &[3]).unwrap(), false).unwrap();
+    assert_eq!(store.read_f32(d, ih).unwrap(), vals);
+    assert_eq!(store.read_f32(d, ib).unwrap(), vals);
+}

@@ -149,6 +149,22 @@ pub fn build_exec(
     t: usize,
     optim: Option<OptimConfig>,
 ) -> Result<ShapeExec> {
+    build_exec_sharing(dev, store, cfg, prefix, hook, b, t, optim, None)
+}
+
+/// [`build_exec`] sharing the optimizer state of `donor` (the same model compiled for another length bucket).
+#[allow(clippy::too_many_arguments)]
+pub fn build_exec_sharing(
+    dev: &Device,
+    store: &ParamStore,
+    cfg: &BertConfig,
+    prefix: &str,
+    hook: &dyn LinearHook,
+    b: usize,
+    t: usize,
+    optim: Option<OptimConfig>,
+    donor: Option<&Executor>,
+) -> Result<ShapeExec> {
     let mut g = Graph::new();
     let enc = bert::build(&mut g, store, cfg, prefix, b, t, hook)?;
     let hw = g.param(store, HEAD_WEIGHT)?;
@@ -156,7 +172,7 @@ pub fn build_exec(
     let logits = g.linear(enc.pooled, hw, Some(hb))?;
     let labels = g.input("labels", &[b], DType::I32);
     let loss = g.cross_entropy(logits, labels, -100)?;
-    let exec = Executor::new(dev, g, store, Some(loss), &[logits, enc.pooled], optim)?;
+    let exec = Executor::new_sharing(dev, g, store, Some(loss), &[logits, enc.pooled], optim, donor)?;
     Ok(ShapeExec { exec, logits, loss, pooled: enc.pooled, batch: b, seq: t })
 }
 

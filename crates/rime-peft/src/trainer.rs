@@ -173,31 +173,18 @@ impl<'d> Session<'d> {
     pub fn exec(&mut self, t: usize) -> Result<&mut ShapeExec> {
         if !self.execs.contains_key(&t) {
             let donor = self.execs.values().next().map(|s| &s.exec);
-            let mut g = rime_graph::Graph::new();
-            let enc = rime_models::bert::build(
-                &mut g,
+            let se = classifier::build_exec_sharing(
+                self.dev,
                 &self.store,
                 &self.cfg,
                 &self.prefix,
+                self.hook.as_ref(),
                 self.batch,
                 t,
-                self.hook.as_ref(),
-            )?;
-            let hw = g.param(&self.store, classifier::HEAD_WEIGHT)?;
-            let hb = g.param(&self.store, classifier::HEAD_BIAS)?;
-            let logits = g.linear(enc.pooled, hw, Some(hb))?;
-            let labels = g.input("labels", &[self.batch], rime_kernels::DType::I32);
-            let loss = g.cross_entropy(logits, labels, -100)?;
-            let exec = rime_graph::Executor::new_sharing(
-                self.dev,
-                g,
-                &self.store,
-                Some(loss),
-                &[logits, enc.pooled],
                 self.optim.clone(),
                 donor,
             )?;
-            self.execs.insert(t, ShapeExec { exec, logits, loss, pooled: enc.pooled, batch: self.batch, seq: t });
+            self.execs.insert(t, se);
         }
         Ok(self.execs.get_mut(&t).expect("just inserted"))
     }
@@ -287,6 +274,18 @@ pub fn open_model(
     Ok((store, classifier::bert_config(&cfg), prefix, tok))
 }
 
+/// The training and evaluation sets of a run: `--eval` when given, else a seeded held-out part of `--train`.
+fn load_splits(cfg: &TrainConfig) -> Result<(Dataset, Dataset)> {
+    let train_full = Dataset::load(&cfg.train, &cfg.columns)?;
+    if train_full.is_empty() {
+        return Err(Error::Msg(format!("{}: the training set is empty", cfg.train.display())));
+    }
+    Ok(match &cfg.eval {
+        Some(p) => (train_full, Dataset::load(p, &cfg.columns)?),
+        None => train_full.split(cfg.eval_fraction, cfg.seed)?,
+    })
+}
+
 fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, serde_json::to_string_pretty(v).unwrap_or_default())
@@ -300,21 +299,14 @@ pub fn train(dev: &Device, cfg: &TrainConfig, on: &mut dyn FnMut(Event)) -> Resu
     if cfg.batch_size == 0 || cfg.epochs == 0 {
         return Err(Error::Msg("--batch-size and --epochs must be at least 1".into()));
     }
-    let train_full = Dataset::load(&cfg.train, &cfg.columns)?;
-    if train_full.is_empty() {
-        return Err(Error::Msg(format!("{}: the training set is empty", cfg.train.display())));
+    if cfg.eval.is_none() {
+        on(Event::Info(format!(
+            "no --eval file: holding out {:.0}% of {} for evaluation",
+            cfg.eval_fraction * 100.0,
+            cfg.train.display()
+        )));
     }
-    let (train_ds, eval_ds) = match &cfg.eval {
-        Some(p) => (train_full, Dataset::load(p, &cfg.columns)?),
-        None => {
-            on(Event::Info(format!(
-                "no --eval file: holding out {:.0}% of {} for evaluation",
-                cfg.eval_fraction * 100.0,
-                cfg.train.display()
-            )));
-            train_full.split(cfg.eval_fraction, cfg.seed)?
-        }
-    };
+    let (train_ds, eval_ds) = load_splits(cfg)?;
     let labels = LabelMap::from_dataset(&train_ds)?;
     let (mut store, bcfg, prefix, tok) = open_model(dev, &cfg.model, cfg.max_length)?;
     let (train_enc, trunc) = encode(&tok, &train_ds, Some(&labels))?;
@@ -595,28 +587,15 @@ fn report_loss(
 /// forward pass each on the GPU), then a logistic-regression head trained on the CPU (full-batch Adam,
 /// 300 iterations, lr 1e-2, weight decay 1e-4). Returns eval metrics.
 pub fn probe_baseline(dev: &Device, cfg: &TrainConfig) -> Result<EvalMetrics> {
-    let train_full = Dataset::load(&cfg.train, &cfg.columns)?;
-    let (train_ds, eval_ds) = match &cfg.eval {
-        Some(p) => (train_full, Dataset::load(p, &cfg.columns)?),
-        None => train_full.split(cfg.eval_fraction, cfg.seed)?,
-    };
+    let (train_ds, eval_ds) = load_splits(cfg)?;
     let labels = LabelMap::from_dataset(&train_ds)?;
     let (mut store, bcfg, prefix, tok) = open_model(dev, &cfg.model, cfg.max_length)?;
     let (tr, _) = encode(&tok, &train_ds, Some(&labels))?;
     let (ev, _) = encode(&tok, &eval_ds, Some(&labels))?;
     classifier::init_head(dev, &mut store, bcfg.hidden, labels.len(), cfg.seed)?;
     let hidden = bcfg.hidden;
-    let mut sess = Session {
-        dev,
-        store,
-        cfg: bcfg,
-        prefix,
-        hook: Box::new(rime_models::Plain),
-        batch: cfg.batch_size,
-        max_length: cfg.max_length,
-        optim: None,
-        execs: HashMap::new(),
-    };
+    let mut sess =
+        Session::for_inference(dev, store, bcfg, prefix, Box::new(rime_models::Plain), cfg.batch_size, cfg.max_length);
     let (_, ftr) = sess.predict(&tr, |_| {})?;
     let (_, fev) = sess.predict(&ev, |_| {})?;
     let k = labels.len();
