@@ -31,6 +31,17 @@ fn train_tiny(m: &std::path::Path, data: &std::path::Path, out: &std::path::Path
     out.join("best")
 }
 
+/// A JSONL file of `n` rows alternating a "great" text and an "other" text (numbered so rows differ).
+fn write_labelled(path: &std::path::Path, n: usize, great: &str, other: &str) {
+    let rows: Vec<String> = (0..n)
+        .map(|i| {
+            let (t, l) = if i % 2 == 0 { (great, "great") } else { (other, "other") };
+            serde_json::json!({"text": format!("{t} {i}"), "label": l}).to_string()
+        })
+        .collect();
+    std::fs::write(path, rows.join("\n")).unwrap();
+}
+
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("rime-cli-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -52,17 +63,7 @@ fn train_then_eval_a_lora_adapter() {
     let Some(m) = model() else { return };
     let d = tmp("train");
     let data = d.join("train.jsonl");
-    let rows: Vec<String> = (0..24)
-        .map(|i| {
-            let (t, l) = if i % 2 == 0 {
-                ("great tasty snack, love it", "great")
-            } else {
-                ("stale and bland, a waste", "other")
-            };
-            serde_json::json!({"text": format!("{t} #{i}"), "label": l}).to_string()
-        })
-        .collect();
-    std::fs::write(&data, rows.join("\n")).unwrap();
+    write_labelled(&data, 24, "great tasty snack, love it", "stale and bland, a waste");
     let out = d.join("run");
     let st = rime()
         .args([
@@ -154,13 +155,7 @@ fn interrupted_training_resumes_from_its_checkpoint() {
     let Some(m) = model() else { return };
     let d = tmp("resume");
     let data = d.join("train.jsonl");
-    let rows: Vec<String> = (0..32)
-        .map(|i| {
-            let (t, l) = if i % 2 == 0 { ("lovely fresh and tasty", "great") } else { ("broken seal, stale", "other") };
-            serde_json::json!({"text": format!("{t} {i}"), "label": l}).to_string()
-        })
-        .collect();
-    std::fs::write(&data, rows.join("\n")).unwrap();
+    write_labelled(&data, 32, "lovely fresh and tasty", "broken seal, stale");
     let run = |out: &std::path::Path, extra: &[&str]| {
         let o = rime()
             .args(["train", "--model", m.to_str().unwrap(), "--train", data.to_str().unwrap(), "--eval"])
@@ -206,14 +201,7 @@ fn greedy_soup_of_trained_adapters_logs_decisions_and_evaluates() {
     let Some(m) = model() else { return };
     let d = tmp("soup");
     let data = d.join("data.jsonl");
-    let rows: Vec<String> = (0..24)
-        .map(|i| {
-            let (t, l) =
-                if i % 2 == 0 { ("delicious, will buy again", "great") } else { ("tasteless and overpriced", "other") };
-            serde_json::json!({"text": format!("{t} {i}"), "label": l}).to_string()
-        })
-        .collect();
-    std::fs::write(&data, rows.join("\n")).unwrap();
+    write_labelled(&data, 24, "delicious, will buy again", "tasteless and overpriced");
     let adapters: Vec<PathBuf> =
         ["1", "2"].iter().map(|seed| train_tiny(&m, &data, &d.join(format!("ft{seed}")), seed)).collect();
     let yaml = format!(
@@ -254,13 +242,7 @@ fn atlas_over_trained_adapters_writes_a_model_that_evaluates() {
     let Some(m) = model() else { return };
     let d = tmp("atlas");
     let data = d.join("data.jsonl");
-    let rows: Vec<String> = (0..16)
-        .map(|i| {
-            let (t, l) = if i % 2 == 0 { ("crunchy and sweet", "great") } else { ("soggy, mouldy", "other") };
-            serde_json::json!({"text": format!("{t} {i}"), "label": l}).to_string()
-        })
-        .collect();
-    std::fs::write(&data, rows.join("\n")).unwrap();
+    write_labelled(&data, 16, "crunchy and sweet", "soggy, mouldy");
     let adapters: Vec<PathBuf> =
         ["3", "4"].iter().map(|seed| train_tiny(&m, &data, &d.join(format!("ft{seed}")), seed)).collect();
     let yaml = format!(
