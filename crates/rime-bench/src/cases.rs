@@ -362,29 +362,15 @@ fn random_bert(dev: &Device, cfg: &BertConfig) -> Result<ParamStore> {
         store.add_f32(dev, name, &data, shape, false)?;
         Ok(())
     };
-    let (c, i) = (cfg.hidden, cfg.intermediate);
-    add(&mut store, "embeddings.word_embeddings.weight", &[cfg.vocab, c], b'w')?;
-    add(&mut store, "embeddings.position_embeddings.weight", &[cfg.max_positions, c], b'w')?;
-    add(&mut store, "embeddings.token_type_embeddings.weight", &[cfg.type_vocab, c], b'w')?;
-    add(&mut store, "embeddings.LayerNorm.weight", &[c], b'1')?;
-    add(&mut store, "embeddings.LayerNorm.bias", &[c], b'0')?;
-    for l in 0..cfg.layers {
-        let p = format!("encoder.layer.{l}.");
-        for (m, out_f, in_f) in [
-            ("attention.self.query", c, c),
-            ("attention.self.key", c, c),
-            ("attention.self.value", c, c),
-            ("attention.output.dense", c, c),
-            ("intermediate.dense", i, c),
-            ("output.dense", c, i),
-        ] {
-            add(&mut store, &format!("{p}{m}.weight"), &[out_f, in_f], b'w')?;
-            add(&mut store, &format!("{p}{m}.bias"), &[out_f], b'0')?;
-        }
-        for ln in ["attention.output.LayerNorm", "output.LayerNorm"] {
-            add(&mut store, &format!("{p}{ln}.weight"), &[c], b'1')?;
-            add(&mut store, &format!("{p}{ln}.bias"), &[c], b'0')?;
-        }
+    for (name, shape) in rime_models::bert::param_shapes(cfg) {
+        let kind = if name.ends_with("LayerNorm.weight") {
+            b'1'
+        } else if name.ends_with(".bias") {
+            b'0'
+        } else {
+            b'w'
+        };
+        add(&mut store, &name, &shape, kind)?;
     }
     Ok(store)
 }

@@ -120,6 +120,39 @@ pub fn build(
     Ok(Encoder { last_hidden: x, pooled })
 }
 
+/// Every parameter of `BertModel` for this config, Hugging Face names and PyTorch shapes, in a fixed order
+/// (embeddings, then per layer the six linears' weight and bias, then the two LayerNorms). Random-weight
+/// models for tests and benchmarks fill these; a checkpoint's tensors can be checked against them.
+pub fn param_shapes(cfg: &BertConfig) -> Vec<(String, Vec<usize>)> {
+    let (c, f) = (cfg.hidden, cfg.intermediate);
+    let mut v: Vec<(String, Vec<usize>)> = vec![
+        ("embeddings.word_embeddings.weight".into(), vec![cfg.vocab, c]),
+        ("embeddings.position_embeddings.weight".into(), vec![cfg.max_positions, c]),
+        ("embeddings.token_type_embeddings.weight".into(), vec![cfg.type_vocab, c]),
+        ("embeddings.LayerNorm.weight".into(), vec![c]),
+        ("embeddings.LayerNorm.bias".into(), vec![c]),
+    ];
+    for l in 0..cfg.layers {
+        let p = format!("encoder.layer.{l}.");
+        for (m, out_f, in_f) in [
+            ("attention.self.query", c, c),
+            ("attention.self.key", c, c),
+            ("attention.self.value", c, c),
+            ("attention.output.dense", c, c),
+            ("intermediate.dense", f, c),
+            ("output.dense", c, f),
+        ] {
+            v.push((format!("{p}{m}.weight"), vec![out_f, in_f]));
+            v.push((format!("{p}{m}.bias"), vec![out_f]));
+        }
+        for ln in ["attention.output.LayerNorm", "output.LayerNorm"] {
+            v.push((format!("{p}{ln}.weight"), vec![c]));
+            v.push((format!("{p}{ln}.bias"), vec![c]));
+        }
+    }
+    v
+}
+
 /// Per-step inputs for a batch already tokenized and padded to `t`: ids, token types and the 0/1 mask,
 /// row-major [B, T]. Returns (position_ids, attention mask as f32, pooling weights).
 pub fn aux_inputs(mask: &[u32], b: usize, t: usize) -> (Vec<u32>, Vec<f32>, Vec<f32>) {

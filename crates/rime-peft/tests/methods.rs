@@ -42,7 +42,7 @@ fn tiny_cfg() -> BertConfig {
 /// A random BertModel under Hugging Face names (frozen) and a 3-class head (trainable).
 fn tiny_store(d: &Device) -> ParamStore {
     let c = tiny_cfg();
-    let (h, f) = (c.hidden, c.intermediate);
+    let h = c.hidden;
     let mut st = ParamStore::new();
     let mut seed = 100;
     let mut add = |st: &mut ParamStore, name: &str, shape: &[usize], s: f32, center: f32| {
@@ -51,28 +51,19 @@ fn tiny_store(d: &Device) -> ParamStore {
         let v: Vec<f32> = rnd(seed, n, s).into_iter().map(|x| x + center).collect();
         st.add_f32(d, name, &v, shape, false).unwrap();
     };
-    add(&mut st, "embeddings.word_embeddings.weight", &[c.vocab, h], 1.0, 0.0);
-    add(&mut st, "embeddings.position_embeddings.weight", &[c.max_positions, h], 0.3, 0.0);
-    add(&mut st, "embeddings.token_type_embeddings.weight", &[c.type_vocab, h], 0.3, 0.0);
-    add(&mut st, "embeddings.LayerNorm.weight", &[h], 0.1, 1.0);
-    add(&mut st, "embeddings.LayerNorm.bias", &[h], 0.1, 0.0);
-    for l in 0..c.layers {
-        let p = format!("encoder.layer.{l}.");
-        for (m, o, i) in [
-            ("attention.self.query", h, h),
-            ("attention.self.key", h, h),
-            ("attention.self.value", h, h),
-            ("attention.output.dense", h, h),
-            ("intermediate.dense", f, h),
-            ("output.dense", h, f),
-        ] {
-            add(&mut st, &format!("{p}{m}.weight"), &[o, i], 0.5, 0.0);
-            add(&mut st, &format!("{p}{m}.bias"), &[o], 0.1, 0.0);
-        }
-        for ln in ["attention.output.LayerNorm", "output.LayerNorm"] {
-            add(&mut st, &format!("{p}{ln}.weight"), &[h], 0.1, 1.0);
-            add(&mut st, &format!("{p}{ln}.bias"), &[h], 0.1, 0.0);
-        }
+    for (name, shape) in rime_models::bert::param_shapes(&c) {
+        let (s, center) = if name.ends_with("LayerNorm.weight") {
+            (0.1, 1.0)
+        } else if name.ends_with(".bias") {
+            (0.1, 0.0)
+        } else if name.contains("embeddings.word") {
+            (1.0, 0.0)
+        } else if name.contains("embeddings.") {
+            (0.3, 0.0)
+        } else {
+            (0.5, 0.0)
+        };
+        add(&mut st, &name, &shape, s, center);
     }
     classifier::init_head(d, &mut st, h, 3, 7).unwrap();
     st
