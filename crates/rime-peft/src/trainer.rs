@@ -399,6 +399,7 @@ pub fn train(dev: &Device, cfg: &TrainConfig, on: &mut dyn FnMut(Event)) -> Resu
     let mut paused = std::time::Duration::ZERO;
     let mut examples_done = 0usize;
     let mut last_good: Option<usize> = None;
+    let mut in_flight: Option<InFlight> = None;
     let mut patience_left = cfg.patience;
     let mut stopped_early = false;
     let mut last_metrics = EvalMetrics::default();
@@ -461,16 +462,23 @@ pub fn train(dev: &Device, cfg: &TrainConfig, on: &mut dyn FnMut(Event)) -> Resu
             let (ids, types, mask, lab) = make_batch(&train_enc, chunk, cfg.batch_size, t);
             classifier::feed(dev, se, &ids, &types, &mask, &lab)?;
             se.exec.step = global_step as u64;
-            se.exec.step(dev)?;
+            let out = se.exec.step(dev)?;
             let lr = cfg.lr * optim.schedule.factor(global_step as u64);
-            // Steps alternate between bucket executors, so the loss is collected right after the submit
-            // (the executor itself can also hand it over one step late, without waiting).
-            if let Some(l) = se.exec.last_loss(dev)? {
-                examples_done += chunk.len();
+            // The previous step's loss is read now, while this step runs: from this executor's step output
+            // when the bucket is the same, else from the executor that ran it (whose work was submitted
+            // before this step's, so waiting for it does not stall the queue).
+            let done = match in_flight.take() {
+                Some(p) if p.bucket == t => out.prev_loss.map(|l| (p, l)),
+                Some(p) => collect(&mut sess, dev, p)?,
+                None => None,
+            };
+            in_flight = Some(InFlight { bucket: t, step: global_step, epoch, examples: chunk.len(), lr });
+            if let Some((p, l)) = done {
+                examples_done += p.examples;
                 report_loss(
                     l,
-                    global_step,
-                    epoch,
+                    p.step,
+                    p.epoch,
                     &mut last_good,
                     examples_done,
                     &t_start,
@@ -478,15 +486,47 @@ pub fn train(dev: &Device, cfg: &TrainConfig, on: &mut dyn FnMut(Event)) -> Resu
                     on,
                     &mut jsonl,
                     &mut log_loss,
-                    lr,
+                    p.lr,
                 )?;
             }
             global_step += 1;
             if cfg.save_every > 0 && global_step % cfg.save_every == 0 {
+                if let Some((p, l)) = in_flight.take().map(|p| collect(&mut sess, dev, p)).transpose()?.flatten() {
+                    examples_done += p.examples;
+                    report_loss(
+                        l,
+                        p.step,
+                        p.epoch,
+                        &mut last_good,
+                        examples_done,
+                        &t_start,
+                        &cfg.out,
+                        on,
+                        &mut jsonl,
+                        &mut log_loss,
+                        p.lr,
+                    )?;
+                }
                 let t_save = Instant::now();
                 save_checkpoint(&mut sess, global_step, best_acc, best_epoch)?;
                 paused += t_save.elapsed();
             }
+        }
+        if let Some((p, l)) = in_flight.take().map(|p| collect(&mut sess, dev, p)).transpose()?.flatten() {
+            examples_done += p.examples;
+            report_loss(
+                l,
+                p.step,
+                p.epoch,
+                &mut last_good,
+                examples_done,
+                &t_start,
+                &cfg.out,
+                on,
+                &mut jsonl,
+                &mut log_loss,
+                p.lr,
+            )?;
         }
         let t_eval = Instant::now();
         let m = sess.evaluate(&eval_enc, |_| {})?;
@@ -553,6 +593,21 @@ pub fn train(dev: &Device, cfg: &TrainConfig, on: &mut dyn FnMut(Event)) -> Resu
     write_json(&cfg.out.join("metrics.json"), &v)?;
     crate::plot::write_plot(&cfg.out.join("metrics.jsonl"), &cfg.out.join("training.png")).ok();
     Ok(summary)
+}
+
+/// A submitted step whose loss has not been read yet.
+struct InFlight {
+    bucket: usize,
+    step: usize,
+    epoch: usize,
+    examples: usize,
+    lr: f32,
+}
+
+/// Wait for an in-flight step's loss on the executor that ran it.
+fn collect(sess: &mut Session, dev: &Device, p: InFlight) -> Result<Option<(InFlight, f32)>> {
+    let se = sess.execs.get_mut(&p.bucket).ok_or_else(|| Error::Msg(format!("no executor for length {}", p.bucket)))?;
+    Ok(se.exec.last_loss(dev)?.map(|l| (p, l)))
 }
 
 #[allow(clippy::too_many_arguments)]
