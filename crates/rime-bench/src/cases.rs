@@ -545,8 +545,42 @@ pub(crate) fn train_step(ctx: &Ctx) -> Result<CaseResult> {
         if kernel.is_some() { "1 - timestamped GPU time / wall" } else { "calling thread's CPU time / wall" }.into(),
     );
     e.insert("dispatches_per_step".into(), exec.dispatches_per_step().into());
+    if let Some(p) = kernel_profile(ctx, exec)? {
+        e.insert("profile".into(), p);
+    }
     e.insert("loss".into(), loss.map(|l| l as f64).into());
     e.insert("weights".into(), weights.into());
     res.timing = "wall per step (steady training loop)";
     Ok(res)
+}
+
+/// Where a training step's kernel time goes: one step with each dispatch timed on its own, summed per kernel
+/// entry point, largest first (`[{kernel, calls, ms, share}]`). `None` without timestamp queries.
+fn kernel_profile(ctx: &Ctx, exec: &rime_graph::Executor) -> Result<Option<serde_json::Value>> {
+    let ds: Vec<&Dispatch> = exec.step_dispatches().collect();
+    let Some(times) = ctx.timer.profile(&ds)? else { return Ok(None) };
+    let mut by: Vec<(String, usize, f64)> = Vec::new();
+    for (d, t) in ds.iter().zip(&times) {
+        match by.iter_mut().find(|(k, _, _)| *k == d.label) {
+            Some(row) => {
+                row.1 += 1;
+                row.2 += t;
+            }
+            None => by.push((d.label.clone(), 1, *t)),
+        }
+    }
+    by.sort_by(|a, b| b.2.total_cmp(&a.2));
+    let total: f64 = times.iter().sum();
+    let rows = by
+        .into_iter()
+        .map(|(k, n, t)| {
+            serde_json::json!({
+                "kernel": k,
+                "calls": n,
+                "ms": (t * 1e5).round() / 100.0,
+                "share": if total > 0.0 { (t / total * 1e4).round() / 1e4 } else { 0.0 },
+            })
+        })
+        .collect();
+    Ok(Some(serde_json::Value::Array(rows)))
 }

@@ -199,6 +199,60 @@ impl<'d> Timer<'d> {
     }
 }
 
+impl Timer<'_> {
+    /// GPU seconds of each dispatch, run in order, each in its own timestamped pass (all in one submit per
+    /// 2,048 dispatches, the query-set limit). `None` without timestamp queries: one dispatch is too short to
+    /// time by wall clock. Splitting passes adds a little per dispatch, so the sum slightly exceeds a step.
+    pub fn profile(&self, ds: &[&Dispatch]) -> Result<Option<Vec<f64>>> {
+        let Some(q) = &self.queries else { return Ok(None) };
+        let d = self.dev.wgpu_device();
+        let mut out = Vec::with_capacity(ds.len());
+        for chunk in ds.chunks((wgpu::QUERY_SET_MAX_QUERIES / 2) as usize) {
+            let n = chunk.len() as u32;
+            let set = d.create_query_set(&wgpu::QuerySetDescriptor {
+                label: Some("rime bench profile"),
+                ty: wgpu::QueryType::Timestamp,
+                count: 2 * n,
+            });
+            let bytes = 16 * n as u64;
+            let usage = [
+                wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+                wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            ];
+            let [resolve, staging] = usage.map(|usage| {
+                d.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("rime bench profile"),
+                    size: bytes,
+                    usage,
+                    mapped_at_creation: false,
+                })
+            });
+            let mut enc = d.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("rime profile") });
+            for (i, disp) in chunk.iter().enumerate() {
+                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some("rime profile"),
+                    timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                        query_set: &set,
+                        beginning_of_pass_write_index: Some(2 * i as u32),
+                        end_of_pass_write_index: Some(2 * i as u32 + 1),
+                    }),
+                });
+                disp.record(&mut pass);
+            }
+            enc.resolve_query_set(&set, 0..2 * n, &resolve, 0);
+            enc.copy_buffer_to_buffer(&resolve, 0, &staging, 0, bytes);
+            self.dev.queue().submit([enc.finish()]);
+            let raw = self.dev.map_read(&staging)?;
+            let tick = |i: usize| u64::from_le_bytes(raw[8 * i..8 * i + 8].try_into().expect("8 bytes"));
+            for i in 0..n as usize {
+                let (t0, t1) = (tick(2 * i), tick(2 * i + 1));
+                out.push(t1.saturating_sub(t0) as f64 * q.period * 1e-9);
+            }
+        }
+        Ok(Some(out))
+    }
+}
+
 /// Median wall time of a CPU closure (seconds), after `warmup` untimed calls.
 pub fn measure_cpu(warmup: usize, runs: usize, mut f: impl FnMut()) -> Stats {
     for _ in 0..warmup {

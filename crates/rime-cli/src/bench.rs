@@ -85,6 +85,20 @@ pub fn run(opts: &DeviceOptions, a: &BenchArgs) -> Result<(), Box<dyn std::error
                     share.map_or("n/a".to_string(), |s| format!("{:.1}%", 100.0 * s)),
                 );
             }
+            if let Some(rows) = r.extra.get("profile").and_then(|p| p.as_array()) {
+                let _ = writeln!(stdout, "{:<28} where one step's kernel time goes (each dispatch timed alone):", "");
+                for row in rows.iter().take(12) {
+                    let _ = writeln!(
+                        stdout,
+                        "{:<30} {:<34} {:>4} calls {:>9.2} ms {:>6.1}%",
+                        "",
+                        row["kernel"].as_str().unwrap_or("?"),
+                        row["calls"].as_u64().unwrap_or(0),
+                        row["ms"].as_f64().unwrap_or(f64::NAN),
+                        100.0 * row["share"].as_f64().unwrap_or(f64::NAN)
+                    );
+                }
+            }
         }
         let _ = stdout.flush();
     };

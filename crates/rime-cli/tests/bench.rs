@@ -62,6 +62,14 @@ fn bench_all_cases_report_json() {
     assert!((0.0..=1.0).contains(&share), "{share}");
     assert!(step["loss"].as_f64().is_some_and(f64::is_finite), "{step}");
     assert!(step["dispatches_per_step"].as_u64().is_some_and(|n| n > 0), "{step}");
+    // Where the device has timestamps (lavapipe does), the per-kernel profile covers every dispatch once.
+    if let Some(rows) = step.get("profile").and_then(|p| p.as_array()) {
+        let calls: u64 = rows.iter().map(|r| r["calls"].as_u64().unwrap()).sum();
+        assert_eq!(calls, step["dispatches_per_step"].as_u64().unwrap(), "{step}");
+        let share: f64 = rows.iter().map(|r| r["share"].as_f64().unwrap()).sum();
+        assert!((share - 1.0).abs() < 0.01, "shares sum to {share}");
+        assert!(rows.iter().any(|r| r["kernel"].as_str().unwrap().starts_with("matmul")), "{step}");
+    }
 }
 
 #[test]
