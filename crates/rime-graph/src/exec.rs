@@ -1276,6 +1276,11 @@ impl Executor {
     pub fn dispatches_per_step(&self) -> usize {
         self.dispatch_count
     }
+    /// The dispatches of one training step in the order a step records them (forward, backward, optimizer
+    /// update), for profilers that time each one; each carries its kernel's entry point as `label`.
+    pub fn step_dispatches(&self) -> impl Iterator<Item = &Dispatch> {
+        self.forward.iter().chain(&self.backward).chain(&self.optim)
+    }
     /// Number of trainable parameters that received a gradient buffer.
     pub fn gradient_buffers(&self) -> usize {
         self.param_grads.len()
