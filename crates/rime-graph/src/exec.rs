@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 
 use rime_kernels::ops::{
-    attention, cross_entropy, elementwise, embedding, lora, matmul, norm, optim, reduce, rope, softmax,
+    attention, cross_entropy, elementwise, embedding, lora, matmul, norm, optim, prepend, reduce, rope, softmax,
 };
 use rime_kernels::{DType, Device, Dispatch, Tensor};
 
@@ -458,6 +458,17 @@ impl<'g> Builder<'g> {
                     Box::new(move |d, r| {
                         cross_entropy::cross_entropy_forward(d, &r(&o), &r(&s2), &r(&l2), &r(&t2), ignore_index)
                     }),
+                );
+            }
+            Op::Prepend { x, rows } => {
+                let (xr, rr) = (self.v(x), self.v(rows));
+                let (x2, r2) = (xr.clone(), rr.clone());
+                self.call(
+                    "prepend_forward",
+                    Phase::Forward,
+                    &[&xr, &rr],
+                    &[&ow],
+                    Box::new(move |d, r| prepend::prepend_forward(d, &r(&o), &r(&x2), &r(&r2))),
                 );
             }
         }
@@ -909,6 +920,32 @@ impl<'g> Builder<'g> {
                                 ignore_index,
                             )
                         }),
+                    );
+                    self.finish(&t);
+                }
+            }
+            Op::Prepend { x, rows } => {
+                if self.needs(x) {
+                    let t = self.target(x, false);
+                    let (dx, d2) = (t.r.clone(), dout.clone());
+                    self.call(
+                        "prepend_backward_input",
+                        bw,
+                        &[&dout],
+                        &[&t.r],
+                        Box::new(move |d, r| prepend::prepend_backward_input(d, &r(&dx), &r(&d2))),
+                    );
+                    self.finish(&t);
+                }
+                if self.needs(rows) {
+                    let t = self.target(rows, true);
+                    let (dr, d2, acc) = (t.r.clone(), dout.clone(), t.accumulate);
+                    self.call(
+                        "prepend_backward_weight",
+                        bw,
+                        &[&dout, &t.r],
+                        &[&t.r],
+                        Box::new(move |d, r| prepend::prepend_backward_weight(d, &r(&dr), &r(&d2), acc)),
                     );
                     self.finish(&t);
                 }

@@ -100,6 +100,11 @@ pub enum Op {
         targets: Var,
         ignore_index: i32,
     },
+    /// rows [P, C] in front of every sequence of x [B, T, C].
+    Prepend {
+        x: Var,
+        rows: Var,
+    },
 }
 
 impl Op {
@@ -124,6 +129,7 @@ impl Op {
             Op::Attention { .. } => "attention",
             Op::Softmax { .. } => "softmax",
             Op::CrossEntropy { .. } => "cross_entropy",
+            Op::Prepend { .. } => "prepend",
         }
     }
 
@@ -149,6 +155,7 @@ impl Op {
             Op::Attention { q, k, v, mask, .. } => [Some(q), Some(k), Some(v), mask].into_iter().flatten().collect(),
             Op::Softmax { x, mask, .. } => [Some(x), mask].into_iter().flatten().collect(),
             Op::CrossEntropy { logits, targets, .. } => vec![logits, targets],
+            Op::Prepend { x, rows } => vec![x, rows],
         }
     }
 }
@@ -387,6 +394,16 @@ impl Graph {
             ));
         }
         Ok(self.push(Op::CrossEntropy { logits, targets, ignore_index }, vec![1], DType::F32, "cross_entropy"))
+    }
+
+    /// x [B, T, C] with rows [P, C] put in front of every sequence: [B, P+T, C] (soft prompts, prefix keys and
+    /// values). The gradient of x is the last T rows of the output's; that of rows the batch sum of the first P.
+    pub fn prepend(&mut self, x: Var, rows: Var) -> Result<Var> {
+        let (sx, sr) = (self.shape(x).to_vec(), self.shape(rows).to_vec());
+        if sx.len() != 3 || sr.len() != 2 || sr[1] != sx[2] {
+            return Err(shape_err("prepend", format!("x {sx:?} must be [B, T, C] and rows {sr:?} [P, C]")));
+        }
+        Ok(self.push(Op::Prepend { x, rows }, vec![sx[0], sr[0] + sx[1], sx[2]], DType::F32, "prepend"))
     }
 
     /// Name a tensor (for memory reports and debugging).

@@ -378,3 +378,57 @@ fn store_reads_f16_and_bf16_parameters_back_as_f32() {
     assert_eq!(store.read_f32(d, ih).unwrap(), vals);
     assert_eq!(store.read_f32(d, ib).unwrap(), vals);
 }
+
+/// Soft prompt and key/value prefixes: prompt rows go in front of a projected input (its gradient flows back
+/// through the prepend to `w`), then prefix rows in front of the keys and values, so the attention runs with
+/// S = P + P2 + T keys for P2 + T queries under a [B, S] mask. One computed prefix feeds both K and V (two
+/// contributions into one non-parameter gradient). Every parameter's gradient vs finite differences.
+#[test]
+fn prepend_prompt_and_prefix_gradients_match_finite_differences() {
+    let d = dev();
+    let (b, t, p2, p, nh, hs) = (2, 3, 2, 3, 2, 4);
+    let c = nh * hs;
+    let (tq, s) = (p2 + t, p + p2 + t);
+    let mut store = ParamStore::new();
+    store.add_f32(d, "w", &rnd(1, c * c, 0.5), &[c, c], true).unwrap();
+    store.add_f32(d, "prompt", &rnd(2, p2 * c, 1.0), &[p2, c], true).unwrap();
+    store.add_f32(d, "prefix", &rnd(3, p * c, 1.0), &[p, c], true).unwrap();
+    for (i, n) in ["wq", "wk", "wv"].iter().enumerate() {
+        store.add_f32(d, n, &rnd(4 + i as u64, c * c, 0.5), &[c, c], false).unwrap();
+    }
+    store.add_f32(d, "head", &rnd(8, 3 * c, 0.5), &[3, c], true).unwrap();
+    let mut g = Graph::new();
+    let x = g.input("x", &[b, t, c], DType::F32);
+    let mask = g.input("mask", &[b, s], DType::F32);
+    let tg = targets(&mut g, b * tq);
+    let pr = |g: &mut Graph, n: &str| g.param(&store, n).unwrap();
+    let (w, prompt, prefix) = (pr(&mut g, "w"), pr(&mut g, "prompt"), pr(&mut g, "prefix"));
+    let h = g.linear(x, w, None).unwrap();
+    let h = g.prepend(h, prompt).unwrap(); // [B, P2+T, C]
+    assert_eq!(g.shape(h), [b, tq, c]);
+    let rows = g.scale(prefix, 0.7);
+    let (wq, wk, wv) = (pr(&mut g, "wq"), pr(&mut g, "wk"), pr(&mut g, "wv"));
+    let q = g.linear(h, wq, None).unwrap();
+    let k = g.linear(h, wk, None).unwrap();
+    let v = g.linear(h, wv, None).unwrap();
+    let k = g.prepend(k, rows).unwrap();
+    let v = g.prepend(v, rows).unwrap();
+    let q = g.reshape(q, &[b, tq, nh, hs]).unwrap();
+    let k = g.reshape(k, &[b, s, nh, hs]).unwrap();
+    let v = g.reshape(v, &[b, s, nh, hs]).unwrap();
+    let a = g.attention(q, k, v, Some(mask), false, 0.5).unwrap();
+    let a = g.reshape(a, &[b * tq, c]).unwrap();
+    let head = pr(&mut g, "head");
+    let logits = g.linear(a, head, None).unwrap();
+    let loss = g.cross_entropy(logits, tg, -100).unwrap();
+    assert!(g.prepend(x, logits).is_err(), "rows [10, 3] in front of x [2, 3, 8] are refused");
+    let mut ex = Executor::new(d, g, &store, Some(loss), &[], Some(OptimConfig::adamw(1e-2, 0.0))).unwrap();
+    ex.feed_f32(d, "x", &rnd(9, b * t * c, 1.0)).unwrap();
+    // the second sequence has its last real key padded
+    let mut m = vec![1f32; b * s];
+    m[2 * s - 1] = 0.0;
+    ex.feed_f32(d, "mask", &m).unwrap();
+    ex.feed_i32(d, "targets", &[0, 1, 2, 0, 1, 2, 0, 1, 2, -100]).unwrap();
+    check_grads(&mut ex, &store, loss, 5);
+    assert_eq!(ex.gradient_buffers(), 4, "w, prompt, prefix, head; the frozen projections get none");
+}

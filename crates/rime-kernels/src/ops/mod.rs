@@ -10,6 +10,7 @@ pub mod matmul;
 pub mod merge;
 pub mod norm;
 pub mod optim;
+pub mod prepend;
 pub mod reduce;
 pub mod rope;
 pub mod softmax;
@@ -30,6 +31,7 @@ pub fn declared_specs() -> Vec<(&'static str, Spec)> {
     v.extend(merge::specs());
     v.extend(norm::specs());
     v.extend(optim::specs());
+    v.extend(prepend::specs());
     v.extend(reduce::specs());
     v.extend(rope::specs());
     v.extend(softmax::specs());

@@ -11,6 +11,7 @@ pub mod matmul;
 pub mod merge;
 pub mod norm;
 pub mod optim;
+pub mod prepend;
 pub mod reduce;
 pub mod rope;
 pub mod softmax;
