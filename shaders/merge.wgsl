@@ -35,7 +35,9 @@ fn merge_weighted_sum_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(nu
 // TIES sign election and disjoint merge (peft calculate_majority_sign_mask + disjoint_merge). p.a = 1: the
 // sign of the sum elects ("total"); 0: the sign of the count of signs ("frequency"); ties go to +1. p.b = 0:
 // the election and the agreement test use the rows as given (peft's `ties`); 1: they use the weighted rows
-// w_i * x_i. The weighted rows that agree are averaged (0 where none agree).
+// w_i * x_i. p.c says what the sum of the agreeing weighted rows is divided by: 0 their count (peft; 0 where
+// none agree), 1 the sum of their weights, or 1 where that sum is 0 (mergekit with `normalize`), 2 nothing
+// (mergekit without `normalize`).
 @compute @workgroup_size(WG)
 fn merge_ties_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                       @builtin(local_invocation_index) lid: u32) {
@@ -52,15 +54,23 @@ fn merge_ties_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
     let majority = select(-1.0, 1.0, s >= 0.0);
     var acc = 0.0;
     var cnt = 0.0;
+    var wsum = 0.0;
     for (var i = 0u; i < p.rows; i++) {
         let x = xs[i * p.l + l];
         let wx = wts[i] * x;
         if (sign(select(x, wx, weighted)) == majority) {
             acc += wx;
             cnt += 1.0;
+            wsum += wts[i];
         }
     }
-    out[l] = acc / max(cnt, 1.0);
+    if (p.c == 0u) {
+        out[l] = acc / max(cnt, 1.0);
+    } else if (p.c == 1u) {
+        out[l] = acc / select(wsum, 1.0, wsum == 0.0);
+    } else {
+        out[l] = acc;
+    }
 }
 
 // DARE rescaled random pruning with a given Bernoulli keep-mask: x * mask / density (peft random_pruning).
@@ -137,6 +147,21 @@ fn merge_magnitude_mask_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(
     let r = i / p.l;
     let l = i - r * p.l;
     let x = xs[i];
+    let c = vec2<u32>(state[2u * r], state[2u * r + 1u]);
+    let keep = p.c != 0u || (p.d == 0u && key_at_least(x, l, c));
+    out[i] = select(0.0, x, keep);
+}
+
+// The same in place on `out` (rows [p.rows, p.l], counted through `xs` bound to the same buffer in the
+// counting passes): zero what the key does not keep, leave the rest.
+@compute @workgroup_size(WG)
+fn merge_magnitude_mask_inplace_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                                        @builtin(local_invocation_index) lid: u32) {
+    let i = elem(wid, nwg, lid);
+    if (i >= p.l * p.rows) { return; }
+    let r = i / p.l;
+    let l = i - r * p.l;
+    let x = out[i];
     let c = vec2<u32>(state[2u * r], state[2u * r + 1u]);
     let keep = p.c != 0u || (p.d == 0u && key_at_least(x, l, c));
     out[i] = select(0.0, x, keep);

@@ -114,6 +114,54 @@ fn merge_ties_matches_reference() {
 }
 
 #[test]
+fn merge_magnitude_mask_inplace_matches_reference() {
+    let d = dev();
+    for &(n, l) in &[(1usize, 1usize), (2, 17), (3, 3072), (1, 300_000)] {
+        let xs = task_vectors(l as u64 + 11, n * l);
+        for &density in &[0.0f64, 0.3, 0.5, 1.0] {
+            let g = up(d, &xs, &[n, l]);
+            d.run(&merge_magnitude_mask_inplace_forward(d, &g, density).unwrap()).unwrap();
+            let mut want = xs.clone();
+            r::merge_magnitude_mask_inplace_forward(&mut want, n, density);
+            assert_eq!(d.download_f32(&g).unwrap(), want, "in-place mask n={n} l={l} density={density}");
+            let mut out_of_place = vec![0.0; n * l];
+            r::merge_magnitude_mask_forward(&mut out_of_place, &xs, n, density);
+            assert_eq!(want, out_of_place);
+        }
+    }
+}
+
+#[test]
+fn merge_ties_mergekit_matches_reference() {
+    let d = dev();
+    for &(n, l) in &[(1usize, 1usize), (2, 3), (3, 17), (4, 127), (5, 1000)] {
+        let xs = task_vectors(l as u64 + 7, n * l);
+        // Unequal weights, one negative: the divisor (sum of agreeing weights) differs from the count.
+        let mut w = randn(5, n, 1.0);
+        w[0] = -0.4;
+        for &normalize in &[true, false] {
+            let got =
+                run_out(d, l, |o| merge_ties_mergekit_forward(d, o, &up(d, &xs, &[n, l]), &w, normalize).unwrap());
+            let mut want = vec![0.0; l];
+            r::merge_ties_mergekit_forward(&mut want, &xs, &w, normalize);
+            assert_close("ties mergekit", &got, &want, 1e-6, 1e-6);
+        }
+    }
+    // Hand values, weights [0.5, 0.3, 0.2], columns [1, 2, -4], [1, -1, 0], [0, 0, 0], [2, 0, 0]:
+    // y = [0.5, 0.6, -0.8]: sum 0.3 elects +, agreeing 0.5 + 0.6 = 1.1 over weights 0.8 -> 1.375;
+    // y = [0.5, -0.3, 0]: + elected, 0.5 / 0.5 = 1 (the zero never agrees); all zeros: 0 / (divisor 1) = 0;
+    // y = [1, 0, 0]: 1 / 0.5 = 2. peft (count) would give 0.55, 0.5, 0, 1.
+    let xs = [1.0, 1.0, 0.0, 2.0, 2.0, -1.0, 0.0, 0.0, -4.0, 0.0, 0.0, 0.0];
+    let w = [0.5, 0.3, 0.2];
+    let got = run_out(d, 4, |o| merge_ties_mergekit_forward(d, o, &up(d, &xs, &[3, 4]), &w, true).unwrap());
+    assert_close("ties mergekit hand", &got, &[1.375, 1.0, 0.0, 2.0], 1e-6, 0.0);
+    let got = run_out(d, 4, |o| merge_ties_mergekit_forward(d, o, &up(d, &xs, &[3, 4]), &w, false).unwrap());
+    assert_close("ties mergekit hand, no normalize", &got, &[1.1, 0.5, 0.0, 1.0], 1e-6, 0.0);
+    let got = run_out(d, 4, |o| merge_ties_forward(d, o, &up(d, &xs, &[3, 4]), &w, true, true).unwrap());
+    assert_close("ties peft hand", &got, &[0.55, 0.5, 0.0, 1.0], 1e-6, 0.0);
+}
+
+#[test]
 fn merge_dare_matches_reference() {
     let d = dev();
     for &(n, l) in &[(1usize, 1usize), (2, 3), (3, 17), (2, 127), (3, 1000)] {

@@ -3,7 +3,9 @@
 //! each row flattened to L elements. The recipes compose these launchers:
 //! - task arithmetic / soups: `merge_weighted_sum_forward(xs, w)`;
 //! - magnitude_prune: `merge_magnitude_mask_forward(xs, d)` then `merge_weighted_sum_forward`;
-//! - TIES: `merge_magnitude_mask_forward(xs, d)` then `merge_ties_forward(trimmed, w, method, false)`;
+//! - TIES: `merge_magnitude_mask_forward(xs, d)` then `merge_ties_forward(trimmed, w, method, false)` (peft),
+//!   or `merge_ties_mergekit_forward(trimmed, w, normalize)` (mergekit); `merge_magnitude_mask_inplace_forward`
+//!   trims without a second buffer of the tensor's size;
 //! - dare_linear / dare_ties: `merge_dare_forward(xs, mask, d)` then the weighted sum /
 //!   `merge_ties_forward(rescaled, w, method, true)`;
 //! - SLERP: `merge_slerp_forward(a, b, t)`.
@@ -100,8 +102,22 @@ pub fn merge_magnitude_mask_forward(dev: &Device, out: &Tensor, xs: &Tensor, den
     const OP: &str = "merge_magnitude_mask_forward";
     let (n, l) = stacked(OP, xs)?;
     check_out(OP, out, n * l, "all", xs)?;
+    magnitude(dev, OP, Some(out), xs, density)
+}
+
+/// `merge_magnitude_mask_forward` in place: the dropped elements of `xs` [N, ...] are set to 0, so that
+/// trimming a tensor needs no second buffer of its size.
+pub fn merge_magnitude_mask_inplace_forward(dev: &Device, xs: &Tensor, density: f64) -> Result<Vec<Dispatch>> {
+    const OP: &str = "merge_magnitude_mask_inplace_forward";
+    stacked(OP, xs)?;
+    magnitude(dev, OP, None, xs, density)
+}
+
+/// The counting passes of the top-k and the final masking: into `out`, or in place when `out` is None.
+fn magnitude(dev: &Device, op: &'static str, out: Option<&Tensor>, xs: &Tensor, density: f64) -> Result<Vec<Dispatch>> {
+    let (n, l) = stacked(op, xs)?;
     if density.is_nan() || density < 0.0 {
-        return Err(shape_err(OP, format!("density must be >= 0, got {density}")));
+        return Err(shape_err(op, format!("density must be >= 0, got {density}")));
     }
     let k = if density >= 1.0 { l } else { ((density * l as f64).floor() as usize).min(l) };
     let grid = grid_1d(((n * l) as u32).div_ceil(WG));
@@ -137,7 +153,10 @@ pub fn merge_magnitude_mask_forward(dev: &Device, out: &Tensor, xs: &Tensor, den
         }
     }
     let pm = params(l, n, 0, k, 0, 0, keep_all as u32, keep_none as u32);
-    ds.push(dev.dispatch(FILE, OP, &spec(), Some(&pm), &[(1, out), (2, xs), (6, &state)], grid)?);
+    ds.push(match out {
+        Some(out) => dev.dispatch(FILE, op, &spec(), Some(&pm), &[(1, out), (2, xs), (6, &state)], grid)?,
+        None => dev.dispatch(FILE, op, &spec(), Some(&pm), &[(1, xs), (6, &state)], grid)?,
+    });
     Ok(ds)
 }
 
@@ -165,6 +184,34 @@ pub fn merge_ties_forward(
         OP,
         &spec(),
         Some(&params(l, n, 0, 0, majority_sign_total as u32, elect_weighted as u32, 0, 0)),
+        &[(1, out), (2, xs), (3, &w)],
+        grid_1d((l as u32).div_ceil(WG)),
+    )?])
+}
+
+/// mergekit's TIES sign election and disjoint merge (`generalized_task_arithmetic` with `consensus_method:
+/// sum`), out [L]: with y_i = weights[i] * xs[i], the sign of sum_i y_i is elected per element (zero goes to +),
+/// and out = sum_i y_i [sign(y_i) = elected], divided by sum_i weights[i] [sign(y_i) = elected] when
+/// `normalize` (by 1 where that sum is 0). It differs from peft's `merge_ties_forward` in the divisor (the sum
+/// of the agreeing weights, not their count) whenever the weights differ.
+pub fn merge_ties_mergekit_forward(
+    dev: &Device,
+    out: &Tensor,
+    xs: &Tensor,
+    weights: &[f32],
+    normalize: bool,
+) -> Result<Vec<Dispatch>> {
+    const OP: &str = "merge_ties_mergekit_forward";
+    let (n, l) = stacked(OP, xs)?;
+    check_out(OP, out, l, "one row", xs)?;
+    check_weights(OP, weights, n, xs)?;
+    let w = dev.upload_f32(weights, &[n])?;
+    let divisor = if normalize { 1 } else { 2 };
+    Ok(vec![dev.dispatch(
+        FILE,
+        "merge_ties_forward",
+        &spec(),
+        Some(&params(l, n, 0, 0, 1, 1, divisor, 0)),
         &[(1, out), (2, xs), (3, &w)],
         grid_1d((l as u32).div_ceil(WG)),
     )?])

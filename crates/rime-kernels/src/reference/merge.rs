@@ -29,6 +29,13 @@ pub fn merge_magnitude_mask_forward(out: &mut [f32], xs: &[f32], rows: usize, de
     }
 }
 
+/// `merge_magnitude_mask_forward` in place.
+pub fn merge_magnitude_mask_inplace_forward(xs: &mut [f32], rows: usize, density: f64) {
+    let mut out = vec![0.0; xs.len()];
+    merge_magnitude_mask_forward(&mut out, xs, rows, density);
+    xs.copy_from_slice(&out);
+}
+
 fn sign(x: f32) -> f32 {
     if x > 0.0 {
         1.0
@@ -64,6 +71,26 @@ pub fn merge_ties_forward(
             }
         }
         *o = acc / cnt.max(1.0);
+    }
+}
+
+/// mergekit's TIES consensus ("sum") and disjoint merge: y_i = weights[i] * xs[i]; the sign of sum_i y_i
+/// elected (zero goes to +); out = sum of the agreeing y_i, divided by the sum of the agreeing weights when
+/// `normalize` (1 where that sum is 0). Zeros never agree.
+pub fn merge_ties_mergekit_forward(out: &mut [f32], xs: &[f32], weights: &[f32], normalize: bool) {
+    let l = out.len();
+    for (j, o) in out.iter_mut().enumerate() {
+        let y = |i: usize| weights[i] * xs[i * l + j];
+        let s: f32 = (0..weights.len()).map(y).fold(0.0, |a, b| a + b);
+        let majority = if s >= 0.0 { 1.0 } else { -1.0 };
+        let (mut acc, mut div) = (0.0f32, 0.0f32);
+        for (i, &w) in weights.iter().enumerate() {
+            if sign(y(i)) == majority {
+                acc += y(i);
+                div += w;
+            }
+        }
+        *o = if normalize { acc / if div == 0.0 { 1.0 } else { div } } else { acc };
     }
 }
 
