@@ -474,6 +474,78 @@ impl Checkpoint {
         Ok(RawTensor { dtype: t.dtype, shape: &t.shape, bytes })
     }
 
+    /// Elements `first..first + out.len()` (row-major, PyTorch order) of a floating-point tensor, converted to
+    /// f32 into `out`: one slice of a large tensor without converting (or touching) the rest of it.
+    pub fn read_f32_into(&self, name: &str, first: usize, out: &mut [f32]) -> Result<()> {
+        let raw = self.get_raw(name)?;
+        let size = raw.dtype.size();
+        let numel = raw.bytes.len() / size;
+        let terr = |msg: String| Error::Tensor {
+            file: display(self.file_of(name).unwrap_or(&self.source)),
+            tensor: name.to_string(),
+            msg,
+        };
+        if !raw.dtype.is_float() {
+            return Err(terr(format!("has dtype {}, which is not a float type; read it with get_i64", raw.dtype)));
+        }
+        let end = first.checked_add(out.len()).filter(|&e| e <= numel).ok_or_else(|| {
+            terr(format!("elements {first}..{} asked of a tensor of {numel} elements", first + out.len()))
+        })?;
+        let b = &raw.bytes[first * size..end * size];
+        match raw.dtype {
+            Dtype::F32 => {
+                b.chunks_exact(4).zip(out).for_each(|(c, o)| *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            }
+            Dtype::F16 => b
+                .chunks_exact(2)
+                .zip(out)
+                .for_each(|(c, o)| *o = half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()),
+            Dtype::BF16 => b
+                .chunks_exact(2)
+                .zip(out)
+                .for_each(|(c, o)| *o = half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()),
+            _ => b.chunks_exact(8).zip(out).for_each(|(c, o)| *o = f64::from_le_bytes(le8(c)) as f32),
+        }
+        Ok(())
+    }
+
+    /// Drops this process's resident pages of a tensor's stored bytes `bytes` (a byte range within the tensor;
+    /// `..` for all of it). The data stays readable: a later read faults the pages back in from the page cache.
+    /// A streaming reader calls it after each tensor (or slice of one) so that resident memory stays near one
+    /// tensor instead of growing to the whole mapped checkpoint. A no-op where `madvise` does not exist.
+    pub fn release(&self, name: &str, bytes: impl std::ops::RangeBounds<usize>) -> Result<()> {
+        let t = self.tensor(name)?;
+        let len = t.end - t.start;
+        let lo = match bytes.start_bound() {
+            std::ops::Bound::Included(&x) => x,
+            std::ops::Bound::Excluded(&x) => x + 1,
+            std::ops::Bound::Unbounded => 0,
+        };
+        let hi = match bytes.end_bound() {
+            std::ops::Bound::Included(&x) => x + 1,
+            std::ops::Bound::Excluded(&x) => x,
+            std::ops::Bound::Unbounded => len,
+        }
+        .min(len);
+        if lo >= hi {
+            return Ok(());
+        }
+        let shard = &self.shards[t.shard];
+        #[cfg(unix)]
+        if let Some(map) = &shard.map {
+            // SAFETY: the map is a read-only MAP_SHARED mapping of a file (memmap2's `Mmap::map`). MADV_DONTNEED
+            // on such a mapping only drops page-table entries: the next access reads the same bytes back from
+            // the page cache (or the file), so slices borrowed from the map stay valid and unchanged.
+            unsafe {
+                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, shard.data_start + t.start + lo, hi - lo)
+            }
+            .map_err(io_err(&shard.path, "cannot release mapped pages (madvise)"))?;
+        }
+        #[cfg(not(unix))]
+        let _ = shard;
+        Ok(())
+    }
+
     /// A floating-point tensor (F32, F16, BF16 or F64) converted to f32, row-major in PyTorch order.
     pub fn get_f32(&self, name: &str) -> Result<Vec<f32>> {
         let raw = self.get_raw(name)?;
