@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 
 use rime_kernels::ops::{
-    attention, cross_entropy, elementwise, embedding, lora, matmul, norm, optim, prepend, reduce, rope, softmax,
+    attention, cross_entropy, dora, elementwise, embedding, lora, matmul, norm, optim, prepend, reduce, rope, softmax,
 };
 use rime_kernels::{DType, Device, Dispatch, Tensor};
 
@@ -115,6 +115,10 @@ pub struct Executor {
     forward: Vec<Dispatch>,
     backward: Vec<Dispatch>,
     optim: Vec<Dispatch>,
+    /// Dropout dispatches (phase, index in that phase's list, graph seed), reseeded every step.
+    dropouts: Vec<(Phase, usize, u32)>,
+    /// Micro-batches run since the last optimizer update (each draws its own dropout masks).
+    micro: u64,
     param_grads: Vec<(ParamId, usize)>,
     opt_state: Vec<(ParamId, Vec<usize>)>,
     hyper: Vec<usize>,
@@ -142,6 +146,8 @@ struct Builder<'g> {
     param_grad: HashMap<ParamId, usize>,
     /// Extra tensors a forward kernel saves for its backward (lse, mean/rstd, LoRA's x·Aᵀ).
     aux: HashMap<Var, Vec<TRef>>,
+    /// Calls (by index) that are dropouts, with their graph seed: their masks are redrawn every step.
+    reseed: Vec<(usize, u32)>,
 }
 
 fn bytes_of(shape: &[usize], dtype: DType) -> u64 {
@@ -308,6 +314,21 @@ impl<'g> Builder<'g> {
                     }),
                 );
             }
+            Op::DoraScale { w, a, b, m, scale } => {
+                let norm = self.slot(&out_shape, DType::F32, Kind::Planned);
+                self.aux.insert(v, vec![norm.clone()]);
+                let (wr, ar, br, mr) = (self.v(w), self.v(a), self.v(b), self.v(m));
+                let (w2, a2, b2, m2, n2) = (wr.clone(), ar.clone(), br.clone(), mr.clone(), norm.clone());
+                self.call(
+                    "dora_scale_forward",
+                    Phase::Forward,
+                    &[&wr, &ar, &br, &mr],
+                    &[&ow, &norm],
+                    Box::new(move |d, r| {
+                        dora::dora_scale_forward(d, &r(&o), &r(&n2), &r(&w2), &r(&a2), &r(&b2), &r(&m2), scale)
+                    }),
+                );
+            }
             Op::Add { a, b } => {
                 let (ar, br) = (self.v(a), self.v(b));
                 let (a2, b2) = (ar.clone(), br.clone());
@@ -339,7 +360,8 @@ impl<'g> Builder<'g> {
             Op::Silu { x } => unary!(x, |d: &Device, o: &Tensor, x: &Tensor| elementwise::silu_forward(d, o, x)),
             Op::Relu { x } => unary!(x, |d: &Device, o: &Tensor, x: &Tensor| elementwise::relu_forward(d, o, x)),
             Op::Dropout { x, p, seed } => {
-                unary!(x, move |d: &Device, o: &Tensor, x: &Tensor| elementwise::dropout_forward(d, o, x, p, seed))
+                unary!(x, move |d: &Device, o: &Tensor, x: &Tensor| elementwise::dropout_forward(d, o, x, p, seed));
+                self.reseed.push((self.calls.len() - 1, seed));
             }
             Op::Rope { x, pos_offset, theta } => {
                 unary!(x, move |d: &Device, o: &Tensor, x: &Tensor| rope::rope_forward(d, o, x, pos_offset, theta))
@@ -612,6 +634,22 @@ impl<'g> Builder<'g> {
                     self.bias_grad(bias, &dout);
                 }
             }
+            // The norm is detached (peft's DoRA): W, A and B get nothing from it, m gets dg / norm.
+            Op::DoraScale { m, .. } => {
+                if self.needs(m) {
+                    let norm = self.aux[&v][0].clone();
+                    let t = self.target(m, true);
+                    let (dm, d2, n2, acc) = (t.r.clone(), dout.clone(), norm.clone(), t.accumulate);
+                    self.call(
+                        "dora_scale_backward",
+                        bw,
+                        &[&dout, &norm],
+                        &[&t.r],
+                        Box::new(move |d, r| dora::dora_scale_backward(d, &r(&dm), &r(&d2), &r(&n2), acc)),
+                    );
+                    self.finish(&t);
+                }
+            }
             Op::Add { a, b } => {
                 for (k, x) in [a, b].into_iter().enumerate() {
                     if !self.needs(x) {
@@ -718,13 +756,19 @@ impl<'g> Builder<'g> {
                     Box::new(|d, dx, dy, x| elementwise::relu_backward(d, dx, dy, x.unwrap())),
                 )
             }
-            Op::Dropout { x, p, seed } => self.unary_bw(
-                x,
-                &dout,
-                None,
-                "dropout_backward",
-                Box::new(move |d, dx, dy, _| elementwise::dropout_backward(d, dx, dy, p, seed)),
-            ),
+            Op::Dropout { x, p, seed } => {
+                let before = self.calls.len();
+                self.unary_bw(
+                    x,
+                    &dout,
+                    None,
+                    "dropout_backward",
+                    Box::new(move |d, dx, dy, _| elementwise::dropout_backward(d, dx, dy, p, seed)),
+                );
+                if self.calls.len() > before {
+                    self.reseed.push((before, seed));
+                }
+            }
             Op::Rope { x, pos_offset, theta } => self.unary_bw(
                 x,
                 &dout,
@@ -1002,6 +1046,16 @@ impl<'g> Builder<'g> {
     }
 }
 
+/// The dropout seed of a step: the graph's seed mixed (splitmix64) with the optimizer step and the micro-batch
+/// index. [`Executor::forward`] and [`Executor::backward_only`] use the current step and micro-batch without
+/// advancing them, so repeated calls see the same masks (what a finite-difference check needs).
+pub fn dropout_seed(seed: u32, step: u64, micro: u64) -> u32 {
+    let mut z = (seed as u64) ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ micro.wrapping_mul(0xd1b5_4a32_d192_ed03);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (z ^ (z >> 31)) as u32
+}
+
 fn tensor_of(slots: &[Slot], r: &TRef) -> Tensor {
     let t = slots[r.slot].tensor.as_ref().expect("every slot has a buffer after planning");
     Tensor { buffer: t.buffer.clone(), shape: r.shape.clone(), dtype: r.dtype }
@@ -1054,6 +1108,7 @@ impl Executor {
             needs,
             param_grad: HashMap::new(),
             aux: HashMap::new(),
+            reseed: Vec::new(),
         };
         // Trainable parameters that the loss reaches get a persistent gradient buffer; nothing else does.
         let mut param_grads = Vec::new();
@@ -1240,20 +1295,25 @@ impl Executor {
         let mut forward = Vec::new();
         let mut backward = Vec::new();
         let mut optim_d = Vec::new();
+        let mut dropouts = Vec::new();
         {
             let resolve = |r: &TRef| tensor_of(&slots, r);
-            for c in &b.calls {
+            for (ci, c) in b.calls.iter().enumerate() {
                 let ds = (c.build)(dev, &resolve).map_err(|e| match e {
                     rime_kernels::Error::Shape { op, msg } => {
                         Error::Shape { op, msg: format!("{msg} (in {})", c.name) }
                     }
                     e => Error::Kernel(e),
                 })?;
-                match c.phase {
-                    Phase::Forward => forward.extend(ds),
-                    Phase::Backward => backward.extend(ds),
-                    Phase::Optim => optim_d.extend(ds),
+                let list = match c.phase {
+                    Phase::Forward => &mut forward,
+                    Phase::Backward => &mut backward,
+                    Phase::Optim => &mut optim_d,
+                };
+                if let Some(&(_, seed)) = b.reseed.iter().find(|(i, _)| *i == ci) {
+                    dropouts.extend((list.len()..list.len() + ds.len()).map(|k| (c.phase, k, seed)));
                 }
+                list.extend(ds);
             }
         }
         let dispatch_count = forward.len() + backward.len() + optim_d.len();
@@ -1285,6 +1345,8 @@ impl Executor {
             forward,
             backward,
             optim: optim_d,
+            dropouts,
+            micro: 0,
             param_grads,
             opt_state,
             hyper: hyper.iter().map(|h| h.slot).collect(),
@@ -1419,6 +1481,21 @@ impl Executor {
         Ok(())
     }
 
+    /// Point every dropout at this step's masks: the seed mixes the graph's seed with the optimizer step and
+    /// the micro-batch, so masks differ from step to step, repeat for the same `--seed`, and forward and
+    /// backward of one step (recorded in the same submit) share theirs.
+    fn write_dropout_seeds(&self, dev: &Device) -> Result<()> {
+        for &(ph, k, seed) in &self.dropouts {
+            let list = match ph {
+                Phase::Forward => &self.forward,
+                Phase::Backward => &self.backward,
+                Phase::Optim => &self.optim,
+            };
+            elementwise::dropout_set_seed(dev, &list[k], dropout_seed(seed, self.step, self.micro))?;
+        }
+        Ok(())
+    }
+
     fn read_staged(&mut self, dev: &Device, k: usize) -> Result<f32> {
         let bytes = dev.map_read(&self.staging[k])?;
         Ok(f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
@@ -1439,6 +1516,11 @@ impl Executor {
         if last {
             self.write_hyper(dev)?;
         }
+        if first {
+            self.micro = 0;
+        }
+        self.write_dropout_seeds(dev)?;
+        self.micro += 1;
         let phases: &[Phase] =
             if last { &[Phase::Forward, Phase::Backward, Phase::Optim] } else { &[Phase::Forward, Phase::Backward] };
         self.record(dev, phases, first, last)?;
@@ -1471,6 +1553,7 @@ impl Executor {
 
     /// Forward only (evaluation); read outputs with [`Executor::read`].
     pub fn forward(&mut self, dev: &Device) -> Result<()> {
+        self.write_dropout_seeds(dev)?;
         self.record(dev, &[Phase::Forward], false, false)?;
         dev.wait()?;
         Ok(())
@@ -1478,6 +1561,7 @@ impl Executor {
 
     /// Forward and backward without the update (gradients readable with `read_param_grad`).
     pub fn backward_only(&mut self, dev: &Device) -> Result<()> {
+        self.write_dropout_seeds(dev)?;
         self.record(dev, &[Phase::Forward, Phase::Backward], true, false)?;
         dev.wait()?;
         Ok(())

@@ -35,6 +35,14 @@ pub enum Op {
         b: Var,
         scale: f32,
     },
+    /// DoRA's output scale m / ||W + scale·B·A||_row [OC]; the norm is detached (gradient only to m).
+    DoraScale {
+        w: Var,
+        a: Var,
+        b: Var,
+        m: Var,
+        scale: f32,
+    },
     Add {
         a: Var,
         b: Var,
@@ -115,6 +123,7 @@ impl Op {
             Op::Reshape { .. } => "reshape",
             Op::Matmul { .. } => "matmul",
             Op::Lora { .. } => "lora",
+            Op::DoraScale { .. } => "dora_scale",
             Op::Add { .. } => "add",
             Op::Mul { .. } => "mul",
             Op::Scale { .. } => "scale",
@@ -148,6 +157,7 @@ impl Op {
             Op::Lora { x, w, bias, a, b, .. } => {
                 [Some(x), Some(w), bias, Some(a), Some(b)].into_iter().flatten().collect()
             }
+            Op::DoraScale { w, a, b, m, .. } => vec![w, a, b, m],
             Op::Add { a, b } | Op::Mul { a, b } => vec![a, b],
             Op::LayerNorm { x, gamma, beta, .. } => vec![x, gamma, beta],
             Op::RmsNorm { x, gamma, .. } => vec![x, gamma],
@@ -274,6 +284,28 @@ impl Graph {
         Ok(self.push(Op::Lora { x, w, bias, a, b, scale }, shape, DType::F32, "lora"))
     }
 
+    /// DoRA's scale g = m / ||W + scale·B·A||_row for W [OC, C], A [R, C], B [OC, R], m [OC]: the factor that
+    /// multiplies a DoRA layer's output row-wise (`mul` with g as the row operand). As in peft the norm is
+    /// detached: backward reaches m only, never A or B.
+    pub fn dora_scale(&mut self, w: Var, a: Var, b: Var, m: Var, scale: f32) -> Result<Var> {
+        let (sw, sa, sb, sm) =
+            (self.shape(w).to_vec(), self.shape(a).to_vec(), self.shape(b).to_vec(), self.shape(m).to_vec());
+        let ok = sw.len() == 2
+            && sa.len() == 2
+            && sb.len() == 2
+            && sa[1] == sw[1]
+            && sb == [sw[0], sa[0]]
+            && sm == [sw[0]]
+            && self.node(w).dtype == DType::F32;
+        if !ok {
+            return Err(shape_err(
+                "dora_scale",
+                format!("W {sw:?} ({:?}, must be F32), A {sa:?}, B {sb:?}, m {sm:?}", self.node(w).dtype),
+            ));
+        }
+        Ok(self.push(Op::DoraScale { w, a, b, m, scale }, vec![sw[0]], DType::F32, "dora_scale"))
+    }
+
     fn same_or_row(&self, op: &'static str, a: Var, b: Var) -> Result<Vec<usize>> {
         let (sa, sb) = (self.shape(a), self.shape(b));
         let ok = sa == sb || (sb.len() == 1 && sa.last() == sb.last());
@@ -309,8 +341,9 @@ impl Graph {
     pub fn relu(&mut self, x: Var) -> Var {
         self.unary(Op::Relu { x }, x)
     }
-    /// Dropout with probability p and a fixed seed: an executor built from this graph draws the same mask at
-    /// every step (per-step masks are not implemented yet, so the tuning methods do not use dropout).
+    /// Dropout with probability p. `seed` tells dropouts of one graph apart; the executor mixes it with the step
+    /// (see [`crate::dropout_seed`]) so each training step draws a fresh mask, shared by that step's forward and
+    /// backward. Build evaluation graphs without dropout.
     pub fn dropout(&mut self, x: Var, p: f32, seed: u32) -> Var {
         if p <= 0.0 {
             return x;

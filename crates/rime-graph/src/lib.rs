@@ -14,7 +14,7 @@ pub mod optim;
 mod store;
 
 pub use error::{Error, Result};
-pub use exec::{Executor, MemoryReport, StepOutput};
+pub use exec::{dropout_seed, Executor, MemoryReport, StepOutput};
 pub use graph::{Graph, Node, Op, Var};
 pub use optim::{LrSchedule, OptimConfig, OptimKind, ParamGroup};
 pub use store::{Param, ParamId, ParamStore};

@@ -227,3 +227,19 @@ pub fn dropout_forward(dev: &Device, out: &Tensor, x: &Tensor, p: f32, seed: u32
 pub fn dropout_backward(dev: &Device, dx: &Tensor, dout: &Tensor, p: f32, seed: u32) -> Result<Vec<Dispatch>> {
     dropout("dropout_backward", dev, dx, dout, p, seed)
 }
+
+/// Byte offset of `seed` in the `Params` of elementwise.wgsl (n, nb, flags, s, seed, ...).
+const SEED_OFFSET: u64 = 16;
+
+/// Point a built dropout dispatch (forward or backward) at another mask: rewrite the seed in its parameters
+/// (queued before the next submit). The executor calls this once per step so that every step draws a fresh
+/// mask while forward and backward of one step share it.
+pub fn dropout_set_seed(dev: &Device, d: &Dispatch, seed: u32) -> Result<()> {
+    let op = "dropout_set_seed";
+    if d.label != "dropout_forward" && d.label != "dropout_backward" {
+        return Err(shape_err(op, format!("dispatch '{}' is not a dropout", d.label)));
+    }
+    let buf = d.params_buffer().ok_or_else(|| shape_err(op, "dropout dispatch without parameters"))?;
+    dev.queue().write_buffer(buf, SEED_OFFSET, &seed.to_le_bytes());
+    Ok(())
+}

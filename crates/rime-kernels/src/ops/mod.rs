@@ -3,6 +3,7 @@
 pub mod attention;
 pub mod convert;
 pub mod cross_entropy;
+pub mod dora;
 pub mod elementwise;
 pub mod embedding;
 pub mod lora;
@@ -24,6 +25,7 @@ pub fn declared_specs() -> Vec<(&'static str, Spec)> {
     v.extend(attention::specs());
     v.extend(convert::specs());
     v.extend(cross_entropy::specs());
+    v.extend(dora::specs());
     v.extend(elementwise::specs());
     v.extend(embedding::specs());
     v.extend(lora::specs());

@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod convert;
 pub mod cross_entropy;
+pub mod dora;
 pub mod elementwise;
 pub mod embedding;
 pub mod lora;
