@@ -147,14 +147,48 @@ pub(crate) fn copy_side_files(model: &Path, dst: &Path) -> Result<Vec<String>> {
     Ok(copied)
 }
 
+/// Where one tensor's bytes go as they are produced: the open shard, with a count of what was written.
+pub(crate) struct TensorSink<'a> {
+    w: &'a mut BufWriter<File>,
+    path: &'a Path,
+    written: u64,
+}
+
+impl TensorSink<'_> {
+    /// Appends stored bytes.
+    pub fn write_bytes(&mut self, bytes: &[u8]) -> Result<()> {
+        self.w
+            .write_all(bytes)
+            .map_err(|e| Error::Output { path: self.path.display().to_string(), msg: format!("cannot write: {e}") })?;
+        self.written += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Appends f32 values encoded as `dtype`.
+    pub fn write_f32(&mut self, vals: &[f32], dtype: Dtype) -> Result<()> {
+        self.write_bytes(&encode(vals, dtype))
+    }
+}
+
 /// Writes `plan` (sorted by name here) into `dir` as one `model.safetensors`, or as shards of at most
 /// `shard_size` bytes with `model.safetensors.index.json`; `produce` returns each tensor's bytes in plan order.
 /// Returns the bytes written.
 pub(crate) fn write_shards(
     dir: &Path,
-    mut plan: Vec<Planned>,
+    plan: Vec<Planned>,
     shard_size: u64,
     mut produce: impl FnMut(&Planned) -> Result<Vec<u8>>,
+) -> Result<u64> {
+    write_shards_streaming(dir, plan, shard_size, |p, sink| sink.write_bytes(&produce(p)?))
+}
+
+/// [`write_shards`] for producers that stream: `produce` writes each tensor's bytes into the sink in pieces
+/// (in plan order), so that no tensor needs to be held whole; the byte count must match the header.
+pub(crate) fn write_shards_streaming(
+    dir: &Path,
+    mut plan: Vec<Planned>,
+    shard_size: u64,
+    mut produce: impl FnMut(&Planned, &mut TensorSink) -> Result<()>,
 ) -> Result<u64> {
     plan.sort_by(|a, b| a.name.cmp(&b.name));
     let mut shards: Vec<Vec<Planned>> = vec![Vec::new()];
@@ -203,15 +237,15 @@ pub(crate) fn write_shards(
         w.write_all(&hb).map_err(ioerr)?;
         written += 8 + hb.len() as u64;
         for p in shard {
-            let bytes = produce(p)?;
-            if bytes.len() as u64 != p.bytes() {
+            let mut sink = TensorSink { w: &mut w, path: &path, written: 0 };
+            produce(p, &mut sink)?;
+            if sink.written != p.bytes() {
                 return Err(Error::Tensor {
                     tensor: p.name.clone(),
-                    msg: format!("produced {} bytes, the header promised {}", bytes.len(), p.bytes()),
+                    msg: format!("produced {} bytes, the header promised {}", sink.written, p.bytes()),
                 });
             }
-            w.write_all(&bytes).map_err(ioerr)?;
-            written += bytes.len() as u64;
+            written += sink.written;
         }
         let file = w.into_inner().map_err(|e| ioerr(e.into_error()))?;
         file.sync_all().map_err(ioerr)?;
