@@ -8,6 +8,7 @@ use rime_kernels::{Device, DeviceOptions};
 use rime_peft::adapter::{AdapterMode, BottleneckConfig};
 use rime_peft::classifier::Method;
 use rime_peft::lora::{LoraConfig, LoraInit};
+use rime_peft::prompt::{PrefixConfig, PromptConfig, PromptInit};
 use rime_peft::svfit::SvfitConfig;
 use rime_peft::trainer::{self, Event, TrainConfig};
 
@@ -21,6 +22,8 @@ type BoxErr = Box<dyn std::error::Error>;
 ///   rime train                                   # the main job (run scripts/fetch-models.sh first)
 ///   rime train --model models/all-minilm-l6-v2 --train data.csv --text-column review --label-column stars \
 ///              --method lora --rank 16 --alpha 32 --targets query,key,value --epochs 3 --out runs/x
+///   rime train --method prompt --num-virtual-tokens 20 --lr 3e-2 --out runs/prompt   # soft prompt + head
+///   rime train --method prefix --num-virtual-tokens 10 --lr 1e-2 --out runs/prefix   # key/value prefixes + head
 #[derive(clap::Args, Debug)]
 pub struct TrainArgs {
     /// Model folder (config.json, model.safetensors, tokenizer.json). Default: the fetched all-MiniLM-L6-v2.
@@ -40,9 +43,19 @@ pub struct TrainArgs {
     text_pair_column: Option<String>,
     #[arg(long, default_value = "label")]
     label_column: String,
-    /// lora, svfit, ia3, adapter, or probe (the classification head alone).
+    /// lora, svfit, ia3, adapter, prompt (trainable soft-prompt tokens in front of the input, peft's
+    /// PROMPT_TUNING), prefix (trainable key/value tokens in front of every layer's keys and values, peft's
+    /// PREFIX_TUNING), or probe (the classification head alone). Every method also trains the head.
     #[arg(long, default_value = "lora")]
     method: String,
+    /// prompt, prefix: number of virtual tokens P. They take positions too: P + --max-length must fit the
+    /// model's max_position_embeddings (512 for MiniLM).
+    #[arg(long, default_value_t = 20)]
+    num_virtual_tokens: usize,
+    /// prompt: initial prompt rows, random-discrete (word embeddings of uniformly drawn vocabulary tokens,
+    /// peft's RANDOM_DISCRETE) or random (N(0, 1), peft's RANDOM). The prefix starts N(0, 1) as in peft.
+    #[arg(long, default_value = "random-discrete")]
+    prompt_init: String,
     /// svfit: keep the fewest singular values reaching this fraction of the energy Σσ² (instead of --rank).
     #[arg(long)]
     svfit_energy: Option<f32>,
@@ -164,10 +177,16 @@ pub fn run(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
             seed: a.seed,
         }),
         "probe" => Method::Probe,
-        "svfit" => Method::Svfit(SvfitConfig { rank: a.rank, energy: a.svfit_energy, targets: target_list(&a.targets) }),
+        "svfit" => {
+            Method::Svfit(SvfitConfig { rank: a.rank, energy: a.svfit_energy, targets: target_list(&a.targets) })
+        }
         // IA3 scales key, value and the FFN activation; --targets applies only when changed from LoRA's default.
         "ia3" => Method::Ia3 {
-            targets: if a.targets == "query,value" { rime_peft::ia3::default_targets() } else { target_list(&a.targets) },
+            targets: if a.targets == "query,value" {
+                rime_peft::ia3::default_targets()
+            } else {
+                target_list(&a.targets)
+            },
         },
         "adapter" => Method::Adapter(BottleneckConfig {
             size: a.adapter_size,
@@ -176,9 +195,21 @@ pub fn run(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
             scale: a.adapter_scale,
             seed: a.seed,
         }),
+        // layers and heads are the model's; the trainer fills them in (Method::for_model).
+        "prompt" => Method::Prompt(PromptConfig {
+            num_virtual_tokens: a.num_virtual_tokens,
+            init: PromptInit::parse(&a.prompt_init)
+                .ok_or_else(|| format!("--prompt-init '{}': expected random-discrete or random", a.prompt_init))?,
+            seed: a.seed,
+            layers: 0,
+            heads: 0,
+        }),
+        "prefix" => {
+            Method::Prefix(PrefixConfig { num_virtual_tokens: a.num_virtual_tokens, seed: a.seed, layers: 0, heads: 0 })
+        }
         m => {
             return Err(format!(
-                "--method '{m}' is not available; this build has: lora, svfit, ia3, adapter, probe (prompt, prefix are planned)"
+                "--method '{m}' is not available; this build has: lora, svfit, ia3, adapter, prompt, prefix, probe"
             )
             .into())
         }

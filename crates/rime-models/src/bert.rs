@@ -5,7 +5,7 @@
 use rime_graph::{Error, Graph, ParamStore, Result, Var};
 use rime_kernels::DType;
 
-use crate::LinearHook;
+use crate::{LinearHook, VirtualTokens};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct BertConfig {
@@ -26,7 +26,7 @@ pub const INPUT_IDS: &str = "input_ids";
 pub const TOKEN_TYPE_IDS: &str = "token_type_ids";
 pub const POSITION_IDS: &str = "position_ids";
 pub const ATTENTION_MASK: &str = "attention_mask";
-/// Mean-pooling weights [B, 1, T]: mask / number of real tokens.
+/// Mean-pooling weights [B, 1, T]: mask / number of real tokens (zero on virtual prompt tokens).
 pub const POOL_WEIGHTS: &str = "pool_weights";
 
 /// Handles of a built encoder.
@@ -41,7 +41,9 @@ fn p(g: &mut Graph, store: &ParamStore, prefix: &str, name: &str) -> Result<Var>
     g.param(store, &format!("{prefix}{name}"))
 }
 
-/// Build the encoder for a batch of `b` sequences of `t` tokens.
+/// Build the encoder for a batch of `b` sequences of `t` tokens. With virtual tokens (see
+/// [`LinearHook::virtual_tokens`]) the inputs other than `input_ids` cover them too: token types, positions
+/// and pooling weights [B, prompt + T], the attention mask [B, prefix + prompt + T] (see [`virtual_inputs`]).
 pub fn build(
     g: &mut Graph,
     store: &ParamStore,
@@ -51,11 +53,18 @@ pub fn build(
     t: usize,
     hook: &dyn LinearHook,
 ) -> Result<Encoder> {
-    if t > cfg.max_positions {
-        return Err(Error::Invalid(format!(
-            "sequence length {t} exceeds max_position_embeddings {}",
-            cfg.max_positions
-        )));
+    let vt = hook.virtual_tokens();
+    if t + vt.offset() > cfg.max_positions {
+        return Err(Error::Invalid(if vt.offset() == 0 {
+            format!("sequence length {t} exceeds max_position_embeddings {}", cfg.max_positions)
+        } else {
+            format!(
+                "{} virtual tokens + sequence length {t} = {} exceeds max_position_embeddings {}",
+                vt.offset(),
+                t + vt.offset(),
+                cfg.max_positions
+            )
+        }));
     }
     if cfg.hidden % cfg.heads != 0 {
         return Err(Error::Invalid(format!(
@@ -65,16 +74,23 @@ pub fn build(
     }
     let (c, nh) = (cfg.hidden, cfg.heads);
     let hs = c / nh;
+    // tx: rows through the encoder (prompt + real tokens); s: keys per layer (prefix + tx).
+    let tx = vt.prompt + t;
+    let s = vt.prefix + tx;
     let ids = g.input(INPUT_IDS, &[b, t], DType::U32);
-    let tt = g.input(TOKEN_TYPE_IDS, &[b, t], DType::U32);
-    let pos = g.input(POSITION_IDS, &[b, t], DType::U32);
-    let mask = g.input(ATTENTION_MASK, &[b, t], DType::F32);
-    let pool_w = g.input(POOL_WEIGHTS, &[b, 1, t], DType::F32);
+    let tt = g.input(TOKEN_TYPE_IDS, &[b, tx], DType::U32);
+    let pos = g.input(POSITION_IDS, &[b, tx], DType::U32);
+    let mask = g.input(ATTENTION_MASK, &[b, s], DType::F32);
+    let pool_w = g.input(POOL_WEIGHTS, &[b, 1, tx], DType::F32);
 
     let we = p(g, store, prefix, "embeddings.word_embeddings.weight")?;
     let pe = p(g, store, prefix, "embeddings.position_embeddings.weight")?;
     let te = p(g, store, prefix, "embeddings.token_type_embeddings.weight")?;
     let e1 = g.embedding(ids, we)?;
+    let e1 = hook.input_embeddings(g, store, e1)?;
+    if g.shape(e1) != [b, tx, c] {
+        return Err(Error::Invalid(format!("input embeddings {:?}, expected [{b}, {tx}, {c}]", g.shape(e1))));
+    }
     let e2 = g.embedding(pos, pe)?;
     let e3 = g.embedding(tt, te)?;
     let e = g.add(e1, e2)?;
@@ -94,11 +110,12 @@ pub fn build(
         let q = lin(g, x, "attention.self.query")?;
         let k = lin(g, x, "attention.self.key")?;
         let v = lin(g, x, "attention.self.value")?;
-        let q4 = g.reshape(q, &[b, t, nh, hs])?;
-        let k4 = g.reshape(k, &[b, t, nh, hs])?;
-        let v4 = g.reshape(v, &[b, t, nh, hs])?;
+        let (k, v) = hook.attention_kv(g, store, l, k, v)?;
+        let q4 = g.reshape(q, &[b, tx, nh, hs])?;
+        let k4 = g.reshape(k, &[b, s, nh, hs])?;
+        let v4 = g.reshape(v, &[b, s, nh, hs])?;
         let a = g.attention(q4, k4, v4, Some(mask), false, 1.0 / (hs as f32).sqrt())?;
-        let a = g.reshape(a, &[b, t, c])?;
+        let a = g.reshape(a, &[b, tx, c])?;
         let o = lin(g, a, "attention.output.dense")?;
         let o = hook.block_output(g, store, l, "attention", x, o)?;
         let r = g.add(o, x)?;
@@ -167,4 +184,30 @@ pub fn aux_inputs(mask: &[u32], b: usize, t: usize) -> (Vec<u32>, Vec<f32>, Vec<
         }
     }
     (pos, maskf, pool)
+}
+
+/// Per-step inputs of an encoder with virtual tokens, from a batch tokenized and padded to `t` (types and
+/// the 0/1 mask row-major [B, T]). Returns (token types [B, prompt+T]: zeros in front, positions [B, prompt+T]
+/// counting from `prefix`, attention mask [B, prefix+prompt+T]: ones in front, pooling weights
+/// [B, prompt+T]: the mean over the real tokens only). With no virtual tokens this is [`aux_inputs`].
+pub fn virtual_inputs(
+    types: &[u32],
+    mask: &[u32],
+    b: usize,
+    t: usize,
+    vt: VirtualTokens,
+) -> (Vec<u32>, Vec<u32>, Vec<f32>, Vec<f32>) {
+    let (_, maskf, pool) = aux_inputs(mask, b, t);
+    let (np, nk) = (vt.prompt, vt.prefix + vt.prompt);
+    let te = np + t;
+    let mut tt = Vec::with_capacity(b * te);
+    let mut m = Vec::with_capacity(b * (nk + t));
+    let mut pw = Vec::with_capacity(b * te);
+    for r in 0..b {
+        tt.extend(std::iter::repeat_n(0u32, np).chain(types[r * t..(r + 1) * t].iter().copied()));
+        m.extend(std::iter::repeat_n(1f32, nk).chain(maskf[r * t..(r + 1) * t].iter().copied()));
+        pw.extend(std::iter::repeat_n(0f32, np).chain(pool[r * t..(r + 1) * t].iter().copied()));
+    }
+    let pos: Vec<u32> = (0..b).flat_map(|_| (vt.prefix as u32)..(vt.prefix + te) as u32).collect();
+    (tt, pos, m, pw)
 }

@@ -9,6 +9,24 @@ pub mod llama;
 
 use rime_graph::{Graph, ParamStore, Result, Var};
 
+/// Virtual tokens a tuning method adds to an encoder's sequence (prompt and prefix tuning); none by default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VirtualTokens {
+    /// Soft-prompt rows in front of the word embeddings: they take positions 0..P and token type 0, and the
+    /// real tokens positions P..P+T (peft's `inputs_embeds` concatenation before `BertEmbeddings`).
+    pub prompt: usize,
+    /// Rows in front of every layer's keys and values (after their projections); the queries stay the real
+    /// tokens, which take positions P..P+T as Hugging Face's BertModel gives them beside `past_key_values`.
+    pub prefix: usize,
+}
+
+impl VirtualTokens {
+    /// Position of the first real token.
+    pub fn offset(&self) -> usize {
+        self.prompt + self.prefix
+    }
+}
+
 /// Called for every linear layer of a model with its Hugging Face module name (e.g.
 /// `encoder.layer.0.attention.self.query`). The default is the plain linear layer.
 pub trait LinearHook {
@@ -34,6 +52,22 @@ pub trait LinearHook {
     ) -> Result<Var> {
         let _ = (g, store, layer, block, x_in);
         Ok(y)
+    }
+    /// The virtual tokens the hooks below add (the encoder sizes its inputs by them).
+    fn virtual_tokens(&self) -> VirtualTokens {
+        VirtualTokens::default()
+    }
+    /// Called on the word embeddings [B, T, C] before position and token-type embeddings are added; returns
+    /// [B, prompt + T, C] (soft prompts).
+    fn input_embeddings(&self, g: &mut Graph, store: &ParamStore, e: Var) -> Result<Var> {
+        let _ = (g, store);
+        Ok(e)
+    }
+    /// Called on the keys and values [B, S, C] of layer `layer` after their projections; returns
+    /// [B, prefix + S, C] each (prefix tuning).
+    fn attention_kv(&self, g: &mut Graph, store: &ParamStore, layer: usize, k: Var, v: Var) -> Result<(Var, Var)> {
+        let _ = (g, store, layer);
+        Ok((k, v))
     }
 }
 

@@ -1,6 +1,7 @@
 //! A sequence classifier on a frozen encoder: the checkpoint's weights (frozen), a tuning method's
 //! trainable parts, and a linear head on the mask-weighted mean pool. Graphs are built per padded sequence
-//! length (a few buckets), each with its own executor; all share the same parameters.
+//! length (a few buckets), each with its own executor; all share the same parameters. The pool is the mean over
+//! the real tokens only: soft-prompt tokens (prompt tuning) are in the encoder's sequence but not in the pool.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -10,11 +11,12 @@ use rime_graph::{Executor, Graph, OptimConfig, ParamStore, Var};
 use rime_io::{Checkpoint, ModelConfig};
 use rime_kernels::{DType, Device};
 use rime_models::bert::{self, BertConfig};
-use rime_models::{LinearHook, Plain};
+use rime_models::{LinearHook, Plain, VirtualTokens};
 
 use crate::adapter::{AdapterHook, AdapterMode, BottleneckConfig};
 use crate::ia3::Ia3Hook;
 use crate::lora::{LoraConfig, LoraHook};
+use crate::prompt::{PrefixConfig, PrefixHook, PromptConfig, PromptHook};
 use crate::svfit::{SvfitConfig, SvfitHook};
 use crate::{Error, Result};
 
@@ -35,6 +37,10 @@ pub enum Method {
     },
     /// Bottleneck adapters after the attention and FFN sub-blocks.
     Adapter(BottleneckConfig),
+    /// Trainable soft-prompt tokens in front of the input (see [`crate::prompt`]).
+    Prompt(PromptConfig),
+    /// Trainable key/value prefixes in every layer (see [`crate::prompt`]).
+    Prefix(PrefixConfig),
 }
 
 impl Method {
@@ -45,8 +51,44 @@ impl Method {
             Method::Svfit(_) => "svfit",
             Method::Ia3 { .. } => "ia3",
             Method::Adapter(_) => "adapter",
+            Method::Prompt(_) => "prompt",
+            Method::Prefix(_) => "prefix",
         }
     }
+
+    /// The method with the model's sizes filled in where it needs them (prompt and prefix tuning record the
+    /// encoder's depth and heads in adapter_config.json).
+    pub fn for_model(self, cfg: &BertConfig) -> Method {
+        match self {
+            Method::Prompt(c) => Method::Prompt(PromptConfig { layers: cfg.layers, heads: cfg.heads, ..c }),
+            Method::Prefix(c) => Method::Prefix(PrefixConfig { layers: cfg.layers, heads: cfg.heads, ..c }),
+            m => m,
+        }
+    }
+
+    /// The virtual tokens this method adds to every sequence.
+    pub fn virtual_tokens(&self) -> VirtualTokens {
+        match self {
+            Method::Prompt(c) => VirtualTokens { prompt: c.num_virtual_tokens, prefix: 0 },
+            Method::Prefix(c) => VirtualTokens { prompt: 0, prefix: c.num_virtual_tokens },
+            _ => VirtualTokens::default(),
+        }
+    }
+}
+
+/// Refuse a run whose virtual tokens and longest sequence do not fit the model's position table.
+pub fn check_virtual_fit(vt: VirtualTokens, max_length: usize, cfg: &BertConfig) -> Result<()> {
+    let p = vt.offset();
+    if p > 0 && p + max_length > cfg.max_positions {
+        return Err(Error::Msg(format!(
+            "--num-virtual-tokens {p} + --max-length {max_length} = {} exceeds the model's {} positions \
+             (max_position_embeddings); lower one of them (--max-length {} fits)",
+            p + max_length,
+            cfg.max_positions,
+            cfg.max_positions.saturating_sub(p)
+        )));
+    }
+    Ok(())
 }
 
 /// Add a method's trainable (and frozen helper) tensors to a store holding the model; SVFit also rewrites
@@ -77,6 +119,8 @@ pub fn prepare_method(dev: &Device, store: &mut ParamStore, method: &Method) -> 
             let n = crate::adapter::add_adapters(dev, store, c)?;
             format!("{} bottleneck adapters of size {} ({}, scale {})", n, c.size, c.mode.name(), c.scale)
         }
+        Method::Prompt(c) => crate::prompt::add_prompt(dev, store, c)?,
+        Method::Prefix(c) => crate::prompt::add_prefix(dev, store, c)?,
     })
 }
 
@@ -136,6 +180,8 @@ pub struct ShapeExec {
     pub pooled: Var,
     pub batch: usize,
     pub seq: usize,
+    /// Virtual tokens of the method (the feed extends positions, types, mask and pool weights by them).
+    pub virtual_tokens: VirtualTokens,
 }
 
 /// Build the classification graph for (b, t): encoder → mean pool → head → cross-entropy.
@@ -173,16 +219,16 @@ pub fn build_exec_sharing(
     let labels = g.input("labels", &[b], DType::I32);
     let loss = g.cross_entropy(logits, labels, -100)?;
     let exec = Executor::new_sharing(dev, g, store, Some(loss), &[logits, enc.pooled], optim, donor)?;
-    Ok(ShapeExec { exec, logits, loss, pooled: enc.pooled, batch: b, seq: t })
+    Ok(ShapeExec { exec, logits, loss, pooled: enc.pooled, batch: b, seq: t, virtual_tokens: hook.virtual_tokens() })
 }
 
 /// Feed one tokenized batch (rows beyond `n_real` are padding rows: empty mask, ignored label).
 pub fn feed(dev: &Device, se: &ShapeExec, ids: &[u32], types: &[u32], mask: &[u32], labels: &[i32]) -> Result<()> {
     let (b, t) = (se.batch, se.seq);
-    let (pos, maskf, pool) = bert::aux_inputs(mask, b, t);
+    let (types, pos, maskf, pool) = bert::virtual_inputs(types, mask, b, t, se.virtual_tokens);
     let ex = &se.exec;
     ex.feed_u32(dev, bert::INPUT_IDS, ids)?;
-    ex.feed_u32(dev, bert::TOKEN_TYPE_IDS, types)?;
+    ex.feed_u32(dev, bert::TOKEN_TYPE_IDS, &types)?;
     ex.feed_u32(dev, bert::POSITION_IDS, &pos)?;
     ex.feed_f32(dev, bert::ATTENTION_MASK, &maskf)?;
     ex.feed_f32(dev, bert::POOL_WEIGHTS, &pool)?;
@@ -198,6 +244,8 @@ pub fn hook_for(method: &Method) -> Box<dyn LinearHook> {
         Method::Svfit(c) => Box::new(SvfitHook { targets: Some(c.targets.clone()) }),
         Method::Ia3 { targets } => Box::new(Ia3Hook { targets: Some(targets.clone()) }),
         Method::Adapter(c) => Box::new(AdapterHook { mode: c.mode, scale: c.scale, strict: true }),
+        Method::Prompt(c) => Box::new(PromptHook { tokens: c.num_virtual_tokens }),
+        Method::Prefix(c) => Box::new(PrefixHook { tokens: c.num_virtual_tokens }),
     }
 }
 
@@ -222,19 +270,36 @@ pub fn hook_for_adapter(cfg: &rime_io::peft::AdapterConfig) -> Result<Box<dyn Li
                 }
             }
         }
+        t @ (crate::prompt::PROMPT_TUNING | crate::prompt::PREFIX_TUNING) => {
+            let tokens = virtual_tokens_of(cfg)?;
+            if t == crate::prompt::PROMPT_TUNING {
+                Box::new(PromptHook { tokens })
+            } else {
+                Box::new(PrefixHook { tokens })
+            }
+        }
         t => {
             return Err(Error::Msg(format!(
-                "adapter peft_type '{t}' is not supported (LORA, IA3, RIME_SVFIT, RIME_BOTTLENECK, RIME_PROBE)"
+                "adapter peft_type '{t}' is not supported (LORA, IA3, PROMPT_TUNING, PREFIX_TUNING, RIME_SVFIT, \
+                 RIME_BOTTLENECK, RIME_PROBE)"
             )))
         }
     })
 }
 
-/// Trainable tensors under their peft names, for saving an adapter.
+/// `num_virtual_tokens` of a PROMPT_TUNING / PREFIX_TUNING adapter_config.json.
+fn virtual_tokens_of(cfg: &rime_io::peft::AdapterConfig) -> Result<usize> {
+    cfg.raw.get("num_virtual_tokens").and_then(|v| v.as_u64()).filter(|&n| n > 0).map(|n| n as usize).ok_or_else(|| {
+        Error::Msg(format!("adapter_config.json of a {} adapter needs a positive num_virtual_tokens", cfg.peft_type))
+    })
+}
+
+/// Trainable tensors under their peft names, for saving an adapter. Prompt and prefix tables keep their own
+/// names (see [`save_adapter`] for how a prefix is written).
 pub fn trainable_tensors(dev: &Device, store: &ParamStore) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
     let mut out = Vec::new();
     for (id, p) in store.trainable() {
-        let name = if p.name.starts_with("base_model.model.") {
+        let name = if p.name.starts_with("base_model.model.") || crate::prompt::is_virtual_table(&p.name) {
             p.name.clone()
         } else {
             format!("base_model.model.{}", p.name)
@@ -302,6 +367,8 @@ pub fn save_adapter(
             a.raw.insert("init_ia3_weights".into(), serde_json::json!(true));
             a
         }
+        Method::Prompt(c) => crate::prompt::prompt_config(store, c)?,
+        Method::Prefix(c) => crate::prompt::prefix_config(store, c)?,
         Method::Adapter(c) => {
             let mut a = rime_io::peft::AdapterConfig::lora(c.size, 0.0, module_of(".down.weight"));
             a.peft_type = crate::adapter::PEFT_TYPE.into();
@@ -316,6 +383,10 @@ pub fn save_adapter(
     config.base_model_name_or_path = Some(base.to_string());
     config.task_type = Some("SEQ_CLS".into());
     config.raw.insert("rime_labels".into(), serde_json::json!(labels));
+    let prompt_learning = matches!(method, Method::Prompt(_) | Method::Prefix(_));
+    if prompt_learning {
+        crate::prompt::to_peft_layout(&mut tensors)?;
+    }
     let adapter = rime_io::peft::PeftAdapter::new(
         config,
         tensors.into_iter().map(|(name, shape, data)| rime_io::peft::AdapterTensor { name, shape, data }).collect(),
@@ -325,6 +396,9 @@ pub fn save_adapter(
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::Msg(format!("{}: {e}", tmp.display())))?;
     }
     adapter.save(&tmp)?;
+    if prompt_learning {
+        crate::prompt::drop_lora_fields(&tmp.join("adapter_config.json"))?;
+    }
     if dir.exists() {
         std::fs::remove_dir_all(dir).map_err(|e| Error::Msg(format!("{}: {e}", dir.display())))?;
     }
@@ -339,7 +413,10 @@ pub fn load_adapter(
     store: &mut ParamStore,
     dir: &Path,
 ) -> Result<(rime_io::peft::AdapterConfig, Vec<String>)> {
-    let ad = rime_io::peft::PeftAdapter::load(dir)?;
+    let mut ad = rime_io::peft::PeftAdapter::load(dir)?;
+    if matches!(ad.config.peft_type.as_str(), crate::prompt::PROMPT_TUNING | crate::prompt::PREFIX_TUNING) {
+        crate::prompt::from_peft_layout(store, &mut ad, dir)?;
+    }
     for t in &ad.tensors {
         let local = t.name.strip_prefix("base_model.model.").unwrap_or(&t.name);
         // LoRA factors keep peft's full name in the store; the head and other saved modules their own.

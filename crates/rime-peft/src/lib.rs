@@ -7,6 +7,7 @@ pub mod ia3;
 pub mod lora;
 pub mod metrics;
 pub mod plot;
+pub mod prompt;
 pub mod svfit;
 pub mod trainer;
 

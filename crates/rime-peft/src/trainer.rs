@@ -309,6 +309,8 @@ pub fn train(dev: &Device, cfg: &TrainConfig, on: &mut dyn FnMut(Event)) -> Resu
     let (train_ds, eval_ds) = load_splits(cfg)?;
     let labels = LabelMap::from_dataset(&train_ds)?;
     let (mut store, bcfg, prefix, tok) = open_model(dev, &cfg.model, cfg.max_length)?;
+    let method = cfg.method.clone().for_model(&bcfg);
+    classifier::check_virtual_fit(method.virtual_tokens(), cfg.max_length.min(bcfg.max_positions), &bcfg)?;
     let (train_enc, trunc) = encode(&tok, &train_ds, Some(&labels))?;
     let (eval_enc, trunc_e) = encode(&tok, &eval_ds, Some(&labels))?;
     if trunc + trunc_e > 0 {
@@ -320,7 +322,7 @@ pub fn train(dev: &Device, cfg: &TrainConfig, on: &mut dyn FnMut(Event)) -> Resu
         )));
     }
     classifier::init_head(dev, &mut store, bcfg.hidden, labels.len(), cfg.seed)?;
-    let info = classifier::prepare_method(dev, &mut store, &cfg.method)?;
+    let info = classifier::prepare_method(dev, &mut store, &method)?;
     on(Event::Info(info));
     let steps_per_epoch = train_enc.ids.len().div_ceil(cfg.batch_size);
     let total = steps_per_epoch * cfg.epochs;
@@ -348,7 +350,7 @@ pub fn train(dev: &Device, cfg: &TrainConfig, on: &mut dyn FnMut(Event)) -> Resu
         store,
         cfg: bcfg,
         prefix,
-        hook: classifier::hook_for(&cfg.method),
+        hook: classifier::hook_for(&method),
         batch: cfg.batch_size,
         max_length: cfg.max_length,
         optim: Some(optim.clone()),
@@ -419,7 +421,7 @@ pub fn train(dev: &Device, cfg: &TrainConfig, on: &mut dyn FnMut(Event)) -> Resu
             std::fs::remove_dir_all(&tmp).map_err(|e| Error::Msg(format!("{}: {e}", tmp.display())))?;
         }
         std::fs::create_dir_all(&tmp).map_err(|e| Error::Msg(format!("{}: {e}", tmp.display())))?;
-        classifier::save_adapter(sess.dev, &sess.store, &cfg.method, &base_name, &label_names, &tmp.join("adapter"))?;
+        classifier::save_adapter(sess.dev, &sess.store, &method, &base_name, &label_names, &tmp.join("adapter"))?;
         let dev = sess.dev;
         if let Some(se) = sess.execs.values().next() {
             se.exec.save_optimizer_state(dev, &sess.store, &tmp.join("optimizer.safetensors"))?;
@@ -534,7 +536,7 @@ pub fn train(dev: &Device, cfg: &TrainConfig, on: &mut dyn FnMut(Event)) -> Resu
         if improved {
             best_acc = m.accuracy;
             best_epoch = epoch;
-            classifier::save_adapter(dev, &sess.store, &cfg.method, &base_name, &label_names, &cfg.out.join("best"))?;
+            classifier::save_adapter(dev, &sess.store, &method, &base_name, &label_names, &cfg.out.join("best"))?;
             patience_left = cfg.patience;
         } else if let Some(p) = patience_left.as_mut() {
             *p = p.saturating_sub(1);
@@ -729,6 +731,7 @@ pub fn evaluate_adapter(
     let map = LabelMap::from_labels(labels);
     let (enc, _) = encode(&tok, &ds, Some(&map))?;
     let hook: Box<dyn LinearHook> = classifier::hook_for_adapter(&acfg)?;
+    classifier::check_virtual_fit(hook.virtual_tokens(), max_length.min(bcfg.max_positions), &bcfg)?;
     let mut sess = Session::for_inference(dev, store, bcfg, prefix, hook, batch, max_length);
     sess.evaluate(&enc, |_| {})
 }
