@@ -1,7 +1,7 @@
 // Model-merging arithmetic (peft's add_weighted_adapter / mergekit semantics) over stacked inputs:
 // xs [N, L] holds N task vectors (or models) of one tensor of L elements, row-major. Merging runs once per
 // checkpoint, not per step, so reductions favour exactness and determinism over dispatch count: the top-k of
-// magnitude pruning is an exact bisection over (|x| bits, index) keys, one counting pass per key bit.
+// magnitude pruning is an exact radix select over (|x| bits, index) keys, one counting pass per 4-bit digit.
 
 struct Params { l: u32, rows: u32, parts: u32, k: u32, a: u32, b: u32, c: u32, d: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
@@ -84,15 +84,36 @@ fn merge_dare_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
 
 // ---------------------------------------------------------------- exact top-k of |x| per row
 // Each element has the distinct key (bits of |x|, L-1-index): larger magnitude first, then lower index, so
-// exactly k keys are >= the k-th largest key. state[2r..2r+2] holds row r's threshold prefix (hi, lo), built
-// from the most significant bit down: step s (p.a) tries setting one more bit and keeps it when at least k
-// keys are still >= the candidate. p.b = number of index bits.
+// exactly k keys are >= the k-th largest key. state[2r..2r+2] holds row r's threshold (hi, lo), built digit by
+// digit from the most significant down (a radix select): a step fixes the digit of p.c bits (at most 4) at bit
+// p.b of word p.a (0: hi = |x| bits, 31 of them; 1: lo = the index part) to the largest value d such that at
+// least k keys are >= the threshold with that digit (lower bits 0). Every lower bit of the state is still 0.
 
-fn candidate(r: u32) -> vec2<u32> {
-    var c = vec2<u32>(state[2u * r], state[2u * r + 1u]);
-    let s = p.a;
-    if (s < 31u) { c.x |= 1u << (30u - s); } else { c.y |= 1u << (p.b - 1u - (s - 31u)); }
-    return c;
+const BUCKETS: u32 = 16u;
+
+fn shr(x: u32, s: u32) -> u32 {
+    return select(x >> min(s, 31u), 0u, s >= 32u);
+}
+
+// Which candidates of this step a key reaches: 0 when its already-fixed prefix is below the threshold's, its
+// digit when the prefix is equal, the largest digit when the prefix is above. A key is >= candidate d exactly
+// when its bucket is >= d.
+fn bucket(x: f32, l: u32, st: vec2<u32>) -> u32 {
+    let hi = bitcast<u32>(abs(x));
+    let lo = p.l - 1u - l;
+    let top = p.b + p.c;
+    let maxd = (1u << p.c) - 1u;
+    var kw = hi;
+    var sw = st.x;
+    if (p.a != 0u) {
+        if (hi != st.x) { return select(0u, maxd, hi > st.x); }
+        kw = lo;
+        sw = st.y;
+    }
+    let kp = shr(kw, top);
+    let sp = shr(sw, top);
+    if (kp != sp) { return select(0u, maxd, kp > sp); }
+    return (kw >> p.b) & maxd;
 }
 
 fn key_at_least(x: f32, l: u32, c: vec2<u32>) -> bool {
@@ -109,31 +130,46 @@ fn merge_magnitude_init_forward(@builtin(global_invocation_id) gid: vec3<u32>) {
     state[2u * r + 1u] = 0u;
 }
 
-// Partial counts of keys >= the candidate: invocation j of row r (workgroup row wid.y) strides j, j+parts, ...
+// Partial bucket histograms: invocation j of row r (workgroup row wid.y) strides j, j+parts, ... and writes
+// counts[(r * parts + j) * 16 + d].
 @compute @workgroup_size(WG)
 fn merge_magnitude_count_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let j = wid.x * WG + lid;
     let r = wid.y;
     if (j >= p.parts || r >= p.rows) { return; }
-    let c = candidate(r);
+    let st = vec2<u32>(state[2u * r], state[2u * r + 1u]);
     let base = r * p.l;
-    var n = 0u;
+    var h: array<u32, BUCKETS>;
     for (var l = j; l < p.l; l += p.parts) {
-        n += select(0u, 1u, key_at_least(xs[base + l], l, c));
+        h[bucket(xs[base + l], l, st)] += 1u;
     }
-    counts[r * p.parts + j] = n;
+    let o = (r * p.parts + j) * BUCKETS;
+    for (var d = 0u; d < BUCKETS; d++) { counts[o + d] = h[d]; }
 }
 
 @compute @workgroup_size(WG)
 fn merge_magnitude_select_forward(@builtin(global_invocation_id) gid: vec3<u32>) {
     let r = gid.x;
     if (r >= p.rows) { return; }
+    var h: array<u32, BUCKETS>;
+    for (var j = 0u; j < p.parts; j++) {
+        let o = (r * p.parts + j) * BUCKETS;
+        for (var d = 0u; d < BUCKETS; d++) { h[d] += counts[o + d]; }
+    }
+    // The largest digit whose candidate still has at least k keys at or above it.
     var n = 0u;
-    for (var j = 0u; j < p.parts; j++) { n += counts[r * p.parts + j]; }
-    if (n >= p.k) {
-        let c = candidate(r);
-        state[2u * r] = c.x;
-        state[2u * r + 1u] = c.y;
+    var best = 0u;
+    for (var d = (1u << p.c) - 1u; d >= 1u; d--) {
+        n += h[d];
+        if (n >= p.k) {
+            best = d;
+            break;
+        }
+    }
+    if (p.a == 0u) {
+        state[2u * r] |= best << p.b;
+    } else {
+        state[2u * r + 1u] |= best << p.b;
     }
 }
 

@@ -20,6 +20,9 @@ const WG: u32 = 64;
 const MAX_PARTS: usize = 4096;
 /// Fewest elements one first-stage invocation visits.
 const MIN_PER_PART: usize = 64;
+/// Bits of the top-k key fixed per counting pass (radix select), and the histogram buckets that takes.
+const DIGIT: u32 = 4;
+const BUCKETS: usize = 1 << DIGIT;
 
 pub fn specs() -> Vec<(&'static str, Spec)> {
     vec![(FILE, spec())]
@@ -126,14 +129,24 @@ fn magnitude(dev: &Device, op: &'static str, out: Option<&Tensor>, xs: &Tensor, 
     let mut ds = Vec::new();
     if !keep_all && !keep_none {
         let parts = parts_for(l);
-        let counts = dev.empty(&[n * parts], DType::U32)?;
+        let counts = dev.empty(&[n * parts * BUCKETS], DType::U32)?;
         let lo_bits = if l <= 1 { 0 } else { 32 - ((l - 1) as u32).leading_zeros() };
         let rows_groups = [(n as u32).div_ceil(WG), 1, 1];
-        let p0 = params(l, n, parts, k, 0, lo_bits, 0, 0);
+        let p0 = params(l, n, parts, k, 0, 0, 0, 0);
         ds.push(dev.dispatch(FILE, "merge_magnitude_init_forward", &spec(), Some(&p0), &[(6, &state)], rows_groups)?);
         let count_grid = [(parts as u32).div_ceil(WG), n as u32, 1];
-        for step in 0..31 + lo_bits {
-            let ps = params(l, n, parts, k, step, lo_bits, 0, 0);
+        // Digits of at most DIGIT bits, most significant first: the 31 bits of |x|, then the index bits.
+        let mut steps = Vec::new();
+        for (word, bits) in [(0u32, 31u32), (1, lo_bits)] {
+            let mut top = bits;
+            while top > 0 {
+                let w = top.min(DIGIT);
+                steps.push((word, top - w, w));
+                top -= w;
+            }
+        }
+        for (word, shift, width) in steps {
+            let ps = params(l, n, parts, k, word, shift, width, 0);
             ds.push(dev.dispatch(
                 FILE,
                 "merge_magnitude_count_forward",
