@@ -463,6 +463,8 @@ pub(crate) fn train_step(ctx: &Ctx) -> Result<CaseResult> {
         rslora: false,
         init: LoraInit::Kaiming,
         seed: 0,
+        dropout: 0.0,
+        dora: false,
     };
     rime_peft::lora::add_lora(dev, &mut store, &lcfg)?;
     let hook = classifier::hook_for(&Method::Lora(lcfg));

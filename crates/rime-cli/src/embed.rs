@@ -121,6 +121,8 @@ fn load_adapter(dev: &Device, store: &mut rime_graph::ParamStore, dir: &Path) ->
         rslora: c.use_rslora,
         init: LoraInit::Kaiming,
         seed: 0,
+        dropout: 0.0,
+        dora: c.use_dora,
     }))
 }
 

@@ -89,9 +89,22 @@ pub struct TrainArgs {
     /// rsLoRA scaling alpha/sqrt(r).
     #[arg(long)]
     rslora: bool,
-    /// LoRA A init: kaiming (peft's default) or gaussian.
+    /// LoRA init: kaiming (peft's default: A kaiming-uniform, B zero), gaussian (A ~ N(0, 1/r²), B zero) or
+    /// pissa (A, B from the top --rank singular vectors of each target weight, which is replaced by the
+    /// residual W - s·B·A; needs --rank <= min(in, out). The adapter is saved converted to a rank-2r LoRA of
+    /// the unmodified model, as peft's path_initial_model_for_weight_conversion does, so it loads on the
+    /// original base in rime and peft).
     #[arg(long, default_value = "kaiming")]
     init: String,
+    /// LoRA dropout (peft's lora_dropout): drop this fraction of the low-rank path's input while training, a
+    /// fresh mask every step (reproducible for a --seed); off at evaluation. 0 keeps the fused LoRA kernel.
+    #[arg(long, default_value_t = 0.0)]
+    lora_dropout: f32,
+    /// DoRA (peft's use_dora): scale each output feature by a trained magnitude m over the row norm of
+    /// W + s·B·A (the norm detached, as in peft); m starts at the norms of W. Saved as
+    /// lora_magnitude_vector with "use_dora": true. Classification only.
+    #[arg(long)]
+    dora: bool,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Fraction of steps spent warming the learning rate up.
@@ -150,6 +163,62 @@ fn target_list(s: &str) -> Vec<String> {
     s.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()
 }
 
+/// The progress bar on a terminal (step, loss, examples/s, ETA), plain lines otherwise (every `every` steps),
+/// and the trainer's messages above it.
+struct Progress {
+    bar: ProgressBar,
+    tty: bool,
+    every: usize,
+}
+
+impl Progress {
+    fn new(every: usize) -> Progress {
+        Progress { bar: ProgressBar::hidden(), tty: std::io::IsTerminal::is_terminal(&std::io::stderr()), every }
+    }
+
+    fn say(&self, s: String) {
+        self.bar.suspend(|| eprintln!("{s}"));
+    }
+
+    fn on(&self, e: Event) {
+        match e {
+            Event::Info(s) => self.say(s),
+            Event::Warn(s) => self.say(format!("warning: {s}")),
+            Event::Start { steps, examples } => {
+                self.bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+                self.bar.set_length(steps as u64);
+                self.bar.set_style(
+                    ProgressStyle::with_template("train [{bar:30}] {pos}/{len} steps  {msg}  eta {eta}")
+                        .unwrap_or_else(|_| ProgressStyle::default_bar())
+                        .progress_chars("=> "),
+                );
+                self.say(format!("training on {examples} examples, {steps} steps"));
+            }
+            Event::Step { step, loss, examples_per_s, .. } => {
+                self.bar.set_position(step as u64 + 1);
+                self.bar.set_message(format!("loss {loss:.4}  {examples_per_s:.1} ex/s"));
+                if !self.tty && step % self.every == 0 {
+                    eprintln!("step {step}: loss {loss:.4}, {examples_per_s:.1} examples/s");
+                }
+            }
+            // Causal-LM evaluation has a loss and no accuracy.
+            Event::Eval { epoch, metrics, best } if metrics.accuracy.is_nan() => self.say(format!(
+                "epoch {epoch}: eval loss {:.4}  perplexity {:.2}{}",
+                metrics.loss,
+                metrics.loss.exp(),
+                if best { "  (best, saved)" } else { "" }
+            )),
+            Event::Eval { epoch, metrics, best } => self.say(format!(
+                "epoch {epoch}: eval accuracy {:.4}  macro-F1 {:.4}  loss {:.4}{}",
+                metrics.accuracy,
+                metrics.macro_f1,
+                metrics.loss,
+                if best { "  (best, saved)" } else { "" }
+            )),
+        }
+    }
+}
+
 pub fn run(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
     match a.task.as_str() {
         "classify" => {}
@@ -169,12 +238,11 @@ pub fn run(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
             alpha: a.alpha,
             targets: a.targets.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
             rslora: a.rslora,
-            init: match a.init.as_str() {
-                "kaiming" => LoraInit::Kaiming,
-                "gaussian" => LoraInit::Gaussian,
-                s => return Err(format!("--init '{s}': expected kaiming or gaussian").into()),
-            },
+            init: LoraInit::parse(&a.init)
+                .ok_or_else(|| format!("--init '{}': expected kaiming, gaussian or pissa", a.init))?,
             seed: a.seed,
+            dropout: a.lora_dropout,
+            dora: a.dora,
         }),
         "probe" => Method::Probe,
         "svfit" => {
@@ -242,42 +310,10 @@ pub fn run(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
     };
     let dev = Device::new(opts)?;
     eprintln!("adapter: {} ({:?})", dev.info().name, dev.info().backend);
-    let bar = ProgressBar::hidden();
-    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let say = |bar: &ProgressBar, s: String| bar.suspend(|| eprintln!("{s}"));
-    let mut on = |e: Event| match e {
-        Event::Info(s) => say(&bar, s),
-        Event::Warn(s) => say(&bar, format!("warning: {s}")),
-        Event::Start { steps, examples } => {
-            bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
-            bar.set_length(steps as u64);
-            bar.set_style(
-                ProgressStyle::with_template("train [{bar:30}] {pos}/{len} steps  {msg}  eta {eta}")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar())
-                    .progress_chars("=> "),
-            );
-            say(&bar, format!("training on {examples} examples, {steps} steps"));
-        }
-        Event::Step { step, loss, examples_per_s, .. } => {
-            bar.set_position(step as u64 + 1);
-            bar.set_message(format!("loss {loss:.4}  {examples_per_s:.1} ex/s"));
-            if !tty && step % 10 == 0 {
-                eprintln!("step {step}: loss {loss:.4}, {examples_per_s:.1} examples/s");
-            }
-        }
-        Event::Eval { epoch, metrics, best } => say(
-            &bar,
-            format!(
-                "epoch {epoch}: eval accuracy {:.4}  macro-F1 {:.4}  loss {:.4}{}",
-                metrics.accuracy,
-                metrics.macro_f1,
-                metrics.loss,
-                if best { "  (best, saved)" } else { "" }
-            ),
-        ),
-    };
+    let progress = Progress::new(10);
+    let mut on = |e: Event| progress.on(e);
     let summary = trainer::train(&dev, &cfg, &mut on)?;
-    bar.finish_and_clear();
+    progress.bar.finish_and_clear();
     println!(
         "{}: eval accuracy {:.4}, macro-F1 {:.4}, loss {:.4}; {:.1} train examples/s over {:.0} s; adapter in {}",
         summary.method,
@@ -376,6 +412,11 @@ fn run_causal(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
     if a.method != "lora" {
         return Err("--task causal-lm supports --method lora".into());
     }
+    if a.dora || a.init != "kaiming" {
+        return Err("--dora and --init gaussian|pissa apply to --task classify; --task causal-lm trains plain LoRA \
+                    (kaiming init, --lora-dropout allowed)"
+            .into());
+    }
     let cfg = rime_peft::causal::CausalConfig {
         model,
         train,
@@ -387,6 +428,8 @@ fn run_causal(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
             rslora: a.rslora,
             init: LoraInit::Kaiming,
             seed: a.seed,
+            dropout: a.lora_dropout,
+            dora: false,
         },
         epochs: a.epochs,
         lr: a.lr,
@@ -395,12 +438,29 @@ fn run_causal(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
         max_length: a.max_length,
         max_steps: a.max_steps,
         seed: a.seed,
+        eval: a.eval.clone(),
+        eval_fraction: a.eval_fraction,
+        warmup_ratio: a.warmup_ratio,
+        schedule: a.schedule.clone(),
+        max_grad_norm: (a.max_grad_norm > 0.0).then_some(a.max_grad_norm),
+        patience: a.patience,
+        save_every: a.save_every,
+        resume: a.resume,
         out: a.out.clone(),
     };
     let dev = Device::new(opts)?;
-    let s = rime_peft::causal::train_causal(&dev, &cfg, |step, loss| eprintln!("step {step}: loss {loss:.4}"))?;
+    eprintln!("adapter: {} ({:?})", dev.info().name, dev.info().backend);
+    // A decoder step takes seconds on lavapipe: without a terminal, print every step.
+    let progress = Progress::new(1);
+    let mut on = |e: Event| progress.on(e);
+    let s = rime_peft::causal::train_causal(&dev, &cfg, &mut on)?;
+    progress.bar.finish_and_clear();
+    let eval = match (s.eval_loss, s.eval_perplexity) {
+        (Some(l), Some(p)) => format!("; best eval loss {l:.4} (perplexity {p:.2})"),
+        _ => String::new(),
+    };
     println!(
-        "causal-lm LoRA: {} steps, loss {:.4} -> {:.4}, {:.2} examples/s, {} trainable parameters; adapter in {}",
+        "causal-lm LoRA: {} steps, loss {:.4} -> {:.4}{eval}, {:.2} examples/s, {} trainable parameters; adapter in {}",
         s.steps,
         s.first_loss,
         s.last_loss,

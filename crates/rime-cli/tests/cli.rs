@@ -335,7 +335,9 @@ fn causal_lm_lora_learns_and_its_adapter_generates() {
     let losses: Vec<f32> = err
         .lines()
         .filter_map(|l| {
-            l.strip_prefix("step ").and_then(|r| r.split("loss ").nth(1)).and_then(|x| x.trim().parse().ok())
+            l.strip_prefix("step ")
+                .and_then(|r| r.split("loss ").nth(1))
+                .and_then(|x| x.split(',').next()?.trim().parse().ok())
         })
         .collect();
     assert_eq!(losses.len(), 6, "{err}");
@@ -348,5 +350,78 @@ fn causal_lm_lora_learns_and_its_adapter_generates() {
         .output()
         .unwrap();
     assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
+    std::fs::remove_dir_all(&d).ok();
+}
+
+/// Causal-LM training evaluates each epoch on --eval (completion loss, perplexity, best adapter kept), and a
+/// run stopped after 2 steps then resumed from its checkpoint ends with the same adapter as a straight run.
+#[test]
+fn causal_lm_evaluates_and_resumes_to_the_same_adapter() {
+    let gguf = match rime_io::models_dir().join("smollm2-135m-instruct.Q4_1.gguf") {
+        p if p.exists() => p,
+        _ => {
+            eprintln!("SKIPPED: SmolLM2 GGUF not found, run scripts/fetch-models.sh");
+            return;
+        }
+    };
+    let d = tmp("clm_resume");
+    let row = |p: &str, c: &str| serde_json::json!({"prompt": p, "completion": c}).to_string();
+    let train = d.join("train.jsonl");
+    let rows = [
+        row("Colour of the sky?", "Blue."),
+        row("Colour of grass?", "Green, mostly."),
+        row("Colour of snow?", "White."),
+        row("Colour of coal?", "Black as night."),
+    ];
+    std::fs::write(&train, rows.join("\n")).unwrap();
+    let eval = d.join("eval.jsonl");
+    std::fs::write(&eval, [row("Colour of milk?", "White."), row("Colour of blood?", "Red.")].join("\n")).unwrap();
+    let run = |out: &std::path::Path, extra: &[&str]| {
+        let o = rime()
+            .args(["train", "--task", "causal-lm", "--model", gguf.to_str().unwrap()])
+            .args(["--train", train.to_str().unwrap(), "--eval", eval.to_str().unwrap()])
+            .args(["--text-column", "completion", "--text-pair-column", "prompt", "--batch-size", "2"])
+            .args(["--max-length", "16", "--epochs", "2", "--lr", "2e-3", "--out", out.to_str().unwrap()])
+            .args(extra)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(o.status.success(), "{err}");
+        err
+    };
+    let straight = d.join("straight");
+    let err = run(&straight, &[]);
+    assert!(err.contains("epoch 0: eval loss") && err.contains("perplexity"), "{err}");
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(straight.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(m["steps"], 4, "{m}");
+    let el = m["eval_loss"].as_f64().expect("eval_loss");
+    assert!(el.is_finite() && el > 0.0 && (m["eval_perplexity"].as_f64().unwrap() - el.exp()).abs() < 1e-6 * el.exp());
+    assert_eq!(m["history"].as_array().unwrap().len(), 2, "{m}");
+    assert!(straight.join("training.png").exists());
+
+    let resumed = d.join("resumed");
+    run(&resumed, &["--max-steps", "2"]);
+    let state = std::fs::read_to_string(resumed.join("checkpoint/state.json")).unwrap();
+    assert!(state.contains("\"global_step\": 2"), "{state}");
+    let err = run(&resumed, &["--resume"]);
+    assert!(err.contains("resumed from") && err.contains("at step 2"), "{err}");
+    let ckpt = |dir: &std::path::Path| {
+        let a = rime_io::peft::PeftAdapter::load(&dir.join("checkpoint/adapter")).unwrap();
+        let mut t: Vec<(String, Vec<f32>)> = a.tensors.into_iter().map(|t| (t.name, t.data)).collect();
+        t.sort_by(|x, y| x.0.cmp(&y.0));
+        t
+    };
+    let (a, b) = (ckpt(&straight), ckpt(&resumed));
+    assert_eq!(a.len(), b.len());
+    let worst = a
+        .iter()
+        .zip(&b)
+        .flat_map(|((na, x), (nb, y))| {
+            assert_eq!(na, nb);
+            x.iter().zip(y).map(|(p, q)| (p - q).abs())
+        })
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-5, "resumed run differs from the straight run by {worst}");
     std::fs::remove_dir_all(&d).ok();
 }

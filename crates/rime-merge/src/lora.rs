@@ -3,7 +3,8 @@
 //! `fan_in_fan_out` weights. Every other base tensor is copied as stored; an adapter tensor that is not a LoRA
 //! factor (e.g. a `modules_to_save` copy) replaces the base tensor of the same name. The rank-r product is
 //! small next to the read and write of W and runs on the CPU, tensor by tensor, streamed into the output like
-//! a merge.
+//! a merge. DoRA adapters (`use_dora`) fold to W' = m / ||W + s·B·A||_row ⊙ (W + s·B·A), m being the module's
+//! `lora_magnitude_vector`.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -35,14 +36,13 @@ pub fn fold_lora(
     if ad.config.peft_type != "LORA" {
         return Err(cerr(format!("peft_type `{}`: only LORA adapters can be folded", ad.config.peft_type)));
     }
-    if ad.config.use_dora {
-        return Err(cerr(
-            "use_dora: DoRA adapters are not folded by rime (the magnitude vector needs W's norm)".into(),
-        ));
+    let dora = ad.config.use_dora;
+    if dora && ad.config.fan_in_fan_out {
+        return Err(cerr("use_dora with fan_in_fan_out: rime folds DoRA only for [out, in] weights".into()));
     }
     let ck = Checkpoint::open(base)?;
-    // base tensor name -> (A, B, scale)
-    let mut folds: BTreeMap<String, (String, String, f32)> = BTreeMap::new();
+    // base tensor name -> (A, B, scale, DoRA magnitude)
+    let mut folds: BTreeMap<String, (String, String, f32, Option<String>)> = BTreeMap::new();
     let mut replaced: BTreeMap<String, String> = BTreeMap::new();
     let pairs = ad.lora_pairs();
     for p in &pairs {
@@ -66,10 +66,26 @@ pub fn fold_lora(
         }
         let alpha = pattern(&ad.config.alpha_pattern, &p.module).copied().unwrap_or(ad.config.lora_alpha);
         let scale = if ad.config.use_rslora { alpha / (r as f64).sqrt() } else { alpha / r as f64 };
-        folds.insert(target, (p.a.clone(), p.b.clone(), scale as f32));
+        let mag = if dora {
+            let name = format!("{}{}.lora_magnitude_vector", rime_io::peft::PEFT_PREFIX, p.module);
+            let m = ad.get(&name).ok_or_else(|| cerr(format!("use_dora: no `{name}` for module `{}`", p.module)))?;
+            if m.shape != [fout] {
+                return Err(cerr(format!("`{name}` has shape {:?}, expected [{fout}]", m.shape)));
+            }
+            Some(name)
+        } else {
+            None
+        };
+        folds.insert(target, (p.a.clone(), p.b.clone(), scale as f32, mag));
     }
     for t in &ad.tensors {
         if t.name.contains(".lora_A.") || t.name.contains(".lora_B.") {
+            continue;
+        }
+        if t.name.ends_with(".lora_magnitude_vector") {
+            if !dora {
+                return Err(cerr(format!("use_dora is false but the adapter has `{}`", t.name)));
+            }
             continue;
         }
         let stripped = t.name.strip_prefix(rime_io::peft::PEFT_PREFIX).unwrap_or(&t.name);
@@ -103,7 +119,7 @@ pub fn fold_lora(
             let t = ad.get(src).ok_or_else(|| Error::Invalid(format!("adapter tensor `{src}` vanished")))?;
             return Ok(encode(&t.data, p.dtype));
         }
-        let Some((an, bn, s)) = folds.get(&p.name) else {
+        let Some((an, bn, s, mag)) = folds.get(&p.name) else {
             if raw.dtype == p.dtype {
                 copied += 1;
                 return Ok(raw.bytes.to_vec());
@@ -126,6 +142,15 @@ pub fn fold_lora(
                 w[idx] += s * acc;
             }
         }
+        if let Some(mn) = mag {
+            // DoRA: each row of W + sBA rescaled to the trained magnitude (fan_in_fan_out refused above).
+            let m = ad.get(mn).ok_or_else(|| Error::Invalid(format!("adapter tensor `{mn}` vanished")))?;
+            for (o, row) in w.chunks_mut(fin).enumerate() {
+                let norm = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
+                let g = (m.data[o] as f64 / norm) as f32;
+                row.iter_mut().for_each(|v| *v *= g);
+            }
+        }
         Ok(encode(&w, p.dtype))
     })?;
     let seconds = t0.elapsed().as_secs_f64();
@@ -143,8 +168,9 @@ pub fn fold_lora(
         gb_per_s: (bytes_read + bytes_written) as f64 / seconds.max(1e-9) / 1e9,
         side_files,
         notes: vec![format!(
-            "{} LoRA modules folded, {} tensors replaced from the adapter",
+            "{} {} modules folded, {} tensors replaced from the adapter",
             folds.len(),
+            if dora { "DoRA" } else { "LoRA" },
             replaced.len()
         )],
     };

@@ -194,7 +194,8 @@ fn pattern<'a, T>(m: &'a BTreeMap<String, T>, module: &str) -> Option<&'a T> {
 }
 
 /// Folds a peft LoRA adapter into `tensors` (HF names, f32): W += s · B · A for each adapted module, s =
-/// alpha / r (alpha / sqrt(r) with rsLoRA, `alpha_pattern` respected). Returns the adapted module names.
+/// alpha / r (alpha / sqrt(r) with rsLoRA, `alpha_pattern` respected); DoRA adapters (`use_dora`) then rescale
+/// each row to m / ||W + s·B·A||_row with the module's `lora_magnitude_vector`. Returns the adapted modules.
 pub fn fold_lora(tensors: &mut [rime_io::NamedTensor], adapter: &PeftAdapter, dir: &Path) -> Result<Vec<String>> {
     let file = dir.join("adapter_config.json").display().to_string();
     let cfg = &adapter.config;
@@ -204,8 +205,8 @@ pub fn fold_lora(tensors: &mut [rime_io::NamedTensor], adapter: &PeftAdapter, di
             msg: format!("peft_type `{}`: only LORA adapters are folded", cfg.peft_type),
         });
     }
-    if cfg.use_dora {
-        return Err(Error::Model { file, msg: "use_dora: DoRA adapters are not supported".into() });
+    if cfg.use_dora && cfg.fan_in_fan_out {
+        return Err(Error::Model { file, msg: "use_dora with fan_in_fan_out is not supported".into() });
     }
     let mut done = Vec::new();
     for pair in adapter.lora_pairs() {
@@ -239,6 +240,21 @@ pub fn fold_lora(tensors: &mut [rime_io::NamedTensor], adapter: &PeftAdapter, di
                     let idx = if cfg.fan_in_fan_out { i * fout + o } else { o * fin + i };
                     w.2[idx] += bok * aki;
                 }
+            }
+        }
+        if cfg.use_dora {
+            let mn = format!("{}.lora_magnitude_vector", pair.a.trim_end_matches(".lora_A.weight"));
+            let m = adapter.get(&mn).ok_or_else(|| missing(&mn))?;
+            if m.shape != [fout] {
+                return Err(Error::Model {
+                    file: file.clone(),
+                    msg: format!("`{mn}` has shape {:?}, expected [{fout}]", m.shape),
+                });
+            }
+            for (o, row) in w.2.chunks_mut(fin).enumerate() {
+                let norm = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
+                let g = (m.data[o] as f64 / norm) as f32;
+                row.iter_mut().for_each(|v| *v *= g);
             }
         }
         done.push(pair.module.clone());

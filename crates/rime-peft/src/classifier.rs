@@ -97,7 +97,17 @@ pub fn prepare_method(dev: &Device, store: &mut ParamStore, method: &Method) -> 
     Ok(match method {
         Method::Lora(l) => {
             let mods = crate::lora::add_lora(dev, store, l)?;
-            format!("LoRA r={} alpha={} on {} modules", l.rank, l.alpha, mods.len())
+            let mut extra = String::new();
+            if l.dora {
+                extra.push_str(", DoRA");
+            }
+            if l.dropout > 0.0 {
+                extra.push_str(&format!(", dropout {}", l.dropout));
+            }
+            if l.init != crate::lora::LoraInit::Kaiming {
+                extra.push_str(&format!(", init {}", l.init.name()));
+            }
+            format!("LoRA r={} alpha={} on {} modules{extra}", l.rank, l.alpha, mods.len())
         }
         Method::Probe => "linear probe: the head alone".to_string(),
         Method::Svfit(c) => {
@@ -236,10 +246,10 @@ pub fn feed(dev: &Device, se: &ShapeExec, ids: &[u32], types: &[u32], mask: &[u3
     Ok(())
 }
 
-/// The hook a method rewrites the encoder with.
+/// The hook a method rewrites the encoder with for training (LoRA dropout included).
 pub fn hook_for(method: &Method) -> Box<dyn LinearHook> {
     match method {
-        Method::Lora(c) => Box::new(LoraHook { scale: c.scale() }),
+        Method::Lora(c) => Box::new(LoraHook { scale: c.scale(), dropout: c.dropout, seed: c.seed }),
         Method::Probe => Box::new(Plain),
         Method::Svfit(c) => Box::new(SvfitHook { targets: Some(c.targets.clone()) }),
         Method::Ia3 { targets } => Box::new(Ia3Hook { targets: Some(targets.clone()) }),
@@ -249,10 +259,19 @@ pub fn hook_for(method: &Method) -> Box<dyn LinearHook> {
     }
 }
 
+/// The hook for evaluation and inference: [`hook_for`] without dropout; None when it is the same as
+/// [`hook_for`] (so a training session can evaluate with its training graphs).
+pub fn eval_hook_for(method: &Method) -> Option<Box<dyn LinearHook>> {
+    match method {
+        Method::Lora(c) if c.dropout > 0.0 => Some(Box::new(LoraHook::new(c.scale()))),
+        _ => None,
+    }
+}
+
 /// The hook for an adapter folder that [`load_adapter`] read (by its `peft_type`).
 pub fn hook_for_adapter(cfg: &rime_io::peft::AdapterConfig) -> Result<Box<dyn LinearHook>> {
     Ok(match cfg.peft_type.as_str() {
-        "LORA" => Box::new(LoraHook { scale: cfg.scale() as f32 }),
+        "LORA" => Box::new(LoraHook::new(cfg.scale() as f32)),
         "RIME_PROBE" => Box::new(Plain),
         crate::svfit::PEFT_TYPE => Box::new(SvfitHook { targets: None }),
         crate::ia3::PEFT_TYPE => Box::new(Ia3Hook { targets: None }),
@@ -338,6 +357,32 @@ pub fn save_adapter(
         Method::Lora(c) => {
             let mut a = rime_io::peft::AdapterConfig::lora(c.rank, c.alpha as f64, c.targets.clone());
             a.use_rslora = c.rslora;
+            a.use_dora = c.dora;
+            a.lora_dropout = c.dropout as f64;
+            let init = if c.init == crate::lora::LoraInit::Gaussian {
+                serde_json::json!("gaussian")
+            } else {
+                // PiSSA is saved converted to a LoRA that peft loads with init_lora_weights=True.
+                serde_json::json!(true)
+            };
+            a.raw.insert("init_lora_weights".into(), init);
+            if c.init == crate::lora::LoraInit::Pissa {
+                // peft's save_pretrained(path_initial_model_for_weight_conversion=...): rank 2r, alpha 2·alpha
+                // (·√2 with rsLoRA) so the scale stays alpha/r; the factors are converted here.
+                crate::lora::pissa_to_lora(dev, store, &mut tensors)?;
+                a.r = 2 * c.rank;
+                a.lora_alpha = if c.rslora { c.alpha as f64 * 2f64.sqrt() } else { 2.0 * c.alpha as f64 };
+                a.raw.insert(
+                    "rime_pissa".into(),
+                    serde_json::json!(format!(
+                        "trained with init_lora_weights=\"pissa\" (r={}, lora_alpha={}) on residual weights; saved \
+                         converted to a rank-{} LoRA of the unmodified base: lora_A = [A; A0], lora_B = [B, -B0]",
+                        c.rank,
+                        c.alpha,
+                        2 * c.rank
+                    )),
+                );
+            }
             a
         }
         Method::Probe => {
@@ -417,7 +462,17 @@ pub fn load_adapter(
     if matches!(ad.config.peft_type.as_str(), crate::prompt::PROMPT_TUNING | crate::prompt::PREFIX_TUNING) {
         crate::prompt::from_peft_layout(store, &mut ad, dir)?;
     }
+    if ad.config.peft_type == "LORA" {
+        check_dora(&ad, dir)?;
+    }
     for t in &ad.tensors {
+        // A converted PiSSA adapter loaded back into a PiSSA store (resume) splits into the trained factors.
+        let pissa = crate::lora::lora_to_pissa(dev, store, &t.name, &t.shape, &t.data)
+            .map_err(|e| Error::Msg(format!("{}: {e}", dir.display())))?;
+        let (shape, data) = match &pissa {
+            Some((s, d)) => (s, d),
+            None => (&t.shape, &t.data),
+        };
         let local = t.name.strip_prefix("base_model.model.").unwrap_or(&t.name);
         // LoRA factors keep peft's full name in the store; the head and other saved modules their own.
         // Method tensors (LoRA factors, SVFit, IA3 vectors, bottleneck adapters) keep peft's full name in the
@@ -429,19 +484,19 @@ pub fn load_adapter(
         match store.find(&name) {
             Some(id) => {
                 let p = store.get(id);
-                if p.tensor.shape != t.shape {
+                if &p.tensor.shape != shape {
                     return Err(Error::Msg(format!(
                         "{}: tensor '{}' has shape {:?}, the model expects {:?}",
                         dir.display(),
                         t.name,
-                        t.shape,
+                        shape,
                         p.tensor.shape
                     )));
                 }
-                dev.write_f32(&p.tensor, &t.data)?;
+                dev.write_f32(&p.tensor, data)?;
             }
             None => {
-                store.add_f32(dev, &name, &t.data, &t.shape, trainable)?;
+                store.add_f32(dev, &name, data, shape, trainable)?;
             }
         }
     }
@@ -456,6 +511,41 @@ pub fn load_adapter(
         .map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect())
         .unwrap_or_default();
     Ok((ad.config, labels))
+}
+
+/// A LoRA adapter's DoRA magnitudes agree with `use_dora`: one `lora_magnitude_vector` per adapted module
+/// when set, none otherwise; fan_in_fan_out layers (GPT-2 Conv1D) are not DoRA layers rime can build.
+fn check_dora(ad: &rime_io::peft::PeftAdapter, dir: &Path) -> Result<()> {
+    let mags: Vec<&str> = ad
+        .tensors
+        .iter()
+        .filter_map(|t| t.name.strip_suffix(".lora_magnitude_vector"))
+        .map(|m| m.strip_prefix("base_model.model.").unwrap_or(m))
+        .collect();
+    let cfg = dir.join("adapter_config.json");
+    if !ad.config.use_dora {
+        if let Some(m) = mags.first() {
+            return Err(Error::Msg(format!(
+                "{}: use_dora is false but the adapter has a DoRA magnitude for '{m}'",
+                cfg.display()
+            )));
+        }
+        return Ok(());
+    }
+    if ad.config.fan_in_fan_out {
+        return Err(Error::Msg(format!("{}: use_dora with fan_in_fan_out is not supported", cfg.display())));
+    }
+    for p in ad.lora_pairs() {
+        if !mags.contains(&p.module.as_str()) {
+            return Err(Error::Msg(format!(
+                "{}: use_dora is true but module '{}' has no lora_magnitude_vector in {}",
+                cfg.display(),
+                p.module,
+                rime_io::peft::ADAPTER_WEIGHTS
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Metrics of one evaluation pass.

@@ -1,6 +1,11 @@
 //! LoRA as a rewrite of a model graph: every target linear `x·Wᵀ + b` becomes the fused
 //! `x·Wᵀ + s·(x·Aᵀ)·Bᵀ + b` with A [r, in], B [out, r] trainable and W frozen. Names follow peft
 //! (`base_model.model.<module>.lora_A.weight`), so adapters move between rime and peft unchanged.
+//!
+//! The family, as peft has it: `lora_dropout` on the input of the low-rank path only (training graphs; a
+//! fresh mask every step), DoRA (`use_dora`: the output scaled per feature by m / ||W + s·B·A||_row, the norm
+//! detached, m trained from ||W||_row) and PiSSA init (A, B from the top-r singular triplets of W, the frozen
+//! weight replaced by the residual W − s·B·A; saved converted to a plain rank-2r LoRA of the unmodified W).
 
 use rand::{Rng, SeedableRng};
 use regex::Regex;
@@ -14,6 +19,27 @@ pub enum LoraInit {
     Kaiming,
     /// A gaussian with std 1/r, B zero (peft's `init_lora_weights="gaussian"`).
     Gaussian,
+    /// peft's `init_lora_weights="pissa"`: W = U S Vᵀ, A = diag(√(S_r/s))·Vᵀ_r, B = U_r·diag(√(S_r/s)), and the
+    /// frozen weight becomes the residual W − s·B·A (the model's output is unchanged at init).
+    Pissa,
+}
+
+impl LoraInit {
+    pub fn parse(s: &str) -> Option<LoraInit> {
+        match s {
+            "kaiming" => Some(LoraInit::Kaiming),
+            "gaussian" => Some(LoraInit::Gaussian),
+            "pissa" => Some(LoraInit::Pissa),
+            _ => None,
+        }
+    }
+    pub fn name(&self) -> &'static str {
+        match self {
+            LoraInit::Kaiming => "kaiming",
+            LoraInit::Gaussian => "gaussian",
+            LoraInit::Pissa => "pissa",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -25,6 +51,10 @@ pub struct LoraConfig {
     pub rslora: bool,
     pub init: LoraInit,
     pub seed: u64,
+    /// peft's `lora_dropout`: dropout probability on the input of the low-rank path while training.
+    pub dropout: f32,
+    /// peft's `use_dora`: weight-decomposed LoRA (a trained magnitude per output feature).
+    pub dora: bool,
 }
 
 impl LoraConfig {
@@ -39,6 +69,21 @@ impl LoraConfig {
     /// Does this module name match the targets (peft: exact name or a suffix after a dot)?
     pub fn matches(&self, module: &str) -> bool {
         target_matches(&self.targets, module)
+    }
+
+    /// Refuse settings that cannot train, naming the flag.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(rime_graph::Error::Invalid(m));
+        if self.rank == 0 {
+            return bad("--rank must be at least 1".into());
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return bad(format!("--lora-dropout {}: expected a probability in [0, 1)", self.dropout));
+        }
+        if !self.alpha.is_finite() || self.alpha == 0.0 {
+            return bad(format!("--alpha {}: expected a finite, non-zero number", self.alpha));
+        }
+        Ok(())
     }
 }
 
@@ -81,28 +126,204 @@ pub fn factor_name(module: &str, which: char) -> String {
     format!("base_model.model.{module}.lora_{which}.weight")
 }
 
+/// peft's saved name of a DoRA magnitude vector (`base_model.model.<module>.lora_magnitude_vector`: peft
+/// stores `lora_magnitude_vector.default.weight` in memory and drops `.weight` and the adapter name on save).
+pub fn magnitude_name(module: &str) -> String {
+    format!("base_model.model.{module}.lora_magnitude_vector")
+}
+
+/// The frozen copy of a PiSSA factor's initial value (A0 / B0), kept to convert the trained adapter into a
+/// LoRA of the unmodified base weight (never saved: it is recomputed from W).
+pub fn pissa_init_name(module: &str, which: char) -> String {
+    format!("base_model.model.{module}.lora_{which}.pissa_init")
+}
+
+/// The module of a factor name `base_model.model.<module>.lora_A.weight`.
+fn module_of_factor(name: &str) -> Option<&str> {
+    name.strip_prefix("base_model.model.")?.strip_suffix(".lora_A.weight")
+}
+
+/// Row norms of W + s·B·A (W [out, in], A [r, in], B [out, r]) in f64: DoRA's initial magnitude.
+pub fn row_norms(w: &[f32], a: &[f32], b: &[f32], out_f: usize, in_f: usize, r: usize, s: f32) -> Vec<f32> {
+    (0..out_f)
+        .map(|o| {
+            (0..in_f)
+                .map(|i| {
+                    let low: f64 = (0..r).map(|k| b[o * r + k] as f64 * a[k * in_f + i] as f64).sum();
+                    let v = w[o * in_f + i] as f64 + s as f64 * low;
+                    v * v
+                })
+                .sum::<f64>()
+                .sqrt() as f32
+        })
+        .collect()
+}
+
+/// PiSSA's factors of W [out, in] for rank r and scale s: (A [r, in], B [out, r], W − s·B·A).
+pub fn pissa_factors(w: &[f32], out_f: usize, in_f: usize, r: usize, s: f32) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (u, sv, vt) = crate::svfit::svd(w, out_f, in_f);
+    let k = out_f.min(in_f);
+    let mut a = vec![0f32; r * in_f];
+    let mut b = vec![0f32; out_f * r];
+    for q in 0..r {
+        let root = (sv[q] / s).max(0.0).sqrt();
+        for i in 0..in_f {
+            a[q * in_f + i] = root * vt[q * in_f + i];
+        }
+        for o in 0..out_f {
+            b[o * r + q] = u[o * k + q] * root;
+        }
+    }
+    let mut res = w.to_vec();
+    for o in 0..out_f {
+        for i in 0..in_f {
+            let low: f64 = (0..r).map(|q| b[o * r + q] as f64 * a[q * in_f + i] as f64).sum();
+            res[o * in_f + i] = (w[o * in_f + i] as f64 - s as f64 * low) as f32;
+        }
+    }
+    (a, b, res)
+}
+
 /// Create A and B for every target linear of the model already in the store (weights named
 /// `<module>.weight`). Returns the modules adapted; errors if none matched (listing a few candidates).
+/// PiSSA rewrites the frozen weights and DoRA adds a magnitude vector per module (both read W back).
 pub fn add_lora(dev: &Device, store: &mut ParamStore, cfg: &LoraConfig) -> Result<Vec<String>> {
+    cfg.validate()?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
     let modules = find_targets(store, &cfg.targets)?;
+    let s = cfg.scale();
     for (m, shape) in &modules {
         let (out_f, in_f) = (shape[0], shape[1]);
-        let a: Vec<f32> = match cfg.init {
+        let r = cfg.rank;
+        let (a, b) = match cfg.init {
             LoraInit::Kaiming => {
                 let bound = 1.0 / (in_f as f32).sqrt();
-                (0..cfg.rank * in_f).map(|_| rng.random_range(-bound..bound)).collect()
+                ((0..r * in_f).map(|_| rng.random_range(-bound..bound)).collect(), vec![0f32; out_f * r])
             }
             LoraInit::Gaussian => {
-                let std = 1.0 / cfg.rank as f32;
-                (0..cfg.rank * in_f).map(|_| gaussian(&mut rng) * std).collect()
+                let std = 1.0 / r as f32;
+                ((0..r * in_f).map(|_| gaussian(&mut rng) * std).collect(), vec![0f32; out_f * r])
+            }
+            LoraInit::Pissa => {
+                if r > out_f.min(in_f) {
+                    return Err(rime_graph::Error::Invalid(format!(
+                        "--rank {r} with --init pissa: module '{m}' is [{out_f}, {in_f}], so at most {} singular \
+                         vectors exist",
+                        out_f.min(in_f)
+                    )));
+                }
+                let wid = store.id(&format!("{m}.weight"))?;
+                if store.get(wid).tensor.dtype != rime_kernels::DType::F32 {
+                    return Err(rime_graph::Error::Invalid(format!(
+                        "--init pissa rewrites '{m}.weight' into its residual and needs it stored as F32, not {:?}",
+                        store.get(wid).tensor.dtype
+                    )));
+                }
+                let w = store.read_f32(dev, wid)?;
+                let (a, b, res) = pissa_factors(&w, out_f, in_f, r, s);
+                dev.write_f32(&store.get(wid).tensor, &res)?;
+                store.add_f32(dev, &pissa_init_name(m, 'A'), &a, &[r, in_f], false)?;
+                store.add_f32(dev, &pissa_init_name(m, 'B'), &b, &[out_f, r], false)?;
+                (a, b)
             }
         };
-        let b = vec![0f32; out_f * cfg.rank];
-        store.add_f32(dev, &factor_name(m, 'A'), &a, &[cfg.rank, in_f], true)?;
-        store.add_f32(dev, &factor_name(m, 'B'), &b, &[out_f, cfg.rank], true)?;
+        if cfg.dora {
+            // m0 = ||W + s·B·A||_row: the layer's output is unchanged at init (with PiSSA that is ||W||).
+            let w = store.read_f32(dev, store.id(&format!("{m}.weight"))?)?;
+            let mag = row_norms(&w, &a, &b, out_f, in_f, r, s);
+            store.add_f32(dev, &magnitude_name(m), &mag, &[out_f], true)?;
+        }
+        store.add_f32(dev, &factor_name(m, 'A'), &a, &[r, in_f], true)?;
+        store.add_f32(dev, &factor_name(m, 'B'), &b, &[out_f, r], true)?;
     }
     Ok(modules.into_iter().map(|(m, _)| m).collect())
+}
+
+/// A PiSSA adapter as peft's `path_initial_model_for_weight_conversion` writes it: a plain LoRA of the
+/// unmodified W with ΔW = s·(B·A − B0·A0), i.e. A' = [A; A0] [2r, in] and B' = [B, −B0] [out, 2r], rank 2r
+/// and alpha doubled (×√2 under rsLoRA) so the scale stays s. `tensors` are (name, shape, data) as saved;
+/// the factors are replaced in place. Errors if a PiSSA initial copy is missing.
+pub fn pissa_to_lora(
+    dev: &Device,
+    store: &ParamStore,
+    tensors: &mut [(String, Vec<usize>, Vec<f32>)],
+) -> crate::Result<()> {
+    let modules: Vec<String> = tensors.iter().filter_map(|(n, _, _)| module_of_factor(n).map(String::from)).collect();
+    for m in modules {
+        let init = |w: char| -> crate::Result<Vec<f32>> {
+            let id = store.find(&pissa_init_name(&m, w)).ok_or_else(|| {
+                crate::Error::Msg(format!("PiSSA adapter: no initial {w} for module '{m}' to convert against"))
+            })?;
+            Ok(store.read_f32(dev, id)?)
+        };
+        let (a0, b0) = (init('A')?, init('B')?);
+        for t in tensors.iter_mut() {
+            if t.0 == factor_name(&m, 'A') {
+                let (r, in_f) = (t.1[0], t.1[1]);
+                t.2.extend_from_slice(&a0);
+                t.1 = vec![2 * r, in_f];
+            } else if t.0 == factor_name(&m, 'B') {
+                let (out_f, r) = (t.1[0], t.1[1]);
+                let mut b2 = Vec::with_capacity(out_f * 2 * r);
+                for o in 0..out_f {
+                    b2.extend_from_slice(&t.2[o * r..(o + 1) * r]);
+                    b2.extend(b0[o * r..(o + 1) * r].iter().map(|v| -v));
+                }
+                t.2 = b2;
+                t.1 = vec![out_f, 2 * r];
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Undo [`pissa_to_lora`] when a converted adapter is loaded back into a PiSSA store (resume): the first r
+/// rows of A' and columns of B' are the trained factors; the rest must equal this store's initial factors,
+/// else the adapter was trained from another base. Returns the factor to load.
+pub fn lora_to_pissa(
+    dev: &Device,
+    store: &ParamStore,
+    name: &str,
+    shape: &[usize],
+    data: &[f32],
+) -> crate::Result<Option<(Vec<usize>, Vec<f32>)>> {
+    let Some(rest) = name.strip_prefix("base_model.model.") else { return Ok(None) };
+    let (m, which) = match (rest.strip_suffix(".lora_A.weight"), rest.strip_suffix(".lora_B.weight")) {
+        (Some(m), _) => (m, 'A'),
+        (_, Some(m)) => (m, 'B'),
+        _ => return Ok(None),
+    };
+    let Some(id) = store.find(&pissa_init_name(m, which)) else { return Ok(None) };
+    let init = store.read_f32(dev, id)?;
+    let ishape = store.get(id).tensor.shape.clone();
+    let mismatch = || {
+        crate::Error::Msg(format!(
+            "'{name}' {shape:?} is not a converted PiSSA factor of this base (initial factor {ishape:?} differs)"
+        ))
+    };
+    let (trained, fixed): (Vec<f32>, Vec<f32>) = if which == 'A' {
+        if shape != [2 * ishape[0], ishape[1]] {
+            return Err(mismatch());
+        }
+        (data[..init.len()].to_vec(), data[init.len()..].to_vec())
+    } else {
+        let (out_f, r) = (ishape[0], ishape[1]);
+        if shape != [out_f, 2 * r] {
+            return Err(mismatch());
+        }
+        let mut t = Vec::with_capacity(out_f * r);
+        let mut f = Vec::with_capacity(out_f * r);
+        for o in 0..out_f {
+            t.extend_from_slice(&data[o * 2 * r..o * 2 * r + r]);
+            f.extend(data[o * 2 * r + r..(o + 1) * 2 * r].iter().map(|v| -v));
+        }
+        (t, f)
+    };
+    let tol = 1e-5 * init.iter().fold(1f32, |a, v| a.max(v.abs()));
+    if fixed.iter().zip(&init).any(|(x, y)| (x - y).abs() > tol) {
+        return Err(mismatch());
+    }
+    Ok(Some((ishape, trained)))
 }
 
 fn gaussian(rng: &mut impl Rng) -> f32 {
@@ -112,20 +333,73 @@ fn gaussian(rng: &mut impl Rng) -> f32 {
     (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
 }
 
-/// The graph rewrite: target linears whose factors are in the store become fused LoRA ops.
+/// The graph rewrite: target linears whose factors are in the store become fused LoRA ops; with a DoRA
+/// magnitude in the store, DoRA layers. `dropout` > 0 (training graphs only) puts dropout on the low-rank
+/// path's input, composed from plain ops; `seed` keeps runs reproducible.
 pub struct LoraHook {
     pub scale: f32,
+    pub dropout: f32,
+    pub seed: u64,
+}
+
+impl LoraHook {
+    /// The inference rewrite (no dropout).
+    pub fn new(scale: f32) -> LoraHook {
+        LoraHook { scale, dropout: 0.0, seed: 0 }
+    }
+
+    /// A dropout seed per module, so that the modules of a step draw different masks.
+    pub fn module_seed(&self, module: &str) -> u32 {
+        let mut h = 0xcbf2_9ce4_8422_2325u64 ^ self.seed;
+        for byte in module.bytes() {
+            h = (h ^ byte as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+        (h ^ (h >> 32)) as u32
+    }
 }
 
 impl LinearHook for LoraHook {
     fn linear(&self, g: &mut Graph, store: &ParamStore, module: &str, x: Var, w: Var, b: Option<Var>) -> Result<Var> {
         let (an, bn) = (factor_name(module, 'A'), factor_name(module, 'B'));
-        if store.find(&an).is_some() && store.find(&bn).is_some() {
-            let a = g.param(store, &an)?;
-            let bf = g.param(store, &bn)?;
-            g.lora(x, w, b, a, bf, self.scale)
-        } else {
-            g.linear(x, w, b)
+        if store.find(&an).is_none() || store.find(&bn).is_none() {
+            return g.linear(x, w, b);
+        }
+        let a = g.param(store, &an)?;
+        let bf = g.param(store, &bn)?;
+        let s = self.scale;
+        let xd = (self.dropout > 0.0).then(|| g.dropout(x, self.dropout, self.module_seed(module)));
+        let mn = magnitude_name(module);
+        if store.find(&mn).is_some() {
+            // DoRA (peft's DoraLinearLayer): y = g ⊙ (x̃·Wᵀ + s·(x̃·Aᵀ)·Bᵀ) + (x − x̃)·Wᵀ + b with
+            // g = m / ||W + s·B·A||_row detached and x̃ the dropped-out input (x itself without dropout).
+            let mag = g.param(store, &mn)?;
+            let scale = g.dora_scale(w, a, bf, mag, s)?;
+            let t = g.lora(xd.unwrap_or(x), w, None, a, bf, s)?;
+            let y = g.mul(t, scale)?;
+            return match xd {
+                None => match b {
+                    Some(bias) => g.add(y, bias),
+                    None => Ok(y),
+                },
+                Some(xd) => {
+                    let base = g.linear(x, w, b)?;
+                    let dropped = g.linear(xd, w, None)?;
+                    let dropped = g.scale(dropped, -1.0);
+                    let y = g.add(y, dropped)?;
+                    g.add(base, y)
+                }
+            };
+        }
+        match xd {
+            None => g.lora(x, w, b, a, bf, s),
+            Some(xd) => {
+                // peft: y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ.
+                let base = g.linear(x, w, b)?;
+                let h = g.linear(xd, a, None)?;
+                let low = g.linear(h, bf, None)?;
+                let low = g.scale(low, s);
+                g.add(base, low)
+            }
         }
     }
 }

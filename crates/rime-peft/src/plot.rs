@@ -1,5 +1,6 @@
 //! A small PNG plot of the training curves (loss per step in blue, eval accuracy per epoch in orange,
-//! both scaled to the frame), drawn without a plotting library's font dependencies.
+//! both scaled to the frame; runs without accuracy (causal LM) put the eval loss per epoch in orange on the
+//! loss scale), drawn without a plotting library's font dependencies.
 
 use std::path::Path;
 
@@ -7,6 +8,7 @@ pub fn write_plot(jsonl: &Path, png: &Path) -> Result<(), String> {
     let text = std::fs::read_to_string(jsonl).map_err(|e| e.to_string())?;
     let mut losses = vec![];
     let mut accs = vec![];
+    let mut eval_losses = vec![];
     for line in text.lines() {
         let v: serde_json::Value = serde_json::from_str(line).map_err(|e| e.to_string())?;
         if let Some(l) = v["loss"].as_f64() {
@@ -14,12 +16,17 @@ pub fn write_plot(jsonl: &Path, png: &Path) -> Result<(), String> {
         }
         if let Some(a) = v["eval_accuracy"].as_f64() {
             accs.push((v["step"].as_f64().unwrap_or(0.0), a));
+        } else if let Some(l) = v["eval_loss"].as_f64() {
+            eval_losses.push((v["step"].as_f64().unwrap_or(0.0), l));
         }
     }
     let (w, h) = (800usize, 400usize);
     let mut img = vec![255u8; w * h * 3];
     let max_step = losses.iter().chain(accs.iter()).map(|p| p.0).fold(1.0, f64::max);
-    let max_loss = losses.iter().map(|p| p.1).fold(1e-9, f64::max);
+    let max_loss = losses.iter().chain(eval_losses.iter()).map(|p| p.1).fold(1e-9, f64::max);
+    // Accuracy is drawn on [0, 1]; eval losses on the loss scale.
+    let mut dots: Vec<(f64, f64)> = accs.clone();
+    dots.extend(eval_losses.iter().map(|&(s, l)| (s, l / max_loss)));
     let mut put = |x: usize, y: usize, c: [u8; 3]| {
         if x < w && y < h {
             img[(y * w + x) * 3..(y * w + x) * 3 + 3].copy_from_slice(&c);
@@ -40,7 +47,7 @@ pub fn write_plot(jsonl: &Path, png: &Path) -> Result<(), String> {
         let (a, b) = (to_px(win[0].0, win[0].1, max_loss), to_px(win[1].0, win[1].1, max_loss));
         line(&mut put, a, b, [31, 119, 180]);
     }
-    for (s, a) in &accs {
+    for (s, a) in &dots {
         let (x, y) = to_px(*s, *a, 1.0);
         for dx in 0..7 {
             for dy in 0..7 {

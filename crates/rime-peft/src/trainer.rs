@@ -106,13 +106,19 @@ pub fn encode(tok: &Tokenizer, ds: &Dataset, labels: Option<&LabelMap>) -> Resul
 /// mega-batches of 50 batches, sort each by length, cut into batches, shuffle the batch order. Every example
 /// is seen once per epoch; batches hold texts of similar length, so less compute goes to padding.
 pub fn epoch_batches(enc: &Encoded, batch: usize, seed: u64) -> Vec<Vec<usize>> {
+    let lens: Vec<usize> = enc.ids.iter().map(|x| x.len()).collect();
+    batches_by_length(&lens, batch, seed)
+}
+
+/// [`epoch_batches`] over example lengths.
+pub fn batches_by_length(lens: &[usize], batch: usize, seed: u64) -> Vec<Vec<usize>> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut order: Vec<usize> = (0..enc.ids.len()).collect();
+    let mut order: Vec<usize> = (0..lens.len()).collect();
     order.shuffle(&mut rng);
     let mut batches: Vec<Vec<usize>> = vec![];
     for mega in order.chunks(batch * 50) {
         let mut m = mega.to_vec();
-        m.sort_by_key(|&i| std::cmp::Reverse(enc.ids[i].len()));
+        m.sort_by_key(|&i| std::cmp::Reverse(lens[i]));
         batches.extend(m.chunks(batch).map(|c| c.to_vec()));
     }
     batches.shuffle(&mut rng);
@@ -120,7 +126,7 @@ pub fn epoch_batches(enc: &Encoded, batch: usize, seed: u64) -> Vec<Vec<usize>> 
 }
 
 /// Sequence-length buckets: graphs are compiled per bucket.
-fn bucket(len: usize, max_length: usize) -> usize {
+pub(crate) fn bucket(len: usize, max_length: usize) -> usize {
     let b = len.div_ceil(32) * 32;
     b.clamp(8, max_length.max(8))
 }
@@ -154,6 +160,10 @@ pub struct Session<'d> {
     pub max_length: usize,
     pub optim: Option<OptimConfig>,
     execs: HashMap<usize, ShapeExec>,
+    /// When the training graphs hold dropout (LoRA dropout), evaluation runs forward-only graphs built with
+    /// this hook instead, one per length bucket.
+    pub eval_hook: Option<Box<dyn LinearHook>>,
+    eval_execs: HashMap<usize, ShapeExec>,
 }
 
 impl<'d> Session<'d> {
@@ -167,7 +177,39 @@ impl<'d> Session<'d> {
         batch: usize,
         max_length: usize,
     ) -> Self {
-        Session { dev, store, cfg, prefix, hook, batch, max_length, optim: None, execs: HashMap::new() }
+        Session {
+            dev,
+            store,
+            cfg,
+            prefix,
+            hook,
+            batch,
+            max_length,
+            optim: None,
+            execs: HashMap::new(),
+            eval_hook: None,
+            eval_execs: HashMap::new(),
+        }
+    }
+
+    /// The executor that evaluates length bucket `t`: the training one, or a forward-only graph without
+    /// dropout when [`Session::eval_hook`] is set.
+    fn eval_exec(&mut self, t: usize) -> Result<&mut ShapeExec> {
+        let Some(hook) = &self.eval_hook else { return self.exec(t) };
+        if !self.eval_execs.contains_key(&t) {
+            let se = classifier::build_exec(
+                self.dev,
+                &self.store,
+                &self.cfg,
+                &self.prefix,
+                hook.as_ref(),
+                self.batch,
+                t,
+                None,
+            )?;
+            self.eval_execs.insert(t, se);
+        }
+        Ok(self.eval_execs.get_mut(&t).expect("just inserted"))
     }
 
     pub fn exec(&mut self, t: usize) -> Result<&mut ShapeExec> {
@@ -203,7 +245,7 @@ impl<'d> Session<'d> {
         for chunk in order.chunks(b) {
             let longest = chunk.iter().map(|&i| enc.ids[i].len()).max().unwrap_or(1);
             let t = bucket(longest, maxl);
-            let se = self.exec(t)?;
+            let se = self.eval_exec(t)?;
             let (ids, types, mask, labels) = make_batch(enc, chunk, b, t);
             classifier::feed(dev, se, &ids, &types, &mask, &labels)?;
             se.exec.forward(dev)?;
@@ -286,7 +328,7 @@ fn load_splits(cfg: &TrainConfig) -> Result<(Dataset, Dataset)> {
     })
 }
 
-fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
+pub(crate) fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, serde_json::to_string_pretty(v).unwrap_or_default())
         .and_then(|_| std::fs::rename(&tmp, path))
@@ -355,6 +397,8 @@ pub fn train(dev: &Device, cfg: &TrainConfig, on: &mut dyn FnMut(Event)) -> Resu
         max_length: cfg.max_length,
         optim: Some(optim.clone()),
         execs: HashMap::new(),
+        eval_hook: classifier::eval_hook_for(&method),
+        eval_execs: HashMap::new(),
     };
     let base_name = cfg.model.display().to_string();
     let label_names: Vec<String> = labels.labels().to_vec();
@@ -737,7 +781,7 @@ pub fn evaluate_adapter(
 }
 
 /// Where the last good checkpoint is, for error messages.
-fn checkpoint_note(out: &Path) -> String {
+pub(crate) fn checkpoint_note(out: &Path) -> String {
     let dir = out.join("checkpoint");
     match std::fs::read_to_string(dir.join("state.json"))
         .ok()

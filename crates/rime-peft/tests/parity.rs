@@ -110,7 +110,7 @@ fn minilm_lora_step_matches_peft() {
     assert_eq!(names.len(), 26, "24 LoRA factors + head weight and bias");
     let (b, t) = (8, 64);
     let mut gr = Graph::new();
-    let enc = bert::build(&mut gr, &store, &cfg, &prefix, b, t, &LoraHook { scale: 2.0 }).unwrap();
+    let enc = bert::build(&mut gr, &store, &cfg, &prefix, b, t, &LoraHook::new(2.0)).unwrap();
     let hw = gr.param(&store, classifier::HEAD_WEIGHT).unwrap();
     let hb = gr.param(&store, classifier::HEAD_BIAS).unwrap();
     let logits = gr.linear(enc.pooled, hw, Some(hb)).unwrap();
@@ -184,6 +184,8 @@ fn golden_peft_adapter_loads_into_the_classifier() {
         rslora: false,
         init: rime_peft::lora::LoraInit::Kaiming,
         seed: 0,
+        dropout: 0.0,
+        dora: false,
     });
     classifier::save_adapter(d, &store, &method, "all-MiniLM-L6-v2", &[], &dir).unwrap();
     let a = rime_io::peft::PeftAdapter::load(&g).unwrap();
