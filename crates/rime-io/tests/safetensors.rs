@@ -322,3 +322,38 @@ fn config_errors_name_the_field() {
     assert_eq!(c.hidden_act, "silu");
     assert!(!c.expected_shapes().iter().any(|(n, _)| n == "lm_head.weight"));
 }
+
+#[test]
+fn read_f32_into_reads_slices_and_release_keeps_the_data() {
+    let dir = common::scratch("st_slices");
+    for dtype in [StoreDtype::F32, StoreDtype::F16, StoreDtype::BF16] {
+        let p = dir.join(format!("m_{dtype:?}.safetensors"));
+        write_sample(&p, dtype);
+        let ck = Checkpoint::open(&p).unwrap();
+        for (n, _, _) in sample_tensors() {
+            let whole = ck.get_f32(&n).unwrap();
+            for first in 0..whole.len() {
+                for len in 0..=whole.len() - first {
+                    let mut buf = vec![f32::NAN; len];
+                    ck.read_f32_into(&n, first, &mut buf).unwrap();
+                    assert_eq!(buf, whole[first..first + len], "{n} {dtype:?} [{first}, +{len})");
+                }
+            }
+            // Dropping the resident pages (all, a middle range, an empty one) leaves the bytes readable.
+            let size = ck.info(&n).unwrap().0.size();
+            ck.release(&n, size..2 * size).unwrap();
+            ck.release(&n, 3..3).unwrap();
+            ck.release(&n, ..).unwrap();
+            assert_eq!(ck.get_f32(&n).unwrap(), whole, "{n} after release");
+            let mut buf = vec![0.0; whole.len() + 1];
+            let e = ck.read_f32_into(&n, 0, &mut buf).unwrap_err().to_string();
+            assert!(e.contains(&n) && e.contains("elements"), "{e}");
+        }
+        assert!(ck.release("missing", ..).is_err());
+    }
+    let ip = dir.join("int.safetensors");
+    let raw = rime_io::RawTensorOwned { name: "pos".into(), dtype: Dtype::I64, shape: vec![2], bytes: vec![0; 16] };
+    rime_io::write_safetensors_raw(&ip, &[raw], &BTreeMap::new()).unwrap();
+    let e = Checkpoint::open(&ip).unwrap().read_f32_into("pos", 0, &mut [0.0]).unwrap_err().to_string();
+    assert!(e.contains("not a float type"), "{e}");
+}

@@ -36,8 +36,8 @@ use serde::Serialize;
 use crate::config::{MergeConfig, Method, ModelEntry, OutDtype, Param};
 use crate::output::{copy_side_files, write_shards_streaming, Planned, Staging, TensorSink, DEFAULT_SHARD_SIZE};
 
-/// Elements per streamed chunk (4 MiB of f32 per input).
-pub const DEFAULT_CHUNK: usize = 1 << 20;
+/// Elements per streamed chunk (1 MiB of f32 per input).
+pub const DEFAULT_CHUNK: usize = 1 << 18;
 use crate::{Error, Result};
 
 /// How to write the output.
