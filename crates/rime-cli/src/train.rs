@@ -102,7 +102,7 @@ pub struct TrainArgs {
     lora_dropout: f32,
     /// DoRA (peft's use_dora): scale each output feature by a trained magnitude m over the row norm of
     /// W + s·B·A (the norm detached, as in peft); m starts at the norms of W. Saved as
-    /// lora_magnitude_vector with "use_dora": true. Classification only.
+    /// lora_magnitude_vector with "use_dora": true.
     #[arg(long)]
     dora: bool,
     #[arg(long, default_value_t = 0)]
@@ -219,6 +219,21 @@ impl Progress {
     }
 }
 
+/// The LoRA-family settings of the flags (--rank, --alpha, --rslora, --init, --lora-dropout, --dora).
+fn lora_config(a: &TrainArgs, targets: &str) -> Result<LoraConfig, BoxErr> {
+    Ok(LoraConfig {
+        rank: a.rank,
+        alpha: a.alpha,
+        targets: target_list(targets),
+        rslora: a.rslora,
+        init: LoraInit::parse(&a.init)
+            .ok_or_else(|| format!("--init '{}': expected kaiming, gaussian or pissa", a.init))?,
+        seed: a.seed,
+        dropout: a.lora_dropout,
+        dora: a.dora,
+    })
+}
+
 pub fn run(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
     match a.task.as_str() {
         "classify" => {}
@@ -233,17 +248,7 @@ pub fn run(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
     let train = a.train.clone().unwrap_or_else(|| repo_data("data/fine_foods/train.jsonl"));
     let eval = a.eval.clone().or_else(|| main_job.then(|| repo_data("data/fine_foods/test.jsonl")));
     let method = match a.method.as_str() {
-        "lora" => Method::Lora(LoraConfig {
-            rank: a.rank,
-            alpha: a.alpha,
-            targets: a.targets.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
-            rslora: a.rslora,
-            init: LoraInit::parse(&a.init)
-                .ok_or_else(|| format!("--init '{}': expected kaiming, gaussian or pissa", a.init))?,
-            seed: a.seed,
-            dropout: a.lora_dropout,
-            dora: a.dora,
-        }),
+        "lora" => Method::Lora(lora_config(a, &a.targets)?),
         "probe" => Method::Probe,
         "svfit" => {
             Method::Svfit(SvfitConfig { rank: a.rank, energy: a.svfit_energy, targets: target_list(&a.targets) })
@@ -412,25 +417,11 @@ fn run_causal(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
     if a.method != "lora" {
         return Err("--task causal-lm supports --method lora".into());
     }
-    if a.dora || a.init != "kaiming" {
-        return Err("--dora and --init gaussian|pissa apply to --task classify; --task causal-lm trains plain LoRA \
-                    (kaiming init, --lora-dropout allowed)"
-            .into());
-    }
     let cfg = rime_peft::causal::CausalConfig {
         model,
         train,
         columns: Columns { text: a.text_column.clone(), text_pair: a.text_pair_column.clone(), label: None },
-        lora: LoraConfig {
-            rank: a.rank,
-            alpha: a.alpha,
-            targets: targets.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
-            rslora: a.rslora,
-            init: LoraInit::Kaiming,
-            seed: a.seed,
-            dropout: a.lora_dropout,
-            dora: false,
-        },
+        lora: lora_config(a, &targets)?,
         epochs: a.epochs,
         lr: a.lr,
         weight_decay: a.weight_decay,

@@ -1,52 +1,17 @@
 //! End to end through the `rime` binary: info, a short fine-tune then eval of its adapter, and bad inputs
 //! that must end in a clear error (never a panic).
 
+mod common;
+
 use std::path::PathBuf;
-use std::process::Command;
 
-fn rime() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_rime"))
-}
-
-fn model() -> Option<PathBuf> {
-    match rime_io::locate_model("all-minilm-l6-v2") {
-        Ok(p) => Some(p),
-        Err(_) => {
-            eprintln!("SKIPPED: model not found, run scripts/fetch-models.sh");
-            None
-        }
-    }
-}
+use common::{model, rime, tmp, train, write_labelled};
 
 /// A one-epoch LoRA fine-tune on `data` (also its eval set) with `rime train`; returns its best/ adapter.
 fn train_tiny(m: &std::path::Path, data: &std::path::Path, out: &std::path::Path, seed: &str) -> PathBuf {
-    let o = rime()
-        .args(["train", "--model", m.to_str().unwrap(), "--train", data.to_str().unwrap(), "--eval"])
-        .arg(data.to_str().unwrap())
-        .args(["--batch-size", "8", "--max-length", "16", "--lr", "5e-3", "--seed", seed, "--out"])
-        .arg(out.to_str().unwrap())
-        .output()
-        .unwrap();
+    let o = train(m, data, out, &["--seed", seed]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     out.join("best")
-}
-
-/// A JSONL file of `n` rows alternating a "great" text and an "other" text (numbered so rows differ).
-fn write_labelled(path: &std::path::Path, n: usize, great: &str, other: &str) {
-    let rows: Vec<String> = (0..n)
-        .map(|i| {
-            let (t, l) = if i % 2 == 0 { (great, "great") } else { (other, "other") };
-            serde_json::json!({"text": format!("{t} {i}"), "label": l}).to_string()
-        })
-        .collect();
-    std::fs::write(path, rows.join("\n")).unwrap();
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("rime-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }
 
 #[test]
@@ -354,7 +319,8 @@ fn causal_lm_lora_learns_and_its_adapter_generates() {
 }
 
 /// Causal-LM training evaluates each epoch on --eval (completion loss, perplexity, best adapter kept), and a
-/// run stopped after 2 steps then resumed from its checkpoint ends with the same adapter as a straight run.
+/// run stopped after 2 steps then resumed from its checkpoint ends with the same adapter as a straight run,
+/// with the whole LoRA family on: DoRA, PiSSA init (saved converted, split back on resume) and dropout.
 #[test]
 fn causal_lm_evaluates_and_resumes_to_the_same_adapter() {
     let gguf = match rime_io::models_dir().join("smollm2-135m-instruct.Q4_1.gguf") {
@@ -382,6 +348,9 @@ fn causal_lm_evaluates_and_resumes_to_the_same_adapter() {
             .args(["--train", train.to_str().unwrap(), "--eval", eval.to_str().unwrap()])
             .args(["--text-column", "completion", "--text-pair-column", "prompt", "--batch-size", "2"])
             .args(["--max-length", "16", "--epochs", "2", "--lr", "2e-3", "--out", out.to_str().unwrap()])
+            // Layer 0's q_proj and v_proj only: PiSSA's SVDs of all 60 targets would dominate the test's time.
+            .args(["--targets", r"re:layers\.0\.self_attn\.(q|v)_proj$"])
+            .args(["--dora", "--init", "pissa", "--lora-dropout", "0.1"])
             .args(extra)
             .output()
             .unwrap();
@@ -399,6 +368,17 @@ fn causal_lm_evaluates_and_resumes_to_the_same_adapter() {
     assert!(el.is_finite() && el > 0.0 && (m["eval_perplexity"].as_f64().unwrap() - el.exp()).abs() < 1e-6 * el.exp());
     assert_eq!(m["history"].as_array().unwrap().len(), 2, "{m}");
     assert!(straight.join("training.png").exists());
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(straight.join("adapter/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["use_dora"], true, "{cfg}");
+    assert_eq!(cfg["r"], 16, "PiSSA is saved as a rank-2r LoRA of the unmodified base: {cfg}");
+    assert_eq!(cfg["task_type"], "CAUSAL_LM", "{cfg}");
+    let g = rime()
+        .args(["generate", "--model", gguf.to_str().unwrap(), "--adapter", straight.join("adapter").to_str().unwrap()])
+        .args(["--prompt", "Colour of the sky?", "--max-new-tokens", "2"])
+        .output()
+        .unwrap();
+    assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
 
     let resumed = d.join("resumed");
     run(&resumed, &["--max-steps", "2"]);

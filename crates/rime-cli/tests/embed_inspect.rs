@@ -2,25 +2,14 @@
 //! `mean_pooled_l2` of ../shared/golden/minilm_forward.safetensors), batching that must not change a text's
 //! embedding, and inspection of a model folder, a GGUF file, a peft adapter and corrupt files.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+mod common;
 
+use std::path::PathBuf;
+use std::process::Output;
+
+use common::{model_named as model, rime, tmp};
 use rime_io::Checkpoint;
 use serde_json::Value;
-
-fn rime() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_rime"))
-}
-
-fn model(name: &str) -> Option<PathBuf> {
-    match rime_io::locate_model(name) {
-        Ok(p) => Some(p),
-        Err(e) => {
-            eprintln!("SKIPPED: model {name} not found, run scripts/fetch-models.sh ({e})");
-            None
-        }
-    }
-}
 
 fn golden(name: &str) -> Option<PathBuf> {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/golden").join(name);
@@ -30,13 +19,6 @@ fn golden(name: &str) -> Option<PathBuf> {
         eprintln!("SKIPPED: golden {} not found (../shared/golden beside the checkout)", p.display());
         None
     }
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("rime-embed-inspect-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }
 
 fn ok(out: &Output) -> String {

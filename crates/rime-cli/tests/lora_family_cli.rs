@@ -3,50 +3,14 @@
 //! `rime eval` to exactly the accuracy training reported (evaluation without dropout), `rime merge
 //! --fold-lora` folds it, and bad flags end in errors that name them.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
-fn rime() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_rime"))
-}
+use std::path::Path;
 
-fn model() -> Option<PathBuf> {
-    match rime_io::locate_model("all-minilm-l6-v2") {
-        Ok(p) => Some(p),
-        Err(_) => {
-            eprintln!("SKIPPED: model not found, run scripts/fetch-models.sh");
-            None
-        }
-    }
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("rime-cli-lora-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
+use common::{model, rime, tmp, train, write_labelled};
 
 fn write_data(path: &Path, n: usize) {
-    let rows: Vec<String> = (0..n)
-        .map(|i| {
-            let (t, l) =
-                if i % 2 == 0 { ("great tasty snack, love it", "great") } else { ("stale and bland", "other") };
-            serde_json::json!({"text": format!("{t} {i}"), "label": l}).to_string()
-        })
-        .collect();
-    std::fs::write(path, rows.join("\n")).unwrap();
-}
-
-fn train(m: &Path, data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
-    rime()
-        .args(["train", "--model", m.to_str().unwrap(), "--train", data.to_str().unwrap(), "--eval"])
-        .arg(data)
-        .args(["--batch-size", "8", "--max-length", "16", "--lr", "5e-3", "--out"])
-        .arg(out)
-        .args(extra)
-        .output()
-        .unwrap()
+    write_labelled(path, n, "great tasty snack, love it", "stale and bland");
 }
 
 #[test]

@@ -320,22 +320,20 @@ pub fn train_causal(dev: &Device, cfg: &CausalConfig, on: &mut dyn FnMut(Event))
         .map_err(|e| io_err(&jsonl_path, e))?;
     let mut log = |v: serde_json::Value| writeln!(jsonl, "{v}").map_err(|e| io_err(&jsonl_path, e));
 
-    let mut acfg = rime_io::peft::AdapterConfig::lora(cfg.lora.rank, cfg.lora.alpha as f64, cfg.lora.targets.clone());
-    acfg.use_rslora = cfg.lora.rslora;
-    acfg.lora_dropout = cfg.lora.dropout as f64;
-    acfg.task_type = Some("CAUSAL_LM".into());
-    acfg.base_model_name_or_path = Some(cfg.model.display().to_string());
-    // Atomic: written beside `dir`, then renamed over it.
+    // Atomic: written beside `dir`, then renamed over it. The config is the classifier's LoRA-family one
+    // (DoRA magnitudes, PiSSA converted to a LoRA of the unmodified base), with the causal-LM task.
     let save_adapter = |store: &ParamStore, dir: &Path| -> Result<()> {
-        let tensors = crate::classifier::trainable_tensors(dev, store)?
-            .into_iter()
-            .map(|(name, shape, data)| rime_io::peft::AdapterTensor { name, shape, data })
-            .collect();
+        let mut tensors = crate::classifier::trainable_tensors(dev, store)?;
+        let mut acfg = crate::classifier::lora_adapter_config(dev, store, &cfg.lora, &mut tensors)?;
+        acfg.task_type = Some("CAUSAL_LM".into());
+        acfg.base_model_name_or_path = Some(cfg.model.display().to_string());
+        let tensors =
+            tensors.into_iter().map(|(name, shape, data)| rime_io::peft::AdapterTensor { name, shape, data }).collect();
         let tmp = dir.with_extension("tmp");
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
         }
-        rime_io::peft::PeftAdapter::new(acfg.clone(), tensors).save(&tmp)?;
+        rime_io::peft::PeftAdapter::new(acfg, tensors).save(&tmp)?;
         if dir.exists() {
             std::fs::remove_dir_all(dir).map_err(|e| io_err(dir, e))?;
         }

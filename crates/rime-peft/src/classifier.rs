@@ -328,6 +328,45 @@ pub fn trainable_tensors(dev: &Device, store: &ParamStore) -> Result<Vec<(String
     Ok(out)
 }
 
+/// The adapter_config of a LoRA-family run (rsLoRA, DoRA, dropout, init), converting the tensors of a PiSSA
+/// run in place to a rank-2r LoRA of the unmodified base (peft's `path_initial_model_for_weight_conversion`).
+pub fn lora_adapter_config(
+    dev: &Device,
+    store: &ParamStore,
+    c: &crate::lora::LoraConfig,
+    tensors: &mut Vec<(String, Vec<usize>, Vec<f32>)>,
+) -> Result<rime_io::peft::AdapterConfig> {
+    let mut a = rime_io::peft::AdapterConfig::lora(c.rank, c.alpha as f64, c.targets.clone());
+    a.use_rslora = c.rslora;
+    a.use_dora = c.dora;
+    a.lora_dropout = c.dropout as f64;
+    let init = if c.init == crate::lora::LoraInit::Gaussian {
+        serde_json::json!("gaussian")
+    } else {
+        // PiSSA is saved converted to a LoRA that peft loads with init_lora_weights=True.
+        serde_json::json!(true)
+    };
+    a.raw.insert("init_lora_weights".into(), init);
+    if c.init == crate::lora::LoraInit::Pissa {
+        // peft's save_pretrained(path_initial_model_for_weight_conversion=...): rank 2r, alpha 2·alpha
+        // (·√2 with rsLoRA) so the scale stays alpha/r; the factors are converted here.
+        crate::lora::pissa_to_lora(dev, store, tensors)?;
+        a.r = 2 * c.rank;
+        a.lora_alpha = if c.rslora { c.alpha as f64 * 2f64.sqrt() } else { 2.0 * c.alpha as f64 };
+        a.raw.insert(
+            "rime_pissa".into(),
+            serde_json::json!(format!(
+                "trained with init_lora_weights=\"pissa\" (r={}, lora_alpha={}) on residual weights; saved \
+                 converted to a rank-{} LoRA of the unmodified base: lora_A = [A; A0], lora_B = [B, -B0]",
+                c.rank,
+                c.alpha,
+                2 * c.rank
+            )),
+        );
+    }
+    Ok(a)
+}
+
 /// Write the trainable parts as a peft adapter folder (atomically: a temp folder renamed into place).
 pub fn save_adapter(
     dev: &Device,
@@ -354,37 +393,7 @@ pub fn save_adapter(
             .collect()
     };
     let mut config = match method {
-        Method::Lora(c) => {
-            let mut a = rime_io::peft::AdapterConfig::lora(c.rank, c.alpha as f64, c.targets.clone());
-            a.use_rslora = c.rslora;
-            a.use_dora = c.dora;
-            a.lora_dropout = c.dropout as f64;
-            let init = if c.init == crate::lora::LoraInit::Gaussian {
-                serde_json::json!("gaussian")
-            } else {
-                // PiSSA is saved converted to a LoRA that peft loads with init_lora_weights=True.
-                serde_json::json!(true)
-            };
-            a.raw.insert("init_lora_weights".into(), init);
-            if c.init == crate::lora::LoraInit::Pissa {
-                // peft's save_pretrained(path_initial_model_for_weight_conversion=...): rank 2r, alpha 2·alpha
-                // (·√2 with rsLoRA) so the scale stays alpha/r; the factors are converted here.
-                crate::lora::pissa_to_lora(dev, store, &mut tensors)?;
-                a.r = 2 * c.rank;
-                a.lora_alpha = if c.rslora { c.alpha as f64 * 2f64.sqrt() } else { 2.0 * c.alpha as f64 };
-                a.raw.insert(
-                    "rime_pissa".into(),
-                    serde_json::json!(format!(
-                        "trained with init_lora_weights=\"pissa\" (r={}, lora_alpha={}) on residual weights; saved \
-                         converted to a rank-{} LoRA of the unmodified base: lora_A = [A; A0], lora_B = [B, -B0]",
-                        c.rank,
-                        c.alpha,
-                        2 * c.rank
-                    )),
-                );
-            }
-            a
-        }
+        Method::Lora(c) => lora_adapter_config(dev, store, c, &mut tensors)?,
         Method::Probe => {
             // r = 1 only because the adapter_config reader refuses r = 0; a probe has no low-rank part.
             let mut a = rime_io::peft::AdapterConfig::lora(1, 1.0, vec![]);
