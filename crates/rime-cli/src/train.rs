@@ -130,6 +130,10 @@ pub struct TrainArgs {
     /// Stop after N steps (quick runs).
     #[arg(long)]
     max_steps: Option<usize>,
+    /// Gradient accumulation: run each --batch-size step as micro-batches of M rows and apply one update
+    /// (the same update as the whole batch, with a micro-batch's activation memory). Classification only.
+    #[arg(long, value_name = "M")]
+    micro_batch_size: Option<usize>,
     /// Skip the linear-probe baseline of the main job.
     #[arg(long)]
     no_baseline: bool,
@@ -312,6 +316,7 @@ pub fn run(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
         out: a.out.clone(),
         resume: a.resume,
         max_steps: a.max_steps,
+        micro_batch: a.micro_batch_size,
     };
     let dev = Device::new(opts)?;
     eprintln!("adapter: {} ({:?})", dev.info().name, dev.info().backend);
@@ -416,6 +421,9 @@ fn run_causal(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
     let targets = if a.targets == "query,value" { "q_proj,v_proj".to_string() } else { a.targets.clone() };
     if a.method != "lora" {
         return Err("--task causal-lm supports --method lora".into());
+    }
+    if a.micro_batch_size.is_some() {
+        return Err("--micro-batch-size applies to --task classify; for causal-lm lower --batch-size".into());
     }
     let cfg = rime_peft::causal::CausalConfig {
         model,

@@ -405,3 +405,60 @@ fn causal_lm_evaluates_and_resumes_to_the_same_adapter() {
     assert!(worst < 1e-5, "resumed run differs from the straight run by {worst}");
     std::fs::remove_dir_all(&d).ok();
 }
+
+/// `--micro-batch-size 3` runs each step of 8 rows as micro-batches of 3, 3 and 2 rows, on graphs of
+/// different length buckets (short and long texts), and ends with the same adapter as whole batches.
+#[test]
+fn micro_batches_give_the_same_adapter_as_whole_batches() {
+    let Some(m) = model() else { return };
+    let d = tmp("micro");
+    let data = d.join("d.jsonl");
+    let long = "a crunchy, sweet and salty snack that my whole family enjoyed over the holidays, \
+                with a lovely aroma and a fresh taste that lasted for weeks after opening the bag";
+    let rows: Vec<String> = (0..16)
+        .map(|i| {
+            let text = if i % 3 == 0 { format!("{long} {i}") } else { format!("stale {i}") };
+            serde_json::json!({"text": text, "label": if i % 2 == 0 { "great" } else { "other" }}).to_string()
+        })
+        .collect();
+    std::fs::write(&data, rows.join("\n")).unwrap();
+    let run = |out: &str, extra: &[&str]| {
+        let o = rime()
+            .args(["train", "--model", m.to_str().unwrap(), "--train", data.to_str().unwrap(), "--eval"])
+            .arg(&data)
+            .args(["--batch-size", "8", "--max-length", "64", "--lr", "5e-3", "--max-steps", "2", "--out"])
+            .arg(d.join(out))
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let a = rime_io::peft::PeftAdapter::load(&d.join(out).join("checkpoint/adapter")).unwrap();
+        let mut t: Vec<(String, Vec<f32>)> = a.tensors.into_iter().map(|t| (t.name, t.data)).collect();
+        t.sort_by(|x, y| x.0.cmp(&y.0));
+        let losses: Vec<f64> = std::fs::read_to_string(d.join(out).join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["loss"].as_f64())
+            .collect();
+        (t, losses)
+    };
+    let ((whole, lw), (micro, lm)) = (run("whole", &[]), run("micro", &["--micro-batch-size", "3"]));
+    // The step losses: the first is before any update (the row-weighted mean of the micro-batch losses).
+    assert_eq!(lw.len(), 2, "{lw:?}");
+    for (a, b) in lw.iter().zip(&lm) {
+        assert!((a - b).abs() < 1e-5, "step losses {lw:?} vs micro-batched {lm:?}");
+    }
+    // Adam's first updates are about ±lr wherever a gradient is nonzero, so rounding in near-zero gradients
+    // moves a parameter by a small fraction of lr (5e-3); a lost micro-batch would move them by about lr.
+    assert_eq!(whole.len(), micro.len());
+    let mut worst = 0f32;
+    for ((na, a), (nb, b)) in whole.iter().zip(&micro) {
+        assert_eq!(na, nb);
+        worst = a.iter().zip(b).map(|(p, q)| (p - q).abs()).fold(worst, f32::max);
+    }
+    assert!(worst < 2e-4, "micro-batched adapter differs from whole batches by {worst}");
+    let bad = train(&m, &data, &d.join("bad"), &["--micro-batch-size", "9"]);
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && err.contains("--micro-batch-size"), "{err}");
+    std::fs::remove_dir_all(&d).ok();
+}

@@ -1076,9 +1076,11 @@ impl Executor {
         Self::new_sharing(dev, graph, store, loss, outputs, optim_cfg, None)
     }
 
-    /// Like [`Executor::new`], sharing the optimizer state (Adam moments) of `donor` for the parameters both
-    /// train: graphs of the same model at other shapes (sequence-length buckets) then take turns stepping
-    /// one optimizer. Set [`Executor::step`] to the global step count before each step.
+    /// Like [`Executor::new`], sharing the optimizer state (Adam moments) and the gradient buffers of `donor`
+    /// for the parameters both train: graphs of the same model at other shapes (sequence-length buckets) then
+    /// take turns stepping one optimizer, and micro-batches of one step may run on different graphs
+    /// ([`Executor::micro_step`] accumulates into the shared gradients). Set [`Executor::step`] to the global
+    /// step count before each step.
     pub fn new_sharing(
         dev: &Device,
         graph: Graph,
@@ -1235,8 +1237,13 @@ impl Executor {
                 frees_at.entry(last[s]).or_default().push(s);
             }
         }
-        // Shared optimizer state: take the donor's moment buffers for the same parameters.
+        // Shared optimizer state and gradients: take the donor's buffers for the same parameters.
         if let Some(d) = donor {
+            for (id, mine) in &param_grads {
+                if let Some((_, theirs)) = d.param_grads.iter().find(|(p, _)| p == id) {
+                    slots[*mine].tensor = d.slots[*theirs].tensor.clone();
+                }
+            }
             for (id, mine) in &opt_state {
                 if let Some((_, theirs)) = d.opt_state.iter().find(|(p, _)| p == id) {
                     for (a, b) in mine.iter().zip(theirs) {

@@ -305,6 +305,54 @@ fn micro_batch_accumulation_equals_the_full_batch_gradient() {
     }
 }
 
+/// Micro-batches of one step on two graphs of different batch sizes (as length buckets are) that share
+/// gradients and optimizer state: scaled by their share of the rows, they accumulate the full batch's gradient.
+#[test]
+fn micro_batches_on_graphs_of_different_shapes_share_one_gradient() {
+    let d = dev();
+    let (c, k) = (5, 3);
+    let x = rnd(42, 8 * c, 1.0);
+    let t = [0, 2, 1, 1, 2, 0, 1, 2];
+    let mut store = ParamStore::new();
+    store.add_f32(d, "w", &rnd(43, k * c, 0.5), &[k, c], true).unwrap();
+    let graph = |n: usize| {
+        let mut g = Graph::new();
+        let xi = g.input("x", &[n, c], DType::F32);
+        let ti = targets(&mut g, n);
+        let w = g.param(&store, "w").unwrap();
+        let logits = g.linear(xi, w, None).unwrap();
+        let loss = g.cross_entropy(logits, ti, -100).unwrap();
+        (g, loss)
+    };
+    let (g8, l8) = graph(8);
+    let mut full = Executor::new(d, g8, &store, Some(l8), &[], Some(OptimConfig::sgd(0.0, 0.0, 0.0))).unwrap();
+    full.feed_f32(d, "x", &x).unwrap();
+    full.feed_i32(d, "targets", &t).unwrap();
+    full.backward_only(d).unwrap();
+    let want = full.read_param_grad(d, store.id("w").unwrap()).unwrap();
+
+    let sgd = || Some(OptimConfig::sgd(0.0, 0.0, 0.0));
+    let (g3, l3) = graph(3);
+    let mut a = Executor::new(d, g3, &store, Some(l3), &[], sgd()).unwrap();
+    let (g5, l5) = graph(5);
+    let mut b = Executor::new_sharing(d, g5, &store, Some(l5), &[], sgd(), Some(&a)).unwrap();
+    a.feed_f32(d, "x", &x[..3 * c]).unwrap();
+    a.feed_i32(d, "targets", &t[..3]).unwrap();
+    a.set_loss_scale(d, 3.0 / 8.0).unwrap();
+    a.micro_step(d, true, false).unwrap();
+    b.feed_f32(d, "x", &x[3 * c..]).unwrap();
+    b.feed_i32(d, "targets", &t[3..]).unwrap();
+    b.set_loss_scale(d, 5.0 / 8.0).unwrap();
+    b.micro_step(d, false, true).unwrap();
+    d.wait().unwrap();
+    for ex in [&a, &b] {
+        let got = ex.read_param_grad(d, store.id("w").unwrap()).unwrap();
+        for (p, q) in got.iter().zip(&want) {
+            assert!((p - q).abs() < 1e-5, "accumulated {got:?} vs full batch {want:?}");
+        }
+    }
+}
+
 /// SGD with momentum and parameter groups: group 1 trains at a tenth of the learning rate with its own weight
 /// decay; the updates match torch.optim.SGD's rule computed on the CPU from the gradients.
 #[test]

@@ -46,6 +46,9 @@ pub struct TrainConfig {
     pub resume: bool,
     /// Stop after this many steps (for quick runs and tests).
     pub max_steps: Option<usize>,
+    /// Run each step of `batch_size` rows as micro-batches of this many rows, accumulating gradients (the
+    /// same update as the whole batch, with the activation memory of a micro-batch). None: the whole batch.
+    pub micro_batch: Option<usize>,
 }
 
 /// What the trainer reports while it works.
@@ -341,6 +344,13 @@ pub fn train(dev: &Device, cfg: &TrainConfig, on: &mut dyn FnMut(Event)) -> Resu
     if cfg.batch_size == 0 || cfg.epochs == 0 {
         return Err(Error::Msg("--batch-size and --epochs must be at least 1".into()));
     }
+    let micro = cfg.micro_batch.unwrap_or(cfg.batch_size);
+    if micro == 0 || micro > cfg.batch_size {
+        return Err(Error::Msg(format!(
+            "--micro-batch-size {micro} must be between 1 and --batch-size {}",
+            cfg.batch_size
+        )));
+    }
     if cfg.eval.is_none() {
         on(Event::Info(format!(
             "no --eval file: holding out {:.0}% of {} for evaluation",
@@ -393,7 +403,7 @@ pub fn train(dev: &Device, cfg: &TrainConfig, on: &mut dyn FnMut(Event)) -> Resu
         cfg: bcfg,
         prefix,
         hook: classifier::hook_for(&method),
-        batch: cfg.batch_size,
+        batch: micro,
         max_length: cfg.max_length,
         optim: Some(optim.clone()),
         execs: HashMap::new(),
@@ -501,6 +511,52 @@ pub fn train(dev: &Device, cfg: &TrainConfig, on: &mut dyn FnMut(Event)) -> Resu
             if cfg.max_steps.is_some_and(|m| global_step >= m) {
                 hit_max = true;
                 break;
+            }
+            if micro < cfg.batch_size {
+                // Gradient accumulation: each micro-batch on the graph of its own length bucket (they share
+                // gradients and optimizer state), its loss gradient scaled by its share of the step's rows; the
+                // update is applied after the last. Each micro-batch's loss is read when it is done.
+                let n = chunk.len();
+                let parts: Vec<&[usize]> = chunk.chunks(micro).collect();
+                let mut loss = 0f64;
+                for (i, part) in parts.iter().enumerate() {
+                    let longest = part.iter().map(|&i| train_enc.ids[i].len()).max().unwrap_or(1);
+                    let t = bucket(longest, cfg.max_length);
+                    let se = sess.exec(t)?;
+                    let (ids, types, mask, lab) = make_batch(&train_enc, part, micro, t);
+                    classifier::feed(dev, se, &ids, &types, &mask, &lab)?;
+                    se.exec.set_loss_scale(dev, part.len() as f32 / n as f32)?;
+                    se.exec.step = global_step as u64;
+                    let last = i + 1 == parts.len();
+                    se.exec.micro_step(dev, i == 0, last)?;
+                    let l = se.exec.read(dev, se.loss)?[0];
+                    if last {
+                        se.exec.last_loss(dev)?; // the staged copy of the same loss
+                    }
+                    loss += l as f64 * part.len() as f64 / n as f64;
+                }
+                examples_done += n;
+                let lr = cfg.lr * optim.schedule.factor(global_step as u64);
+                report_loss(
+                    loss as f32,
+                    global_step,
+                    epoch,
+                    &mut last_good,
+                    examples_done,
+                    &t_start,
+                    &cfg.out,
+                    on,
+                    &mut jsonl,
+                    &mut log_loss,
+                    lr,
+                )?;
+                global_step += 1;
+                if cfg.save_every > 0 && global_step % cfg.save_every == 0 {
+                    let t_save = Instant::now();
+                    save_checkpoint(&mut sess, global_step, best_acc, best_epoch)?;
+                    paused += t_save.elapsed();
+                }
+                continue;
             }
             let longest = chunk.iter().map(|&i| train_enc.ids[i].len()).max().unwrap_or(1);
             let t = bucket(longest, cfg.max_length);
