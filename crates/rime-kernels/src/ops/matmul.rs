@@ -3,7 +3,9 @@
 //! strided product ([`Gemm`]), which LoRA reuses; the kernel is picked per call: on CPU adapters (lavapipe)
 //! a vec4 team-tiled kernel when the layout allows it (forward, backward_input without trans_a, and weight
 //! gradients, with 4-aligned sizes; subgroupBroadcast when the adapter's subgroups are 8 lanes), else the
-//! general register-tiled kernel, which is also the choice on GPUs (measured faster there).
+//! general register-tiled kernel, which is also the choice on GPUs (measured faster there). Products with few
+//! rows (M <= [`GEMV_MAX_M`]: decoding, short prompts) whose weight is K-contiguous (x·Wᵀ) go to the
+//! matrix-vector kernels of shaders/gemv.wgsl on every adapter (see [`super::gemv`]).
 
 use super::words;
 use crate::error::{shape_err, Error, Result};
@@ -19,14 +21,21 @@ const GTN: usize = 8;
 const FTM: usize = 32;
 const FTN: usize = 8;
 
+/// `Variant::Auto` sends products of at most this many rows with a K-contiguous rhs to gemv.wgsl.
+pub const GEMV_MAX_M: usize = 8;
+
 /// Which kernel runs a product. `Auto` picks per device and layout; a forced variant the layout cannot use
-/// falls back (TiledSubgroup -> Tiled -> General), so every variant is always correct.
+/// falls back (TiledSubgroup -> Tiled -> General, GemvSubgroup -> Gemv -> General), so every variant is always correct.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Variant {
     Auto,
     General,
     Tiled,
     TiledSubgroup,
+    /// The matrix-vector kernels (gemv.wgsl) with plain loads of x.
+    Gemv,
+    /// [`Variant::Gemv`] sharing x through subgroupBroadcast (falls back to Gemv unless subgroups are 8 lanes).
+    GemvSubgroup,
 }
 
 fn rhs_prelude(dt: DType) -> &'static str {
@@ -176,6 +185,13 @@ pub(crate) fn gemm(dev: &Device, g: &Gemm, variant: Variant) -> Result<Vec<Dispa
     }
     let layout = g.tiled_layout();
     let variant = match variant {
+        Variant::Auto if g.m <= GEMV_MAX_M && g.r[0] == 1 && super::gemv::supports(g) && subgroups_of_8(dev) => {
+            Variant::GemvSubgroup
+        }
+        Variant::Auto if g.m <= GEMV_MAX_M && g.r[0] == 1 && super::gemv::supports(g) => Variant::Gemv,
+        Variant::Gemv | Variant::GemvSubgroup if !super::gemv::supports(g) => Variant::General,
+        Variant::GemvSubgroup if !subgroups_of_8(dev) => Variant::Gemv,
+        v @ (Variant::Gemv | Variant::GemvSubgroup) => v,
         Variant::Auto if dev.is_cpu() && layout.is_some() && subgroups_of_8(dev) => Variant::TiledSubgroup,
         Variant::Auto if dev.is_cpu() && layout.is_some() => Variant::Tiled,
         Variant::Auto => Variant::General,
@@ -208,6 +224,9 @@ pub(crate) fn gemm(dev: &Device, g: &Gemm, variant: Variant) -> Result<Vec<Dispa
         g.bias.is_some() as u32,
         0,
     ]);
+    if matches!(variant, Variant::Gemv | Variant::GemvSubgroup) {
+        return Ok(vec![super::gemv::gemv(dev, g, &params, variant == Variant::GemvSubgroup)?]);
+    }
     let sg = variant == Variant::TiledSubgroup;
     let sp = spec(g.rhs.dtype, sg);
     let batch = u(g.batch)?;
@@ -324,6 +343,24 @@ pub fn matmul_forward_variant(
     trans_a: bool,
     trans_b: bool,
 ) -> Result<Vec<Dispatch>> {
+    matmul_forward_scaled(dev, variant, out, a, b, bias, trans_a, trans_b, 1.0, false)
+}
+
+/// out = alpha * op(a)·op(b) + bias (+ out when `accumulate`): [`matmul_forward`] with the product scaled and
+/// optionally added to what out holds, and the kernel chosen by `variant`.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_forward_scaled(
+    dev: &Device,
+    variant: Variant,
+    out: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    bias: Option<&Tensor>,
+    trans_a: bool,
+    trans_b: bool,
+    alpha: f32,
+    accumulate: bool,
+) -> Result<Vec<Dispatch>> {
     const OP: &str = "matmul_forward";
     expect_f32(OP, "a", a)?;
     expect_f32(OP, "out", out)?;
@@ -351,8 +388,8 @@ pub fn matmul_forward_variant(
         l,
         r,
         o: [n, 1, m * n],
-        alpha: 1.0,
-        accumulate: false,
+        alpha,
+        accumulate,
     };
     if !d.b_batched {
         g.r[2] = 0;

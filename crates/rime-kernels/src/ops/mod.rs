@@ -6,6 +6,7 @@ pub mod cross_entropy;
 pub mod dora;
 pub mod elementwise;
 pub mod embedding;
+pub mod gemv;
 pub mod lora;
 pub mod matmul;
 pub mod merge;
@@ -28,6 +29,7 @@ pub fn declared_specs() -> Vec<(&'static str, Spec)> {
     v.extend(dora::specs());
     v.extend(elementwise::specs());
     v.extend(embedding::specs());
+    v.extend(gemv::specs());
     v.extend(lora::specs());
     v.extend(matmul::specs());
     v.extend(merge::specs());
