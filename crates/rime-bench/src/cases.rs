@@ -115,6 +115,9 @@ fn matmul_cases(o: &Options) -> Vec<MatmulCase> {
         c("matmul_smollm2_attn_proj", 4096, 576, 576, true),
         c("matmul_smollm2_mlp_up", 4096, 576, 1536, true),
         c("matmul_smollm2_mlp_down", 4096, 1536, 576, true),
+        // One decoded token (M = 1, the gemv kernels): an MLP projection and the output head.
+        c("matmul_decode_mlp_up", 1, 576, 1536, true),
+        c("matmul_decode_lm_head", 1, 576, 49152, true),
     ];
     if !o.quick {
         v.push(c("matmul_llama_4096", 4096, 4096, 4096, true));
