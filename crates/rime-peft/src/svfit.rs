@@ -277,15 +277,15 @@ fn sym_eig(z: &mut [f64], n: usize) -> Vec<f64> {
         z[j * n + n - 1] = 0.0;
     }
     z[(n - 1) * n + n - 1] = 1.0;
-    // Implicit-shift QL on the tridiagonal (d, e); the rotations of one sweep are applied to z in one
-    // pass over its columns.
+    // Implicit-shift QL on the tridiagonal (d, e). The rotations do not depend on z: they are recorded
+    // and applied to z later, many sweeps per pass over a cache-sized block of its columns.
     for i in 1..n {
         e[i - 1] = e[i];
     }
     e[n - 1] = 0.0;
     let (mut f, mut tst1) = (0f64, 0f64);
     let eps = f64::EPSILON;
-    let mut cs = vec![(0f64, 0f64); n];
+    let mut rots = Rotations { cs: Vec::new(), sweeps: Vec::new() };
     for l in 0..n {
         tst1 = tst1.max(d[l].abs() + e[l].abs());
         let mut m = l;
@@ -324,9 +324,12 @@ fn sym_eig(z: &mut [f64], n: usize) -> Vec<f64> {
                     c = p / r;
                     p = c * d[i] - s * g;
                     d[i + 1] = h + s * (c * g + s * d[i]);
-                    cs[i] = (c, s);
+                    rots.cs.push((c, s));
                 }
-                apply_rotations(z, n, l, m, &cs);
+                rots.sweeps.push((l, m));
+                if rots.cs.len() >= 1 << 20 {
+                    rots.apply(z, n);
+                }
                 p = -s * s2 * c3 * el1 * e[l] / dl1;
                 e[l] = s * p;
                 d[l] = c * p;
@@ -338,32 +341,50 @@ fn sym_eig(z: &mut [f64], n: usize) -> Vec<f64> {
         d[l] += f;
         e[l] = 0.0;
     }
+    rots.apply(z, n);
     d
 }
 
-/// Rows i, i+1 of z for i = m−1 down to l: (x, y) ← (c·x − s·y, s·x + c·y) with (c, s) = cs[i]. The chain
-/// runs column block by column block, so that each row is read and written once per sweep.
-#[inline(always)]
-fn apply_rotations(z: &mut [f64], n: usize, l: usize, m: usize, cs: &[(f64, f64)]) {
-    const B: usize = 16;
-    let mut k0 = 0;
-    while k0 < n {
-        let w = B.min(n - k0);
-        let mut carry = [0f64; B];
-        carry[..w].copy_from_slice(&z[m * n + k0..m * n + k0 + w]);
-        for i in (l..m).rev() {
-            let (c, s) = cs[i];
-            let (lo, hi) = z.split_at_mut((i + 1) * n);
-            let x = &lo[i * n + k0..i * n + k0 + w];
-            let y = &mut hi[k0..k0 + w];
-            for t in 0..w {
-                let (xv, yv) = (x[t], carry[t]);
-                y[t] = s * xv + c * yv;
-                carry[t] = c * xv - s * yv;
+/// QL sweeps waiting to be applied to z: sweep (l, m) rotates rows i, i+1 for i = m−1 down to l,
+/// (x, y) ← (c·x − s·y, s·x + c·y), taking its (c, s) in that order from `cs`.
+struct Rotations {
+    cs: Vec<(f64, f64)>,
+    sweeps: Vec<(usize, usize)>,
+}
+
+impl Rotations {
+    /// Applies and forgets the recorded sweeps: a panel of columns of z (which stays in cache) takes all of
+    /// them, 16 columns at a time carried down each chain in registers, then the next panel.
+    #[inline(always)]
+    fn apply(&mut self, z: &mut [f64], n: usize) {
+        const B: usize = 16;
+        let panel = (65536 / n / B * B).clamp(B, 512);
+        for p0 in (0..n).step_by(panel) {
+            let pend = (p0 + panel).min(n);
+            let mut at = 0;
+            for &(l, m) in &self.sweeps {
+                let cs = &self.cs[at..at + (m - l)];
+                at += m - l;
+                for k0 in (p0..pend).step_by(B) {
+                    let w = B.min(pend - k0);
+                    let mut carry = [0f64; B];
+                    carry[..w].copy_from_slice(&z[m * n + k0..m * n + k0 + w]);
+                    for (i, &(c, s)) in (l..m).rev().zip(cs) {
+                        let (lo, hi) = z.split_at_mut((i + 1) * n);
+                        let x = &lo[i * n + k0..i * n + k0 + w];
+                        let y = &mut hi[k0..k0 + w];
+                        for t in 0..w {
+                            let (xv, yv) = (x[t], carry[t]);
+                            y[t] = s * xv + c * yv;
+                            carry[t] = c * xv - s * yv;
+                        }
+                    }
+                    z[l * n + k0..l * n + k0 + w].copy_from_slice(&carry[..w]);
+                }
             }
         }
-        z[l * n + k0..l * n + k0 + w].copy_from_slice(&carry[..w]);
-        k0 += w;
+        self.cs.clear();
+        self.sweeps.clear();
     }
 }
 
