@@ -1,18 +1,27 @@
 //! Launcher for shaders/gemv.wgsl: the matrix-vector kernels the matmul launcher picks for products with few
 //! rows (decoding one token, short prompts). Any [`Gemm`] with `kb == 1` can run here: `gemv_vec` when the
 //! operands are K-contiguous with K % 8 = 0 (x·Wᵀ with a Linear weight, the decoder's every projection and
-//! output head), else `gemv_scalar` (any strides). Each invocation owns GC = 4 columns and GM rows (1, 2, 4 or 8,
-//! the smallest that covers M, or 8 with several row blocks).
+//! output head), else `gemv_scalar` (any strides). Each invocation owns GM rows (1, 2, 4 or 8: the smallest
+//! that covers M, else 8 in several row blocks) and GC columns: 8 for one or two rows, 4 for more (16
+//! accumulators at most but for GM = 8; on lavapipe GC = 8 made 1-row f16 products up to 1.5x faster and
+//! 4-row ones 1.5x slower).
 
 use crate::error::Result;
 use crate::ops::matmul::Gemm;
 use crate::{DType, Device, Dispatch, Spec};
 
 const FILE: &str = "gemv.wgsl";
-/// Columns per invocation (GC in the shader).
-const GC: usize = 4;
-/// Rows per invocation the specializations offer.
+/// Rows per invocation the specializations offer (GM in the shader).
 const GMS: [usize; 4] = [1, 2, 4, 8];
+
+/// Columns per invocation (GC in the shader) for GM rows.
+fn columns_per_invocation(gm: usize) -> usize {
+    if gm <= 2 {
+        8
+    } else {
+        4
+    }
+}
 
 fn rhs_prelude(dt: DType) -> &'static str {
     match dt {
@@ -61,10 +70,11 @@ fn x_prelude(subgroup: bool) -> &'static str {
 }
 
 fn spec(rhs: DType, subgroup: bool, gm: usize, wg: u32) -> Spec {
+    let gc = columns_per_invocation(gm);
     Spec::new()
         .prelude(rhs_prelude(rhs))
         .prelude(x_prelude(subgroup))
-        .prelude(format!("const GM: u32 = {gm}u;"))
+        .prelude(format!("const GM: u32 = {gm}u;\nconst GC: u32 = {gc}u;"))
         .constant("WG", wg as f64)
 }
 
@@ -114,7 +124,11 @@ pub(crate) fn gemv(dev: &Device, g: &Gemm, params: &[u8], subgroup: bool) -> Res
     let wg: u32 = if dev.is_cpu() || (vec && subgroup) { 8 } else { 64 };
     let sp = spec(g.rhs.dtype, vec && subgroup, gm, wg);
     let bias = g.bias.unwrap_or(g.lhs);
-    let grid = [(g.n.div_ceil(GC).div_ceil(wg as usize)) as u32, g.m.div_ceil(gm) as u32, g.batch as u32];
+    let grid = [
+        (g.n.div_ceil(columns_per_invocation(gm)).div_ceil(wg as usize)) as u32,
+        g.m.div_ceil(gm) as u32,
+        g.batch as u32,
+    ];
     if vec {
         dev.dispatch(FILE, "gemv_vec_entry", &sp, Some(params), &[(5, g.lhs), (6, g.rhs), (3, g.out), (4, bias)], grid)
     } else {
