@@ -146,10 +146,10 @@ impl CaseResult {
         let k = self.unit.key();
         m.insert("name".into(), self.name.clone().into());
         m.insert("shape".into(), self.shape.clone().into());
-        m.insert(k.into(), round(self.value, 3).into());
+        m.insert(k.into(), round_sig(self.value, 5).into());
         m.insert("baseline".into(), self.baseline.clone().into());
-        m.insert(format!("baseline_{k}"), round(self.baseline_value, 3).into());
-        m.insert("ratio".into(), round(self.ratio, 4).into());
+        m.insert(format!("baseline_{k}"), round_sig(self.baseline_value, 5).into());
+        m.insert("ratio".into(), round_sig(self.ratio, 5).into());
         m.insert("adapter".into(), self.adapter.clone().into());
         m.insert("ms".into(), round(self.ms, 4).into());
         m.insert("baseline_ms".into(), round(self.baseline_ms, 4).into());
@@ -179,6 +179,14 @@ impl fmt::Display for CaseResult {
 /// The table header matching [`CaseResult`]'s `Display`.
 pub fn table_header() -> String {
     format!("{:<28} {:<44} {:>9} {:>9} {:>7}  unit", "case", "shape", "rime", "baseline", "ratio")
+}
+
+/// `x` to `digits` significant digits (rates span 0.01 to 10⁴: a fixed number of decimals loses small ones).
+fn round_sig(x: f64, digits: i32) -> f64 {
+    if !x.is_finite() || x == 0.0 {
+        return x;
+    }
+    round(x, digits - 1 - x.abs().log10().floor() as i32)
 }
 
 fn round(x: f64, digits: i32) -> f64 {
