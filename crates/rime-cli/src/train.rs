@@ -36,11 +36,13 @@ pub struct TrainArgs {
     /// held-out part of --train (see --eval-fraction).
     #[arg(long)]
     eval: Option<PathBuf>,
+    /// Column (JSONL key or CSV/TSV header) holding the text; for causal-lm, the completion.
     #[arg(long, default_value = "text")]
     text_column: String,
     /// Second text column for sentence pairs.
     #[arg(long)]
     text_pair_column: Option<String>,
+    /// Column holding the label (strings or integers).
     #[arg(long, default_value = "label")]
     label_column: String,
     /// lora, svfit, ia3, adapter, prompt (trainable soft-prompt tokens in front of the input, peft's
@@ -68,19 +70,25 @@ pub struct TrainArgs {
     /// adapter: scale of the adapter's output (He et al.'s scaled parallel adapter uses 4).
     #[arg(long, default_value_t = 1.0)]
     adapter_scale: f32,
+    /// Passes over the training data (evaluation and a checkpoint after each).
     #[arg(long, default_value_t = 1)]
     epochs: usize,
+    /// Peak learning rate of AdamW (see --schedule and --warmup-ratio).
     #[arg(long, default_value_t = 1e-3)]
     lr: f32,
+    /// AdamW's decoupled weight decay.
     #[arg(long, default_value_t = 0.01)]
     weight_decay: f32,
+    /// Rows per optimizer step (see --micro-batch-size to split them).
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
     /// Longer texts are truncated (reported once).
     #[arg(long, default_value_t = 128)]
     max_length: usize,
+    /// lora: rank r of the A [r, in] and B [out, r] factors; svfit: singular values kept per target.
     #[arg(long, default_value_t = 8)]
     rank: usize,
+    /// lora: scaling numerator, s = alpha / r (alpha / √r with --rslora).
     #[arg(long, default_value_t = 16.0)]
     alpha: f32,
     /// Comma-separated module names (suffix match, as peft) or `re:<regex>`.
@@ -105,6 +113,7 @@ pub struct TrainArgs {
     /// lora_magnitude_vector with "use_dora": true.
     #[arg(long)]
     dora: bool,
+    /// Seeds initialization, shuffling, the held-out split and dropout: the same seed gives the same run.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Fraction of steps spent warming the learning rate up.
@@ -119,6 +128,7 @@ pub struct TrainArgs {
     /// Early stop after this many epochs without better eval accuracy.
     #[arg(long)]
     patience: Option<usize>,
+    /// Without --eval: the fraction of --train held out (seeded) for evaluation.
     #[arg(long, default_value_t = 0.1)]
     eval_fraction: f64,
     /// Write a resumable checkpoint every N steps.
