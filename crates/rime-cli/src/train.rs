@@ -144,6 +144,11 @@ pub struct TrainArgs {
     /// (the same update as the whole batch, with a micro-batch's activation memory). Classification only.
     #[arg(long, value_name = "M")]
     micro_batch_size: Option<usize>,
+    /// How the frozen linear weights are held on the GPU: f32 (exact, the default), f16 or bf16 (half the
+    /// memory and fewer bytes per load; results move by about f16's precision). Classification with lora
+    /// (not --dora or --init pissa), ia3, adapter, prompt, prefix or probe.
+    #[arg(long, default_value = "f32")]
+    weights: String,
     /// Skip the linear-probe baseline of the main job.
     #[arg(long)]
     no_baseline: bool,
@@ -248,6 +253,26 @@ fn lora_config(a: &TrainArgs, targets: &str) -> Result<LoraConfig, BoxErr> {
     })
 }
 
+/// --weights: the storage dtype of the frozen linear weights, refused where a method rewrites or reads them as
+/// f32 (SVFit, DoRA's norms, PiSSA's residual).
+fn frozen_weights(a: &TrainArgs) -> Result<rime_kernels::DType, BoxErr> {
+    let dt = match a.weights.as_str() {
+        "f32" => return Ok(rime_kernels::DType::F32),
+        "f16" => rime_kernels::DType::F16,
+        "bf16" => rime_kernels::DType::BF16,
+        w => return Err(format!("--weights {w}: expected f32, f16 or bf16").into()),
+    };
+    if a.method == "svfit" || a.dora || a.init == "pissa" {
+        return Err(format!(
+            "--weights {} does not combine with --method svfit, --dora or --init pissa (they rewrite or read the \
+             frozen weights in f32)",
+            a.weights
+        )
+        .into());
+    }
+    Ok(dt)
+}
+
 pub fn run(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
     match a.task.as_str() {
         "classify" => {}
@@ -327,6 +352,7 @@ pub fn run(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
         resume: a.resume,
         max_steps: a.max_steps,
         micro_batch: a.micro_batch_size,
+        weights: frozen_weights(a)?,
     };
     let dev = Device::new(opts)?;
     eprintln!("adapter: {} ({:?})", dev.info().name, dev.info().backend);
@@ -434,6 +460,9 @@ fn run_causal(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
     }
     if a.micro_batch_size.is_some() {
         return Err("--micro-batch-size applies to --task classify; for causal-lm lower --batch-size".into());
+    }
+    if a.weights != "f32" {
+        return Err("--weights applies to --task classify; causal-lm dequantizes the GGUF to f32".into());
     }
     let cfg = rime_peft::causal::CausalConfig {
         model,

@@ -87,6 +87,8 @@ fn bad_lora_flags_name_the_flag() {
         (vec!["--init", "pissa", "--rank", "500"], "--rank 500"),
         (vec!["--lora-dropout", "1.5"], "--lora-dropout"),
         (vec!["--init", "svd"], "--init"),
+        (vec!["--weights", "f8"], "--weights f8"),
+        (vec!["--weights", "f16", "--dora"], "--weights f16"),
     ] {
         let o = train(&m, &data, &d.join("o"), &extra);
         let err = String::from_utf8_lossy(&o.stderr);
@@ -94,5 +96,24 @@ fn bad_lora_flags_name_the_flag() {
         assert!(err.contains(needle), "{extra:?}: error should mention {needle}: {err}");
         assert!(!err.contains("panicked"), "{extra:?} panicked: {err}");
     }
+    std::fs::remove_dir_all(&d).ok();
+}
+
+/// `--weights f16` trains with half-precision frozen weights and ends within f16's precision of the f32 run.
+#[test]
+fn f16_frozen_weights_train_close_to_f32() {
+    let Some(m) = model() else { return };
+    let d = tmp("f16");
+    let data = d.join("train.jsonl");
+    write_data(&data, 16);
+    let loss = |w: &str| {
+        let o = train(&m, &data, &d.join(w), &["--weights", w]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(d.join(w).join("metrics.json")).unwrap()).unwrap();
+        v["eval_loss"].as_f64().unwrap()
+    };
+    let (a, b) = (loss("f32"), loss("f16"));
+    assert!((a - b).abs() < 1e-2 * a.abs().max(1.0), "eval loss f32 {a} vs f16 {b}");
     std::fs::remove_dir_all(&d).ok();
 }

@@ -151,6 +151,12 @@ pub fn bert_config(cfg: &ModelConfig) -> BertConfig {
 /// Upload every float tensor of a checkpoint as a frozen f32 parameter under its own name.
 /// A `bert.` prefix (BertForSequenceClassification checkpoints) is kept; the returned prefix says which.
 pub fn load_frozen(dev: &Device, store: &mut ParamStore, ckpt: &Checkpoint) -> Result<String> {
+    load_frozen_as(dev, store, ckpt, DType::F32)
+}
+
+/// [`load_frozen`] with the encoder's linear weights (2-D `*.weight` outside the embeddings: every matrix a
+/// matmul reads as its weight operand) stored as `weights` (f32, f16 or bf16); everything else stays f32.
+pub fn load_frozen_as(dev: &Device, store: &mut ParamStore, ckpt: &Checkpoint, weights: DType) -> Result<String> {
     for name in ckpt.names() {
         let (dtype, _) = ckpt.info(name)?;
         if !dtype.is_float() {
@@ -159,7 +165,20 @@ pub fn load_frozen(dev: &Device, store: &mut ParamStore, ckpt: &Checkpoint) -> R
         let (_, shape) = ckpt.info(name)?;
         let shape = shape.to_vec();
         let data = ckpt.get_f32(name)?;
-        store.add_f32(dev, name, &data, &shape, false)?;
+        let linear = shape.len() == 2 && name.ends_with(".weight") && !name.contains("embeddings.");
+        match weights {
+            DType::F16 if linear => {
+                let h: Vec<half::f16> = data.iter().map(|&x| half::f16::from_f32(x)).collect();
+                store.add(name, dev.upload_f16(&h, &shape)?, false)?;
+            }
+            DType::BF16 if linear => {
+                let h: Vec<half::bf16> = data.iter().map(|&x| half::bf16::from_f32(x)).collect();
+                store.add(name, dev.upload_bf16(&h, &shape)?, false)?;
+            }
+            _ => {
+                store.add_f32(dev, name, &data, &shape, false)?;
+            }
+        }
     }
     let prefix = if ckpt.contains("bert.embeddings.word_embeddings.weight") { "bert." } else { "" };
     if !ckpt.contains(&format!("{prefix}embeddings.word_embeddings.weight")) {

@@ -49,6 +49,8 @@ pub struct TrainConfig {
     /// Run each step of `batch_size` rows as micro-batches of this many rows, accumulating gradients (the
     /// same update as the whole batch, with the activation memory of a micro-batch). None: the whole batch.
     pub micro_batch: Option<usize>,
+    /// How the frozen linear weights are stored on the device: f32 (exact), f16 or bf16 (half the memory).
+    pub weights: rime_kernels::DType,
 }
 
 /// What the trainer reports while it works.
@@ -301,6 +303,16 @@ pub fn open_model(
     model: &Path,
     max_length: usize,
 ) -> Result<(ParamStore, BertConfig, String, Tokenizer)> {
+    open_model_as(dev, model, max_length, rime_kernels::DType::F32)
+}
+
+/// [`open_model`] with the frozen linear weights stored as `weights` (see [`classifier::load_frozen_as`]).
+pub fn open_model_as(
+    dev: &Device,
+    model: &Path,
+    max_length: usize,
+    weights: rime_kernels::DType,
+) -> Result<(ParamStore, BertConfig, String, Tokenizer)> {
     let cfg = ModelConfig::from_file(model)?;
     if cfg.architecture != rime_io::Architecture::Bert {
         return Err(Error::Msg(format!(
@@ -312,7 +324,7 @@ pub fn open_model(
     let ckpt = Checkpoint::open(model)?;
     cfg.check_checkpoint(&ckpt)?;
     let mut store = ParamStore::new();
-    let prefix = classifier::load_frozen(dev, &mut store, &ckpt)?;
+    let prefix = classifier::load_frozen_as(dev, &mut store, &ckpt, weights)?;
     let tok_path = model.join("tokenizer.json");
     let mut tok = Tokenizer::from_file(&tok_path)?;
     tok.set_max_length(Some(max_length.min(cfg.max_position_embeddings)))?;
@@ -360,7 +372,7 @@ pub fn train(dev: &Device, cfg: &TrainConfig, on: &mut dyn FnMut(Event)) -> Resu
     }
     let (train_ds, eval_ds) = load_splits(cfg)?;
     let labels = LabelMap::from_dataset(&train_ds)?;
-    let (mut store, bcfg, prefix, tok) = open_model(dev, &cfg.model, cfg.max_length)?;
+    let (mut store, bcfg, prefix, tok) = open_model_as(dev, &cfg.model, cfg.max_length, cfg.weights)?;
     let method = cfg.method.clone().for_model(&bcfg);
     classifier::check_virtual_fit(method.virtual_tokens(), cfg.max_length.min(bcfg.max_positions), &bcfg)?;
     let (train_enc, trunc) = encode(&tok, &train_ds, Some(&labels))?;
@@ -746,7 +758,7 @@ fn report_loss(
 pub fn probe_baseline(dev: &Device, cfg: &TrainConfig) -> Result<EvalMetrics> {
     let (train_ds, eval_ds) = load_splits(cfg)?;
     let labels = LabelMap::from_dataset(&train_ds)?;
-    let (mut store, bcfg, prefix, tok) = open_model(dev, &cfg.model, cfg.max_length)?;
+    let (mut store, bcfg, prefix, tok) = open_model_as(dev, &cfg.model, cfg.max_length, cfg.weights)?;
     let (tr, _) = encode(&tok, &train_ds, Some(&labels))?;
     let (ev, _) = encode(&tok, &eval_ds, Some(&labels))?;
     classifier::init_head(dev, &mut store, bcfg.hidden, labels.len(), cfg.seed)?;
