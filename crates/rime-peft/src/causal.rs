@@ -9,7 +9,6 @@
 //! early stop, a resumable checkpoint, `metrics.jsonl` / `metrics.json` / `training.png`.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -20,7 +19,7 @@ use rime_models::llama::{self, LlamaConfig};
 
 use crate::classifier::EvalMetrics;
 use crate::lora::{LoraConfig, LoraHook};
-use crate::trainer::{batches_by_length, bucket, checkpoint_note, write_json, Event};
+use crate::trainer::{batches_by_length, bucket, checkpoint_note, write_json, Event, StepLog};
 use crate::{Error, Result};
 
 #[derive(Debug, Clone)]
@@ -310,16 +309,6 @@ pub fn train_causal(dev: &Device, cfg: &CausalConfig, on: &mut dyn FnMut(Event))
     } else if cfg.resume {
         on(Event::Warn(format!("--resume: no checkpoint in {}; starting fresh", ckpt_dir.display())));
     }
-    let jsonl_path = out.join("metrics.jsonl");
-    let mut jsonl = std::fs::OpenOptions::new()
-        .create(true)
-        .append(cfg.resume)
-        .write(true)
-        .truncate(!cfg.resume)
-        .open(&jsonl_path)
-        .map_err(|e| io_err(&jsonl_path, e))?;
-    let mut log = |v: serde_json::Value| writeln!(jsonl, "{v}").map_err(|e| io_err(&jsonl_path, e));
-
     // Atomic: written beside `dir`, then renamed over it. The config is the classifier's LoRA-family one
     // (DoRA magnitudes, PiSSA converted to a LoRA of the unmodified base), with the causal-LM task.
     let save_adapter = |store: &ParamStore, dir: &Path| -> Result<()> {
@@ -369,11 +358,9 @@ pub fn train_causal(dev: &Device, cfg: &CausalConfig, on: &mut dyn FnMut(Event))
             std::fs::rename(&tmp, &ckpt_dir).map_err(|e| io_err(&ckpt_dir, e))
         };
 
+    let mut log = StepLog::open(out, cfg.resume)?;
     on(Event::Start { steps: total, examples: data.len() });
-    let t_start = Instant::now();
-    let mut paused = std::time::Duration::ZERO;
-    let (mut first, mut last, mut examples_done) = (f32::NAN, f32::NAN, 0usize);
-    let mut last_good: Option<usize> = None;
+    let (mut first, mut last) = (f32::NAN, f32::NAN);
     let mut patience_left = cfg.patience;
     let mut history: Vec<serde_json::Value> = vec![];
     let start_epoch = global_step / steps_per_epoch;
@@ -398,28 +385,17 @@ pub fn train_causal(dev: &Device, cfg: &CausalConfig, on: &mut dyn FnMut(Event))
             ex.step(dev)?;
             // Steps of a decoder take seconds here: reading the loss right away costs nothing measurable.
             let l = ex.last_loss(dev)?.unwrap_or(f32::NAN);
-            if !l.is_finite() {
-                return Err(Error::Msg(format!(
-                    "loss became {l} at step {global_step} (last finite loss at step {}); stopped. {} Try a lower --lr.",
-                    last_good.map_or("none".into(), |s| s.to_string()),
-                    checkpoint_note(out)
-                )));
-            }
-            last_good = Some(global_step);
+            let lr = cfg.lr * optim.schedule.factor(global_step as u64);
+            log.step(on, l, global_step, epoch, chunk.len(), lr)?;
             if first.is_nan() {
                 first = l;
             }
             last = l;
-            examples_done += chunk.len();
-            let eps = examples_done as f64 / (t_start.elapsed() - paused).as_secs_f64().max(1e-9);
-            let lr = cfg.lr * optim.schedule.factor(global_step as u64);
-            log(serde_json::json!({"step": global_step, "epoch": epoch, "loss": l, "lr": lr, "examples_per_s": eps}))?;
-            on(Event::Step { step: global_step, epoch, loss: l, examples_per_s: eps, lr });
             global_step += 1;
             if cfg.save_every > 0 && global_step % cfg.save_every == 0 {
                 let t_save = Instant::now();
                 save_checkpoint(&model.store, buckets.owner(), global_step, best_loss, best_epoch)?;
-                paused += t_save.elapsed();
+                log.paused += t_save.elapsed();
             }
         }
         let t_eval = Instant::now();
@@ -435,14 +411,14 @@ pub fn train_causal(dev: &Device, cfg: &CausalConfig, on: &mut dyn FnMut(Event))
                 *p = p.saturating_sub(1);
             }
             let row = serde_json::json!({"epoch": epoch, "step": global_step, "eval_loss": m.loss, "eval_perplexity": m.loss.exp()});
-            log(row.clone())?;
+            log.line(&row)?;
             history.push(row);
             on(Event::Eval { epoch, metrics: m, best: improved });
         } else {
             save_adapter(&model.store, &out.join("adapter"))?;
         }
         save_checkpoint(&model.store, buckets.owner(), global_step, best_loss, best_epoch)?;
-        paused += t_eval.elapsed();
+        log.paused += t_eval.elapsed();
         if hit_max || global_step >= total {
             break 'epochs;
         }
@@ -451,7 +427,7 @@ pub fn train_causal(dev: &Device, cfg: &CausalConfig, on: &mut dyn FnMut(Event))
             break;
         }
     }
-    let secs = (t_start.elapsed() - paused).as_secs_f64();
+    let secs = log.train_seconds();
     let eval_loss = best_loss.is_finite().then_some(best_loss);
     let summary = CausalSummary {
         steps: global_step,
@@ -460,7 +436,7 @@ pub fn train_causal(dev: &Device, cfg: &CausalConfig, on: &mut dyn FnMut(Event))
         eval_loss,
         eval_perplexity: eval_loss.map(f64::exp),
         best_epoch,
-        train_examples_per_s: examples_done as f64 / secs.max(1e-9),
+        train_examples_per_s: log.examples_done as f64 / secs.max(1e-9),
         train_seconds: secs,
         trainable_params: trainable,
         truncated: cut + cut_e,
@@ -469,6 +445,6 @@ pub fn train_causal(dev: &Device, cfg: &CausalConfig, on: &mut dyn FnMut(Event))
     v["task"] = serde_json::json!("causal-lm");
     v["history"] = serde_json::json!(history);
     write_json(&out.join("metrics.json"), &v)?;
-    crate::plot::write_plot(&jsonl_path, &out.join("training.png")).ok();
+    crate::plot::write_plot(log.path(), &out.join("training.png")).ok();
     Ok(summary)
 }

@@ -454,19 +454,8 @@ pub fn train(dev: &Device, cfg: &TrainConfig, on: &mut dyn FnMut(Event)) -> Resu
         on(Event::Warn(format!("--resume: no checkpoint in {}; starting fresh", ckpt_dir.display())));
     }
 
-    let mut jsonl = std::fs::OpenOptions::new()
-        .create(true)
-        .append(cfg.resume)
-        .write(true)
-        .truncate(!cfg.resume)
-        .open(cfg.out.join("metrics.jsonl"))
-        .map_err(|e| Error::Msg(format!("{}: {e}", cfg.out.display())))?;
+    let mut log = StepLog::open(&cfg.out, cfg.resume)?;
     on(Event::Start { steps: total, examples: train_enc.ids.len() });
-    let t_start = Instant::now();
-    // Time spent evaluating and checkpointing, excluded from the training throughput.
-    let mut paused = std::time::Duration::ZERO;
-    let mut examples_done = 0usize;
-    let mut last_good: Option<usize> = None;
     let mut in_flight: Option<InFlight> = None;
     let mut patience_left = cfg.patience;
     let mut stopped_early = false;
@@ -503,16 +492,6 @@ pub fn train(dev: &Device, cfg: &TrainConfig, on: &mut dyn FnMut(Event)) -> Resu
         Ok(())
     };
 
-    let mut log_loss =
-        |jsonl: &mut std::fs::File, step: usize, epoch: usize, loss: f32, eps: f64, lr: f32| -> Result<()> {
-            writeln!(
-                jsonl,
-                "{}",
-                serde_json::json!({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "examples_per_s": eps})
-            )
-            .map_err(|e| Error::Msg(format!("metrics.jsonl: {e}")))
-        };
-
     'epochs: for epoch in start_epoch..cfg.epochs {
         let batches = epoch_batches(&train_enc, cfg.batch_size, cfg.seed.wrapping_add(epoch as u64));
         let mut hit_max = false;
@@ -547,26 +526,13 @@ pub fn train(dev: &Device, cfg: &TrainConfig, on: &mut dyn FnMut(Event)) -> Resu
                     }
                     loss += l as f64 * part.len() as f64 / n as f64;
                 }
-                examples_done += n;
                 let lr = cfg.lr * optim.schedule.factor(global_step as u64);
-                report_loss(
-                    loss as f32,
-                    global_step,
-                    epoch,
-                    &mut last_good,
-                    examples_done,
-                    &t_start,
-                    &cfg.out,
-                    on,
-                    &mut jsonl,
-                    &mut log_loss,
-                    lr,
-                )?;
+                log.step(on, loss as f32, global_step, epoch, n, lr)?;
                 global_step += 1;
                 if cfg.save_every > 0 && global_step % cfg.save_every == 0 {
                     let t_save = Instant::now();
                     save_checkpoint(&mut sess, global_step, best_acc, best_epoch)?;
-                    paused += t_save.elapsed();
+                    log.paused += t_save.elapsed();
                 }
                 continue;
             }
@@ -588,59 +554,20 @@ pub fn train(dev: &Device, cfg: &TrainConfig, on: &mut dyn FnMut(Event)) -> Resu
             };
             in_flight = Some(InFlight { bucket: t, step: global_step, epoch, examples: chunk.len(), lr });
             if let Some((p, l)) = done {
-                examples_done += p.examples;
-                report_loss(
-                    l,
-                    p.step,
-                    p.epoch,
-                    &mut last_good,
-                    examples_done,
-                    &t_start,
-                    &cfg.out,
-                    on,
-                    &mut jsonl,
-                    &mut log_loss,
-                    p.lr,
-                )?;
+                log.step(on, l, p.step, p.epoch, p.examples, p.lr)?;
             }
             global_step += 1;
             if cfg.save_every > 0 && global_step % cfg.save_every == 0 {
                 if let Some((p, l)) = in_flight.take().map(|p| collect(&mut sess, dev, p)).transpose()?.flatten() {
-                    examples_done += p.examples;
-                    report_loss(
-                        l,
-                        p.step,
-                        p.epoch,
-                        &mut last_good,
-                        examples_done,
-                        &t_start,
-                        &cfg.out,
-                        on,
-                        &mut jsonl,
-                        &mut log_loss,
-                        p.lr,
-                    )?;
+                    log.step(on, l, p.step, p.epoch, p.examples, p.lr)?;
                 }
                 let t_save = Instant::now();
                 save_checkpoint(&mut sess, global_step, best_acc, best_epoch)?;
-                paused += t_save.elapsed();
+                log.paused += t_save.elapsed();
             }
         }
         if let Some((p, l)) = in_flight.take().map(|p| collect(&mut sess, dev, p)).transpose()?.flatten() {
-            examples_done += p.examples;
-            report_loss(
-                l,
-                p.step,
-                p.epoch,
-                &mut last_good,
-                examples_done,
-                &t_start,
-                &cfg.out,
-                on,
-                &mut jsonl,
-                &mut log_loss,
-                p.lr,
-            )?;
+            log.step(on, l, p.step, p.epoch, p.examples, p.lr)?;
         }
         let t_eval = Instant::now();
         let m = sess.evaluate(&eval_enc, |_| {})?;
@@ -654,12 +581,11 @@ pub fn train(dev: &Device, cfg: &TrainConfig, on: &mut dyn FnMut(Event)) -> Resu
             *p = p.saturating_sub(1);
         }
         history.push(serde_json::json!({"epoch": epoch, "eval_accuracy": m.accuracy, "eval_macro_f1": m.macro_f1, "eval_loss": m.loss}));
-        writeln!(jsonl, "{}", serde_json::json!({"epoch": epoch, "step": global_step, "eval_accuracy": m.accuracy, "eval_macro_f1": m.macro_f1, "eval_loss": m.loss}))
-            .map_err(|e| Error::Msg(format!("metrics.jsonl: {e}")))?;
+        log.line(&serde_json::json!({"epoch": epoch, "step": global_step, "eval_accuracy": m.accuracy, "eval_macro_f1": m.macro_f1, "eval_loss": m.loss}))?;
         on(Event::Eval { epoch, metrics: m.clone(), best: improved });
         last_metrics = m;
         save_checkpoint(&mut sess, global_step, best_acc, best_epoch)?;
-        paused += t_eval.elapsed();
+        log.paused += t_eval.elapsed();
         if hit_max {
             break 'epochs;
         }
@@ -669,7 +595,7 @@ pub fn train(dev: &Device, cfg: &TrainConfig, on: &mut dyn FnMut(Event)) -> Resu
             break;
         }
     }
-    let secs = (t_start.elapsed() - paused).as_secs_f64();
+    let secs = log.train_seconds();
     let _ = stopped_early;
     // The best adapter's metrics are the run's result.
     let best = history.iter().find(|h| h["epoch"].as_u64() == Some(best_epoch as u64)).cloned();
@@ -694,7 +620,7 @@ pub fn train(dev: &Device, cfg: &TrainConfig, on: &mut dyn FnMut(Event)) -> Resu
         eval_loss: loss,
         best_epoch,
         steps: global_step,
-        train_examples_per_s: examples_done as f64 / secs.max(1e-9),
+        train_examples_per_s: log.examples_done as f64 / secs.max(1e-9),
         train_seconds: secs,
         trainable_params: trainable,
         frozen_params: frozen,
@@ -705,7 +631,7 @@ pub fn train(dev: &Device, cfg: &TrainConfig, on: &mut dyn FnMut(Event)) -> Resu
     let mut v = serde_json::to_value(&summary).unwrap_or_default();
     v["history"] = serde_json::json!(history);
     write_json(&cfg.out.join("metrics.json"), &v)?;
-    crate::plot::write_plot(&cfg.out.join("metrics.jsonl"), &cfg.out.join("training.png")).ok();
+    crate::plot::write_plot(log.path(), &cfg.out.join("training.png")).ok();
     Ok(summary)
 }
 
@@ -724,32 +650,79 @@ fn collect(sess: &mut Session, dev: &Device, p: InFlight) -> Result<Option<(InFl
     Ok(se.exec.last_loss(dev)?.map(|l| (p, l)))
 }
 
-#[allow(clippy::too_many_arguments)]
-fn report_loss(
-    loss: f32,
-    step: usize,
-    epoch: usize,
-    last_good: &mut Option<usize>,
-    examples_done: usize,
-    t_start: &Instant,
-    out: &Path,
-    on: &mut dyn FnMut(Event),
-    jsonl: &mut std::fs::File,
-    log: &mut dyn FnMut(&mut std::fs::File, usize, usize, f32, f64, f32) -> Result<()>,
-    lr: f32,
-) -> Result<()> {
-    if !loss.is_finite() {
-        return Err(Error::Msg(format!(
-            "loss became {loss} at step {step} (last finite loss at step {}); stopped. {} Try a lower --lr.",
-            last_good.map_or("none".into(), |s| s.to_string()),
-            checkpoint_note(out)
-        )));
+/// Per-step loss reporting shared by the trainers: `metrics.jsonl` (appended to on resume), the NaN stop that
+/// names the step and the last good checkpoint, examples/s over training time (evaluation and checkpoints
+/// excluded) and the [`Event::Step`] callback.
+pub(crate) struct StepLog {
+    jsonl: std::fs::File,
+    path: PathBuf,
+    out: PathBuf,
+    t_start: Instant,
+    /// Time spent evaluating and checkpointing, excluded from the throughput.
+    pub paused: std::time::Duration,
+    pub examples_done: usize,
+    last_good: Option<usize>,
+}
+
+impl StepLog {
+    pub(crate) fn open(out: &Path, resume: bool) -> Result<StepLog> {
+        let path = out.join("metrics.jsonl");
+        let jsonl = std::fs::OpenOptions::new()
+            .create(true)
+            .append(resume)
+            .write(true)
+            .truncate(!resume)
+            .open(&path)
+            .map_err(|e| Error::Msg(format!("{}: {e}", path.display())))?;
+        Ok(StepLog {
+            jsonl,
+            path,
+            out: out.to_path_buf(),
+            t_start: Instant::now(),
+            paused: std::time::Duration::ZERO,
+            examples_done: 0,
+            last_good: None,
+        })
     }
-    *last_good = Some(step);
-    let eps = examples_done as f64 / t_start.elapsed().as_secs_f64().max(1e-9);
-    log(jsonl, step, epoch, loss, eps, lr)?;
-    on(Event::Step { step, epoch, loss, examples_per_s: eps, lr });
-    Ok(())
+
+    /// One line of metrics.jsonl (evaluations).
+    pub(crate) fn line(&mut self, v: &serde_json::Value) -> Result<()> {
+        writeln!(self.jsonl, "{v}").map_err(|e| Error::Msg(format!("{}: {e}", self.path.display())))
+    }
+
+    /// Seconds spent training (wall time less [`StepLog::paused`]).
+    pub(crate) fn train_seconds(&self) -> f64 {
+        (self.t_start.elapsed() - self.paused).as_secs_f64()
+    }
+
+    /// The loss of step `step` over `examples` rows: stop on a non-finite loss, else log and report it.
+    pub(crate) fn step(
+        &mut self,
+        on: &mut dyn FnMut(Event),
+        loss: f32,
+        step: usize,
+        epoch: usize,
+        examples: usize,
+        lr: f32,
+    ) -> Result<()> {
+        if !loss.is_finite() {
+            return Err(Error::Msg(format!(
+                "loss became {loss} at step {step} (last finite loss at step {}); stopped. {} Try a lower --lr.",
+                self.last_good.map_or("none".into(), |s| s.to_string()),
+                checkpoint_note(&self.out)
+            )));
+        }
+        self.last_good = Some(step);
+        self.examples_done += examples;
+        let eps = self.examples_done as f64 / self.train_seconds().max(1e-9);
+        self.line(&serde_json::json!({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "examples_per_s": eps}))?;
+        on(Event::Step { step, epoch, loss, examples_per_s: eps, lr });
+        Ok(())
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
 }
 
 /// The linear-probe baseline: mean-pooled features of the frozen model for the train and eval sets (one
