@@ -5,7 +5,7 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::{model, rime, tmp, train, write_labelled};
+use common::{checkpoint_diff, model, rime, tmp, train, write_labelled};
 
 /// A one-epoch LoRA fine-tune on `data` (also its eval set) with `rime train`; returns its best/ adapter.
 fn train_tiny(m: &std::path::Path, data: &std::path::Path, out: &std::path::Path, seed: &str) -> PathBuf {
@@ -150,12 +150,8 @@ fn interrupted_training_resumes_from_its_checkpoint() {
         .filter_map(|v| v["step"].as_u64())
         .collect();
     assert_eq!(steps, vec![0, 1, 2, 3], "every step logged once across the interruption");
-    let a = rime_io::peft::PeftAdapter::load(full.join("checkpoint/adapter")).unwrap();
-    let b = rime_io::peft::PeftAdapter::load(part.join("checkpoint/adapter")).unwrap();
-    for (x, y) in a.tensors.iter().zip(&b.tensors) {
-        let diff = x.data.iter().zip(&y.data).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
-        assert!(diff < 1e-5, "{}: resumed run differs from the uninterrupted one by {diff}", x.name);
-    }
+    let diff = checkpoint_diff(&full, &part);
+    assert!(diff < 1e-5, "resumed run differs from the uninterrupted one by {diff}");
     std::fs::remove_dir_all(&d).ok();
 }
 
@@ -386,22 +382,7 @@ fn causal_lm_evaluates_and_resumes_to_the_same_adapter() {
     assert!(state.contains("\"global_step\": 2"), "{state}");
     let err = run(&resumed, &["--resume"]);
     assert!(err.contains("resumed from") && err.contains("at step 2"), "{err}");
-    let ckpt = |dir: &std::path::Path| {
-        let a = rime_io::peft::PeftAdapter::load(&dir.join("checkpoint/adapter")).unwrap();
-        let mut t: Vec<(String, Vec<f32>)> = a.tensors.into_iter().map(|t| (t.name, t.data)).collect();
-        t.sort_by(|x, y| x.0.cmp(&y.0));
-        t
-    };
-    let (a, b) = (ckpt(&straight), ckpt(&resumed));
-    assert_eq!(a.len(), b.len());
-    let worst = a
-        .iter()
-        .zip(&b)
-        .flat_map(|((na, x), (nb, y))| {
-            assert_eq!(na, nb);
-            x.iter().zip(y).map(|(p, q)| (p - q).abs())
-        })
-        .fold(0f32, f32::max);
+    let worst = checkpoint_diff(&straight, &resumed);
     assert!(worst < 1e-5, "resumed run differs from the straight run by {worst}");
     std::fs::remove_dir_all(&d).ok();
 }
@@ -432,17 +413,14 @@ fn micro_batches_give_the_same_adapter_as_whole_batches() {
             .output()
             .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let a = rime_io::peft::PeftAdapter::load(&d.join(out).join("checkpoint/adapter")).unwrap();
-        let mut t: Vec<(String, Vec<f32>)> = a.tensors.into_iter().map(|t| (t.name, t.data)).collect();
-        t.sort_by(|x, y| x.0.cmp(&y.0));
         let losses: Vec<f64> = std::fs::read_to_string(d.join(out).join("metrics.jsonl"))
             .unwrap()
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["loss"].as_f64())
-            .collect();
-        (t, losses)
+            .collect::<Vec<f64>>();
+        losses
     };
-    let ((whole, lw), (micro, lm)) = (run("whole", &[]), run("micro", &["--micro-batch-size", "3"]));
+    let (lw, lm) = (run("whole", &[]), run("micro", &["--micro-batch-size", "3"]));
     // The step losses: the first is before any update (the row-weighted mean of the micro-batch losses).
     assert_eq!(lw.len(), 2, "{lw:?}");
     for (a, b) in lw.iter().zip(&lm) {
@@ -450,12 +428,7 @@ fn micro_batches_give_the_same_adapter_as_whole_batches() {
     }
     // Adam's first updates are about ±lr wherever a gradient is nonzero, so rounding in near-zero gradients
     // moves a parameter by a small fraction of lr (5e-3); a lost micro-batch would move them by about lr.
-    assert_eq!(whole.len(), micro.len());
-    let mut worst = 0f32;
-    for ((na, a), (nb, b)) in whole.iter().zip(&micro) {
-        assert_eq!(na, nb);
-        worst = a.iter().zip(b).map(|(p, q)| (p - q).abs()).fold(worst, f32::max);
-    }
+    let worst = checkpoint_diff(&d.join("whole"), &d.join("micro"));
     assert!(worst < 2e-4, "micro-batched adapter differs from whole batches by {worst}");
     let bad = train(&m, &data, &d.join("bad"), &["--micro-batch-size", "9"]);
     let err = String::from_utf8_lossy(&bad.stderr);
