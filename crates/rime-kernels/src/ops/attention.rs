@@ -354,6 +354,17 @@ macro_rules! w {
     }};
 }
 
+/// The loop over blocks of 8 keys that the forward and the dQ kernel share (a team's rows see keys up to the
+/// causal end of its last row): lane `lid` holds key `jl`, its row offset `kb` and whether the mask keeps it.
+/// The caller closes the loop.
+fn open_key_loop(s: &mut String, h4: usize, rb: usize) {
+    w!(s, "  let jend = select(p.s, causal_end(min(t0 + {}u, p.t - 1u)), p.causal != 0u);", 8 * rb - 1);
+    w!(s, "  for (var j0 = 0u; j0 < jend; j0 += 8u) {{");
+    w!(s, "    let jl = min(j0 + lid, p.s - 1u);");
+    w!(s, "    let kb = ((b * p.s + jl) * p.nkv + kh) * {h4}u;");
+    w!(s, "    let keep = select(0.0, 1.0, key_kept(b, jl));");
+}
+
 fn gen_forward(s: &mut String, h4: usize, rb: usize) {
     w!(s, "@compute @workgroup_size(8)");
     w!(s, "fn attention_forward_subgroup(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {{");
@@ -369,11 +380,7 @@ fn gen_forward(s: &mut String, h4: usize, rb: usize) {
         w!(s, "  let me{r} = select(p.s, causal_end(tc{r}), p.causal != 0u);");
         w!(s, "  var m{r} = NEG_BIG;\n  var l{r} = 0.0;");
     }
-    w!(s, "  let jend = select(p.s, causal_end(min(t0 + {}u, p.t - 1u)), p.causal != 0u);", 8 * rb - 1);
-    w!(s, "  for (var j0 = 0u; j0 < jend; j0 += 8u) {{");
-    w!(s, "    let jl = min(j0 + lid, p.s - 1u);");
-    w!(s, "    let kb = ((b * p.s + jl) * p.nkv + kh) * {h4}u;");
-    w!(s, "    let keep = select(0.0, 1.0, key_kept(b, jl));");
+    open_key_loop(s, h4, rb);
     for c in 0..h4 {
         w!(s, "    let k{c} = k[kb + {c}u];");
     }
@@ -458,11 +465,7 @@ fn gen_backward_query(s: &mut String, h4: usize, rb: usize) {
         w!(s, "  if (t0 + {}u + lid < p.t) {{ delta[row{r}] = d{r}; }}", 8 * r);
         w!(s, "  let me{r} = select(p.s, causal_end(tc{r}), p.causal != 0u);");
     }
-    w!(s, "  let jend = select(p.s, causal_end(min(t0 + {}u, p.t - 1u)), p.causal != 0u);", 8 * rb - 1);
-    w!(s, "  for (var j0 = 0u; j0 < jend; j0 += 8u) {{");
-    w!(s, "    let jl = min(j0 + lid, p.s - 1u);");
-    w!(s, "    let kb = ((b * p.s + jl) * p.nkv + kh) * {h4}u;");
-    w!(s, "    let keep = select(0.0, 1.0, key_kept(b, jl));");
+    open_key_loop(s, h4, rb);
     for c in 0..h4 {
         w!(s, "    let k{c} = k[kb + {c}u];\n    let v{c} = v[kb + {c}u];");
     }
