@@ -528,33 +528,27 @@ pub fn train(dev: &Device, cfg: &TrainConfig, on: &mut dyn FnMut(Event)) -> Resu
                 }
                 let lr = cfg.lr * optim.schedule.factor(global_step as u64);
                 log.step(on, loss as f32, global_step, epoch, n, lr)?;
-                global_step += 1;
-                if cfg.save_every > 0 && global_step % cfg.save_every == 0 {
-                    let t_save = Instant::now();
-                    save_checkpoint(&mut sess, global_step, best_acc, best_epoch)?;
-                    log.paused += t_save.elapsed();
+            } else {
+                let longest = chunk.iter().map(|&i| train_enc.ids[i].len()).max().unwrap_or(1);
+                let t = bucket(longest, cfg.max_length);
+                let se = sess.exec(t)?;
+                let (ids, types, mask, lab) = make_batch(&train_enc, chunk, cfg.batch_size, t);
+                classifier::feed(dev, se, &ids, &types, &mask, &lab)?;
+                se.exec.step = global_step as u64;
+                let out = se.exec.step(dev)?;
+                let lr = cfg.lr * optim.schedule.factor(global_step as u64);
+                // The previous step's loss is read now, while this step runs: from this executor's step output
+                // when the bucket is the same, else from the executor that ran it (whose work was submitted
+                // before this step's, so waiting for it does not stall the queue).
+                let done = match in_flight.take() {
+                    Some(p) if p.bucket == t => out.prev_loss.map(|l| (p, l)),
+                    Some(p) => collect(&mut sess, dev, p)?,
+                    None => None,
+                };
+                in_flight = Some(InFlight { bucket: t, step: global_step, epoch, examples: chunk.len(), lr });
+                if let Some((p, l)) = done {
+                    log.step(on, l, p.step, p.epoch, p.examples, p.lr)?;
                 }
-                continue;
-            }
-            let longest = chunk.iter().map(|&i| train_enc.ids[i].len()).max().unwrap_or(1);
-            let t = bucket(longest, cfg.max_length);
-            let se = sess.exec(t)?;
-            let (ids, types, mask, lab) = make_batch(&train_enc, chunk, cfg.batch_size, t);
-            classifier::feed(dev, se, &ids, &types, &mask, &lab)?;
-            se.exec.step = global_step as u64;
-            let out = se.exec.step(dev)?;
-            let lr = cfg.lr * optim.schedule.factor(global_step as u64);
-            // The previous step's loss is read now, while this step runs: from this executor's step output
-            // when the bucket is the same, else from the executor that ran it (whose work was submitted
-            // before this step's, so waiting for it does not stall the queue).
-            let done = match in_flight.take() {
-                Some(p) if p.bucket == t => out.prev_loss.map(|l| (p, l)),
-                Some(p) => collect(&mut sess, dev, p)?,
-                None => None,
-            };
-            in_flight = Some(InFlight { bucket: t, step: global_step, epoch, examples: chunk.len(), lr });
-            if let Some((p, l)) = done {
-                log.step(on, l, p.step, p.epoch, p.examples, p.lr)?;
             }
             global_step += 1;
             if cfg.save_every > 0 && global_step % cfg.save_every == 0 {
