@@ -5,6 +5,9 @@
 // where kb is an outer reduction over batches (the batch sum of a shared weight's gradient).
 // lhs and out are f32; rhs is f32, f16 or bf16, read through `load_rhs` / `load_rhs4` from the prelude, which
 // also supplies `fetch_rows` / `fetch_cols` (the lhs values a team shares: subgroupBroadcast or plain loads).
+// The nn and nt tiled kernels read rhs through `rhs4_nn(flat column offset, flat row offset, k)` and
+// `rhs4_nt(flat row offset, n, k)`: storage preludes use the flat offsets, the texture prelude (a frozen 2-D
+// weight with a texture twin, binding 8) the row and column, so one kernel body serves both.
 //
 // Two kernels: `mm_general` (any strides, 8x8 register tile per invocation, scalar loads) and the tiled
 // kernels for 4-aligned layouts (vec4 loads; a team of 8 lanes shares the lhs values, through
@@ -183,13 +186,13 @@ fn tiled_nn(wid: vec3<u32>, lane: u32) {
     var c31_0 = vec4<f32>(0.0); var c31_1 = vec4<f32>(0.0);
     for (var k = 0u; k < p.k; k += 4u) {
         let rk0 = (k + 0u) * p.r_sk;
-        let b0_0 = load_rhs4(c0 + rk0); let b0_1 = load_rhs4(c1 + rk0);
+        let b0_0 = rhs4_nn(c0, rk0, k + 0u); let b0_1 = rhs4_nn(c1, rk0, k + 0u);
         let rk1 = (k + 1u) * p.r_sk;
-        let b1_0 = load_rhs4(c0 + rk1); let b1_1 = load_rhs4(c1 + rk1);
+        let b1_0 = rhs4_nn(c0, rk1, k + 1u); let b1_1 = rhs4_nn(c1, rk1, k + 1u);
         let rk2 = (k + 2u) * p.r_sk;
-        let b2_0 = load_rhs4(c0 + rk2); let b2_1 = load_rhs4(c1 + rk2);
+        let b2_0 = rhs4_nn(c0, rk2, k + 2u); let b2_1 = rhs4_nn(c1, rk2, k + 2u);
         let rk3 = (k + 3u) * p.r_sk;
-        let b3_0 = load_rhs4(c0 + rk3); let b3_1 = load_rhs4(c1 + rk3);
+        let b3_0 = rhs4_nn(c0, rk3, k + 3u); let b3_1 = rhs4_nn(c1, rk3, k + 3u);
         let rows0 = fetch_rows(lbase, m0 + 0u, lane, k);
         { let a = rows0[0];
           c0_0 = fma(vec4<f32>(a.w), b3_0, fma(vec4<f32>(a.z), b2_0, fma(vec4<f32>(a.y), b1_0, fma(vec4<f32>(a.x), b0_0, c0_0))));
@@ -332,14 +335,22 @@ fn tiled_nt(wid: vec3<u32>, lane: u32) {
     let b = wid.z;
     let lbase = b * p.l_sb;
     let rbase = b * p.r_sb;
-    let ro0 = rbase + min(n0 + 0u, p.n - 1u) * p.r_sn;
-    let ro1 = rbase + min(n0 + 1u, p.n - 1u) * p.r_sn;
-    let ro2 = rbase + min(n0 + 2u, p.n - 1u) * p.r_sn;
-    let ro3 = rbase + min(n0 + 3u, p.n - 1u) * p.r_sn;
-    let ro4 = rbase + min(n0 + 4u, p.n - 1u) * p.r_sn;
-    let ro5 = rbase + min(n0 + 5u, p.n - 1u) * p.r_sn;
-    let ro6 = rbase + min(n0 + 6u, p.n - 1u) * p.r_sn;
-    let ro7 = rbase + min(n0 + 7u, p.n - 1u) * p.r_sn;
+    let cn0 = min(n0 + 0u, p.n - 1u);
+    let ro0 = rbase + cn0 * p.r_sn;
+    let cn1 = min(n0 + 1u, p.n - 1u);
+    let ro1 = rbase + cn1 * p.r_sn;
+    let cn2 = min(n0 + 2u, p.n - 1u);
+    let ro2 = rbase + cn2 * p.r_sn;
+    let cn3 = min(n0 + 3u, p.n - 1u);
+    let ro3 = rbase + cn3 * p.r_sn;
+    let cn4 = min(n0 + 4u, p.n - 1u);
+    let ro4 = rbase + cn4 * p.r_sn;
+    let cn5 = min(n0 + 5u, p.n - 1u);
+    let ro5 = rbase + cn5 * p.r_sn;
+    let cn6 = min(n0 + 6u, p.n - 1u);
+    let ro6 = rbase + cn6 * p.r_sn;
+    let cn7 = min(n0 + 7u, p.n - 1u);
+    let ro7 = rbase + cn7 * p.r_sn;
     var c0_0 = vec4<f32>(0.0); var c0_1 = vec4<f32>(0.0);
     var c1_0 = vec4<f32>(0.0); var c1_1 = vec4<f32>(0.0);
     var c2_0 = vec4<f32>(0.0); var c2_1 = vec4<f32>(0.0);
@@ -373,14 +384,14 @@ fn tiled_nt(wid: vec3<u32>, lane: u32) {
     var c30_0 = vec4<f32>(0.0); var c30_1 = vec4<f32>(0.0);
     var c31_0 = vec4<f32>(0.0); var c31_1 = vec4<f32>(0.0);
     for (var k = 0u; k < p.k; k += 4u) {
-        let b0 = load_rhs4(ro0 + k);
-        let b1 = load_rhs4(ro1 + k);
-        let b2 = load_rhs4(ro2 + k);
-        let b3 = load_rhs4(ro3 + k);
-        let b4 = load_rhs4(ro4 + k);
-        let b5 = load_rhs4(ro5 + k);
-        let b6 = load_rhs4(ro6 + k);
-        let b7 = load_rhs4(ro7 + k);
+        let b0 = rhs4_nt(ro0, cn0, k);
+        let b1 = rhs4_nt(ro1, cn1, k);
+        let b2 = rhs4_nt(ro2, cn2, k);
+        let b3 = rhs4_nt(ro3, cn3, k);
+        let b4 = rhs4_nt(ro4, cn4, k);
+        let b5 = rhs4_nt(ro5, cn5, k);
+        let b6 = rhs4_nt(ro6, cn6, k);
+        let b7 = rhs4_nt(ro7, cn7, k);
         let rows0 = fetch_rows(lbase, m0 + 0u, lane, k);
         { let a = rows0[0];
           c0_0 += vec4<f32>(dot(a, b0), dot(a, b1), dot(a, b2), dot(a, b3));

@@ -101,15 +101,20 @@ struct MatmulCase {
     n: usize,
     /// x·Wᵀ with W [N, K] (a linear layer, the layout models run) or a plain A·B.
     linear: bool,
+    /// Read the right operand from its buffer even where the engine would give the frozen weight a texture
+    /// twin (the `_storage` rows, the same product through the storage-load kernel, for comparison).
+    storage: bool,
 }
 
 fn matmul_cases(o: &Options) -> Vec<MatmulCase> {
-    let c = |name, m, k, n, linear| MatmulCase { name, m, k, n, linear };
+    let c = |name, m, k, n, linear| MatmulCase { name, m, k, n, linear, storage: false };
+    let st = |name, m, k, n, linear| MatmulCase { name, m, k, n, linear, storage: true };
     if o.tiny {
         return vec![c("matmul_tiny_linear", 64, 32, 48, true), c("matmul_tiny_square", 64, 64, 64, false)];
     }
     let mut v = vec![
         c("matmul_minilm_attn_proj", 4096, 384, 384, true),
+        st("matmul_minilm_attn_proj_storage", 4096, 384, 384, true),
         c("matmul_minilm_ffn_up", 4096, 384, 1536, true),
         c("matmul_minilm_ffn_down", 4096, 1536, 384, true),
         c("matmul_smollm2_attn_proj", 4096, 576, 576, true),
@@ -124,8 +129,10 @@ fn matmul_cases(o: &Options) -> Vec<MatmulCase> {
     }
     v.push(c("matmul_square_512", 512, 512, 512, false));
     v.push(c("matmul_square_1024", 1024, 1024, 1024, false));
+    v.push(st("matmul_square_1024_storage", 1024, 1024, 1024, false));
     if !o.quick {
         v.push(c("matmul_square_2048", 2048, 2048, 2048, false));
+        v.push(st("matmul_square_2048_storage", 2048, 2048, 2048, false));
     }
     v
 }
@@ -138,10 +145,14 @@ pub(crate) fn matmul(ctx: &Ctx) -> Result<Vec<CaseResult>> {
         let (a_t, a) = upload(dev, &[m, k], 1)?;
         let w_shape = if c.linear { [n, k] } else { [k, n] };
         let (w_t, w) = upload(dev, &w_shape, 2)?;
+        // The right operand is a frozen weight: on CPU adapters the engine gives it a texture twin.
+        let w_read = if c.storage { w_t.clone() } else { dev.with_texture_twin(&w_t)? };
         let o_t = dev.empty(&[m, n], DType::F32)?;
-        let ds = matmul::matmul_forward(dev, &o_t, &a_t, &w_t, None, false, c.linear)?;
+        let ds = matmul::matmul_forward(dev, &o_t, &a_t, &w_read, None, false, c.linear)?;
         let gpu = ctx.gpu(&ds)?;
         drop(ds);
+        let rhs_source = if w_read.texture.is_some() { "texture twin" } else { "storage buffer" };
+        drop(w_read);
         for t in [a_t, w_t, o_t] {
             dev.recycle(t);
         }
@@ -152,7 +163,9 @@ pub(crate) fn matmul(ctx: &Ctx) -> Result<Vec<CaseResult>> {
         let layout = if c.linear { "x·Wᵀ" } else { "A·B" };
         let shape = format!("{m}x{k}x{n} (MxKxN, {layout})");
         let flops = 2.0 * (m * n * k) as f64;
-        out.push(ctx.result(c.name, shape, Unit::Gflops, flops, gpu, gemm_label(), cpu));
+        let mut r = ctx.result(c.name, shape, Unit::Gflops, flops, gpu, gemm_label(), cpu);
+        r.extra.insert("rhs".into(), rhs_source.into());
+        out.push(r);
     }
     Ok(out)
 }

@@ -1058,7 +1058,9 @@ pub fn dropout_seed(seed: u32, step: u64, micro: u64) -> u32 {
 
 fn tensor_of(slots: &[Slot], r: &TRef) -> Tensor {
     let t = slots[r.slot].tensor.as_ref().expect("every slot has a buffer after planning");
-    Tensor { buffer: t.buffer.clone(), shape: r.shape.clone(), dtype: r.dtype }
+    // A view keeps a frozen weight's texture twin while its rows keep their length (same layout).
+    let texture = t.texture.clone().filter(|_| r.dtype == t.dtype && r.shape.last() == t.shape.last());
+    Tensor { buffer: t.buffer.clone(), shape: r.shape.clone(), dtype: r.dtype, texture }
 }
 
 impl Executor {

@@ -47,6 +47,20 @@ impl ParamStore {
         self.add(name, t, trainable)
     }
 
+    /// Give every frozen linear weight (a 2-D `*.weight` that is not an embedding table) a texture twin where
+    /// the device has use for one ([`Device::with_texture_twin`]: f32, CPU adapters); returns how many got one.
+    pub fn add_texture_twins(&mut self, dev: &Device) -> Result<usize> {
+        let mut n = 0;
+        for p in self.params.iter_mut() {
+            let linear = p.tensor.rank() == 2 && p.name.ends_with(".weight") && !p.name.contains("embed");
+            if !p.trainable && linear && p.tensor.texture.is_none() {
+                p.tensor = dev.with_texture_twin(&p.tensor)?;
+                n += p.tensor.texture.is_some() as usize;
+            }
+        }
+        Ok(n)
+    }
+
     pub fn find(&self, name: &str) -> Option<ParamId> {
         self.params.iter().position(|p| p.name == name).map(ParamId)
     }

@@ -8,7 +8,7 @@ use wgpu::util::DeviceExt;
 
 use crate::error::{Error, Result};
 use crate::pipeline::{Dispatch, PipelineKey, Spec};
-use crate::tensor::{DType, Tensor};
+use crate::tensor::{DType, Tensor, TextureTwin};
 
 /// How to pick an adapter.
 #[derive(Debug, Clone, Default)]
@@ -229,6 +229,73 @@ impl Device {
         }
     }
 
+    /// The tensor with a texture twin ([`TextureTwin`]) when it can have one and the adapter is a CPU one (the
+    /// only kind where the texture path measured faster): an f32 matrix [.., cols] whose rows are 256-byte
+    /// multiples (cols % 64 == 0, the copy's row alignment) and within the adapter's 2-D texture size. Any other
+    /// tensor comes back unchanged. The copy is queued now; the buffer must not be written afterwards while the
+    /// twin is in use (frozen weights only).
+    pub fn with_texture_twin(&self, t: &Tensor) -> Result<Tensor> {
+        let (rows, cols) = (t.rows(), t.last_dim());
+        let max = self.limits.max_texture_dimension_2d as usize;
+        if !self.is_cpu()
+            || !texture_twins_enabled()
+            || t.dtype != DType::F32
+            || t.rank() < 2
+            || t.texture.is_some()
+            || rows == 0
+            || cols == 0
+            || cols % 64 != 0
+            || cols / 4 > max
+            || rows > max
+        {
+            return Ok(t.clone());
+        }
+        let size = wgpu::Extent3d { width: (cols / 4) as u32, height: rows as u32, depth_or_array_layers: 1 };
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let texture = self.device.create_texture(&wgpu::TextureDescriptor {
+            label: Some("rime texture twin"),
+            size,
+            mip_level_count: 1,
+            sample_count: 1,
+            dimension: wgpu::TextureDimension::D2,
+            format: wgpu::TextureFormat::Rgba32Float,
+            usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
+            view_formats: &[],
+        });
+        let view = texture.create_view(&Default::default());
+        let twin = TextureTwin { texture, view, rows, cols };
+        self.refresh_twin(&t.buffer, &twin);
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            return Err(Error::Gpu { what: format!("texture twin of a {:?} tensor", t.shape), msg: e.to_string() });
+        }
+        let mut out = t.clone();
+        out.texture = Some(Arc::new(twin));
+        Ok(out)
+    }
+
+    /// Queue the copy of a buffer into its texture twin.
+    fn refresh_twin(&self, buffer: &wgpu::Buffer, tw: &TextureTwin) {
+        let mut enc = self.device.create_command_encoder(&Default::default());
+        enc.copy_buffer_to_texture(
+            wgpu::TexelCopyBufferInfo {
+                buffer,
+                layout: wgpu::TexelCopyBufferLayout {
+                    offset: 0,
+                    bytes_per_row: Some((tw.cols * 4) as u32),
+                    rows_per_image: Some(tw.rows as u32),
+                },
+            },
+            wgpu::TexelCopyTextureInfo {
+                texture: &tw.texture,
+                mip_level: 0,
+                origin: wgpu::Origin3d::ZERO,
+                aspect: wgpu::TextureAspect::All,
+            },
+            tw.texture.size(),
+        );
+        self.queue.submit([enc.finish()]);
+    }
+
     /// Upload raw little-endian bytes as a tensor of `dtype` (f16/bf16 are stored packed, two per word).
     pub fn upload_bytes(&self, name: &str, bytes: &[u8], shape: &[usize], dtype: DType) -> Result<Tensor> {
         let n: usize = shape.iter().product();
@@ -280,6 +347,10 @@ impl Device {
             });
         }
         self.queue.write_buffer(&t.buffer, 0, bytemuck::cast_slice(data));
+        // A frozen weight rewritten in place (PiSSA's and SVFit's residuals) keeps its twin in step.
+        if let Some(tw) = &t.texture {
+            self.refresh_twin(&t.buffer, tw);
+        }
         Ok(())
     }
 
@@ -414,6 +485,21 @@ impl Device {
         bindings: &[(u32, &Tensor)],
         workgroups: [u32; 3],
     ) -> Result<Dispatch> {
+        self.dispatch_with_textures(file, entry, spec, params, bindings, &[], workgroups)
+    }
+
+    /// [`Device::dispatch`] that also binds texture twins: `textures` are (binding index, twin).
+    #[allow(clippy::too_many_arguments)]
+    pub fn dispatch_with_textures(
+        &self,
+        file: &str,
+        entry: &str,
+        spec: &Spec,
+        params: Option<&[u8]>,
+        bindings: &[(u32, &Tensor)],
+        textures: &[(u32, &TextureTwin)],
+        workgroups: [u32; 3],
+    ) -> Result<Dispatch> {
         let pipeline = self.pipeline(file, entry, spec)?;
         let uniform = params.map(|p| {
             let mut v = p.to_vec();
@@ -430,6 +516,9 @@ impl Device {
         }
         for (i, t) in bindings {
             entries.push(wgpu::BindGroupEntry { binding: *i, resource: t.buffer.as_entire_binding() });
+        }
+        for (i, t) in textures {
+            entries.push(wgpu::BindGroupEntry { binding: *i, resource: wgpu::BindingResource::TextureView(&t.view) });
         }
         let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
@@ -474,6 +563,11 @@ impl Device {
         self.queue.submit([enc.finish()]);
         Ok(())
     }
+}
+
+/// `RIME_TEXTURE_TWINS=0` turns texture twins off (every product reads its rhs buffer): for A/B timing.
+fn texture_twins_enabled() -> bool {
+    std::env::var("RIME_TEXTURE_TWINS").map_or(true, |v| v != "0")
 }
 
 /// Split a 1-D count of workgroups into a 2-D grid within the per-dimension limit (65535 everywhere).

@@ -17,5 +17,5 @@ mod tensor;
 pub use device::{AdapterReport, Device, DeviceOptions};
 pub use error::{Error, Result};
 pub use pipeline::{Dispatch, Spec};
-pub use tensor::{DType, Tensor};
+pub use tensor::{DType, Tensor, TextureTwin};
 pub use wgpu;

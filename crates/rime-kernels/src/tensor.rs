@@ -32,11 +32,31 @@ pub struct Tensor {
     pub buffer: Arc<wgpu::Buffer>,
     pub shape: Vec<usize>,
     pub dtype: DType,
+    /// A read-only texture copy of a frozen f32 weight (see [`crate::Device::with_texture_twin`]), which the
+    /// matmul reads instead of the buffer where that is faster. [`crate::Device::write_f32`] refreshes it; a
+    /// kernel must not write a tensor that has one.
+    pub texture: Option<Arc<TextureTwin>>,
+}
+
+/// An rgba32float texture holding a frozen f32 matrix [rows, cols]: texel (x, y) is elements 4x..4x+4 of row y.
+/// On lavapipe a texel fetch gathers the eight lanes' 16-byte texels in straight-line code, where a storage
+/// load runs a per-lane loop with a branch per lane, so products whose rhs is a frozen weight read it faster
+/// (the tiled kernels' `TiledTexture` variant).
+#[derive(Debug)]
+pub struct TextureTwin {
+    pub(crate) texture: wgpu::Texture,
+    pub(crate) view: wgpu::TextureView,
+    pub rows: usize,
+    pub cols: usize,
 }
 
 impl Tensor {
     pub(crate) fn new(buffer: Arc<wgpu::Buffer>, shape: Vec<usize>, dtype: DType) -> Self {
-        Tensor { buffer, shape, dtype }
+        Tensor { buffer, shape, dtype, texture: None }
+    }
+    /// The same tensor viewed through another buffer handle's shape and dtype, with no texture twin.
+    pub fn from_buffer(buffer: Arc<wgpu::Buffer>, shape: Vec<usize>, dtype: DType) -> Self {
+        Tensor::new(buffer, shape, dtype)
     }
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
@@ -61,7 +81,9 @@ impl Tensor {
                 msg: format!("{:?} has {} elements, {:?} has {}", self.shape, self.numel(), shape, n),
             });
         }
-        Ok(Tensor { buffer: self.buffer.clone(), shape: shape.to_vec(), dtype: self.dtype })
+        // The twin stays valid while rows keep their length (same [rows, cols] layout).
+        let texture = self.texture.clone().filter(|_| shape.last() == self.shape.last());
+        Ok(Tensor { buffer: self.buffer.clone(), shape: shape.to_vec(), dtype: self.dtype, texture })
     }
     pub fn bytes(&self) -> u64 {
         self.buffer.size()

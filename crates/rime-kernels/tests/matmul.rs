@@ -143,6 +143,107 @@ fn matmul_backward_input_matches_reference() {
     }
 }
 
+/// Products whose rhs is a frozen weight with a texture twin: forward x·Wᵀ (nt) and x·W (nn), the input
+/// gradient dy·W (nn), batched lhs against the shared weight, ragged M and N, and the layouts the twin cannot
+/// serve (trans_a), which must fall back to the buffer. The weight buffer is zeroed after the twin is made, so
+/// a product that matches the reference read the twin (on CPU adapters, the only ones that get twins).
+#[test]
+fn matmul_texture_twin_matches_reference() {
+    let d = dev();
+    // (batch dims of x, M, K, N, trans_b): W is [N, K] when trans_b, else [K, N]; its rows are 64-multiples.
+    let cases: &[(&[usize], usize, usize, usize, bool)] = &[
+        (&[], 37, 128, 72, true),
+        (&[2], 9, 64, 200, true),
+        (&[], 33, 72, 192, false),
+        (&[3], 5, 24, 64, false),
+        (&[], 64, 128, 128, true),
+    ];
+    for (i, &(batch, m, k, n, tb)) in cases.iter().enumerate() {
+        let seed = 700 + i as u64 * 10;
+        let dm = MatmulDims { batch: batch.iter().product(), m, k, n, b_batched: false, trans_a: false, trans_b: tb };
+        let w = randn(seed, k * n, 1.0);
+        let plain = d.upload_f32(&w, &b_shape(batch, &dm)).unwrap();
+        let tw = d.with_texture_twin(&plain).unwrap();
+        assert_eq!(tw.texture.is_some(), d.is_cpu(), "twin of {:?}", plain.shape);
+        d.write_f32(&plain, &vec![0.0; k * n]).unwrap();
+        let want_w = if d.is_cpu() { w.clone() } else { vec![0.0; k * n] };
+        let x = randn(seed + 1, dm.batch * m * k, 1.0);
+        let tx = d.upload_f32(&x, &a_shape(batch, &dm)).unwrap();
+        for v in [Variant::Auto, Variant::TiledTexture] {
+            let out = d.empty(&shape(batch, [m, n]), DType::F32).unwrap();
+            d.run(&matmul_forward_variant(d, v, &out, &tx, &tw, None, false, tb).unwrap()).unwrap();
+            let (at, rt) = tol(k);
+            let want = r::matmul_forward(&x, &want_w, None, &dm);
+            assert_close(
+                &format!("twin forward {v:?} {batch:?} {dm:?}"),
+                &d.download_f32(&out).unwrap(),
+                &want,
+                at,
+                rt,
+            );
+            // Input gradient through the same weight.
+            let dy = randn(seed + 2, dm.batch * m * n, 1.0);
+            let tdy = d.upload_f32(&dy, &shape(batch, [m, n])).unwrap();
+            let dx = d.empty(&a_shape(batch, &dm), DType::F32).unwrap();
+            d.run(&matmul_backward_input_variant(d, v, &dx, &tdy, &tw, false, tb).unwrap()).unwrap();
+            let (at, rt) = tol(n);
+            let want = r::matmul_backward_input(&dy, &want_w, &dm);
+            assert_close(
+                &format!("twin backward_input {v:?} {batch:?} {dm:?}"),
+                &d.download_f32(&dx).unwrap(),
+                &want,
+                at,
+                rt,
+            );
+        }
+        // trans_a has no texture kernel: the buffer (now zeros) is read, so the product is zero.
+        let dm_t = MatmulDims { trans_a: true, ..dm };
+        let txt = d.upload_f32(&x, &a_shape(batch, &dm_t)).unwrap();
+        let out = d.empty(&shape(batch, [m, n]), DType::F32).unwrap();
+        d.run(&matmul_forward_variant(d, Variant::TiledTexture, &out, &txt, &tw, None, true, tb).unwrap()).unwrap();
+        assert!(d.download_f32(&out).unwrap().iter().all(|&v| v == 0.0), "trans_a with a twin reads the buffer");
+    }
+}
+
+/// Rewriting a weight through `write_f32` (PiSSA and SVFit residuals) updates its twin.
+#[test]
+fn texture_twin_follows_write_f32() {
+    let d = dev();
+    let (m, k, n) = (8, 64, 64);
+    let w1 = randn(40, n * k, 1.0);
+    let w2 = randn(41, n * k, 1.0);
+    let tw = d.with_texture_twin(&d.upload_f32(&w1, &[n, k]).unwrap()).unwrap();
+    d.write_f32(&tw, &w2).unwrap();
+    let x = randn(42, m * k, 1.0);
+    let tx = d.upload_f32(&x, &[m, k]).unwrap();
+    let out = d.empty(&[m, n], DType::F32).unwrap();
+    d.run(&matmul_forward_variant(d, Variant::TiledTexture, &out, &tx, &tw, None, false, true).unwrap()).unwrap();
+    let dm = MatmulDims { batch: 1, m, k, n, b_batched: false, trans_a: false, trans_b: true };
+    let (at, rt) = tol(k);
+    assert_close(
+        "twin after write_f32",
+        &d.download_f32(&out).unwrap(),
+        &r::matmul_forward(&x, &w2, None, &dm),
+        at,
+        rt,
+    );
+}
+
+/// A reshape that keeps the row length keeps the twin; any other drops it, and ineligible tensors get none.
+#[test]
+fn texture_twin_follows_reshape_and_eligibility() {
+    let d = dev();
+    let t = d.with_texture_twin(&d.upload_f32(&randn(1, 4 * 128, 1.0), &[4, 128]).unwrap()).unwrap();
+    assert_eq!(t.texture.is_some(), d.is_cpu());
+    assert_eq!(t.reshape(&[2, 2, 128]).unwrap().texture.is_some(), d.is_cpu());
+    assert!(t.reshape(&[8, 64]).unwrap().texture.is_none());
+    // Rows that are not 64-multiples, non-f32 and 1-D tensors stay plain.
+    assert!(d.with_texture_twin(&d.upload_f32(&randn(2, 4 * 36, 1.0), &[4, 36]).unwrap()).unwrap().texture.is_none());
+    assert!(d.with_texture_twin(&d.upload_f32(&randn(3, 128, 1.0), &[128]).unwrap()).unwrap().texture.is_none());
+    let h: Vec<f16> = randn(4, 4 * 128, 1.0).iter().map(|&v| f16::from_f32(v)).collect();
+    assert!(d.with_texture_twin(&d.upload_f16(&h, &[4, 128]).unwrap()).unwrap().texture.is_none());
+}
+
 #[test]
 fn matmul_backward_weight_matches_reference() {
     let d = dev();

@@ -227,6 +227,7 @@ pub fn train_causal(dev: &Device, cfg: &CausalConfig, on: &mut dyn FnMut(Event))
         }
     };
     let mut model = llama::load_gguf(dev, &cfg.model, None, DType::F32).map_err(|e| Error::Msg(e.to_string()))?;
+    model.store.add_texture_twins(dev)?;
     let pad = model.eos_tokens.first().copied().unwrap_or(0);
     let (data, cut) = encode_all(&model, &train_ds, cfg.max_length)?;
     let (eval_data, cut_e) = match &eval_ds {

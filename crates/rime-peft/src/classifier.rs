@@ -180,6 +180,7 @@ pub fn load_frozen_as(dev: &Device, store: &mut ParamStore, ckpt: &Checkpoint, w
             }
         }
     }
+    store.add_texture_twins(dev)?;
     let prefix = if ckpt.contains("bert.embeddings.word_embeddings.weight") { "bert." } else { "" };
     if !ckpt.contains(&format!("{prefix}embeddings.word_embeddings.weight")) {
         return Err(Error::Msg(format!(

@@ -9,7 +9,7 @@
 
 use super::words;
 use crate::error::{shape_err, Error, Result};
-use crate::{DType, Device, Dispatch, Spec, Tensor};
+use crate::{DType, Device, Dispatch, Spec, Tensor, TextureTwin};
 
 const FILE: &str = "matmul.wgsl";
 /// General kernel: workgroup of WGX x WGY invocations, each an 8x8 tile (GTM x GTN in the shader).
@@ -36,7 +36,19 @@ pub enum Variant {
     Gemv,
     /// [`Variant::Gemv`] sharing x through subgroupBroadcast (falls back to Gemv unless subgroups are 8 lanes).
     GemvSubgroup,
+    /// The tiled nn / nt kernels reading a frozen f32 rhs through its texture twin
+    /// ([`crate::Device::with_texture_twin`]); falls back to TiledSubgroup when the rhs has none or the layout
+    /// does not match it.
+    TiledTexture,
 }
+
+/// Where the tiled nn / nt kernels read rhs from: `rhs4_nn(column offset, row offset, k)` and
+/// `rhs4_nt(row offset, n, k)` (see matmul.wgsl).
+const RHS4_STORAGE: &str = "fn rhs4_nn(c: u32, rk: u32, k: u32) -> vec4<f32> { return load_rhs4(c + rk); }\n\
+     fn rhs4_nt(ro: u32, n: u32, k: u32) -> vec4<f32> { return load_rhs4(ro + k); }";
+const RHS4_TEXTURE: &str = "@group(0) @binding(8) var rhs_tex: texture_2d<f32>;\n\
+     fn rhs4_nn(c: u32, rk: u32, k: u32) -> vec4<f32> { return textureLoad(rhs_tex, vec2<u32>(c >> 2u, k), 0); }\n\
+     fn rhs4_nt(ro: u32, n: u32, k: u32) -> vec4<f32> { return textureLoad(rhs_tex, vec2<u32>(k >> 2u, n), 0); }";
 
 fn rhs_prelude(dt: DType) -> &'static str {
     match dt {
@@ -93,9 +105,11 @@ fn team_prelude(subgroup: bool) -> &'static str {
     }
 }
 
-fn spec(rhs: DType, subgroup: bool) -> Spec {
+/// The module for an rhs dtype, team flavour and rhs source (texture twin or storage).
+fn spec(rhs: DType, subgroup: bool, texture: bool) -> Spec {
     Spec::new()
         .prelude(rhs_prelude(rhs))
+        .prelude(if texture { RHS4_TEXTURE } else { RHS4_STORAGE })
         .prelude(team_prelude(subgroup))
         .constant("WGX", WGX as f64)
         .constant("WGY", WGY as f64)
@@ -105,8 +119,11 @@ pub fn specs() -> Vec<(&'static str, Spec)> {
     let mut v = Vec::new();
     for dt in [DType::F32, DType::F16, DType::BF16] {
         for sg in [false, true] {
-            v.push((FILE, spec(dt, sg)));
+            v.push((FILE, spec(dt, sg, false)));
         }
+    }
+    for sg in [false, true] {
+        v.push((FILE, spec(DType::F32, sg, true)));
     }
     v
 }
@@ -177,6 +194,23 @@ impl Gemm<'_> {
             None
         }
     }
+
+    /// The rhs texture twin, when the tiled kernel of `layout` can read this product's rhs from it: a shared
+    /// (unbatched) f32 rhs whose strides are the twin's row-major [rows, cols] and whose extent fits in it.
+    fn texture_twin(&self, layout: Option<Tiled>) -> Option<&TextureTwin> {
+        let tw = self.rhs.texture.as_deref()?;
+        if self.rhs.dtype != DType::F32 || self.r[2] != 0 || self.kb != 1 {
+            return None;
+        }
+        let fits = match layout? {
+            // rhs[k, n] = twin[k][n]
+            Tiled::Nn => self.r[1] == 1 && self.r[0] == tw.cols && self.k <= tw.rows && self.n <= tw.cols,
+            // rhs[k, n] = twin[n][k]
+            Tiled::Nt => self.r[0] == 1 && self.r[1] == tw.cols && self.n <= tw.rows && self.k <= tw.cols,
+            Tiled::Tn => false,
+        };
+        fits.then_some(tw)
+    }
 }
 
 pub(crate) fn gemm(dev: &Device, g: &Gemm, variant: Variant) -> Result<Vec<Dispatch>> {
@@ -184,6 +218,7 @@ pub(crate) fn gemm(dev: &Device, g: &Gemm, variant: Variant) -> Result<Vec<Dispa
         return Ok(Vec::new());
     }
     let layout = g.tiled_layout();
+    let twin = g.texture_twin(layout);
     let variant = match variant {
         Variant::Auto if g.m <= GEMV_MAX_M && g.r[0] == 1 && super::gemv::supports(g) && subgroups_of_8(dev) => {
             Variant::GemvSubgroup
@@ -192,10 +227,13 @@ pub(crate) fn gemm(dev: &Device, g: &Gemm, variant: Variant) -> Result<Vec<Dispa
         Variant::Gemv | Variant::GemvSubgroup if !super::gemv::supports(g) => Variant::General,
         Variant::GemvSubgroup if !subgroups_of_8(dev) => Variant::Gemv,
         v @ (Variant::Gemv | Variant::GemvSubgroup) => v,
+        Variant::Auto if dev.is_cpu() && twin.is_some() => Variant::TiledTexture,
         Variant::Auto if dev.is_cpu() && layout.is_some() && subgroups_of_8(dev) => Variant::TiledSubgroup,
         Variant::Auto if dev.is_cpu() && layout.is_some() => Variant::Tiled,
         Variant::Auto => Variant::General,
         _ if layout.is_none() => Variant::General,
+        Variant::TiledTexture if twin.is_none() && subgroups_of_8(dev) => Variant::TiledSubgroup,
+        Variant::TiledTexture if twin.is_none() => Variant::Tiled,
         Variant::TiledSubgroup if !subgroups_of_8(dev) => Variant::Tiled,
         v => v,
     };
@@ -227,11 +265,12 @@ pub(crate) fn gemm(dev: &Device, g: &Gemm, variant: Variant) -> Result<Vec<Dispa
     if matches!(variant, Variant::Gemv | Variant::GemvSubgroup) {
         return Ok(vec![super::gemv::gemv(dev, g, &params, variant == Variant::GemvSubgroup)?]);
     }
-    let sg = variant == Variant::TiledSubgroup;
-    let sp = spec(g.rhs.dtype, sg);
+    let tex = if variant == Variant::TiledTexture { twin } else { None };
+    let sg = variant == Variant::TiledSubgroup || (tex.is_some() && subgroups_of_8(dev));
+    let sp = spec(g.rhs.dtype, sg, tex.is_some());
     let batch = u(g.batch)?;
     let d = match (variant, layout) {
-        (Variant::Tiled | Variant::TiledSubgroup, Some(layout)) => {
+        (Variant::Tiled | Variant::TiledSubgroup | Variant::TiledTexture, Some(layout)) => {
             let b = [(5, g.lhs), (6, g.rhs), (7, g.out), (4, g.bias.unwrap_or(g.lhs))];
             let entry = match layout {
                 Tiled::Nn => "matmul_tiled_nn",
@@ -239,7 +278,19 @@ pub(crate) fn gemm(dev: &Device, g: &Gemm, variant: Variant) -> Result<Vec<Dispa
                 Tiled::Tn => "matmul_tiled_tn",
             };
             let grid = [u(g.n.div_ceil(8 * FTN))?, u(g.m.div_ceil(FTM))?, batch];
-            dev.dispatch(FILE, entry, &sp, Some(&params), &b, grid)?
+            match tex {
+                // The twin replaces binding 6 (the entry point no longer reads the rhs buffer).
+                Some(tw) => dev.dispatch_with_textures(
+                    FILE,
+                    entry,
+                    &sp,
+                    Some(&params),
+                    &[(5, g.lhs), (7, g.out), (4, g.bias.unwrap_or(g.lhs))],
+                    &[(8, tw)],
+                    grid,
+                )?,
+                None => dev.dispatch(FILE, entry, &sp, Some(&params), &b, grid)?,
+            }
         }
         _ => {
             let b = [(1, g.lhs), (2, g.rhs), (3, g.out), (4, g.bias.unwrap_or(g.lhs))];
