@@ -241,7 +241,12 @@ impl<'g> Builder<'g> {
             Op::Param(id) => {
                 let p = self.store.get(id);
                 let kind = if p.trainable { Kind::TrainParam } else { Kind::FrozenParam };
-                self.slots.push(Slot { bytes: p.tensor.bytes(), kind, tensor: Some(p.tensor.clone()) });
+                // Only frozen parameters are read through texture twins: the optimizer writes trainable buffers.
+                let mut t = p.tensor.clone();
+                if p.trainable {
+                    t.texture = None;
+                }
+                self.slots.push(Slot { bytes: t.bytes(), kind, tensor: Some(t) });
                 TRef { slot: self.slots.len() - 1, shape: out_shape.clone(), dtype: p.tensor.dtype }
             }
             Op::Reshape { x } => {

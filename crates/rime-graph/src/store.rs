@@ -31,6 +31,10 @@ impl ParamStore {
         if self.find(name).is_some() {
             return Err(Error::Invalid(format!("parameter '{name}' added twice")));
         }
+        let mut tensor = tensor;
+        if trainable {
+            tensor.texture = None; // see set_trainable
+        }
         self.params.push(Param { name: name.to_string(), tensor, trainable, group: 0 });
         Ok(ParamId(self.params.len() - 1))
     }
@@ -82,8 +86,14 @@ impl ParamStore {
     pub fn is_empty(&self) -> bool {
         self.params.is_empty()
     }
+    /// Mark a parameter trainable or frozen. A trainable one loses its texture twin: the optimizer's kernels
+    /// write its buffer, which would leave the twin stale.
     pub fn set_trainable(&mut self, id: ParamId, trainable: bool) {
-        self.params[id.0].trainable = trainable;
+        let p = &mut self.params[id.0];
+        p.trainable = trainable;
+        if trainable {
+            p.tensor.texture = None;
+        }
     }
     pub fn set_group(&mut self, id: ParamId, group: usize) {
         self.params[id.0].group = group;
