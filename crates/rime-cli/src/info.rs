@@ -46,6 +46,7 @@ pub fn run(opts: &DeviceOptions, args: &InfoArgs) -> Result<(), BoxErr> {
         "chosen": {
             "name": info.name, "backend": format!("{:?}", info.backend), "type": format!("{:?}", info.device_type),
             "driver": info.driver, "driver_info": info.driver_info, "cpu_adapter": dev.is_cpu(),
+            "texture_twins": dev.uses_texture_twins(),
         },
         "limits": {
             "max_storage_buffer_binding_size": l.max_storage_buffer_binding_size,
@@ -74,6 +75,16 @@ pub fn run(opts: &DeviceOptions, args: &InfoArgs) -> Result<(), BoxErr> {
             info.backend,
             info.device_type,
             if dev.is_cpu() { " [CPU adapter: lavapipe-tuned kernels]" } else { "" }
+        );
+        println!(
+            "frozen weights: {}",
+            if dev.uses_texture_twins() {
+                "read through texture twins (CPU adapter; RIME_TEXTURE_TWINS=0 reads their buffers)"
+            } else if dev.is_cpu() {
+                "read from their buffers (RIME_TEXTURE_TWINS=0)"
+            } else {
+                "read from their buffers"
+            }
         );
         println!("limits:");
         for (k, val) in v["limits"].as_object().into_iter().flatten() {
@@ -119,5 +130,22 @@ fn self_check(dev: &Device) -> Result<String, String> {
     if worst > 1e-4 {
         return Err(format!("matmul_forward differs from the CPU reference by {worst}"));
     }
-    Ok(format!("matmul_forward {m}x{k}x{n} max |diff| {worst:.2e}"))
+    // The same product through a texture twin of the weight (rows padded to 64), where the device makes them.
+    let mut twin_note = String::new();
+    if dev.uses_texture_twins() {
+        let kp = 64;
+        let bp: Vec<f32> = (0..n * kp).map(|i| if i % kp < k { b[i / kp * k + i % kp] } else { 0.0 }).collect();
+        let ap: Vec<f32> = (0..m * kp).map(|i| if i % kp < k { a[i / kp * k + i % kp] } else { 0.0 }).collect();
+        let tw = dev.with_texture_twin(&dev.upload_f32(&bp, &[n, kp]).map_err(e)?).map_err(e)?;
+        let tap = dev.upload_f32(&ap, &[m, kp]).map_err(e)?;
+        dev.run(&rime_kernels::ops::matmul::matmul_forward(dev, &out, &tap, &tw, None, false, true).map_err(e)?)
+            .map_err(e)?;
+        let got = dev.download_f32(&out).map_err(e)?;
+        let w2 = got.iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0f32, f32::max);
+        if tw.texture.is_none() || w2 > 1e-4 {
+            return Err(format!("matmul_forward through a texture twin differs from the CPU reference by {w2}"));
+        }
+        twin_note = format!(", through a texture twin {w2:.2e}");
+    }
+    Ok(format!("matmul_forward {m}x{k}x{n} max |diff| {worst:.2e}{twin_note}"))
 }

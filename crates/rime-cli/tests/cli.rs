@@ -21,6 +21,13 @@ fn info_shows_an_adapter_and_passes_self_check() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(v["chosen"]["name"].as_str().is_some_and(|s| !s.is_empty()));
     assert_eq!(v["self_check"]["ok"], true);
+    // CPU adapters read frozen weights through texture twins, and the self-check then runs that path too.
+    let twins = v["chosen"]["texture_twins"].as_bool().unwrap();
+    assert_eq!(
+        twins,
+        v["chosen"]["cpu_adapter"].as_bool().unwrap() && std::env::var("RIME_TEXTURE_TWINS").as_deref() != Ok("0")
+    );
+    assert_eq!(v["self_check"]["detail"].as_str().unwrap().contains("texture twin"), twins);
 }
 
 #[test]

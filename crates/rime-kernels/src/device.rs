@@ -229,6 +229,11 @@ impl Device {
         }
     }
 
+    /// Whether [`Device::with_texture_twin`] makes twins here: on CPU adapters, unless `RIME_TEXTURE_TWINS=0`.
+    pub fn uses_texture_twins(&self) -> bool {
+        self.is_cpu() && texture_twins_enabled()
+    }
+
     /// The tensor with a texture twin ([`TextureTwin`]) when it can have one and the adapter is a CPU one (the
     /// only kind where the texture path measured faster): an f32 matrix [.., cols] whose rows are 256-byte
     /// multiples (cols % 64 == 0, the copy's row alignment) and within the adapter's 2-D texture size. Any other
@@ -237,8 +242,7 @@ impl Device {
     pub fn with_texture_twin(&self, t: &Tensor) -> Result<Tensor> {
         let (rows, cols) = (t.rows(), t.last_dim());
         let max = self.limits.max_texture_dimension_2d as usize;
-        if !self.is_cpu()
-            || !texture_twins_enabled()
+        if !self.uses_texture_twins()
             || t.dtype != DType::F32
             || t.rank() < 2
             || t.texture.is_some()
