@@ -235,20 +235,25 @@ impl Device {
     }
 
     /// The tensor with a texture twin ([`TextureTwin`]) when it can have one and the adapter is a CPU one (the
-    /// only kind where the texture path measured faster): an f32 matrix [.., cols] whose rows are 256-byte
-    /// multiples (cols % 64 == 0, the copy's row alignment) and within the adapter's 2-D texture size. Any other
-    /// tensor comes back unchanged. The copy is queued now; the buffer must not be written afterwards while the
-    /// twin is in use (frozen weights only).
+    /// only kind where the texture path measured faster): an f32 or f16 matrix [.., cols] (rgba32float or
+    /// rgba16float texels) whose rows are 256-byte multiples (the copy's row alignment: cols % 64 == 0 for f32,
+    /// cols % 128 for f16) and within the adapter's 2-D texture size. Any other tensor comes back unchanged. The
+    /// copy is queued now; the buffer must not be written afterwards while the twin is in use (frozen weights
+    /// only; [`Device::write_f32`] refreshes it).
     pub fn with_texture_twin(&self, t: &Tensor) -> Result<Tensor> {
         let (rows, cols) = (t.rows(), t.last_dim());
         let max = self.limits.max_texture_dimension_2d as usize;
+        let format = match t.dtype {
+            DType::F32 => wgpu::TextureFormat::Rgba32Float,
+            DType::F16 => wgpu::TextureFormat::Rgba16Float,
+            _ => return Ok(t.clone()),
+        };
         if !self.uses_texture_twins()
-            || t.dtype != DType::F32
             || t.rank() < 2
             || t.texture.is_some()
             || rows == 0
             || cols == 0
-            || cols % 64 != 0
+            || (cols * t.dtype.size()) % 256 != 0
             || cols / 4 > max
             || rows > max
         {
@@ -262,12 +267,12 @@ impl Device {
             mip_level_count: 1,
             sample_count: 1,
             dimension: wgpu::TextureDimension::D2,
-            format: wgpu::TextureFormat::Rgba32Float,
+            format,
             usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
             view_formats: &[],
         });
         let view = texture.create_view(&Default::default());
-        let twin = TextureTwin { texture, view, rows, cols };
+        let twin = TextureTwin { texture, view, rows, cols, dtype: t.dtype };
         self.refresh_twin(&t.buffer, &twin);
         if let Some(e) = pollster::block_on(scope.pop()) {
             return Err(Error::Gpu { what: format!("texture twin of a {:?} tensor", t.shape), msg: e.to_string() });
@@ -285,7 +290,7 @@ impl Device {
                 buffer,
                 layout: wgpu::TexelCopyBufferLayout {
                     offset: 0,
-                    bytes_per_row: Some((tw.cols * 4) as u32),
+                    bytes_per_row: Some((tw.cols * tw.dtype.size()) as u32),
                     rows_per_image: Some(tw.rows as u32),
                 },
             },

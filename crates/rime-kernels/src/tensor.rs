@@ -38,7 +38,8 @@ pub struct Tensor {
     pub texture: Option<Arc<TextureTwin>>,
 }
 
-/// An rgba32float texture holding a frozen f32 matrix [rows, cols]: texel (x, y) is elements 4x..4x+4 of row y.
+/// An rgba32float (f32) or rgba16float (f16) texture holding a frozen matrix [rows, cols]: texel (x, y) is
+/// elements 4x..4x+4 of row y, read as f32.
 /// On lavapipe a texel fetch gathers the eight lanes' 16-byte texels in straight-line code, where a storage
 /// load runs a per-lane loop with a branch per lane, so products whose rhs is a frozen weight read it faster
 /// (the tiled kernels' `TiledTexture` variant).
@@ -48,6 +49,8 @@ pub struct TextureTwin {
     pub(crate) view: wgpu::TextureView,
     pub rows: usize,
     pub cols: usize,
+    /// The element type of the buffer it copies (F32 or F16).
+    pub dtype: DType,
 }
 
 impl Tensor {

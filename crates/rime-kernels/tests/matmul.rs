@@ -240,8 +240,49 @@ fn texture_twin_follows_reshape_and_eligibility() {
     // Rows that are not 64-multiples, non-f32 and 1-D tensors stay plain.
     assert!(d.with_texture_twin(&d.upload_f32(&randn(2, 4 * 36, 1.0), &[4, 36]).unwrap()).unwrap().texture.is_none());
     assert!(d.with_texture_twin(&d.upload_f32(&randn(3, 128, 1.0), &[128]).unwrap()).unwrap().texture.is_none());
+    // f16 rows need 128-multiples (rgba16float texels, 256-byte rows); bf16 has no texture format.
     let h: Vec<f16> = randn(4, 4 * 128, 1.0).iter().map(|&v| f16::from_f32(v)).collect();
-    assert!(d.with_texture_twin(&d.upload_f16(&h, &[4, 128]).unwrap()).unwrap().texture.is_none());
+    assert_eq!(d.with_texture_twin(&d.upload_f16(&h, &[4, 128]).unwrap()).unwrap().texture.is_some(), d.is_cpu());
+    assert!(d.with_texture_twin(&d.upload_f16(&h, &[8, 64]).unwrap()).unwrap().texture.is_none());
+    let hb: Vec<bf16> = randn(5, 4 * 128, 1.0).iter().map(|&v| bf16::from_f32(v)).collect();
+    assert!(d.with_texture_twin(&d.upload_bf16(&hb, &[4, 128]).unwrap()).unwrap().texture.is_none());
+}
+
+/// f16 weights with an rgba16float twin: forward x·Wᵀ and x·W and the input gradient, against the reference on
+/// the f16-rounded weight, with the buffer zeroed after the copy (so a match proves the twin was read).
+#[test]
+fn matmul_f16_texture_twin_matches_reference() {
+    let d = dev();
+    let cases: &[(&[usize], usize, usize, usize, bool)] = &[(&[], 37, 128, 72, true), (&[2], 9, 72, 256, false)];
+    for (i, &(batch, m, k, n, tb)) in cases.iter().enumerate() {
+        let seed = 900 + i as u64 * 10;
+        let dm = MatmulDims { batch: batch.iter().product(), m, k, n, b_batched: false, trans_a: false, trans_b: tb };
+        let (plain, w_seen) = upload_as(d, &randn(seed, k * n, 1.0), &b_shape(batch, &dm), DType::F16);
+        let tw = d.with_texture_twin(&plain).unwrap();
+        assert_eq!(tw.texture.is_some(), d.is_cpu(), "twin of {:?}", plain.shape);
+        d.queue().write_buffer(&plain.buffer, 0, &vec![0u8; plain.buffer.size() as usize]);
+        let want_w = if d.is_cpu() { w_seen } else { vec![0.0; k * n] };
+        let x = randn(seed + 1, dm.batch * m * k, 1.0);
+        let tx = d.upload_f32(&x, &a_shape(batch, &dm)).unwrap();
+        let out = d.empty(&shape(batch, [m, n]), DType::F32).unwrap();
+        d.run(&matmul_forward_variant(d, Variant::Auto, &out, &tx, &tw, None, false, tb).unwrap()).unwrap();
+        let (at, rt) = tol(k);
+        let want = r::matmul_forward(&x, &want_w, None, &dm);
+        assert_close(&format!("f16 twin forward {batch:?} {dm:?}"), &d.download_f32(&out).unwrap(), &want, at, rt);
+        let dy = randn(seed + 2, dm.batch * m * n, 1.0);
+        let tdy = d.upload_f32(&dy, &shape(batch, [m, n])).unwrap();
+        let dx = d.empty(&a_shape(batch, &dm), DType::F32).unwrap();
+        d.run(&matmul_backward_input_variant(d, Variant::Auto, &dx, &tdy, &tw, false, tb).unwrap()).unwrap();
+        let (at, rt) = tol(n);
+        let want = r::matmul_backward_input(&dy, &want_w, &dm);
+        assert_close(
+            &format!("f16 twin backward_input {batch:?} {dm:?}"),
+            &d.download_f32(&dx).unwrap(),
+            &want,
+            at,
+            rt,
+        );
+    }
 }
 
 #[test]

@@ -36,7 +36,7 @@ pub enum Variant {
     Gemv,
     /// [`Variant::Gemv`] sharing x through subgroupBroadcast (falls back to Gemv unless subgroups are 8 lanes).
     GemvSubgroup,
-    /// The tiled nn / nt kernels reading a frozen f32 rhs through its texture twin
+    /// The tiled nn / nt kernels reading a frozen f32 or f16 rhs through its texture twin
     /// ([`crate::Device::with_texture_twin`]); falls back to TiledSubgroup when the rhs has none or the layout
     /// does not match it.
     TiledTexture,
@@ -122,8 +122,10 @@ pub fn specs() -> Vec<(&'static str, Spec)> {
             v.push((FILE, spec(dt, sg, false)));
         }
     }
-    for sg in [false, true] {
-        v.push((FILE, spec(DType::F32, sg, true)));
+    for dt in [DType::F32, DType::F16] {
+        for sg in [false, true] {
+            v.push((FILE, spec(dt, sg, true)));
+        }
     }
     v
 }
@@ -196,10 +198,10 @@ impl Gemm<'_> {
     }
 
     /// The rhs texture twin, when the tiled kernel of `layout` can read this product's rhs from it: a shared
-    /// (unbatched) f32 rhs whose strides are the twin's row-major [rows, cols] and whose extent fits in it.
+    /// (unbatched) rhs whose strides are the twin's row-major [rows, cols] and whose extent fits in it.
     fn texture_twin(&self, layout: Option<Tiled>) -> Option<&TextureTwin> {
         let tw = self.rhs.texture.as_deref()?;
-        if self.rhs.dtype != DType::F32 || self.r[2] != 0 || self.kb != 1 {
+        if tw.dtype != self.rhs.dtype || self.r[2] != 0 || self.kb != 1 {
             return None;
         }
         let fits = match layout? {
