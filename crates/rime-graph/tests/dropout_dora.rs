@@ -2,21 +2,12 @@
 //! reproducible for a seed) and DoRA's detached scale op: gradients against central finite differences of
 //! the GPU forward pass and against a graph with the scale held constant.
 
-use rand::{Rng, SeedableRng};
+mod common;
+use common::{dev, rnd};
+
 use rime_graph::{dropout_seed, Executor, Graph, OptimConfig, ParamStore, Var};
 use rime_kernels::reference::elementwise as re;
-use rime_kernels::{DType, Device, DeviceOptions};
-use std::sync::OnceLock;
-
-fn dev() -> &'static Device {
-    static D: OnceLock<Device> = OnceLock::new();
-    D.get_or_init(|| Device::new(&DeviceOptions::default()).expect("a wgpu adapter (lavapipe in CI)"))
-}
-
-fn rnd(seed: u64, n: usize, s: f32) -> Vec<f32> {
-    let mut r = rand::rngs::StdRng::seed_from_u64(seed);
-    (0..n).map(|_| r.random_range(-s..s)).collect()
-}
+use rime_kernels::{DType, Device};
 
 /// Central differences of the loss vs the executor's gradient for the named trainable parameters (every
 /// coordinate). f32 forward: eps 1e-2, tolerance 2e-3 abs + 3% rel.

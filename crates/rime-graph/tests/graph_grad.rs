@@ -1,20 +1,12 @@
 //! Gradient checks of composed graphs against central finite differences of the GPU forward pass, the
 //! frozen-backbone memory guarantee, and a tiny training problem.
 
+mod common;
+use common::{dev, rnd};
+
 use rand::{Rng, SeedableRng};
 use rime_graph::{Executor, Graph, OptimConfig, ParamStore, Var};
-use rime_kernels::{DType, Device, DeviceOptions};
-use std::sync::OnceLock;
-
-fn dev() -> &'static Device {
-    static D: OnceLock<Device> = OnceLock::new();
-    D.get_or_init(|| Device::new(&DeviceOptions::default()).expect("a wgpu adapter (lavapipe in CI)"))
-}
-
-fn rnd(seed: u64, n: usize, s: f32) -> Vec<f32> {
-    let mut r = rand::rngs::StdRng::seed_from_u64(seed);
-    (0..n).map(|_| r.random_range(-s..s)).collect()
-}
+use rime_kernels::DType;
 
 /// Compare the executor's gradient of every trainable parameter with central differences of the loss at
 /// `probes` coordinates each. f32 forward: eps 1e-2, tolerance 2e-3 abs + 3% rel.

@@ -2,20 +2,11 @@
 //! never keeps one (the optimizer writes its buffer), and that training through a frozen weight's twin gives
 //! exactly the losses and parameters of training through its buffer.
 
-use rand::{Rng, SeedableRng};
+mod common;
+use common::{dev, rnd};
+
 use rime_graph::{Executor, Graph, OptimConfig, ParamStore};
-use rime_kernels::{DType, Device, DeviceOptions};
-use std::sync::OnceLock;
-
-fn dev() -> &'static Device {
-    static D: OnceLock<Device> = OnceLock::new();
-    D.get_or_init(|| Device::new(&DeviceOptions::default()).expect("a wgpu adapter (lavapipe in CI)"))
-}
-
-fn rnd(seed: u64, n: usize, s: f32) -> Vec<f32> {
-    let mut r = rand::rngs::StdRng::seed_from_u64(seed);
-    (0..n).map(|_| r.random_range(-s..s)).collect()
-}
+use rime_kernels::DType;
 
 #[test]
 fn only_frozen_linear_weights_get_twins() {
