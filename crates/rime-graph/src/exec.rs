@@ -281,7 +281,7 @@ impl<'g> Builder<'g> {
                     &reads,
                     &[&ow],
                     Box::new(move |d, r| {
-                        let bias_t = bias2.as_ref().map(|x| r(x));
+                        let bias_t = bias2.as_ref().map(r);
                         matmul::matmul_forward(d, &r(&o), &r(&a2), &r(&b2), bias_t.as_ref(), ta, tb)
                     }),
                 );
@@ -304,7 +304,7 @@ impl<'g> Builder<'g> {
                     &reads,
                     &[&ow, &h],
                     Box::new(move |d, r| {
-                        let bias_t = bias2.as_ref().map(|z| r(z));
+                        let bias_t = bias2.as_ref().map(r);
                         lora::lora_forward(
                             d,
                             &r(&o),
@@ -438,7 +438,7 @@ impl<'g> Builder<'g> {
                     &reads,
                     &[&ow, &lse],
                     Box::new(move |d, r| {
-                        let mt = m2.as_ref().map(|m| r(m));
+                        let mt = m2.as_ref().map(r);
                         attention::attention_forward(
                             d,
                             &r(&o),
@@ -466,7 +466,7 @@ impl<'g> Builder<'g> {
                     &reads,
                     &[&ow],
                     Box::new(move |d, r| {
-                        let mt = m2.as_ref().map(|m| r(m));
+                        let mt = m2.as_ref().map(r);
                         softmax::softmax_forward(d, &r(&o), &r(&x2), mt.as_ref(), causal)
                     }),
                 );
@@ -713,7 +713,7 @@ impl<'g> Builder<'g> {
                     &[&dout, &ar, &br],
                     &wr,
                     Box::new(move |d, r| {
-                        let (dat, dbt) = (da.as_ref().map(|x| r(x)), db.as_ref().map(|x| r(x)));
+                        let (dat, dbt) = (da.as_ref().map(r), db.as_ref().map(r));
                         elementwise::mul_backward(d, dat.as_ref(), dbt.as_ref(), &r(&d2), &r(&a2), &r(&b2))
                     }),
                 );
@@ -924,7 +924,7 @@ impl<'g> Builder<'g> {
                     &reads,
                     &[&tq.r, &tk.r, &tv.r, &delta],
                     Box::new(move |d, r| {
-                        let mt = m2.as_ref().map(|m| r(m));
+                        let mt = m2.as_ref().map(r);
                         attention::attention_backward(
                             d,
                             &r(&dq),
@@ -1043,7 +1043,7 @@ impl<'g> Builder<'g> {
             &reads,
             &[&t.r],
             Box::new(move |d, r| {
-                let st = s2.as_ref().map(|s| r(s));
+                let st = s2.as_ref().map(r);
                 f(d, &r(&dx), &r(&d2), st.as_ref())
             }),
         );

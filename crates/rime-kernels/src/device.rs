@@ -173,7 +173,7 @@ impl Device {
         self.features.contains(wgpu::Features::TIMESTAMP_QUERY)
     }
     pub fn max_binding(&self) -> u64 {
-        self.limits.max_storage_buffer_binding_size as u64
+        self.limits.max_storage_buffer_binding_size
     }
     pub fn wgpu_device(&self) -> &wgpu::Device {
         &self.device
@@ -253,7 +253,7 @@ impl Device {
             || t.texture.is_some()
             || rows == 0
             || cols == 0
-            || (cols * t.dtype.size()) % 256 != 0
+            || !(cols * t.dtype.size()).is_multiple_of(256)
             || cols / 4 > max
             || rows > max
         {

@@ -26,7 +26,7 @@ fn adapter_chosen_by_name_substring() {
 fn tensors_beyond_the_binding_limit_are_refused_with_a_clear_error() {
     let d = dev();
     let n = (d.max_binding() / 4 + 1) as usize;
-    let e = d.empty(&[n], DType::F32).err().expect("must be refused");
+    let e = d.empty(&[n], DType::F32).expect_err("must be refused");
     assert!(matches!(e, Error::TooLarge { .. }), "{e}");
     assert!(e.to_string().contains("max storage binding"), "{e}");
 }

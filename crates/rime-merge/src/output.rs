@@ -200,7 +200,9 @@ pub(crate) fn write_shards_streaming(
             cur = 0;
         }
         cur += b;
-        shards.last_mut().map(|s| s.push(p));
+        if let Some(s) = shards.last_mut() {
+            s.push(p)
+        }
     }
     let n = shards.len();
     let names: Vec<String> = if n == 1 {

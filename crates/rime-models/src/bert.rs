@@ -66,7 +66,7 @@ pub fn build(
             )
         }));
     }
-    if cfg.hidden % cfg.heads != 0 {
+    if !cfg.hidden.is_multiple_of(cfg.heads) {
         return Err(Error::Invalid(format!(
             "hidden_size {} is not a multiple of num_attention_heads {}",
             cfg.hidden, cfg.heads

@@ -75,7 +75,11 @@ impl LlamaConfig {
     }
 
     fn validate(&self) -> Result<()> {
-        if self.heads == 0 || self.kv_heads == 0 || self.hidden % self.heads != 0 || self.heads % self.kv_heads != 0 {
+        if self.heads == 0
+            || self.kv_heads == 0
+            || !self.hidden.is_multiple_of(self.heads)
+            || !self.heads.is_multiple_of(self.kv_heads)
+        {
             return Err(Error::Invalid(format!(
                 "hidden {} / heads {} / kv heads {}: heads must divide hidden and kv heads must divide heads",
                 self.hidden, self.heads, self.kv_heads

@@ -551,7 +551,7 @@ pub fn train(dev: &Device, cfg: &TrainConfig, on: &mut dyn FnMut(Event)) -> Resu
                 }
             }
             global_step += 1;
-            if cfg.save_every > 0 && global_step % cfg.save_every == 0 {
+            if cfg.save_every > 0 && global_step.is_multiple_of(cfg.save_every) {
                 if let Some((p, l)) = in_flight.take().map(|p| collect(&mut sess, dev, p)).transpose()?.flatten() {
                     log.step(on, l, p.step, p.epoch, p.examples, p.lr)?;
                 }

@@ -63,7 +63,7 @@ fn svfit_split_keeps_the_model_and_energy_picks_rank() {
     println!("{info}");
     let sig = st.id(&svfit::sigma_name("encoder.layer.0.attention.self.query")).unwrap();
     let r = st.get(sig).tensor.numel();
-    assert!(r >= 1 && r < 8, "energy 0.9 of a random 8×8 kept {r} values");
+    assert!((1..8).contains(&r), "energy 0.9 of a random 8×8 kept {r} values");
     // σ at its initial value: W_rest + UσVᵀ is W, the logits are the pretrained model's.
     let mut se = exec(d, &st, &e, Some(OptimConfig::adamw(1e-2, 0.0)));
     se.exec.forward(d).unwrap();
