@@ -143,6 +143,29 @@ fn matmul_backward_input_matches_reference() {
     }
 }
 
+/// Forward x·op(W) and the input gradient dy·op(W)ᵀ through `w` (a weight with a texture twin) with `variant`,
+/// against the reference on `want_w` (the values the twin holds). Seeds: x from `seed`, dy from `seed + 1`.
+fn check_twin_products(variant: Variant, batch: &[usize], dm: &MatmulDims, w: &Tensor, want_w: &[f32], seed: u64) {
+    let d = dev();
+    let (m, k, n) = (dm.m, dm.k, dm.n);
+    let x = randn(seed, dm.batch * m * k, 1.0);
+    let tx = d.upload_f32(&x, &a_shape(batch, dm)).unwrap();
+    let out = d.empty(&shape(batch, [m, n]), DType::F32).unwrap();
+    d.run(&matmul_forward_variant(d, variant, &out, &tx, w, None, false, dm.trans_b).unwrap()).unwrap();
+    let (at, rt) = tol(k);
+    let want = r::matmul_forward(&x, want_w, None, dm);
+    let what = format!("twin forward {variant:?} {:?} {batch:?} {dm:?}", w.dtype);
+    assert_close(&what, &d.download_f32(&out).unwrap(), &want, at, rt);
+    let dy = randn(seed + 1, dm.batch * m * n, 1.0);
+    let tdy = d.upload_f32(&dy, &shape(batch, [m, n])).unwrap();
+    let dx = d.empty(&a_shape(batch, dm), DType::F32).unwrap();
+    d.run(&matmul_backward_input_variant(d, variant, &dx, &tdy, w, false, dm.trans_b).unwrap()).unwrap();
+    let (at, rt) = tol(n);
+    let want = r::matmul_backward_input(&dy, want_w, dm);
+    let what = format!("twin backward_input {variant:?} {:?} {batch:?} {dm:?}", w.dtype);
+    assert_close(&what, &d.download_f32(&dx).unwrap(), &want, at, rt);
+}
+
 /// Products whose rhs is a frozen weight with a texture twin: forward x·Wᵀ (nt) and x·W (nn), the input
 /// gradient dy·W (nn), batched lhs against the shared weight, ragged M and N, and the layouts the twin cannot
 /// serve (trans_a), which must fall back to the buffer. The weight buffer is zeroed after the twin is made, so
@@ -167,35 +190,10 @@ fn matmul_texture_twin_matches_reference() {
         assert_eq!(tw.texture.is_some(), d.is_cpu(), "twin of {:?}", plain.shape);
         d.write_f32(&plain, &vec![0.0; k * n]).unwrap();
         let want_w = if d.is_cpu() { w.clone() } else { vec![0.0; k * n] };
-        let x = randn(seed + 1, dm.batch * m * k, 1.0);
-        let tx = d.upload_f32(&x, &a_shape(batch, &dm)).unwrap();
         for v in [Variant::Auto, Variant::TiledTexture] {
-            let out = d.empty(&shape(batch, [m, n]), DType::F32).unwrap();
-            d.run(&matmul_forward_variant(d, v, &out, &tx, &tw, None, false, tb).unwrap()).unwrap();
-            let (at, rt) = tol(k);
-            let want = r::matmul_forward(&x, &want_w, None, &dm);
-            assert_close(
-                &format!("twin forward {v:?} {batch:?} {dm:?}"),
-                &d.download_f32(&out).unwrap(),
-                &want,
-                at,
-                rt,
-            );
-            // Input gradient through the same weight.
-            let dy = randn(seed + 2, dm.batch * m * n, 1.0);
-            let tdy = d.upload_f32(&dy, &shape(batch, [m, n])).unwrap();
-            let dx = d.empty(&a_shape(batch, &dm), DType::F32).unwrap();
-            d.run(&matmul_backward_input_variant(d, v, &dx, &tdy, &tw, false, tb).unwrap()).unwrap();
-            let (at, rt) = tol(n);
-            let want = r::matmul_backward_input(&dy, &want_w, &dm);
-            assert_close(
-                &format!("twin backward_input {v:?} {batch:?} {dm:?}"),
-                &d.download_f32(&dx).unwrap(),
-                &want,
-                at,
-                rt,
-            );
+            check_twin_products(v, batch, &dm, &tw, &want_w, seed + 1);
         }
+        let x = randn(seed + 1, dm.batch * m * k, 1.0);
         // trans_a has no texture kernel: the buffer (now zeros) is read, so the product is zero.
         let dm_t = MatmulDims { trans_a: true, ..dm };
         let txt = d.upload_f32(&x, &a_shape(batch, &dm_t)).unwrap();
@@ -262,26 +260,7 @@ fn matmul_f16_texture_twin_matches_reference() {
         assert_eq!(tw.texture.is_some(), d.is_cpu(), "twin of {:?}", plain.shape);
         d.queue().write_buffer(&plain.buffer, 0, &vec![0u8; plain.buffer.size() as usize]);
         let want_w = if d.is_cpu() { w_seen } else { vec![0.0; k * n] };
-        let x = randn(seed + 1, dm.batch * m * k, 1.0);
-        let tx = d.upload_f32(&x, &a_shape(batch, &dm)).unwrap();
-        let out = d.empty(&shape(batch, [m, n]), DType::F32).unwrap();
-        d.run(&matmul_forward_variant(d, Variant::Auto, &out, &tx, &tw, None, false, tb).unwrap()).unwrap();
-        let (at, rt) = tol(k);
-        let want = r::matmul_forward(&x, &want_w, None, &dm);
-        assert_close(&format!("f16 twin forward {batch:?} {dm:?}"), &d.download_f32(&out).unwrap(), &want, at, rt);
-        let dy = randn(seed + 2, dm.batch * m * n, 1.0);
-        let tdy = d.upload_f32(&dy, &shape(batch, [m, n])).unwrap();
-        let dx = d.empty(&a_shape(batch, &dm), DType::F32).unwrap();
-        d.run(&matmul_backward_input_variant(d, Variant::Auto, &dx, &tdy, &tw, false, tb).unwrap()).unwrap();
-        let (at, rt) = tol(n);
-        let want = r::matmul_backward_input(&dy, &want_w, &dm);
-        assert_close(
-            &format!("f16 twin backward_input {batch:?} {dm:?}"),
-            &d.download_f32(&dx).unwrap(),
-            &want,
-            at,
-            rt,
-        );
+        check_twin_products(Variant::Auto, batch, &dm, &tw, &want_w, seed + 1);
     }
 }
 

@@ -273,26 +273,20 @@ pub(crate) fn gemm(dev: &Device, g: &Gemm, variant: Variant) -> Result<Vec<Dispa
     let batch = u(g.batch)?;
     let d = match (variant, layout) {
         (Variant::Tiled | Variant::TiledSubgroup | Variant::TiledTexture, Some(layout)) => {
-            let b = [(5, g.lhs), (6, g.rhs), (7, g.out), (4, g.bias.unwrap_or(g.lhs))];
+            // With a twin, texture binding 8 replaces the rhs buffer (binding 6), which the entry point then
+            // does not read.
+            let b: Vec<(u32, &Tensor)> = [(5, g.lhs), (6, g.rhs), (7, g.out), (4, g.bias.unwrap_or(g.lhs))]
+                .into_iter()
+                .filter(|&(i, _)| tex.is_none() || i != 6)
+                .collect();
+            let textures: Vec<(u32, &TextureTwin)> = tex.map(|tw| (8, tw)).into_iter().collect();
             let entry = match layout {
                 Tiled::Nn => "matmul_tiled_nn",
                 Tiled::Nt => "matmul_tiled_nt",
                 Tiled::Tn => "matmul_tiled_tn",
             };
             let grid = [u(g.n.div_ceil(8 * FTN))?, u(g.m.div_ceil(FTM))?, batch];
-            match tex {
-                // The twin replaces binding 6 (the entry point no longer reads the rhs buffer).
-                Some(tw) => dev.dispatch_with_textures(
-                    FILE,
-                    entry,
-                    &sp,
-                    Some(&params),
-                    &[(5, g.lhs), (7, g.out), (4, g.bias.unwrap_or(g.lhs))],
-                    &[(8, tw)],
-                    grid,
-                )?,
-                None => dev.dispatch(FILE, entry, &sp, Some(&params), &b, grid)?,
-            }
+            dev.dispatch_with_textures(FILE, entry, &sp, Some(&params), &b, &textures, grid)?
         }
         _ => {
             let b = [(1, g.lhs), (2, g.rhs), (3, g.out), (4, g.bias.unwrap_or(g.lhs))];
