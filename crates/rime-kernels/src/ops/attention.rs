@@ -365,6 +365,59 @@ fn open_key_loop(s: &mut String, h4: usize, rb: usize) {
     w!(s, "    let keep = select(0.0, 1.0, key_kept(b, jl));");
 }
 
+/// Score-style sums over the 8 lanes' operands: for each 4-wide column c and lane i, broadcast lane i's
+/// `src{c}` of every `(name, src)` in `bcasts` and add `dot(reg{r}_{c}, name)` into `sum{r}_{i}` for every
+/// `(sum, reg, name)` in `dots` and row block r. `ind` is the indentation.
+fn gen_dots(s: &mut String, ind: &str, h4: usize, rb: usize, bcasts: &[(&str, &str)], dots: &[(&str, &str, &str)]) {
+    for c in 0..h4 {
+        for i in 0..8 {
+            let lets: Vec<String> = bcasts.iter().map(|(n, src)| format!("let {n} = bc{i}({src}{c});")).collect();
+            w!(s, "{ind}{{ {}", lets.join(&format!("\n{ind}  ")));
+            for r in 0..rb {
+                for (sum, reg, n) in dots {
+                    w!(s, "{ind}  {sum}{r}_{i} += dot({reg}{r}_{c}, {n});");
+                }
+            }
+            w!(s, "{ind}}}");
+        }
+    }
+}
+
+/// Gradient-style sums: for each 4-wide column c, registers `dst{r}_{c}` += Σ_i weight{r}_{i} · (lane i's
+/// `src{c}`), for every `(acc, dst, weight, name)` in `accs` (`name` one of the broadcasts in `bcasts`),
+/// through local accumulators `acc{r}` so lavapipe keeps them in registers, in fma order i = 0..8.
+fn gen_accumulate(
+    s: &mut String,
+    ind: &str,
+    h4: usize,
+    rb: usize,
+    bcasts: &[(&str, &str)],
+    accs: &[(&str, &str, &str, &str)],
+) {
+    for c in 0..h4 {
+        w!(s, "{ind}{{");
+        for r in 0..rb {
+            let vars: Vec<String> = accs.iter().map(|(a, d, _, _)| format!("var {a}{r} = {d}{r}_{c};")).collect();
+            w!(s, "{ind}  {}", vars.join(&format!("\n{ind}  ")));
+        }
+        for i in 0..8 {
+            let lets: Vec<String> = bcasts.iter().map(|(n, src)| format!("let {n} = bc{i}({src}{c});")).collect();
+            w!(s, "{ind}  {{ {}", lets.join(&format!("\n{ind}    ")));
+            for r in 0..rb {
+                for (a, _, wt, n) in accs {
+                    w!(s, "{ind}    {a}{r} = fma(vec4<f32>({wt}{r}_{i}), {n}, {a}{r});");
+                }
+            }
+            w!(s, "{ind}  }}");
+        }
+        for r in 0..rb {
+            let sets: Vec<String> = accs.iter().map(|(a, d, _, _)| format!("{d}{r}_{c} = {a}{r};")).collect();
+            w!(s, "{ind}  {}", sets.join(&format!("\n{ind}  ")));
+        }
+        w!(s, "{ind}}}");
+    }
+}
+
 fn gen_forward(s: &mut String, h4: usize, rb: usize) {
     w!(s, "@compute @workgroup_size(8)");
     w!(s, "fn attention_forward_subgroup(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {{");
@@ -389,15 +442,7 @@ fn gen_forward(s: &mut String, h4: usize, rb: usize) {
             w!(s, "    var a{r}_{i} = 0.0;");
         }
     }
-    for c in 0..h4 {
-        for i in 0..8 {
-            w!(s, "    {{ let kk = bc{i}(k{c});");
-            for r in 0..rb {
-                w!(s, "      a{r}_{i} += dot(q{r}_{c}, kk);");
-            }
-            w!(s, "    }}");
-        }
-    }
+    gen_dots(s, "    ", h4, rb, &[("kk", "k")], &[("a", "q", "kk")]);
     for i in 0..8 {
         w!(s, "    let ok{i} = bcf{i}(keep) != 0.0;");
     }
@@ -474,15 +519,7 @@ fn gen_backward_query(s: &mut String, h4: usize, rb: usize) {
             w!(s, "    var s{r}_{i} = 0.0;\n    var p{r}_{i} = 0.0;");
         }
     }
-    for c in 0..h4 {
-        for i in 0..8 {
-            w!(s, "    {{ let kk = bc{i}(k{c});\n      let vv = bc{i}(v{c});");
-            for r in 0..rb {
-                w!(s, "      s{r}_{i} += dot(q{r}_{c}, kk);\n      p{r}_{i} += dot(do{r}_{c}, vv);");
-            }
-            w!(s, "    }}");
-        }
-    }
+    gen_dots(s, "    ", h4, rb, &[("kk", "k"), ("vv", "v")], &[("s", "q", "kk"), ("p", "do", "vv")]);
     // A visible key implies the row saw at least one key, so its lse is finite wherever it is used.
     for i in 0..8 {
         w!(s, "    let ok{i} = bcf{i}(keep) != 0.0;");
@@ -495,23 +532,7 @@ fn gen_backward_query(s: &mut String, h4: usize, rb: usize) {
             );
         }
     }
-    for c in 0..h4 {
-        w!(s, "    {{");
-        for r in 0..rb {
-            w!(s, "      var acc{r} = g{r}_{c};");
-        }
-        for i in 0..8 {
-            w!(s, "      {{ let kk = bc{i}(k{c});");
-            for r in 0..rb {
-                w!(s, "        acc{r} = fma(vec4<f32>(ds{r}_{i}), kk, acc{r});");
-            }
-            w!(s, "      }}");
-        }
-        for r in 0..rb {
-            w!(s, "      g{r}_{c} = acc{r};");
-        }
-        w!(s, "    }}");
-    }
+    gen_accumulate(s, "    ", h4, rb, &[("kk", "k")], &[("acc", "g", "ds", "kk")]);
     w!(s, "  }}");
     for r in 0..rb {
         w!(s, "  if (t0 + {}u + lid < p.t) {{", 8 * r);
@@ -555,15 +576,7 @@ fn gen_backward_key_value(s: &mut String, h4: usize, rb: usize) {
             w!(s, "      var s{r}_{i} = 0.0;\n      var p{r}_{i} = 0.0;");
         }
     }
-    for c in 0..h4 {
-        for i in 0..8 {
-            w!(s, "      {{ let qq = bc{i}(q{c});\n        let oo = bc{i}(o{c});");
-            for r in 0..rb {
-                w!(s, "        s{r}_{i} += dot(k{r}_{c}, qq);\n        p{r}_{i} += dot(v{r}_{c}, oo);");
-            }
-            w!(s, "      }}");
-        }
-    }
+    gen_dots(s, "      ", h4, rb, &[("qq", "q"), ("oo", "o")], &[("s", "k", "qq"), ("p", "v", "oo")]);
     for i in 0..8 {
         w!(s, "      let ls{i} = bcf{i}(lse_l);\n      let dd{i} = bcf{i}(d_l);");
     }
@@ -573,24 +586,14 @@ fn gen_backward_key_value(s: &mut String, h4: usize, rb: usize) {
             w!(s, "      let ds{r}_{i} = pj{r}_{i} * (p{r}_{i} - dd{i});");
         }
     }
-    for c in 0..h4 {
-        w!(s, "      {{");
-        for r in 0..rb {
-            w!(s, "        var av{r} = gv{r}_{c};\n        var ak{r} = gk{r}_{c};");
-        }
-        for i in 0..8 {
-            w!(s, "        {{ let qq = bc{i}(q{c});\n          let oo = bc{i}(o{c});");
-            for r in 0..rb {
-                w!(s, "          av{r} = fma(vec4<f32>(pj{r}_{i}), oo, av{r});");
-                w!(s, "          ak{r} = fma(vec4<f32>(ds{r}_{i}), qq, ak{r});");
-            }
-            w!(s, "        }}");
-        }
-        for r in 0..rb {
-            w!(s, "        gv{r}_{c} = av{r};\n        gk{r}_{c} = ak{r};");
-        }
-        w!(s, "      }}");
-    }
+    gen_accumulate(
+        s,
+        "      ",
+        h4,
+        rb,
+        &[("qq", "q"), ("oo", "o")],
+        &[("av", "gv", "pj", "oo"), ("ak", "gk", "ds", "qq")],
+    );
     w!(s, "    }}\n  }}");
     for r in 0..rb {
         w!(s, "  if (j0 + {}u + lid < p.s) {{", 8 * r);
