@@ -1063,9 +1063,7 @@ pub fn dropout_seed(seed: u32, step: u64, micro: u64) -> u32 {
 
 fn tensor_of(slots: &[Slot], r: &TRef) -> Tensor {
     let t = slots[r.slot].tensor.as_ref().expect("every slot has a buffer after planning");
-    // A view keeps a frozen weight's texture twin while its rows keep their length (same layout).
-    let texture = t.texture.clone().filter(|_| r.dtype == t.dtype && r.shape.last() == t.shape.last());
-    Tensor { buffer: t.buffer.clone(), shape: r.shape.clone(), dtype: r.dtype, texture }
+    t.view(&r.shape, r.dtype)
 }
 
 impl Executor {

@@ -32,7 +32,7 @@ pub struct Tensor {
     pub buffer: Arc<wgpu::Buffer>,
     pub shape: Vec<usize>,
     pub dtype: DType,
-    /// A read-only texture copy of a frozen f32 weight (see [`crate::Device::with_texture_twin`]), which the
+    /// A read-only texture copy of a frozen f32 or f16 weight (see [`crate::Device::with_texture_twin`]), which the
     /// matmul reads instead of the buffer where that is faster. [`crate::Device::write_f32`] refreshes it; a
     /// kernel must not write a tensor that has one.
     pub texture: Option<Arc<TextureTwin>>,
@@ -57,9 +57,11 @@ impl Tensor {
     pub(crate) fn new(buffer: Arc<wgpu::Buffer>, shape: Vec<usize>, dtype: DType) -> Self {
         Tensor { buffer, shape, dtype, texture: None }
     }
-    /// The same tensor viewed through another buffer handle's shape and dtype, with no texture twin.
-    pub fn from_buffer(buffer: Arc<wgpu::Buffer>, shape: Vec<usize>, dtype: DType) -> Self {
-        Tensor::new(buffer, shape, dtype)
+    /// The same buffer under another shape and dtype (no size check: views of a larger buffer are allowed).
+    /// The texture twin stays while the view keeps the dtype and the row length (the same [rows, cols] layout).
+    pub fn view(&self, shape: &[usize], dtype: DType) -> Tensor {
+        let texture = self.texture.clone().filter(|_| dtype == self.dtype && shape.last() == self.shape.last());
+        Tensor { buffer: self.buffer.clone(), shape: shape.to_vec(), dtype, texture }
     }
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
@@ -84,9 +86,7 @@ impl Tensor {
                 msg: format!("{:?} has {} elements, {:?} has {}", self.shape, self.numel(), shape, n),
             });
         }
-        // The twin stays valid while rows keep their length (same [rows, cols] layout).
-        let texture = self.texture.clone().filter(|_| shape.last() == self.shape.last());
-        Ok(Tensor { buffer: self.buffer.clone(), shape: shape.to_vec(), dtype: self.dtype, texture })
+        Ok(self.view(shape, self.dtype))
     }
     pub fn bytes(&self) -> u64 {
         self.buffer.size()

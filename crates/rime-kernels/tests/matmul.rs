@@ -235,6 +235,9 @@ fn texture_twin_follows_reshape_and_eligibility() {
     assert_eq!(t.texture.is_some(), d.is_cpu());
     assert_eq!(t.reshape(&[2, 2, 128]).unwrap().texture.is_some(), d.is_cpu());
     assert!(t.reshape(&[8, 64]).unwrap().texture.is_none());
+    // Views (what the graph executor hands kernels) follow the same rule and also need the same dtype.
+    assert_eq!(t.view(&[4, 128], DType::F32).texture.is_some(), d.is_cpu());
+    assert!(t.view(&[4, 128], DType::U32).texture.is_none());
     // Rows that are not 64-multiples, non-f32 and 1-D tensors stay plain.
     assert!(d.with_texture_twin(&d.upload_f32(&randn(2, 4 * 36, 1.0), &[4, 36]).unwrap()).unwrap().texture.is_none());
     assert!(d.with_texture_twin(&d.upload_f32(&randn(3, 128, 1.0), &[128]).unwrap()).unwrap().texture.is_none());

@@ -227,7 +227,7 @@ impl Decoder {
             });
             let ds = match prefix {
                 Some(n) => {
-                    let view = |b: &Tensor| Tensor::from_buffer(b.buffer.clone(), vec![1, n, nkv, hs], DType::F32);
+                    let view = |b: &Tensor| b.view(&[1, n, nkv, hs], DType::F32);
                     let (kv, vv) = (view(&self.k_cache[l]), view(&self.v_cache[l]));
                     attention::attention_forward(dev, &s.att, &s.lse, &s.qr, &kv, &vv, None, true, scale)?
                 }
