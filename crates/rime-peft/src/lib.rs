@@ -22,6 +22,19 @@ pub enum Error {
     Kernel(#[from] rime_kernels::Error),
     #[error("{0}")]
     Msg(String),
+    /// A configuration value the library refuses. `field` is the field's name in the library's own config
+    /// types (`rank`, `lora_dropout`, `batch_size`, `num_virtual_tokens`, `eval`, ...), never a CLI flag: a
+    /// front end maps it to its own spelling (the CLI prints `--rank`). The message reads after the field:
+    /// `rank 0: must be at least 1` is `{ field: "rank", message: "0: must be at least 1" }`.
+    #[error("{field} {message}")]
+    Invalid { field: &'static str, message: String },
+}
+
+impl Error {
+    /// [`Error::Invalid`] for `field`.
+    pub fn invalid(field: &'static str, message: impl Into<String>) -> Error {
+        Error::Invalid { field, message: message.into() }
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
