@@ -362,7 +362,9 @@ impl MergeConfig {
         Ok(cfg)
     }
 
-    fn check_inputs(&self) -> Result<()> {
+    /// Checks that the config names the inputs its method needs (a YAML config is checked when read; a
+    /// config built in code should be checked with this before merging).
+    pub fn check_inputs(&self) -> Result<()> {
         let err = |msg: String| Error::Config { file: self.source.display().to_string(), msg };
         match self.method {
             Method::Linear if self.models.is_empty() => {

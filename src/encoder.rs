@@ -1,0 +1,242 @@
+//! Sentence embeddings from a BERT-family encoder (all-MiniLM-L6-v2 and the like), the sentence-transformers
+//! way: mean pool over the attention mask, then L2 normalization; optionally with a peft adapter applied on the
+//! GPU (its parameters run beside the frozen weights; nothing is folded).
+
+use std::path::{Path, PathBuf};
+
+use rime_graph::ParamStore;
+use rime_io::tokenizer::{Padding, Tokenizer};
+use rime_models::bert::BertConfig;
+use rime_models::LinearHook;
+use rime_peft::classifier;
+use rime_peft::trainer::{self, Encoded, Session};
+
+use crate::{Error, Gpu, Result};
+
+/// How an [`Encoder`] reads and pools.
+#[derive(Debug, Clone)]
+pub struct EncoderOptions {
+    /// Texts per forward pass.
+    pub batch_size: usize,
+    /// Longer texts are truncated (counted in [`Embeddings::truncated`]). None: the folder's
+    /// `sentence_bert_config.json` `max_seq_length`, else 512, capped at the model's position table.
+    pub max_length: Option<usize>,
+    /// L2-normalize each embedding (sentence-transformers' `normalize_embeddings`).
+    pub normalize: bool,
+    /// A peft adapter folder applied to the encoder (LoRA, or a head-only probe adapter).
+    pub adapter: Option<PathBuf>,
+}
+
+impl Default for EncoderOptions {
+    fn default() -> Self {
+        EncoderOptions { batch_size: 32, max_length: None, normalize: true, adapter: None }
+    }
+}
+
+/// Embeddings of a list of texts, in order, with what happened on the way.
+#[derive(Debug, Clone)]
+pub struct Embeddings {
+    /// One vector per text.
+    pub vectors: Vec<Vec<f32>>,
+    /// Texts longer than the maximum length (truncated).
+    pub truncated: usize,
+}
+
+/// An encoder model on a [`Gpu`].
+///
+/// ```no_run
+/// use rime::{Encoder, Gpu};
+/// let gpu = Gpu::new()?;
+/// let mut enc = Encoder::load(&gpu, "models/all-minilm-l6-v2")?;
+/// let v = enc.embed(&["A man is eating food.", "A man is eating a piece of bread."])?;
+/// println!("cosine similarity {:.3}", rime::encoder::cosine(&v[0], &v[1]));
+/// # Ok::<(), rime::Error>(())
+/// ```
+pub struct Encoder<'g> {
+    gpu: &'g Gpu,
+    store: Option<ParamStore>,
+    hook: Option<Box<dyn LinearHook>>,
+    session: Option<Session<'g>>,
+    cfg: BertConfig,
+    prefix: String,
+    tok: Tokenizer,
+    opts: EncoderOptions,
+    max_length: usize,
+    notes: Vec<String>,
+}
+
+/// `max_seq_length` of a sentence-transformers folder, when it says.
+fn sentence_max_length(model: &Path) -> Option<usize> {
+    let text = std::fs::read_to_string(model.join("sentence_bert_config.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v.get("max_seq_length")?.as_u64().map(|x| x as usize)
+}
+
+impl<'g> Encoder<'g> {
+    /// Loads a Hugging Face model folder (config.json, model.safetensors, tokenizer.json) with the default
+    /// [`EncoderOptions`].
+    pub fn load(gpu: &'g Gpu, model: impl AsRef<Path>) -> Result<Encoder<'g>> {
+        Encoder::load_with(gpu, model, EncoderOptions::default())
+    }
+
+    /// Loads a model folder with `opts` (an adapter, batch size, maximum length, normalization).
+    pub fn load_with(gpu: &'g Gpu, model: impl AsRef<Path>, opts: EncoderOptions) -> Result<Encoder<'g>> {
+        let model = model.as_ref();
+        if opts.batch_size == 0 {
+            return Err(Error::invalid("batch_size", "must be at least 1"));
+        }
+        let max_length = opts.max_length.or_else(|| sentence_max_length(model)).unwrap_or(512);
+        if max_length < 2 {
+            return Err(Error::invalid("max_length", format!("{max_length}: must be at least 2 ([CLS] and [SEP])")));
+        }
+        if !model.is_dir() {
+            return Err(Error::invalid(
+                "model",
+                format!(
+                    "{}: expected a Hugging Face model folder of a BERT encoder (config.json, model.safetensors, \
+                     tokenizer.json)",
+                    model.display()
+                ),
+            ));
+        }
+        let dev = gpu.device();
+        let (mut store, cfg, prefix, tok) = trainer::open_model(dev, model, max_length)?;
+        let max_length = tok.max_length().unwrap_or(max_length);
+        let mut notes = Vec::new();
+        let hook = match &opts.adapter {
+            Some(dir) => load_adapter(gpu, &mut store, dir, &mut notes)?,
+            None => classifier::hook_for(&classifier::Method::Probe),
+        };
+        // The inference session ends in a classification head; without one it gets a dummy 1-class head
+        // whose logits are ignored.
+        if store.find(classifier::HEAD_WEIGHT).is_none() {
+            classifier::init_head(dev, &mut store, cfg.hidden, 1, 0)?;
+        }
+        Ok(Encoder {
+            gpu,
+            store: Some(store),
+            hook: Some(hook),
+            session: None,
+            cfg,
+            prefix,
+            tok,
+            opts,
+            max_length,
+            notes,
+        })
+    }
+
+    /// The embedding width (384 for MiniLM).
+    pub fn dim(&self) -> usize {
+        self.cfg.hidden
+    }
+
+    /// The longest input in tokens; longer texts are truncated.
+    pub fn max_length(&self) -> usize {
+        self.max_length
+    }
+
+    /// Remarks about the loaded adapter (e.g. that it holds only a classification head).
+    pub fn notes(&self) -> &[String] {
+        &self.notes
+    }
+
+    /// One embedding per text (mean-pooled, L2-normalized unless [`EncoderOptions::normalize`] is off).
+    pub fn embed(&mut self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
+        Ok(self.embed_all(texts)?.vectors)
+    }
+
+    /// [`Encoder::embed`], also counting the texts that were truncated.
+    pub fn embed_all(&mut self, texts: &[&str]) -> Result<Embeddings> {
+        if texts.is_empty() {
+            return Ok(Embeddings { vectors: Vec::new(), truncated: 0 });
+        }
+        let enc = self.tok.encode_batch(texts, None, Padding::Longest)?;
+        let t = enc.seq_len;
+        let mut e = Encoded { ids: vec![], types: vec![], labels: vec![-100; texts.len()] };
+        for (r, len) in enc.lengths().into_iter().enumerate() {
+            e.ids.push(enc.input_ids[r * t..r * t + len].to_vec());
+            e.types.push(enc.token_type_ids[r * t..r * t + len].to_vec());
+        }
+        let truncated = enc.truncated.iter().filter(|&&x| x).count();
+        let session = self.session(texts.len())?;
+        let (_, mut pooled) = session.predict(&e, |_| {})?;
+        let hidden = self.cfg.hidden;
+        if self.opts.normalize {
+            // torch.nn.functional.normalize: x / max(‖x‖, 1e-12)
+            for row in pooled.chunks_mut(hidden) {
+                let n = row.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+                row.iter_mut().for_each(|x| *x /= n);
+            }
+        }
+        Ok(Embeddings { vectors: pooled.chunks(hidden).map(<[f32]>::to_vec).collect(), truncated })
+    }
+
+    /// The inference session, built on first use with a batch of at most `n` rows.
+    fn session(&mut self, n: usize) -> Result<&mut Session<'g>> {
+        if self.session.is_none() {
+            let store = self.store.take().expect("the store moves into the session once");
+            let hook = self.hook.take().expect("the hook moves into the session once");
+            let batch = self.opts.batch_size.min(n).max(1);
+            self.session = Some(Session::for_inference(
+                self.gpu.device(),
+                store,
+                self.cfg.clone(),
+                self.prefix.clone(),
+                hook,
+                batch,
+                self.max_length,
+            ));
+        }
+        Ok(self.session.as_mut().expect("just built"))
+    }
+}
+
+/// Loads an adapter folder's tensors into the store. Only LoRA changes the encoder's output; the modules it
+/// adapts must exist in the model (or the adapter would silently do nothing).
+fn load_adapter(gpu: &Gpu, store: &mut ParamStore, dir: &Path, notes: &mut Vec<String>) -> Result<Box<dyn LinearHook>> {
+    let ad = rime_io::PeftAdapter::load(dir)?;
+    let c = &ad.config;
+    let bad = |m: String| -> Result<Box<dyn LinearHook>> {
+        Err(Error::invalid("adapter", format!("{}: {m}", dir.display())))
+    };
+    match c.peft_type.as_str() {
+        "LORA" => {}
+        "RIME_PROBE" => {
+            notes.push(format!(
+                "{} holds a classification head only; embeddings are those of the base model",
+                dir.display()
+            ));
+            return Ok(classifier::hook_for(&classifier::Method::Probe));
+        }
+        t => return bad(format!("peft_type {t} is not supported for embeddings (LORA is)")),
+    }
+    if c.r == 0 {
+        return bad("adapter_config.json has r = 0".into());
+    }
+    if c.use_dora || !c.rank_pattern.is_empty() || !c.alpha_pattern.is_empty() {
+        return bad("DoRA and per-module rank_pattern/alpha_pattern are not supported for embeddings".into());
+    }
+    let pairs = ad.lora_pairs();
+    if pairs.is_empty() {
+        return bad("a LORA adapter without lora_A/lora_B tensors".into());
+    }
+    for p in &pairs {
+        if store.find(&format!("{}.weight", p.module)).is_none() {
+            return bad(format!(
+                "tensor '{}' adapts module '{}', which this model does not have (another base model?)",
+                p.a, p.module
+            ));
+        }
+    }
+    classifier::load_adapter(gpu.device(), store, dir)?;
+    Ok(classifier::hook_for_adapter(c)?)
+}
+
+/// Cosine similarity of two vectors (their dot product when both are normalized).
+pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let na = a.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let nb = b.iter().map(|x| x * x).sum::<f32>().sqrt();
+    dot / (na * nb).max(1e-12)
+}
