@@ -60,7 +60,7 @@ pub fn linear<P: AsRef<Path>>(models: &[(P, f64)]) -> MergeConfig {
 }
 
 /// Task arithmetic: `θ_base + λ Σ wᵢ (θᵢ − θ_base)`.
-pub fn task_arithmetic<P: AsRef<Path>>(base: P, models: &[(P, f64)], lambda: f64) -> MergeConfig {
+pub fn task_arithmetic<P: AsRef<Path>>(base: impl AsRef<Path>, models: &[(P, f64)], lambda: f64) -> MergeConfig {
     let mut c = config(
         Method::TaskArithmetic,
         Some(entry(base, None, None)),
@@ -71,7 +71,7 @@ pub fn task_arithmetic<P: AsRef<Path>>(base: P, models: &[(P, f64)], lambda: f64
 }
 
 /// TIES: each task vector trimmed to its `density` largest magnitudes, signs elected, agreeing values averaged.
-pub fn ties<P: AsRef<Path>>(base: P, models: &[(P, f64)], density: f64, lambda: f64) -> MergeConfig {
+pub fn ties<P: AsRef<Path>>(base: impl AsRef<Path>, models: &[(P, f64)], density: f64, lambda: f64) -> MergeConfig {
     let mut c = config(
         Method::Ties,
         Some(entry(base, None, None)),
@@ -83,7 +83,13 @@ pub fn ties<P: AsRef<Path>>(base: P, models: &[(P, f64)], density: f64, lambda: 
 
 /// DARE: each task vector keeps a random `density` of its elements, rescaled by 1/density; with `ties`, then
 /// TIES' sign election (mergekit `dare_ties`), else a weighted sum (`dare_linear`). The drop masks follow `seed`.
-pub fn dare<P: AsRef<Path>>(base: P, models: &[(P, f64)], density: f64, ties: bool, seed: u64) -> MergeConfig {
+pub fn dare<P: AsRef<Path>>(
+    base: impl AsRef<Path>,
+    models: &[(P, f64)],
+    density: f64,
+    ties: bool,
+    seed: u64,
+) -> MergeConfig {
     let method = if ties { Method::DareTies } else { Method::DareLinear };
     let mut c = config(
         method,
