@@ -3,11 +3,12 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::time::Instant;
 
-use rime_kernels::{DType, Device, DeviceOptions};
-use rime_models::generate::{generate_greedy, render_chat, Decoder};
-use rime_models::llama;
+use rime::decoder::{DecoderOptions, GenerateOptions};
+use rime::Decoder;
+use rime_kernels::{Device, DeviceOptions};
+
+use crate::facade_err::flagged;
 
 type BoxErr = Box<dyn std::error::Error>;
 
@@ -34,28 +35,6 @@ pub struct GenerateArgs {
     pub weights: String,
 }
 
-/// Streams decoded text: decodes everything generated so far and prints what is new, holding back an
-/// incomplete UTF-8 sequence (byte-level BPE splits characters across tokens).
-struct Streamer {
-    ids: Vec<u32>,
-    printed: usize,
-}
-
-impl Streamer {
-    fn push(&mut self, tok: &rime_io::Tokenizer, id: u32) -> Result<(), BoxErr> {
-        self.ids.push(id);
-        let text = tok.decode(&self.ids, true)?;
-        if text.ends_with('\u{FFFD}') || text.len() < self.printed || !text.is_char_boundary(self.printed) {
-            return Ok(());
-        }
-        let mut out = std::io::stdout().lock();
-        out.write_all(text[self.printed..].as_bytes())?;
-        out.flush()?;
-        self.printed = text.len();
-        Ok(())
-    }
-}
-
 pub fn run(opts: &DeviceOptions, a: &GenerateArgs) -> Result<(), BoxErr> {
     let path = a.model.clone().unwrap_or_else(|| rime_io::models_dir().join("smollm2-135m-instruct.Q4_1.gguf"));
     if !path.exists() {
@@ -63,73 +42,42 @@ pub fn run(opts: &DeviceOptions, a: &GenerateArgs) -> Result<(), BoxErr> {
             format!("--model {}: no such file (run scripts/fetch-models.sh for the default)", path.display()).into()
         );
     }
-    let dtype = match a.weights.as_str() {
-        "f32" => DType::F32,
-        "f16" => DType::F16,
+    let half_precision = match a.weights.as_str() {
+        "f32" => false,
+        "f16" => true,
         w => return Err(format!("--weights {w}: expected f32 or f16").into()),
     };
-    let dev = Device::new(opts)?;
-    let t0 = Instant::now();
-    let m = llama::load_gguf(&dev, &path, a.adapter.as_deref(), dtype)?;
-    let load_secs = t0.elapsed().as_secs_f64();
-    let tok = &m.tokenizer;
-    let ids = if a.chat {
-        let tmpl = m
-            .chat_template
-            .as_deref()
-            .ok_or_else(|| format!("--chat: {} has no chat template (tokenizer.chat_template)", path.display()))?;
-        let name = |id: Option<u32>| id.and_then(|i| tok.id_to_token(i)).unwrap_or_default();
-        let text = render_chat(tmpl, &a.prompt, &name(m.bos_token), &name(m.eos_tokens.first().copied()))?;
-        tok.encode(&text, false)?
-    } else {
-        tok.encode(&a.prompt, true)?
-    };
-    if ids.is_empty() {
-        return Err("--prompt: the prompt encodes to no tokens".into());
-    }
-    let max_seq = (ids.len() + a.max_new_tokens).min(m.cfg.max_positions);
-    if ids.len() >= max_seq {
-        return Err(format!(
-            "--prompt: {} tokens leave no room under the model's context of {}",
-            ids.len(),
-            m.cfg.max_positions
-        )
-        .into());
-    }
-    let mut dec = Decoder::new(&dev, &m.store, &m.cfg, max_seq)?;
-    let mut eos = m.eos_tokens.clone();
-    // Chat models end a turn with their end-of-turn token, which may differ from the file's eos.
-    for t in ["<|im_end|>", "<|eot_id|>", "<|end|>"] {
-        if let Some(id) = tok.token_to_id(t) {
-            if !eos.contains(&id) {
-                eos.push(id);
+    let gpu = rime::Gpu::from_device(Device::new(opts)?);
+    let dopts = DecoderOptions { adapter: a.adapter.clone(), half_precision };
+    let mut lm = Decoder::load_with(&gpu, &path, &dopts).map_err(flagged)?;
+    let gopts = GenerateOptions { max_new_tokens: a.max_new_tokens, chat: a.chat };
+    let mut out = std::io::stdout();
+    let mut fault = None;
+    let st = lm
+        .generate_streaming(&a.prompt, &gopts, |piece| {
+            if let Err(e) = out.write_all(piece.as_bytes()).and_then(|_| out.flush()) {
+                fault.get_or_insert(e);
             }
-        }
-    }
-    let mut s = Streamer { ids: Vec::new(), printed: 0 };
-    let mut err: Option<BoxErr> = None;
-    let st = generate_greedy(&dev, &mut dec, &ids, a.max_new_tokens, &eos, &mut |id| {
-        if let Err(e) = s.push(tok, id) {
-            err.get_or_insert(e);
-        }
-        Ok(())
-    })?;
-    if let Some(e) = err {
-        return Err(e);
+        })
+        .map_err(flagged)?;
+    if let Some(e) = fault {
+        return Err(e.into());
     }
     println!();
-    let n = st.generated.len();
+    let n = st.tokens.len();
+    let adapted = lm.adapted_modules().len();
     eprintln!(
-        "{} on {}: loaded in {load_secs:.1}s{}; prompt {} tokens in {:.2}s ({:.1} tokens/s); generated {n} tokens{}, \
+        "{} on {}: loaded in {:.1}s{}; prompt {} tokens in {:.2}s ({:.1} tokens/s); generated {n} tokens{}, \
          {:.2} tokens/s decoding",
         path.display(),
-        dev.info().name,
-        if m.folded.is_empty() { String::new() } else { format!(" with {} LoRA modules folded", m.folded.len()) },
+        gpu.info().name,
+        lm.load_secs(),
+        if adapted == 0 { String::new() } else { format!(" with {adapted} LoRA modules folded") },
         st.prompt_tokens,
         st.prefill_secs,
         st.prompt_tokens as f64 / st.prefill_secs.max(1e-9),
         if st.stopped_at_eos { " (stopped at eos)" } else { "" },
-        st.decode_tokens_per_sec(),
+        st.tokens_per_sec,
     );
     Ok(())
 }

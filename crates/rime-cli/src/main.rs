@@ -3,6 +3,7 @@
 
 mod bench;
 mod embed;
+mod facade_err;
 mod generate;
 mod info;
 mod inspect;
