@@ -17,7 +17,8 @@
 use std::path::{Path, PathBuf};
 
 pub use rime_merge::{
-    Combination, CombineOptions, MergeConfig, MergeOptions, MergeReport, Method, ModelEntry, OutDtype, Param,
+    parse_size, Combination, CombineOptions, MergeConfig, MergeOptions, MergeReport, Method, ModelEntry, OutDtype,
+    Param,
 };
 
 use crate::{Gpu, Result};

@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+use rime::merge;
+
 /// Merge checkpoints without training, on the GPU, one tensor at a time.
 ///
 /// With a CONFIG (mergekit's YAML shape; a mergekit file for these methods runs unchanged):
@@ -95,8 +97,8 @@ pub struct MergeArgs {
 }
 
 pub fn run(opts: &rime_kernels::DeviceOptions, args: &MergeArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let shard_size = rime_merge::parse_size(&args.shard_size)?;
-    let mopts = rime_merge::MergeOptions { force: args.force, shard_size };
+    let shard_size = merge::parse_size(&args.shard_size)?;
+    let mopts = merge::MergeOptions { force: args.force, shard_size };
     let report = match (&args.fold_lora, &args.config) {
         _ if args.combine_lora.is_some() => {
             let list = args.combine_lora.as_deref().unwrap_or_default();
@@ -110,8 +112,8 @@ pub fn run(opts: &rime_kernels::DeviceOptions, args: &MergeArgs) -> Result<(), B
             if weights.len() != list.len() {
                 return Err(format!("--weights has {} values for {} adapters", weights.len(), list.len()).into());
             }
-            let combination = rime_merge::Combination::parse(&args.combination).ok_or_else(|| {
-                let known: Vec<&str> = rime_merge::Combination::ALL.iter().map(|(n, _)| *n).collect();
+            let combination = merge::Combination::parse(&args.combination).ok_or_else(|| {
+                let known: Vec<&str> = merge::Combination::ALL.iter().map(|(n, _)| *n).collect();
                 format!("--combination {}: expected one of {}", args.combination, known.join(", "))
             })?;
             let majority_sign_total = match args.majority_sign.as_str() {
@@ -119,34 +121,34 @@ pub fn run(opts: &rime_kernels::DeviceOptions, args: &MergeArgs) -> Result<(), B
                 "frequency" => false,
                 m => return Err(format!("--majority-sign {m}: expected total or frequency").into()),
             };
-            let copts = rime_merge::CombineOptions {
+            let copts = merge::CombineOptions {
                 combination,
                 density: args.density,
                 majority_sign_total,
                 svd_rank: args.svd_rank,
                 seed: args.seed,
             };
-            let dev = rime_kernels::Device::new(opts)?;
-            rime_merge::combine_lora(&dev, list, &weights, &copts, &args.out, args.force)?
+            let gpu = rime::Gpu::from_device(rime_kernels::Device::new(opts)?);
+            merge::combine_lora(&gpu, list, &weights, &copts, &args.out, args.force)?
         }
         (Some(adapter), _) => {
             let base = args.base.as_ref().ok_or("--fold-lora needs --base MODEL")?;
             let dtype = match args.dtype.as_deref() {
                 None => None,
-                Some("float32") | Some("fp32") => Some(rime_merge::OutDtype::F32),
-                Some("float16") | Some("fp16") => Some(rime_merge::OutDtype::F16),
-                Some("bfloat16") | Some("bf16") => Some(rime_merge::OutDtype::BF16),
+                Some("float32") | Some("fp32") => Some(merge::OutDtype::F32),
+                Some("float16") | Some("fp16") => Some(merge::OutDtype::F16),
+                Some("bfloat16") | Some("bf16") => Some(merge::OutDtype::BF16),
                 Some(d) => return Err(format!("--dtype {d}: expected float32, float16 or bfloat16").into()),
             };
-            rime_merge::fold_lora(adapter, base, &args.out, dtype, &mopts)?
+            merge::fold_lora(adapter, base, &args.out, dtype, &mopts)?
         }
         (None, Some(config)) => {
             if args.dtype.is_some() {
                 return Err("--dtype applies to --fold-lora; put `dtype:` in the merge config".into());
             }
-            let cfg = rime_merge::MergeConfig::from_file(config)?;
-            let dev = rime_kernels::Device::new(opts)?;
-            rime_merge::merge(&dev, &cfg, &args.out, &mopts)?
+            let cfg = merge::MergeConfig::from_file(config)?;
+            let gpu = rime::Gpu::from_device(rime_kernels::Device::new(opts)?);
+            merge::run(&gpu, &cfg, &args.out, &mopts)?
         }
         (None, None) => return Err("give a merge CONFIG or --fold-lora ADAPTER --base MODEL".into()),
     };
