@@ -53,12 +53,13 @@ pub struct Generation {
 
 /// A decoder model on a [`Gpu`].
 ///
-/// ```no_run
+/// ```
 /// use rime::{decoder::GenerateOptions, Decoder, Gpu};
 /// let gpu = Gpu::new()?;
-/// let mut lm = Decoder::load(&gpu, "models/smollm2-135m-instruct.Q4_1.gguf")?;
-/// let opts = GenerateOptions { max_new_tokens: 32, chat: true };
-/// println!("{}", lm.generate("What is the capital of France?", &opts)?.text);
+/// let mut lm = Decoder::load(&gpu, rime::models_dir().join("smollm2-135m-instruct.Q4_1.gguf"))?;
+/// let opts = GenerateOptions { max_new_tokens: 8, chat: true };
+/// let reply = lm.generate("What is the capital of France?", &opts)?;
+/// assert!(reply.text.contains("Paris"));
 /// # Ok::<(), rime::Error>(())
 /// ```
 pub struct Decoder<'g> {

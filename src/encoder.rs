@@ -44,10 +44,10 @@ pub struct Embeddings {
 
 /// An encoder model on a [`Gpu`].
 ///
-/// ```no_run
+/// ```
 /// use rime::{Encoder, Gpu};
 /// let gpu = Gpu::new()?;
-/// let mut enc = Encoder::load(&gpu, "models/all-minilm-l6-v2")?;
+/// let mut enc = Encoder::load(&gpu, rime::models_dir().join("all-minilm-l6-v2"))?;
 /// let v = enc.embed(&["A man is eating food.", "A man is eating a piece of bread."])?;
 /// println!("cosine similarity {:.3}", rime::encoder::cosine(&v[0], &v[1]));
 /// # Ok::<(), rime::Error>(())

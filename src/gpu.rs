@@ -7,7 +7,7 @@ use crate::Result;
 /// A GPU (any adapter wgpu reaches: Vulkan, Metal, DX12, or the CPU driver lavapipe) with rime's kernels ready
 /// to run on it. Every model, trainer and kernel call of this crate runs on one.
 ///
-/// ```no_run
+/// ```
 /// let gpu = rime::Gpu::new()?; // the default adapter (or the one named by the RIME_ADAPTER variable)
 /// let info = gpu.info();
 /// println!("{} ({}), subgroups: {}", info.name, info.backend, info.subgroups);

@@ -4,7 +4,7 @@
 //! once and returns it. For several kernels in one submit, or to reuse output buffers, build the dispatches
 //! with [`raw`] and run them with `gpu.device().run(&dispatches)`.
 //!
-//! ```no_run
+//! ```
 //! use rime::{kernels, Gpu};
 //! let gpu = Gpu::new()?;
 //! let a = gpu.upload(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &[2, 3])?; // [M=2, K=3]

@@ -16,9 +16,9 @@
 //! | merge checkpoints or adapters | [`merge`] |
 //! | run single kernels (matmul, attention, merging) as an accelerator backend | [`kernels`] |
 //!
-//! ```no_run
+//! ```
 //! let gpu = rime::Gpu::new()?;
-//! let mut encoder = rime::Encoder::load(&gpu, "models/all-minilm-l6-v2")?;
+//! let mut encoder = rime::Encoder::load(&gpu, rime::models_dir().join("all-minilm-l6-v2"))?;
 //! let v = encoder.embed(&["The food was great.", "Lovely meal!"])?;
 //! assert_eq!(v[0].len(), 384);
 //! # Ok::<(), rime::Error>(())

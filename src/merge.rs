@@ -5,12 +5,16 @@
 //! A merge is a [`MergeConfig`]: built in code with the functions here, or read from a mergekit-shaped YAML
 //! file with [`MergeConfig::from_file`]. [`run`] writes the merged checkpoint as a folder.
 //!
-//! ```no_run
+//! ```
 //! use rime::{merge, Gpu};
 //! let gpu = Gpu::new()?;
-//! let cfg = merge::task_arithmetic("models/base", &[("runs/a/merged", 1.0), ("runs/b/merged", 1.0)], 0.5);
-//! let report = merge::run(&gpu, &cfg, "runs/merged".as_ref(), &merge::MergeOptions::default())?;
-//! println!("{} tensors in {:.1} s", report.tensors, report.seconds);
+//! // A soup of MiniLM with itself is MiniLM again (a real soup lists fine-tuned variants of one base).
+//! let minilm = rime::models_dir().join("all-minilm-l6-v2");
+//! let out = std::env::temp_dir().join(format!("rime-doc-soup-{}", std::process::id()));
+//! let cfg = merge::uniform_soup(&[&minilm, &minilm]);
+//! let report = merge::run(&gpu, &cfg, &out, &merge::MergeOptions::default())?;
+//! assert_eq!(report.tensors, 104); // every tensor of the checkpoint
+//! # std::fs::remove_dir_all(&out).ok();
 //! # Ok::<(), rime::Error>(())
 //! ```
 
