@@ -62,12 +62,80 @@ fn main() {
         Cmd::Generate(a) => generate::run(&opts, &a),
     };
     if let Err(e) = r {
-        eprintln!("error: {e}");
+        eprintln!("error: {}", message(e.as_ref()));
         let mut src = std::error::Error::source(&*e);
         while let Some(s) = src {
             eprintln!("  caused by: {s}");
             src = s.source();
         }
         std::process::exit(1);
+    }
+}
+
+/// The flag of each config field the library names in [`rime_peft::Error::Invalid`] (the library never names a
+/// flag; the CLI prints its own spelling).
+const FLAGS: &[(&str, &str)] = &[
+    // tuning methods
+    ("rank", "--rank"),
+    ("alpha", "--alpha"),
+    ("lora_dropout", "--lora-dropout"),
+    ("targets", "--targets"),
+    ("init", "--init"),
+    ("svfit_energy", "--svfit-energy"),
+    ("adapter_size", "--adapter-size"),
+    ("adapter_mode", "--adapter-mode"),
+    ("adapter_scale", "--adapter-scale"),
+    ("num_virtual_tokens", "--num-virtual-tokens"),
+    ("prompt_init", "--prompt-init"),
+    // the run
+    ("epochs", "--epochs"),
+    ("lr", "--lr"),
+    ("weight_decay", "--weight-decay"),
+    ("batch_size", "--batch-size"),
+    ("micro_batch_size", "--micro-batch-size"),
+    ("max_length", "--max-length"),
+    ("seed", "--seed"),
+    ("warmup_ratio", "--warmup-ratio"),
+    ("schedule", "--schedule"),
+    ("max_grad_norm", "--max-grad-norm"),
+    ("patience", "--patience"),
+    ("eval_fraction", "--eval-fraction"),
+    ("save_every", "--save-every"),
+    ("resume", "--resume"),
+    ("max_steps", "--max-steps"),
+    ("weights", "--weights"),
+    // data and model
+    ("model", "--model"),
+    ("train", "--train"),
+    ("eval", "--eval"),
+    ("data", "--data"),
+];
+
+/// The flag for a library config field (the field itself when the CLI has no such flag).
+fn flag(field: &str) -> &str {
+    FLAGS.iter().find(|(f, _)| *f == field).map_or(field, |(_, flag)| flag)
+}
+
+/// An error as the CLI prints it: a refused config value names its flag.
+fn message(e: &(dyn std::error::Error + 'static)) -> String {
+    match e.downcast_ref::<rime_peft::Error>() {
+        Some(rime_peft::Error::Invalid { field, message }) => format!("{} {message}", flag(field)),
+        _ => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refused_fields_print_as_flags() {
+        let e: Box<dyn std::error::Error> = Box::new(rime_peft::Error::invalid("lora_dropout", "1.5: must be below 1"));
+        assert_eq!(message(e.as_ref()), "--lora-dropout 1.5: must be below 1");
+        let e: Box<dyn std::error::Error> = Box::new(rime_peft::Error::invalid("unknown_field", "x"));
+        assert_eq!(message(e.as_ref()), "unknown_field x");
+        for f in ["rank", "alpha", "lora_dropout", "targets", "init", "svfit_energy", "adapter_size", "num_virtual_tokens"] {
+            assert!(flag(f).starts_with("--"), "{f}");
+        }
     }
 }

@@ -10,7 +10,8 @@ use rime_peft::classifier::Method;
 use rime_peft::lora::{LoraConfig, LoraInit};
 use rime_peft::prompt::{PrefixConfig, PromptConfig, PromptInit};
 use rime_peft::svfit::SvfitConfig;
-use rime_peft::trainer::{self, Event, TrainConfig};
+use rime_peft::trainer::{self, Event};
+use rime_peft::{CausalData, CausalTask, ClassifyTask, Schedule, TextClassData, TrainConfig, WeightStorage};
 
 type BoxErr = Box<dyn std::error::Error>;
 
@@ -156,7 +157,7 @@ pub struct TrainArgs {
     /// --text-column, with --text-pair-column as an unscored prompt; writes OUT/adapter).
     #[arg(long, default_value = "classify")]
     task: String,
-    /// Output folder: best/ (peft adapter), checkpoint/, metrics.jsonl, metrics.json, training.png.
+    /// Output folder: best/ (peft adapter), checkpoint/, metrics.jsonl, metrics.json, training.png and .svg.
     #[arg(long, default_value = "runs/fine_foods")]
     out: PathBuf,
 }
@@ -255,14 +256,9 @@ fn lora_config(a: &TrainArgs, targets: &str) -> Result<LoraConfig, BoxErr> {
 
 /// --weights: the storage dtype of the frozen linear weights, refused where a method rewrites or reads them as
 /// f32 (SVFit, DoRA's norms, PiSSA's residual).
-fn frozen_weights(a: &TrainArgs) -> Result<rime_kernels::DType, BoxErr> {
-    let dt = match a.weights.as_str() {
-        "f32" => return Ok(rime_kernels::DType::F32),
-        "f16" => rime_kernels::DType::F16,
-        "bf16" => rime_kernels::DType::BF16,
-        w => return Err(format!("--weights {w}: expected f32, f16 or bf16").into()),
-    };
-    if a.method == "svfit" || a.dora || a.init == "pissa" {
+fn frozen_weights(a: &TrainArgs) -> Result<WeightStorage, BoxErr> {
+    let w = WeightStorage::parse(&a.weights).ok_or_else(|| format!("--weights {}: expected f32, f16 or bf16", a.weights))?;
+    if w != WeightStorage::F32 && (a.method == "svfit" || a.dora || a.init == "pissa") {
         return Err(format!(
             "--weights {} does not combine with --method svfit, --dora or --init pissa (they rewrite or read the \
              frozen weights in f32)",
@@ -270,7 +266,30 @@ fn frozen_weights(a: &TrainArgs) -> Result<rime_kernels::DType, BoxErr> {
         )
         .into());
     }
-    Ok(dt)
+    Ok(w)
+}
+
+/// The run settings of the flags shared by every task.
+fn train_config(a: &TrainArgs) -> Result<TrainConfig, BoxErr> {
+    Ok(TrainConfig {
+        epochs: a.epochs,
+        lr: a.lr,
+        weight_decay: a.weight_decay,
+        batch_size: a.batch_size,
+        micro_batch_size: a.micro_batch_size,
+        max_length: a.max_length,
+        seed: a.seed,
+        warmup_ratio: a.warmup_ratio,
+        schedule: Schedule::parse(&a.schedule)
+            .ok_or_else(|| format!("--schedule '{}': expected constant, linear or cosine", a.schedule))?,
+        max_grad_norm: (a.max_grad_norm > 0.0).then_some(a.max_grad_norm),
+        patience: a.patience,
+        eval_fraction: a.eval_fraction,
+        save_every: a.save_every,
+        resume: a.resume,
+        max_steps: a.max_steps,
+        weights: frozen_weights(a)?,
+    })
 }
 
 pub fn run(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
@@ -326,39 +345,20 @@ pub fn run(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
             .into())
         }
     };
-    let cfg = TrainConfig {
-        model: model.clone(),
-        train,
-        eval,
-        columns: Columns {
-            text: a.text_column.clone(),
-            text_pair: a.text_pair_column.clone(),
-            label: Some(a.label_column.clone()),
-        },
-        method,
-        epochs: a.epochs,
-        lr: a.lr,
-        weight_decay: a.weight_decay,
-        batch_size: a.batch_size,
-        max_length: a.max_length,
-        seed: a.seed,
-        warmup_ratio: a.warmup_ratio,
-        schedule: a.schedule.clone(),
-        max_grad_norm: (a.max_grad_norm > 0.0).then_some(a.max_grad_norm),
-        patience: a.patience,
-        eval_fraction: a.eval_fraction,
-        save_every: a.save_every,
-        out: a.out.clone(),
-        resume: a.resume,
-        max_steps: a.max_steps,
-        micro_batch: a.micro_batch_size,
-        weights: frozen_weights(a)?,
+    let cfg = train_config(a)?;
+    let columns = Columns {
+        text: a.text_column.clone(),
+        text_pair: a.text_pair_column.clone(),
+        label: Some(a.label_column.clone()),
     };
     let dev = Device::new(opts)?;
     eprintln!("adapter: {} ({:?})", dev.info().name, dev.info().backend);
+    let train_data = TextClassData::from_file(&train, &columns)?;
+    let eval_data = eval.as_ref().map(|p| TextClassData::from_file(p, &columns)).transpose()?;
     let progress = Progress::new(10);
     let mut on = |e: Event| progress.on(e);
-    let summary = trainer::train(&dev, &cfg, &mut on)?;
+    let mut task = ClassifyTask::new(&dev, &model, method, train_data.clone(), eval_data.clone());
+    let summary = rime_peft::train(&mut task, &cfg, Some(&a.out), &mut on)?.summary;
     progress.bar.finish_and_clear();
     println!(
         "{}: eval accuracy {:.4}, macro-F1 {:.4}, loss {:.4}; {:.1} train examples/s over {:.0} s; adapter in {}",
@@ -368,11 +368,11 @@ pub fn run(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
         summary.eval_loss,
         summary.train_examples_per_s,
         summary.train_seconds,
-        cfg.out.join("best").display()
+        a.out.join("best").display()
     );
     if main_job && !a.no_baseline && a.method == "lora" {
         eprintln!("linear-probe baseline (frozen MiniLM mean-pool features, logistic regression head) ...");
-        let probe = trainer::probe_baseline(&dev, &cfg)?;
+        let probe = trainer::probe_baseline(&dev, &model, &train_data, eval_data.as_ref(), &cfg)?;
         println!(
             "\n{:<28}{:>10}{:>10}\n{:<28}{:>10.4}{:>10.4}\n{:<28}{:>10.4}{:>10.4}",
             "test set (fine_foods)",
@@ -385,7 +385,7 @@ pub fn run(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
             probe.accuracy,
             probe.macro_f1
         );
-        let path = cfg.out.join("metrics.json");
+        let path = a.out.join("metrics.json");
         if let Ok(text) = std::fs::read_to_string(&path) {
             if let Ok(mut v) = serde_json::from_str::<serde_json::Value>(&text) {
                 v["baseline_probe_accuracy"] = serde_json::json!(probe.accuracy);
@@ -464,34 +464,18 @@ fn run_causal(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
     if a.weights != "f32" {
         return Err("--weights applies to --task classify; causal-lm dequantizes the GGUF to f32".into());
     }
-    let cfg = rime_peft::causal::CausalConfig {
-        model,
-        train,
-        columns: Columns { text: a.text_column.clone(), text_pair: a.text_pair_column.clone(), label: None },
-        lora: lora_config(a, &targets)?,
-        epochs: a.epochs,
-        lr: a.lr,
-        weight_decay: a.weight_decay,
-        batch_size: a.batch_size,
-        max_length: a.max_length,
-        max_steps: a.max_steps,
-        seed: a.seed,
-        eval: a.eval.clone(),
-        eval_fraction: a.eval_fraction,
-        warmup_ratio: a.warmup_ratio,
-        schedule: a.schedule.clone(),
-        max_grad_norm: (a.max_grad_norm > 0.0).then_some(a.max_grad_norm),
-        patience: a.patience,
-        save_every: a.save_every,
-        resume: a.resume,
-        out: a.out.clone(),
-    };
+    let cfg = train_config(a)?;
+    let lora = lora_config(a, &targets)?;
     let dev = Device::new(opts)?;
     eprintln!("adapter: {} ({:?})", dev.info().name, dev.info().backend);
+    let columns = Columns { text: a.text_column.clone(), text_pair: a.text_pair_column.clone(), label: None };
+    let train_data = CausalData::from_file(&train, &columns)?;
+    let eval_data = a.eval.as_ref().map(|p| CausalData::from_file(p, &columns)).transpose()?;
     // A decoder step takes seconds on lavapipe: without a terminal, print every step.
     let progress = Progress::new(1);
     let mut on = |e: Event| progress.on(e);
-    let s = rime_peft::causal::train_causal(&dev, &cfg, &mut on)?;
+    let mut task = CausalTask::new(&dev, model, lora, train_data, eval_data);
+    let s = rime_peft::train(&mut task, &cfg, Some(&a.out), &mut on)?.summary;
     progress.bar.finish_and_clear();
     let eval = match (s.eval_loss, s.eval_perplexity) {
         (Some(l), Some(p)) => format!("; best eval loss {l:.4} (perplexity {p:.2})"),
@@ -504,7 +488,7 @@ fn run_causal(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
         s.last_loss,
         s.train_examples_per_s,
         s.trainable_params,
-        cfg.out.join("adapter").display()
+        a.out.join("adapter").display()
     );
     Ok(())
 }

@@ -20,11 +20,11 @@ use std::time::Instant;
 
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use rime_graph::{OptimConfig, ParamId};
-use rime_io::{Checkpoint, Dataset, LabelMap, Tokenizer};
+use rime_graph::ParamId;
+use rime_io::Checkpoint;
 use rime_kernels::Device;
-use rime_peft::classifier;
-use rime_peft::trainer::{self, Encoded, Session};
+use rime_peft::classify::{Encoded, GradientProbe, HEAD_BIAS, HEAD_WEIGHT};
+use rime_peft::TextClassData;
 use serde::Serialize;
 
 use crate::config::MergeConfig;
@@ -56,35 +56,26 @@ fn perr(e: rime_peft::Error) -> Error {
     Error::Invalid(format!("aTLAS: {e}"))
 }
 
-/// Writes W_t = merged(λ_t) into the session's parameters.
-pub fn set_coefficients(sess: &Session, tensors: &[AtlasTensor], lam: &[Vec<f32>]) -> Result<()> {
+/// Writes W_t = merged(λ_t) into the probe's parameters.
+pub fn set_coefficients(probe: &GradientProbe, tensors: &[AtlasTensor], lam: &[Vec<f32>]) -> Result<()> {
     for (t, l) in tensors.iter().zip(lam) {
-        sess.dev.write_f32(&sess.store.get(t.id).tensor, &t.merged(l))?;
+        probe.write(t.id, &t.merged(l)).map_err(perr)?;
     }
     Ok(())
 }
 
 /// Loss of the batch `idx` (padded to length `seq`) and dL/dλ [tensor][k] at the coefficients last set.
 pub fn loss_and_grad(
-    sess: &mut Session,
+    probe: &mut GradientProbe,
     tensors: &[AtlasTensor],
     enc: &Encoded,
     idx: &[usize],
     seq: usize,
 ) -> Result<(f32, Vec<Vec<f32>>)> {
-    let dev = sess.dev;
-    let b = sess.batch;
-    let se = sess.exec(seq).map_err(perr)?;
-    let (ids, types, mask, labels) = trainer::make_batch(enc, idx, b, seq);
-    classifier::feed(dev, se, &ids, &types, &mask, &labels).map_err(perr)?;
-    se.exec.backward_only(dev).map_err(|e| Error::Invalid(format!("aTLAS backward: {e}")))?;
-    let loss = se.exec.read(dev, se.loss).map_err(|e| Error::Invalid(format!("aTLAS loss: {e}")))?[0];
+    let ids: Vec<ParamId> = tensors.iter().map(|t| t.id).collect();
+    let (loss, gw) = probe.loss_and_grads(enc, idx, seq, &ids).map_err(perr)?;
     let mut grads = Vec::with_capacity(tensors.len());
-    for t in tensors {
-        let g = se
-            .exec
-            .read_param_grad(dev, t.id)
-            .map_err(|e| Error::Tensor { tensor: t.name.clone(), msg: format!("no gradient: {e}") })?;
+    for (t, g) in tensors.iter().zip(gw) {
         grads.push(
             t.taus
                 .iter()
@@ -105,7 +96,7 @@ pub struct AtlasFit {
 /// Adam on λ from `init` over `steps` batches of `enc` (shuffled with `seed`, padded to `seq`); leaves the
 /// session holding the learned coefficients.
 pub fn fit(
-    sess: &mut Session,
+    probe: &mut GradientProbe,
     tensors: &[AtlasTensor],
     enc: &Encoded,
     init: Vec<Vec<f32>>,
@@ -123,15 +114,15 @@ pub fn fit(
     let mut pos = order.len();
     let mut losses = Vec::with_capacity(steps);
     for step in 1..=steps {
-        let b = sess.batch;
+        let b = probe.batch();
         if pos + b > order.len() {
             order.shuffle(&mut rng);
             pos = 0;
         }
         let idx: Vec<usize> = order[pos..(pos + b).min(order.len())].to_vec();
         pos += b;
-        set_coefficients(sess, tensors, &lam)?;
-        let (loss, g) = loss_and_grad(sess, tensors, enc, &idx, seq)?;
+        set_coefficients(probe, tensors, &lam)?;
+        let (loss, g) = loss_and_grad(probe, tensors, enc, &idx, seq)?;
         if !loss.is_finite() {
             return Err(Error::Invalid(format!("aTLAS: loss is {loss} at step {step}")));
         }
@@ -146,13 +137,13 @@ pub fn fit(
             }
         }
     }
-    set_coefficients(sess, tensors, &lam)?;
+    set_coefficients(probe, tensors, &lam)?;
     Ok(AtlasFit { lambdas: lam, losses })
 }
 
-/// Mean loss over all of `enc` at the coefficients currently set (forward only, batches of the session).
-pub fn mean_loss(sess: &mut Session, enc: &Encoded) -> Result<f64> {
-    Ok(sess.evaluate(enc, |_| {}).map_err(perr)?.loss)
+/// Mean loss over all of `enc` at the coefficients currently set (forward only, batches of the probe).
+pub fn mean_loss(probe: &mut GradientProbe, enc: &Encoded) -> Result<f64> {
+    Ok(probe.evaluate(enc).map_err(perr)?.loss)
 }
 
 #[derive(Serialize)]
@@ -169,15 +160,9 @@ struct AtlasReport<'a> {
     eval_accuracy_learned: Option<f64>,
 }
 
-fn encode_file(tok: &Tokenizer, cfg: &MergeConfig, path: &Path, labels: &LabelMap, limit: usize) -> Result<Encoded> {
-    let ds = Dataset::load(path, &columns(cfg))?;
-    let (mut enc, _) = trainer::encode(tok, &ds, Some(labels)).map_err(perr)?;
-    if enc.ids.len() > limit {
-        enc.ids.truncate(limit);
-        enc.types.truncate(limit);
-        enc.labels.truncate(limit);
-    }
-    Ok(enc)
+fn encode_file(probe: &GradientProbe, cfg: &MergeConfig, path: &Path, labels: &[String], limit: usize) -> Result<Encoded> {
+    let data = TextClassData::from_file(path, &columns(cfg)).map_err(perr)?;
+    probe.encode(&data, labels, limit).map_err(perr)
 }
 
 /// Runs aTLAS as `cfg` says (see the module doc) and writes `out`.
@@ -208,7 +193,8 @@ pub fn atlas(dev: &Device, cfg: &MergeConfig, out: &Path, opts: &MergeOptions) -
             return Err(Error::Invalid(format!("{}: rime_labels differ from {}", p.display(), paths[0].display())));
         }
     }
-    let (mut store, bcfg, prefix, tok) = trainer::open_model(dev, &base, max_length).map_err(perr)?;
+    let mut probe = GradientProbe::open(dev, &base, batch, max_length).map_err(perr)?;
+    let prefix = probe.prefix().to_string();
     let ck = Checkpoint::open(&base)?;
     // Task vectors per base tensor: folded deltas of every adapter that adapts it (zeros for the others).
     let mut taus: BTreeMap<String, Vec<Vec<f32>>> = BTreeMap::new();
@@ -245,15 +231,14 @@ pub fn atlas(dev: &Device, cfg: &MergeConfig, out: &Path, opts: &MergeOptions) -
     }
     let mut tensors = Vec::new();
     for (name, mut tv) in taus {
-        let id = store.id(&name).map_err(|e| Error::Tensor { tensor: name.clone(), msg: e.to_string() })?;
-        store.set_trainable(id, true);
+        let id = probe.train_tensor(&name).map_err(|e| Error::Tensor { tensor: name.clone(), msg: e.to_string() })?;
         let basev = ck.get_f32(&name)?;
         for t in tv.iter_mut().filter(|t| t.is_empty()) {
             *t = vec![0.0; basev.len()];
         }
         tensors.push(AtlasTensor { name, id, base: basev, taus: tv });
     }
-    for head in [classifier::HEAD_WEIGHT, classifier::HEAD_BIAS] {
+    for head in [HEAD_WEIGHT, HEAD_BIAS] {
         let full = format!("base_model.model.{head}");
         let hs: Vec<&rime_io::AdapterTensor> = ads
             .iter()
@@ -267,8 +252,8 @@ pub fn atlas(dev: &Device, cfg: &MergeConfig, out: &Path, opts: &MergeOptions) -
         if let Some(h) = hs.iter().find(|h| h.shape != shape) {
             return Err(Error::Tensor { tensor: full, msg: format!("shapes {:?} and {shape:?} differ", h.shape) });
         }
-        let id = store
-            .add_f32(dev, head, &hs[0].data, &shape, true)
+        let id = probe
+            .add_tensor(head, &hs[0].data, &shape)
             .map_err(|e| Error::Tensor { tensor: head.into(), msg: e.to_string() })?;
         tensors.push(AtlasTensor {
             name: head.to_string(),
@@ -277,26 +262,22 @@ pub fn atlas(dev: &Device, cfg: &MergeConfig, out: &Path, opts: &MergeOptions) -
             taus: hs.iter().map(|h| h.data.clone()).collect(),
         });
     }
-    let map = LabelMap::from_labels(labels.clone());
-    let train = encode_file(&tok, cfg, &train_path, &map, examples)?;
+    let train = encode_file(&probe, cfg, &train_path, &labels, examples)?;
     let eval = match &eval_path {
-        Some(p) => Some(encode_file(&tok, cfg, p, &map, usize::MAX)?),
+        Some(p) => Some(encode_file(&probe, cfg, p, &labels, usize::MAX)?),
         None => None,
     };
-    let hook: Box<dyn rime_models::LinearHook> = Box::new(rime_models::Plain);
-    let mut sess = Session::for_inference(dev, store, bcfg, prefix.clone(), hook, batch, max_length);
-    sess.optim = Some(OptimConfig::adamw(0.0, 0.0)); // builds the backward pass; never stepped
     let init: Vec<Vec<f32>> = tensors.iter().map(|_| vec![1.0 / kk as f32; kk]).collect();
-    set_coefficients(&sess, &tensors, &init)?;
-    let train_loss_uniform = mean_loss(&mut sess, &train)?;
+    set_coefficients(&probe, &tensors, &init)?;
+    let train_loss_uniform = mean_loss(&mut probe, &train)?;
     let eval_accuracy_uniform = match &eval {
-        Some(e) => Some(sess.evaluate(e, |_| {}).map_err(perr)?.accuracy),
+        Some(e) => Some(probe.evaluate(e).map_err(perr)?.accuracy),
         None => None,
     };
-    let fitted = fit(&mut sess, &tensors, &train, init, steps, lr, cfg.seed, max_length)?;
-    let train_loss_learned = mean_loss(&mut sess, &train)?;
+    let fitted = fit(&mut probe, &tensors, &train, init, steps, lr, cfg.seed, max_length)?;
+    let train_loss_learned = mean_loss(&mut probe, &train)?;
     let eval_accuracy_learned = match &eval {
-        Some(e) => Some(sess.evaluate(e, |_| {}).map_err(perr)?.accuracy),
+        Some(e) => Some(probe.evaluate(e).map_err(perr)?.accuracy),
         None => None,
     };
 
@@ -319,10 +300,10 @@ pub fn atlas(dev: &Device, cfg: &MergeConfig, out: &Path, opts: &MergeOptions) -
     let heads: Vec<rime_io::AdapterTensor> = tensors
         .iter()
         .zip(&fitted.lambdas)
-        .filter(|(t, _)| t.name == classifier::HEAD_WEIGHT || t.name == classifier::HEAD_BIAS)
+        .filter(|(t, _)| t.name == HEAD_WEIGHT || t.name == HEAD_BIAS)
         .map(|(t, l)| rime_io::AdapterTensor {
             name: format!("base_model.model.{}", t.name),
-            shape: sess.store.get(t.id).tensor.shape.clone(),
+            shape: probe.shape(t.id).to_vec(),
             data: t.merged(l),
         })
         .collect();

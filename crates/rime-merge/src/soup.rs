@@ -1,6 +1,6 @@
 //! Greedy model soups (Wortsman et al. 2022) of rime LoRA adapters with classification heads, as written by
 //! `rime train` (its `best/` folder). Candidates are ranked by held-out accuracy measured with rime's own
-//! evaluation (`rime_peft::trainer::evaluate_adapter` on `eval_data`); the best starts the soup and each next
+//! evaluation (`rime_peft::Evaluator` on `eval_data`); the best starts the soup and each next
 //! candidate is kept when the soup with it scores at least the soup's accuracy so far. Every decision is
 //! recorded in `merge_report.json` (`notes` and `decisions`).
 //!
@@ -150,11 +150,9 @@ pub fn greedy_soup(dev: &Device, cfg: &MergeConfig, out: &Path, opts: &MergeOpti
     let bytes_read: u64 = ads.iter().flat_map(|a| a.tensors.iter()).map(|t| t.data.len() as u64 * 4).sum();
     let staging = Staging::new(out, opts.force)?;
     let scratch = staging.tmp.join(".candidate");
-    let evaluate = |dir: &Path| -> Result<f64> {
-        rime_peft::trainer::evaluate_adapter(dev, &base, dir, &eval, &cols, batch, max_length)
-            .map(|m| m.accuracy)
-            .map_err(peft_err)
-    };
+    let evaluator = rime_peft::Evaluator::new(dev, &base, batch, max_length).map_err(peft_err)?;
+    let data = rime_peft::TextClassData::from_file(&eval, &cols).map_err(peft_err)?;
+    let evaluate = |dir: &Path| -> Result<f64> { evaluator.evaluate(dir, &data).map(|m| m.accuracy).map_err(peft_err) };
     let soup_of = |members: &[usize]| -> Result<PeftAdapter> {
         let sel: Vec<PeftAdapter> = members.iter().map(|&i| ads[i].clone()).collect();
         let nm: Vec<String> = members.iter().map(|&i| names[i].clone()).collect();

@@ -4,12 +4,12 @@
 use std::sync::OnceLock;
 
 use rand::{Rng, SeedableRng};
-use rime_graph::{OptimConfig, ParamStore};
+use rime_graph::ParamStore;
 use rime_kernels::{Device, DeviceOptions};
 use rime_merge::atlas::{fit, loss_and_grad, mean_loss, set_coefficients, AtlasTensor};
 use rime_models::bert::BertConfig;
 use rime_peft::classifier;
-use rime_peft::trainer::{Encoded, Session};
+use rime_peft::classify::{Encoded, GradientProbe, Session};
 
 fn dev() -> &'static Device {
     static D: OnceLock<Device> = OnceLock::new();
@@ -68,7 +68,7 @@ fn tiny_store(d: &Device) -> ParamStore {
 
 /// A session whose value weight and head are merged tensors of K = 2 task vectors, and a labelled set
 /// whose label depends on the first token (so the coefficients can fit it).
-fn setup(d: &'static Device) -> (Session<'static>, Vec<AtlasTensor>, Encoded) {
+fn setup(d: &'static Device) -> (GradientProbe<'static>, Vec<AtlasTensor>, Encoded) {
     let mut st = tiny_store(d);
     let mut tensors = Vec::new();
     for (i, name) in
@@ -93,9 +93,8 @@ fn setup(d: &'static Device) -> (Session<'static>, Vec<AtlasTensor>, Encoded) {
         enc.types.push(vec![0; len]);
         enc.ids.push(ids);
     }
-    let mut sess = Session::for_inference(d, st, tiny_cfg(), String::new(), Box::new(rime_models::Plain), B, T);
-    sess.optim = Some(OptimConfig::adamw(0.0, 0.0));
-    (sess, tensors, enc)
+    let sess = Session::for_inference(d, st, tiny_cfg(), String::new(), Box::new(rime_models::Plain), B, T);
+    (GradientProbe::from_session(sess, None), tensors, enc)
 }
 
 #[test]

@@ -1,56 +1,29 @@
 //! Causal-LM fine-tuning of a Llama decoder with LoRA: next-token cross-entropy on the completion tokens
 //! only (prompt tokens and padding are ignored), the frozen GGUF backbone dequantized to f32 on the device.
-//! Data: JSONL/CSV/TSV with a completion column (`--text-column`) and optionally a prompt column
-//! (`--text-pair-column`); without a prompt column every token of the text is a target.
+//! Data: prompt/completion pairs ([`CausalData`]); without prompts every token of the text is a target.
 //!
-//! The loop is the classifier trainer's: batches grouped by length and padded to a length bucket (one graph
-//! per bucket, all sharing parameters and optimizer state), warmup + decay, gradient clipping, evaluation each
-//! epoch (completion loss and perplexity on `--eval` or a held-out part of `--train`), best-adapter keeping,
-//! early stop, a resumable checkpoint, `metrics.jsonl` / `metrics.json` / `training.png`.
+//! [`CausalTask`] is driven by the shared trainer ([`crate::trainer::train`]): batches grouped by length and
+//! padded to a length bucket (one graph per bucket, all sharing parameters and optimizer state), evaluation
+//! each epoch (completion loss and perplexity, lower is better) on the eval set or a held-out part of the
+//! training data, the best adapter kept in `adapter/` (peft layout, task CAUSAL_LM).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
-use rime_graph::{Executor, Graph, LrSchedule, OptimConfig, ParamStore, Var};
-use rime_io::dataset::{Columns, Dataset};
+use rime_graph::{Executor, Graph, OptimConfig, ParamStore, Var};
+use rime_io::dataset::Dataset;
+use rime_io::peft::PeftAdapter;
 use rime_kernels::{DType, Device};
 use rime_models::llama::{self, LlamaConfig};
 
 use crate::classifier::EvalMetrics;
+use crate::config::{TrainConfig, WeightStorage};
+use crate::data::CausalData;
 use crate::lora::{LoraConfig, LoraHook};
-use crate::trainer::{batches_by_length, bucket, checkpoint_note, write_json, Event, StepLog};
+use crate::trainer::{bucket, save_peft, Evaluation, Event, Metric, RunStats, Task};
 use crate::{Error, Result};
 
-#[derive(Debug, Clone)]
-pub struct CausalConfig {
-    pub model: PathBuf,
-    pub train: PathBuf,
-    /// Evaluation file; without it a seeded `eval_fraction` of `train` is held out (when that is at least one
-    /// row and ten rows remain), else the run has no evaluation.
-    pub eval: Option<PathBuf>,
-    pub eval_fraction: f64,
-    pub columns: Columns,
-    pub lora: LoraConfig,
-    pub epochs: usize,
-    pub lr: f32,
-    pub weight_decay: f32,
-    pub batch_size: usize,
-    pub max_length: usize,
-    pub max_steps: Option<usize>,
-    pub seed: u64,
-    pub warmup_ratio: f32,
-    /// constant, linear or cosine.
-    pub schedule: String,
-    pub max_grad_norm: Option<f32>,
-    /// Stop after this many evaluations without a lower eval loss.
-    pub patience: Option<usize>,
-    /// Save a resumable checkpoint every this many steps (and at each epoch end); 0: epoch ends only.
-    pub save_every: usize,
-    pub resume: bool,
-    pub out: PathBuf,
-}
-
+/// The summary of a causal-LM run (`metrics.json` without the history, plus `"task": "causal-lm"`).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct CausalSummary {
     pub steps: usize,
@@ -190,262 +163,260 @@ fn evaluate(
     Ok(EvalMetrics { accuracy: f64::NAN, macro_f1: f64::NAN, loss, examples: data.len() })
 }
 
-fn io_err(p: &Path, e: impl std::fmt::Display) -> Error {
-    Error::Msg(format!("{}: {e}", p.display()))
+/// What [`CausalTask::prepare`] loads.
+struct Loaded {
+    model: llama::LlamaModel,
+    pad: u32,
+    data: Vec<(Vec<u32>, Vec<i32>)>,
+    eval: Vec<(Vec<u32>, Vec<i32>)>,
+    buckets: Buckets,
+    /// With LoRA dropout the training graphs drop activations: evaluation gets its own graphs without it.
+    eval_buckets: Option<Buckets>,
+    trainable: usize,
+    truncated: usize,
 }
 
-/// Fine-tune LoRA factors of a Llama GGUF model on text. Writes into `cfg.out`: `adapter/` (peft layout, task
-/// CAUSAL_LM; the best by eval loss when there is an eval set, else the last), `checkpoint/` (adapter,
-/// optimizer state, step: `--resume` continues), `metrics.jsonl`, `metrics.json` and `training.png`.
-pub fn train_causal(dev: &Device, cfg: &CausalConfig, on: &mut dyn FnMut(Event)) -> Result<CausalSummary> {
-    if cfg.batch_size == 0 || cfg.epochs == 0 {
-        return Err(Error::Msg("--batch-size and --epochs must be at least 1".into()));
-    }
-    let full = Dataset::load(&cfg.train, &cfg.columns)?;
-    if full.is_empty() {
-        return Err(Error::Msg(format!("{}: the training set is empty", cfg.train.display())));
-    }
-    let (train_ds, eval_ds) = match &cfg.eval {
-        Some(p) => (full, Some(Dataset::load(p, &cfg.columns)?)),
-        None if (full.len() as f64 * cfg.eval_fraction).round() >= 1.0
-            && full.len() as f64 * (1.0 - cfg.eval_fraction) >= 10.0 =>
-        {
-            on(Event::Info(format!(
-                "no --eval file: holding out {:.0}% of {} for evaluation",
-                cfg.eval_fraction * 100.0,
-                cfg.train.display()
-            )));
-            let (t, e) = full.split(cfg.eval_fraction, cfg.seed)?;
-            (t, Some(e))
-        }
-        None => {
-            on(Event::Info(format!(
-                "no --eval file and {} rows are too few to hold some out: no evaluation; the last adapter is kept",
-                full.len()
-            )));
-            (full, None)
-        }
-    };
-    let mut model = llama::load_gguf(dev, &cfg.model, None, DType::F32).map_err(|e| Error::Msg(e.to_string()))?;
-    model.store.add_texture_twins(dev)?;
-    let pad = model.eos_tokens.first().copied().unwrap_or(0);
-    let (data, cut) = encode_all(&model, &train_ds, cfg.max_length)?;
-    let (eval_data, cut_e) = match &eval_ds {
-        Some(e) => encode_all(&model, e, cfg.max_length)?,
-        None => (vec![], 0),
-    };
-    if data.is_empty() {
-        return Err(Error::Msg(format!("{}: no example has a completion token to learn", cfg.train.display())));
-    }
-    if eval_ds.is_some() && eval_data.is_empty() {
-        return Err(Error::Msg("the eval set has no example with a completion token".into()));
-    }
-    if cut + cut_e > 0 {
-        on(Event::Warn(format!(
-            "{} of {} examples are longer than --max-length {} tokens and were truncated",
-            cut + cut_e,
-            data.len() + eval_data.len(),
-            cfg.max_length
-        )));
-    }
-    let modules = crate::lora::add_lora(dev, &mut model.store, &cfg.lora)?;
-    let trainable: usize = model.store.trainable().map(|(_, p)| p.tensor.numel()).sum();
-    on(Event::Info(format!(
-        "LoRA r={} alpha={} on {} modules: {trainable} trainable parameters",
-        cfg.lora.rank,
-        cfg.lora.alpha,
-        modules.len()
-    )));
+/// Causal-LM LoRA on a Llama GGUF (see the module doc).
+pub struct CausalTask<'d> {
+    dev: &'d Device,
+    model: PathBuf,
+    lora: LoraConfig,
+    train: CausalData,
+    eval: Option<CausalData>,
+    loaded: Option<Loaded>,
+}
 
-    let b = cfg.batch_size;
-    let steps_per_epoch = data.len().div_ceil(b);
-    let total = cfg.max_steps.map_or(steps_per_epoch * cfg.epochs, |m| m.min(steps_per_epoch * cfg.epochs));
-    let warmup = (cfg.warmup_ratio * total as f32).round() as u64;
-    let mut optim = OptimConfig::adamw(cfg.lr, cfg.weight_decay);
-    optim.schedule = match cfg.schedule.as_str() {
-        "constant" => LrSchedule::Constant,
-        "cosine" => LrSchedule::Cosine { warmup, total: total as u64 },
-        "linear" => LrSchedule::Linear { warmup, total: total as u64 },
-        s => return Err(Error::Msg(format!("--schedule '{s}': expected constant, linear or cosine"))),
-    };
-    optim.max_grad_norm = cfg.max_grad_norm;
-    let hook = LoraHook { scale: cfg.lora.scale(), dropout: cfg.lora.dropout, seed: cfg.lora.seed };
-    let mut buckets = Buckets {
-        b,
-        max_length: cfg.max_length,
-        cfg: model.cfg.clone(),
-        hook,
-        optim: Some(optim.clone()),
-        execs: HashMap::new(),
-        first: None,
-    };
-    // With LoRA dropout the training graphs drop activations: evaluation gets its own graphs without it.
-    let mut eval_buckets = (cfg.lora.dropout > 0.0).then(|| Buckets {
-        b,
-        max_length: cfg.max_length,
-        cfg: model.cfg.clone(),
-        hook: LoraHook::new(cfg.lora.scale()),
-        optim: None,
-        execs: HashMap::new(),
-        first: None,
-    });
-    let lens: Vec<usize> = data.iter().map(|(x, _)| x.len()).collect();
-
-    let out = &cfg.out;
-    std::fs::create_dir_all(out).map_err(|e| io_err(out, e))?;
-    let ckpt_dir = out.join("checkpoint");
-    let (mut global_step, mut best_loss, mut best_epoch) = (0usize, f64::INFINITY, None::<usize>);
-    if cfg.resume && ckpt_dir.join("state.json").exists() {
-        let text = std::fs::read_to_string(ckpt_dir.join("state.json")).map_err(|e| io_err(&ckpt_dir, e))?;
-        let state: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| io_err(&ckpt_dir.join("state.json"), e))?;
-        crate::classifier::load_adapter(dev, &mut model.store, &ckpt_dir.join("adapter"))?;
-        global_step = state["global_step"].as_u64().unwrap_or(0) as usize;
-        best_loss = state["best_eval_loss"].as_f64().unwrap_or(f64::INFINITY);
-        best_epoch = state["best_epoch"].as_u64().map(|e| e as usize);
-        let t0 = bucket(lens.iter().copied().max().unwrap_or(8), cfg.max_length);
-        let (ex, _) = buckets.get(dev, &model.store, t0)?;
-        ex.load_optimizer_state(dev, &model.store, &ckpt_dir.join("optimizer.safetensors"))?;
-        on(Event::Info(format!("resumed from {} at step {global_step}", ckpt_dir.display())));
-    } else if cfg.resume {
-        on(Event::Warn(format!("--resume: no checkpoint in {}; starting fresh", ckpt_dir.display())));
+impl<'d> CausalTask<'d> {
+    /// Train LoRA (`lora.targets` are Llama module names, e.g. `q_proj`, `v_proj`) on `train`; evaluate on
+    /// `eval`, or on a held-out part of `train` when it has enough rows, else not at all (the last adapter is
+    /// kept).
+    pub fn new(
+        dev: &'d Device,
+        model: impl Into<PathBuf>,
+        lora: LoraConfig,
+        train: CausalData,
+        eval: Option<CausalData>,
+    ) -> Self {
+        CausalTask { dev, model: model.into(), lora, train, eval, loaded: None }
     }
-    // Atomic: written beside `dir`, then renamed over it. The config is the classifier's LoRA-family one
-    // (DoRA magnitudes, PiSSA converted to a LoRA of the unmodified base), with the causal-LM task.
-    let save_adapter = |store: &ParamStore, dir: &Path| -> Result<()> {
+
+    fn loaded(&self) -> Result<&Loaded> {
+        self.loaded.as_ref().ok_or_else(|| Error::Msg("the causal-LM task is not prepared".into()))
+    }
+
+    fn loaded_mut(&mut self) -> Result<&mut Loaded> {
+        self.loaded.as_mut().ok_or_else(|| Error::Msg("the causal-LM task is not prepared".into()))
+    }
+
+    fn splits(&self, cfg: &TrainConfig, on: &mut dyn FnMut(Event)) -> Result<(Dataset, Option<Dataset>)> {
+        let full = self.train.dataset("train")?;
+        let n = full.len() as f64;
+        Ok(match &self.eval {
+            Some(e) => (full, Some(e.dataset("eval")?)),
+            None if (n * cfg.eval_fraction).round() >= 1.0 && n * (1.0 - cfg.eval_fraction) >= 10.0 => {
+                on(Event::Info(format!(
+                    "no eval set: holding out {:.0}% of {} for evaluation",
+                    cfg.eval_fraction * 100.0,
+                    full.path.display()
+                )));
+                let (t, e) = full.split(cfg.eval_fraction, cfg.seed)?;
+                (t, Some(e))
+            }
+            None => {
+                on(Event::Info(format!(
+                    "no eval set and {} rows are too few to hold some out: no evaluation; the last adapter is kept",
+                    full.len()
+                )));
+                (full, None)
+            }
+        })
+    }
+
+    /// The trained LoRA as a peft adapter: the LoRA-family config (DoRA magnitudes, PiSSA converted to a
+    /// LoRA of the unmodified base) with the causal-LM task.
+    fn adapter_value(&self) -> Result<PeftAdapter> {
+        let (dev, store) = (self.dev, &self.loaded()?.model.store);
         let mut tensors = crate::classifier::trainable_tensors(dev, store)?;
-        let mut acfg = crate::classifier::lora_adapter_config(dev, store, &cfg.lora, &mut tensors)?;
+        let mut acfg = crate::classifier::lora_adapter_config(dev, store, &self.lora, &mut tensors)?;
         acfg.task_type = Some("CAUSAL_LM".into());
-        acfg.base_model_name_or_path = Some(cfg.model.display().to_string());
+        acfg.base_model_name_or_path = Some(self.model.display().to_string());
         let tensors =
             tensors.into_iter().map(|(name, shape, data)| rime_io::peft::AdapterTensor { name, shape, data }).collect();
-        let tmp = dir.with_extension("tmp");
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
-        }
-        rime_io::peft::PeftAdapter::new(acfg, tensors).save(&tmp)?;
-        if dir.exists() {
-            std::fs::remove_dir_all(dir).map_err(|e| io_err(dir, e))?;
-        }
-        std::fs::rename(&tmp, dir).map_err(|e| io_err(dir, e))
-    };
-    let save_checkpoint =
-        |store: &ParamStore, owner: Option<&Executor>, step: usize, best: f64, best_epoch: Option<usize>| {
-            for (name, _, d) in crate::classifier::trainable_tensors(dev, store)? {
-                if d.iter().any(|x| !x.is_finite()) {
-                    return Err(Error::Msg(format!(
-                        "parameter '{name}' became non-finite after step {step}; stopped. {} Try a lower --lr.",
-                        checkpoint_note(out)
-                    )));
-                }
-            }
-            let tmp = out.join("checkpoint.tmp");
-            if tmp.exists() {
-                std::fs::remove_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
-            }
-            std::fs::create_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
-            save_adapter(store, &tmp.join("adapter"))?;
-            if let Some(ex) = owner {
-                ex.save_optimizer_state(dev, store, &tmp.join("optimizer.safetensors"))?;
-            }
-            let best = if best.is_finite() { serde_json::json!(best) } else { serde_json::Value::Null };
-            write_json(
-                &tmp.join("state.json"),
-                &serde_json::json!({"global_step": step, "best_eval_loss": best, "best_epoch": best_epoch}),
-            )?;
-            if ckpt_dir.exists() {
-                std::fs::remove_dir_all(&ckpt_dir).map_err(|e| io_err(&ckpt_dir, e))?;
-            }
-            std::fs::rename(&tmp, &ckpt_dir).map_err(|e| io_err(&ckpt_dir, e))
-        };
+        Ok(PeftAdapter::new(acfg, tensors))
+    }
+}
 
-    let mut log = StepLog::open(out, cfg.resume)?;
-    on(Event::Start { steps: total, examples: data.len() });
-    let (mut first, mut last) = (f32::NAN, f32::NAN);
-    let mut patience_left = cfg.patience;
-    let mut history: Vec<serde_json::Value> = vec![];
-    let start_epoch = global_step / steps_per_epoch;
-    let skip = global_step % steps_per_epoch;
-    'epochs: for epoch in start_epoch..cfg.epochs {
-        let batches = batches_by_length(&lens, b, cfg.seed.wrapping_add(epoch as u64));
-        let mut hit_max = false;
-        for (bi, chunk) in batches.iter().enumerate() {
-            if epoch == start_epoch && bi < skip {
-                continue;
-            }
-            if global_step >= total {
-                hit_max = true;
-                break;
-            }
-            let t = bucket(chunk.iter().map(|&i| lens[i]).max().unwrap_or(1), cfg.max_length);
-            let (ids, tg) = make_batch(&data, chunk, b, t, pad);
-            let (ex, _) = buckets.get(dev, &model.store, t)?;
-            ex.feed_u32(dev, llama::INPUT_IDS, &ids)?;
-            ex.feed_i32(dev, "targets", &tg)?;
-            ex.step = global_step as u64;
-            ex.step(dev)?;
-            // Steps of a decoder take seconds here: reading the loss right away costs nothing measurable.
-            let l = ex.last_loss(dev)?.unwrap_or(f32::NAN);
-            let lr = cfg.lr * optim.schedule.factor(global_step as u64);
-            log.step(on, l, global_step, epoch, chunk.len(), lr)?;
-            if first.is_nan() {
-                first = l;
-            }
-            last = l;
-            global_step += 1;
-            if cfg.save_every > 0 && global_step % cfg.save_every == 0 {
-                let t_save = Instant::now();
-                save_checkpoint(&model.store, buckets.owner(), global_step, best_loss, best_epoch)?;
-                log.paused += t_save.elapsed();
-            }
+impl<'d> Task<'d> for CausalTask<'d> {
+    type Summary = CausalSummary;
+
+    fn device(&self) -> &'d Device {
+        self.dev
+    }
+
+    fn prepare(&mut self, cfg: &TrainConfig, on: &mut dyn FnMut(Event)) -> Result<Vec<usize>> {
+        if cfg.weights != WeightStorage::F32 {
+            return Err(Error::invalid("weights", "applies to classification; causal LM dequantizes the GGUF to f32"));
         }
-        let t_eval = Instant::now();
-        if !eval_data.is_empty() {
-            let m = evaluate(dev, &model.store, eval_buckets.as_mut().unwrap_or(&mut buckets), &eval_data, pad)?;
-            let improved = m.loss < best_loss;
-            if improved {
-                best_loss = m.loss;
-                best_epoch = Some(epoch);
-                save_adapter(&model.store, &out.join("adapter"))?;
-                patience_left = cfg.patience;
-            } else if let Some(p) = patience_left.as_mut() {
-                *p = p.saturating_sub(1);
-            }
-            let row = serde_json::json!({"epoch": epoch, "step": global_step, "eval_loss": m.loss, "eval_perplexity": m.loss.exp()});
-            log.line(&row)?;
-            history.push(row);
-            on(Event::Eval { epoch, metrics: m, best: improved });
-        } else {
-            save_adapter(&model.store, &out.join("adapter"))?;
+        let (train_ds, eval_ds) = self.splits(cfg, on)?;
+        let dev = self.dev;
+        let mut model = llama::load_gguf(dev, &self.model, None, DType::F32).map_err(|e| Error::Msg(e.to_string()))?;
+        model.store.add_texture_twins(dev)?;
+        let pad = model.eos_tokens.first().copied().unwrap_or(0);
+        let (data, cut) = encode_all(&model, &train_ds, cfg.max_length)?;
+        let (eval, cut_e) = match &eval_ds {
+            Some(e) => encode_all(&model, e, cfg.max_length)?,
+            None => (vec![], 0),
+        };
+        if data.is_empty() {
+            return Err(Error::Msg(format!("{}: no example has a completion token to learn", train_ds.path.display())));
         }
-        save_checkpoint(&model.store, buckets.owner(), global_step, best_loss, best_epoch)?;
-        log.paused += t_eval.elapsed();
-        if hit_max || global_step >= total {
-            break 'epochs;
+        if eval_ds.is_some() && eval.is_empty() {
+            return Err(Error::Msg("the eval set has no example with a completion token".into()));
         }
-        if patience_left == Some(0) {
-            on(Event::Info(format!("early stop: no lower eval loss for {} evaluations", cfg.patience.unwrap_or(0))));
-            break;
+        if cut + cut_e > 0 {
+            on(Event::Warn(format!(
+                "{} of {} examples are longer than max_length {} tokens and were truncated",
+                cut + cut_e,
+                data.len() + eval.len(),
+                cfg.max_length
+            )));
+        }
+        let modules = crate::lora::add_lora(dev, &mut model.store, &self.lora)?;
+        let trainable: usize = model.store.trainable().map(|(_, p)| p.tensor.numel()).sum();
+        on(Event::Info(format!(
+            "LoRA r={} alpha={} on {} modules: {trainable} trainable parameters",
+            self.lora.rank,
+            self.lora.alpha,
+            modules.len()
+        )));
+        let buckets = |hook: LoraHook| Buckets {
+            b: cfg.batch_size,
+            max_length: cfg.max_length,
+            cfg: model.cfg.clone(),
+            hook,
+            optim: None,
+            execs: HashMap::new(),
+            first: None,
+        };
+        let l = &self.lora;
+        let train_buckets = buckets(LoraHook { scale: l.scale(), dropout: l.dropout, seed: l.seed });
+        let eval_buckets = (l.dropout > 0.0).then(|| buckets(LoraHook::new(l.scale())));
+        let lens = data.iter().map(|(x, _)| x.len()).collect();
+        let truncated = cut + cut_e;
+        self.loaded =
+            Some(Loaded { model, pad, data, eval, buckets: train_buckets, eval_buckets, trainable, truncated });
+        Ok(lens)
+    }
+
+    fn compile(&mut self, optim: OptimConfig, rows: usize) -> Result<()> {
+        let l = self.loaded_mut()?;
+        l.buckets.optim = Some(optim);
+        l.buckets.b = rows;
+        if let Some(e) = &mut l.eval_buckets {
+            e.b = rows;
+        }
+        Ok(())
+    }
+
+    fn bucket(&self, longest: usize) -> usize {
+        bucket(longest, self.loaded.as_ref().map_or(longest, |l| l.buckets.max_length))
+    }
+
+    fn executor(&mut self, key: usize) -> Result<(&mut Executor, &ParamStore)> {
+        let dev = self.dev;
+        let l = self.loaded_mut()?;
+        let (ex, _) = l.buckets.get(dev, &l.model.store, key)?;
+        Ok((ex, &l.model.store))
+    }
+
+    fn feed(&mut self, idx: &[usize], key: usize) -> Result<(&mut Executor, Var)> {
+        let dev = self.dev;
+        let l = self.loaded_mut()?;
+        let (ids, tg) = make_batch(&l.data, idx, l.buckets.b, key, l.pad);
+        let (ex, loss) = l.buckets.get(dev, &l.model.store, key)?;
+        ex.feed_u32(dev, llama::INPUT_IDS, &ids)?;
+        ex.feed_i32(dev, "targets", &tg)?;
+        Ok((ex, *loss))
+    }
+
+    fn any_executor(&self) -> Option<&Executor> {
+        self.loaded.as_ref().and_then(|l| l.buckets.owner())
+    }
+
+    fn store(&self) -> &ParamStore {
+        match &self.loaded {
+            Some(l) => &l.model.store,
+            None => crate::classify::empty_store(),
         }
     }
-    let secs = log.train_seconds();
-    let eval_loss = best_loss.is_finite().then_some(best_loss);
-    let summary = CausalSummary {
-        steps: global_step,
-        first_loss: first,
-        last_loss: last,
-        eval_loss,
-        eval_perplexity: eval_loss.map(f64::exp),
-        best_epoch,
-        train_examples_per_s: log.examples_done as f64 / secs.max(1e-9),
-        train_seconds: secs,
-        trainable_params: trainable,
-        truncated: cut + cut_e,
-    };
-    let mut v = serde_json::to_value(&summary).unwrap_or_default();
-    v["task"] = serde_json::json!("causal-lm");
-    v["history"] = serde_json::json!(history);
-    write_json(&out.join("metrics.json"), &v)?;
-    crate::plot::write_plot(log.path(), &out.join("training.png")).ok();
-    Ok(summary)
+
+    fn evaluate(&mut self) -> Result<Option<Evaluation>> {
+        let dev = self.dev;
+        let l = self.loaded_mut()?;
+        if l.eval.is_empty() {
+            return Ok(None);
+        }
+        let buckets = l.eval_buckets.as_mut().unwrap_or(&mut l.buckets);
+        let m = evaluate(dev, &l.model.store, buckets, &l.eval, l.pad)?;
+        let values = vec![("eval_loss", m.loss), ("eval_perplexity", m.loss.exp())];
+        Ok(Some(Evaluation { score: m.loss, metrics: m, values }))
+    }
+
+    fn metric(&self) -> Metric {
+        Metric { name: "eval_loss", higher_is_better: false }
+    }
+
+    fn supports_micro_batches(&self) -> bool {
+        false
+    }
+
+    fn adapter(&self) -> Result<PeftAdapter> {
+        self.adapter_value()
+    }
+
+    fn save_adapter(&self, dir: &Path) -> Result<()> {
+        save_peft(&self.adapter_value()?, dir)
+    }
+
+    fn load_adapter(&mut self, dir: &Path) -> Result<()> {
+        let dev = self.dev;
+        crate::classifier::load_adapter(dev, &mut self.loaded_mut()?.model.store, dir)?;
+        Ok(())
+    }
+
+    fn adapter_folder(&self) -> &'static str {
+        "adapter"
+    }
+
+    fn title(&self) -> String {
+        let data = self.train.source().and_then(|p| p.file_name()).map(|f| f.to_string_lossy().into_owned());
+        format!(
+            "{} · LoRA r={} · {}",
+            self.model.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(),
+            self.lora.rank,
+            data.unwrap_or_else(|| format!("{} texts", self.train.len()))
+        )
+    }
+
+    fn summary(&self, run: &RunStats) -> CausalSummary {
+        let l = self.loaded.as_ref();
+        CausalSummary {
+            steps: run.steps,
+            first_loss: run.first_loss,
+            last_loss: run.last_loss,
+            eval_loss: run.best_score,
+            eval_perplexity: run.best_score.map(f64::exp),
+            best_epoch: run.best_epoch,
+            train_examples_per_s: run.train_examples_per_s,
+            train_seconds: run.train_seconds,
+            trainable_params: l.map_or(0, |l| l.trainable),
+            truncated: l.map_or(0, |l| l.truncated),
+        }
+    }
+
+    fn summary_json(&self, s: &CausalSummary) -> serde_json::Value {
+        let mut v = serde_json::to_value(s).unwrap_or_default();
+        v["task"] = serde_json::json!("causal-lm");
+        v
+    }
 }

@@ -80,13 +80,16 @@ impl Method {
 pub fn check_virtual_fit(vt: VirtualTokens, max_length: usize, cfg: &BertConfig) -> Result<()> {
     let p = vt.offset();
     if p > 0 && p + max_length > cfg.max_positions {
-        return Err(Error::Msg(format!(
-            "--num-virtual-tokens {p} + --max-length {max_length} = {} exceeds the model's {} positions \
-             (max_position_embeddings); lower one of them (--max-length {} fits)",
-            p + max_length,
-            cfg.max_positions,
-            cfg.max_positions.saturating_sub(p)
-        )));
+        return Err(Error::invalid(
+            "num_virtual_tokens",
+            format!(
+                "{p} + max_length {max_length} = {} exceeds the model's {} positions (max_position_embeddings); \
+                 lower one of them (max_length {} fits)",
+                p + max_length,
+                cfg.max_positions,
+                cfg.max_positions.saturating_sub(p)
+            ),
+        ));
     }
     Ok(())
 }

@@ -1,8 +1,12 @@
-//! rime-peft: parameter-efficient tuning methods as rewrites of a model graph, and the trainer.
+//! rime-peft: parameter-efficient tuning methods as rewrites of a model graph, and one trainer over tasks
+//! (classification, causal LM): [`train`] drives a [`Task`] with a [`TrainConfig`].
 
 pub mod adapter;
 pub mod causal;
 pub mod classifier;
+pub mod classify;
+pub mod config;
+pub mod data;
 pub mod ia3;
 pub mod lora;
 pub mod metrics;
@@ -36,5 +40,11 @@ impl Error {
         Error::Invalid { field, message: message.into() }
     }
 }
+
+pub use causal::{CausalSummary, CausalTask};
+pub use classify::{ClassifySummary, ClassifyTask, Evaluator};
+pub use config::{Schedule, TrainConfig, WeightStorage};
+pub use data::{CausalData, TextClassData};
+pub use trainer::{train, Event, Metric, Task, TrainResult};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

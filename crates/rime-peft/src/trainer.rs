@@ -1,57 +1,33 @@
-//! The trainer: data → tokenized batches → steps on the GPU → evaluation each epoch, best-checkpoint
-//! keeping, early stop, resume, metrics files. It reports progress through a callback and never prints.
+//! One trainer over a [`Task`]: epochs of length-bucketed batches (micro-batches when asked), the schedule
+//! and warmup, gradient clipping, the step log, an evaluation each epoch, best-adapter keeping, patience,
+//! periodic checkpoints and resume, and the stop on a non-finite loss. A task (classification, causal LM, ...)
+//! builds its graphs, feeds batches, evaluates and saves its adapter; everything else is here, once.
+//!
+//! Progress goes to a callback of [`Event`]s; the trainer never prints. The result is a value
+//! ([`TrainResult`]: the task's summary, the log, the best adapter). Files are written only when the caller
+//! gives an output folder (`best/` or `adapter/`, `checkpoint/`, `metrics.jsonl`, `metrics.json`,
+//! `training.png`, `training.svg`), or later by [`TrainResult::save`].
 
-use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use rime_graph::{LrSchedule, OptimConfig, ParamStore};
-use rime_io::dataset::{Columns, Dataset, LabelMap};
-use rime_io::tokenizer::{Padding, Tokenizer};
-use rime_io::{Checkpoint, ModelConfig};
+use rime_graph::{Executor, OptimConfig, ParamStore, Var};
+use rime_io::peft::PeftAdapter;
 use rime_kernels::Device;
-use rime_models::bert::BertConfig;
-use rime_models::LinearHook;
+use serde_json::{json, Map, Value};
 
-use crate::classifier::{self, EvalMetrics, Method, ShapeExec};
-use crate::metrics;
+pub use crate::classifier::EvalMetrics;
+pub use crate::classify::{
+    encode, epoch_batches, evaluate_adapter, fit_logistic, make_batch, metrics_from_logits, open_model,
+    open_model_as, probe_baseline, ClassifySummary, ClassifyTask, Encoded, Evaluator, Session,
+};
+pub use crate::config::{Schedule, TrainConfig, WeightStorage};
 use crate::{Error, Result};
 
-#[derive(Debug, Clone)]
-pub struct TrainConfig {
-    pub model: PathBuf,
-    pub train: PathBuf,
-    pub eval: Option<PathBuf>,
-    pub columns: Columns,
-    pub method: Method,
-    pub epochs: usize,
-    pub lr: f32,
-    pub weight_decay: f32,
-    pub batch_size: usize,
-    pub max_length: usize,
-    pub seed: u64,
-    pub warmup_ratio: f32,
-    pub schedule: String,
-    pub max_grad_norm: Option<f32>,
-    /// Stop after this many evaluations without improvement (None: never).
-    pub patience: Option<usize>,
-    /// Fraction of the training file held out for evaluation when no eval file is given.
-    pub eval_fraction: f64,
-    /// Save a resumable checkpoint every this many steps (and at each epoch end).
-    pub save_every: usize,
-    pub out: PathBuf,
-    pub resume: bool,
-    /// Stop after this many steps (for quick runs and tests).
-    pub max_steps: Option<usize>,
-    /// Run each step of `batch_size` rows as micro-batches of this many rows, accumulating gradients (the
-    /// same update as the whole batch, with the activation memory of a micro-batch). None: the whole batch.
-    pub micro_batch: Option<usize>,
-    /// How the frozen linear weights are stored on the device: f32 (exact), f16 or bf16 (half the memory).
-    pub weights: rime_kernels::DType,
-}
+/// The summary of a classification run (the name it had before tasks).
+pub type TrainSummary = ClassifySummary;
 
 /// What the trainer reports while it works.
 #[derive(Debug, Clone)]
@@ -63,59 +39,478 @@ pub enum Event {
     Eval { epoch: usize, metrics: EvalMetrics, best: bool },
 }
 
-/// The result of a run.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct TrainSummary {
-    pub method: String,
-    pub eval_accuracy: f64,
-    pub eval_macro_f1: f64,
-    pub eval_loss: f64,
-    pub best_epoch: usize,
+/// The metric that picks the best adapter and drives early stopping.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Metric {
+    /// Its name (`accuracy`, `eval_loss`); the checkpoint records `best_<name>`.
+    pub name: &'static str,
+    pub higher_is_better: bool,
+}
+
+/// One evaluation pass of a task.
+#[derive(Debug, Clone)]
+pub struct Evaluation {
+    pub metrics: EvalMetrics,
+    /// The value of the task's [`Metric`].
+    pub score: f64,
+    /// Named values for `metrics.jsonl` and the history (`eval_accuracy`, ...), in order.
+    pub values: Vec<(&'static str, f64)>,
+}
+
+/// What the shared loop measured, handed to [`Task::summary`].
+#[derive(Debug, Clone, Default)]
+pub struct RunStats {
     pub steps: usize,
-    pub train_examples_per_s: f64,
+    pub best_epoch: Option<usize>,
+    /// The best score (None when nothing was evaluated).
+    pub best_score: Option<f64>,
+    /// The best evaluation of this run, and the last.
+    pub best: Option<Evaluation>,
+    pub last: Option<Evaluation>,
+    pub first_loss: f32,
+    pub last_loss: f32,
     pub train_seconds: f64,
-    pub trainable_params: usize,
-    pub frozen_params: usize,
-    pub labels: Vec<String>,
+    pub train_examples_per_s: f64,
     pub dispatches_per_step: usize,
     pub memory: String,
 }
 
-/// Tokenized examples of one split.
-pub struct Encoded {
-    pub ids: Vec<Vec<u32>>,
-    pub types: Vec<Vec<u32>>,
-    pub labels: Vec<i32>,
-}
+/// A training task: owns the model, its data and graphs; the [`train`] loop drives it. Graphs are keyed by
+/// a padded length (`key`, from [`Task::bucket`]) and all share the parameters and optimizer state.
+pub trait Task<'d> {
+    /// What [`Task::summary`] returns (written as `metrics.json`).
+    type Summary: serde::Serialize + Clone;
 
-pub fn encode(tok: &Tokenizer, ds: &Dataset, labels: Option<&LabelMap>) -> Result<(Encoded, usize)> {
-    let texts = ds.texts();
-    let pairs = ds.text_pairs();
-    let enc = tok.encode_batch(&texts, pairs.as_deref(), Padding::Longest)?;
-    let lens = enc.lengths();
-    let t = enc.seq_len;
-    let truncated = enc.truncated.iter().filter(|&&x| x).count();
-    let mut out = Encoded { ids: vec![], types: vec![], labels: vec![] };
-    for (r, &len) in lens.iter().enumerate() {
-        out.ids.push(enc.input_ids[r * t..r * t + len].to_vec());
-        out.types.push(enc.token_type_ids[r * t..r * t + len].to_vec());
+    fn device(&self) -> &'d Device;
+    /// Load the model and data, add the method's parameters; returns the training examples' lengths (in
+    /// tokens; an image task returns equal lengths). Called once, before everything else.
+    fn prepare(&mut self, cfg: &TrainConfig, on: &mut dyn FnMut(Event)) -> Result<Vec<usize>>;
+    /// Graphs built from now on have `rows` rows per batch and step with `optim`.
+    fn compile(&mut self, optim: OptimConfig, rows: usize) -> Result<()>;
+    /// The graph key of a batch whose longest example has `longest` tokens.
+    fn bucket(&self, longest: usize) -> usize;
+    /// The training graph of `key` (built on first use), with the parameters.
+    fn executor(&mut self, key: usize) -> Result<(&mut Executor, &ParamStore)>;
+    /// Feed the examples `idx` (at most `rows`) into the graph of `key`; returns it and its loss.
+    fn feed(&mut self, idx: &[usize], key: usize) -> Result<(&mut Executor, Var)>;
+    /// Any built training graph (they share the optimizer state), for checkpoints and reports.
+    fn any_executor(&self) -> Option<&Executor>;
+    fn store(&self) -> &ParamStore;
+    /// Evaluate on the task's eval set; None when it has none.
+    fn evaluate(&mut self) -> Result<Option<Evaluation>>;
+    fn metric(&self) -> Metric;
+    /// Whether [`TrainConfig::micro_batch_size`] applies (the loss is a mean over rows).
+    fn supports_micro_batches(&self) -> bool {
+        true
     }
-    out.labels = match labels {
-        Some(m) => m.encode(ds)?.into_iter().map(|x| x as i32).collect(),
-        None => vec![-100; lens.len()],
+    /// The trained adapter as a value.
+    fn adapter(&self) -> Result<PeftAdapter>;
+    /// Write the adapter folder (peft layout) at `dir`, atomically.
+    fn save_adapter(&self, dir: &Path) -> Result<()>;
+    /// Load a checkpoint's adapter back into the parameters (resume).
+    fn load_adapter(&mut self, dir: &Path) -> Result<()>;
+    /// The adapter's folder name in the output (`best`, `adapter`).
+    fn adapter_folder(&self) -> &'static str;
+    /// Model, method and data in a few words (the plot's title).
+    fn title(&self) -> String;
+    fn summary(&self, run: &RunStats) -> Self::Summary;
+    /// `metrics.json` without the history.
+    fn summary_json(&self, s: &Self::Summary) -> Value {
+        serde_json::to_value(s).unwrap_or_default()
+    }
+}
+
+/// The result of [`train`]: the task's summary, the log, and the best adapter (the last one when the task
+/// has no eval set).
+#[derive(Debug, Clone)]
+pub struct TrainResult<S> {
+    pub summary: S,
+    /// `metrics.json`: the summary and the per-epoch history.
+    pub metrics: Value,
+    /// `metrics.jsonl`: one object per step (step, epoch, loss, lr, examples_per_s) and per evaluation.
+    pub log: Vec<Value>,
+    pub adapter: PeftAdapter,
+    /// The adapter's folder name (`best`, `adapter`).
+    pub adapter_folder: &'static str,
+    /// The plot's title.
+    pub title: String,
+}
+
+impl<S> TrainResult<S> {
+    /// Write the adapter folder, `metrics.json`, `metrics.jsonl`, `training.png` and `training.svg` into `dir`.
+    pub fn save(&self, dir: impl AsRef<Path>) -> Result<()> {
+        let dir = dir.as_ref();
+        std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+        save_peft(&self.adapter, &dir.join(self.adapter_folder))?;
+        write_json(&dir.join("metrics.json"), &self.metrics)?;
+        let path = dir.join("metrics.jsonl");
+        let text: String = self.log.iter().map(|v| format!("{v}\n")).collect();
+        std::fs::write(&path, text).map_err(|e| io_err(&path, e))?;
+        crate::plot::write_plots(&self.log, &self.title, dir)
+    }
+}
+
+/// Write a peft adapter value to `dir` atomically (prompt-learning configs without LoRA fields, as peft).
+pub fn save_peft(ad: &PeftAdapter, dir: &Path) -> Result<()> {
+    let tmp = dir.with_extension("tmp-write");
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
+    }
+    ad.save(&tmp)?;
+    if matches!(ad.config.peft_type.as_str(), crate::prompt::PROMPT_TUNING | crate::prompt::PREFIX_TUNING) {
+        crate::prompt::drop_lora_fields(&tmp.join(rime_io::peft::ADAPTER_CONFIG))?;
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).map_err(|e| io_err(dir, e))?;
+    }
+    std::fs::rename(&tmp, dir).map_err(|e| io_err(dir, e))
+}
+
+/// Train `task` as `cfg` says. With `out`, files are written there as the run goes (and a checkpoint makes
+/// `cfg.resume` possible); without, nothing touches the disk.
+pub fn train<'d, T: Task<'d> + ?Sized>(
+    task: &mut T,
+    cfg: &TrainConfig,
+    out: Option<&Path>,
+    on: &mut dyn FnMut(Event),
+) -> Result<TrainResult<T::Summary>> {
+    cfg.validate()?;
+    if cfg.micro_batch_size.is_some_and(|m| m < cfg.batch_size) && !task.supports_micro_batches() {
+        return Err(Error::invalid("micro_batch_size", "does not apply to this task; lower batch_size instead"));
+    }
+    if cfg.resume && out.is_none() {
+        return Err(Error::invalid("resume", "needs an output folder (the checkpoint is read from it)"));
+    }
+    if let Some(o) = out {
+        std::fs::create_dir_all(o).map_err(|e| io_err(o, e))?;
+    }
+    let lens = task.prepare(cfg, on)?;
+    if lens.is_empty() {
+        return Err(Error::invalid("train", "has no example to learn from"));
+    }
+    let steps_per_epoch = lens.len().div_ceil(cfg.batch_size);
+    let total = steps_per_epoch * cfg.epochs;
+    let total = cfg.max_steps.map_or(total, |m| m.min(total));
+    let optim = cfg.optimizer(total);
+    task.compile(optim.clone(), cfg.rows())?;
+    let metric = task.metric();
+    let mut run = Run {
+        dev: task.device(),
+        task,
+        cfg,
+        out,
+        log: StepLog::open(out, cfg.resume)?,
+        optim,
+        lens,
+        total,
+        step: 0,
+        best_score: if metric.higher_is_better { f64::NEG_INFINITY } else { f64::INFINITY },
+        metric,
+        best_epoch: None,
+        best: None,
+        last: None,
+        best_adapter: None,
+        patience_left: cfg.patience,
+        in_flight: None,
+        history: vec![],
     };
-    Ok((out, truncated))
+    if cfg.resume {
+        run.resume(on)?;
+    }
+    on(Event::Start { steps: total, examples: run.lens.len() });
+    let start_epoch = run.step / steps_per_epoch;
+    let skip = run.step % steps_per_epoch;
+    for epoch in start_epoch..cfg.epochs {
+        run.epoch(epoch, if epoch == start_epoch { skip } else { 0 }, on)?;
+        let stop = run.end_epoch(epoch, on)?;
+        if stop || run.step >= run.total {
+            break;
+        }
+    }
+    run.finish()
 }
 
-/// The batches of one epoch, grouped by length as Hugging Face's `group_by_length`: shuffle, cut into
-/// mega-batches of 50 batches, sort each by length, cut into batches, shuffle the batch order. Every example
-/// is seen once per epoch; batches hold texts of similar length, so less compute goes to padding.
-pub fn epoch_batches(enc: &Encoded, batch: usize, seed: u64) -> Vec<Vec<usize>> {
-    let lens: Vec<usize> = enc.ids.iter().map(|x| x.len()).collect();
-    batches_by_length(&lens, batch, seed)
+/// The state of a run between steps.
+struct Run<'a, 'd, T: Task<'d> + ?Sized> {
+    dev: &'d Device,
+    task: &'a mut T,
+    cfg: &'a TrainConfig,
+    out: Option<&'a Path>,
+    log: StepLog,
+    optim: OptimConfig,
+    lens: Vec<usize>,
+    total: usize,
+    step: usize,
+    metric: Metric,
+    best_score: f64,
+    best_epoch: Option<usize>,
+    best: Option<Evaluation>,
+    last: Option<Evaluation>,
+    best_adapter: Option<PeftAdapter>,
+    patience_left: Option<usize>,
+    in_flight: Option<InFlight>,
+    history: Vec<Value>,
 }
 
-/// [`epoch_batches`] over example lengths.
+/// A submitted step whose loss has not been read yet.
+struct InFlight {
+    key: usize,
+    step: usize,
+    epoch: usize,
+    examples: usize,
+    lr: f32,
+}
+
+impl<'d, T: Task<'d> + ?Sized> Run<'_, 'd, T> {
+    /// Adapter tensors, optimizer state and counters from `out/checkpoint`.
+    fn resume(&mut self, on: &mut dyn FnMut(Event)) -> Result<()> {
+        let dir = self.out.map(|o| o.join("checkpoint")).unwrap_or_default();
+        let state_path = dir.join("state.json");
+        if !state_path.exists() {
+            on(Event::Warn(format!("resume: no checkpoint in {}; starting fresh", dir.display())));
+            return Ok(());
+        }
+        let text = std::fs::read_to_string(&state_path).map_err(|e| io_err(&state_path, e))?;
+        let state: Value = serde_json::from_str(&text).map_err(|e| io_err(&state_path, e))?;
+        self.task.load_adapter(&dir.join("adapter"))?;
+        self.step = state["global_step"].as_u64().unwrap_or(0) as usize;
+        if let Some(b) = state[format!("best_{}", self.metric.name)].as_f64() {
+            self.best_score = b;
+        }
+        self.best_epoch = state["best_epoch"].as_u64().map(|e| e as usize);
+        let key = self.task.bucket(self.lens.iter().copied().max().unwrap_or(8));
+        let dev = self.dev;
+        let (ex, store) = self.task.executor(key)?;
+        ex.load_optimizer_state(dev, store, &dir.join("optimizer.safetensors"))?;
+        on(Event::Info(format!("resumed from {} at step {}", dir.display(), self.step)));
+        Ok(())
+    }
+
+    /// The batches of one epoch (the first `skip` were done before a resume).
+    fn epoch(&mut self, epoch: usize, skip: usize, on: &mut dyn FnMut(Event)) -> Result<()> {
+        let batches = batches_by_length(&self.lens, self.cfg.batch_size, self.cfg.seed.wrapping_add(epoch as u64));
+        for chunk in batches.iter().skip(skip) {
+            if self.step >= self.total {
+                break;
+            }
+            if self.cfg.rows() < self.cfg.batch_size {
+                self.micro_step(epoch, chunk, on)?;
+            } else {
+                self.full_step(epoch, chunk, on)?;
+            }
+            self.step += 1;
+            if self.cfg.save_every > 0 && self.step.is_multiple_of(self.cfg.save_every) && self.out.is_some() {
+                self.flush(on)?;
+                let t = Instant::now();
+                self.checkpoint()?;
+                self.log.paused += t.elapsed();
+            }
+        }
+        self.flush(on)
+    }
+
+    fn key_of(&self, idx: &[usize]) -> usize {
+        self.task.bucket(idx.iter().map(|&i| self.lens[i]).max().unwrap_or(1))
+    }
+
+    fn lr(&self) -> f32 {
+        self.cfg.lr * self.optim.schedule.factor(self.step as u64)
+    }
+
+    /// One step on the whole batch. Its loss is read during the next step: from this graph's step output when
+    /// the bucket is the same, else from the graph that ran it (submitted before, so waiting does not stall).
+    fn full_step(&mut self, epoch: usize, chunk: &[usize], on: &mut dyn FnMut(Event)) -> Result<()> {
+        let key = self.key_of(chunk);
+        let (dev, step, lr) = (self.dev, self.step, self.lr());
+        let (ex, _) = self.task.feed(chunk, key)?;
+        ex.step = step as u64;
+        let out = ex.step(dev)?;
+        let done = match self.in_flight.take() {
+            Some(p) if p.key == key => out.prev_loss.map(|l| (p, l)),
+            Some(p) => self.collect(p)?,
+            None => None,
+        };
+        self.in_flight = Some(InFlight { key, step, epoch, examples: chunk.len(), lr });
+        if let Some((p, l)) = done {
+            self.log.step(on, l, p.step, p.epoch, p.examples, p.lr)?;
+        }
+        Ok(())
+    }
+
+    /// Gradient accumulation: each micro-batch on the graph of its own bucket (they share gradients and
+    /// optimizer state), its loss gradient scaled by its share of the rows; the update follows the last.
+    fn micro_step(&mut self, epoch: usize, chunk: &[usize], on: &mut dyn FnMut(Event)) -> Result<()> {
+        let (dev, step, n) = (self.dev, self.step, chunk.len());
+        let parts: Vec<&[usize]> = chunk.chunks(self.cfg.rows()).collect();
+        let mut loss = 0f64;
+        for (i, part) in parts.iter().enumerate() {
+            let key = self.key_of(part);
+            let (ex, loss_var) = self.task.feed(part, key)?;
+            ex.set_loss_scale(dev, part.len() as f32 / n as f32)?;
+            ex.step = step as u64;
+            let last = i + 1 == parts.len();
+            ex.micro_step(dev, i == 0, last)?;
+            let l = ex.read(dev, loss_var)?[0];
+            if last {
+                ex.last_loss(dev)?; // the staged copy of the same loss
+            }
+            loss += l as f64 * part.len() as f64 / n as f64;
+        }
+        let lr = self.lr();
+        self.log.step(on, loss as f32, step, epoch, n, lr)
+    }
+
+    /// Wait for an in-flight step's loss on the graph that ran it.
+    fn collect(&mut self, p: InFlight) -> Result<Option<(InFlight, f32)>> {
+        let dev = self.dev;
+        let (ex, _) = self.task.executor(p.key)?;
+        Ok(ex.last_loss(dev)?.map(|l| (p, l)))
+    }
+
+    /// Log the in-flight step, if any.
+    fn flush(&mut self, on: &mut dyn FnMut(Event)) -> Result<()> {
+        if let Some(p) = self.in_flight.take() {
+            if let Some((p, l)) = self.collect(p)? {
+                self.log.step(on, l, p.step, p.epoch, p.examples, p.lr)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Evaluate, keep the best adapter, checkpoint; true when patience has run out.
+    fn end_epoch(&mut self, epoch: usize, on: &mut dyn FnMut(Event)) -> Result<bool> {
+        let t = Instant::now();
+        match self.task.evaluate()? {
+            Some(ev) => {
+                let improved = if self.metric.higher_is_better {
+                    ev.score > self.best_score
+                } else {
+                    ev.score < self.best_score
+                };
+                if improved {
+                    self.best_score = ev.score;
+                    self.best_epoch = Some(epoch);
+                    self.keep_adapter()?;
+                    self.patience_left = self.cfg.patience;
+                    self.best = Some(ev.clone());
+                } else if let Some(p) = self.patience_left.as_mut() {
+                    *p = p.saturating_sub(1);
+                }
+                let mut row = Map::new();
+                row.insert("epoch".into(), json!(epoch));
+                row.insert("step".into(), json!(self.step));
+                for (k, v) in &ev.values {
+                    row.insert((*k).into(), json!(v));
+                }
+                self.log.line(Value::Object(row.clone()))?;
+                self.history.push(Value::Object(row));
+                on(Event::Eval { epoch, metrics: ev.metrics.clone(), best: improved });
+                self.last = Some(ev);
+            }
+            None => self.keep_adapter()?,
+        }
+        if self.out.is_some() {
+            self.checkpoint()?;
+        }
+        self.log.paused += t.elapsed();
+        if self.patience_left == Some(0) {
+            let n = self.cfg.patience.unwrap_or(0);
+            on(Event::Info(format!("early stop: no better {} for {n} evaluations", self.metric.name)));
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// The adapter as it is now becomes the kept one (written to the output folder when there is one).
+    fn keep_adapter(&mut self) -> Result<()> {
+        self.best_adapter = Some(match self.out {
+            Some(o) => {
+                let dir = o.join(self.task.adapter_folder());
+                self.task.save_adapter(&dir)?;
+                PeftAdapter::load(&dir)?
+            }
+            None => self.task.adapter()?,
+        });
+        Ok(())
+    }
+
+    /// `out/checkpoint`: adapter, optimizer state and counters, written beside it and renamed into place;
+    /// never over the last good one with non-finite parameters.
+    fn checkpoint(&mut self) -> Result<()> {
+        let Some(out) = self.out else { return Ok(()) };
+        let (dev, store) = (self.dev, self.task.store());
+        for (name, _, d) in crate::classifier::trainable_tensors(dev, store)? {
+            if d.iter().any(|x| !x.is_finite()) {
+                return Err(Error::Msg(format!(
+                    "parameter '{name}' became non-finite after step {}; stopped. {} Try a lower learning rate (lr).",
+                    self.step,
+                    checkpoint_note(out)
+                )));
+            }
+        }
+        let tmp = out.join("checkpoint.tmp");
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
+        }
+        std::fs::create_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
+        self.task.save_adapter(&tmp.join("adapter"))?;
+        if let Some(ex) = self.task.any_executor() {
+            ex.save_optimizer_state(dev, self.task.store(), &tmp.join("optimizer.safetensors"))?;
+        }
+        let mut state = Map::new();
+        state.insert("global_step".into(), json!(self.step));
+        state.insert(format!("best_{}", self.metric.name), json!(self.best_score));
+        state.insert("best_epoch".into(), json!(self.best_epoch));
+        write_json(&tmp.join("state.json"), &Value::Object(state))?;
+        let dir = out.join("checkpoint");
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
+        }
+        std::fs::rename(&tmp, &dir).map_err(|e| io_err(&dir, e))
+    }
+
+    fn finish(self) -> Result<TrainResult<T::Summary>> {
+        let secs = self.log.train_seconds();
+        let (dispatches_per_step, memory) = self
+            .task
+            .any_executor()
+            .map(|e| (e.dispatches_per_step(), e.memory_report().to_string()))
+            .unwrap_or_default();
+        let stats = RunStats {
+            steps: self.step,
+            best_epoch: self.best_epoch,
+            best_score: self.best_score.is_finite().then_some(self.best_score),
+            best: self.best,
+            last: self.last,
+            first_loss: self.log.first_loss,
+            last_loss: self.log.last_loss,
+            train_seconds: secs,
+            train_examples_per_s: self.log.examples_done as f64 / secs.max(1e-9),
+            dispatches_per_step,
+            memory,
+        };
+        let summary = self.task.summary(&stats);
+        let mut metrics = self.task.summary_json(&summary);
+        metrics["history"] = json!(self.history);
+        let title = self.task.title();
+        let adapter_folder = self.task.adapter_folder();
+        let adapter = match (self.best_adapter, self.out) {
+            (Some(a), _) => a,
+            (None, Some(o)) if o.join(adapter_folder).exists() => PeftAdapter::load(o.join(adapter_folder))?,
+            (None, _) => self.task.adapter()?,
+        };
+        if let Some(o) = self.out {
+            write_json(&o.join("metrics.json"), &metrics)?;
+            // The plot is a convenience: a failure to draw it never fails the run.
+            crate::plot::write_plots(&self.log.lines, &title, o).ok();
+        }
+        Ok(TrainResult { summary, metrics, log: self.log.lines, adapter, adapter_folder, title })
+    }
+}
+
+/// The batches of one epoch over example lengths, grouped by length as Hugging Face's `group_by_length`:
+/// shuffle, cut into mega-batches of 50 batches, sort each by length, cut into batches, shuffle the batch
+/// order. Every example is seen once per epoch; batches hold examples of similar length (less padding).
 pub fn batches_by_length(lens: &[usize], batch: usize, seed: u64) -> Vec<Vec<usize>> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut order: Vec<usize> = (0..lens.len()).collect();
@@ -131,562 +526,81 @@ pub fn batches_by_length(lens: &[usize], batch: usize, seed: u64) -> Vec<Vec<usi
 }
 
 /// Sequence-length buckets: graphs are compiled per bucket.
-pub(crate) fn bucket(len: usize, max_length: usize) -> usize {
+pub fn bucket(len: usize, max_length: usize) -> usize {
     let b = len.div_ceil(32) * 32;
     b.clamp(8, max_length.max(8))
 }
 
-/// Pad rows `idx` of `enc` into a [b, t] batch; missing rows (a short last batch) are empty and ignored.
-pub fn make_batch(enc: &Encoded, idx: &[usize], b: usize, t: usize) -> (Vec<u32>, Vec<u32>, Vec<u32>, Vec<i32>) {
-    let mut ids = vec![0u32; b * t];
-    let mut types = vec![0u32; b * t];
-    let mut mask = vec![0u32; b * t];
-    let mut labels = vec![-100i32; b];
-    for (r, &i) in idx.iter().enumerate() {
-        let n = enc.ids[i].len().min(t);
-        ids[r * t..r * t + n].copy_from_slice(&enc.ids[i][..n]);
-        types[r * t..r * t + n].copy_from_slice(&enc.types[i][..n]);
-        for m in &mut mask[r * t..r * t + n] {
-            *m = 1;
-        }
-        labels[r] = enc.labels[i];
-    }
-    (ids, types, mask, labels)
+pub(crate) fn io_err(p: &Path, e: impl std::fmt::Display) -> Error {
+    Error::Msg(format!("{}: {e}", p.display()))
 }
 
-/// A model ready to train or evaluate: parameters on the device and graphs per length bucket.
-pub struct Session<'d> {
-    pub dev: &'d Device,
-    pub store: ParamStore,
-    pub cfg: BertConfig,
-    pub prefix: String,
-    pub hook: Box<dyn LinearHook>,
-    pub batch: usize,
-    pub max_length: usize,
-    pub optim: Option<OptimConfig>,
-    execs: HashMap<usize, ShapeExec>,
-    /// When the training graphs hold dropout (LoRA dropout), evaluation runs forward-only graphs built with
-    /// this hook instead, one per length bucket.
-    pub eval_hook: Option<Box<dyn LinearHook>>,
-    eval_execs: HashMap<usize, ShapeExec>,
-}
-
-impl<'d> Session<'d> {
-    /// A forward-only session (evaluation, features) over parameters already in `store`.
-    pub fn for_inference(
-        dev: &'d Device,
-        store: ParamStore,
-        cfg: BertConfig,
-        prefix: String,
-        hook: Box<dyn LinearHook>,
-        batch: usize,
-        max_length: usize,
-    ) -> Self {
-        Session {
-            dev,
-            store,
-            cfg,
-            prefix,
-            hook,
-            batch,
-            max_length,
-            optim: None,
-            execs: HashMap::new(),
-            eval_hook: None,
-            eval_execs: HashMap::new(),
-        }
-    }
-
-    /// The executor that evaluates length bucket `t`: the training one, or a forward-only graph without
-    /// dropout when [`Session::eval_hook`] is set.
-    fn eval_exec(&mut self, t: usize) -> Result<&mut ShapeExec> {
-        let Some(hook) = &self.eval_hook else { return self.exec(t) };
-        if !self.eval_execs.contains_key(&t) {
-            let se = classifier::build_exec(
-                self.dev,
-                &self.store,
-                &self.cfg,
-                &self.prefix,
-                hook.as_ref(),
-                self.batch,
-                t,
-                None,
-            )?;
-            self.eval_execs.insert(t, se);
-        }
-        Ok(self.eval_execs.get_mut(&t).expect("just inserted"))
-    }
-
-    pub fn exec(&mut self, t: usize) -> Result<&mut ShapeExec> {
-        if !self.execs.contains_key(&t) {
-            let donor = self.execs.values().next().map(|s| &s.exec);
-            let se = classifier::build_exec_sharing(
-                self.dev,
-                &self.store,
-                &self.cfg,
-                &self.prefix,
-                self.hook.as_ref(),
-                self.batch,
-                t,
-                self.optim.clone(),
-                donor,
-            )?;
-            self.execs.insert(t, se);
-        }
-        Ok(self.execs.get_mut(&t).expect("just inserted"))
-    }
-
-    /// Forward over a split: logits [n, classes] and pooled features [n, hidden].
-    pub fn predict(&mut self, enc: &Encoded, mut progress: impl FnMut(usize)) -> Result<(Vec<f32>, Vec<f32>)> {
-        let n = enc.ids.len();
-        let mut order: Vec<usize> = (0..n).collect();
-        order.sort_by_key(|&i| enc.ids[i].len()); // similar lengths together: less padding
-        let classes = self.store.get(self.store.id(classifier::HEAD_BIAS)?).tensor.shape[0];
-        let hidden = self.cfg.hidden;
-        let mut logits = vec![0f32; n * classes];
-        let mut pooled = vec![0f32; n * hidden];
-        let dev = self.dev;
-        let (b, maxl) = (self.batch, self.max_length);
-        for chunk in order.chunks(b) {
-            let longest = chunk.iter().map(|&i| enc.ids[i].len()).max().unwrap_or(1);
-            let t = bucket(longest, maxl);
-            let se = self.eval_exec(t)?;
-            let (ids, types, mask, labels) = make_batch(enc, chunk, b, t);
-            classifier::feed(dev, se, &ids, &types, &mask, &labels)?;
-            se.exec.forward(dev)?;
-            let lg = se.exec.read(dev, se.logits)?;
-            let pl = se.exec.read(dev, se.pooled)?;
-            for (r, &i) in chunk.iter().enumerate() {
-                logits[i * classes..(i + 1) * classes].copy_from_slice(&lg[r * classes..(r + 1) * classes]);
-                pooled[i * hidden..(i + 1) * hidden].copy_from_slice(&pl[r * hidden..(r + 1) * hidden]);
-            }
-            progress(chunk.len());
-        }
-        Ok((logits, pooled))
-    }
-
-    pub fn evaluate(&mut self, enc: &Encoded, progress: impl FnMut(usize)) -> Result<EvalMetrics> {
-        let (logits, _) = self.predict(enc, progress)?;
-        let classes = logits.len() / enc.labels.len().max(1);
-        Ok(metrics_from_logits(&logits, &enc.labels, classes))
-    }
-}
-
-/// Accuracy, macro-F1 and mean cross-entropy of logits against labels (rows with label < 0 skipped).
-pub fn metrics_from_logits(logits: &[f32], labels: &[i32], classes: usize) -> EvalMetrics {
-    let pred = metrics::argmax_rows(logits, classes);
-    let mut p2 = vec![];
-    let mut g2 = vec![];
-    let mut loss = 0f64;
-    for (i, &l) in labels.iter().enumerate() {
-        if l < 0 {
-            continue;
-        }
-        let row = &logits[i * classes..(i + 1) * classes];
-        let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let lse = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
-        loss += lse - row[l as usize] as f64;
-        p2.push(pred[i]);
-        g2.push(l as usize);
-    }
-    EvalMetrics {
-        accuracy: metrics::accuracy(&p2, &g2),
-        macro_f1: metrics::macro_f1(&p2, &g2, classes),
-        loss: loss / g2.len().max(1) as f64,
-        examples: g2.len(),
-    }
-}
-
-/// Open the model: checkpoint, config, tokenizer; parameters uploaded frozen.
-pub fn open_model(
-    dev: &Device,
-    model: &Path,
-    max_length: usize,
-) -> Result<(ParamStore, BertConfig, String, Tokenizer)> {
-    open_model_as(dev, model, max_length, rime_kernels::DType::F32)
-}
-
-/// [`open_model`] with the frozen linear weights stored as `weights` (see [`classifier::load_frozen_as`]).
-pub fn open_model_as(
-    dev: &Device,
-    model: &Path,
-    max_length: usize,
-    weights: rime_kernels::DType,
-) -> Result<(ParamStore, BertConfig, String, Tokenizer)> {
-    let cfg = ModelConfig::from_file(model)?;
-    if cfg.architecture != rime_io::Architecture::Bert {
-        return Err(Error::Msg(format!(
-            "{}: sequence classification needs an encoder (BERT); this is {}",
-            model.display(),
-            cfg.architecture.as_str()
-        )));
-    }
-    let ckpt = Checkpoint::open(model)?;
-    cfg.check_checkpoint(&ckpt)?;
-    let mut store = ParamStore::new();
-    let prefix = classifier::load_frozen_as(dev, &mut store, &ckpt, weights)?;
-    let tok_path = model.join("tokenizer.json");
-    let mut tok = Tokenizer::from_file(&tok_path)?;
-    tok.set_max_length(Some(max_length.min(cfg.max_position_embeddings)))?;
-    Ok((store, classifier::bert_config(&cfg), prefix, tok))
-}
-
-/// The training and evaluation sets of a run: `--eval` when given, else a seeded held-out part of `--train`.
-fn load_splits(cfg: &TrainConfig) -> Result<(Dataset, Dataset)> {
-    let train_full = Dataset::load(&cfg.train, &cfg.columns)?;
-    if train_full.is_empty() {
-        return Err(Error::Msg(format!("{}: the training set is empty", cfg.train.display())));
-    }
-    Ok(match &cfg.eval {
-        Some(p) => (train_full, Dataset::load(p, &cfg.columns)?),
-        None => train_full.split(cfg.eval_fraction, cfg.seed)?,
-    })
-}
-
-pub(crate) fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
+pub(crate) fn write_json(path: &Path, v: &Value) -> Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, serde_json::to_string_pretty(v).unwrap_or_default())
         .and_then(|_| std::fs::rename(&tmp, path))
-        .map_err(|e| Error::Msg(format!("{}: {e}", path.display())))
+        .map_err(|e| io_err(path, e))
 }
 
-/// Train a classifier. Returns the summary; writes adapter folders, metrics and a plot into `cfg.out`.
-pub fn train(dev: &Device, cfg: &TrainConfig, on: &mut dyn FnMut(Event)) -> Result<TrainSummary> {
-    std::fs::create_dir_all(&cfg.out).map_err(|e| Error::Msg(format!("{}: {e}", cfg.out.display())))?;
-    if cfg.batch_size == 0 || cfg.epochs == 0 {
-        return Err(Error::Msg("--batch-size and --epochs must be at least 1".into()));
-    }
-    let micro = cfg.micro_batch.unwrap_or(cfg.batch_size);
-    if micro == 0 || micro > cfg.batch_size {
-        return Err(Error::Msg(format!(
-            "--micro-batch-size {micro} must be between 1 and --batch-size {}",
-            cfg.batch_size
-        )));
-    }
-    if cfg.eval.is_none() {
-        on(Event::Info(format!(
-            "no --eval file: holding out {:.0}% of {} for evaluation",
-            cfg.eval_fraction * 100.0,
-            cfg.train.display()
-        )));
-    }
-    let (train_ds, eval_ds) = load_splits(cfg)?;
-    let labels = LabelMap::from_dataset(&train_ds)?;
-    let (mut store, bcfg, prefix, tok) = open_model_as(dev, &cfg.model, cfg.max_length, cfg.weights)?;
-    let method = cfg.method.clone().for_model(&bcfg);
-    classifier::check_virtual_fit(method.virtual_tokens(), cfg.max_length.min(bcfg.max_positions), &bcfg)?;
-    let (train_enc, trunc) = encode(&tok, &train_ds, Some(&labels))?;
-    let (eval_enc, trunc_e) = encode(&tok, &eval_ds, Some(&labels))?;
-    if trunc + trunc_e > 0 {
-        on(Event::Warn(format!(
-            "{} of {} texts are longer than --max-length {} tokens and were truncated",
-            trunc + trunc_e,
-            train_enc.ids.len() + eval_enc.ids.len(),
-            cfg.max_length
-        )));
-    }
-    classifier::init_head(dev, &mut store, bcfg.hidden, labels.len(), cfg.seed)?;
-    let info = classifier::prepare_method(dev, &mut store, &method)?;
-    on(Event::Info(info));
-    let steps_per_epoch = train_enc.ids.len().div_ceil(cfg.batch_size);
-    let total = steps_per_epoch * cfg.epochs;
-    let total = cfg.max_steps.map_or(total, |m| m.min(total));
-    let warmup = (cfg.warmup_ratio * total as f32).round() as u64;
-    let mut optim = OptimConfig::adamw(cfg.lr, cfg.weight_decay);
-    optim.schedule = match cfg.schedule.as_str() {
-        "constant" => LrSchedule::Constant,
-        "cosine" => LrSchedule::Cosine { warmup, total: total as u64 },
-        "linear" => LrSchedule::Linear { warmup, total: total as u64 },
-        s => return Err(Error::Msg(format!("--schedule '{s}': expected constant, linear or cosine"))),
-    };
-    optim.max_grad_norm = cfg.max_grad_norm;
-    let trainable: usize = store.trainable().map(|(_, p)| p.tensor.numel()).sum();
-    let frozen: usize = store.iter().filter(|(_, p)| !p.trainable).map(|(_, p)| p.tensor.numel()).sum();
-    on(Event::Info(format!(
-        "{}: {} trainable parameters, {} frozen ({:.3}%)",
-        cfg.method.name(),
-        trainable,
-        frozen,
-        100.0 * trainable as f64 / (trainable + frozen) as f64
-    )));
-    let mut sess = Session {
-        dev,
-        store,
-        cfg: bcfg,
-        prefix,
-        hook: classifier::hook_for(&method),
-        batch: micro,
-        max_length: cfg.max_length,
-        optim: Some(optim.clone()),
-        execs: HashMap::new(),
-        eval_hook: classifier::eval_hook_for(&method),
-        eval_execs: HashMap::new(),
-    };
-    let base_name = cfg.model.display().to_string();
-    let label_names: Vec<String> = labels.labels().to_vec();
-
-    // Resume: adapter tensors, optimizer state and counters from out/checkpoint.
-    let ckpt_dir = cfg.out.join("checkpoint");
-    let mut global_step = 0usize;
-    let mut start_epoch = 0usize;
-    let mut skip_in_epoch = 0usize;
-    let mut best_acc = f64::NEG_INFINITY;
-    let mut best_epoch = 0usize;
-    let mut history: Vec<serde_json::Value> = vec![];
-    if cfg.resume && ckpt_dir.join("state.json").exists() {
-        let state: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(ckpt_dir.join("state.json"))
-                .map_err(|e| Error::Msg(format!("{}: {e}", ckpt_dir.display())))?,
-        )
-        .map_err(|e| Error::Msg(format!("{}/state.json: {e}", ckpt_dir.display())))?;
-        classifier::load_adapter(dev, &mut sess.store, &ckpt_dir.join("adapter"))?;
-        global_step = state["global_step"].as_u64().unwrap_or(0) as usize;
-        start_epoch = global_step / steps_per_epoch;
-        skip_in_epoch = global_step % steps_per_epoch;
-        best_acc = state["best_accuracy"].as_f64().unwrap_or(f64::NEG_INFINITY);
-        best_epoch = state["best_epoch"].as_u64().unwrap_or(0) as usize;
-        let t0 = bucket(train_enc.ids.iter().map(|x| x.len()).max().unwrap_or(8), cfg.max_length);
-        sess.exec(t0)?;
-        let se = sess.execs.get_mut(&t0).ok_or_else(|| Error::Msg("resume: no executor".into()))?;
-        se.exec.load_optimizer_state(dev, &sess.store, &ckpt_dir.join("optimizer.safetensors"))?;
-        on(Event::Info(format!("resumed from {} at step {global_step}", ckpt_dir.display())));
-    } else if cfg.resume {
-        on(Event::Warn(format!("--resume: no checkpoint in {}; starting fresh", ckpt_dir.display())));
-    }
-
-    let mut log = StepLog::open(&cfg.out, cfg.resume)?;
-    on(Event::Start { steps: total, examples: train_enc.ids.len() });
-    let mut in_flight: Option<InFlight> = None;
-    let mut patience_left = cfg.patience;
-    let mut stopped_early = false;
-    let mut last_metrics = EvalMetrics::default();
-
-    let save_checkpoint = |sess: &mut Session, step: usize, best_acc: f64, best_epoch: usize| -> Result<()> {
-        // Never overwrite the last good checkpoint with diverged parameters.
-        for (name, _, data) in classifier::trainable_tensors(sess.dev, &sess.store)? {
-            if data.iter().any(|x| !x.is_finite()) {
-                return Err(Error::Msg(format!(
-                    "parameter '{name}' became non-finite after step {step}; stopped. {} Try a lower --lr.",
-                    checkpoint_note(&cfg.out)
-                )));
-            }
-        }
-        let tmp = cfg.out.join("checkpoint.tmp");
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(|e| Error::Msg(format!("{}: {e}", tmp.display())))?;
-        }
-        std::fs::create_dir_all(&tmp).map_err(|e| Error::Msg(format!("{}: {e}", tmp.display())))?;
-        classifier::save_adapter(sess.dev, &sess.store, &method, &base_name, &label_names, &tmp.join("adapter"))?;
-        let dev = sess.dev;
-        if let Some(se) = sess.execs.values().next() {
-            se.exec.save_optimizer_state(dev, &sess.store, &tmp.join("optimizer.safetensors"))?;
-        }
-        write_json(
-            &tmp.join("state.json"),
-            &serde_json::json!({"global_step": step, "best_accuracy": best_acc, "best_epoch": best_epoch}),
-        )?;
-        if ckpt_dir.exists() {
-            std::fs::remove_dir_all(&ckpt_dir).map_err(|e| Error::Msg(format!("{}: {e}", ckpt_dir.display())))?;
-        }
-        std::fs::rename(&tmp, &ckpt_dir).map_err(|e| Error::Msg(format!("{}: {e}", ckpt_dir.display())))?;
-        Ok(())
-    };
-
-    'epochs: for epoch in start_epoch..cfg.epochs {
-        let batches = epoch_batches(&train_enc, cfg.batch_size, cfg.seed.wrapping_add(epoch as u64));
-        let mut hit_max = false;
-        for (bi, chunk) in batches.iter().enumerate() {
-            if epoch == start_epoch && bi < skip_in_epoch {
-                continue;
-            }
-            if cfg.max_steps.is_some_and(|m| global_step >= m) {
-                hit_max = true;
-                break;
-            }
-            if micro < cfg.batch_size {
-                // Gradient accumulation: each micro-batch on the graph of its own length bucket (they share
-                // gradients and optimizer state), its loss gradient scaled by its share of the step's rows; the
-                // update is applied after the last. Each micro-batch's loss is read when it is done.
-                let n = chunk.len();
-                let parts: Vec<&[usize]> = chunk.chunks(micro).collect();
-                let mut loss = 0f64;
-                for (i, part) in parts.iter().enumerate() {
-                    let longest = part.iter().map(|&i| train_enc.ids[i].len()).max().unwrap_or(1);
-                    let t = bucket(longest, cfg.max_length);
-                    let se = sess.exec(t)?;
-                    let (ids, types, mask, lab) = make_batch(&train_enc, part, micro, t);
-                    classifier::feed(dev, se, &ids, &types, &mask, &lab)?;
-                    se.exec.set_loss_scale(dev, part.len() as f32 / n as f32)?;
-                    se.exec.step = global_step as u64;
-                    let last = i + 1 == parts.len();
-                    se.exec.micro_step(dev, i == 0, last)?;
-                    let l = se.exec.read(dev, se.loss)?[0];
-                    if last {
-                        se.exec.last_loss(dev)?; // the staged copy of the same loss
-                    }
-                    loss += l as f64 * part.len() as f64 / n as f64;
-                }
-                let lr = cfg.lr * optim.schedule.factor(global_step as u64);
-                log.step(on, loss as f32, global_step, epoch, n, lr)?;
-            } else {
-                let longest = chunk.iter().map(|&i| train_enc.ids[i].len()).max().unwrap_or(1);
-                let t = bucket(longest, cfg.max_length);
-                let se = sess.exec(t)?;
-                let (ids, types, mask, lab) = make_batch(&train_enc, chunk, cfg.batch_size, t);
-                classifier::feed(dev, se, &ids, &types, &mask, &lab)?;
-                se.exec.step = global_step as u64;
-                let out = se.exec.step(dev)?;
-                let lr = cfg.lr * optim.schedule.factor(global_step as u64);
-                // The previous step's loss is read now, while this step runs: from this executor's step output
-                // when the bucket is the same, else from the executor that ran it (whose work was submitted
-                // before this step's, so waiting for it does not stall the queue).
-                let done = match in_flight.take() {
-                    Some(p) if p.bucket == t => out.prev_loss.map(|l| (p, l)),
-                    Some(p) => collect(&mut sess, dev, p)?,
-                    None => None,
-                };
-                in_flight = Some(InFlight { bucket: t, step: global_step, epoch, examples: chunk.len(), lr });
-                if let Some((p, l)) = done {
-                    log.step(on, l, p.step, p.epoch, p.examples, p.lr)?;
-                }
-            }
-            global_step += 1;
-            if cfg.save_every > 0 && global_step.is_multiple_of(cfg.save_every) {
-                if let Some((p, l)) = in_flight.take().map(|p| collect(&mut sess, dev, p)).transpose()?.flatten() {
-                    log.step(on, l, p.step, p.epoch, p.examples, p.lr)?;
-                }
-                let t_save = Instant::now();
-                save_checkpoint(&mut sess, global_step, best_acc, best_epoch)?;
-                log.paused += t_save.elapsed();
-            }
-        }
-        if let Some((p, l)) = in_flight.take().map(|p| collect(&mut sess, dev, p)).transpose()?.flatten() {
-            log.step(on, l, p.step, p.epoch, p.examples, p.lr)?;
-        }
-        let t_eval = Instant::now();
-        let m = sess.evaluate(&eval_enc, |_| {})?;
-        let improved = m.accuracy > best_acc;
-        if improved {
-            best_acc = m.accuracy;
-            best_epoch = epoch;
-            classifier::save_adapter(dev, &sess.store, &method, &base_name, &label_names, &cfg.out.join("best"))?;
-            patience_left = cfg.patience;
-        } else if let Some(p) = patience_left.as_mut() {
-            *p = p.saturating_sub(1);
-        }
-        history.push(serde_json::json!({"epoch": epoch, "eval_accuracy": m.accuracy, "eval_macro_f1": m.macro_f1, "eval_loss": m.loss}));
-        log.line(&serde_json::json!({"epoch": epoch, "step": global_step, "eval_accuracy": m.accuracy, "eval_macro_f1": m.macro_f1, "eval_loss": m.loss}))?;
-        on(Event::Eval { epoch, metrics: m.clone(), best: improved });
-        last_metrics = m;
-        save_checkpoint(&mut sess, global_step, best_acc, best_epoch)?;
-        log.paused += t_eval.elapsed();
-        if hit_max {
-            break 'epochs;
-        }
-        if patience_left == Some(0) {
-            on(Event::Info(format!("early stop: no improvement for {} evaluations", cfg.patience.unwrap_or(0))));
-            stopped_early = true;
-            break;
-        }
-    }
-    let secs = log.train_seconds();
-    let _ = stopped_early;
-    // The best adapter's metrics are the run's result.
-    let best = history.iter().find(|h| h["epoch"].as_u64() == Some(best_epoch as u64)).cloned();
-    let (acc, f1, loss) = match &best {
-        Some(b) => (
-            b["eval_accuracy"].as_f64().unwrap_or(0.0),
-            b["eval_macro_f1"].as_f64().unwrap_or(0.0),
-            b["eval_loss"].as_f64().unwrap_or(0.0),
-        ),
-        None => (last_metrics.accuracy, last_metrics.macro_f1, last_metrics.loss),
-    };
-    let (dps, mem) = sess
-        .execs
-        .values()
-        .next()
-        .map(|s| (s.exec.dispatches_per_step(), s.exec.memory_report().to_string()))
-        .unwrap_or_default();
-    let summary = TrainSummary {
-        method: cfg.method.name().into(),
-        eval_accuracy: acc,
-        eval_macro_f1: f1,
-        eval_loss: loss,
-        best_epoch,
-        steps: global_step,
-        train_examples_per_s: log.examples_done as f64 / secs.max(1e-9),
-        train_seconds: secs,
-        trainable_params: trainable,
-        frozen_params: frozen,
-        labels: label_names.clone(),
-        dispatches_per_step: dps,
-        memory: mem,
-    };
-    let mut v = serde_json::to_value(&summary).unwrap_or_default();
-    v["history"] = serde_json::json!(history);
-    write_json(&cfg.out.join("metrics.json"), &v)?;
-    crate::plot::write_plot(log.path(), &cfg.out.join("training.png")).ok();
-    Ok(summary)
-}
-
-/// A submitted step whose loss has not been read yet.
-struct InFlight {
-    bucket: usize,
-    step: usize,
-    epoch: usize,
-    examples: usize,
-    lr: f32,
-}
-
-/// Wait for an in-flight step's loss on the executor that ran it.
-fn collect(sess: &mut Session, dev: &Device, p: InFlight) -> Result<Option<(InFlight, f32)>> {
-    let se = sess.execs.get_mut(&p.bucket).ok_or_else(|| Error::Msg(format!("no executor for length {}", p.bucket)))?;
-    Ok(se.exec.last_loss(dev)?.map(|l| (p, l)))
-}
-
-/// Per-step loss reporting shared by the trainers: `metrics.jsonl` (appended to on resume), the NaN stop that
-/// names the step and the last good checkpoint, examples/s over training time (evaluation and checkpoints
-/// excluded) and the [`Event::Step`] callback.
+/// Per-step loss reporting: the log lines (kept in memory; appended to `metrics.jsonl` when there is an
+/// output folder, continuing it on resume), the stop on a non-finite loss that names the step and the last
+/// good checkpoint, examples/s over training time (evaluation and checkpoints excluded) and the
+/// [`Event::Step`] callback.
 pub(crate) struct StepLog {
-    jsonl: std::fs::File,
-    path: PathBuf,
-    out: PathBuf,
+    jsonl: Option<(std::fs::File, PathBuf)>,
+    out: Option<PathBuf>,
     t_start: Instant,
     /// Time spent evaluating and checkpointing, excluded from the throughput.
     pub paused: std::time::Duration,
     pub examples_done: usize,
     last_good: Option<usize>,
+    pub lines: Vec<Value>,
+    pub first_loss: f32,
+    pub last_loss: f32,
 }
 
 impl StepLog {
-    pub(crate) fn open(out: &Path, resume: bool) -> Result<StepLog> {
-        let path = out.join("metrics.jsonl");
-        let jsonl = std::fs::OpenOptions::new()
-            .create(true)
-            .append(resume)
-            .write(true)
-            .truncate(!resume)
-            .open(&path)
-            .map_err(|e| Error::Msg(format!("{}: {e}", path.display())))?;
+    pub(crate) fn open(out: Option<&Path>, resume: bool) -> Result<StepLog> {
+        let jsonl = match out {
+            Some(o) => {
+                let path = o.join("metrics.jsonl");
+                let f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(resume)
+                    .write(true)
+                    .truncate(!resume)
+                    .open(&path)
+                    .map_err(|e| io_err(&path, e))?;
+                Some((f, path))
+            }
+            None => None,
+        };
         Ok(StepLog {
             jsonl,
-            path,
-            out: out.to_path_buf(),
+            out: out.map(Path::to_path_buf),
             t_start: Instant::now(),
             paused: std::time::Duration::ZERO,
             examples_done: 0,
             last_good: None,
+            lines: vec![],
+            first_loss: f32::NAN,
+            last_loss: f32::NAN,
         })
     }
 
-    /// One line of metrics.jsonl (evaluations).
-    pub(crate) fn line(&mut self, v: &serde_json::Value) -> Result<()> {
-        writeln!(self.jsonl, "{v}").map_err(|e| Error::Msg(format!("{}: {e}", self.path.display())))
+    /// One line of the log.
+    pub(crate) fn line(&mut self, v: Value) -> Result<()> {
+        use std::io::Write;
+        if let Some((f, path)) = &mut self.jsonl {
+            writeln!(f, "{v}").map_err(|e| io_err(path, e))?;
+        }
+        self.lines.push(v);
+        Ok(())
     }
 
     /// Seconds spent training (wall time less [`StepLog::paused`]).
     pub(crate) fn train_seconds(&self) -> f64 {
-        (self.t_start.elapsed() - self.paused).as_secs_f64()
+        (self.t_start.elapsed().saturating_sub(self.paused)).as_secs_f64()
     }
 
     /// The loss of step `step` over `examples` rows: stop on a non-finite loss, else log and report it.
@@ -700,129 +614,34 @@ impl StepLog {
         lr: f32,
     ) -> Result<()> {
         if !loss.is_finite() {
+            let note = match &self.out {
+                Some(o) => checkpoint_note(o),
+                None => "No checkpoint is kept without an output folder.".into(),
+            };
             return Err(Error::Msg(format!(
-                "loss became {loss} at step {step} (last finite loss at step {}); stopped. {} Try a lower --lr.",
+                "loss became {loss} at step {step} (last finite loss at step {}); stopped. {note} Try a lower \
+                 learning rate (lr).",
                 self.last_good.map_or("none".into(), |s| s.to_string()),
-                checkpoint_note(&self.out)
             )));
         }
         self.last_good = Some(step);
+        if self.first_loss.is_nan() {
+            self.first_loss = loss;
+        }
+        self.last_loss = loss;
         self.examples_done += examples;
         let eps = self.examples_done as f64 / self.train_seconds().max(1e-9);
-        self.line(&serde_json::json!({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "examples_per_s": eps}))?;
+        self.line(json!({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "examples_per_s": eps}))?;
         on(Event::Step { step, epoch, loss, examples_per_s: eps, lr });
         Ok(())
     }
-
-    pub(crate) fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
-/// The linear-probe baseline: mean-pooled features of the frozen model for the train and eval sets (one
-/// forward pass each on the GPU), then a logistic-regression head trained on the CPU (full-batch Adam,
-/// 300 iterations, lr 1e-2, weight decay 1e-4). Returns eval metrics.
-pub fn probe_baseline(dev: &Device, cfg: &TrainConfig) -> Result<EvalMetrics> {
-    let (train_ds, eval_ds) = load_splits(cfg)?;
-    let labels = LabelMap::from_dataset(&train_ds)?;
-    let (mut store, bcfg, prefix, tok) = open_model_as(dev, &cfg.model, cfg.max_length, cfg.weights)?;
-    let (tr, _) = encode(&tok, &train_ds, Some(&labels))?;
-    let (ev, _) = encode(&tok, &eval_ds, Some(&labels))?;
-    classifier::init_head(dev, &mut store, bcfg.hidden, labels.len(), cfg.seed)?;
-    let hidden = bcfg.hidden;
-    let mut sess =
-        Session::for_inference(dev, store, bcfg, prefix, Box::new(rime_models::Plain), cfg.batch_size, cfg.max_length);
-    let (_, ftr) = sess.predict(&tr, |_| {})?;
-    let (_, fev) = sess.predict(&ev, |_| {})?;
-    let k = labels.len();
-    let (w, b) = fit_logistic(&ftr, &tr.labels, hidden, k, 300, 1e-2, 1e-4);
-    let logits: Vec<f32> = fev
-        .chunks(hidden)
-        .flat_map(|x| {
-            (0..k).map(|c| b[c] + (0..hidden).map(|j| w[c * hidden + j] * x[j]).sum::<f32>()).collect::<Vec<_>>()
-        })
-        .collect();
-    Ok(metrics_from_logits(&logits, &ev.labels, k))
-}
-
-/// Multinomial logistic regression by full-batch Adam (decoupled weight decay); returns (W [k, d], b [k]).
-pub fn fit_logistic(x: &[f32], y: &[i32], d: usize, k: usize, iters: usize, lr: f32, wd: f32) -> (Vec<f32>, Vec<f32>) {
-    let n = y.len();
-    let mut w = vec![0f32; k * d];
-    let mut b = vec![0f32; k];
-    let (mut mw, mut vw, mut mb, mut vb) = (vec![0f32; k * d], vec![0f32; k * d], vec![0f32; k], vec![0f32; k]);
-    let (b1, b2, eps) = (0.9f32, 0.999f32, 1e-8f32);
-    for it in 1..=iters {
-        let mut gw = vec![0f32; k * d];
-        let mut gb = vec![0f32; k];
-        for i in 0..n {
-            if y[i] < 0 {
-                continue;
-            }
-            let xi = &x[i * d..(i + 1) * d];
-            let z: Vec<f32> = (0..k).map(|c| b[c] + (0..d).map(|j| w[c * d + j] * xi[j]).sum::<f32>()).collect();
-            let m = z.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-            let e: Vec<f32> = z.iter().map(|v| (v - m).exp()).collect();
-            let s: f32 = e.iter().sum();
-            for c in 0..k {
-                let g = e[c] / s - if c as i32 == y[i] { 1.0 } else { 0.0 };
-                gb[c] += g / n as f32;
-                for j in 0..d {
-                    gw[c * d + j] += g * xi[j] / n as f32;
-                }
-            }
-        }
-        let (c1, c2) = (1.0 - b1.powi(it as i32), 1.0 - b2.powi(it as i32));
-        for (p, (g, (m, v))) in w.iter_mut().zip(gw.iter().zip(mw.iter_mut().zip(vw.iter_mut()))) {
-            *p -= lr * wd * *p;
-            *m = b1 * *m + (1.0 - b1) * g;
-            *v = b2 * *v + (1.0 - b2) * g * g;
-            *p -= lr * (*m / c1) / ((*v / c2).sqrt() + eps);
-        }
-        for (p, (g, (m, v))) in b.iter_mut().zip(gb.iter().zip(mb.iter_mut().zip(vb.iter_mut()))) {
-            *m = b1 * *m + (1.0 - b1) * g;
-            *v = b2 * *v + (1.0 - b2) * g * g;
-            *p -= lr * (*m / c1) / ((*v / c2).sqrt() + eps);
-        }
-    }
-    (w, b)
-}
-
-/// Evaluate a saved adapter (LoRA or probe, with its head) on a labelled file.
-pub fn evaluate_adapter(
-    dev: &Device,
-    model: &Path,
-    adapter: &Path,
-    data: &Path,
-    columns: &Columns,
-    batch: usize,
-    max_length: usize,
-) -> Result<EvalMetrics> {
-    let (mut store, bcfg, prefix, tok) = open_model(dev, model, max_length)?;
-    let (acfg, labels) = classifier::load_adapter(dev, &mut store, adapter)?;
-    if labels.is_empty() || store.find(classifier::HEAD_WEIGHT).is_none() {
-        return Err(Error::Msg(format!(
-            "{}: no classification head (head.weight) and labels (rime_labels) in this adapter",
-            adapter.display()
-        )));
-    }
-    let ds = Dataset::load(data, columns)?;
-    let map = LabelMap::from_labels(labels);
-    let (enc, _) = encode(&tok, &ds, Some(&map))?;
-    let hook: Box<dyn LinearHook> = classifier::hook_for_adapter(&acfg)?;
-    classifier::check_virtual_fit(hook.virtual_tokens(), max_length.min(bcfg.max_positions), &bcfg)?;
-    let mut sess = Session::for_inference(dev, store, bcfg, prefix, hook, batch, max_length);
-    sess.evaluate(&enc, |_| {})
 }
 
 /// Where the last good checkpoint is, for error messages.
 pub(crate) fn checkpoint_note(out: &Path) -> String {
     let dir = out.join("checkpoint");
-    match std::fs::read_to_string(dir.join("state.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-    {
+    match std::fs::read_to_string(dir.join("state.json")).ok().and_then(|t| serde_json::from_str::<Value>(&t).ok()) {
         Some(v) => format!("The last good checkpoint (step {}) is kept in {}.", v["global_step"], dir.display()),
-        None => format!("No checkpoint was saved before it in {} (see --save-every).", out.display()),
+        None => format!("No checkpoint was saved before it in {} (see save_every).", out.display()),
     }
 }
