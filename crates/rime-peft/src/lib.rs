@@ -1,15 +1,15 @@
 //! rime-peft: parameter-efficient tuning methods as rewrites of a model graph, and the trainer.
 
-pub mod adapter;
 pub mod causal;
 pub mod classifier;
-pub mod ia3;
-pub mod lora;
+pub mod methods;
 pub mod metrics;
 pub mod plot;
-pub mod prompt;
-pub mod svfit;
 pub mod trainer;
+
+// The method modules under their former paths (`rime_peft::lora::LoraConfig`, ...).
+pub use methods::bottleneck as adapter;
+pub use methods::{ia3, lora, prompt, svfit};
 
 /// Errors of the tuning layer; wraps the lower crates' errors, which name their files and tensors.
 #[derive(Debug, thiserror::Error)]
