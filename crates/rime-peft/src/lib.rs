@@ -1,10 +1,15 @@
 //! rime-peft: parameter-efficient tuning methods as rewrites of a model graph, and the trainer.
+//!
+//! Each method is one file under [`methods`] implementing [`methods::TuningMethod`] (its parameters, its graph
+//! rewrite for training and evaluation, its adapter folder in peft's layout); [`methods::REGISTRY`] finds a
+//! saved adapter's method by its `peft_type`. [`classifier`] trains them beside a classification head.
 
 pub mod causal;
 pub mod classifier;
 pub mod methods;
 pub mod metrics;
 pub mod plot;
+pub mod svd;
 pub mod trainer;
 
 // The method modules under their former paths (`rime_peft::lora::LoraConfig`, ...).
