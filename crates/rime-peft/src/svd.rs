@@ -474,4 +474,3 @@ fn svd_tall_impl(a: &[f64], m: usize, n: usize) -> (Vec<f64>, Vec<f64>, Vec<f64>
     }
     (u2, s2, v2)
 }
-

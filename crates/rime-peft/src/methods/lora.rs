@@ -286,11 +286,7 @@ pub fn add_lora(dev: &Device, store: &mut ParamStore, cfg: &LoraConfig) -> Resul
 /// unmodified W with ΔW = s·(B·A − B0·A0), i.e. A' = [A; A0] [2r, in] and B' = [B, −B0] [out, 2r], rank 2r
 /// and alpha doubled (×√2 under rsLoRA) so the scale stays s. `tensors` are (name, shape, data) as saved;
 /// the factors are replaced in place. Errors if a PiSSA initial copy is missing.
-pub fn pissa_to_lora(
-    dev: &Device,
-    store: &ParamStore,
-    tensors: &mut [SavedTensor],
-) -> Result<()> {
+pub fn pissa_to_lora(dev: &Device, store: &ParamStore, tensors: &mut [SavedTensor]) -> Result<()> {
     let modules: Vec<String> = tensors.iter().filter_map(|(n, _, _)| module_of_factor(n).map(String::from)).collect();
     for m in modules {
         let init = |w: char| -> Result<Vec<f32>> {

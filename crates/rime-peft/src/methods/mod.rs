@@ -140,11 +140,7 @@ pub fn from_adapter(cfg: &AdapterConfig) -> Result<Box<dyn TuningMethod>> {
         Some(r) => (r.from_adapter)(cfg),
         None => {
             let known: Vec<&str> = REGISTRY.iter().map(|r| r.peft_type).collect();
-            Err(Error::Msg(format!(
-                "adapter peft_type '{}' is not supported ({})",
-                cfg.peft_type,
-                known.join(", ")
-            )))
+            Err(Error::Msg(format!("adapter peft_type '{}' is not supported ({})", cfg.peft_type, known.join(", "))))
         }
     }
 }

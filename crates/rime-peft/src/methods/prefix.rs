@@ -168,7 +168,6 @@ pub fn to_peft_layout(tensors: &mut Vec<SavedTensor>) -> Result<()> {
     Ok(())
 }
 
-
 /// Prefix tuning as a [`TuningMethod`].
 pub struct Prefix {
     config: PrefixConfig,
