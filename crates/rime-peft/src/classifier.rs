@@ -3,7 +3,6 @@
 //! length (a few buckets), each with its own executor; all share the same parameters. The pool is the mean over
 //! the real tokens only: soft-prompt tokens (prompt tuning) are in the encoder's sequence but not in the pool.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
 use rand::{Rng, SeedableRng};
@@ -11,68 +10,106 @@ use rime_graph::{Executor, Graph, OptimConfig, ParamStore, Var};
 use rime_io::{Checkpoint, ModelConfig};
 use rime_kernels::{DType, Device};
 use rime_models::bert::{self, BertConfig};
-use rime_models::{LinearHook, Plain, VirtualTokens};
+use rime_models::{LinearHook, VirtualTokens};
 
-use crate::adapter::{AdapterHook, AdapterMode, BottleneckConfig};
-use crate::ia3::Ia3Hook;
-use crate::lora::{LoraConfig, LoraHook};
-use crate::prompt::{PrefixConfig, PrefixHook, PromptConfig, PromptHook};
-use crate::svfit::{SvfitConfig, SvfitHook};
+use crate::adapter::BottleneckConfig;
+use crate::ia3::Ia3Config;
+use crate::lora::LoraConfig;
+use crate::methods::{self, TuningMethod};
+use crate::prompt::{PrefixConfig, PromptConfig};
+use crate::svfit::SvfitConfig;
 use crate::{Error, Result};
 
 pub const HEAD_WEIGHT: &str = "head.weight";
 pub const HEAD_BIAS: &str = "head.bias";
 
-/// Which parts train.
+/// Which parts train beside the head: a tuning method and its config, as a front end chooses it. What each
+/// method does lives in its file under [`crate::methods`]; [`Method::tuning`] gives its [`TuningMethod`].
 #[derive(Debug, Clone)]
 pub enum Method {
+    /// The LoRA family: LoRA, rsLoRA, DoRA, PiSSA init, LoRA dropout ([`crate::methods::lora`]).
     Lora(LoraConfig),
-    /// The head alone (linear probe).
+    /// The head alone (linear probe, [`crate::methods::probe`]).
     Probe,
-    /// Singular values of the target weights.
+    /// Singular values of the target weights ([`crate::methods::svfit`]).
     Svfit(SvfitConfig),
-    /// Scaling vectors on these target modules (see [`crate::ia3::default_targets`]).
+    /// (IA)³ scaling vectors ([`crate::methods::ia3`]).
     Ia3 {
+        /// As [`Ia3Config::targets`] (default [`crate::ia3::default_targets`]).
         targets: Vec<String>,
     },
-    /// Bottleneck adapters after the attention and FFN sub-blocks.
+    /// Bottleneck adapters after the attention and FFN sub-blocks ([`crate::methods::bottleneck`]).
     Adapter(BottleneckConfig),
-    /// Trainable soft-prompt tokens in front of the input (see [`crate::prompt`]).
+    /// Trainable soft-prompt tokens in front of the input ([`crate::methods::prompt`]).
     Prompt(PromptConfig),
-    /// Trainable key/value prefixes in every layer (see [`crate::prompt`]).
+    /// Trainable key/value prefixes in every layer ([`crate::methods::prefix`]).
     Prefix(PrefixConfig),
 }
 
+impl From<LoraConfig> for Method {
+    fn from(c: LoraConfig) -> Method {
+        Method::Lora(c)
+    }
+}
+
+impl From<SvfitConfig> for Method {
+    fn from(c: SvfitConfig) -> Method {
+        Method::Svfit(c)
+    }
+}
+
+impl From<Ia3Config> for Method {
+    fn from(c: Ia3Config) -> Method {
+        Method::Ia3 { targets: c.targets }
+    }
+}
+
+impl From<BottleneckConfig> for Method {
+    fn from(c: BottleneckConfig) -> Method {
+        Method::Adapter(c)
+    }
+}
+
+impl From<PromptConfig> for Method {
+    fn from(c: PromptConfig) -> Method {
+        Method::Prompt(c)
+    }
+}
+
+impl From<PrefixConfig> for Method {
+    fn from(c: PrefixConfig) -> Method {
+        Method::Prefix(c)
+    }
+}
+
 impl Method {
-    pub fn name(&self) -> &'static str {
+    /// The method as a [`TuningMethod`]: the one place that looks at the variant.
+    pub fn tuning(&self) -> Box<dyn TuningMethod> {
         match self {
-            Method::Lora(_) => "lora",
-            Method::Probe => "probe",
-            Method::Svfit(_) => "svfit",
-            Method::Ia3 { .. } => "ia3",
-            Method::Adapter(_) => "adapter",
-            Method::Prompt(_) => "prompt",
-            Method::Prefix(_) => "prefix",
+            Method::Lora(c) => Box::new(methods::lora::Lora::new(c.clone())),
+            Method::Probe => Box::new(methods::probe::Probe),
+            Method::Svfit(c) => Box::new(methods::svfit::Svfit::new(c.clone())),
+            Method::Ia3 { targets } => Box::new(methods::ia3::Ia3::new(Ia3Config { targets: targets.clone() })),
+            Method::Adapter(c) => Box::new(methods::bottleneck::Bottleneck::new(c.clone())),
+            Method::Prompt(c) => Box::new(methods::prompt::Prompt::new(c.clone())),
+            Method::Prefix(c) => Box::new(methods::prefix::Prefix::new(c.clone())),
         }
+    }
+
+    /// rime's short name of the method (`lora`, `svfit`, `ia3`, `adapter`, `prompt`, `prefix`, `probe`).
+    pub fn name(&self) -> &'static str {
+        self.tuning().name()
     }
 
     /// The method with the model's sizes filled in where it needs them (prompt and prefix tuning record the
     /// encoder's depth and heads in adapter_config.json).
     pub fn for_model(self, cfg: &BertConfig) -> Method {
-        match self {
-            Method::Prompt(c) => Method::Prompt(PromptConfig { layers: cfg.layers, heads: cfg.heads, ..c }),
-            Method::Prefix(c) => Method::Prefix(PrefixConfig { layers: cfg.layers, heads: cfg.heads, ..c }),
-            m => m,
-        }
+        self.tuning().for_model(cfg).unwrap_or(self)
     }
 
     /// The virtual tokens this method adds to every sequence.
     pub fn virtual_tokens(&self) -> VirtualTokens {
-        match self {
-            Method::Prompt(c) => VirtualTokens { prompt: c.num_virtual_tokens, prefix: 0 },
-            Method::Prefix(c) => VirtualTokens { prompt: 0, prefix: c.num_virtual_tokens },
-            _ => VirtualTokens::default(),
-        }
+        self.tuning().virtual_tokens()
     }
 }
 
@@ -97,44 +134,7 @@ pub fn check_virtual_fit(vt: VirtualTokens, max_length: usize, cfg: &BertConfig)
 /// Add a method's trainable (and frozen helper) tensors to a store holding the model; SVFit also rewrites
 /// the target weights into W_rest. Returns a line describing what was added.
 pub fn prepare_method(dev: &Device, store: &mut ParamStore, method: &Method) -> Result<String> {
-    Ok(match method {
-        Method::Lora(l) => {
-            let mods = crate::lora::add_lora(dev, store, l)?;
-            let mut extra = String::new();
-            if l.dora {
-                extra.push_str(", DoRA");
-            }
-            if l.dropout > 0.0 {
-                extra.push_str(&format!(", dropout {}", l.dropout));
-            }
-            if l.init != crate::lora::LoraInit::Kaiming {
-                extra.push_str(&format!(", init {}", l.init.name()));
-            }
-            format!("LoRA r={} alpha={} on {} modules{extra}", l.rank, l.alpha, mods.len())
-        }
-        Method::Probe => "linear probe: the head alone".to_string(),
-        Method::Svfit(c) => {
-            let mods = crate::svfit::add_svfit(dev, store, c)?;
-            let rs: Vec<usize> = mods.iter().map(|(_, r)| *r).collect();
-            format!(
-                "SVFit on {} modules, singular values kept: {} (min {}, max {})",
-                mods.len(),
-                rs.iter().sum::<usize>(),
-                rs.iter().min().unwrap_or(&0),
-                rs.iter().max().unwrap_or(&0)
-            )
-        }
-        Method::Ia3 { targets } => {
-            let (o, f) = crate::ia3::add_ia3(dev, store, targets)?;
-            format!("IA3: {} output-scaled and {} input-scaled (FFN) modules", o.len(), f.len())
-        }
-        Method::Adapter(c) => {
-            let n = crate::adapter::add_adapters(dev, store, c)?;
-            format!("{} bottleneck adapters of size {} ({}, scale {})", n, c.size, c.mode.name(), c.scale)
-        }
-        Method::Prompt(c) => crate::prompt::add_prompt(dev, store, c)?,
-        Method::Prefix(c) => crate::prompt::add_prefix(dev, store, c)?,
-    })
+    method.tuning().add_parameters(dev, store)
 }
 
 pub fn bert_config(cfg: &ModelConfig) -> BertConfig {
@@ -271,74 +271,23 @@ pub fn feed(dev: &Device, se: &ShapeExec, ids: &[u32], types: &[u32], mask: &[u3
 
 /// The hook a method rewrites the encoder with for training (LoRA dropout included).
 pub fn hook_for(method: &Method) -> Box<dyn LinearHook> {
-    match method {
-        Method::Lora(c) => Box::new(LoraHook { scale: c.scale(), dropout: c.dropout, seed: c.seed }),
-        Method::Probe => Box::new(Plain),
-        Method::Svfit(c) => Box::new(SvfitHook { targets: Some(c.targets.clone()) }),
-        Method::Ia3 { targets } => Box::new(Ia3Hook { targets: Some(targets.clone()) }),
-        Method::Adapter(c) => Box::new(AdapterHook { mode: c.mode, scale: c.scale, strict: true }),
-        Method::Prompt(c) => Box::new(PromptHook { tokens: c.num_virtual_tokens }),
-        Method::Prefix(c) => Box::new(PrefixHook { tokens: c.num_virtual_tokens }),
-    }
+    method.tuning().hook()
 }
 
 /// The hook for evaluation and inference: [`hook_for`] without dropout; None when it is the same as
 /// [`hook_for`] (so a training session can evaluate with its training graphs).
 pub fn eval_hook_for(method: &Method) -> Option<Box<dyn LinearHook>> {
-    match method {
-        Method::Lora(c) if c.dropout > 0.0 => Some(Box::new(LoraHook::new(c.scale()))),
-        _ => None,
-    }
+    method.tuning().eval_hook()
 }
 
-/// The hook for an adapter folder that [`load_adapter`] read (by its `peft_type`).
+/// The hook for an adapter folder that [`load_adapter`] read (by its `peft_type`, see [`methods::REGISTRY`]).
 pub fn hook_for_adapter(cfg: &rime_io::peft::AdapterConfig) -> Result<Box<dyn LinearHook>> {
-    Ok(match cfg.peft_type.as_str() {
-        "LORA" => Box::new(LoraHook::new(cfg.scale() as f32)),
-        "RIME_PROBE" => Box::new(Plain),
-        crate::svfit::PEFT_TYPE => Box::new(SvfitHook { targets: None }),
-        crate::ia3::PEFT_TYPE => Box::new(Ia3Hook { targets: None }),
-        crate::adapter::PEFT_TYPE => {
-            let mode = cfg.raw.get("adapter_mode").and_then(|v| v.as_str()).and_then(AdapterMode::parse);
-            let scale = cfg.raw.get("adapter_scale").and_then(|v| v.as_f64());
-            match (mode, scale) {
-                (Some(mode), Some(scale)) => Box::new(AdapterHook { mode, scale: scale as f32, strict: false }),
-                _ => {
-                    return Err(Error::Msg(
-                        "adapter_config.json of a RIME_BOTTLENECK adapter needs adapter_mode (serial|parallel) \
-                         and adapter_scale"
-                            .into(),
-                    ))
-                }
-            }
-        }
-        t @ (crate::prompt::PROMPT_TUNING | crate::prompt::PREFIX_TUNING) => {
-            let tokens = virtual_tokens_of(cfg)?;
-            if t == crate::prompt::PROMPT_TUNING {
-                Box::new(PromptHook { tokens })
-            } else {
-                Box::new(PrefixHook { tokens })
-            }
-        }
-        t => {
-            return Err(Error::Msg(format!(
-                "adapter peft_type '{t}' is not supported (LORA, IA3, PROMPT_TUNING, PREFIX_TUNING, RIME_SVFIT, \
-                 RIME_BOTTLENECK, RIME_PROBE)"
-            )))
-        }
-    })
-}
-
-/// `num_virtual_tokens` of a PROMPT_TUNING / PREFIX_TUNING adapter_config.json.
-fn virtual_tokens_of(cfg: &rime_io::peft::AdapterConfig) -> Result<usize> {
-    cfg.raw.get("num_virtual_tokens").and_then(|v| v.as_u64()).filter(|&n| n > 0).map(|n| n as usize).ok_or_else(|| {
-        Error::Msg(format!("adapter_config.json of a {} adapter needs a positive num_virtual_tokens", cfg.peft_type))
-    })
+    Ok(methods::from_adapter(cfg)?.hook())
 }
 
 /// Trainable tensors under their peft names, for saving an adapter. Prompt and prefix tables keep their own
 /// names (see [`save_adapter`] for how a prefix is written).
-pub fn trainable_tensors(dev: &Device, store: &ParamStore) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+pub fn trainable_tensors(dev: &Device, store: &ParamStore) -> Result<Vec<methods::SavedTensor>> {
     let mut out = Vec::new();
     for (id, p) in store.trainable() {
         let name = if p.name.starts_with("base_model.model.") || crate::prompt::is_virtual_table(&p.name) {
@@ -357,37 +306,12 @@ pub fn lora_adapter_config(
     dev: &Device,
     store: &ParamStore,
     c: &crate::lora::LoraConfig,
-    tensors: &mut Vec<(String, Vec<usize>, Vec<f32>)>,
+    tensors: &mut Vec<methods::SavedTensor>,
 ) -> Result<rime_io::peft::AdapterConfig> {
-    let mut a = rime_io::peft::AdapterConfig::lora(c.rank, c.alpha as f64, c.targets.clone());
-    a.use_rslora = c.rslora;
-    a.use_dora = c.dora;
-    a.lora_dropout = c.dropout as f64;
-    let init = if c.init == crate::lora::LoraInit::Gaussian {
-        serde_json::json!("gaussian")
-    } else {
-        // PiSSA is saved converted to a LoRA that peft loads with init_lora_weights=True.
-        serde_json::json!(true)
-    };
-    a.raw.insert("init_lora_weights".into(), init);
-    if c.init == crate::lora::LoraInit::Pissa {
-        // peft's save_pretrained(path_initial_model_for_weight_conversion=...): rank 2r, alpha 2·alpha
-        // (·√2 with rsLoRA) so the scale stays alpha/r; the factors are converted here.
-        crate::lora::pissa_to_lora(dev, store, tensors)?;
-        a.r = 2 * c.rank;
-        a.lora_alpha = if c.rslora { c.alpha as f64 * 2f64.sqrt() } else { 2.0 * c.alpha as f64 };
-        a.raw.insert(
-            "rime_pissa".into(),
-            serde_json::json!(format!(
-                "trained with init_lora_weights=\"pissa\" (r={}, lora_alpha={}) on residual weights; saved \
-                 converted to a rank-{} LoRA of the unmodified base: lora_A = [A; A0], lora_B = [B, -B0]",
-                c.rank,
-                c.alpha,
-                2 * c.rank
-            )),
-        );
-    }
-    Ok(a)
+    let lora = methods::lora::Lora::new(c.clone());
+    let config = lora.adapter_config(store)?;
+    lora.write_tensors(dev, store, tensors)?;
+    Ok(config)
 }
 
 /// Write the trainable parts as a peft adapter folder (atomically: a temp folder renamed into place).
@@ -399,71 +323,14 @@ pub fn save_adapter(
     labels: &[String],
     dir: &Path,
 ) -> Result<()> {
+    let method = method.tuning();
     let mut tensors = trainable_tensors(dev, store)?;
-    if let Method::Svfit(_) = method {
-        // U and V are frozen but part of the adapter (see crate::svfit).
-        for (id, p) in store.iter() {
-            if p.name.ends_with(".svfit_U") || p.name.ends_with(".svfit_V") {
-                tensors.push((p.name.clone(), p.tensor.shape.clone(), store.read_f32(dev, id)?));
-            }
-        }
-    }
-    let module_of = |suffix: &str| -> Vec<String> {
-        store
-            .iter()
-            .filter_map(|(_, p)| p.name.strip_suffix(suffix))
-            .map(|m| m.trim_start_matches("base_model.model.").to_string())
-            .collect()
-    };
-    let mut config = match method {
-        Method::Lora(c) => lora_adapter_config(dev, store, c, &mut tensors)?,
-        Method::Probe => {
-            // r = 1 only because the adapter_config reader refuses r = 0; a probe has no low-rank part.
-            let mut a = rime_io::peft::AdapterConfig::lora(1, 1.0, vec![]);
-            a.peft_type = "RIME_PROBE".into();
-            a
-        }
-        Method::Svfit(c) => {
-            let mut a = rime_io::peft::AdapterConfig::lora(c.rank, 0.0, module_of(".svfit_sigma"));
-            a.peft_type = crate::svfit::PEFT_TYPE.into();
-            for (_, p) in store.iter() {
-                if let Some(m) = p.name.strip_suffix(".svfit_sigma") {
-                    a.rank_pattern.insert(m.trim_start_matches("base_model.model.").to_string(), p.tensor.numel());
-                }
-            }
-            a.raw.insert("svfit_energy".into(), serde_json::json!(c.energy));
-            a
-        }
-        Method::Ia3 { .. } => {
-            let mods = module_of(".ia3_l");
-            // rime-io writes `r` for every type and reads back only a positive one; IA3 ignores it.
-            let mut a = rime_io::peft::AdapterConfig::lora(1, 0.0, mods.clone());
-            a.peft_type = crate::ia3::PEFT_TYPE.into();
-            let ff: Vec<String> = mods.into_iter().filter(|m| crate::ia3::is_feedforward(m)).collect();
-            a.raw.insert("feedforward_modules".into(), serde_json::json!(ff));
-            a.raw.insert("init_ia3_weights".into(), serde_json::json!(true));
-            a
-        }
-        Method::Prompt(c) => crate::prompt::prompt_config(store, c)?,
-        Method::Prefix(c) => crate::prompt::prefix_config(store, c)?,
-        Method::Adapter(c) => {
-            let mut a = rime_io::peft::AdapterConfig::lora(c.size, 0.0, module_of(".down.weight"));
-            a.peft_type = crate::adapter::PEFT_TYPE.into();
-            a.raw.insert("adapter_size".into(), serde_json::json!(c.size));
-            a.raw.insert("adapter_mode".into(), serde_json::json!(c.mode.name()));
-            a.raw.insert("adapter_scale".into(), serde_json::json!(c.scale));
-            a.raw.insert("adapter_activation".into(), serde_json::json!("relu"));
-            a
-        }
-    };
+    method.write_tensors(dev, store, &mut tensors)?;
+    let mut config = method.adapter_config(store)?;
     config.modules_to_save = vec!["head".into()];
     config.base_model_name_or_path = Some(base.to_string());
     config.task_type = Some("SEQ_CLS".into());
     config.raw.insert("rime_labels".into(), serde_json::json!(labels));
-    let prompt_learning = matches!(method, Method::Prompt(_) | Method::Prefix(_));
-    if prompt_learning {
-        crate::prompt::to_peft_layout(&mut tensors)?;
-    }
     let adapter = rime_io::peft::PeftAdapter::new(
         config,
         tensors.into_iter().map(|(name, shape, data)| rime_io::peft::AdapterTensor { name, shape, data }).collect(),
@@ -473,7 +340,7 @@ pub fn save_adapter(
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::Msg(format!("{}: {e}", tmp.display())))?;
     }
     adapter.save(&tmp)?;
-    if prompt_learning {
+    if !method.lora_fields() {
         crate::prompt::drop_lora_fields(&tmp.join("adapter_config.json"))?;
     }
     if dir.exists() {
@@ -484,57 +351,42 @@ pub fn save_adapter(
 }
 
 /// Load an adapter folder's tensors into the store: existing trainable parameters are overwritten,
-/// missing ones (e.g. LoRA factors on a fresh store) are added (trainable). Returns the adapter's labels.
+/// missing ones (e.g. LoRA factors on a fresh store) are added (trainable, or frozen where the method says so).
+/// The method is the adapter's `peft_type` (see [`methods::REGISTRY`]). Returns the adapter's labels.
 pub fn load_adapter(
     dev: &Device,
     store: &mut ParamStore,
     dir: &Path,
 ) -> Result<(rime_io::peft::AdapterConfig, Vec<String>)> {
     let mut ad = rime_io::peft::PeftAdapter::load(dir)?;
-    if matches!(ad.config.peft_type.as_str(), crate::prompt::PROMPT_TUNING | crate::prompt::PREFIX_TUNING) {
-        crate::prompt::from_peft_layout(store, &mut ad, dir)?;
-    }
-    if ad.config.peft_type == "LORA" {
-        check_dora(&ad, dir)?;
-    }
+    let method = methods::from_adapter(&ad.config).map_err(|e| Error::Msg(format!("{}: {e}", dir.display())))?;
+    method.read_tensors(dev, store, &mut ad, dir)?;
     for t in &ad.tensors {
-        // A converted PiSSA adapter loaded back into a PiSSA store (resume) splits into the trained factors.
-        let pissa = crate::lora::lora_to_pissa(dev, store, &t.name, &t.shape, &t.data)
-            .map_err(|e| Error::Msg(format!("{}: {e}", dir.display())))?;
-        let (shape, data) = match &pissa {
-            Some((s, d)) => (s, d),
-            None => (&t.shape, &t.data),
-        };
         let local = t.name.strip_prefix("base_model.model.").unwrap_or(&t.name);
-        // LoRA factors keep peft's full name in the store; the head and other saved modules their own.
         // Method tensors (LoRA factors, SVFit, IA3 vectors, bottleneck adapters) keep peft's full name in the
         // store; the head and other saved modules their own.
-        let method_tensor = [".lora_", ".svfit_", ".ia3_l", ".adapter."].iter().any(|k| local.contains(k));
-        let name = if method_tensor { t.name.clone() } else { local.replace(".modules_to_save.default", "") };
-        // SVFit's singular vectors stay frozen.
-        let trainable = !(name.ends_with(".svfit_U") || name.ends_with(".svfit_V"));
+        let name =
+            if method.is_method_tensor(local) { t.name.clone() } else { local.replace(".modules_to_save.default", "") };
         match store.find(&name) {
             Some(id) => {
                 let p = store.get(id);
-                if &p.tensor.shape != shape {
+                if p.tensor.shape != t.shape {
                     return Err(Error::Msg(format!(
                         "{}: tensor '{}' has shape {:?}, the model expects {:?}",
                         dir.display(),
                         t.name,
-                        shape,
+                        t.shape,
                         p.tensor.shape
                     )));
                 }
-                dev.write_f32(&p.tensor, data)?;
+                dev.write_f32(&p.tensor, &t.data)?;
             }
             None => {
-                store.add_f32(dev, &name, data, shape, trainable)?;
+                store.add_f32(dev, &name, &t.data, &t.shape, !method.loads_frozen(&name))?;
             }
         }
     }
-    if ad.config.peft_type == crate::svfit::PEFT_TYPE {
-        crate::svfit::restore_rest(dev, store)?;
-    }
+    method.after_load(dev, store)?;
     let labels: Vec<String> = ad
         .config
         .raw
@@ -545,41 +397,6 @@ pub fn load_adapter(
     Ok((ad.config, labels))
 }
 
-/// A LoRA adapter's DoRA magnitudes agree with `use_dora`: one `lora_magnitude_vector` per adapted module
-/// when set, none otherwise; fan_in_fan_out layers (GPT-2 Conv1D) are not DoRA layers rime can build.
-fn check_dora(ad: &rime_io::peft::PeftAdapter, dir: &Path) -> Result<()> {
-    let mags: Vec<&str> = ad
-        .tensors
-        .iter()
-        .filter_map(|t| t.name.strip_suffix(".lora_magnitude_vector"))
-        .map(|m| m.strip_prefix("base_model.model.").unwrap_or(m))
-        .collect();
-    let cfg = dir.join("adapter_config.json");
-    if !ad.config.use_dora {
-        if let Some(m) = mags.first() {
-            return Err(Error::Msg(format!(
-                "{}: use_dora is false but the adapter has a DoRA magnitude for '{m}'",
-                cfg.display()
-            )));
-        }
-        return Ok(());
-    }
-    if ad.config.fan_in_fan_out {
-        return Err(Error::Msg(format!("{}: use_dora with fan_in_fan_out is not supported", cfg.display())));
-    }
-    for p in ad.lora_pairs() {
-        if !mags.contains(&p.module.as_str()) {
-            return Err(Error::Msg(format!(
-                "{}: use_dora is true but module '{}' has no lora_magnitude_vector in {}",
-                cfg.display(),
-                p.module,
-                rime_io::peft::ADAPTER_WEIGHTS
-            )));
-        }
-    }
-    Ok(())
-}
-
 /// Metrics of one evaluation pass.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct EvalMetrics {
@@ -588,6 +405,3 @@ pub struct EvalMetrics {
     pub loss: f64,
     pub examples: usize,
 }
-
-#[allow(dead_code)]
-fn _unused(_: BTreeMap<String, String>) {}

@@ -1,19 +1,24 @@
 //! rime-peft: parameter-efficient tuning methods as rewrites of a model graph, and one trainer over tasks
 //! (classification, causal LM): [`train`] drives a [`Task`] with a [`TrainConfig`].
+//!
+//! Each method is one file under [`methods`] implementing [`methods::TuningMethod`] (its parameters, its graph
+//! rewrite for training and evaluation, its adapter folder in peft's layout); [`methods::REGISTRY`] finds a
+//! saved adapter's method by its `peft_type`. [`classifier`] trains them beside a classification head.
 
-pub mod adapter;
 pub mod causal;
 pub mod classifier;
 pub mod classify;
 pub mod config;
 pub mod data;
-pub mod ia3;
-pub mod lora;
+pub mod methods;
 pub mod metrics;
 pub mod plot;
-pub mod prompt;
-pub mod svfit;
+pub mod svd;
 pub mod trainer;
+
+// The method modules under their former paths (`rime_peft::lora::LoraConfig`, ...).
+pub use methods::bottleneck as adapter;
+pub use methods::{ia3, lora, prompt, svfit};
 
 /// Errors of the tuning layer; wraps the lower crates' errors, which name their files and tensors.
 #[derive(Debug, thiserror::Error)]

@@ -7,15 +7,26 @@
 //! detached, m trained from ||W||_row) and PiSSA init (A, B from the top-r singular triplets of W, the frozen
 //! weight replaced by the residual W − s·B·A; saved converted to a plain rank-2r LoRA of the unmodified W).
 
+use std::path::Path;
+
 use rand::{Rng, SeedableRng};
 use regex::Regex;
-use rime_graph::{Graph, ParamStore, Result, Var};
+use rime_graph::{Graph, ParamStore, Var};
+use rime_io::peft::{AdapterConfig, PeftAdapter};
 use rime_kernels::Device;
 use rime_models::LinearHook;
 
-#[derive(Debug, Clone, PartialEq)]
+use super::{SavedTensor, TuningMethod};
+use crate::{Error, Result};
+
+/// peft's `peft_type` of a LoRA adapter (the whole family: rsLoRA, DoRA, PiSSA, dropout).
+pub const PEFT_TYPE: &str = "LORA";
+
+/// How the factors start (peft's `init_lora_weights`).
+#[derive(Debug, Clone, Default, PartialEq)]
 pub enum LoraInit {
-    /// peft's default: A kaiming-uniform (a=√5), B zero.
+    /// peft's default (`init_lora_weights=True`): A kaiming-uniform (a=√5), B zero.
+    #[default]
     Kaiming,
     /// A gaussian with std 1/r, B zero (peft's `init_lora_weights="gaussian"`).
     Gaussian,
@@ -42,19 +53,46 @@ impl LoraInit {
     }
 }
 
+/// The LoRA family's settings, as peft's `LoraConfig`; [`Default`] is peft's defaults (r 8, lora_alpha 8, no
+/// dropout, kaiming init) with BERT's default targets (`query`, `value`, what peft picks for BERT).
 #[derive(Debug, Clone)]
 pub struct LoraConfig {
+    /// Rank r of the factors A [r, in] and B [out, r] (peft `r`); at least 1.
     pub rank: usize,
+    /// Scaling numerator: the low-rank path is scaled by alpha / r, or alpha / √r with `rslora` (peft
+    /// `lora_alpha`); finite and non-zero.
     pub alpha: f32,
-    /// Module-name suffixes (`query`, `value`) or, when it starts with `re:`, a regex over the full name.
+    /// Modules to adapt (peft `target_modules`): a module matches a name exactly or as a suffix after a dot
+    /// (`query` matches `encoder.layer.0.attention.self.query`); an entry starting with `re:` is a regex searched
+    /// in the full module name.
     pub targets: Vec<String>,
+    /// rsLoRA: scale by alpha / √r instead of alpha / r (peft `use_rslora`).
     pub rslora: bool,
+    /// How A and B start (peft `init_lora_weights`).
     pub init: LoraInit,
+    /// Seeds the factors' initialization and the dropout masks (peft has no field; torch's global seed).
     pub seed: u64,
-    /// peft's `lora_dropout`: dropout probability on the input of the low-rank path while training.
+    /// Dropout probability on the input of the low-rank path while training, in [0, 1); a fresh mask every
+    /// step, off at evaluation; 0 keeps the fused LoRA kernel (peft `lora_dropout`).
     pub dropout: f32,
-    /// peft's `use_dora`: weight-decomposed LoRA (a trained magnitude per output feature).
+    /// DoRA, weight-decomposed LoRA: each output feature scaled by a trained magnitude over the row norm of
+    /// W + s·B·A (peft `use_dora`).
     pub dora: bool,
+}
+
+impl Default for LoraConfig {
+    fn default() -> LoraConfig {
+        LoraConfig {
+            rank: 8,
+            alpha: 8.0,
+            targets: vec!["query".into(), "value".into()],
+            rslora: false,
+            init: LoraInit::Kaiming,
+            seed: 0,
+            dropout: 0.0,
+            dora: false,
+        }
+    }
 }
 
 impl LoraConfig {
@@ -71,17 +109,16 @@ impl LoraConfig {
         target_matches(&self.targets, module)
     }
 
-    /// Refuse settings that cannot train, naming the flag.
+    /// Refuse settings that cannot train, naming the config field ([`Error::Invalid`]).
     pub fn validate(&self) -> Result<()> {
-        let bad = |m: String| Err(rime_graph::Error::Invalid(m));
         if self.rank == 0 {
-            return bad("--rank must be at least 1".into());
+            return Err(Error::invalid("rank", "0: must be at least 1"));
         }
         if !(0.0..1.0).contains(&self.dropout) {
-            return bad(format!("--lora-dropout {}: expected a probability in [0, 1)", self.dropout));
+            return Err(Error::invalid("lora_dropout", format!("{}: expected a probability in [0, 1)", self.dropout)));
         }
         if !self.alpha.is_finite() || self.alpha == 0.0 {
-            return bad(format!("--alpha {}: expected a finite, non-zero number", self.alpha));
+            return Err(Error::invalid("alpha", format!("{}: expected a finite, non-zero number", self.alpha)));
         }
         Ok(())
     }
@@ -113,10 +150,10 @@ pub fn find_targets(store: &ParamStore, targets: &[String]) -> Result<Vec<(Strin
             .take(6)
             .map(|(_, p)| p.name.trim_end_matches(".weight").to_string())
             .collect();
-        return Err(rime_graph::Error::Invalid(format!(
-            "--targets {targets:?} matched no linear layer; modules look like: {}",
-            some.join(", ")
-        )));
+        return Err(Error::invalid(
+            "targets",
+            format!("{targets:?} matched no linear layer; modules look like: {}", some.join(", ")),
+        ));
     }
     Ok(modules)
 }
@@ -161,7 +198,7 @@ pub fn row_norms(w: &[f32], a: &[f32], b: &[f32], out_f: usize, in_f: usize, r: 
 
 /// PiSSA's factors of W [out, in] for rank r and scale s: (A [r, in], B [out, r], W − s·B·A).
 pub fn pissa_factors(w: &[f32], out_f: usize, in_f: usize, r: usize, s: f32) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let (u, sv, vt) = crate::svfit::svd(w, out_f, in_f);
+    let (u, sv, vt) = crate::svd::svd(w, out_f, in_f);
     let k = out_f.min(in_f);
     let mut a = vec![0f32; r * in_f];
     let mut b = vec![0f32; out_f * r];
@@ -206,18 +243,24 @@ pub fn add_lora(dev: &Device, store: &mut ParamStore, cfg: &LoraConfig) -> Resul
             }
             LoraInit::Pissa => {
                 if r > out_f.min(in_f) {
-                    return Err(rime_graph::Error::Invalid(format!(
-                        "--rank {r} with --init pissa: module '{m}' is [{out_f}, {in_f}], so at most {} singular \
-                         vectors exist",
-                        out_f.min(in_f)
-                    )));
+                    return Err(Error::invalid(
+                        "rank",
+                        format!(
+                            "{r} with init pissa: module '{m}' is [{out_f}, {in_f}], so at most {} singular vectors \
+                             exist",
+                            out_f.min(in_f)
+                        ),
+                    ));
                 }
                 let wid = store.id(&format!("{m}.weight"))?;
                 if store.get(wid).tensor.dtype != rime_kernels::DType::F32 {
-                    return Err(rime_graph::Error::Invalid(format!(
-                        "--init pissa rewrites '{m}.weight' into its residual and needs it stored as F32, not {:?}",
-                        store.get(wid).tensor.dtype
-                    )));
+                    return Err(Error::invalid(
+                        "init",
+                        format!(
+                            "pissa rewrites '{m}.weight' into its residual and needs it stored as F32, not {:?}",
+                            store.get(wid).tensor.dtype
+                        ),
+                    ));
                 }
                 let w = store.read_f32(dev, wid)?;
                 let (a, b, res) = pissa_factors(&w, out_f, in_f, r, s);
@@ -243,16 +286,12 @@ pub fn add_lora(dev: &Device, store: &mut ParamStore, cfg: &LoraConfig) -> Resul
 /// unmodified W with ΔW = s·(B·A − B0·A0), i.e. A' = [A; A0] [2r, in] and B' = [B, −B0] [out, 2r], rank 2r
 /// and alpha doubled (×√2 under rsLoRA) so the scale stays s. `tensors` are (name, shape, data) as saved;
 /// the factors are replaced in place. Errors if a PiSSA initial copy is missing.
-pub fn pissa_to_lora(
-    dev: &Device,
-    store: &ParamStore,
-    tensors: &mut [(String, Vec<usize>, Vec<f32>)],
-) -> crate::Result<()> {
+pub fn pissa_to_lora(dev: &Device, store: &ParamStore, tensors: &mut [SavedTensor]) -> Result<()> {
     let modules: Vec<String> = tensors.iter().filter_map(|(n, _, _)| module_of_factor(n).map(String::from)).collect();
     for m in modules {
-        let init = |w: char| -> crate::Result<Vec<f32>> {
+        let init = |w: char| -> Result<Vec<f32>> {
             let id = store.find(&pissa_init_name(&m, w)).ok_or_else(|| {
-                crate::Error::Msg(format!("PiSSA adapter: no initial {w} for module '{m}' to convert against"))
+                Error::Msg(format!("PiSSA adapter: no initial {w} for module '{m}' to convert against"))
             })?;
             Ok(store.read_f32(dev, id)?)
         };
@@ -286,7 +325,7 @@ pub fn lora_to_pissa(
     name: &str,
     shape: &[usize],
     data: &[f32],
-) -> crate::Result<Option<(Vec<usize>, Vec<f32>)>> {
+) -> Result<Option<(Vec<usize>, Vec<f32>)>> {
     let Some(rest) = name.strip_prefix("base_model.model.") else { return Ok(None) };
     let (m, which) = match (rest.strip_suffix(".lora_A.weight"), rest.strip_suffix(".lora_B.weight")) {
         (Some(m), _) => (m, 'A'),
@@ -297,7 +336,7 @@ pub fn lora_to_pissa(
     let init = store.read_f32(dev, id)?;
     let ishape = store.get(id).tensor.shape.clone();
     let mismatch = || {
-        crate::Error::Msg(format!(
+        Error::Msg(format!(
             "'{name}' {shape:?} is not a converted PiSSA factor of this base (initial factor {ishape:?} differs)"
         ))
     };
@@ -359,7 +398,15 @@ impl LoraHook {
 }
 
 impl LinearHook for LoraHook {
-    fn linear(&self, g: &mut Graph, store: &ParamStore, module: &str, x: Var, w: Var, b: Option<Var>) -> Result<Var> {
+    fn linear(
+        &self,
+        g: &mut Graph,
+        store: &ParamStore,
+        module: &str,
+        x: Var,
+        w: Var,
+        b: Option<Var>,
+    ) -> rime_graph::Result<Var> {
         let (an, bn) = (factor_name(module, 'A'), factor_name(module, 'B'));
         if store.find(&an).is_none() || store.find(&bn).is_none() {
             return g.linear(x, w, b);
@@ -412,4 +459,161 @@ pub fn strip_adapter_name(name: &str) -> String {
 #[allow(unused)]
 fn _regex_ok() -> bool {
     Regex::new("x").is_ok()
+}
+
+/// The LoRA family as a [`TuningMethod`].
+pub struct Lora {
+    config: LoraConfig,
+    /// The low-rank path's scale: [`LoraConfig::scale`], or for a loaded adapter its config's (computed in f64).
+    scale: f32,
+}
+
+impl Lora {
+    pub fn new(config: LoraConfig) -> Lora {
+        let scale = config.scale();
+        Lora { config, scale }
+    }
+
+    /// A saved LoRA adapter as it applies (no dropout).
+    pub fn from_adapter(a: &AdapterConfig) -> Result<Box<dyn TuningMethod>> {
+        let config = LoraConfig {
+            rank: a.r,
+            alpha: a.lora_alpha as f32,
+            targets: a.target_modules.clone(),
+            rslora: a.use_rslora,
+            dora: a.use_dora,
+            ..LoraConfig::default()
+        };
+        Ok(Box::new(Lora { config, scale: a.scale() as f32 }))
+    }
+}
+
+impl TuningMethod for Lora {
+    fn name(&self) -> &'static str {
+        "lora"
+    }
+
+    fn peft_type(&self) -> &'static str {
+        PEFT_TYPE
+    }
+
+    fn add_parameters(&self, dev: &Device, store: &mut ParamStore) -> Result<String> {
+        let l = &self.config;
+        let mods = add_lora(dev, store, l)?;
+        let mut extra = String::new();
+        if l.dora {
+            extra.push_str(", DoRA");
+        }
+        if l.dropout > 0.0 {
+            extra.push_str(&format!(", dropout {}", l.dropout));
+        }
+        if l.init != LoraInit::Kaiming {
+            extra.push_str(&format!(", init {}", l.init.name()));
+        }
+        Ok(format!("LoRA r={} alpha={} on {} modules{extra}", l.rank, l.alpha, mods.len()))
+    }
+
+    fn hook(&self) -> Box<dyn LinearHook> {
+        Box::new(LoraHook { scale: self.scale, dropout: self.config.dropout, seed: self.config.seed })
+    }
+
+    fn eval_hook(&self) -> Option<Box<dyn LinearHook>> {
+        (self.config.dropout > 0.0).then(|| Box::new(LoraHook::new(self.scale)) as Box<dyn LinearHook>)
+    }
+
+    /// rsLoRA, DoRA, dropout and init as peft writes them; a PiSSA run is described as the rank-2r LoRA that
+    /// [`TuningMethod::write_tensors`] converts it to (peft's `path_initial_model_for_weight_conversion`).
+    fn adapter_config(&self, _store: &ParamStore) -> Result<AdapterConfig> {
+        let c = &self.config;
+        let mut a = AdapterConfig::lora(c.rank, c.alpha as f64, c.targets.clone());
+        a.use_rslora = c.rslora;
+        a.use_dora = c.dora;
+        a.lora_dropout = c.dropout as f64;
+        let init = if c.init == LoraInit::Gaussian {
+            serde_json::json!("gaussian")
+        } else {
+            // PiSSA is saved converted to a LoRA that peft loads with init_lora_weights=True.
+            serde_json::json!(true)
+        };
+        a.raw.insert("init_lora_weights".into(), init);
+        if c.init == LoraInit::Pissa {
+            // peft's save_pretrained(path_initial_model_for_weight_conversion=...): rank 2r, alpha 2·alpha
+            // (·√2 with rsLoRA) so the scale stays alpha/r; the factors are converted by write_tensors.
+            a.r = 2 * c.rank;
+            a.lora_alpha = if c.rslora { c.alpha as f64 * 2f64.sqrt() } else { 2.0 * c.alpha as f64 };
+            a.raw.insert(
+                "rime_pissa".into(),
+                serde_json::json!(format!(
+                    "trained with init_lora_weights=\"pissa\" (r={}, lora_alpha={}) on residual weights; saved \
+                     converted to a rank-{} LoRA of the unmodified base: lora_A = [A; A0], lora_B = [B, -B0]",
+                    c.rank,
+                    c.alpha,
+                    2 * c.rank
+                )),
+            );
+        }
+        Ok(a)
+    }
+
+    /// PiSSA factors become a plain LoRA of the unmodified base ([`pissa_to_lora`]).
+    fn write_tensors(&self, dev: &Device, store: &ParamStore, tensors: &mut Vec<SavedTensor>) -> Result<()> {
+        if self.config.init == LoraInit::Pissa {
+            pissa_to_lora(dev, store, tensors)?;
+        }
+        Ok(())
+    }
+
+    /// DoRA magnitudes must agree with `use_dora`; a converted PiSSA adapter loaded back into a PiSSA store
+    /// (resume) splits into the trained factors ([`lora_to_pissa`]).
+    fn read_tensors(&self, dev: &Device, store: &ParamStore, ad: &mut PeftAdapter, dir: &Path) -> Result<()> {
+        check_dora(ad, dir)?;
+        for t in &mut ad.tensors {
+            let pissa = lora_to_pissa(dev, store, &t.name, &t.shape, &t.data)
+                .map_err(|e| Error::Msg(format!("{}: {e}", dir.display())))?;
+            if let Some((shape, data)) = pissa {
+                t.shape = shape;
+                t.data = data;
+            }
+        }
+        Ok(())
+    }
+
+    fn is_method_tensor(&self, local: &str) -> bool {
+        local.contains(".lora_")
+    }
+}
+
+/// A LoRA adapter's DoRA magnitudes agree with `use_dora`: one `lora_magnitude_vector` per adapted module
+/// when set, none otherwise; fan_in_fan_out layers (GPT-2 Conv1D) are not DoRA layers rime can build.
+fn check_dora(ad: &PeftAdapter, dir: &Path) -> Result<()> {
+    let mags: Vec<&str> = ad
+        .tensors
+        .iter()
+        .filter_map(|t| t.name.strip_suffix(".lora_magnitude_vector"))
+        .map(|m| m.strip_prefix("base_model.model.").unwrap_or(m))
+        .collect();
+    let cfg = dir.join("adapter_config.json");
+    if !ad.config.use_dora {
+        if let Some(m) = mags.first() {
+            return Err(Error::Msg(format!(
+                "{}: use_dora is false but the adapter has a DoRA magnitude for '{m}'",
+                cfg.display()
+            )));
+        }
+        return Ok(());
+    }
+    if ad.config.fan_in_fan_out {
+        return Err(Error::Msg(format!("{}: use_dora with fan_in_fan_out is not supported", cfg.display())));
+    }
+    for p in ad.lora_pairs() {
+        if !mags.contains(&p.module.as_str()) {
+            return Err(Error::Msg(format!(
+                "{}: use_dora is true but module '{}' has no lora_magnitude_vector in {}",
+                cfg.display(),
+                p.module,
+                rime_io::peft::ADAPTER_WEIGHTS
+            )));
+        }
+    }
+    Ok(())
 }

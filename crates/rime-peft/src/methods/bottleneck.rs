@@ -12,15 +12,23 @@
 
 use rand::{Rng, SeedableRng};
 use regex::Regex;
-use rime_graph::{Graph, ParamStore, Result, Var};
+use rime_graph::{Graph, ParamStore, Var};
+use rime_io::peft::AdapterConfig;
 use rime_kernels::Device;
 use rime_models::LinearHook;
 
+use super::TuningMethod;
+use crate::{Error, Result};
+
 pub const PEFT_TYPE: &str = "RIME_BOTTLENECK";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where the bottleneck reads from (`adapter_mode` in adapter_config.json).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum AdapterMode {
+    /// Houlsby et al.: the adapter reads the sub-block's output, `y' = y + s·a(y)`.
+    #[default]
     Serial,
+    /// He et al.: the adapter reads the sub-block's input, `y' = y + s·a(x)`.
     Parallel,
 }
 
@@ -40,12 +48,24 @@ impl AdapterMode {
     }
 }
 
+/// Bottleneck adapters' settings (peft has no bottleneck adapter; [`Default`] is the CLI's: 64 units,
+/// serial, scale 1).
 #[derive(Debug, Clone)]
 pub struct BottleneckConfig {
+    /// Bottleneck width, at least 1 (`adapter_size` in adapter_config.json).
     pub size: usize,
+    /// Serial or parallel (`adapter_mode`).
     pub mode: AdapterMode,
+    /// Scale s of the adapter's output (`adapter_scale`; He et al.'s scaled parallel adapter uses 4).
     pub scale: f32,
+    /// Seeds the down projections' initialization.
     pub seed: u64,
+}
+
+impl Default for BottleneckConfig {
+    fn default() -> BottleneckConfig {
+        BottleneckConfig { size: 64, mode: AdapterMode::Serial, scale: 1.0, seed: 0 }
+    }
 }
 
 /// The adapter's module name for a sub-block (`attention` or `ffn`) of layer `layer`.
@@ -58,10 +78,10 @@ pub fn module_name(layer: usize, block: &str) -> String {
 /// `encoder.layer.N.attention.output.dense.weight`). Returns the number of adapters.
 pub fn add_adapters(dev: &Device, store: &mut ParamStore, cfg: &BottleneckConfig) -> Result<usize> {
     if cfg.size == 0 {
-        return Err(rime_graph::Error::Invalid("--adapter-size 0: the bottleneck needs at least 1 unit".into()));
+        return Err(Error::invalid("adapter_size", "0: the bottleneck needs at least 1 unit"));
     }
     let re = Regex::new(r"(^|\.)encoder\.layer\.(\d+)\.attention\.output\.dense\.weight$")
-        .map_err(|e| rime_graph::Error::Invalid(e.to_string()))?;
+        .map_err(|e| Error::Msg(e.to_string()))?;
     let mut layers: Vec<(usize, usize)> = store
         .iter()
         .filter_map(|(_, p)| {
@@ -71,7 +91,7 @@ pub fn add_adapters(dev: &Device, store: &mut ParamStore, cfg: &BottleneckConfig
         .collect();
     layers.sort();
     if layers.is_empty() {
-        return Err(rime_graph::Error::Invalid(
+        return Err(Error::Msg(
             "adapter: no encoder.layer.N.attention.output.dense.weight in the model (not a BERT encoder?)".into(),
         ));
     }
@@ -108,7 +128,7 @@ impl LinearHook for AdapterHook {
         block: &str,
         x_in: Var,
         y: Var,
-    ) -> Result<Var> {
+    ) -> rime_graph::Result<Var> {
         let m = module_name(layer, block);
         if store.find(&format!("{m}.down.weight")).is_none() {
             if self.strict {
@@ -129,5 +149,70 @@ impl LinearHook for AdapterHook {
         let a = g.linear(h, uw, Some(ub))?;
         let a = if self.scale != 1.0 { g.scale(a, self.scale) } else { a };
         g.add(y, a)
+    }
+}
+
+/// Bottleneck adapters as a [`TuningMethod`].
+pub struct Bottleneck {
+    config: BottleneckConfig,
+    /// Training: a sub-block without its adapter is an error. A loaded adapter: such blocks stay plain.
+    strict: bool,
+}
+
+impl Bottleneck {
+    pub fn new(config: BottleneckConfig) -> Bottleneck {
+        Bottleneck { config, strict: true }
+    }
+
+    /// A saved RIME_BOTTLENECK adapter as it applies: needs `adapter_mode` and `adapter_scale`.
+    pub fn from_adapter(a: &AdapterConfig) -> Result<Box<dyn TuningMethod>> {
+        let mode = a.raw.get("adapter_mode").and_then(|v| v.as_str()).and_then(AdapterMode::parse);
+        let scale = a.raw.get("adapter_scale").and_then(|v| v.as_f64());
+        match (mode, scale) {
+            (Some(mode), Some(scale)) => {
+                let config = BottleneckConfig { size: a.r, mode, scale: scale as f32, seed: 0 };
+                Ok(Box::new(Bottleneck { config, strict: false }))
+            }
+            _ => Err(Error::Msg(
+                "adapter_config.json of a RIME_BOTTLENECK adapter needs adapter_mode (serial|parallel) and \
+                 adapter_scale"
+                    .into(),
+            )),
+        }
+    }
+}
+
+impl TuningMethod for Bottleneck {
+    fn name(&self) -> &'static str {
+        "adapter"
+    }
+
+    fn peft_type(&self) -> &'static str {
+        PEFT_TYPE
+    }
+
+    fn add_parameters(&self, dev: &Device, store: &mut ParamStore) -> Result<String> {
+        let c = &self.config;
+        let n = add_adapters(dev, store, c)?;
+        Ok(format!("{} bottleneck adapters of size {} ({}, scale {})", n, c.size, c.mode.name(), c.scale))
+    }
+
+    fn hook(&self) -> Box<dyn LinearHook> {
+        Box::new(AdapterHook { mode: self.config.mode, scale: self.config.scale, strict: self.strict })
+    }
+
+    fn adapter_config(&self, store: &ParamStore) -> Result<AdapterConfig> {
+        let c = &self.config;
+        let mut a = AdapterConfig::lora(c.size, 0.0, super::modules_with(store, ".down.weight"));
+        a.peft_type = PEFT_TYPE.into();
+        a.raw.insert("adapter_size".into(), serde_json::json!(c.size));
+        a.raw.insert("adapter_mode".into(), serde_json::json!(c.mode.name()));
+        a.raw.insert("adapter_scale".into(), serde_json::json!(c.scale));
+        a.raw.insert("adapter_activation".into(), serde_json::json!("relu"));
+        Ok(a)
+    }
+
+    fn is_method_tensor(&self, local: &str) -> bool {
+        local.contains(".adapter.")
     }
 }
