@@ -29,6 +29,7 @@
 pub mod decoder;
 pub mod encoder;
 mod error;
+pub mod finetune;
 pub mod gpu;
 pub mod kernels;
 pub mod merge;

@@ -1,0 +1,107 @@
+//! Fine-tuning a frozen backbone: sequence classification on an encoder (all-MiniLM-L6-v2 and other BERT
+//! models) with any tuning method, and causal-LM LoRA on a Llama-family GGUF decoder.
+//!
+//! A run is a [`TrainConfig`] (with `Default`: the README's main job), a method config (each with `Default`:
+//! [`LoraConfig`], [`SvfitConfig`], [`Ia3Config`], [`BottleneckConfig`], [`PromptConfig`], [`PrefixConfig`],
+//! or the head alone, [`Method::Probe`]) and data, in memory ([`TextClassData::new`]) or from a JSONL / CSV /
+//! TSV file ([`TextClassData::from_file`]). Progress comes as [`Event`]s to a callback; the result comes back
+//! in memory ([`TrainResult`]: metrics, the per-step log and the trained adapter), and [`TrainResult::save`]
+//! writes it as a peft adapter folder with metrics and plots. To checkpoint while training (and resume with
+//! [`TrainConfig::resume`]), give an output folder with [`classify_in`].
+//!
+//! ```no_run
+//! use rime::finetune::{self, LoraConfig, TextClassData, TrainConfig};
+//! let gpu = rime::Gpu::new()?;
+//! let texts = vec!["great snack".to_string(), "stale and bland".to_string()];
+//! let labels = vec!["positive".to_string(), "negative".to_string()];
+//! let lora = LoraConfig { rank: 8, alpha: 16.0, ..LoraConfig::default() };
+//! let run = finetune::classify(&gpu, rime::models_dir().join("all-minilm-l6-v2"), lora.into(),
+//!     TextClassData::new(texts.clone(), labels.clone()), Some(TextClassData::new(texts, labels)),
+//!     &TrainConfig { epochs: 3, ..TrainConfig::default() }, |_event| {})?;
+//! println!("accuracy {:.3}", run.summary.eval_accuracy);
+//! run.save("runs/my-lora")?; // runs/my-lora/best/ is a peft adapter folder
+//! # Ok::<(), rime::Error>(())
+//! ```
+
+use std::path::Path;
+
+pub use rime_io::dataset::Columns;
+pub use rime_peft::adapter::{AdapterMode, BottleneckConfig};
+pub use rime_peft::classifier::{EvalMetrics, Method};
+pub use rime_peft::ia3::Ia3Config;
+pub use rime_peft::lora::{LoraConfig, LoraInit};
+pub use rime_peft::methods::prefix::PrefixConfig;
+pub use rime_peft::prompt::{PromptConfig, PromptInit};
+pub use rime_peft::svfit::SvfitConfig;
+pub use rime_peft::{
+    CausalData, CausalSummary, ClassifySummary, Event, Schedule, TextClassData, TrainConfig, TrainResult,
+    WeightStorage,
+};
+
+use crate::{Gpu, Result};
+
+/// Trains `method` (and a linear head on the mean pool) for sequence classification on the encoder in the
+/// folder `model`; evaluates each epoch on `eval` (or on a held-out [`TrainConfig::eval_fraction`] of
+/// `train`) and returns the best epoch's adapter. Nothing is written to disk.
+pub fn classify(
+    gpu: &Gpu,
+    model: impl AsRef<Path>,
+    method: Method,
+    train: TextClassData,
+    eval: Option<TextClassData>,
+    cfg: &TrainConfig,
+    mut on_event: impl FnMut(Event),
+) -> Result<TrainResult<ClassifySummary>> {
+    let mut task = rime_peft::ClassifyTask::new(gpu.device(), model.as_ref(), method, train, eval);
+    Ok(rime_peft::train(&mut task, cfg, None, &mut on_event)?)
+}
+
+/// [`classify`], writing to the folder `out` as it goes: the best adapter (`best/`), a resumable checkpoint
+/// every [`TrainConfig::save_every`] steps and at each epoch's end (`checkpoint/`), `metrics.jsonl`,
+/// `metrics.json` and the plots `training.png` / `training.svg`.
+#[allow(clippy::too_many_arguments)]
+pub fn classify_in(
+    gpu: &Gpu,
+    model: impl AsRef<Path>,
+    method: Method,
+    train: TextClassData,
+    eval: Option<TextClassData>,
+    cfg: &TrainConfig,
+    out: &Path,
+    mut on_event: impl FnMut(Event),
+) -> Result<TrainResult<ClassifySummary>> {
+    let mut task = rime_peft::ClassifyTask::new(gpu.device(), model.as_ref(), method, train, eval);
+    Ok(rime_peft::train(&mut task, cfg, Some(out), &mut on_event)?)
+}
+
+/// LoRA on a Llama-family GGUF decoder, the loss on the completion tokens only; evaluates each epoch by
+/// completion loss and perplexity on `eval` (or a held-out part of `train`). With `out`, writes as
+/// [`classify_in`] does (the adapter under `adapter/`).
+#[allow(clippy::too_many_arguments)]
+pub fn causal_lm(
+    gpu: &Gpu,
+    model: impl AsRef<Path>,
+    lora: LoraConfig,
+    train: CausalData,
+    eval: Option<CausalData>,
+    cfg: &TrainConfig,
+    out: Option<&Path>,
+    mut on_event: impl FnMut(Event),
+) -> Result<TrainResult<CausalSummary>> {
+    let mut task = rime_peft::CausalTask::new(gpu.device(), model.as_ref(), lora, train, eval);
+    Ok(rime_peft::train(&mut task, cfg, out, &mut on_event)?)
+}
+
+/// Accuracy, macro-F1 and loss of a classification adapter folder (written by [`TrainResult::save`] or
+/// `rime train`) on `data`.
+pub fn evaluate(
+    gpu: &Gpu,
+    model: impl AsRef<Path>,
+    adapter: impl AsRef<Path>,
+    data: &TextClassData,
+    batch_size: usize,
+    max_length: usize,
+) -> Result<EvalMetrics> {
+    let ev = rime_peft::Evaluator::new(gpu.device(), model.as_ref(), batch_size, max_length)?;
+    Ok(ev.evaluate(adapter.as_ref(), data)?)
+}
