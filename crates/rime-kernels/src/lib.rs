@@ -8,6 +8,7 @@
 
 mod device;
 mod error;
+mod gen;
 pub mod ops;
 mod pipeline;
 pub mod reference;
