@@ -13,7 +13,8 @@ use crate::tensor::{DType, Tensor, TextureTwin};
 /// How to pick an adapter.
 #[derive(Debug, Clone, Default)]
 pub struct DeviceOptions {
-    /// Case-insensitive substring of the adapter name (`--adapter`); falls back to `RIME_ADAPTER`.
+    /// The requested GPU: a case-insensitive substring of the adapter name; when `None`, the RIME_ADAPTER
+    /// environment variable, else the best adapter (discrete > integrated > any).
     pub adapter: Option<String>,
 }
 
@@ -86,8 +87,8 @@ impl Device {
             return Err(Error::NoAdapter);
         }
         let (wanted, source_name) = match (&opts.adapter, std::env::var("RIME_ADAPTER")) {
-            (Some(w), _) => (Some(w.clone()), "--adapter"),
-            (None, Ok(w)) if !w.is_empty() => (Some(w), "RIME_ADAPTER"),
+            (Some(w), _) => (Some(w.clone()), "the requested GPU name"),
+            (None, Ok(w)) if !w.is_empty() => (Some(w), "the RIME_ADAPTER environment variable"),
             _ => (None, ""),
         };
         let adapter = match wanted {
