@@ -9,6 +9,7 @@
 mod device;
 mod error;
 mod gen;
+mod guard;
 pub mod ops;
 mod pipeline;
 pub mod reference;

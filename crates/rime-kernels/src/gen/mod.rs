@@ -46,7 +46,8 @@ fn guard(name: &str, r: usize) -> String {
 #[cfg(test)]
 fn splice(text: &str, name: &str, func: &str) -> Result<String, String> {
     let open = format!("fn {name}(");
-    let start = text.find(&format!("\n{open}")).map(|i| i + 1).ok_or_else(|| format!("no line starts with `{open}`"))?;
+    let start =
+        text.find(&format!("\n{open}")).map(|i| i + 1).ok_or_else(|| format!("no line starts with `{open}`"))?;
     let end = text[start..].find("\n}\n").map(|i| start + i + 3).ok_or_else(|| format!("`{open}` is never closed"))?;
     Ok(format!("{}{func}{}", &text[..start], &text[end..]))
 }
@@ -87,7 +88,10 @@ mod tests {
     #[test]
     fn splice_replaces_one_function_and_keeps_the_rest() {
         let text = "// head\nfn a(x: u32) {\n    old;\n}\n\nfn b() {\n}\n";
-        assert_eq!(splice(text, "a", "fn a(x: u32) {\n    new;\n}\n").unwrap(), "// head\nfn a(x: u32) {\n    new;\n}\n\nfn b() {\n}\n");
+        assert_eq!(
+            splice(text, "a", "fn a(x: u32) {\n    new;\n}\n").unwrap(),
+            "// head\nfn a(x: u32) {\n    new;\n}\n\nfn b() {\n}\n"
+        );
         assert!(splice(text, "c", "").is_err());
         assert!(splice("fn a() {\n", "a", "").is_err());
     }

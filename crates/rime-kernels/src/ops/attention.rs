@@ -5,9 +5,10 @@
 //! D = rowsum(dO * O) scratch), a second computes dK and dV by iterating over queries.
 
 use super::words;
+use crate::error::{shape_err, Result};
 use crate::gen;
-use crate::error::{shape_err, Error, Result};
-use crate::{DType, Device, Dispatch, Spec, Tensor};
+use crate::guard::{expect_f32, expect_f32_shape};
+use crate::{Device, Dispatch, Spec, Tensor};
 
 const FILE: &str = "attention.wgsl";
 /// Largest supported head size (the kernels keep up to four head vectors per invocation in registers).
@@ -100,24 +101,9 @@ struct Dims {
     hs: usize,
 }
 
-fn want_f32(op: &'static str, name: &str, x: &Tensor) -> Result<()> {
-    if x.dtype != DType::F32 {
-        return Err(Error::Shape { op, msg: format!("{name} has dtype {:?}, expected F32", x.dtype) });
-    }
-    Ok(())
-}
-
-fn want_shape(op: &'static str, name: &str, x: &Tensor, shape: &[usize]) -> Result<()> {
-    want_f32(op, name, x)?;
-    if x.shape != shape {
-        return Err(shape_err(op, format!("{name} has shape {:?}, expected {shape:?}", x.shape)));
-    }
-    Ok(())
-}
-
 fn dims(op: &'static str, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Dims> {
-    want_f32(op, "q", q)?;
-    want_f32(op, "k", k)?;
+    expect_f32(op, "q", q)?;
+    expect_f32(op, "k", k)?;
     if q.rank() != 4 || k.rank() != 4 {
         return Err(shape_err(
             op,
@@ -146,9 +132,9 @@ fn dims(op: &'static str, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tens
             format!("{} query heads (q {:?}) is not a multiple of {} kv heads (k {:?})", d.nh, q.shape, d.nkv, k.shape),
         ));
     }
-    want_shape(op, "v", v, &k.shape)?;
+    expect_f32_shape(op, "v", v, &k.shape)?;
     if let Some(m) = mask {
-        want_shape(op, "mask", m, &[d.b, d.s])?;
+        expect_f32_shape(op, "mask", m, &[d.b, d.s])?;
     }
     Ok(d)
 }
@@ -213,8 +199,8 @@ pub fn attention_forward_variant(
 ) -> Result<Vec<Dispatch>> {
     const OP: &str = "attention_forward";
     let d = dims(OP, q, k, v, mask)?;
-    want_shape(OP, "out", out, &q.shape)?;
-    want_shape(OP, "lse", lse, &[d.b, d.nh, d.t])?;
+    expect_f32_shape(OP, "out", out, &q.shape)?;
+    expect_f32_shape(OP, "lse", lse, &[d.b, d.nh, d.t])?;
     check_variant(OP, dev, variant)?;
     let m = mask.unwrap_or(k);
     Ok(vec![dev.dispatch(
@@ -286,13 +272,13 @@ pub fn attention_backward_variant(
 ) -> Result<Vec<Dispatch>> {
     const OP: &str = "attention_backward";
     let d = dims(OP, q, k, v, mask)?;
-    want_shape(OP, "dq", dq, &q.shape)?;
-    want_shape(OP, "dk", dk, &k.shape)?;
-    want_shape(OP, "dv", dv, &k.shape)?;
-    want_shape(OP, "dout", dout, &q.shape)?;
-    want_shape(OP, "out", out, &q.shape)?;
-    want_shape(OP, "lse", lse, &[d.b, d.nh, d.t])?;
-    want_shape(OP, "delta_tmp", delta_tmp, &[d.b, d.nh, d.t])?;
+    expect_f32_shape(OP, "dq", dq, &q.shape)?;
+    expect_f32_shape(OP, "dk", dk, &k.shape)?;
+    expect_f32_shape(OP, "dv", dv, &k.shape)?;
+    expect_f32_shape(OP, "dout", dout, &q.shape)?;
+    expect_f32_shape(OP, "out", out, &q.shape)?;
+    expect_f32_shape(OP, "lse", lse, &[d.b, d.nh, d.t])?;
+    expect_f32_shape(OP, "delta_tmp", delta_tmp, &[d.b, d.nh, d.t])?;
     check_variant(OP, dev, variant)?;
     let m = mask.unwrap_or(k);
     let sp = spec(d.hs, variant);

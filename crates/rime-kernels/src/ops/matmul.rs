@@ -8,7 +8,8 @@
 //! matrix-vector kernels of shaders/gemv.wgsl on every adapter (see [`super::gemv`]).
 
 use super::words;
-use crate::error::{shape_err, Error, Result};
+use crate::error::{shape_err, Result};
+use crate::guard::{expect_dtype, expect_f32, expect_shape, index_u32, FLOATS};
 use crate::{DType, Device, Dispatch, Spec, Tensor, TextureTwin};
 
 const FILE: &str = "matmul.wgsl";
@@ -239,9 +240,7 @@ pub(crate) fn gemm(dev: &Device, g: &Gemm, variant: Variant) -> Result<Vec<Dispa
         Variant::TiledSubgroup if !subgroups_of_8(dev) => Variant::Tiled,
         v => v,
     };
-    let u = |x: usize| -> Result<u32> {
-        u32::try_from(x).map_err(|_| shape_err("matmul", format!("{} does not fit in 32 bits", x)))
-    };
+    let u = |x: usize| index_u32("matmul", "a size or stride", x);
     let params = words(&[
         u(g.m)?,
         u(g.n)?,
@@ -308,20 +307,6 @@ struct Dims {
     b_batched: bool,
 }
 
-fn expect_f32(op: &'static str, what: &str, t: &Tensor) -> Result<()> {
-    if t.dtype != DType::F32 {
-        return Err(shape_err(op, format!("{what} {:?} is {:?}, expected F32", t.shape, t.dtype)));
-    }
-    Ok(())
-}
-
-fn expect_weight_dtype(op: &'static str, t: &Tensor) -> Result<()> {
-    match t.dtype {
-        DType::F32 | DType::F16 | DType::BF16 => Ok(()),
-        d => Err(Error::DType { op, got: d, expected: "F32, F16 or BF16 for b" }),
-    }
-}
-
 /// Read M, K (from a-shaped `a`) and K, N (from b-shaped `b`) honouring the transposes.
 fn dims(op: &'static str, a: &Tensor, b: &Tensor, ta: bool, tb: bool) -> Result<Dims> {
     let (ar, br) = (a.rank(), b.rank());
@@ -349,13 +334,6 @@ fn dims(op: &'static str, a: &Tensor, b: &Tensor, ta: bool, tb: bool) -> Result<
     }
     let batch = batch_dims.iter().product();
     Ok(Dims { batch_dims, batch, m, k, n, b_batched })
-}
-
-fn expect_shape(op: &'static str, what: &str, t: &Tensor, want: &[usize]) -> Result<()> {
-    if t.shape != want {
-        return Err(shape_err(op, format!("{what} is {:?}, expected {:?}", t.shape, want)));
-    }
-    Ok(())
 }
 
 fn with_batch(d: &Dims, last: [usize; 2]) -> Vec<usize> {
@@ -411,7 +389,7 @@ pub fn matmul_forward_scaled(
     const OP: &str = "matmul_forward";
     expect_f32(OP, "a", a)?;
     expect_f32(OP, "out", out)?;
-    expect_weight_dtype(OP, b)?;
+    expect_dtype(OP, "b", b, FLOATS)?;
     let d = dims(OP, a, b, trans_a, trans_b)?;
     expect_shape(OP, "out", out, &with_batch(&d, [d.m, d.n]))?;
     if let Some(bias) = bias {
@@ -474,7 +452,7 @@ pub fn matmul_backward_input_variant(
     const OP: &str = "matmul_backward_input";
     expect_f32(OP, "da", da)?;
     expect_f32(OP, "dout", dout)?;
-    expect_weight_dtype(OP, b)?;
+    expect_dtype(OP, "b", b, FLOATS)?;
     let d = dims(OP, da, b, trans_a, trans_b)?;
     expect_shape(OP, "dout", dout, &with_batch(&d, [d.m, d.n]))?;
     let (m, k, n) = (d.m, d.k, d.n);
