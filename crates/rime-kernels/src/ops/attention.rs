@@ -168,6 +168,31 @@ fn grid(rows: usize, heads: usize, b: usize, hs: usize, variant: Variant) -> [u3
 /// q [B, T, NH, HS]; k, v [B, S, NKV, HS] with NH % NKV == 0 (head h uses kv head h / (NH/NKV)); out [B, T, NH, HS];
 /// lse [B, NH, T]. mask [B, S]: 1 = keep, 0 = padding. causal: query t sees key j iff j <= t + (S - T).
 /// A query row that sees no key gets zeros in out and -inf in lse.
+///
+/// Causal self-attention over 6 tokens, 4 query heads sharing 2 kv heads, checked against [`reference`]:
+/// ```
+/// use rime_kernels::reference::attention::{self as cpu, Dims};
+/// use rime_kernels::{ops::attention::attention_forward, DType, Device, DeviceOptions};
+///
+/// let dev = Device::new(&DeviceOptions::default())?;
+/// let d = Dims { b: 1, t: 6, s: 6, nh: 4, nkv: 2, hs: 16 };
+/// let fill = |n: usize, f: f32| -> Vec<f32> { (0..n).map(|i| (i as f32 * f).sin()).collect() };
+/// let (q, k, v) = (fill(d.t * d.nh * d.hs, 0.3), fill(d.s * d.nkv * d.hs, 0.7), fill(d.s * d.nkv * d.hs, 1.1));
+/// let qt = dev.upload_f32(&q, &[d.b, d.t, d.nh, d.hs])?;
+/// let kt = dev.upload_f32(&k, &[d.b, d.s, d.nkv, d.hs])?;
+/// let vt = dev.upload_f32(&v, &[d.b, d.s, d.nkv, d.hs])?;
+/// let out = dev.empty(&[d.b, d.t, d.nh, d.hs], DType::F32)?;
+/// let lse = dev.empty(&[d.b, d.nh, d.t], DType::F32)?;
+/// let scale = 1.0 / (d.hs as f32).sqrt();
+/// dev.run(&attention_forward(&dev, &out, &lse, &qt, &kt, &vt, None, true, scale)?)?;
+///
+/// let (want, _) = cpu::attention_forward(&d, &q, &k, &v, None, true, scale);
+/// let got = dev.download_f32(&out)?;
+/// assert!(got.iter().zip(&want).all(|(g, w)| (g - w).abs() < 1e-4), "{got:?} vs {want:?}");
+/// # Ok::<(), rime_kernels::Error>(())
+/// ```
+///
+/// [`reference`]: crate::reference::attention::attention_forward
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward(
     dev: &Device,

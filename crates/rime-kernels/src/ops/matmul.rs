@@ -344,6 +344,30 @@ fn with_batch(d: &Dims, last: [usize; 2]) -> Vec<usize> {
 
 /// out = op(a)·op(b) + bias. a: [..batch, M, K] ([.., K, M] if trans_a); b: [K, N] ([N, K] if trans_b),
 /// 2-D (shared) or with a's batch dims; bias: [N]; out: [..batch, M, N]. b may be f16/bf16.
+///
+/// A Linear layer, y = x·Wᵀ + bias with W [out features, in features], checked against [`reference`]:
+/// ```
+/// use rime_kernels::reference::matmul::{self as cpu, MatmulDims};
+/// use rime_kernels::{ops::matmul::matmul_forward, DType, Device, DeviceOptions};
+///
+/// let dev = Device::new(&DeviceOptions::default())?;
+/// let (m, k, n) = (3, 8, 5);
+/// let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+/// let w: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.11).cos()).collect();
+/// let bias = vec![0.5; n];
+/// let (xt, wt, bt) = (dev.upload_f32(&x, &[m, k])?, dev.upload_f32(&w, &[n, k])?, dev.upload_f32(&bias, &[n])?);
+/// let y = dev.empty(&[m, n], DType::F32)?;
+/// // Launchers only build dispatches; `run` records them into one pass, submits and waits.
+/// dev.run(&matmul_forward(&dev, &y, &xt, &wt, Some(&bt), false, true)?)?;
+///
+/// let d = MatmulDims { batch: 1, m, k, n, b_batched: false, trans_a: false, trans_b: true };
+/// let want = cpu::matmul_forward(&x, &w, Some(&bias), &d);
+/// let got = dev.download_f32(&y)?;
+/// assert!(got.iter().zip(&want).all(|(g, w)| (g - w).abs() < 1e-4), "{got:?} vs {want:?}");
+/// # Ok::<(), rime_kernels::Error>(())
+/// ```
+///
+/// [`reference`]: crate::reference::matmul::matmul_forward
 pub fn matmul_forward(
     dev: &Device,
     out: &Tensor,

@@ -73,6 +73,19 @@ fn parts_for(l: usize) -> usize {
 }
 
 /// out [L] = sum_i weights[i] * xs[i] (model soups, task arithmetic, dare_linear after `merge_dare_forward`).
+///
+/// A uniform soup of three checkpoints' copies of one tensor, stacked as xs [3, L]:
+/// ```
+/// use rime_kernels::{ops::merge::merge_weighted_sum_forward, DType, Device, DeviceOptions};
+///
+/// let dev = Device::new(&DeviceOptions::default())?;
+/// let xs = dev.upload_f32(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0], &[3, 3])?;
+/// let out = dev.empty(&[3], DType::F32)?;
+/// dev.run(&merge_weighted_sum_forward(&dev, &out, &xs, &[1.0 / 3.0; 3])?)?;
+/// let got = dev.download_f32(&out)?;
+/// assert!(got.iter().zip([4.0, 5.0, 6.0]).all(|(g, w)| (g - w).abs() < 1e-5), "{got:?}");
+/// # Ok::<(), rime_kernels::Error>(())
+/// ```
 pub fn merge_weighted_sum_forward(dev: &Device, out: &Tensor, xs: &Tensor, weights: &[f32]) -> Result<Vec<Dispatch>> {
     const OP: &str = "merge_weighted_sum_forward";
     let (n, l) = stacked(OP, xs)?;
