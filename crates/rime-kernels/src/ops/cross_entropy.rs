@@ -1,4 +1,4 @@
-//! Launchers for shaders/cross_entropy.wgsl: mean cross-entropy of logits [N, V] against targets [N] (I32,
+//! Launchers for shaders/cross_entropy.wgsl: mean cross-entropy of logits [N, V] against targets \[N] (I32,
 //! rows equal to ignore_index left out), saving the per-row log-sum-exp for the backward.
 
 use super::reduce::{row_specs, width_for, RowVariant};
@@ -43,8 +43,8 @@ fn scalar(op: &'static str, name: &str, t: &Tensor) -> Result<()> {
     expect_one_value(op, name, t)
 }
 
-/// loss [1] = mean over rows whose target != ignore_index of lse - logits[target] (0 when no row is kept);
-/// lse [N] is saved for the backward. A kept target outside [0, V) cannot be seen by the launcher: it makes
+/// loss \[1] = mean over rows whose target != ignore_index of lse - logits\[target] (0 when no row is kept);
+/// lse \[N] is saved for the backward. A kept target outside [0, V) cannot be seen by the launcher: it makes
 /// the loss NaN.
 pub fn cross_entropy_forward(
     dev: &Device,

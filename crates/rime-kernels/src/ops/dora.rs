@@ -17,8 +17,8 @@ fn spec() -> Spec {
     Spec::new().constant("WG", WG as f64)
 }
 
-/// g [OC] = m / norm, norm [OC] = ||W + scale·B·A|| over each row (saved for the backward).
-/// w: [OC, C] (f32); a: [R, C]; b: [OC, R]; m: [OC].
+/// g \[OC] = m / norm, norm \[OC] = ||W + scale·B·A|| over each row (saved for the backward).
+/// w: [OC, C] (f32); a: [R, C]; b: [OC, R]; m: \[OC].
 #[allow(clippy::too_many_arguments)]
 pub fn dora_scale_forward(
     dev: &Device,
@@ -50,7 +50,7 @@ pub fn dora_scale_forward(
     Ok(vec![dev.dispatch(FILE, op, &spec(), Some(&wd), &bind, grid_1d(oc as u32))?])
 }
 
-/// dm [OC] = dg / norm, added into dm when `accumulate` (gradient accumulation over uses).
+/// dm \[OC] = dg / norm, added into dm when `accumulate` (gradient accumulation over uses).
 pub fn dora_scale_backward(
     dev: &Device,
     dm: &Tensor,

@@ -76,12 +76,12 @@ fn binary(op: &'static str, dev: &Device, out: &Tensor, a: &Tensor, b: &Tensor) 
     Ok(vec![launch(dev, op, n, nb, false, 0, 0, 0, &[(1, a), (2, b), (3, out)])?])
 }
 
-/// out = a + b (b: a's shape or [N] broadcast over rows).
+/// out = a + b (b: a's shape or \[N] broadcast over rows).
 pub fn add_forward(dev: &Device, out: &Tensor, a: &Tensor, b: &Tensor) -> Result<Vec<Dispatch>> {
     binary("add_forward", dev, out, a, b)
 }
 
-/// out = a * b (b: a's shape or [N] broadcast over rows).
+/// out = a * b (b: a's shape or \[N] broadcast over rows).
 pub fn mul_forward(dev: &Device, out: &Tensor, a: &Tensor, b: &Tensor) -> Result<Vec<Dispatch>> {
     binary("mul_forward", dev, out, a, b)
 }
@@ -129,7 +129,7 @@ pub fn scale_forward(dev: &Device, out: &Tensor, a: &Tensor, s: f32) -> Result<V
     Ok(vec![launch(dev, OP, n, n, false, 0, s.to_bits(), 0, &[(1, a), (3, out)])?])
 }
 
-/// acc += alpha * b (gradient accumulation, residual adds); b: acc's shape or [N] broadcast over rows.
+/// acc += alpha * b (gradient accumulation, residual adds); b: acc's shape or \[N] broadcast over rows.
 pub fn add_inplace_forward(dev: &Device, acc: &Tensor, b: &Tensor, alpha: f32) -> Result<Vec<Dispatch>> {
     const OP: &str = "add_inplace_forward";
     expect_all_f32(OP, &[("acc", acc), ("b", b)])?;

@@ -31,7 +31,7 @@ fn check_ids(op: &'static str, ids: &Tensor) -> Result<usize> {
     Ok(ids.numel())
 }
 
-/// out [N, C] = rows of table [V, C] (f32, f16 or bf16) picked by ids [N] (U32). An id >= V (or a negative
+/// out [N, C] = rows of table [V, C] (f32, f16 or bf16) picked by ids \[N] (U32). An id >= V (or a negative
 /// I32 id) yields a zero row: the launcher cannot read ids, so out-of-range ids are not reported here.
 pub fn embedding_forward(dev: &Device, out: &Tensor, ids: &Tensor, table: &Tensor) -> Result<Vec<Dispatch>> {
     const OP: &str = "embedding_forward";

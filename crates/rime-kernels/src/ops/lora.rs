@@ -92,7 +92,7 @@ fn product<'a>(
 }
 
 /// out = x·Wᵀ + scale·h·Bᵀ (+ bias) and h = x·Aᵀ (kept for backward).
-/// x: [.., C]; w: [OC, C]; bias: [OC]; a: [R, C]; b: [OC, R]; out: [.., OC]; h: [.., R].
+/// x: [.., C]; w: [OC, C]; bias: \[OC]; a: [R, C]; b: [OC, R]; out: [.., OC]; h: [.., R].
 #[allow(clippy::too_many_arguments)]
 pub fn lora_forward(
     dev: &Device,

@@ -1,6 +1,6 @@
 //! Launchers for shaders/matmul.wgsl: batched matmul forward and both backwards, with transposes, a shared
 //! (2-D) or batched right operand, an optional bias and f16/bf16 frozen weights. Every op is mapped onto one
-//! strided product ([`Gemm`]), which LoRA reuses; the kernel is picked per call: on CPU adapters (lavapipe)
+//! strided product (`Gemm`), which LoRA reuses; the kernel is picked per call: on CPU adapters (lavapipe)
 //! a vec4 team-tiled kernel when the layout allows it (forward, backward_input without trans_a, and weight
 //! gradients, with 4-aligned sizes; subgroupBroadcast when the adapter's subgroups are 8 lanes), else the
 //! general register-tiled kernel, which is also the choice on GPUs (measured faster there). Products with few
@@ -343,7 +343,7 @@ fn with_batch(d: &Dims, last: [usize; 2]) -> Vec<usize> {
 }
 
 /// out = op(a)·op(b) + bias. a: [..batch, M, K] ([.., K, M] if trans_a); b: [K, N] ([N, K] if trans_b),
-/// 2-D (shared) or with a's batch dims; bias: [N]; out: [..batch, M, N]. b may be f16/bf16.
+/// 2-D (shared) or with a's batch dims; bias: \[N]; out: [..batch, M, N]. b may be f16/bf16.
 ///
 /// A Linear layer, y = x·Wᵀ + bias with W [out features, in features], checked against [`reference`]:
 /// ```

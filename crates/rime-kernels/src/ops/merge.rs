@@ -72,7 +72,7 @@ fn parts_for(l: usize) -> usize {
     l.div_ceil(MIN_PER_PART).clamp(1, MAX_PARTS)
 }
 
-/// out [L] = sum_i weights[i] * xs[i] (model soups, task arithmetic, dare_linear after `merge_dare_forward`).
+/// out \[L] = sum_i weights\[i] * xs\[i] (model soups, task arithmetic, dare_linear after `merge_dare_forward`).
 ///
 /// A uniform soup of three checkpoints' copies of one tensor, stacked as xs [3, L]:
 /// ```
@@ -178,7 +178,7 @@ fn magnitude(dev: &Device, op: &'static str, out: Option<&Tensor>, xs: &Tensor, 
     Ok(ds)
 }
 
-/// TIES sign election and disjoint merge (peft `calculate_majority_sign_mask` + `disjoint_merge`), out [L].
+/// TIES sign election and disjoint merge (peft `calculate_majority_sign_mask` + `disjoint_merge`), out \[L].
 /// `xs` are the trimmed (or DARE-rescaled) task vectors before weighting. The sign is elected per element by
 /// `majority_sign_total` (sign of the sum) or else by the count of signs, zero going to +; the rows whose
 /// sign agrees are multiplied by `weights` and averaged (0 where none agree). `elect_weighted` says whether
@@ -208,8 +208,8 @@ pub fn merge_ties_forward(
 }
 
 /// mergekit's TIES sign election and disjoint merge (`generalized_task_arithmetic` with `consensus_method:
-/// sum`), out [L]: with y_i = weights[i] * xs[i], the sign of sum_i y_i is elected per element (zero goes to +),
-/// and out = sum_i y_i [sign(y_i) = elected], divided by sum_i weights[i] [sign(y_i) = elected] when
+/// sum`), out \[L]: with y_i = weights\[i] * xs\[i], the sign of sum_i y_i is elected per element (zero goes to +),
+/// and out = sum_i y_i [sign(y_i) = elected], divided by sum_i weights\[i] [sign(y_i) = elected] when
 /// `normalize` (by 1 where that sum is 0). It differs from peft's `merge_ties_forward` in the divisor (the sum
 /// of the agreeing weights, not their count) whenever the weights differ.
 pub fn merge_ties_mergekit_forward(

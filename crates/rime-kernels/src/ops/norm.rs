@@ -1,5 +1,5 @@
-//! Launchers for shaders/norm.wgsl: LayerNorm and RMSNorm over the last axis (x [rows, C], gamma/beta [C]),
-//! saving mean / rstd [rows] for the backward, with separate input and weight gradients so a frozen norm
+//! Launchers for shaders/norm.wgsl: LayerNorm and RMSNorm over the last axis (x [rows, C], gamma/beta \[C]),
+//! saving mean / rstd \[rows] for the backward, with separate input and weight gradients so a frozen norm
 //! never computes dgamma.
 
 use super::reduce::{row_specs, width_for, RowVariant};
@@ -63,7 +63,7 @@ fn check_eps(op: &'static str, eps: f32) -> Result<()> {
     Ok(())
 }
 
-/// out = (x - mean) * rstd * gamma + beta per row; mean and rstd [rows] are saved for the backward.
+/// out = (x - mean) * rstd * gamma + beta per row; mean and rstd \[rows] are saved for the backward.
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm_forward(
     dev: &Device,
@@ -174,7 +174,7 @@ pub fn layernorm_backward_weight_with(
     Ok(vec![dev.dispatch(FILE, OP, &spec, Some(&w), &b, grid_1d(cv.div_ceil(v.wg())))?])
 }
 
-/// out = x * rstd * gamma (Llama's RMSNorm); rstd [rows] is saved for the backward.
+/// out = x * rstd * gamma (Llama's RMSNorm); rstd \[rows] is saved for the backward.
 pub fn rmsnorm_forward(
     dev: &Device,
     out: &Tensor,

@@ -1,6 +1,6 @@
 //! Launchers for shaders/optim.wgsl: the AdamW and SGD parameter updates and gradient-norm clipping of the
-//! training step. Per-step scalars come from the GPU tensor `hyper` [8] = [lr, beta1, beta2, eps,
-//! weight_decay, 1-beta1^t, 1-beta2^t, grad_scale] (for SGD, hyper[1] is the momentum), so a recorded step
+//! training step. Per-step scalars come from the GPU tensor `hyper` \[8] = [lr, beta1, beta2, eps,
+//! weight_decay, 1-beta1^t, 1-beta2^t, grad_scale] (for SGD, hyper\[1] is the momentum), so a recorded step
 //! replays without any readback; `clip_scale_forward` writes grad_scale on the GPU.
 
 use super::{grid_1d, words};
@@ -69,8 +69,8 @@ pub fn adamw_update(
     )?])
 }
 
-/// One SGD step with momentum in place (torch.optim.SGD, dampening 0, nesterov off): hyper[0] = lr,
-/// hyper[1] = momentum, hyper[4] = weight decay, hyper[7] = grad scale. `momentum_buf` must start at zero.
+/// One SGD step with momentum in place (torch.optim.SGD, dampening 0, nesterov off): hyper\[0] = lr,
+/// hyper\[1] = momentum, hyper\[4] = weight decay, hyper\[7] = grad scale. `momentum_buf` must start at zero.
 pub fn sgd_update(
     dev: &Device,
     param: &Tensor,
@@ -95,7 +95,7 @@ pub fn sgd_update(
     )?])
 }
 
-/// acc[0] = sum(grad²), or acc[0] += sum(grad²) when `accumulate` (to sum over all trainable tensors).
+/// acc\[0] = sum(grad²), or acc\[0] += sum(grad²) when `accumulate` (to sum over all trainable tensors).
 /// Two dispatches with a fixed summation order, so the result is deterministic.
 pub fn grad_sumsq_forward(dev: &Device, acc: &Tensor, grad: &Tensor, accumulate: bool) -> Result<Vec<Dispatch>> {
     const OP: &str = "grad_sumsq_forward";
@@ -120,7 +120,7 @@ pub fn grad_sumsq_forward(dev: &Device, acc: &Tensor, grad: &Tensor, accumulate:
     ])
 }
 
-/// hyper[7] = min(1, max_norm / (sqrt(acc[0]) + 1e-6)), the coefficient torch.nn.utils.clip_grad_norm_
+/// hyper\[7] = min(1, max_norm / (sqrt(acc\[0]) + 1e-6)), the coefficient torch.nn.utils.clip_grad_norm_
 /// multiplies gradients by; the optimizer kernels apply it as they read each gradient.
 pub fn clip_scale_forward(dev: &Device, hyper: &Tensor, acc: &Tensor, max_norm: f32) -> Result<Vec<Dispatch>> {
     const OP: &str = "clip_scale_forward";

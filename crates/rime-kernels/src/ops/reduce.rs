@@ -160,7 +160,7 @@ pub fn specs() -> Vec<(&'static str, Spec)> {
     row_specs(FILE)
 }
 
-/// out [rows] = sum (or mean) of x [.., N] over its last axis.
+/// out \[rows] = sum (or mean) of x [.., N] over its last axis.
 pub fn sum_forward(dev: &Device, out: &Tensor, x: &Tensor, mean: bool) -> Result<Vec<Dispatch>> {
     sum_forward_with(dev, RowVariant::for_device(dev), out, x, mean)
 }
@@ -186,7 +186,7 @@ pub fn sum_forward_with(dev: &Device, v: RowVariant, out: &Tensor, x: &Tensor, m
     Ok(vec![dev.dispatch(FILE, OP, &v.spec_w(width), Some(&w), &[(1, x), (2, out)], grid_1d(rows))?])
 }
 
-/// out [N] (+)= sum (or mean) of x [.., N] over all rows; `accumulate` adds to out instead of overwriting.
+/// out \[N] (+)= sum (or mean) of x [.., N] over all rows; `accumulate` adds to out instead of overwriting.
 pub fn sum_rows_forward(dev: &Device, out: &Tensor, x: &Tensor, mean: bool, accumulate: bool) -> Result<Vec<Dispatch>> {
     sum_rows_forward_with(dev, RowVariant::for_device(dev), out, x, mean, accumulate)
 }
