@@ -850,13 +850,13 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], numel: usize) -> Option<Vec<f32>> 
     Some(y)
 }
 
-/// block_q8_0 { f16 d; i8 qs[32]; }: y = qs * d.
+/// `block_q8_0 { f16 d; i8 qs[32]; }`: y = qs * d.
 pub fn dequantize_block_q8_0(blk: &[u8], y: &mut Vec<f32>) {
     let d = f16(blk, 0);
     y.extend(blk[2..34].iter().map(|&q| (q as i8) as f32 * d));
 }
 
-/// block_q4_0 { f16 d; u8 qs[16]; }: low nibbles are elements 0..16, high nibbles 16..32, both offset by 8.
+/// `block_q4_0 { f16 d; u8 qs[16]; }`: low nibbles are elements 0..16, high nibbles 16..32, both offset by 8.
 pub fn dequantize_block_q4_0(blk: &[u8], y: &mut Vec<f32>) {
     let d = f16(blk, 0);
     let qs = &blk[2..18];
@@ -864,7 +864,7 @@ pub fn dequantize_block_q4_0(blk: &[u8], y: &mut Vec<f32>) {
     y.extend(qs.iter().map(|&q| ((q >> 4) as i32 - 8) as f32 * d));
 }
 
-/// block_q4_1 { f16 d; f16 m; u8 qs[16]; }: y = q * d + m, low nibbles first.
+/// `block_q4_1 { f16 d; f16 m; u8 qs[16]; }`: y = q * d + m, low nibbles first.
 pub fn dequantize_block_q4_1(blk: &[u8], y: &mut Vec<f32>) {
     let d = f16(blk, 0);
     let m = f16(blk, 2);
@@ -882,7 +882,7 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     }
 }
 
-/// block_q4_K { f16 d; f16 dmin; u8 scales[12]; u8 qs[128]; } over 256 values in 8 sub-blocks of 32.
+/// `block_q4_K { f16 d; f16 dmin; u8 scales[12]; u8 qs[128]; }` over 256 values in 8 sub-blocks of 32.
 pub fn dequantize_block_q4_k(blk: &[u8], y: &mut Vec<f32>) {
     let d = f16(blk, 0);
     let min = f16(blk, 2);
@@ -901,7 +901,7 @@ pub fn dequantize_block_q4_k(blk: &[u8], y: &mut Vec<f32>) {
     }
 }
 
-/// block_q6_K { u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d; } over 256 values in 16 sub-blocks of 16.
+/// `block_q6_K { u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d; }` over 256 values in 16 sub-blocks of 16.
 pub fn dequantize_block_q6_k(blk: &[u8], y: &mut Vec<f32>) {
     let d = f16(blk, 208);
     let start = y.len();

@@ -13,7 +13,8 @@ use crate::tensor::{DType, Tensor, TextureTwin};
 /// How to pick an adapter.
 #[derive(Debug, Clone, Default)]
 pub struct DeviceOptions {
-    /// Case-insensitive substring of the adapter name (`--adapter`); falls back to `RIME_ADAPTER`.
+    /// The requested GPU: a case-insensitive substring of the adapter name; when `None`, the RIME_ADAPTER
+    /// environment variable, else the best adapter (discrete > integrated > any).
     pub adapter: Option<String>,
 }
 
@@ -73,6 +74,17 @@ fn backend_rank(b: wgpu::Backend) -> u32 {
 impl Device {
     /// Pick an adapter (by name if asked, else discrete > integrated > any) and open a device on it with the
     /// adapter's own limits and whichever of SHADER_F16, SUBGROUP and TIMESTAMP_QUERY it has.
+    ///
+    /// ```
+    /// use rime_kernels::{Device, DeviceOptions};
+    ///
+    /// // The default GPU (or the one RIME_ADAPTER names); `adapter: Some("nvidia".into())` asks for one by name.
+    /// let dev = Device::new(&DeviceOptions::default())?;
+    /// let name = &dev.info().name;
+    /// assert!(dev.adapters_seen().iter().any(|a| &a.name == name));
+    /// assert!(dev.max_binding() > 0, "largest storage binding in bytes");
+    /// # Ok::<(), rime_kernels::Error>(())
+    /// ```
     pub fn new(opts: &DeviceOptions) -> Result<Self> {
         let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
         // The primary backends first; GL only when none of them has an adapter (its probing is noisy).
@@ -86,8 +98,8 @@ impl Device {
             return Err(Error::NoAdapter);
         }
         let (wanted, source_name) = match (&opts.adapter, std::env::var("RIME_ADAPTER")) {
-            (Some(w), _) => (Some(w.clone()), "--adapter"),
-            (None, Ok(w)) if !w.is_empty() => (Some(w), "RIME_ADAPTER"),
+            (Some(w), _) => (Some(w.clone()), "the requested GPU name"),
+            (None, Ok(w)) if !w.is_empty() => (Some(w), "the RIME_ADAPTER environment variable"),
             _ => (None, ""),
         };
         let adapter = match wanted {
@@ -334,6 +346,18 @@ impl Device {
         Ok(Tensor::new(Arc::new(buffer), shape.to_vec(), dtype))
     }
 
+    /// Upload f32 values as a tensor of `shape` (row-major); [`Device::download_f32`] reads one back.
+    ///
+    /// ```
+    /// # use rime_kernels::{Device, DeviceOptions, DType};
+    /// # let dev = Device::new(&DeviceOptions::default())?;
+    /// let t = dev.upload_f32(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &[2, 3])?;
+    /// assert_eq!((t.shape.as_slice(), t.dtype), ([2, 3].as_slice(), DType::F32));
+    /// assert_eq!(dev.download_f32(&t)?, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+    /// // The element count must match the shape.
+    /// assert!(dev.upload_f32(&[1.0, 2.0], &[3]).is_err());
+    /// # Ok::<(), rime_kernels::Error>(())
+    /// ```
     pub fn upload_f32(&self, data: &[f32], shape: &[usize]) -> Result<Tensor> {
         self.upload_bytes("(f32 data)", bytemuck::cast_slice(data), shape, DType::F32)
     }
@@ -399,6 +423,7 @@ impl Device {
         Ok(out)
     }
 
+    /// Read an F32 tensor back (waits for the queued work); see [`Device::upload_f32`] for an example.
     pub fn download_f32(&self, t: &Tensor) -> Result<Vec<f32>> {
         if t.dtype != DType::F32 {
             return Err(Error::DType { op: "download_f32", got: t.dtype, expected: "F32" });

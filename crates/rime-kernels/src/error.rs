@@ -8,7 +8,9 @@ pub enum Error {
          CPU Vulkan driver: `apt-get install -y mesa-vulkan-drivers libvulkan1`"
     )]
     NoAdapter,
-    #[error("no adapter name contains '{wanted}' (from {source_name}); adapters seen: {seen}")]
+    /// `source_name` says where the name came from: the requested GPU name (`DeviceOptions::adapter`) or the
+    /// RIME_ADAPTER environment variable.
+    #[error("no GPU adapter's name contains '{wanted}' ({source_name}); adapters seen: {seen}")]
     AdapterNotFound { wanted: String, source_name: String, seen: String },
     #[error("requesting a device from adapter '{adapter}' failed: {msg}")]
     RequestDevice { adapter: String, msg: String },

@@ -5,8 +5,10 @@
 //! D = rowsum(dO * O) scratch), a second computes dK and dV by iterating over queries.
 
 use super::words;
-use crate::error::{shape_err, Error, Result};
-use crate::{DType, Device, Dispatch, Spec, Tensor};
+use crate::error::{shape_err, Result};
+use crate::gen;
+use crate::guard::{expect_f32, expect_f32_shape};
+use crate::{Device, Dispatch, Spec, Tensor};
 
 const FILE: &str = "attention.wgsl";
 /// Largest supported head size (the kernels keep up to four head vectors per invocation in registers).
@@ -51,18 +53,12 @@ fn subgroups_usable(dev: &Device) -> bool {
 }
 
 /// The prelude: head size in vec4s; in the subgroup specialization also the lane-broadcast helpers and the
-/// subgroup kernels generated for this head size (see [`gen_subgroup_kernels`]), so the plain one compiles
+/// subgroup kernels generated for this head size (see `gen::attention`), so the plain one compiles
 /// without subgroups.
 fn spec(hs: usize, variant: Variant) -> Spec {
     let mut pre = format!("const HS4: u32 = {}u;\n", hs / 4);
     if variant == Variant::Subgroup {
-        for i in 0..8 {
-            pre.push_str(&format!(
-                "fn bc{i}(x: vec4<f32>) -> vec4<f32> {{ return subgroupBroadcast(x, {i}u); }}\n\
-                 fn bcf{i}(x: f32) -> f32 {{ return subgroupBroadcast(x, {i}u); }}\n"
-            ));
-        }
-        pre.push_str(&gen_subgroup_kernels(hs));
+        pre.push_str(&gen::attention::subgroup_prelude(hs));
     }
     Spec::new().prelude(pre).constant("WG", variant.workgroup() as f64)
 }
@@ -105,24 +101,9 @@ struct Dims {
     hs: usize,
 }
 
-fn want_f32(op: &'static str, name: &str, x: &Tensor) -> Result<()> {
-    if x.dtype != DType::F32 {
-        return Err(Error::Shape { op, msg: format!("{name} has dtype {:?}, expected F32", x.dtype) });
-    }
-    Ok(())
-}
-
-fn want_shape(op: &'static str, name: &str, x: &Tensor, shape: &[usize]) -> Result<()> {
-    want_f32(op, name, x)?;
-    if x.shape != shape {
-        return Err(shape_err(op, format!("{name} has shape {:?}, expected {shape:?}", x.shape)));
-    }
-    Ok(())
-}
-
 fn dims(op: &'static str, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Dims> {
-    want_f32(op, "q", q)?;
-    want_f32(op, "k", k)?;
+    expect_f32(op, "q", q)?;
+    expect_f32(op, "k", k)?;
     if q.rank() != 4 || k.rank() != 4 {
         return Err(shape_err(
             op,
@@ -151,9 +132,9 @@ fn dims(op: &'static str, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tens
             format!("{} query heads (q {:?}) is not a multiple of {} kv heads (k {:?})", d.nh, q.shape, d.nkv, k.shape),
         ));
     }
-    want_shape(op, "v", v, &k.shape)?;
+    expect_f32_shape(op, "v", v, &k.shape)?;
     if let Some(m) = mask {
-        want_shape(op, "mask", m, &[d.b, d.s])?;
+        expect_f32_shape(op, "mask", m, &[d.b, d.s])?;
     }
     Ok(d)
 }
@@ -177,7 +158,7 @@ fn params(d: &Dims, has_mask: bool, causal: bool, scale: f32) -> Vec<u8> {
 
 fn grid(rows: usize, heads: usize, b: usize, hs: usize, variant: Variant) -> [u32; 3] {
     let per_group = match variant {
-        Variant::Subgroup => 8 * rows_per_lane(hs) as u32,
+        Variant::Subgroup => 8 * gen::attention::rows_per_lane(hs) as u32,
         Variant::Plain => variant.workgroup(),
     };
     [(rows as u32).div_ceil(per_group), heads as u32, b as u32]
@@ -187,6 +168,31 @@ fn grid(rows: usize, heads: usize, b: usize, hs: usize, variant: Variant) -> [u3
 /// q [B, T, NH, HS]; k, v [B, S, NKV, HS] with NH % NKV == 0 (head h uses kv head h / (NH/NKV)); out [B, T, NH, HS];
 /// lse [B, NH, T]. mask [B, S]: 1 = keep, 0 = padding. causal: query t sees key j iff j <= t + (S - T).
 /// A query row that sees no key gets zeros in out and -inf in lse.
+///
+/// Causal self-attention over 6 tokens, 4 query heads sharing 2 kv heads, checked against [`reference`]:
+/// ```
+/// use rime_kernels::reference::attention::{self as cpu, Dims};
+/// use rime_kernels::{ops::attention::attention_forward, DType, Device, DeviceOptions};
+///
+/// let dev = Device::new(&DeviceOptions::default())?;
+/// let d = Dims { b: 1, t: 6, s: 6, nh: 4, nkv: 2, hs: 16 };
+/// let fill = |n: usize, f: f32| -> Vec<f32> { (0..n).map(|i| (i as f32 * f).sin()).collect() };
+/// let (q, k, v) = (fill(d.t * d.nh * d.hs, 0.3), fill(d.s * d.nkv * d.hs, 0.7), fill(d.s * d.nkv * d.hs, 1.1));
+/// let qt = dev.upload_f32(&q, &[d.b, d.t, d.nh, d.hs])?;
+/// let kt = dev.upload_f32(&k, &[d.b, d.s, d.nkv, d.hs])?;
+/// let vt = dev.upload_f32(&v, &[d.b, d.s, d.nkv, d.hs])?;
+/// let out = dev.empty(&[d.b, d.t, d.nh, d.hs], DType::F32)?;
+/// let lse = dev.empty(&[d.b, d.nh, d.t], DType::F32)?;
+/// let scale = 1.0 / (d.hs as f32).sqrt();
+/// dev.run(&attention_forward(&dev, &out, &lse, &qt, &kt, &vt, None, true, scale)?)?;
+///
+/// let (want, _) = cpu::attention_forward(&d, &q, &k, &v, None, true, scale);
+/// let got = dev.download_f32(&out)?;
+/// assert!(got.iter().zip(&want).all(|(g, w)| (g - w).abs() < 1e-4), "{got:?} vs {want:?}");
+/// # Ok::<(), rime_kernels::Error>(())
+/// ```
+///
+/// [`reference`]: crate::reference::attention::attention_forward
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward(
     dev: &Device,
@@ -218,8 +224,8 @@ pub fn attention_forward_variant(
 ) -> Result<Vec<Dispatch>> {
     const OP: &str = "attention_forward";
     let d = dims(OP, q, k, v, mask)?;
-    want_shape(OP, "out", out, &q.shape)?;
-    want_shape(OP, "lse", lse, &[d.b, d.nh, d.t])?;
+    expect_f32_shape(OP, "out", out, &q.shape)?;
+    expect_f32_shape(OP, "lse", lse, &[d.b, d.nh, d.t])?;
     check_variant(OP, dev, variant)?;
     let m = mask.unwrap_or(k);
     Ok(vec![dev.dispatch(
@@ -291,13 +297,13 @@ pub fn attention_backward_variant(
 ) -> Result<Vec<Dispatch>> {
     const OP: &str = "attention_backward";
     let d = dims(OP, q, k, v, mask)?;
-    want_shape(OP, "dq", dq, &q.shape)?;
-    want_shape(OP, "dk", dk, &k.shape)?;
-    want_shape(OP, "dv", dv, &k.shape)?;
-    want_shape(OP, "dout", dout, &q.shape)?;
-    want_shape(OP, "out", out, &q.shape)?;
-    want_shape(OP, "lse", lse, &[d.b, d.nh, d.t])?;
-    want_shape(OP, "delta_tmp", delta_tmp, &[d.b, d.nh, d.t])?;
+    expect_f32_shape(OP, "dq", dq, &q.shape)?;
+    expect_f32_shape(OP, "dk", dk, &k.shape)?;
+    expect_f32_shape(OP, "dv", dv, &k.shape)?;
+    expect_f32_shape(OP, "dout", dout, &q.shape)?;
+    expect_f32_shape(OP, "out", out, &q.shape)?;
+    expect_f32_shape(OP, "lse", lse, &[d.b, d.nh, d.t])?;
+    expect_f32_shape(OP, "delta_tmp", delta_tmp, &[d.b, d.nh, d.t])?;
     check_variant(OP, dev, variant)?;
     let m = mask.unwrap_or(k);
     let sp = spec(d.hs, variant);
@@ -319,288 +325,4 @@ pub fn attention_backward_variant(
         grid(d.s, d.nkv, d.b, d.hs, variant),
     )?;
     Ok(vec![query, key_value])
-}
-
-// ------------------------------------------------------------------------------------------------------------
-// The subgroup kernels, generated for one head size and row count. lavapipe keeps a private array that a loop
-// indexes in memory (per-lane scratch), so every per-row and per-key quantity is a scalar WGSL variable, with
-// the loops over head chunks (c), rows of a lane (r) and keys or queries of a block (i) written out here.
-// Naming: row r of a lane is row r * 8 + lane of the workgroup's block; `{x}{r}_{c}` is chunk c (vec4) of the
-// row's vector x; `{y}{r}_{i}` is the lane's row r against streamed row i of the current block of 8.
-
-/// Rows per lane of a subgroup kernel: each broadcast row then feeds that many rows of the lane. At head size 32
-/// four measured fastest on lavapipe (the dK/dV kernel 2.4x the looped kernel with two rows; eight no faster
-/// and far slower to compile). Wider heads keep the per-lane state (about four head vectors per row) and the
-/// compile time to the same size: four rows at head size 64 ran about 12% faster than two but took about 10 s
-/// more to compile the first time.
-fn rows_per_lane(hs: usize) -> usize {
-    (128 / hs).clamp(1, 4)
-}
-
-fn gen_subgroup_kernels(hs: usize) -> String {
-    let (h4, r) = (hs / 4, rows_per_lane(hs));
-    let mut s = String::new();
-    gen_forward(&mut s, h4, r);
-    gen_backward_query(&mut s, h4, r);
-    gen_backward_key_value(&mut s, h4, r);
-    s
-}
-
-/// Appends formatted lines to a String (the generators' only output).
-macro_rules! w {
-    ($s:expr, $($arg:tt)*) => {{
-        use std::fmt::Write as _;
-        writeln!($s, $($arg)*).unwrap();
-    }};
-}
-
-/// The loop over blocks of 8 keys that the forward and the dQ kernel share (a team's rows see keys up to the
-/// causal end of its last row): lane `lid` holds key `jl`, its row offset `kb` and whether the mask keeps it.
-/// The caller closes the loop.
-fn open_key_loop(s: &mut String, h4: usize, rb: usize) {
-    w!(s, "  let jend = select(p.s, causal_end(min(t0 + {}u, p.t - 1u)), p.causal != 0u);", 8 * rb - 1);
-    w!(s, "  for (var j0 = 0u; j0 < jend; j0 += 8u) {{");
-    w!(s, "    let jl = min(j0 + lid, p.s - 1u);");
-    w!(s, "    let kb = ((b * p.s + jl) * p.nkv + kh) * {h4}u;");
-    w!(s, "    let keep = select(0.0, 1.0, key_kept(b, jl));");
-}
-
-/// Score-style sums over the 8 lanes' operands: for each 4-wide column c and lane i, broadcast lane i's
-/// `src{c}` of every `(name, src)` in `bcasts` and add `dot(reg{r}_{c}, name)` into `sum{r}_{i}` for every
-/// `(sum, reg, name)` in `dots` and row block r. `ind` is the indentation.
-fn gen_dots(s: &mut String, ind: &str, h4: usize, rb: usize, bcasts: &[(&str, &str)], dots: &[(&str, &str, &str)]) {
-    for c in 0..h4 {
-        for i in 0..8 {
-            let lets: Vec<String> = bcasts.iter().map(|(n, src)| format!("let {n} = bc{i}({src}{c});")).collect();
-            w!(s, "{ind}{{ {}", lets.join(&format!("\n{ind}  ")));
-            for r in 0..rb {
-                for (sum, reg, n) in dots {
-                    w!(s, "{ind}  {sum}{r}_{i} += dot({reg}{r}_{c}, {n});");
-                }
-            }
-            w!(s, "{ind}}}");
-        }
-    }
-}
-
-/// Gradient-style sums: for each 4-wide column c, registers `dst{r}_{c}` += Σ_i weight{r}_{i} · (lane i's
-/// `src{c}`), for every `(acc, dst, weight, name)` in `accs` (`name` one of the broadcasts in `bcasts`),
-/// through local accumulators `acc{r}` so lavapipe keeps them in registers, in fma order i = 0..8.
-fn gen_accumulate(
-    s: &mut String,
-    ind: &str,
-    h4: usize,
-    rb: usize,
-    bcasts: &[(&str, &str)],
-    accs: &[(&str, &str, &str, &str)],
-) {
-    for c in 0..h4 {
-        w!(s, "{ind}{{");
-        for r in 0..rb {
-            let vars: Vec<String> = accs.iter().map(|(a, d, _, _)| format!("var {a}{r} = {d}{r}_{c};")).collect();
-            w!(s, "{ind}  {}", vars.join(&format!("\n{ind}  ")));
-        }
-        for i in 0..8 {
-            let lets: Vec<String> = bcasts.iter().map(|(n, src)| format!("let {n} = bc{i}({src}{c});")).collect();
-            w!(s, "{ind}  {{ {}", lets.join(&format!("\n{ind}    ")));
-            for r in 0..rb {
-                for (a, _, wt, n) in accs {
-                    w!(s, "{ind}    {a}{r} = fma(vec4<f32>({wt}{r}_{i}), {n}, {a}{r});");
-                }
-            }
-            w!(s, "{ind}  }}");
-        }
-        for r in 0..rb {
-            let sets: Vec<String> = accs.iter().map(|(a, d, _, _)| format!("{d}{r}_{c} = {a}{r};")).collect();
-            w!(s, "{ind}  {}", sets.join(&format!("\n{ind}  ")));
-        }
-        w!(s, "{ind}}}");
-    }
-}
-
-fn gen_forward(s: &mut String, h4: usize, rb: usize) {
-    w!(s, "@compute @workgroup_size(8)");
-    w!(s, "fn attention_forward_subgroup(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {{");
-    w!(s, "  let h = wid.y;\n  let b = wid.z;\n  let t0 = wid.x * {}u;", 8 * rb);
-    w!(s, "  let kh = h / (p.nh / p.nkv);\n  let scale = bitcast<f32>(p.scale_bits);");
-    for r in 0..rb {
-        w!(s, "  let tc{r} = min(t0 + {}u + lid, p.t - 1u);", 8 * r);
-        w!(s, "  let qb{r} = ((b * p.t + tc{r}) * p.nh + h) * {h4}u;");
-        for c in 0..h4 {
-            w!(s, "  let q{r}_{c} = q[qb{r} + {c}u] * scale;");
-            w!(s, "  var o{r}_{c} = vec4<f32>(0.0);");
-        }
-        w!(s, "  let me{r} = select(p.s, causal_end(tc{r}), p.causal != 0u);");
-        w!(s, "  var m{r} = NEG_BIG;\n  var l{r} = 0.0;");
-    }
-    open_key_loop(s, h4, rb);
-    for c in 0..h4 {
-        w!(s, "    let k{c} = k[kb + {c}u];");
-    }
-    for r in 0..rb {
-        for i in 0..8 {
-            w!(s, "    var a{r}_{i} = 0.0;");
-        }
-    }
-    gen_dots(s, "    ", h4, rb, &[("kk", "k")], &[("a", "q", "kk")]);
-    for i in 0..8 {
-        w!(s, "    let ok{i} = bcf{i}(keep) != 0.0;");
-    }
-    for r in 0..rb {
-        w!(s, "    var bm{r} = m{r};");
-        for i in 0..8 {
-            w!(s, "    let s{r}_{i} = select(NEG_BIG, a{r}_{i}, ok{i} && j0 + {i}u < me{r});");
-            w!(s, "    bm{r} = max(bm{r}, s{r}_{i});");
-        }
-        w!(s, "    let corr{r} = exp(m{r} - bm{r});");
-        w!(s, "    var l{r}n = l{r} * corr{r};");
-        for i in 0..8 {
-            w!(s, "    let e{r}_{i} = select(0.0, exp(s{r}_{i} - bm{r}), s{r}_{i} > NEG_BIG);");
-            w!(s, "    l{r}n += e{r}_{i};");
-        }
-        w!(s, "    l{r} = l{r}n;\n    m{r} = bm{r};");
-    }
-    for c in 0..h4 {
-        w!(s, "    {{ let vc = v[kb + {c}u];");
-        for r in 0..rb {
-            w!(s, "      var acc{r} = o{r}_{c} * corr{r};");
-        }
-        for i in 0..8 {
-            w!(s, "      {{ let vv = bc{i}(vc);");
-            for r in 0..rb {
-                w!(s, "        acc{r} = fma(vec4<f32>(e{r}_{i}), vv, acc{r});");
-            }
-            w!(s, "      }}");
-        }
-        for r in 0..rb {
-            w!(s, "      o{r}_{c} = acc{r};");
-        }
-        w!(s, "    }}");
-    }
-    w!(s, "  }}");
-    for r in 0..rb {
-        w!(s, "  if (t0 + {}u + lid < p.t) {{", 8 * r);
-        w!(s, "    let inv = select(0.0, 1.0 / l{r}, l{r} > 0.0);");
-        for c in 0..h4 {
-            w!(s, "    out[qb{r} + {c}u] = o{r}_{c} * inv;");
-        }
-        w!(s, "    lse[(b * p.nh + h) * p.t + tc{r}] = select(bitcast<f32>(p.neg_inf_bits), m{r} + log(l{r}), l{r} > 0.0);");
-        w!(s, "  }}");
-    }
-    w!(s, "}}");
-}
-
-fn gen_backward_query(s: &mut String, h4: usize, rb: usize) {
-    w!(s, "@compute @workgroup_size(8)");
-    w!(s, "fn attention_backward_query_subgroup(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {{");
-    w!(s, "  let h = wid.y;\n  let b = wid.z;\n  let t0 = wid.x * {}u;", 8 * rb);
-    w!(s, "  let kh = h / (p.nh / p.nkv);\n  let scale = bitcast<f32>(p.scale_bits);");
-    for r in 0..rb {
-        w!(s, "  let tc{r} = min(t0 + {}u + lid, p.t - 1u);", 8 * r);
-        w!(s, "  let qb{r} = ((b * p.t + tc{r}) * p.nh + h) * {h4}u;");
-        w!(s, "  var d{r} = 0.0;");
-        for c in 0..h4 {
-            w!(s, "  let q{r}_{c} = q[qb{r} + {c}u] * scale;");
-            w!(s, "  let do{r}_{c} = dout[qb{r} + {c}u];");
-            w!(s, "  d{r} += dot(do{r}_{c}, out_in[qb{r} + {c}u]);");
-            w!(s, "  var g{r}_{c} = vec4<f32>(0.0);");
-        }
-        w!(s, "  let row{r} = (b * p.nh + h) * p.t + tc{r};");
-        w!(s, "  let ls{r} = lse_in[row{r}];");
-        w!(s, "  if (t0 + {}u + lid < p.t) {{ delta[row{r}] = d{r}; }}", 8 * r);
-        w!(s, "  let me{r} = select(p.s, causal_end(tc{r}), p.causal != 0u);");
-    }
-    open_key_loop(s, h4, rb);
-    for c in 0..h4 {
-        w!(s, "    let k{c} = k[kb + {c}u];\n    let v{c} = v[kb + {c}u];");
-    }
-    for r in 0..rb {
-        for i in 0..8 {
-            w!(s, "    var s{r}_{i} = 0.0;\n    var p{r}_{i} = 0.0;");
-        }
-    }
-    gen_dots(s, "    ", h4, rb, &[("kk", "k"), ("vv", "v")], &[("s", "q", "kk"), ("p", "do", "vv")]);
-    // A visible key implies the row saw at least one key, so its lse is finite wherever it is used.
-    for i in 0..8 {
-        w!(s, "    let ok{i} = bcf{i}(keep) != 0.0;");
-    }
-    for r in 0..rb {
-        for i in 0..8 {
-            w!(
-                s,
-                "    let ds{r}_{i} = select(0.0, exp(s{r}_{i} - ls{r}), ok{i} && j0 + {i}u < me{r}) * (p{r}_{i} - d{r});"
-            );
-        }
-    }
-    gen_accumulate(s, "    ", h4, rb, &[("kk", "k")], &[("acc", "g", "ds", "kk")]);
-    w!(s, "  }}");
-    for r in 0..rb {
-        w!(s, "  if (t0 + {}u + lid < p.t) {{", 8 * r);
-        for c in 0..h4 {
-            w!(s, "    dq[qb{r} + {c}u] = g{r}_{c} * scale;");
-        }
-        w!(s, "  }}");
-    }
-    w!(s, "}}");
-}
-
-fn gen_backward_key_value(s: &mut String, h4: usize, rb: usize) {
-    w!(s, "@compute @workgroup_size(8)");
-    w!(s, "fn attention_backward_key_value_subgroup(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {{");
-    w!(s, "  let kh = wid.y;\n  let b = wid.z;\n  let j0 = wid.x * {}u;", 8 * rb);
-    w!(s, "  let group = p.nh / p.nkv;\n  let scale = bitcast<f32>(p.scale_bits);");
-    for r in 0..rb {
-        w!(s, "  let jc{r} = min(j0 + {}u + lid, p.s - 1u);", 8 * r);
-        w!(s, "  let kb{r} = ((b * p.s + jc{r}) * p.nkv + kh) * {h4}u;");
-        for c in 0..h4 {
-            w!(s, "  let k{r}_{c} = k[kb{r} + {c}u] * scale;\n  let v{r}_{c} = v[kb{r} + {c}u];");
-            w!(s, "  var gk{r}_{c} = vec4<f32>(0.0);\n  var gv{r}_{c} = vec4<f32>(0.0);");
-        }
-        w!(s, "  let kept{r} = key_kept(b, jc{r});");
-        // Causal: query t sees key j iff t >= j + T - S.
-        w!(s, "  let ms{r} = select(0u, u32(clamp(i32(jc{r}) + i32(p.t) - i32(p.s), 0, i32(p.t))), p.causal != 0u);");
-    }
-    w!(s, "  let tstart = select(0u, u32(clamp(i32(j0) + i32(p.t) - i32(p.s), 0, i32(p.t))), p.causal != 0u);");
-    w!(s, "  for (var hh = 0u; hh < group; hh++) {{");
-    w!(s, "    let h = kh * group + hh;");
-    w!(s, "    for (var t0 = tstart; t0 < p.t; t0 += 8u) {{");
-    w!(s, "      let tl = min(t0 + lid, p.t - 1u);");
-    w!(s, "      let qb = ((b * p.t + tl) * p.nh + h) * {h4}u;");
-    w!(s, "      let row = (b * p.nh + h) * p.t + tl;");
-    w!(s, "      let lse_l = lse_in[row];\n      let d_l = delta_in[row];");
-    for c in 0..h4 {
-        w!(s, "      let q{c} = q[qb + {c}u];\n      let o{c} = dout[qb + {c}u];");
-    }
-    for r in 0..rb {
-        for i in 0..8 {
-            w!(s, "      var s{r}_{i} = 0.0;\n      var p{r}_{i} = 0.0;");
-        }
-    }
-    gen_dots(s, "      ", h4, rb, &[("qq", "q"), ("oo", "o")], &[("s", "k", "qq"), ("p", "v", "oo")]);
-    for i in 0..8 {
-        w!(s, "      let ls{i} = bcf{i}(lse_l);\n      let dd{i} = bcf{i}(d_l);");
-    }
-    for r in 0..rb {
-        for i in 0..8 {
-            w!(s, "      let pj{r}_{i} = select(0.0, exp(s{r}_{i} - ls{i}), kept{r} && t0 + {i}u < p.t && t0 + {i}u >= ms{r});");
-            w!(s, "      let ds{r}_{i} = pj{r}_{i} * (p{r}_{i} - dd{i});");
-        }
-    }
-    gen_accumulate(
-        s,
-        "      ",
-        h4,
-        rb,
-        &[("qq", "q"), ("oo", "o")],
-        &[("av", "gv", "pj", "oo"), ("ak", "gk", "ds", "qq")],
-    );
-    w!(s, "    }}\n  }}");
-    for r in 0..rb {
-        w!(s, "  if (j0 + {}u + lid < p.s) {{", 8 * r);
-        for c in 0..h4 {
-            w!(s, "    dk[kb{r} + {c}u] = gk{r}_{c} * scale;\n    dv[kb{r} + {c}u] = gv{r}_{c};");
-        }
-        w!(s, "  }}");
-    }
-    w!(s, "}}");
 }

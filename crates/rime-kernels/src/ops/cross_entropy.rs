@@ -1,9 +1,10 @@
-//! Launchers for shaders/cross_entropy.wgsl: mean cross-entropy of logits [N, V] against targets [N] (I32,
+//! Launchers for shaders/cross_entropy.wgsl: mean cross-entropy of logits [N, V] against targets \[N] (I32,
 //! rows equal to ignore_index left out), saving the per-row log-sum-exp for the backward.
 
-use super::reduce::{idx, need_f32, need_nonempty, row_specs, width_for, RowVariant};
+use super::reduce::{row_specs, width_for, RowVariant};
 use super::{grid_1d, words};
 use crate::error::{shape_err, Result};
+use crate::guard::{expect_f32, expect_nonempty, expect_one_value, index_u32};
 use crate::{DType, Device, Dispatch, Spec, Tensor};
 
 const FILE: &str = "cross_entropy.wgsl";
@@ -14,9 +15,9 @@ pub fn specs() -> Vec<(&'static str, Spec)> {
 
 /// Checks logits [N, V], targets [N] (I32), a per-row tensor; returns (N, V).
 fn dims(op: &'static str, logits: &Tensor, targets: &Tensor, lse: &Tensor) -> Result<(u32, u32)> {
-    need_f32(op, "logits", logits)?;
-    need_f32(op, "lse", lse)?;
-    need_nonempty(op, "logits", logits)?;
+    expect_f32(op, "logits", logits)?;
+    expect_f32(op, "lse", lse)?;
+    expect_nonempty(op, "logits", logits)?;
     if logits.rank() != 2 {
         return Err(shape_err(op, format!("logits {:?} must be [N, V]", logits.shape)));
     }
@@ -33,20 +34,17 @@ fn dims(op: &'static str, logits: &Tensor, targets: &Tensor, lse: &Tensor) -> Re
     if lse.numel() != n {
         return Err(shape_err(op, format!("lse {:?} must hold N = {n} values (logits {:?})", lse.shape, logits.shape)));
     }
-    idx(op, "numel", logits.numel())?;
+    index_u32(op, "numel", logits.numel())?;
     Ok((n as u32, v as u32))
 }
 
 fn scalar(op: &'static str, name: &str, t: &Tensor) -> Result<()> {
-    need_f32(op, name, t)?;
-    if t.numel() != 1 {
-        return Err(shape_err(op, format!("{name} {:?} must hold one value", t.shape)));
-    }
-    Ok(())
+    expect_f32(op, name, t)?;
+    expect_one_value(op, name, t)
 }
 
-/// loss [1] = mean over rows whose target != ignore_index of lse - logits[target] (0 when no row is kept);
-/// lse [N] is saved for the backward. A kept target outside [0, V) cannot be seen by the launcher: it makes
+/// loss \[1] = mean over rows whose target != ignore_index of lse - logits\[target] (0 when no row is kept);
+/// lse \[N] is saved for the backward. A kept target outside [0, V) cannot be seen by the launcher: it makes
 /// the loss NaN.
 pub fn cross_entropy_forward(
     dev: &Device,
@@ -118,7 +116,7 @@ pub fn cross_entropy_backward_with(
     rv.check(OP, dev)?;
     let (n, v) = dims(OP, logits, targets, lse)?;
     scalar(OP, "dloss", dloss)?;
-    need_f32(OP, "dlogits", dlogits)?;
+    expect_f32(OP, "dlogits", dlogits)?;
     if dlogits.shape != logits.shape {
         return Err(shape_err(OP, format!("dlogits {:?} must have logits' shape {:?}", dlogits.shape, logits.shape)));
     }

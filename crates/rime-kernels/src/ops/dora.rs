@@ -1,9 +1,9 @@
 //! Launchers for shaders/dora.wgsl: DoRA's per-output-feature scale g = m / ||W + s·B·A||_row (the norm
 //! detached, as peft does) and the magnitude's gradient dm = dg / norm.
 
-use super::reduce::{idx, need_f32};
 use super::{grid_1d, words};
 use crate::error::{shape_err, Result};
+use crate::guard::{expect_f32, expect_f32_shape, index_u32};
 use crate::{Device, Dispatch, Spec, Tensor};
 
 const FILE: &str = "dora.wgsl";
@@ -17,16 +17,8 @@ fn spec() -> Spec {
     Spec::new().constant("WG", WG as f64)
 }
 
-fn need_shape(op: &'static str, name: &str, t: &Tensor, want: &[usize]) -> Result<()> {
-    need_f32(op, name, t)?;
-    if t.shape != want {
-        return Err(shape_err(op, format!("{name} is {:?}, expected {want:?}", t.shape)));
-    }
-    Ok(())
-}
-
-/// g [OC] = m / norm, norm [OC] = ||W + scale·B·A|| over each row (saved for the backward).
-/// w: [OC, C] (f32); a: [R, C]; b: [OC, R]; m: [OC].
+/// g \[OC] = m / norm, norm \[OC] = ||W + scale·B·A|| over each row (saved for the backward).
+/// w: [OC, C] (f32); a: [R, C]; b: [OC, R]; m: \[OC].
 #[allow(clippy::too_many_arguments)]
 pub fn dora_scale_forward(
     dev: &Device,
@@ -39,7 +31,7 @@ pub fn dora_scale_forward(
     scale: f32,
 ) -> Result<Vec<Dispatch>> {
     let op = "dora_scale_forward";
-    need_f32(op, "w", w)?;
+    expect_f32(op, "w", w)?;
     if w.rank() != 2 || a.rank() != 2 {
         return Err(shape_err(op, format!("w {:?} must be [OC, C] and a {:?} [R, C]", w.shape, a.shape)));
     }
@@ -47,18 +39,18 @@ pub fn dora_scale_forward(
     if oc == 0 || c == 0 || r == 0 {
         return Err(shape_err(op, format!("empty operand: w {:?}, a {:?}", w.shape, a.shape)));
     }
-    need_shape(op, "a", a, &[r, c])?;
-    need_shape(op, "b", b, &[oc, r])?;
+    expect_f32_shape(op, "a", a, &[r, c])?;
+    expect_f32_shape(op, "b", b, &[oc, r])?;
     for (name, t) in [("m", m), ("g", g), ("norm", norm)] {
-        need_shape(op, name, t, &[oc])?;
+        expect_f32_shape(op, name, t, &[oc])?;
     }
-    idx(op, "numel", w.numel().max(a.numel()).max(b.numel()))?;
+    index_u32(op, "numel", w.numel().max(a.numel()).max(b.numel()))?;
     let wd = words(&[oc as u32, c as u32, r as u32, scale.to_bits(), 0, 0, 0, 0]);
     let bind = [(1, w), (2, a), (3, b), (4, m), (5, g), (6, norm)];
     Ok(vec![dev.dispatch(FILE, op, &spec(), Some(&wd), &bind, grid_1d(oc as u32))?])
 }
 
-/// dm [OC] = dg / norm, added into dm when `accumulate` (gradient accumulation over uses).
+/// dm \[OC] = dg / norm, added into dm when `accumulate` (gradient accumulation over uses).
 pub fn dora_scale_backward(
     dev: &Device,
     dm: &Tensor,
@@ -67,13 +59,13 @@ pub fn dora_scale_backward(
     accumulate: bool,
 ) -> Result<Vec<Dispatch>> {
     let op = "dora_scale_backward";
-    need_f32(op, "dm", dm)?;
+    expect_f32(op, "dm", dm)?;
     if dm.rank() != 1 || dm.numel() == 0 {
         return Err(shape_err(op, format!("dm {:?} must be a non-empty [OC]", dm.shape)));
     }
     let oc = dm.shape[0];
-    need_shape(op, "dg", dg, &[oc])?;
-    need_shape(op, "norm", norm, &[oc])?;
+    expect_f32_shape(op, "dg", dg, &[oc])?;
+    expect_f32_shape(op, "norm", norm, &[oc])?;
     let wd = words(&[oc as u32, 0, 0, 0, accumulate as u32, 0, 0, 0]);
     let bind = [(7, dg), (8, norm), (9, dm)];
     Ok(vec![dev.dispatch(FILE, op, &spec(), Some(&wd), &bind, grid_1d((oc as u32).div_ceil(WG)))?])

@@ -1,9 +1,9 @@
 //! Launchers for shaders/elementwise.wgsl: binary ops with row broadcasting, scaling, in-place accumulation,
 //! activations (GELU exact and tanh, SiLU, ReLU) and seeded dropout, each with its gradient.
 
-use super::reduce::{idx, need_f32, need_nonempty};
 use super::{grid_1d, words};
 use crate::error::{shape_err, Result};
+use crate::guard::{expect_all_f32, expect_f32, expect_nonempty, index_u32};
 use crate::{Device, Dispatch, Spec, Tensor};
 
 const FILE: &str = "elementwise.wgsl";
@@ -45,13 +45,6 @@ fn launch(
     dev.dispatch(FILE, entry, &spec(width), Some(&w), bindings, grid_1d(threads.div_ceil(WG)))
 }
 
-fn check_all_f32(op: &'static str, ts: &[(&str, &Tensor)]) -> Result<()> {
-    for (name, t) in ts {
-        need_f32(op, name, t)?;
-    }
-    Ok(())
-}
-
 fn same(op: &'static str, an: &str, a: &Tensor, bn: &str, b: &Tensor) -> Result<()> {
     if a.shape != b.shape {
         return Err(shape_err(op, format!("{an} {:?} and {bn} {:?} must have the same shape", a.shape, b.shape)));
@@ -63,10 +56,10 @@ fn same(op: &'static str, an: &str, a: &Tensor, bn: &str, b: &Tensor) -> Result<
 /// one dim above 1) with N = a's last dim.
 fn broadcast_len(op: &'static str, a: &Tensor, b: &Tensor) -> Result<u32> {
     if b.numel() == a.numel() {
-        return idx(op, "numel", a.numel());
+        return index_u32(op, "numel", a.numel());
     }
     if b.numel() == a.last_dim() && b.shape.iter().filter(|&&d| d != 1).count() <= 1 {
-        return idx(op, "N", b.numel());
+        return index_u32(op, "N", b.numel());
     }
     Err(shape_err(
         op,
@@ -75,20 +68,20 @@ fn broadcast_len(op: &'static str, a: &Tensor, b: &Tensor) -> Result<u32> {
 }
 
 fn binary(op: &'static str, dev: &Device, out: &Tensor, a: &Tensor, b: &Tensor) -> Result<Vec<Dispatch>> {
-    check_all_f32(op, &[("out", out), ("a", a), ("b", b)])?;
-    need_nonempty(op, "a", a)?;
+    expect_all_f32(op, &[("out", out), ("a", a), ("b", b)])?;
+    expect_nonempty(op, "a", a)?;
     same(op, "out", out, "a", a)?;
     let nb = broadcast_len(op, a, b)?;
-    let n = idx(op, "numel", a.numel())?;
+    let n = index_u32(op, "numel", a.numel())?;
     Ok(vec![launch(dev, op, n, nb, false, 0, 0, 0, &[(1, a), (2, b), (3, out)])?])
 }
 
-/// out = a + b (b: a's shape or [N] broadcast over rows).
+/// out = a + b (b: a's shape or \[N] broadcast over rows).
 pub fn add_forward(dev: &Device, out: &Tensor, a: &Tensor, b: &Tensor) -> Result<Vec<Dispatch>> {
     binary("add_forward", dev, out, a, b)
 }
 
-/// out = a * b (b: a's shape or [N] broadcast over rows).
+/// out = a * b (b: a's shape or \[N] broadcast over rows).
 pub fn mul_forward(dev: &Device, out: &Tensor, a: &Tensor, b: &Tensor) -> Result<Vec<Dispatch>> {
     binary("mul_forward", dev, out, a, b)
 }
@@ -103,19 +96,19 @@ pub fn mul_backward(
     b: &Tensor,
 ) -> Result<Vec<Dispatch>> {
     const OP: &str = "mul_backward";
-    check_all_f32(OP, &[("dout", dout), ("a", a), ("b", b)])?;
-    need_nonempty(OP, "a", a)?;
+    expect_all_f32(OP, &[("dout", dout), ("a", a), ("b", b)])?;
+    expect_nonempty(OP, "a", a)?;
     same(OP, "dout", dout, "a", a)?;
     let nb = broadcast_len(OP, a, b)?;
-    let n = idx(OP, "numel", a.numel())?;
+    let n = index_u32(OP, "numel", a.numel())?;
     let mut ds = Vec::new();
     if let Some(da) = da {
-        need_f32(OP, "da", da)?;
+        expect_f32(OP, "da", da)?;
         same(OP, "da", da, "a", a)?;
         ds.push(launch(dev, "mul_forward", n, nb, false, 0, 0, 0, &[(1, dout), (2, b), (3, da)])?);
     }
     if let Some(db) = db {
-        need_f32(OP, "db", db)?;
+        expect_f32(OP, "db", db)?;
         same(OP, "db", db, "b", b)?;
         if nb == n {
             ds.push(launch(dev, "mul_forward", n, n, false, 0, 0, 0, &[(1, dout), (2, a), (3, db)])?);
@@ -129,28 +122,28 @@ pub fn mul_backward(
 /// out = s * a.
 pub fn scale_forward(dev: &Device, out: &Tensor, a: &Tensor, s: f32) -> Result<Vec<Dispatch>> {
     const OP: &str = "scale_forward";
-    check_all_f32(OP, &[("out", out), ("a", a)])?;
-    need_nonempty(OP, "a", a)?;
+    expect_all_f32(OP, &[("out", out), ("a", a)])?;
+    expect_nonempty(OP, "a", a)?;
     same(OP, "out", out, "a", a)?;
-    let n = idx(OP, "numel", a.numel())?;
+    let n = index_u32(OP, "numel", a.numel())?;
     Ok(vec![launch(dev, OP, n, n, false, 0, s.to_bits(), 0, &[(1, a), (3, out)])?])
 }
 
-/// acc += alpha * b (gradient accumulation, residual adds); b: acc's shape or [N] broadcast over rows.
+/// acc += alpha * b (gradient accumulation, residual adds); b: acc's shape or \[N] broadcast over rows.
 pub fn add_inplace_forward(dev: &Device, acc: &Tensor, b: &Tensor, alpha: f32) -> Result<Vec<Dispatch>> {
     const OP: &str = "add_inplace_forward";
-    check_all_f32(OP, &[("acc", acc), ("b", b)])?;
-    need_nonempty(OP, "acc", acc)?;
+    expect_all_f32(OP, &[("acc", acc), ("b", b)])?;
+    expect_nonempty(OP, "acc", acc)?;
     let nb = broadcast_len(OP, acc, b)?;
-    let n = idx(OP, "numel", acc.numel())?;
+    let n = index_u32(OP, "numel", acc.numel())?;
     Ok(vec![launch(dev, OP, n, nb, false, 0, alpha.to_bits(), 0, &[(2, b), (4, acc)])?])
 }
 
 fn unary(op: &'static str, dev: &Device, out: &Tensor, x: &Tensor, flags: u32) -> Result<Vec<Dispatch>> {
-    check_all_f32(op, &[("out", out), ("x", x)])?;
-    need_nonempty(op, "x", x)?;
+    expect_all_f32(op, &[("out", out), ("x", x)])?;
+    expect_nonempty(op, "x", x)?;
     same(op, "out", out, "x", x)?;
-    let n = idx(op, "numel", x.numel())?;
+    let n = index_u32(op, "numel", x.numel())?;
     Ok(vec![launch(dev, op, n, n, false, flags, 0, 0, &[(1, x), (3, out)])?])
 }
 
@@ -162,11 +155,11 @@ fn unary_backward(
     x: &Tensor,
     flags: u32,
 ) -> Result<Vec<Dispatch>> {
-    check_all_f32(op, &[("dx", dx), ("dout", dout), ("x", x)])?;
-    need_nonempty(op, "x", x)?;
+    expect_all_f32(op, &[("dx", dx), ("dout", dout), ("x", x)])?;
+    expect_nonempty(op, "x", x)?;
     same(op, "dx", dx, "x", x)?;
     same(op, "dout", dout, "x", x)?;
-    let n = idx(op, "numel", x.numel())?;
+    let n = index_u32(op, "numel", x.numel())?;
     Ok(vec![launch(dev, op, n, n, false, flags, 0, 0, &[(1, x), (2, dout), (3, dx)])?])
 }
 
@@ -206,13 +199,13 @@ pub fn dropout_threshold(p: f32) -> (u32, f32) {
 }
 
 fn dropout(op: &'static str, dev: &Device, out: &Tensor, x: &Tensor, p: f32, seed: u32) -> Result<Vec<Dispatch>> {
-    check_all_f32(op, &[("out", out), ("input", x)])?;
-    need_nonempty(op, "input", x)?;
+    expect_all_f32(op, &[("out", out), ("input", x)])?;
+    expect_nonempty(op, "input", x)?;
     same(op, "out", out, "input", x)?;
     if !(0.0..=1.0).contains(&p) {
         return Err(shape_err(op, format!("dropout probability {p} is outside [0, 1]")));
     }
-    let n = idx(op, "numel", x.numel())?;
+    let n = index_u32(op, "numel", x.numel())?;
     let (thr, scale) = dropout_threshold(p);
     Ok(vec![launch(dev, op, n, n, false, thr, scale.to_bits(), seed, &[(1, x), (3, out)])?])
 }

@@ -1,9 +1,9 @@
 //! Launchers for shaders/embedding.wgsl: token embedding lookup from an f32, f16 or bf16 table and its
 //! deterministic scatter-add gradient.
 
-use super::reduce::{idx, need_f32};
 use super::{grid_1d, words};
 use crate::error::{shape_err, Result};
+use crate::guard::{expect_dtype, expect_f32, index_u32, FLOATS};
 use crate::{DType, Device, Dispatch, Spec, Tensor};
 
 const FILE: &str = "embedding.wgsl";
@@ -27,25 +27,21 @@ pub fn specs() -> Vec<(&'static str, Spec)> {
 }
 
 fn check_ids(op: &'static str, ids: &Tensor) -> Result<usize> {
-    if ids.dtype != DType::U32 && ids.dtype != DType::I32 {
-        return Err(shape_err(op, format!("ids must be U32 (or I32), got {:?} of shape {:?}", ids.dtype, ids.shape)));
-    }
+    expect_dtype(op, "ids", ids, &[DType::U32, DType::I32])?;
     Ok(ids.numel())
 }
 
-/// out [N, C] = rows of table [V, C] (f32, f16 or bf16) picked by ids [N] (U32). An id >= V (or a negative
+/// out [N, C] = rows of table [V, C] (f32, f16 or bf16) picked by ids \[N] (U32). An id >= V (or a negative
 /// I32 id) yields a zero row: the launcher cannot read ids, so out-of-range ids are not reported here.
 pub fn embedding_forward(dev: &Device, out: &Tensor, ids: &Tensor, table: &Tensor) -> Result<Vec<Dispatch>> {
     const OP: &str = "embedding_forward";
     let n = check_ids(OP, ids)?;
-    if !matches!(table.dtype, DType::F32 | DType::F16 | DType::BF16) || table.rank() != 2 {
-        return Err(shape_err(
-            OP,
-            format!("table must be [V, C] of F32/F16/BF16, got {:?} {:?}", table.dtype, table.shape),
-        ));
+    expect_dtype(OP, "table", table, FLOATS)?;
+    if table.rank() != 2 {
+        return Err(shape_err(OP, format!("table {:?} must be [V, C]", table.shape)));
     }
     let (v, c) = (table.shape[0], table.shape[1]);
-    need_f32(OP, "out", out)?;
+    expect_f32(OP, "out", out)?;
     if out.shape != [n, c] {
         return Err(shape_err(
             OP,
@@ -55,8 +51,8 @@ pub fn embedding_forward(dev: &Device, out: &Tensor, ids: &Tensor, table: &Tenso
     if n == 0 || c == 0 {
         return Ok(Vec::new());
     }
-    let total = idx(OP, "N * C", n * c)?;
-    idx(OP, "V * C", v * c)?;
+    let total = index_u32(OP, "N * C", n * c)?;
+    index_u32(OP, "V * C", v * c)?;
     let w = words(&[n as u32, c as u32, v as u32, 0]);
     Ok(vec![dev.dispatch(
         FILE,
@@ -79,8 +75,8 @@ pub fn embedding_backward(
 ) -> Result<Vec<Dispatch>> {
     const OP: &str = "embedding_backward";
     let n = check_ids(OP, ids)?;
-    need_f32(OP, "dtable", dtable)?;
-    need_f32(OP, "dout", dout)?;
+    expect_f32(OP, "dtable", dtable)?;
+    expect_f32(OP, "dout", dout)?;
     if dtable.rank() != 2 {
         return Err(shape_err(OP, format!("dtable {:?} must be [V, C]", dtable.shape)));
     }
@@ -94,8 +90,8 @@ pub fn embedding_backward(
             ),
         ));
     }
-    let vc = idx(OP, "V * C", v * c)?;
-    idx(OP, "N * C", n * c)?;
+    let vc = index_u32(OP, "V * C", v * c)?;
+    index_u32(OP, "N * C", n * c)?;
     let w = words(&[n as u32, c as u32, v as u32, 0]);
     let s = spec(DType::F32);
     let mut ds = Vec::new();

@@ -1,10 +1,10 @@
 //! Launcher for shaders/gemv.wgsl: the matrix-vector kernels the matmul launcher picks for products with few
-//! rows (decoding one token, short prompts). Any [`Gemm`] with `kb == 1` can run here: `gemv_vec` when the
-//! operands are K-contiguous with K % 8 = 0 (x·Wᵀ with a Linear weight, the decoder's every projection and
-//! output head), else `gemv_scalar` (any strides). Each invocation owns GM rows (1, 2, 4 or 8: the smallest
-//! that covers M, else 8 in several row blocks) and GC columns: 8 for one or two rows, 4 for more (16
-//! accumulators at most but for GM = 8; on lavapipe GC = 8 made 1-row f16 products up to 1.5x faster and
-//! 4-row ones 1.5x slower).
+//! rows (decoding one token, short prompts). Any `Gemm` (the strided product of ops::matmul) with `kb == 1`
+//! can run here: `gemv_vec` when the operands are K-contiguous with K % 8 = 0 (x·Wᵀ with a Linear weight, the
+//! decoder's every projection and output head), else `gemv_scalar` (any strides). Each invocation owns GM rows
+//! (1, 2, 4 or 8: the smallest that covers M, else 8 in several row blocks) and GC columns: 8 for one or two
+//! rows, 4 for more (16 accumulators at most but for GM = 8; on lavapipe GC = 8 made 1-row f16 products up to
+//! 1.5x faster and 4-row ones 1.5x slower).
 
 use crate::error::Result;
 use crate::ops::matmul::Gemm;

@@ -4,8 +4,9 @@
 //! same output in place, so a separate fused shader would save only one pass over the output.
 
 use super::matmul::{gemm, Gemm, Variant};
-use crate::error::{shape_err, Error, Result};
-use crate::{DType, Device, Dispatch, Spec, Tensor};
+use crate::error::{shape_err, Result};
+use crate::guard::{expect_dtype, expect_f32, expect_shape, FLOATS};
+use crate::{Device, Dispatch, Spec, Tensor};
 
 /// No shader of its own: the products run on matmul.wgsl's specializations (declared there).
 pub fn specs() -> Vec<(&'static str, Spec)> {
@@ -21,20 +22,6 @@ struct Dims {
     r: usize,
 }
 
-fn f32_of(op: &'static str, what: &str, t: &Tensor) -> Result<()> {
-    if t.dtype != DType::F32 {
-        return Err(shape_err(op, format!("{what} {:?} is {:?}, expected F32", t.shape, t.dtype)));
-    }
-    Ok(())
-}
-
-fn shape_of(op: &'static str, what: &str, t: &Tensor, want: &[usize]) -> Result<()> {
-    if t.shape != want {
-        return Err(shape_err(op, format!("{what} is {:?}, expected {:?}", t.shape, want)));
-    }
-    Ok(())
-}
-
 fn with_last(lead: &[usize], last: usize) -> Vec<usize> {
     let mut s = lead.to_vec();
     s.push(last);
@@ -43,8 +30,8 @@ fn with_last(lead: &[usize], last: usize) -> Vec<usize> {
 
 /// Sizes from the input-side activation `xs` ([.., C]) and the LoRA factors a [R, C], b [OC, R].
 fn dims(op: &'static str, xs: &Tensor, a: &Tensor, b: &Tensor) -> Result<Dims> {
-    f32_of(op, "a", a)?;
-    f32_of(op, "b", b)?;
+    expect_f32(op, "a", a)?;
+    expect_f32(op, "b", b)?;
     if xs.rank() < 1 || a.rank() != 2 || b.rank() != 2 {
         return Err(shape_err(
             op,
@@ -67,11 +54,8 @@ fn dims(op: &'static str, xs: &Tensor, a: &Tensor, b: &Tensor) -> Result<Dims> {
 }
 
 fn weight_of(op: &'static str, w: &Tensor, d: &Dims) -> Result<()> {
-    match w.dtype {
-        DType::F32 | DType::F16 | DType::BF16 => {}
-        got => return Err(Error::DType { op, got, expected: "F32, F16 or BF16 for w" }),
-    }
-    shape_of(op, "w", w, &[d.oc, d.c])
+    expect_dtype(op, "w", w, FLOATS)?;
+    expect_shape(op, "w", w, &[d.oc, d.c])
 }
 
 /// A row-major product `out (+)= alpha * lhs · rhs` over `rows` rows, with explicit (row, reduction) strides
@@ -108,7 +92,7 @@ fn product<'a>(
 }
 
 /// out = x·Wᵀ + scale·h·Bᵀ (+ bias) and h = x·Aᵀ (kept for backward).
-/// x: [.., C]; w: [OC, C]; bias: [OC]; a: [R, C]; b: [OC, R]; out: [.., OC]; h: [.., R].
+/// x: [.., C]; w: [OC, C]; bias: \[OC]; a: [R, C]; b: [OC, R]; out: [.., OC]; h: [.., R].
 #[allow(clippy::too_many_arguments)]
 pub fn lora_forward(
     dev: &Device,
@@ -125,13 +109,13 @@ pub fn lora_forward(
     let d = dims(OP, x, a, b)?;
     weight_of(OP, w, &d)?;
     for (what, t) in [("x", x), ("out", out), ("h", h)] {
-        f32_of(OP, what, t)?;
+        expect_f32(OP, what, t)?;
     }
-    shape_of(OP, "out", out, &with_last(&d.lead, d.oc))?;
-    shape_of(OP, "h", h, &with_last(&d.lead, d.r))?;
+    expect_shape(OP, "out", out, &with_last(&d.lead, d.oc))?;
+    expect_shape(OP, "h", h, &with_last(&d.lead, d.r))?;
     if let Some(bias) = bias {
-        f32_of(OP, "bias", bias)?;
-        shape_of(OP, "bias", bias, &[d.oc])?;
+        expect_f32(OP, "bias", bias)?;
+        expect_shape(OP, "bias", bias, &[d.oc])?;
     }
     let (rows, c, oc, r) = (d.rows, d.c, d.oc, d.r);
     let mut v = gemm(dev, &product(h, x, [c, 1], a, [1, c], None, (rows, r, c), 1.0, false), Variant::Auto)?;
@@ -156,10 +140,10 @@ pub fn lora_backward_input(
     let d = dims(OP, dx, a, b)?;
     weight_of(OP, w, &d)?;
     for (what, t) in [("dx", dx), ("dout", dout), ("dh_tmp", dh_tmp)] {
-        f32_of(OP, what, t)?;
+        expect_f32(OP, what, t)?;
     }
-    shape_of(OP, "dout", dout, &with_last(&d.lead, d.oc))?;
-    shape_of(OP, "dh_tmp", dh_tmp, &with_last(&d.lead, d.r))?;
+    expect_shape(OP, "dout", dout, &with_last(&d.lead, d.oc))?;
+    expect_shape(OP, "dh_tmp", dh_tmp, &with_last(&d.lead, d.r))?;
     let (rows, c, oc, r) = (d.rows, d.c, d.oc, d.r);
     let mut v = gemm(dev, &product(dh_tmp, dout, [oc, 1], b, [r, 1], None, (rows, r, oc), 1.0, false), Variant::Auto)?;
     v.extend(gemm(dev, &product(dx, dout, [oc, 1], w, [c, 1], None, (rows, c, oc), 1.0, false), Variant::Auto)?);
@@ -185,12 +169,12 @@ pub fn lora_backward_weight(
     const OP: &str = "lora_backward_weight";
     let d = dims(OP, x, da, b)?;
     for (what, t) in [("db", db), ("dh_tmp", dh_tmp), ("dout", dout), ("x", x), ("h", h)] {
-        f32_of(OP, what, t)?;
+        expect_f32(OP, what, t)?;
     }
-    shape_of(OP, "db", db, &[d.oc, d.r])?;
-    shape_of(OP, "dout", dout, &with_last(&d.lead, d.oc))?;
-    shape_of(OP, "h", h, &with_last(&d.lead, d.r))?;
-    shape_of(OP, "dh_tmp", dh_tmp, &with_last(&d.lead, d.r))?;
+    expect_shape(OP, "db", db, &[d.oc, d.r])?;
+    expect_shape(OP, "dout", dout, &with_last(&d.lead, d.oc))?;
+    expect_shape(OP, "h", h, &with_last(&d.lead, d.r))?;
+    expect_shape(OP, "dh_tmp", dh_tmp, &with_last(&d.lead, d.r))?;
     let (rows, c, oc, r) = (d.rows, d.c, d.oc, d.r);
     let mut v =
         gemm(dev, &product(db, dout, [1, oc], h, [r, 1], None, (oc, r, rows), scale, accumulate), Variant::Auto)?;

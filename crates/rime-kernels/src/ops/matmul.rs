@@ -1,6 +1,6 @@
 //! Launchers for shaders/matmul.wgsl: batched matmul forward and both backwards, with transposes, a shared
 //! (2-D) or batched right operand, an optional bias and f16/bf16 frozen weights. Every op is mapped onto one
-//! strided product ([`Gemm`]), which LoRA reuses; the kernel is picked per call: on CPU adapters (lavapipe)
+//! strided product (`Gemm`), which LoRA reuses; the kernel is picked per call: on CPU adapters (lavapipe)
 //! a vec4 team-tiled kernel when the layout allows it (forward, backward_input without trans_a, and weight
 //! gradients, with 4-aligned sizes; subgroupBroadcast when the adapter's subgroups are 8 lanes), else the
 //! general register-tiled kernel, which is also the choice on GPUs (measured faster there). Products with few
@@ -8,7 +8,8 @@
 //! matrix-vector kernels of shaders/gemv.wgsl on every adapter (see [`super::gemv`]).
 
 use super::words;
-use crate::error::{shape_err, Error, Result};
+use crate::error::{shape_err, Result};
+use crate::guard::{expect_dtype, expect_f32, expect_shape, index_u32, FLOATS};
 use crate::{DType, Device, Dispatch, Spec, Tensor, TextureTwin};
 
 const FILE: &str = "matmul.wgsl";
@@ -239,9 +240,7 @@ pub(crate) fn gemm(dev: &Device, g: &Gemm, variant: Variant) -> Result<Vec<Dispa
         Variant::TiledSubgroup if !subgroups_of_8(dev) => Variant::Tiled,
         v => v,
     };
-    let u = |x: usize| -> Result<u32> {
-        u32::try_from(x).map_err(|_| shape_err("matmul", format!("{} does not fit in 32 bits", x)))
-    };
+    let u = |x: usize| index_u32("matmul", "a size or stride", x);
     let params = words(&[
         u(g.m)?,
         u(g.n)?,
@@ -308,20 +307,6 @@ struct Dims {
     b_batched: bool,
 }
 
-fn expect_f32(op: &'static str, what: &str, t: &Tensor) -> Result<()> {
-    if t.dtype != DType::F32 {
-        return Err(shape_err(op, format!("{what} {:?} is {:?}, expected F32", t.shape, t.dtype)));
-    }
-    Ok(())
-}
-
-fn expect_weight_dtype(op: &'static str, t: &Tensor) -> Result<()> {
-    match t.dtype {
-        DType::F32 | DType::F16 | DType::BF16 => Ok(()),
-        d => Err(Error::DType { op, got: d, expected: "F32, F16 or BF16 for b" }),
-    }
-}
-
 /// Read M, K (from a-shaped `a`) and K, N (from b-shaped `b`) honouring the transposes.
 fn dims(op: &'static str, a: &Tensor, b: &Tensor, ta: bool, tb: bool) -> Result<Dims> {
     let (ar, br) = (a.rank(), b.rank());
@@ -351,13 +336,6 @@ fn dims(op: &'static str, a: &Tensor, b: &Tensor, ta: bool, tb: bool) -> Result<
     Ok(Dims { batch_dims, batch, m, k, n, b_batched })
 }
 
-fn expect_shape(op: &'static str, what: &str, t: &Tensor, want: &[usize]) -> Result<()> {
-    if t.shape != want {
-        return Err(shape_err(op, format!("{what} is {:?}, expected {:?}", t.shape, want)));
-    }
-    Ok(())
-}
-
 fn with_batch(d: &Dims, last: [usize; 2]) -> Vec<usize> {
     let mut s = d.batch_dims.clone();
     s.extend(last);
@@ -365,7 +343,31 @@ fn with_batch(d: &Dims, last: [usize; 2]) -> Vec<usize> {
 }
 
 /// out = op(a)·op(b) + bias. a: [..batch, M, K] ([.., K, M] if trans_a); b: [K, N] ([N, K] if trans_b),
-/// 2-D (shared) or with a's batch dims; bias: [N]; out: [..batch, M, N]. b may be f16/bf16.
+/// 2-D (shared) or with a's batch dims; bias: \[N]; out: [..batch, M, N]. b may be f16/bf16.
+///
+/// A Linear layer, y = x·Wᵀ + bias with W [out features, in features], checked against [`reference`]:
+/// ```
+/// use rime_kernels::reference::matmul::{self as cpu, MatmulDims};
+/// use rime_kernels::{ops::matmul::matmul_forward, DType, Device, DeviceOptions};
+///
+/// let dev = Device::new(&DeviceOptions::default())?;
+/// let (m, k, n) = (3, 8, 5);
+/// let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+/// let w: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.11).cos()).collect();
+/// let bias = vec![0.5; n];
+/// let (xt, wt, bt) = (dev.upload_f32(&x, &[m, k])?, dev.upload_f32(&w, &[n, k])?, dev.upload_f32(&bias, &[n])?);
+/// let y = dev.empty(&[m, n], DType::F32)?;
+/// // Launchers only build dispatches; `run` records them into one pass, submits and waits.
+/// dev.run(&matmul_forward(&dev, &y, &xt, &wt, Some(&bt), false, true)?)?;
+///
+/// let d = MatmulDims { batch: 1, m, k, n, b_batched: false, trans_a: false, trans_b: true };
+/// let want = cpu::matmul_forward(&x, &w, Some(&bias), &d);
+/// let got = dev.download_f32(&y)?;
+/// assert!(got.iter().zip(&want).all(|(g, w)| (g - w).abs() < 1e-4), "{got:?} vs {want:?}");
+/// # Ok::<(), rime_kernels::Error>(())
+/// ```
+///
+/// [`reference`]: crate::reference::matmul::matmul_forward
 pub fn matmul_forward(
     dev: &Device,
     out: &Tensor,
@@ -411,7 +413,7 @@ pub fn matmul_forward_scaled(
     const OP: &str = "matmul_forward";
     expect_f32(OP, "a", a)?;
     expect_f32(OP, "out", out)?;
-    expect_weight_dtype(OP, b)?;
+    expect_dtype(OP, "b", b, FLOATS)?;
     let d = dims(OP, a, b, trans_a, trans_b)?;
     expect_shape(OP, "out", out, &with_batch(&d, [d.m, d.n]))?;
     if let Some(bias) = bias {
@@ -474,7 +476,7 @@ pub fn matmul_backward_input_variant(
     const OP: &str = "matmul_backward_input";
     expect_f32(OP, "da", da)?;
     expect_f32(OP, "dout", dout)?;
-    expect_weight_dtype(OP, b)?;
+    expect_dtype(OP, "b", b, FLOATS)?;
     let d = dims(OP, da, b, trans_a, trans_b)?;
     expect_shape(OP, "dout", dout, &with_batch(&d, [d.m, d.n]))?;
     let (m, k, n) = (d.m, d.k, d.n);

@@ -11,7 +11,8 @@
 //! - SLERP: `merge_slerp_forward(a, b, t)`.
 
 use super::{grid_1d, words};
-use crate::error::{shape_err, Error, Result};
+use crate::error::{shape_err, Result};
+use crate::guard::{expect_all_f32, expect_f32, expect_same_numel, index_u32};
 use crate::{DType, Device, Dispatch, Spec, Tensor};
 
 const FILE: &str = "merge.wgsl";
@@ -37,29 +38,20 @@ fn params(l: usize, rows: usize, parts: usize, k: usize, a: u32, b: u32, c: u32,
     words(&[l as u32, rows as u32, parts as u32, k as u32, a, b, c, d])
 }
 
-fn check_f32(op: &'static str, name: &str, t: &Tensor) -> Result<()> {
-    if t.dtype != DType::F32 {
-        return Err(shape_err(op, format!("{name} must be F32, got {:?} of shape {:?}", t.dtype, t.shape)));
-    }
-    Ok(())
-}
-
 /// (N, L) of a stacked input: N = shape[0], L = the rest flattened.
 fn stacked(op: &'static str, xs: &Tensor) -> Result<(usize, usize)> {
-    check_f32(op, "xs", xs)?;
+    expect_f32(op, "xs", xs)?;
     if xs.rank() < 2 || xs.shape[0] == 0 {
         return Err(shape_err(op, format!("xs must be stacked [N, ...] with N >= 1, got shape {:?}", xs.shape)));
     }
     let n = xs.shape[0];
     let l = xs.numel() / n;
-    if xs.numel() > u32::MAX as usize {
-        return Err(shape_err(op, format!("xs {:?} has more elements than a kernel can index (2^32)", xs.shape)));
-    }
+    index_u32(op, "the element count of xs", xs.numel())?;
     Ok((n, l))
 }
 
 fn check_out(op: &'static str, out: &Tensor, want: usize, what: &str, xs: &Tensor) -> Result<()> {
-    check_f32(op, "out", out)?;
+    expect_f32(op, "out", out)?;
     if out.numel() != want {
         return Err(shape_err(
             op,
@@ -80,7 +72,20 @@ fn parts_for(l: usize) -> usize {
     l.div_ceil(MIN_PER_PART).clamp(1, MAX_PARTS)
 }
 
-/// out [L] = sum_i weights[i] * xs[i] (model soups, task arithmetic, dare_linear after `merge_dare_forward`).
+/// out \[L] = sum_i weights\[i] * xs\[i] (model soups, task arithmetic, dare_linear after `merge_dare_forward`).
+///
+/// A uniform soup of three checkpoints' copies of one tensor, stacked as xs [3, L]:
+/// ```
+/// use rime_kernels::{ops::merge::merge_weighted_sum_forward, DType, Device, DeviceOptions};
+///
+/// let dev = Device::new(&DeviceOptions::default())?;
+/// let xs = dev.upload_f32(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0], &[3, 3])?;
+/// let out = dev.empty(&[3], DType::F32)?;
+/// dev.run(&merge_weighted_sum_forward(&dev, &out, &xs, &[1.0 / 3.0; 3])?)?;
+/// let got = dev.download_f32(&out)?;
+/// assert!(got.iter().zip([4.0, 5.0, 6.0]).all(|(g, w)| (g - w).abs() < 1e-5), "{got:?}");
+/// # Ok::<(), rime_kernels::Error>(())
+/// ```
 pub fn merge_weighted_sum_forward(dev: &Device, out: &Tensor, xs: &Tensor, weights: &[f32]) -> Result<Vec<Dispatch>> {
     const OP: &str = "merge_weighted_sum_forward";
     let (n, l) = stacked(OP, xs)?;
@@ -173,7 +178,7 @@ fn magnitude(dev: &Device, op: &'static str, out: Option<&Tensor>, xs: &Tensor, 
     Ok(ds)
 }
 
-/// TIES sign election and disjoint merge (peft `calculate_majority_sign_mask` + `disjoint_merge`), out [L].
+/// TIES sign election and disjoint merge (peft `calculate_majority_sign_mask` + `disjoint_merge`), out \[L].
 /// `xs` are the trimmed (or DARE-rescaled) task vectors before weighting. The sign is elected per element by
 /// `majority_sign_total` (sign of the sum) or else by the count of signs, zero going to +; the rows whose
 /// sign agrees are multiplied by `weights` and averaged (0 where none agree). `elect_weighted` says whether
@@ -203,8 +208,8 @@ pub fn merge_ties_forward(
 }
 
 /// mergekit's TIES sign election and disjoint merge (`generalized_task_arithmetic` with `consensus_method:
-/// sum`), out [L]: with y_i = weights[i] * xs[i], the sign of sum_i y_i is elected per element (zero goes to +),
-/// and out = sum_i y_i [sign(y_i) = elected], divided by sum_i weights[i] [sign(y_i) = elected] when
+/// sum`), out \[L]: with y_i = weights\[i] * xs\[i], the sign of sum_i y_i is elected per element (zero goes to +),
+/// and out = sum_i y_i [sign(y_i) = elected], divided by sum_i weights\[i] [sign(y_i) = elected] when
 /// `normalize` (by 1 where that sum is 0). It differs from peft's `merge_ties_forward` in the divisor (the sum
 /// of the agreeing weights, not their count) whenever the weights differ.
 pub fn merge_ties_mergekit_forward(
@@ -242,7 +247,7 @@ pub fn merge_dare_forward(
     const OP: &str = "merge_dare_forward";
     let (n, l) = stacked(OP, xs)?;
     check_out(OP, out, n * l, "all", xs)?;
-    check_f32(OP, "keep_mask", keep_mask)?;
+    expect_f32(OP, "keep_mask", keep_mask)?;
     if keep_mask.numel() != n * l {
         return Err(shape_err(OP, format!("keep_mask {:?} must match xs {:?}", keep_mask.shape, xs.shape)));
     }
@@ -264,19 +269,10 @@ pub fn merge_dare_forward(
 /// dot products, coefficients, blend); nothing is read back.
 pub fn merge_slerp_forward(dev: &Device, out: &Tensor, a: &Tensor, b: &Tensor, t: f32) -> Result<Vec<Dispatch>> {
     const OP: &str = "merge_slerp_forward";
-    check_f32(OP, "a", a)?;
-    check_f32(OP, "b", b)?;
-    check_f32(OP, "out", out)?;
-    let l = a.numel();
-    if b.numel() != l || out.numel() != l {
-        return Err(shape_err(
-            OP,
-            format!("a {:?}, b {:?} and out {:?} must have the same element count", a.shape, b.shape, out.shape),
-        ));
-    }
-    if l > u32::MAX as usize {
-        return Err(Error::Shape { op: OP, msg: format!("a {:?} has more elements than a kernel can index", a.shape) });
-    }
+    let ts = [("a", a), ("b", b), ("out", out)];
+    expect_all_f32(OP, &ts)?;
+    let l = expect_same_numel(OP, &ts)?;
+    index_u32(OP, "the element count of a", l)?;
     let parts = parts_for(l);
     let sums = dev.empty(&[3 * parts], DType::F32)?;
     let coef = dev.empty(&[2], DType::F32)?;

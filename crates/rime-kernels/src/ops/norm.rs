@@ -1,10 +1,11 @@
-//! Launchers for shaders/norm.wgsl: LayerNorm and RMSNorm over the last axis (x [rows, C], gamma/beta [C]),
-//! saving mean / rstd [rows] for the backward, with separate input and weight gradients so a frozen norm
+//! Launchers for shaders/norm.wgsl: LayerNorm and RMSNorm over the last axis (x [rows, C], gamma/beta \[C]),
+//! saving mean / rstd \[rows] for the backward, with separate input and weight gradients so a frozen norm
 //! never computes dgamma.
 
-use super::reduce::{idx, need_f32, need_nonempty, row_specs, width_for, RowVariant};
+use super::reduce::{row_specs, width_for, RowVariant};
 use super::{grid_1d, words};
 use crate::error::{shape_err, Result};
+use crate::guard::{expect_f32, expect_nonempty, index_u32};
 use crate::{Device, Dispatch, Spec, Tensor};
 
 const FILE: &str = "norm.wgsl";
@@ -21,17 +22,17 @@ fn dims(
     per_row: &[(&str, &Tensor)],
     per_channel: &[(&str, &Tensor)],
 ) -> Result<(u32, u32)> {
-    need_f32(op, "x", x)?;
-    need_nonempty(op, "x", x)?;
+    expect_f32(op, "x", x)?;
+    expect_nonempty(op, "x", x)?;
     let (rows, c) = (x.rows(), x.last_dim());
     for (name, t) in same_as_x {
-        need_f32(op, name, t)?;
+        expect_f32(op, name, t)?;
         if t.shape != x.shape {
             return Err(shape_err(op, format!("{name} {:?} must have x's shape {:?}", t.shape, x.shape)));
         }
     }
     for (name, t) in per_row {
-        need_f32(op, name, t)?;
+        expect_f32(op, name, t)?;
         if t.numel() != rows {
             return Err(shape_err(
                 op,
@@ -40,12 +41,12 @@ fn dims(
         }
     }
     for (name, t) in per_channel {
-        need_f32(op, name, t)?;
+        expect_f32(op, name, t)?;
         if t.numel() != c {
             return Err(shape_err(op, format!("{name} {:?} must hold C = {c} values (x {:?})", t.shape, x.shape)));
         }
     }
-    idx(op, "numel", x.numel())?;
+    index_u32(op, "numel", x.numel())?;
     Ok((rows as u32, c as u32))
 }
 
@@ -62,7 +63,7 @@ fn check_eps(op: &'static str, eps: f32) -> Result<()> {
     Ok(())
 }
 
-/// out = (x - mean) * rstd * gamma + beta per row; mean and rstd [rows] are saved for the backward.
+/// out = (x - mean) * rstd * gamma + beta per row; mean and rstd \[rows] are saved for the backward.
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm_forward(
     dev: &Device,
@@ -173,7 +174,7 @@ pub fn layernorm_backward_weight_with(
     Ok(vec![dev.dispatch(FILE, OP, &spec, Some(&w), &b, grid_1d(cv.div_ceil(v.wg())))?])
 }
 
-/// out = x * rstd * gamma (Llama's RMSNorm); rstd [rows] is saved for the backward.
+/// out = x * rstd * gamma (Llama's RMSNorm); rstd \[rows] is saved for the backward.
 pub fn rmsnorm_forward(
     dev: &Device,
     out: &Tensor,

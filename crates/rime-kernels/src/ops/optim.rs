@@ -1,10 +1,11 @@
 //! Launchers for shaders/optim.wgsl: the AdamW and SGD parameter updates and gradient-norm clipping of the
-//! training step. Per-step scalars come from the GPU tensor `hyper` [8] = [lr, beta1, beta2, eps,
-//! weight_decay, 1-beta1^t, 1-beta2^t, grad_scale] (for SGD, hyper[1] is the momentum), so a recorded step
+//! training step. Per-step scalars come from the GPU tensor `hyper` \[8] = [lr, beta1, beta2, eps,
+//! weight_decay, 1-beta1^t, 1-beta2^t, grad_scale] (for SGD, hyper\[1] is the momentum), so a recorded step
 //! replays without any readback; `clip_scale_forward` writes grad_scale on the GPU.
 
 use super::{grid_1d, words};
-use crate::error::{shape_err, Error, Result};
+use crate::error::{shape_err, Result};
+use crate::guard::{expect_all_f32, expect_f32, expect_one_value, expect_same_numel, index_u32};
 use crate::{DType, Device, Dispatch, Spec, Tensor};
 
 const FILE: &str = "optim.wgsl";
@@ -22,27 +23,8 @@ fn spec() -> Spec {
     Spec::new().constant("WG", WG as f64)
 }
 
-fn f32_tensor(op: &'static str, name: &str, t: &Tensor) -> Result<()> {
-    if t.dtype != DType::F32 {
-        return Err(Error::Shape { op, msg: format!("{name} must be F32, got {:?} of shape {:?}", t.dtype, t.shape) });
-    }
-    Ok(())
-}
-
-fn same_numel(op: &'static str, names: &[(&str, &Tensor)]) -> Result<usize> {
-    let n = names[0].1.numel();
-    for (name, t) in names {
-        f32_tensor(op, name, t)?;
-        if t.numel() != n {
-            let shapes: Vec<String> = names.iter().map(|(nm, t)| format!("{nm} {:?}", t.shape)).collect();
-            return Err(shape_err(op, format!("element counts differ: {}", shapes.join(", "))));
-        }
-    }
-    Ok(n)
-}
-
 fn check_hyper(op: &'static str, hyper: &Tensor) -> Result<()> {
-    f32_tensor(op, "hyper", hyper)?;
+    expect_f32(op, "hyper", hyper)?;
     if hyper.numel() != 8 {
         return Err(shape_err(
             op,
@@ -59,13 +41,6 @@ fn params(n: usize, parts: usize, accumulate: bool, max_norm: f32) -> Vec<u8> {
     words(&[n as u32, parts as u32, accumulate as u32, max_norm.to_bits()])
 }
 
-fn check_len(op: &'static str, n: usize) -> Result<()> {
-    if n > u32::MAX as usize {
-        return Err(shape_err(op, format!("{n} elements exceed the 2^32 a kernel can index")));
-    }
-    Ok(())
-}
-
 /// One AdamW step in place on `param`, `m` (exp_avg) and `v` (exp_avg_sq), as torch.optim.AdamW:
 /// g = grad*grad_scale; param *= 1 - lr*wd; m = lerp(m, g, 1-b1); v = b2 v + (1-b2) g²;
 /// param -= (lr/bc1) * m / (sqrt(v)/sqrt(bc2) + eps). `m` and `v` start at zero.
@@ -78,9 +53,11 @@ pub fn adamw_update(
     hyper: &Tensor,
 ) -> Result<Vec<Dispatch>> {
     const OP: &str = "adamw_update";
-    let n = same_numel(OP, &[("param", param), ("grad", grad), ("m", m), ("v", v)])?;
+    let ts = [("param", param), ("grad", grad), ("m", m), ("v", v)];
+    expect_all_f32(OP, &ts)?;
+    let n = expect_same_numel(OP, &ts)?;
     check_hyper(OP, hyper)?;
-    check_len(OP, n)?;
+    index_u32(OP, "the element count", n)?;
     let groups = (n as u32).div_ceil(WG);
     Ok(vec![dev.dispatch(
         FILE,
@@ -92,8 +69,8 @@ pub fn adamw_update(
     )?])
 }
 
-/// One SGD step with momentum in place (torch.optim.SGD, dampening 0, nesterov off): hyper[0] = lr,
-/// hyper[1] = momentum, hyper[4] = weight decay, hyper[7] = grad scale. `momentum_buf` must start at zero.
+/// One SGD step with momentum in place (torch.optim.SGD, dampening 0, nesterov off): hyper\[0] = lr,
+/// hyper\[1] = momentum, hyper\[4] = weight decay, hyper\[7] = grad scale. `momentum_buf` must start at zero.
 pub fn sgd_update(
     dev: &Device,
     param: &Tensor,
@@ -102,9 +79,11 @@ pub fn sgd_update(
     hyper: &Tensor,
 ) -> Result<Vec<Dispatch>> {
     const OP: &str = "sgd_update";
-    let n = same_numel(OP, &[("param", param), ("grad", grad), ("momentum_buf", momentum_buf)])?;
+    let ts = [("param", param), ("grad", grad), ("momentum_buf", momentum_buf)];
+    expect_all_f32(OP, &ts)?;
+    let n = expect_same_numel(OP, &ts)?;
     check_hyper(OP, hyper)?;
-    check_len(OP, n)?;
+    index_u32(OP, "the element count", n)?;
     let groups = (n as u32).div_ceil(WG);
     Ok(vec![dev.dispatch(
         FILE,
@@ -116,17 +95,15 @@ pub fn sgd_update(
     )?])
 }
 
-/// acc[0] = sum(grad²), or acc[0] += sum(grad²) when `accumulate` (to sum over all trainable tensors).
+/// acc\[0] = sum(grad²), or acc\[0] += sum(grad²) when `accumulate` (to sum over all trainable tensors).
 /// Two dispatches with a fixed summation order, so the result is deterministic.
 pub fn grad_sumsq_forward(dev: &Device, acc: &Tensor, grad: &Tensor, accumulate: bool) -> Result<Vec<Dispatch>> {
     const OP: &str = "grad_sumsq_forward";
-    f32_tensor(OP, "acc", acc)?;
-    f32_tensor(OP, "grad", grad)?;
-    if acc.numel() != 1 {
-        return Err(shape_err(OP, format!("acc must hold one element, got shape {:?}", acc.shape)));
-    }
+    expect_f32(OP, "acc", acc)?;
+    expect_f32(OP, "grad", grad)?;
+    expect_one_value(OP, "acc", acc)?;
     let n = grad.numel();
-    check_len(OP, n)?;
+    index_u32(OP, "the element count", n)?;
     let parts = n.div_ceil(MIN_PER_PART).clamp(1, MAX_PARTS);
     let partial = dev.empty(&[parts], DType::F32)?;
     let p = params(n, parts, accumulate, 0.0);
@@ -143,15 +120,13 @@ pub fn grad_sumsq_forward(dev: &Device, acc: &Tensor, grad: &Tensor, accumulate:
     ])
 }
 
-/// hyper[7] = min(1, max_norm / (sqrt(acc[0]) + 1e-6)), the coefficient torch.nn.utils.clip_grad_norm_
+/// hyper\[7] = min(1, max_norm / (sqrt(acc\[0]) + 1e-6)), the coefficient torch.nn.utils.clip_grad_norm_
 /// multiplies gradients by; the optimizer kernels apply it as they read each gradient.
 pub fn clip_scale_forward(dev: &Device, hyper: &Tensor, acc: &Tensor, max_norm: f32) -> Result<Vec<Dispatch>> {
     const OP: &str = "clip_scale_forward";
     check_hyper(OP, hyper)?;
-    f32_tensor(OP, "acc", acc)?;
-    if acc.numel() != 1 {
-        return Err(shape_err(OP, format!("acc must hold one element, got shape {:?}", acc.shape)));
-    }
+    expect_f32(OP, "acc", acc)?;
+    expect_one_value(OP, "acc", acc)?;
     if !max_norm.is_finite() || max_norm <= 0.0 {
         return Err(shape_err(OP, format!("max_norm must be positive and finite, got {max_norm}")));
     }

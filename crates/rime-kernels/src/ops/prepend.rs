@@ -1,9 +1,9 @@
 //! Launchers for shaders/prepend.wgsl: rows put in front of every sequence of a batch (soft prompts in front
 //! of the word embeddings, prefix-tuning keys and values in front of a layer's own), and the two gradients.
 
-use super::reduce::{idx, need_f32};
 use super::{grid_1d, words};
 use crate::error::{shape_err, Result};
+use crate::guard::{expect_f32, index_u32};
 use crate::{Device, Dispatch, Spec, Tensor};
 
 const FILE: &str = "prepend.wgsl";
@@ -19,7 +19,7 @@ pub fn specs() -> Vec<(&'static str, Spec)> {
 
 /// (B, T, P, C) from x [B, T, C] and rows [P, C], checking dtypes and that the channels agree.
 fn dims(op: &'static str, x_shape: &[usize], rows: &Tensor) -> Result<(usize, usize, usize, usize)> {
-    need_f32(op, "rows", rows)?;
+    expect_f32(op, "rows", rows)?;
     if x_shape.len() != 3 || rows.rank() != 2 || rows.shape[1] != x_shape[2] {
         return Err(shape_err(
             op,
@@ -36,13 +36,13 @@ fn params(b: usize, t: usize, p: usize, c: usize, accumulate: bool) -> Vec<u8> {
 /// out [B, P+T, C] = rows [P, C] (the same for every batch entry) followed by x [B, T, C].
 pub fn prepend_forward(dev: &Device, out: &Tensor, x: &Tensor, rows: &Tensor) -> Result<Vec<Dispatch>> {
     const OP: &str = "prepend_forward";
-    need_f32(OP, "x", x)?;
-    need_f32(OP, "out", out)?;
+    expect_f32(OP, "x", x)?;
+    expect_f32(OP, "out", out)?;
     let (b, t, p, c) = dims(OP, &x.shape, rows)?;
     if out.shape != [b, p + t, c] {
         return Err(shape_err(OP, format!("out {:?} must be [B, P+T, C] = [{b}, {}, {c}]", out.shape, p + t)));
     }
-    let n = idx(OP, "B * (P+T) * C", out.numel())?;
+    let n = index_u32(OP, "B * (P+T) * C", out.numel())?;
     if n == 0 {
         return Ok(Vec::new());
     }
@@ -59,8 +59,8 @@ pub fn prepend_forward(dev: &Device, out: &Tensor, x: &Tensor, rows: &Tensor) ->
 /// dx [B, T, C] = the last T rows of each sequence of dout [B, P+T, C] (overwritten).
 pub fn prepend_backward_input(dev: &Device, dx: &Tensor, dout: &Tensor) -> Result<Vec<Dispatch>> {
     const OP: &str = "prepend_backward_input";
-    need_f32(OP, "dx", dx)?;
-    need_f32(OP, "dout", dout)?;
+    expect_f32(OP, "dx", dx)?;
+    expect_f32(OP, "dout", dout)?;
     if dx.rank() != 3
         || dout.rank() != 3
         || dout.shape[0] != dx.shape[0]
@@ -74,8 +74,8 @@ pub fn prepend_backward_input(dev: &Device, dx: &Tensor, dout: &Tensor) -> Resul
     }
     let (b, t, c) = (dx.shape[0], dx.shape[1], dx.shape[2]);
     let p = dout.shape[1] - t;
-    let n = idx(OP, "B * T * C", dx.numel())?;
-    idx(OP, "B * (P+T) * C", dout.numel())?;
+    let n = index_u32(OP, "B * T * C", dx.numel())?;
+    index_u32(OP, "B * (P+T) * C", dout.numel())?;
     if n == 0 {
         return Ok(Vec::new());
     }
@@ -93,8 +93,8 @@ pub fn prepend_backward_input(dev: &Device, dx: &Tensor, dout: &Tensor) -> Resul
 /// overwrites drows.
 pub fn prepend_backward_weight(dev: &Device, drows: &Tensor, dout: &Tensor, accumulate: bool) -> Result<Vec<Dispatch>> {
     const OP: &str = "prepend_backward_weight";
-    need_f32(OP, "drows", drows)?;
-    need_f32(OP, "dout", dout)?;
+    expect_f32(OP, "drows", drows)?;
+    expect_f32(OP, "dout", dout)?;
     if drows.rank() != 2 || dout.rank() != 3 || dout.shape[2] != drows.shape[1] || dout.shape[1] < drows.shape[0] {
         return Err(shape_err(
             OP,
@@ -103,8 +103,8 @@ pub fn prepend_backward_weight(dev: &Device, drows: &Tensor, dout: &Tensor, accu
     }
     let (b, p, c) = (dout.shape[0], drows.shape[0], drows.shape[1]);
     let t = dout.shape[1] - p;
-    idx(OP, "B * (P+T) * C", dout.numel())?;
-    let n = idx(OP, "P * C", drows.numel())?;
+    index_u32(OP, "B * (P+T) * C", dout.numel())?;
+    let n = index_u32(OP, "P * C", drows.numel())?;
     if n == 0 {
         return Ok(Vec::new());
     }

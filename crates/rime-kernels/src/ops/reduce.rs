@@ -1,10 +1,11 @@
 //! Launchers for shaders/reduce.wgsl (sums over the last axis and over rows), and the row-kernel machinery
 //! shared by the row-wise families (reduce, softmax, norm, cross_entropy): the [`RowVariant`] that decides
-//! how a workgroup combines the partial results of one row, and small shape checks.
+//! how a workgroup combines the partial results of one row.
 
 use super::{grid_1d, words};
 use crate::error::{shape_err, Result};
-use crate::{DType, Device, Dispatch, Spec, Tensor};
+use crate::guard::{expect_f32, expect_nonempty, index_u32};
+use crate::{Device, Dispatch, Spec, Tensor};
 
 const FILE: &str = "reduce.wgsl";
 
@@ -151,30 +152,15 @@ pub(crate) fn width_for(n: usize) -> u32 {
     }
 }
 
-pub(crate) fn need_f32(op: &'static str, name: &str, t: &Tensor) -> Result<()> {
-    if t.dtype != DType::F32 {
-        return Err(shape_err(op, format!("{name} must be F32, got {:?} of shape {:?}", t.dtype, t.shape)));
-    }
-    Ok(())
-}
-
-pub(crate) fn need_nonempty(op: &'static str, name: &str, t: &Tensor) -> Result<()> {
-    if t.numel() == 0 || t.rank() == 0 {
-        return Err(shape_err(op, format!("{name} of shape {:?} is empty or a scalar", t.shape)));
-    }
-    Ok(())
-}
-
-/// A u32 that a shader indexes with: the count must fit.
-pub(crate) fn idx(op: &'static str, what: &str, n: usize) -> Result<u32> {
-    u32::try_from(n).map_err(|_| shape_err(op, format!("{what} = {n} exceeds u32 indexing")))
-}
+// The shared checks moved to crate::guard; these aliases keep launchers written against the old names building.
+#[allow(unused_imports)]
+pub(crate) use crate::guard::{expect_f32 as need_f32, expect_nonempty as need_nonempty, index_u32 as idx};
 
 pub fn specs() -> Vec<(&'static str, Spec)> {
     row_specs(FILE)
 }
 
-/// out [rows] = sum (or mean) of x [.., N] over its last axis.
+/// out \[rows] = sum (or mean) of x [.., N] over its last axis.
 pub fn sum_forward(dev: &Device, out: &Tensor, x: &Tensor, mean: bool) -> Result<Vec<Dispatch>> {
     sum_forward_with(dev, RowVariant::for_device(dev), out, x, mean)
 }
@@ -183,24 +169,24 @@ pub fn sum_forward(dev: &Device, out: &Tensor, x: &Tensor, mean: bool) -> Result
 pub fn sum_forward_with(dev: &Device, v: RowVariant, out: &Tensor, x: &Tensor, mean: bool) -> Result<Vec<Dispatch>> {
     const OP: &str = "sum_forward";
     v.check(OP, dev)?;
-    need_f32(OP, "x", x)?;
-    need_f32(OP, "out", out)?;
-    need_nonempty(OP, "x", x)?;
+    expect_f32(OP, "x", x)?;
+    expect_f32(OP, "out", out)?;
+    expect_nonempty(OP, "x", x)?;
     if out.numel() != x.rows() {
         return Err(shape_err(
             OP,
             format!("out {:?} must hold {} values, one per row of x {:?}", out.shape, x.rows(), x.shape),
         ));
     }
-    let rows = idx(OP, "rows", x.rows())?;
-    let n = idx(OP, "N", x.last_dim())?;
-    idx(OP, "numel", x.numel())?;
+    let rows = index_u32(OP, "rows", x.rows())?;
+    let n = index_u32(OP, "N", x.last_dim())?;
+    index_u32(OP, "numel", x.numel())?;
     let width = width_for(n as usize);
     let w = words(&[rows, n, mean as u32, n / width]);
     Ok(vec![dev.dispatch(FILE, OP, &v.spec_w(width), Some(&w), &[(1, x), (2, out)], grid_1d(rows))?])
 }
 
-/// out [N] (+)= sum (or mean) of x [.., N] over all rows; `accumulate` adds to out instead of overwriting.
+/// out \[N] (+)= sum (or mean) of x [.., N] over all rows; `accumulate` adds to out instead of overwriting.
 pub fn sum_rows_forward(dev: &Device, out: &Tensor, x: &Tensor, mean: bool, accumulate: bool) -> Result<Vec<Dispatch>> {
     sum_rows_forward_with(dev, RowVariant::for_device(dev), out, x, mean, accumulate)
 }
@@ -216,18 +202,18 @@ pub fn sum_rows_forward_with(
 ) -> Result<Vec<Dispatch>> {
     const OP: &str = "sum_rows_forward";
     v.check(OP, dev)?;
-    need_f32(OP, "x", x)?;
-    need_f32(OP, "out", out)?;
-    need_nonempty(OP, "x", x)?;
+    expect_f32(OP, "x", x)?;
+    expect_f32(OP, "out", out)?;
+    expect_nonempty(OP, "x", x)?;
     if out.numel() != x.last_dim() {
         return Err(shape_err(
             OP,
             format!("out {:?} must hold {} values (last dim of x {:?})", out.shape, x.last_dim(), x.shape),
         ));
     }
-    let rows = idx(OP, "rows", x.rows())?;
-    let n = idx(OP, "N", x.last_dim())?;
-    idx(OP, "numel", x.numel())?;
+    let rows = index_u32(OP, "rows", x.rows())?;
+    let n = index_u32(OP, "N", x.last_dim())?;
+    index_u32(OP, "numel", x.numel())?;
     let flags = mean as u32 | (accumulate as u32) << 1;
     let width = width_for(n as usize);
     let w = words(&[rows, n, flags, n / width]);

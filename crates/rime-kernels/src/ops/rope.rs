@@ -1,9 +1,9 @@
 //! Launchers for shaders/rope.wgsl: rotary position embedding in the Hugging Face Llama "rotate_half"
 //! convention, x [B, T, NH, HS], token t at position pos_offset + t, inv_freq_i = theta^(-2i/HS).
 
-use super::reduce::{idx, need_f32, need_nonempty};
 use super::{grid_1d, words};
 use crate::error::{shape_err, Result};
+use crate::guard::{expect_f32, expect_nonempty, index_u32};
 use crate::{Device, Dispatch, Spec, Tensor};
 
 const FILE: &str = "rope.wgsl";
@@ -37,9 +37,9 @@ fn launch(
     pos_offset: u32,
     theta: f32,
 ) -> Result<Vec<Dispatch>> {
-    need_f32(op, "input", x)?;
-    need_f32(op, "output", out)?;
-    need_nonempty(op, "input", x)?;
+    expect_f32(op, "input", x)?;
+    expect_f32(op, "output", out)?;
+    expect_nonempty(op, "input", x)?;
     if x.rank() != 4 || out.shape != x.shape {
         return Err(shape_err(
             op,
@@ -56,7 +56,7 @@ fn launch(
     if !(theta > 1.0 && theta.is_finite()) {
         return Err(shape_err(op, format!("theta {theta} must be finite and > 1")));
     }
-    let pairs = idx(op, "pairs", x.numel() / 2)?;
+    let pairs = index_u32(op, "pairs", x.numel() / 2)?;
     let last = pos_offset as u64 + t as u64;
     if last > 1 << 24 {
         return Err(shape_err(op, format!("positions up to {last} exceed f32's exact integers")));

@@ -1,9 +1,10 @@
 //! Launchers for shaders/softmax.wgsl: masked (key mask and/or causal) softmax over the last axis and its
 //! gradient, one workgroup per row (see [`RowVariant`]).
 
-use super::reduce::{idx, need_f32, need_nonempty, row_specs, RowVariant};
+use super::reduce::{row_specs, RowVariant};
 use super::{grid_1d, words};
 use crate::error::{shape_err, Result};
+use crate::guard::{expect_f32, expect_nonempty, index_u32};
 use crate::{Device, Dispatch, Spec, Tensor};
 
 const FILE: &str = "softmax.wgsl";
@@ -36,9 +37,9 @@ pub fn softmax_forward_with(
 ) -> Result<Vec<Dispatch>> {
     const OP: &str = "softmax_forward";
     v.check(OP, dev)?;
-    need_f32(OP, "x", x)?;
-    need_f32(OP, "out", out)?;
-    need_nonempty(OP, "x", x)?;
+    expect_f32(OP, "x", x)?;
+    expect_f32(OP, "out", out)?;
+    expect_nonempty(OP, "x", x)?;
     if out.shape != x.shape {
         return Err(shape_err(OP, format!("out {:?} must have x's shape {:?}", out.shape, x.shape)));
     }
@@ -48,7 +49,7 @@ pub fn softmax_forward_with(
     let mut flags = causal as u32 * 2;
     let mut rows_per_batch = rows;
     if let Some(m) = mask {
-        need_f32(OP, "mask", m)?;
+        expect_f32(OP, "mask", m)?;
         let b = x.shape[0];
         if x.rank() < 2 || m.shape != [b, s] {
             return Err(shape_err(
@@ -59,8 +60,8 @@ pub fn softmax_forward_with(
         rows_per_batch = rows / b;
         flags |= 1;
     }
-    let rows_u = idx(OP, "rows", rows)?;
-    idx(OP, "numel", x.numel())?;
+    let rows_u = index_u32(OP, "rows", rows)?;
+    index_u32(OP, "numel", x.numel())?;
     let w = words(&[rows_u, s as u32, t as u32, rows_per_batch as u32, flags, 0, 0, 0]);
     // Without a mask, x stands in at the mask binding (read-only twice is allowed; the flag skips reads).
     let m = mask.unwrap_or(x);
@@ -83,14 +84,14 @@ pub fn softmax_backward_with(
     const OP: &str = "softmax_backward";
     v.check(OP, dev)?;
     for (name, t) in [("dx", dx), ("dout", dout), ("y", y)] {
-        need_f32(OP, name, t)?;
+        expect_f32(OP, name, t)?;
     }
-    need_nonempty(OP, "y", y)?;
+    expect_nonempty(OP, "y", y)?;
     if dx.shape != y.shape || dout.shape != y.shape {
         return Err(shape_err(OP, format!("dx {:?}, dout {:?} and y {:?} must match", dx.shape, dout.shape, y.shape)));
     }
-    let rows = idx(OP, "rows", y.rows())?;
-    idx(OP, "numel", y.numel())?;
+    let rows = index_u32(OP, "rows", y.rows())?;
+    index_u32(OP, "numel", y.numel())?;
     let w = words(&[rows, y.last_dim() as u32, 1, rows, 0, 0, 0, 0]);
     Ok(vec![dev.dispatch(FILE, OP, &v.spec(), Some(&w), &[(2, dx), (4, dout), (5, y)], grid_1d(rows))?])
 }

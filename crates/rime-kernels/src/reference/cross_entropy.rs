@@ -1,4 +1,4 @@
-//! CPU reference for shaders/cross_entropy.wgsl, in f64. logits [n, v], targets [n].
+//! CPU reference for shaders/cross_entropy.wgsl, in f64. logits [n, v], targets \[n].
 
 /// (loss, lse). Rows whose target is ignore_index are left out; the loss is 0 when none is kept.
 pub fn cross_entropy_forward(logits: &[f32], targets: &[i32], v: usize, ignore_index: i32) -> (f32, Vec<f32>) {

@@ -1,7 +1,7 @@
 //! CPU reference for ops::dora: DoRA's scale g = m / ||W + s·B·A||_row and its magnitude gradient, in f64.
-//! w [OC, C], a [R, C], b [OC, R], m [OC].
+//! w [OC, C], a [R, C], b [OC, R], m \[OC].
 
-/// (g, norm): norm[o] = ||W[o, :] + scale·B[o, :]·A||₂, g[o] = m[o] / norm[o].
+/// (g, norm): norm\[o] = ||W[o, :] + scale·B[o, :]·A||₂, g\[o] = m\[o] / norm\[o].
 pub fn dora_scale_forward(w: &[f32], a: &[f32], b: &[f32], m: &[f32], scale: f32, c: usize) -> (Vec<f32>, Vec<f32>) {
     let oc = m.len();
     let r = if oc == 0 { 0 } else { b.len() / oc };

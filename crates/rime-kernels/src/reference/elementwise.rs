@@ -3,7 +3,7 @@
 
 use crate::ops::elementwise::dropout_threshold;
 
-/// b has a's length or is a row [N] broadcast over the rows of a.
+/// b has a's length or is a row \[N] broadcast over the rows of a.
 pub fn add_forward(a: &[f32], b: &[f32]) -> Vec<f32> {
     a.iter().enumerate().map(|(i, &x)| x + b[i % b.len()]).collect()
 }

@@ -42,7 +42,7 @@ impl MatmulDims {
     }
 }
 
-/// out[b, m, n] = sum_k op(a)[b, m, k] · op(b)[k, n] + bias[n].
+/// out[b, m, n] = sum_k op(a)[b, m, k] · op(b)[k, n] + bias\[n].
 pub fn matmul_forward(a: &[f32], b: &[f32], bias: Option<&[f32]>, d: &MatmulDims) -> Vec<f32> {
     let mut out = vec![0f32; d.batch * d.m * d.n];
     for bi in 0..d.batch {

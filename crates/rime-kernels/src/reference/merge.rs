@@ -1,7 +1,7 @@
 //! CPU reference for shaders/merge.wgsl, written after peft's `utils/merge_utils.py` and mergekit's
 //! `slerp`. Stacked inputs are row-major [rows, L] slices.
 
-/// out[l] = sum_i weights[i] * xs[i, l]; rows = weights.len().
+/// out\[l] = sum_i weights\[i] * xs[i, l]; rows = weights.len().
 pub fn merge_weighted_sum_forward(out: &mut [f32], xs: &[f32], weights: &[f32]) {
     let l = out.len();
     for (j, o) in out.iter_mut().enumerate() {
@@ -74,7 +74,7 @@ pub fn merge_ties_forward(
     }
 }
 
-/// mergekit's TIES consensus ("sum") and disjoint merge: y_i = weights[i] * xs[i]; the sign of sum_i y_i
+/// mergekit's TIES consensus ("sum") and disjoint merge: y_i = weights\[i] * xs\[i]; the sign of sum_i y_i
 /// elected (zero goes to +); out = sum of the agreeing y_i, divided by the sum of the agreeing weights when
 /// `normalize` (1 where that sum is 0). Zeros never agree.
 pub fn merge_ties_mergekit_forward(out: &mut [f32], xs: &[f32], weights: &[f32], normalize: bool) {

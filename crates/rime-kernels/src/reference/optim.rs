@@ -18,7 +18,7 @@ pub fn adamw_update(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32
     }
 }
 
-/// One SGD-with-momentum step in place (hyper[1] = momentum, dampening 0; `momentum_buf` starts at zero).
+/// One SGD-with-momentum step in place (hyper\[1] = momentum, dampening 0; `momentum_buf` starts at zero).
 pub fn sgd_update(param: &mut [f32], grad: &[f32], momentum_buf: &mut [f32], hyper: &[f32]) {
     let [lr, momentum, _, _, wd, _, _, scale] = hyper8(hyper);
     for i in 0..param.len() {
@@ -29,13 +29,13 @@ pub fn sgd_update(param: &mut [f32], grad: &[f32], momentum_buf: &mut [f32], hyp
     }
 }
 
-/// acc[0] (+)= sum(grad²), accumulated in f64.
+/// acc\[0] (+)= sum(grad²), accumulated in f64.
 pub fn grad_sumsq_forward(acc: &mut [f32], grad: &[f32], accumulate: bool) {
     let s: f64 = grad.iter().map(|&g| (g as f64) * (g as f64)).sum();
     acc[0] = if accumulate { (acc[0] as f64 + s) as f32 } else { s as f32 };
 }
 
-/// hyper[7] = min(1, max_norm / (sqrt(acc[0]) + 1e-6)).
+/// hyper\[7] = min(1, max_norm / (sqrt(acc\[0]) + 1e-6)).
 pub fn clip_scale_forward(hyper: &mut [f32], acc: &[f32], max_norm: f32) {
     hyper[7] = (max_norm / (acc[0].sqrt() + 1e-6)).min(1.0);
 }

@@ -1,6 +1,6 @@
 //! CPU reference for shaders/reduce.wgsl: sums over the last axis and over rows, accumulated in f64.
 
-/// x [rows, n] -> [rows].
+/// x [rows, n] -> \[rows].
 pub fn sum_forward(x: &[f32], n: usize, mean: bool) -> Vec<f32> {
     x.chunks(n)
         .map(|r| {
@@ -10,7 +10,7 @@ pub fn sum_forward(x: &[f32], n: usize, mean: bool) -> Vec<f32> {
         .collect()
 }
 
-/// x [rows, n] -> [n]; `prev` is added when accumulating.
+/// x [rows, n] -> \[n]; `prev` is added when accumulating.
 pub fn sum_rows_forward(x: &[f32], n: usize, mean: bool, prev: Option<&[f32]>) -> Vec<f32> {
     let rows = x.len() / n;
     (0..n)
