@@ -12,6 +12,7 @@ pub mod matmul;
 pub mod merge;
 pub mod norm;
 pub mod optim;
+pub mod patch;
 pub mod prepend;
 pub mod reduce;
 pub mod rope;
@@ -35,6 +36,7 @@ pub fn declared_specs() -> Vec<(&'static str, Spec)> {
     v.extend(merge::specs());
     v.extend(norm::specs());
     v.extend(optim::specs());
+    v.extend(patch::specs());
     v.extend(prepend::specs());
     v.extend(reduce::specs());
     v.extend(rope::specs());

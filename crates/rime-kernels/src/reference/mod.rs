@@ -12,6 +12,7 @@ pub mod matmul;
 pub mod merge;
 pub mod norm;
 pub mod optim;
+pub mod patch;
 pub mod prepend;
 pub mod reduce;
 pub mod rope;
