@@ -114,6 +114,11 @@ pub enum Op {
         x: Var,
         rows: Var,
     },
+    /// x [B, C, H, W] -> [B, (H/p)·(W/p), C·p·p]: ViT's patches, each flattened as a Conv2d weight.
+    PatchUnfold {
+        x: Var,
+        p: usize,
+    },
 }
 
 impl Op {
@@ -140,6 +145,7 @@ impl Op {
             Op::Softmax { .. } => "softmax",
             Op::CrossEntropy { .. } => "cross_entropy",
             Op::Prepend { .. } => "prepend",
+            Op::PatchUnfold { .. } => "patch_unfold",
         }
     }
 
@@ -153,7 +159,8 @@ impl Op {
             | Op::Silu { x }
             | Op::Relu { x }
             | Op::Dropout { x, .. }
-            | Op::Rope { x, .. } => vec![x],
+            | Op::Rope { x, .. }
+            | Op::PatchUnfold { x, .. } => vec![x],
             Op::Matmul { a, b, bias, .. } => [Some(a), Some(b), bias].into_iter().flatten().collect(),
             Op::Lora { x, w, bias, a, b, .. } => {
                 [Some(x), Some(w), bias, Some(a), Some(b)].into_iter().flatten().collect()

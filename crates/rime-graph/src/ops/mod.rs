@@ -11,6 +11,7 @@ mod embedding;
 mod lora;
 mod matmul;
 mod norm;
+mod patch;
 mod prepend;
 mod reshape;
 mod rope;
@@ -46,6 +47,7 @@ pub(crate) fn forward(b: &mut Builder, v: Var, o: &TRef) -> Result<()> {
             cross_entropy::forward(b, v, o, logits, targets, ignore_index)
         }
         Op::Prepend { x, rows } => prepend::forward(b, o, x, rows),
+        Op::PatchUnfold { x, p } => patch::forward(b, o, x, p),
     }
     Ok(())
 }
@@ -78,6 +80,7 @@ pub(crate) fn backward(b: &mut Builder, v: Var, dout: &TRef) -> Result<()> {
             cross_entropy::backward(b, v, dout, logits, targets, ignore_index)
         }
         Op::Prepend { x, rows } => prepend::backward(b, dout, x, rows),
+        Op::PatchUnfold { x, p } => patch::backward(b, dout, x, p),
     }
     Ok(())
 }
