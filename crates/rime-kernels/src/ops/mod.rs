@@ -1,6 +1,7 @@
 //! Launchers: one function per WGSL entry point, same name, checking shapes and returning dispatches.
 
 pub mod attention;
+pub mod cache;
 pub mod convert;
 pub mod cross_entropy;
 pub mod dora;
@@ -25,6 +26,7 @@ use crate::pipeline::Spec;
 pub fn declared_specs() -> Vec<(&'static str, Spec)> {
     let mut v = Vec::new();
     v.extend(attention::specs());
+    v.extend(cache::specs());
     v.extend(convert::specs());
     v.extend(cross_entropy::specs());
     v.extend(dora::specs());
