@@ -119,6 +119,25 @@ pub enum Op {
         x: Var,
         p: usize,
     },
+    /// A persistent f32 tensor (a KV cache): zeroed once, kept across steps, shared by name with a donor.
+    State,
+    /// `cache` [S, R] (a state) with rows pos..pos+T replaced by src [T, R]; the same buffer, written in place.
+    CacheWrite {
+        cache: Var,
+        src: Var,
+        pos: Var,
+    },
+    /// Rotary embedding with token 0 at the position held in `pos` (one U32 input) when the step runs.
+    RopeAt {
+        x: Var,
+        pos: Var,
+        theta: f32,
+    },
+    /// [B, S] mask, 1 where s < pos + t: the filled prefix of a cache after writing t rows at `pos`.
+    CacheMask {
+        pos: Var,
+        t: usize,
+    },
 }
 
 impl Op {
@@ -146,13 +165,20 @@ impl Op {
             Op::CrossEntropy { .. } => "cross_entropy",
             Op::Prepend { .. } => "prepend",
             Op::PatchUnfold { .. } => "patch_unfold",
+            Op::State => "state",
+            Op::CacheWrite { .. } => "cache_write",
+            Op::RopeAt { .. } => "rope_at",
+            Op::CacheMask { .. } => "cache_mask",
         }
     }
 
     /// The tensors this op reads.
     pub fn inputs(&self) -> Vec<Var> {
         match *self {
-            Op::Input | Op::Param(_) => vec![],
+            Op::Input | Op::Param(_) | Op::State => vec![],
+            Op::CacheWrite { cache, src, pos } => vec![cache, src, pos],
+            Op::RopeAt { x, pos, .. } => vec![x, pos],
+            Op::CacheMask { pos, .. } => vec![pos],
             Op::Reshape { x }
             | Op::Scale { x, .. }
             | Op::Gelu { x, .. }

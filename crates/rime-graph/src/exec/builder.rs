@@ -36,6 +36,8 @@ pub(crate) enum Kind {
     TrainParam,
     ParamGrad,
     Input,
+    /// Persistent tensors a graph writes in place (KV caches).
+    State,
     OptState,
     Fixed,
     Planned,
@@ -310,30 +312,19 @@ impl<'g> Builder<'g> {
         out
     }
 
-    /// Storage for node `i`'s output, then its op's forward rule.
+    /// Storage for node `i`'s output (its own, or a view of another's: see `ops::storage`), then its op's
+    /// forward rule.
     pub(crate) fn forward(&mut self, i: usize) -> Result<()> {
-        let node = &self.g.nodes[i];
-        let out = match node.op {
-            Op::Input => self.slot(&node.shape, node.dtype, Kind::Input),
-            Op::Param(id) => {
-                let p = self.store.get(id);
-                let kind = if p.trainable { Kind::TrainParam } else { Kind::FrozenParam };
-                // Only frozen parameters are read through texture twins: the optimizer writes trainable buffers.
-                let mut t = p.tensor.clone();
-                if p.trainable {
-                    t.texture = None;
-                }
-                self.slots.push(Slot { bytes: t.bytes(), kind, tensor: Some(t) });
-                TRef { slot: self.slots.len() - 1, shape: node.shape.clone(), dtype: p.tensor.dtype }
+        let v = Var(i);
+        let out = match ops::storage(self, v) {
+            Some(r) => r,
+            None => {
+                let g = self.g;
+                self.scratch(g.shape(v))
             }
-            Op::Reshape { x } => {
-                let xr = self.v(x);
-                TRef { slot: xr.slot, shape: node.shape.clone(), dtype: xr.dtype }
-            }
-            _ => self.scratch(&node.shape.clone()),
         };
         self.var_ref[i] = Some(out.clone());
-        ops::forward(self, Var(i), &out)
+        ops::forward(self, v, &out)
     }
 
     /// The gradient rule of node `i`, given the gradient of its output (nothing when no gradient reached it).

@@ -41,6 +41,8 @@ pub struct Executor {
     micro: u64,
     param_grads: Vec<(ParamId, usize)>,
     opt_state: Vec<(ParamId, Vec<usize>)>,
+    /// Persistent state slots by node name (KV caches), shared with executors built with this one as donor.
+    states: Vec<(String, usize)>,
     hyper: Vec<usize>,
     dloss: Option<usize>,
     loss: Option<Var>,
@@ -62,6 +64,7 @@ fn tensor_of(slots: &[Slot], r: &TRef) -> Tensor {
 struct Lowered {
     param_grads: Vec<(ParamId, usize)>,
     opt_state: Vec<(ParamId, Vec<usize>)>,
+    states: Vec<(String, usize)>,
     hyper: Vec<usize>,
     dloss: Option<usize>,
 }
@@ -81,7 +84,11 @@ fn lower(b: &mut Builder, loss: Option<Var>, cfg: Option<&OptimConfig>) -> Resul
     for i in 0..b.g.nodes.len() {
         b.forward(i)?;
     }
-    let mut out = Lowered { param_grads, opt_state: Vec::new(), hyper: Vec::new(), dloss: None };
+    let states = (b.g.nodes.iter().enumerate())
+        .filter(|(_, nd)| matches!(nd.op, Op::State))
+        .filter_map(|(i, nd)| b.var_ref[i].as_ref().map(|r| (nd.name.clone(), r.slot)))
+        .collect();
+    let mut out = Lowered { param_grads, opt_state: Vec::new(), states, hyper: Vec::new(), dloss: None };
     let (Some(lv), Some(cfg)) = (loss, cfg) else { return Ok(out) };
     if b.g.shape(lv) != [1] {
         return Err(Error::Invalid(format!("loss must be a [1] tensor, got {:?}", b.g.shape(lv))));
@@ -98,8 +105,16 @@ fn lower(b: &mut Builder, loss: Option<Var>, cfg: Option<&OptimConfig>) -> Resul
     Ok(out)
 }
 
-/// Shared optimizer state and gradients: take the donor's buffers for the same parameters.
+/// Shared optimizer state and gradients: take the donor's buffers for the same parameters; persistent state
+/// (KV caches) by name.
 fn share_from(donor: &Executor, slots: &mut [Slot], lowered: &Lowered) {
+    for (name, mine) in &lowered.states {
+        if let Some((_, theirs)) = donor.states.iter().find(|(n, _)| n == name) {
+            if slots[*mine].bytes == donor.slots[*theirs].bytes {
+                slots[*mine].tensor = donor.slots[*theirs].tensor.clone();
+            }
+        }
+    }
     for (id, mine) in &lowered.param_grads {
         if let Some((_, theirs)) = donor.param_grads.iter().find(|(p, _)| p == id) {
             slots[*mine].tensor = donor.slots[*theirs].tensor.clone();
@@ -210,6 +225,7 @@ impl Executor {
             micro: 0,
             param_grads: lowered.param_grads,
             opt_state: lowered.opt_state,
+            states: lowered.states,
             hyper: lowered.hyper,
             dloss: lowered.dloss,
             loss,

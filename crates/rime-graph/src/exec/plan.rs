@@ -19,6 +19,7 @@ pub struct MemoryReport {
     pub frozen_gradients: u64,
     pub optimizer_state: u64,
     pub activation_peak: u64,
+    /// Inputs fed per step and persistent state (KV caches).
     pub inputs: u64,
 }
 
@@ -84,7 +85,7 @@ fn allocate_fixed(dev: &Device, slots: &mut [Slot], report: &mut MemoryReport) -
             Kind::TrainParam => report.trainable_params += bytes,
             Kind::ParamGrad => report.gradients += bytes,
             Kind::OptState => report.optimizer_state += bytes,
-            Kind::Input => report.inputs += bytes,
+            Kind::Input | Kind::State => report.inputs += bytes,
             Kind::Fixed | Kind::Planned => {}
         }
         if s.tensor.is_none() && s.kind != Kind::Planned {

@@ -1,10 +1,12 @@
 //! One rule per op. Each file holds an op's graph-builder method (its shape checks), its forward lowering and
 //! its gradient rule, written against [`crate::exec::builder::Builder`]. The two matches below only route a
 //! node to its file. Adding an op: its `Op` variant (with `name` and `inputs`) in `graph.rs`, a file here, and
-//! one arm in each match.
+//! one arm in each match. Ops whose output is not a fresh activation (inputs, parameters, state, views)
+//! also say where it lives, in `storage.rs`.
 
 mod attention;
 mod binary;
+mod cache;
 mod cross_entropy;
 mod dora;
 mod embedding;
@@ -16,17 +18,20 @@ mod prepend;
 mod reshape;
 mod rope;
 mod softmax;
+mod storage;
 mod unary;
 
 use crate::error::Result;
 use crate::exec::builder::{Builder, TRef};
 use crate::graph::{Op, Var};
 
+pub(crate) use storage::storage;
+
 /// Emit the forward kernels of node `v` writing `o` (storage ops, inputs, parameters and views, have none).
 pub(crate) fn forward(b: &mut Builder, v: Var, o: &TRef) -> Result<()> {
     let op = b.g.node(v).op.clone();
     match op {
-        Op::Input | Op::Param(_) | Op::Reshape { .. } => {}
+        Op::Input | Op::Param(_) | Op::Reshape { .. } | Op::State => {}
         Op::Matmul { a, b: w, bias, ta, tb } => matmul::forward(b, o, a, w, bias, ta, tb),
         Op::Lora { x, w, bias, a, b: bm, scale } => lora::forward(b, v, o, lora::Lora { x, w, bias, a, b: bm, scale }),
         Op::DoraScale { w, a, b: bm, m, scale } => dora::forward(b, v, o, [w, a, bm, m], scale),
@@ -48,6 +53,9 @@ pub(crate) fn forward(b: &mut Builder, v: Var, o: &TRef) -> Result<()> {
         }
         Op::Prepend { x, rows } => prepend::forward(b, o, x, rows),
         Op::PatchUnfold { x, p } => patch::forward(b, o, x, p),
+        Op::CacheWrite { src, pos, .. } => cache::write_forward(b, o, src, pos),
+        Op::CacheMask { pos, t } => cache::mask_forward(b, o, pos, t),
+        Op::RopeAt { x, pos, theta } => rope::at_forward(b, o, x, pos, theta),
     }
     Ok(())
 }
@@ -56,7 +64,7 @@ pub(crate) fn forward(b: &mut Builder, v: Var, o: &TRef) -> Result<()> {
 pub(crate) fn backward(b: &mut Builder, v: Var, dout: &TRef) -> Result<()> {
     let op = b.g.node(v).op.clone();
     match op {
-        Op::Input | Op::Param(_) => {}
+        Op::Input | Op::Param(_) | Op::State | Op::CacheMask { .. } => {}
         Op::Reshape { x } => reshape::backward(b, dout, x),
         Op::Matmul { a, b: w, bias, ta, tb } => matmul::backward(b, dout, a, w, bias, ta, tb),
         Op::Lora { x, w, bias, a, b: bm, scale } => {
@@ -81,6 +89,8 @@ pub(crate) fn backward(b: &mut Builder, v: Var, dout: &TRef) -> Result<()> {
         }
         Op::Prepend { x, rows } => prepend::backward(b, dout, x, rows),
         Op::PatchUnfold { x, p } => patch::backward(b, dout, x, p),
+        Op::CacheWrite { .. } => cache::write_backward(b, v)?,
+        Op::RopeAt { x, pos, theta } => rope::at_backward(b, dout, x, pos, theta),
     }
     Ok(())
 }
