@@ -36,7 +36,7 @@ pub enum Op {
         b: Var,
         scale: f32,
     },
-    /// DoRA's output scale m / ||W + scale·B·A||_row [OC]; the norm is detached (gradient only to m).
+    /// DoRA's output scale m / ||W + scale·B·A||_row \[OC\]; the norm is detached (gradient only to m).
     DoraScale {
         w: Var,
         a: Var,

@@ -8,7 +8,7 @@ use crate::exec::builder::{Builder, Phase, TRef};
 use crate::graph::{shape_err, Graph, Op, Var};
 
 impl Graph {
-    /// Mean cross-entropy over rows whose target is not `ignore_index`; logits [N, V], targets [N] (I32).
+    /// Mean cross-entropy over rows whose target is not `ignore_index`; logits [N, V], targets \[N\] (I32).
     pub fn cross_entropy(&mut self, logits: Var, targets: Var, ignore_index: i32) -> Result<Var> {
         let (sl, st) = (self.shape(logits).to_vec(), self.shape(targets).to_vec());
         if sl.len() != 2 || st != [sl[0]] || self.node(targets).dtype != DType::I32 {

@@ -8,7 +8,7 @@ use crate::exec::builder::{Builder, Phase, TRef};
 use crate::graph::{shape_err, Graph, Op, Var};
 
 impl Graph {
-    /// DoRA's scale g = m / ||W + scale·B·A||_row for W [OC, C], A [R, C], B [OC, R], m [OC]: the factor that
+    /// DoRA's scale g = m / ||W + scale·B·A||_row for W [OC, C], A [R, C], B [OC, R], m \[OC\]: the factor that
     /// multiplies a DoRA layer's output row-wise (`mul` with g as the row operand). As in peft the norm is
     /// detached: backward reaches m only, never A or B.
     pub fn dora_scale(&mut self, w: Var, a: Var, b: Var, m: Var, scale: f32) -> Result<Var> {

@@ -16,7 +16,7 @@ impl Graph {
         Ok(self.unary(Op::Rope { x, pos_offset, theta }, x))
     }
 
-    /// [`Graph::rope`] with token 0 at the position held in `pos` (a [1] U32 input, see
+    /// [`Graph::rope`] with token 0 at the position held in `pos` (a \[1\] U32 input, see
     /// [`Graph::position_input`]) when the step runs: one built executor serves every decode step.
     pub fn rope_at(&mut self, x: Var, pos: Var, theta: f32) -> Result<Var> {
         if self.shape(x).len() != 4 {
