@@ -10,6 +10,7 @@
 mod error;
 mod exec;
 mod graph;
+mod ops;
 pub mod optim;
 mod store;
 

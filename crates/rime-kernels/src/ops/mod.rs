@@ -1,6 +1,7 @@
 //! Launchers: one function per WGSL entry point, same name, checking shapes and returning dispatches.
 
 pub mod attention;
+pub mod cache;
 pub mod convert;
 pub mod cross_entropy;
 pub mod dora;
@@ -12,6 +13,7 @@ pub mod matmul;
 pub mod merge;
 pub mod norm;
 pub mod optim;
+pub mod patch;
 pub mod prepend;
 pub mod reduce;
 pub mod rope;
@@ -24,6 +26,7 @@ use crate::pipeline::Spec;
 pub fn declared_specs() -> Vec<(&'static str, Spec)> {
     let mut v = Vec::new();
     v.extend(attention::specs());
+    v.extend(cache::specs());
     v.extend(convert::specs());
     v.extend(cross_entropy::specs());
     v.extend(dora::specs());
@@ -35,6 +38,7 @@ pub fn declared_specs() -> Vec<(&'static str, Spec)> {
     v.extend(merge::specs());
     v.extend(norm::specs());
     v.extend(optim::specs());
+    v.extend(patch::specs());
     v.extend(prepend::specs());
     v.extend(reduce::specs());
     v.extend(rope::specs());

@@ -152,10 +152,6 @@ pub(crate) fn width_for(n: usize) -> u32 {
     }
 }
 
-// The shared checks moved to crate::guard; these aliases keep launchers written against the old names building.
-#[allow(unused_imports)]
-pub(crate) use crate::guard::{expect_f32 as need_f32, expect_nonempty as need_nonempty, index_u32 as idx};
-
 pub fn specs() -> Vec<(&'static str, Spec)> {
     row_specs(FILE)
 }

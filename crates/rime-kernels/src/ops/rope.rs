@@ -29,14 +29,13 @@ pub fn inv_freq(hs: usize, theta: f32) -> Vec<f32> {
         .collect()
 }
 
-fn launch(
-    op: &'static str,
-    dev: &Device,
-    out: &Tensor,
-    x: &Tensor,
-    pos_offset: u32,
-    theta: f32,
-) -> Result<Vec<Dispatch>> {
+/// Where token 0's position comes from: a constant, or a one-element U32 tensor read when the kernel runs.
+enum Pos<'a> {
+    Const(u32),
+    Buf(&'a Tensor),
+}
+
+fn launch(op: &'static str, dev: &Device, out: &Tensor, x: &Tensor, pos: Pos, theta: f32) -> Result<Vec<Dispatch>> {
     expect_f32(op, "input", x)?;
     expect_f32(op, "output", out)?;
     expect_nonempty(op, "input", x)?;
@@ -57,6 +56,15 @@ fn launch(
         return Err(shape_err(op, format!("theta {theta} must be finite and > 1")));
     }
     let pairs = index_u32(op, "pairs", x.numel() / 2)?;
+    let pos_offset = match pos {
+        Pos::Const(p) => p,
+        Pos::Buf(b) => {
+            if b.dtype != crate::DType::U32 || b.numel() != 1 {
+                return Err(shape_err(op, format!("pos {:?} ({:?}) must be one U32", b.shape, b.dtype)));
+            }
+            0
+        }
+    };
     let last = pos_offset as u64 + t as u64;
     if last > 1 << 24 {
         return Err(shape_err(op, format!("positions up to {last} exceed f32's exact integers")));
@@ -65,15 +73,32 @@ fn launch(
     let mut f: Vec<u32> = inv_freq(hs, theta).iter().map(|v| v.to_bits()).collect();
     f.resize(MAX_HEAD_SIZE / 2, 0);
     w.extend(f);
-    Ok(vec![dev.dispatch(FILE, op, &spec(), Some(&words(&w)), &[(1, x), (2, out)], grid_1d(pairs.div_ceil(WG)))?])
+    let grid = grid_1d(pairs.div_ceil(WG));
+    match pos {
+        Pos::Const(_) => Ok(vec![dev.dispatch(FILE, op, &spec(), Some(&words(&w)), &[(1, x), (2, out)], grid)?]),
+        Pos::Buf(b) => {
+            Ok(vec![dev.dispatch(FILE, op, &spec(), Some(&words(&w)), &[(1, x), (2, out), (3, b)], grid)?])
+        }
+    }
 }
 
 /// out = x rotated: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) with x1 = x[.., :HS/2], x2 = x[.., HS/2:].
 pub fn rope_forward(dev: &Device, out: &Tensor, x: &Tensor, pos_offset: u32, theta: f32) -> Result<Vec<Dispatch>> {
-    launch("rope_forward", dev, out, x, pos_offset, theta)
+    launch("rope_forward", dev, out, x, Pos::Const(pos_offset), theta)
 }
 
 /// dx = the inverse (transposed) rotation of dout.
 pub fn rope_backward(dev: &Device, dx: &Tensor, dout: &Tensor, pos_offset: u32, theta: f32) -> Result<Vec<Dispatch>> {
-    launch("rope_backward", dev, dx, dout, pos_offset, theta)
+    launch("rope_backward", dev, dx, dout, Pos::Const(pos_offset), theta)
+}
+
+/// [`rope_forward`] with token 0 at the position held in `pos` (one U32, read when the kernel runs): one
+/// recorded dispatch serves every decode step. Positions must stay below 2^24 (f32's exact integers).
+pub fn rope_forward_at(dev: &Device, out: &Tensor, x: &Tensor, pos: &Tensor, theta: f32) -> Result<Vec<Dispatch>> {
+    launch("rope_forward_at", dev, out, x, Pos::Buf(pos), theta)
+}
+
+/// [`rope_backward`] with token 0 at the position held in `pos`.
+pub fn rope_backward_at(dev: &Device, dx: &Tensor, dout: &Tensor, pos: &Tensor, theta: f32) -> Result<Vec<Dispatch>> {
+    launch("rope_backward_at", dev, dx, dout, Pos::Buf(pos), theta)
 }

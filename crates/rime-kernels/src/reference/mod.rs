@@ -2,6 +2,7 @@
 //! They are the test oracle: simple loops, f32 (f64 where accumulation order matters), no cleverness.
 
 pub mod attention;
+pub mod cache;
 pub mod convert;
 pub mod cross_entropy;
 pub mod dora;
@@ -12,6 +13,7 @@ pub mod matmul;
 pub mod merge;
 pub mod norm;
 pub mod optim;
+pub mod patch;
 pub mod prepend;
 pub mod reduce;
 pub mod rope;

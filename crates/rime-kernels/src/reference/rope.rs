@@ -28,3 +28,12 @@ pub fn rope_forward(x: &[f32], t: usize, nh: usize, hs: usize, pos_offset: u32, 
 pub fn rope_backward(dout: &[f32], t: usize, nh: usize, hs: usize, pos_offset: u32, theta: f32) -> Vec<f32> {
     rotate(dout, t, nh, hs, pos_offset, theta, -1.0)
 }
+
+/// rope_forward_at: the position of token 0 is `pos[0]`.
+pub fn rope_forward_at(x: &[f32], t: usize, nh: usize, hs: usize, pos: &[u32], theta: f32) -> Vec<f32> {
+    rope_forward(x, t, nh, hs, pos[0], theta)
+}
+
+pub fn rope_backward_at(dout: &[f32], t: usize, nh: usize, hs: usize, pos: &[u32], theta: f32) -> Vec<f32> {
+    rope_backward(dout, t, nh, hs, pos[0], theta)
+}
