@@ -1,4 +1,4 @@
-//! Fine-tune all-MiniLM-L6-v2 with LoRA on 320 food reviews held in memory, report test accuracy, and save
+//! Fine-tune all-MiniLM-L6-v2 with LoRA on 384 food reviews held in memory, report test accuracy, and save
 //! the adapter in Hugging Face peft's format.
 //!
 //! `cargo run --release --example classify_lora [OUT_DIR]`
@@ -15,12 +15,12 @@ fn rows(file: &str, n: usize) -> (Vec<String>, Vec<String>) {
 
 fn main() -> Result<(), rime::Error> {
     let out = std::env::args().nth(1).unwrap_or_else(|| "runs/classify_lora".into());
-    let (texts, labels) = rows("data/fine_foods/train.jsonl", 320);
+    let (texts, labels) = rows("data/fine_foods/train.jsonl", 384);
     let (test_texts, test_labels) = rows("data/fine_foods/test.jsonl", 200);
 
     let gpu = rime::Gpu::new()?;
     let lora = LoraConfig { rank: 8, alpha: 16.0, ..LoraConfig::default() };
-    let cfg = TrainConfig { epochs: 2, lr: 2e-3, ..TrainConfig::default() };
+    let cfg = TrainConfig { epochs: 2, lr: 3e-3, batch_size: 16, max_length: 64, ..TrainConfig::default() };
     let run = finetune::classify(
         &gpu,
         rime::models_dir().join("all-minilm-l6-v2"),

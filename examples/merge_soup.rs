@@ -18,10 +18,10 @@ fn main() -> Result<(), rime::Error> {
     let held_out = slice(3800, 4000);
 
     let mut ingredients = Vec::new();
-    for (i, start) in [0, 400].into_iter().enumerate() {
-        let cfg = TrainConfig { lr: 3e-3, seed: i as u64, ..TrainConfig::default() };
+    for (i, start) in [0, 320].into_iter().enumerate() {
+        let cfg = TrainConfig { lr: 3e-3, batch_size: 16, max_length: 64, seed: i as u64, ..TrainConfig::default() };
         let lora = LoraConfig { rank: 8, alpha: 16.0, seed: i as u64, ..LoraConfig::default() };
-        let run = finetune::classify(&gpu, &model, lora.into(), slice(start, start + 400), None, &cfg, |_| {})?;
+        let run = finetune::classify(&gpu, &model, lora.into(), slice(start, start + 320), None, &cfg, |_| {})?;
         let dir = out.join(format!("ingredient{i}"));
         run.save(&dir)?;
         ingredients.push(dir.join(run.adapter_folder));
@@ -31,7 +31,7 @@ fn main() -> Result<(), rime::Error> {
     merge::combine_lora(&gpu, &ingredients, &weights, &CombineOptions::new(Combination::Cat), &soup, true)?;
 
     for (name, adapter) in ingredients.iter().map(|p| (p.display().to_string(), p)).chain([("soup".into(), &soup)]) {
-        let m = finetune::evaluate(&gpu, &model, adapter, &held_out, 32, 128)?;
+        let m = finetune::evaluate(&gpu, &model, adapter, &held_out, 32, 64)?;
         println!("{name:40} accuracy {:.3}  loss {:.4}", m.accuracy, m.loss);
     }
     Ok(())
