@@ -10,16 +10,11 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
-use rime_io::{Checkpoint, PeftAdapter};
+use rime_io::{add_scaled_product, dora_rescale_rows, Checkpoint, LoraDims, PeftAdapter};
 
 use crate::engine::{plan_output, write_report, MergeOptions, MergeReport};
 use crate::output::{copy_side_files, encode, write_shards, Staging};
 use crate::{Error, OutDtype, Result};
-
-/// peft's pattern lookup: a key matches a module whose path is the key or ends with `.key`.
-fn pattern<'a, T>(m: &'a BTreeMap<String, T>, module: &str) -> Option<&'a T> {
-    m.iter().find(|(k, _)| module == k.as_str() || module.ends_with(&format!(".{k}"))).map(|(_, v)| v)
-}
 
 /// Folds the adapter folder `adapter` into the checkpoint `base` (folder or file) and writes `out`.
 pub fn fold_lora(
@@ -56,16 +51,16 @@ pub fn fold_lora(
             });
         }
         let (_, wshape) = ck.info(&target)?;
-        let (r, fin, fout) = (a.shape[0], a.shape[1], b.shape[0]);
-        let want = if ad.config.fan_in_fan_out { [fin, fout] } else { [fout, fin] };
+        let d = LoraDims::of(&a.shape, &b.shape);
+        let (r, fout) = (d.r, d.fan_out);
+        let want = d.weight_shape(ad.config.fan_in_fan_out);
         if wshape != want {
             return Err(Error::Tensor {
                 tensor: target,
                 msg: format!("base shape {wshape:?} in {} but B A of `{}` is {want:?}", base.display(), p.module),
             });
         }
-        let alpha = pattern(&ad.config.alpha_pattern, &p.module).copied().unwrap_or(ad.config.lora_alpha);
-        let scale = if ad.config.use_rslora { alpha / (r as f64).sqrt() } else { alpha / r as f64 };
+        let scale = ad.config.module_scale(&p.module, r);
         let mag = if dora {
             let name = format!("{}{}.lora_magnitude_vector", rime_io::peft::PEFT_PREFIX, p.module);
             let m = ad.get(&name).ok_or_else(|| cerr(format!("use_dora: no `{name}` for module `{}`", p.module)))?;
@@ -131,25 +126,12 @@ pub fn fold_lora(
             _ => return Err(Error::Invalid(format!("adapter tensors `{an}` / `{bn}` vanished"))),
         };
         let mut w = ck.get_f32(&p.name)?;
-        let (r, fin, fout) = (a.shape[0], a.shape[1], b.shape[0]);
-        for o in 0..fout {
-            for i in 0..fin {
-                let mut acc = 0.0f32;
-                for q in 0..r {
-                    acc += b.data[o * r + q] * a.data[q * fin + i];
-                }
-                let idx = if fan { i * fout + o } else { o * fin + i };
-                w[idx] += s * acc;
-            }
-        }
+        let d = LoraDims::of(&a.shape, &b.shape);
+        add_scaled_product(&mut w, &a.data, &b.data, d, *s, fan);
         if let Some(mn) = mag {
             // DoRA: each row of W + sBA rescaled to the trained magnitude (fan_in_fan_out refused above).
             let m = ad.get(mn).ok_or_else(|| Error::Invalid(format!("adapter tensor `{mn}` vanished")))?;
-            for (o, row) in w.chunks_mut(fin).enumerate() {
-                let norm = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
-                let g = (m.data[o] as f64 / norm) as f32;
-                row.iter_mut().for_each(|v| *v *= g);
-            }
+            dora_rescale_rows(&mut w, &m.data, d.fan_in);
         }
         Ok(encode(&w, p.dtype))
     })?;
