@@ -26,7 +26,7 @@ pub struct GenerateArgs {
     /// Most tokens to generate (stops earlier at an end-of-sequence token).
     #[arg(long, default_value_t = 256)]
     pub max_new_tokens: usize,
-    /// A peft LoRA adapter folder, folded into the weights at load time.
+    /// A peft LoRA adapter folder, applied on the GPU while decoding (its factors beside the weights).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
     /// How matrices are held on the GPU: f32 or f16.
@@ -124,7 +124,7 @@ pub fn run(opts: &DeviceOptions, a: &GenerateArgs) -> Result<(), BoxErr> {
          {:.2} tokens/s decoding",
         path.display(),
         dev.info().name,
-        if m.folded.is_empty() { String::new() } else { format!(" with {} LoRA modules folded", m.folded.len()) },
+        if m.folded.is_empty() { String::new() } else { format!(" with {} LoRA modules adapted", m.folded.len()) },
         st.prompt_tokens,
         st.prefill_secs,
         st.prompt_tokens as f64 / st.prefill_secs.max(1e-9),

@@ -38,7 +38,6 @@ pub fn fold_lora(
     let ck = Checkpoint::open(base)?;
     // base tensor name -> (A, B, scale, DoRA magnitude)
     let mut folds: BTreeMap<String, (String, String, f32, Option<String>)> = BTreeMap::new();
-    let mut replaced: BTreeMap<String, String> = BTreeMap::new();
     let pairs = ad.lora_pairs();
     for p in &pairs {
         let target = format!("{}.weight", p.module);
@@ -73,34 +72,7 @@ pub fn fold_lora(
         };
         folds.insert(target, (p.a.clone(), p.b.clone(), scale as f32, mag));
     }
-    for t in &ad.tensors {
-        if t.name.contains(".lora_A.") || t.name.contains(".lora_B.") {
-            continue;
-        }
-        if t.name.ends_with(".lora_magnitude_vector") {
-            if !dora {
-                return Err(cerr(format!("use_dora is false but the adapter has `{}`", t.name)));
-            }
-            continue;
-        }
-        let stripped = t.name.strip_prefix(rime_io::peft::PEFT_PREFIX).unwrap_or(&t.name);
-        let stripped = stripped.replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".");
-        match ck.info(&stripped) {
-            Ok((_, s)) if s == t.shape.as_slice() => {
-                replaced.insert(stripped, t.name.clone());
-            }
-            _ => {
-                return Err(Error::Tensor {
-                    tensor: t.name.clone(),
-                    msg: format!(
-                        "adapter tensor in {} is neither a LoRA factor nor a copy of a base tensor of {}",
-                        adapter.display(),
-                        base.display()
-                    ),
-                })
-            }
-        }
-    }
+    let replaced = replaced_tensors(&ad, &ck, adapter, base)?;
     let plan = plan_output(&ck, dtype)?;
     let ntensors = plan.len();
     let staging = Staging::new(out, opts.force)?;
@@ -159,4 +131,47 @@ pub fn fold_lora(
     write_report(&staging.tmp, &report)?;
     staging.commit()?;
     Ok(report)
+}
+
+/// Adapter tensors that are neither LoRA factors nor DoRA magnitudes (e.g. `modules_to_save` copies): the base
+/// tensor each replaces -> its adapter name. Anything else is an error.
+fn replaced_tensors(
+    ad: &PeftAdapter,
+    ck: &Checkpoint,
+    adapter: &Path,
+    base: &Path,
+) -> Result<BTreeMap<String, String>> {
+    let afile = adapter.join("adapter_config.json").display().to_string();
+    let cerr = |msg: String| Error::Config { file: afile.clone(), msg };
+    let dora = ad.config.use_dora;
+    let mut replaced = BTreeMap::new();
+    for t in &ad.tensors {
+        if t.name.contains(".lora_A.") || t.name.contains(".lora_B.") {
+            continue;
+        }
+        if t.name.ends_with(".lora_magnitude_vector") {
+            if !dora {
+                return Err(cerr(format!("use_dora is false but the adapter has `{}`", t.name)));
+            }
+            continue;
+        }
+        let stripped = t.name.strip_prefix(rime_io::peft::PEFT_PREFIX).unwrap_or(&t.name);
+        let stripped = stripped.replace(".modules_to_save.default.", ".").replace(".modules_to_save.", ".");
+        match ck.info(&stripped) {
+            Ok((_, s)) if s == t.shape.as_slice() => {
+                replaced.insert(stripped, t.name.clone());
+            }
+            _ => {
+                return Err(Error::Tensor {
+                    tensor: t.name.clone(),
+                    msg: format!(
+                        "adapter tensor in {} is neither a LoRA factor nor a copy of a base tensor of {}",
+                        adapter.display(),
+                        base.display()
+                    ),
+                })
+            }
+        }
+    }
+    Ok(replaced)
 }

@@ -429,7 +429,9 @@ impl Recorder<'_> {
     fn adapted(&self, out: &Tensor, x: &Tensor, w: &Tensor, ad: &Adapted) -> Result<Vec<Dispatch>> {
         let (dev, rows) = (self.dev, x.rows());
         let scratch = |t: &Option<Tensor>, cols: usize| {
-            t.as_ref().map(|t| t.view(&[rows, cols], DType::F32)).ok_or_else(|| Error::Invalid("adapter scratch".into()))
+            t.as_ref()
+                .map(|t| t.view(&[rows, cols], DType::F32))
+                .ok_or_else(|| Error::Invalid("adapter scratch".into()))
         };
         let h = scratch(&self.s.lora_h, ad.a.shape[0])?;
         let Some(g) = &ad.g else {
@@ -514,7 +516,8 @@ impl LlamaOps for Recorder<'_> {
     fn final_norm(&mut self, x: Slot, weight: &str) -> Result<Slot> {
         let (s, t, c) = (self.s, self.t, self.dec.cfg.hidden);
         self.copy(s.slot(x), ((t - 1) * c * 4) as u64, &s.x_last, 0, (c * 4) as u64);
-        let ds = norm::rmsnorm_forward(self.dev, &s.h_last, &s.rstd1, &s.x_last, self.weight(weight)?, self.dec.cfg.eps)?;
+        let ds =
+            norm::rmsnorm_forward(self.dev, &s.h_last, &s.rstd1, &s.x_last, self.weight(weight)?, self.dec.cfg.eps)?;
         self.push(ds);
         Ok(Slot::HLast)
     }

@@ -158,8 +158,14 @@ pub trait LlamaOps {
     /// silu(gate) · up, the FFN activation of layer `layer`.
     fn silu_mul(&mut self, layer: usize, gate: Self::V, up: Self::V) -> Result<Self::V, Self::E>;
     /// x + y, closing sub-block `block` of layer `layer` whose (normed) input was `block_in`.
-    fn residual(&mut self, layer: usize, block: Block, x: Self::V, block_in: Self::V, y: Self::V)
-        -> Result<Self::V, Self::E>;
+    fn residual(
+        &mut self,
+        layer: usize,
+        block: Block,
+        x: Self::V,
+        block_in: Self::V,
+        y: Self::V,
+    ) -> Result<Self::V, Self::E>;
     /// The final RMSNorm (the decoder applies it to the last position only).
     fn final_norm(&mut self, x: Self::V, weight: &str) -> Result<Self::V, Self::E>;
 }

@@ -61,7 +61,10 @@ fn check_tensor_kinds(adapter: &PeftAdapter, dir: &Path) -> Result<()> {
 fn check<'a>(tensors: &[NamedTensor], adapter: &'a PeftAdapter, dir: &Path) -> Result<Vec<Checked<'a>>> {
     let cfg = &adapter.config;
     if cfg.peft_type != "LORA" {
-        return Err(model_err(dir, format!("peft_type `{}`: only LORA adapters apply to a Llama model", cfg.peft_type)));
+        return Err(model_err(
+            dir,
+            format!("peft_type `{}`: only LORA adapters apply to a Llama model", cfg.peft_type),
+        ));
     }
     if cfg.use_dora && cfg.fan_in_fan_out {
         return Err(model_err(dir, "use_dora with fan_in_fan_out is not supported".into()));
@@ -73,9 +76,10 @@ fn check<'a>(tensors: &[NamedTensor], adapter: &'a PeftAdapter, dir: &Path) -> R
         let a = adapter.get(&pair.a).ok_or_else(|| missing(&pair.a))?;
         let b = adapter.get(&pair.b).ok_or_else(|| missing(&pair.b))?;
         let weight = format!("{}.weight", pair.module);
-        let target = tensors.iter().position(|t| t.0 == weight).ok_or_else(|| {
-            model_err(dir, format!("`{}` adapts `{weight}`, which the model does not have", pair.a))
-        })?;
+        let target = tensors
+            .iter()
+            .position(|t| t.0 == weight)
+            .ok_or_else(|| model_err(dir, format!("`{}` adapts `{weight}`, which the model does not have", pair.a)))?;
         let dims = LoraDims::of(&a.shape, &b.shape);
         let want = dims.weight_shape(cfg.fan_in_fan_out);
         if tensors[target].1 != want {

@@ -401,7 +401,8 @@ fn random_adapter(
     seed: u64,
 ) -> rime_io::PeftAdapter {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut rand = |n: usize, std: f32| -> Vec<f32> { (0..n).map(|_| std * (rng.random::<f32>() * 2.0 - 1.0)).collect() };
+    let mut rand =
+        |n: usize, std: f32| -> Vec<f32> { (0..n).map(|_| std * (rng.random::<f32>() * 2.0 - 1.0)).collect() };
     let mut out = Vec::new();
     for &(m, r) in modules {
         let w = tensors.iter().find(|t| t.0 == format!("{m}.weight")).unwrap();
@@ -493,7 +494,8 @@ fn adapter_for_the_decoder_refuses_what_it_cannot_apply() {
     let mut ia3 = lora();
     ia3.peft_type = "IA3".into();
     assert!(err(ia3, &q, None).contains("IA3"));
-    let head = rime_io::AdapterTensor { name: "base_model.model.lm_head.weight".into(), shape: vec![2], data: vec![0.0; 2] };
+    let head =
+        rime_io::AdapterTensor { name: "base_model.model.lm_head.weight".into(), shape: vec![2], data: vec![0.0; 2] };
     let e = err(lora(), &q, Some(head));
     assert!(e.contains("lm_head.weight") && e.contains("neither a LoRA factor"), "{e}");
     let mut dora = lora();
