@@ -33,6 +33,8 @@ struct Scratch {
     rstd: Tensor,   // [T]
     q: Tensor,      // [T, NH·HS]
     k: Tensor,      // [T, NKV·HS]
+    q4: Tensor,     // q as [1, T, NH, HS] (RoPE's input)
+    k4: Tensor,     // k as [1, T, NKV, HS]
     v: Tensor,      // [T, NKV·HS]
     qr: Tensor,     // [1, T, NH, HS]
     kr: Tensor,     // [1, T, NKV, HS]
@@ -275,13 +277,16 @@ impl Decoder {
         let (nh, nkv, hs, i) = (c.heads, c.kv_heads, c.head_dim(), c.intermediate);
         let f = |s: &[usize]| dev.empty(s, DType::F32);
         let (lora_h, dora_y) = self.adapter_scratch(dev, t)?;
+        let (q, k) = (f(&[t, nh * hs])?, f(&[t, nkv * hs])?);
         Ok(Scratch {
             ids: dev.empty(&[t], DType::U32)?,
             x: f(&[t, c.hidden])?,
             h: f(&[t, c.hidden])?,
             rstd: f(&[t])?,
-            q: f(&[t, nh * hs])?,
-            k: f(&[t, nkv * hs])?,
+            q4: q.view(&[1, t, nh, hs], DType::F32),
+            k4: k.view(&[1, t, nkv, hs], DType::F32),
+            q,
+            k,
             v: f(&[t, nkv * hs])?,
             qr: f(&[1, t, nh, hs])?,
             kr: f(&[1, t, nkv, hs])?,
@@ -315,8 +320,8 @@ impl Decoder {
     fn execute(&self, dev: &Device, plan: &Plan, tokens: &[u32], pos: usize) -> Result<Vec<f32>> {
         let s = &plan.scratch;
         let theta = self.cfg.rope_theta;
-        let rq = rope::rope_forward(dev, &s.qr, &s.q.view(&s.qr.shape, DType::F32), pos as u32, theta)?;
-        let rk = rope::rope_forward(dev, &s.kr, &s.k.view(&s.kr.shape, DType::F32), pos as u32, theta)?;
+        let rq = rope::rope_forward(dev, &s.qr, &s.q4, pos as u32, theta)?;
+        let rk = rope::rope_forward(dev, &s.kr, &s.k4, pos as u32, theta)?;
         let q = dev.queue();
         q.write_buffer(&s.ids.buffer, 0, bytemuck::cast_slice(tokens));
         let ones = vec![1.0f32; tokens.len()];
