@@ -1,10 +1,12 @@
 //! Generation with a KV cache. The training graph recomputes every position; generating one token at a time
 //! that way costs O(T²). [`Decoder`] instead keeps the rotated keys and the values of every layer in cache
-//! buffers [1, S_max, NKV, HS] and records the kernels directly: a prompt chunk of T tokens runs with causal
-//! attention over the cache prefix [1, pos + T, ..]; one decoded token attends over the whole cache with a
-//! padding mask [1, S_max] marking the filled positions, so its dispatches are built once and replayed. Scratch
-//! buffers are shared by all layers (the layers run in order), and each step is one submit. Only the last
-//! position's logits are computed and read back.
+//! buffers [1, S_max, NKV, HS] and records the kernels directly, walking the one Llama definition
+//! ([`crate::llama::define`]) with a recorder that writes each value into a fixed scratch buffer: a prompt
+//! chunk of T tokens runs with causal attention over the cache prefix [1, pos + T, ..]; one decoded token
+//! attends over the whole cache with a padding mask [1, S_max] marking the filled positions, so its dispatches
+//! are built once and replayed. Scratch buffers are shared by all layers (the layers run in order), and each
+//! step is one submit. Only the last position's logits are computed and read back. A LoRA or DoRA adapter
+//! whose factors are in the store ([`crate::lora`]) is applied by the adapted linears on the GPU.
 
 use std::collections::HashMap;
 use std::sync::Arc;
