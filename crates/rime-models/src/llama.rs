@@ -227,7 +227,21 @@ impl LlamaOps for GraphOps<'_> {
 
     fn linear(&mut self, x: Var, module: &str, weight: &str, _: Proj) -> rime_graph::Result<Var> {
         let w = self.g.param(self.store, weight)?;
-        self.hook.linear(self.g, self.store, module, x, w, None)
+        let (store, an) = (self.store, crate::lora::factor_name(module, "A"));
+        if store.find(&an).is_none() {
+            return self.hook.linear(self.g, store, module, x, w, None);
+        }
+        // An adapter loaded for decoding (load_gguf with an adapter): the same W·x + sB·(A·x) (⊙ g).
+        let a = self.g.param(store, &an)?;
+        let sb = self.g.param(store, &crate::lora::factor_name(module, "sB"))?;
+        let y = self.g.lora(x, w, None, a, sb, 1.0)?;
+        match store.find(&crate::lora::factor_name(module, "g")) {
+            Some(_) => {
+                let gain = self.g.param(store, &crate::lora::factor_name(module, "g"))?;
+                self.g.mul(y, gain)
+            }
+            None => Ok(y),
+        }
     }
 
     fn attention(&mut self, _: usize, q: Var, k: Var, v: Var) -> rime_graph::Result<Var> {
@@ -322,8 +336,8 @@ pub use crate::lora::fold_lora;
 
 /// Reads a Llama GGUF file: weights dequantized and uploaded (matrices as `weight_dtype`, F32 or F16; norms
 /// always F32), frozen, under Hugging Face names; tokenizer, chat template and special tokens from the metadata.
-/// `adapter`: a peft LoRA folder whose factors are uploaded beside the weights, for the decoder to apply on
-/// the GPU (see [`crate::lora`]); the weights themselves stay the base model's.
+/// `adapter`: a peft LoRA folder whose factors are uploaded beside the weights (see [`crate::lora`]); the
+/// weights themselves stay the base model's, and both the decoder and [`build`] apply the adapter on the GPU.
 pub fn load_gguf(dev: &Device, path: &Path, adapter: Option<&Path>, weight_dtype: DType) -> Result<LlamaModel> {
     let file = GgufFile::open(path)?;
     let mc = file.model_config()?;

@@ -433,8 +433,9 @@ fn decoder_logits(d: &Device, store: &ParamStore, cfg: &LlamaConfig, ids: &[u32]
 }
 
 /// The adapter applied by the decoder on the GPU (factors beside the weights) gives the logits of the
-/// model with the adapter folded on the CPU (rime-io's fold arithmetic, which rime-merge's fold uses):
-/// LoRA and DoRA, rsLoRA, alpha_pattern and rank_pattern, every projection and the output head.
+/// model with the adapter folded on the CPU (rime-io's fold arithmetic, which rime-merge's fold uses), and
+/// those of the graph over the same store: LoRA and DoRA, rsLoRA, alpha_pattern and rank_pattern, every
+/// projection and the output head.
 #[test]
 fn adapter_on_gpu_matches_folded_tiny() {
     let d = dev();
@@ -465,6 +466,10 @@ fn adapter_on_gpu_matches_folded_tiny() {
         let store = upload(d, &with);
         assert_eq!(Decoder::new(d, &store, &cfg, 4).unwrap().adapted_modules().len(), modules.len());
         let applied = decoder_logits(d, &store, &cfg, &ids);
+        // the graph (llama::build, the same definition) applies the same adapter
+        let graph = graph_logits(d, &store, &cfg, &ids);
+        let g_diff = max_abs(&graph[2 * cfg.vocab..], &applied);
+        assert!(g_diff <= 1e-4, "graph and decoder with the adapter differ by {g_diff}");
         let mut folded_w = tensors.clone();
         llama::fold_lora(&mut folded_w, &ad, dir).unwrap();
         let folded = decoder_logits(d, &upload(d, &folded_w), &cfg, &ids);
