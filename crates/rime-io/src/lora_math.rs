@@ -70,7 +70,7 @@ pub fn add_scaled_product(w: &mut [f32], a: &[f32], b: &[f32], d: LoraDims, s: f
     }
 }
 
-/// DoRA's scale of each output row: g[o] = m[o] / ||w[o, :]|| for an [out, in] weight w that already holds
+/// DoRA's scale of each output row: g\[o\] = m\[o\] / ||w\[o, :\]|| for an [out, in] weight w that already holds
 /// W + s·B·A (norm in f64, as the fold writes it).
 pub fn dora_row_scale(w: &[f32], m: &[f32], fan_in: usize) -> Vec<f32> {
     w.chunks(fan_in)
@@ -82,7 +82,7 @@ pub fn dora_row_scale(w: &[f32], m: &[f32], fan_in: usize) -> Vec<f32> {
         .collect()
 }
 
-/// DoRA's fold: every row of the [out, in] weight w (holding W + s·B·A) scaled to the magnitude m[o].
+/// DoRA's fold: every row of the [out, in] weight w (holding W + s·B·A) scaled to the magnitude m\[o\].
 pub fn dora_rescale_rows(w: &mut [f32], m: &[f32], fan_in: usize) {
     let g = dora_row_scale(w, m, fan_in);
     for (row, g) in w.chunks_mut(fan_in).zip(g) {

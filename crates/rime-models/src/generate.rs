@@ -375,7 +375,7 @@ impl Decoder {
         Ok(())
     }
 
-    /// Append prompt tokens (causal attention over everything cached) and return the logits [V] that
+    /// Append prompt tokens (causal attention over everything cached) and return the logits \[V\] that
     /// predict the token after the last one.
     pub fn prefill(&mut self, dev: &Device, tokens: &[u32]) -> Result<Vec<f32>> {
         if tokens.is_empty() {
@@ -393,7 +393,7 @@ impl Decoder {
         Ok(logits)
     }
 
-    /// Append one token and return the logits [V] for the next.
+    /// Append one token and return the logits \[V\] for the next.
     pub fn decode(&mut self, dev: &Device, token: u32) -> Result<Vec<f32>> {
         self.check_ids(&[token])?;
         self.check_room(1)?;

@@ -17,7 +17,7 @@ use rime_io::{AdapterTensor, NamedTensor, PeftAdapter};
 use crate::llama::{Error, Result};
 
 /// What the decoder reads for one adapted module `module` (e.g. `model.layers.0.self_attn.q_proj`):
-/// `A` [r, in], `sB` (s·B, [out, r]) and, for DoRA, `g` [out].
+/// `A` [r, in], `sB` (s·B, [out, r]) and, for DoRA, `g` \[out\].
 pub fn factor_name(module: &str, which: &str) -> String {
     format!("decode_lora.{module}.{which}")
 }
