@@ -13,7 +13,8 @@ use crate::{Error, Gpu, Result};
 /// How a [`Decoder`] is loaded.
 #[derive(Debug, Clone, Default)]
 pub struct DecoderOptions {
-    /// A peft LoRA adapter folder applied to the weights.
+    /// A peft LoRA (or DoRA) adapter folder, applied on the GPU while decoding: its factors sit beside the
+    /// frozen weights and each adapted linear computes `W·x + s·B·(A·x)` (nothing is folded).
     pub adapter: Option<PathBuf>,
     /// Store the matrices in half precision (half the memory, about twice the decoding speed).
     pub half_precision: bool,

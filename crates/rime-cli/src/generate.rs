@@ -27,7 +27,7 @@ pub struct GenerateArgs {
     /// Most tokens to generate (stops earlier at an end-of-sequence token).
     #[arg(long, default_value_t = 256)]
     pub max_new_tokens: usize,
-    /// A peft LoRA adapter folder, folded into the weights at load time.
+    /// A peft LoRA adapter folder, applied on the GPU while decoding (its factors beside the weights).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
     /// How matrices are held on the GPU: f32 or f16.
@@ -72,7 +72,7 @@ pub fn run(opts: &DeviceOptions, a: &GenerateArgs) -> Result<(), BoxErr> {
         path.display(),
         gpu.info().name,
         lm.load_secs(),
-        if adapted == 0 { String::new() } else { format!(" with {adapted} LoRA modules folded") },
+        if adapted == 0 { String::new() } else { format!(" with {adapted} LoRA modules adapted") },
         st.prompt_tokens,
         st.prefill_secs,
         st.prompt_tokens as f64 / st.prefill_secs.max(1e-9),

@@ -8,6 +8,7 @@ pub mod dataset;
 pub mod error;
 pub mod gguf;
 mod gguf_tokenizer;
+pub mod lora_math;
 pub mod models;
 pub mod peft;
 pub mod safetensors;
@@ -17,6 +18,7 @@ pub use config::{Architecture, ModelConfig};
 pub use dataset::{split_indices, Columns, Dataset, DatasetFormat, Example, LabelMap};
 pub use error::{Error, Result};
 pub use gguf::{GgmlType, GgufFile, GgufTensorInfo, GgufValue, NamedTensor};
+pub use lora_math::{add_scaled_product, dora_rescale_rows, dora_row_scale, pattern_lookup, LoraDims};
 pub use models::{locate_model, models_dir};
 pub use peft::{AdapterConfig, AdapterTensor, LoraPair, PeftAdapter};
 pub use safetensors::{

@@ -91,18 +91,9 @@ impl CombineOptions {
     }
 }
 
-fn pattern<'a, T>(m: &'a BTreeMap<String, T>, module: &str) -> Option<&'a T> {
-    m.iter().find(|(k, _)| module == k.as_str() || module.ends_with(&format!(".{k}"))).map(|(_, v)| v)
-}
-
 /// LoRA scale of `module` in adapter `ad` whose factor A has `r` rows.
 fn module_scale(ad: &PeftAdapter, module: &str, r: usize) -> f64 {
-    let alpha = pattern(&ad.config.alpha_pattern, module).copied().unwrap_or(ad.config.lora_alpha);
-    if ad.config.use_rslora {
-        alpha / (r as f64).sqrt()
-    } else {
-        alpha / r as f64
-    }
+    ad.config.module_scale(module, r)
 }
 
 /// The config rank of an adapter (peft: max of `r` and its rank pattern).

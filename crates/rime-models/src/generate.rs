@@ -1,43 +1,46 @@
 //! Generation with a KV cache. The training graph recomputes every position; generating one token at a time
 //! that way costs O(T²). [`Decoder`] instead keeps the rotated keys and the values of every layer in cache
-//! buffers [1, S_max, NKV, HS] and records the kernels directly: a prompt chunk of T tokens runs with causal
-//! attention over the cache prefix [1, pos + T, ..]; one decoded token attends over the whole cache with a
-//! padding mask [1, S_max] marking the filled positions, so its dispatches are built once and replayed. Scratch
-//! buffers are shared by all layers (the layers run in order), and each step is one submit. Only the last
-//! position's logits are computed and read back.
+//! buffers [1, S_max, NKV, HS] and records the kernels directly, walking the one Llama definition
+//! ([`crate::llama::define`]) with a recorder that writes each value into a fixed scratch buffer: a prompt
+//! chunk of T tokens runs with causal attention over the cache prefix [1, pos + T, ..]; one decoded token
+//! attends over the whole cache with a padding mask [1, S_max] marking the filled positions, so its dispatches
+//! are built once and replayed. Scratch buffers are shared by all layers (the layers run in order), and each
+//! step is one submit. Only the last position's logits are computed and read back. A LoRA or DoRA adapter
+//! whose factors are in the store ([`crate::lora`]) is applied by the adapted linears on the GPU.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use rime_graph::ParamStore;
-use rime_kernels::ops::{attention, elementwise, embedding, matmul, norm, rope};
+
+use rime_kernels::ops::{attention, elementwise, embedding, lora, matmul, norm, rope};
 use rime_kernels::{wgpu, DType, Device, Dispatch, Tensor};
 
-use crate::llama::{lm_head_name, Error, LlamaConfig, Result};
+use crate::llama::{define, lm_head_name, Block, Error, LlamaConfig, LlamaOps, Proj, Result};
+use crate::lora::factor_name;
 
-struct LayerWeights {
-    ln1: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    o: Tensor,
-    ln2: Tensor,
-    gate: Tensor,
-    up: Tensor,
-    down: Tensor,
+/// A LoRA adapter on one linear, applied on the GPU (see [`crate::lora`]): y = W·x + sB·(A·x), then for
+/// DoRA y ⊙ g.
+struct Adapted {
+    a: Tensor,
+    sb: Tensor,
+    g: Option<Tensor>,
 }
 
-/// Buffers of one chunk size T (activations of one layer at a time).
+/// Buffers of one chunk size T (activations of one layer at a time); the linears' outputs are [T, features].
 struct Scratch {
     ids: Tensor,    // [T] U32
     x: Tensor,      // [T, C] residual stream
     h: Tensor,      // [T, C]
     rstd: Tensor,   // [T]
-    q: Tensor,      // [1, T, NH, HS]
-    k: Tensor,      // [1, T, NKV, HS]
-    v: Tensor,      // [1, T, NKV, HS]
+    q: Tensor,      // [T, NH·HS]
+    k: Tensor,      // [T, NKV·HS]
+    q4: Tensor,     // q as [1, T, NH, HS] (RoPE's input)
+    k4: Tensor,     // k as [1, T, NKV, HS]
+    v: Tensor,      // [T, NKV·HS]
     qr: Tensor,     // [1, T, NH, HS]
     kr: Tensor,     // [1, T, NKV, HS]
-    att: Tensor,    // [1, T, NH, HS]
+    att: Tensor,    // [T, NH·HS]
     lse: Tensor,    // [1, NH, T]
     o: Tensor,      // [T, C]
     gate: Tensor,   // [T, I]
@@ -47,6 +50,56 @@ struct Scratch {
     h_last: Tensor, // [1, C]
     rstd1: Tensor,  // [1]
     logits: Tensor, // [1, V]
+    /// A·x of an adapted linear ([T, r] views), and its output before DoRA's scale ([T, out] views).
+    lora_h: Option<Tensor>,
+    dora_y: Option<Tensor>,
+}
+
+/// Where a value of the decode pass lives (the recorder's [`LlamaOps::V`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    X,
+    H,
+    Q,
+    K,
+    V,
+    Att,
+    O,
+    Gate,
+    Up,
+    HLast,
+    Logits,
+}
+
+impl Scratch {
+    fn slot(&self, s: Slot) -> &Tensor {
+        match s {
+            Slot::X => &self.x,
+            Slot::H => &self.h,
+            Slot::Q => &self.q,
+            Slot::K => &self.k,
+            Slot::V => &self.v,
+            Slot::Att => &self.att,
+            Slot::O => &self.o,
+            Slot::Gate => &self.gate,
+            Slot::Up => &self.up,
+            Slot::HLast => &self.h_last,
+            Slot::Logits => &self.logits,
+        }
+    }
+}
+
+/// The buffer a projection writes.
+fn output_slot(p: Proj) -> Slot {
+    match p {
+        Proj::Q => Slot::Q,
+        Proj::K => Slot::K,
+        Proj::V => Slot::V,
+        Proj::O | Proj::Down => Slot::O,
+        Proj::Gate => Slot::Gate,
+        Proj::Up => Slot::Up,
+        Proj::Head => Slot::Logits,
+    }
 }
 
 enum Item {
@@ -70,15 +123,15 @@ struct Plan {
     items: Vec<Item>,
 }
 
-/// A Llama model ready to generate: weights (shared with the store), KV cache, the replayable decode plan.
+/// A Llama model ready to generate: weights (shared with the store), adapters, KV cache, the replayable
+/// decode plan.
 pub struct Decoder {
     cfg: LlamaConfig,
     max_seq: usize,
     len: usize,
-    embed: Tensor,
-    lm_head: Tensor,
-    norm: Tensor,
-    layers: Vec<LayerWeights>,
+    weights: HashMap<String, Tensor>,
+    head: &'static str,
+    adapters: HashMap<String, Adapted>,
     k_cache: Vec<Tensor>,
     v_cache: Vec<Tensor>,
     mask: Tensor,
@@ -89,9 +142,61 @@ pub struct Decoder {
 /// Prompt chunks above this many tokens run in several steps (bounds the scratch buffers).
 const MAX_CHUNK: usize = 256;
 
+/// [`LlamaOps`] that only lists the weights and linear modules the model reads.
+#[derive(Default)]
+struct Names {
+    weights: Vec<String>,
+    modules: Vec<String>,
+}
+
+impl LlamaOps for Names {
+    type V = ();
+    type E = Error;
+    fn embed(&mut self, weight: &str) -> Result<()> {
+        self.weights.push(weight.into());
+        Ok(())
+    }
+    fn rmsnorm(&mut self, _: (), weight: &str) -> Result<()> {
+        self.embed(weight)
+    }
+    fn linear(&mut self, _: (), module: &str, weight: &str, _: Proj) -> Result<()> {
+        self.modules.push(module.into());
+        self.embed(weight)
+    }
+    fn attention(&mut self, _: usize, _: (), _: (), _: ()) -> Result<()> {
+        Ok(())
+    }
+    fn silu_mul(&mut self, _: usize, _: (), _: ()) -> Result<()> {
+        Ok(())
+    }
+    fn residual(&mut self, _: usize, _: Block, _: (), _: (), _: ()) -> Result<()> {
+        Ok(())
+    }
+    fn final_norm(&mut self, _: (), weight: &str) -> Result<()> {
+        self.embed(weight)
+    }
+}
+
+/// The adapter of each linear module that has one in `store` (tensors named by [`factor_name`]).
+fn adapters_in(store: &ParamStore, modules: &[String]) -> Result<HashMap<String, Adapted>> {
+    let get = |name: &str| store.find(name).map(|id| store.get(id).tensor.clone());
+    let mut out = HashMap::new();
+    for m in modules {
+        match (get(&factor_name(m, "A")), get(&factor_name(m, "sB"))) {
+            (Some(a), Some(sb)) => {
+                out.insert(m.clone(), Adapted { a, sb, g: get(&factor_name(m, "g")) });
+            }
+            (None, None) => {}
+            _ => return Err(Error::Invalid(format!("module `{m}`: the store holds only one of its LoRA factors"))),
+        }
+    }
+    Ok(out)
+}
+
 impl Decoder {
     /// A decoder over the weights in `store` (HF names, see [`crate::llama`]) for sequences of up to `max_seq`
-    /// tokens (prompt and generated).
+    /// tokens (prompt and generated). A LoRA adapter whose factors are in the store (as
+    /// [`crate::llama::load_gguf`] puts them) is applied on the GPU.
     pub fn new(dev: &Device, store: &ParamStore, cfg: &LlamaConfig, max_seq: usize) -> Result<Decoder> {
         if max_seq == 0 || max_seq > cfg.max_positions {
             return Err(Error::Invalid(format!(
@@ -99,21 +204,13 @@ impl Decoder {
                 cfg.max_positions
             )));
         }
-        let get = |name: &str| -> Result<Tensor> { Ok(store.get(store.id(name)?).tensor.clone()) };
-        let mut layers = Vec::with_capacity(cfg.layers);
-        for l in 0..cfg.layers {
-            let n = |s: &str| format!("model.layers.{l}.{s}.weight");
-            layers.push(LayerWeights {
-                ln1: get(&n("input_layernorm"))?,
-                q: get(&n("self_attn.q_proj"))?,
-                k: get(&n("self_attn.k_proj"))?,
-                v: get(&n("self_attn.v_proj"))?,
-                o: get(&n("self_attn.o_proj"))?,
-                ln2: get(&n("post_attention_layernorm"))?,
-                gate: get(&n("mlp.gate_proj"))?,
-                up: get(&n("mlp.up_proj"))?,
-                down: get(&n("mlp.down_proj"))?,
-            });
+        let head = lm_head_name(store, cfg);
+        let mut names = Names::default();
+        define(&mut names, cfg, Some(head))?;
+        let mut weights = HashMap::new();
+        for n in names.weights {
+            let t = store.get(store.id(&n)?).tensor.clone();
+            weights.insert(n, t);
         }
         let (nkv, hs) = (cfg.kv_heads, cfg.head_dim());
         let mut k_cache = Vec::with_capacity(cfg.layers);
@@ -132,10 +229,9 @@ impl Decoder {
             cfg: cfg.clone(),
             max_seq,
             len: 0,
-            embed: get("model.embed_tokens.weight")?,
-            lm_head: get(lm_head_name(store, cfg))?,
-            norm: get("model.norm.weight")?,
-            layers,
+            weights,
+            head,
+            adapters: adapters_in(store, &names.modules)?,
             k_cache,
             v_cache,
             mask: dev.zeros(&[1, max_seq], DType::F32)?,
@@ -154,6 +250,12 @@ impl Decoder {
     pub fn max_seq(&self) -> usize {
         self.max_seq
     }
+    /// Linear modules a LoRA adapter adapts.
+    pub fn adapted_modules(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.adapters.keys().cloned().collect();
+        v.sort();
+        v
+    }
 
     /// Forget the cached sequence.
     pub fn reset(&mut self, dev: &Device) -> Result<()> {
@@ -162,21 +264,35 @@ impl Decoder {
         Ok(())
     }
 
+    /// Scratch for the adapters of a chunk of `t` tokens: the largest A·x ([t, r]) and, if any module is DoRA,
+    /// the largest pre-scale output ([t, out]; one row for the head).
+    fn adapter_scratch(&self, dev: &Device, t: usize) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let rows = |m: &str| if m == Proj::Head.module() { 1 } else { t };
+        let h = self.adapters.iter().map(|(m, a)| rows(m) * a.a.shape[0]).max();
+        let y = self.adapters.iter().filter(|(_, a)| a.g.is_some()).map(|(m, a)| rows(m) * a.sb.shape[0]).max();
+        let f = |n: Option<usize>| n.map(|n| dev.empty(&[n], DType::F32)).transpose();
+        Ok((f(h)?, f(y)?))
+    }
+
     fn scratch(&self, dev: &Device, t: usize) -> Result<Scratch> {
         let c = &self.cfg;
         let (nh, nkv, hs, i) = (c.heads, c.kv_heads, c.head_dim(), c.intermediate);
         let f = |s: &[usize]| dev.empty(s, DType::F32);
+        let (lora_h, dora_y) = self.adapter_scratch(dev, t)?;
+        let (q, k) = (f(&[t, nh * hs])?, f(&[t, nkv * hs])?);
         Ok(Scratch {
             ids: dev.empty(&[t], DType::U32)?,
             x: f(&[t, c.hidden])?,
             h: f(&[t, c.hidden])?,
             rstd: f(&[t])?,
-            q: f(&[1, t, nh, hs])?,
-            k: f(&[1, t, nkv, hs])?,
-            v: f(&[1, t, nkv, hs])?,
+            q4: q.view(&[1, t, nh, hs], DType::F32),
+            k4: k.view(&[1, t, nkv, hs], DType::F32),
+            q,
+            k,
+            v: f(&[t, nkv * hs])?,
             qr: f(&[1, t, nh, hs])?,
             kr: f(&[1, t, nkv, hs])?,
-            att: f(&[1, t, nh, hs])?,
+            att: f(&[t, nh * hs])?,
             lse: f(&[1, nh, t])?,
             o: f(&[t, c.hidden])?,
             gate: f(&[t, i])?,
@@ -186,93 +302,28 @@ impl Decoder {
             h_last: f(&[1, c.hidden])?,
             rstd1: f(&[1])?,
             logits: f(&[1, c.vocab])?,
+            lora_h,
+            dora_y,
         })
     }
 
-    /// The kernels of one chunk of `t` tokens. `prefix`: Some(pos + t) attends causally over that cache
-    /// prefix (prompt chunks); None attends over the whole cache under the padding mask (one decoded token).
+    /// The kernels of one chunk of `t` tokens, recorded from [`define`]. `prefix`: Some(pos + t) attends
+    /// causally over that cache prefix (prompt chunks); None attends over the whole cache under the padding
+    /// mask (one decoded token).
     fn plan(&self, dev: &Device, t: usize, prefix: Option<usize>) -> Result<Plan> {
-        let s = self.scratch(dev, t)?;
-        let c = &self.cfg;
-        let (cc, nh, nkv, hs) = (c.hidden, c.heads, c.kv_heads, c.head_dim());
-        let row = (nkv * hs * 4) as u64;
-        let mut items = Vec::new();
-        let push = |items: &mut Vec<Item>, ds: Vec<Dispatch>| items.extend(ds.into_iter().map(Item::D));
-        let x2 = |t: &Tensor, shape: &[usize]| t.reshape(shape);
-        push(&mut items, embedding::embedding_forward(dev, &s.x, &s.ids, &self.embed)?);
-        let scale = 1.0 / (hs as f32).sqrt();
-        for (l, w) in self.layers.iter().enumerate() {
-            push(&mut items, norm::rmsnorm_forward(dev, &s.h, &s.rstd, &s.x, &w.ln1, c.eps)?);
-            push(&mut items, matmul::matmul_forward(dev, &x2(&s.q, &[t, nh * hs])?, &s.h, &w.q, None, false, true)?);
-            push(&mut items, matmul::matmul_forward(dev, &x2(&s.k, &[t, nkv * hs])?, &s.h, &w.k, None, false, true)?);
-            push(&mut items, matmul::matmul_forward(dev, &x2(&s.v, &[t, nkv * hs])?, &s.h, &w.v, None, false, true)?);
-            items.push(Item::RopeQ);
-            items.push(Item::RopeK);
-            let size = row * t as u64;
-            items.push(Item::Copy {
-                src: s.kr.buffer.clone(),
-                src_off: 0,
-                dst: self.k_cache[l].buffer.clone(),
-                dst_off: 0,
-                dst_pos_stride: row,
-                size,
-            });
-            items.push(Item::Copy {
-                src: s.v.buffer.clone(),
-                src_off: 0,
-                dst: self.v_cache[l].buffer.clone(),
-                dst_off: 0,
-                dst_pos_stride: row,
-                size,
-            });
-            let ds = match prefix {
-                Some(n) => {
-                    let view = |b: &Tensor| b.view(&[1, n, nkv, hs], DType::F32);
-                    let (kv, vv) = (view(&self.k_cache[l]), view(&self.v_cache[l]));
-                    attention::attention_forward(dev, &s.att, &s.lse, &s.qr, &kv, &vv, None, true, scale)?
-                }
-                None => attention::attention_forward(
-                    dev,
-                    &s.att,
-                    &s.lse,
-                    &s.qr,
-                    &self.k_cache[l],
-                    &self.v_cache[l],
-                    Some(&self.mask),
-                    false,
-                    scale,
-                )?,
-            };
-            push(&mut items, ds);
-            push(&mut items, matmul::matmul_forward(dev, &s.o, &x2(&s.att, &[t, cc])?, &w.o, None, false, true)?);
-            push(&mut items, elementwise::add_inplace_forward(dev, &s.x, &s.o, 1.0)?);
-            push(&mut items, norm::rmsnorm_forward(dev, &s.h, &s.rstd, &s.x, &w.ln2, c.eps)?);
-            push(&mut items, matmul::matmul_forward(dev, &s.gate, &s.h, &w.gate, None, false, true)?);
-            push(&mut items, matmul::matmul_forward(dev, &s.up, &s.h, &w.up, None, false, true)?);
-            push(&mut items, elementwise::silu_forward(dev, &s.act, &s.gate)?);
-            push(&mut items, elementwise::mul_forward(dev, &s.gate, &s.act, &s.up)?);
-            push(&mut items, matmul::matmul_forward(dev, &s.o, &s.gate, &w.down, None, false, true)?);
-            push(&mut items, elementwise::add_inplace_forward(dev, &s.x, &s.o, 1.0)?);
-        }
-        items.push(Item::Copy {
-            src: s.x.buffer.clone(),
-            src_off: ((t - 1) * cc * 4) as u64,
-            dst: s.x_last.buffer.clone(),
-            dst_off: 0,
-            dst_pos_stride: 0,
-            size: (cc * 4) as u64,
-        });
-        push(&mut items, norm::rmsnorm_forward(dev, &s.h_last, &s.rstd1, &s.x_last, &self.norm, c.eps)?);
-        push(&mut items, matmul::matmul_forward(dev, &s.logits, &s.h_last, &self.lm_head, None, false, true)?);
-        Ok(Plan { scratch: s, items })
+        let scratch = self.scratch(dev, t)?;
+        let mut rec = Recorder { dec: self, dev, s: &scratch, t, prefix, items: Vec::new() };
+        define(&mut rec, &self.cfg, Some(self.head))?;
+        let items = rec.items;
+        Ok(Plan { scratch, items })
     }
 
     /// Record and submit one chunk at position `pos`, then read back the last position's logits.
     fn execute(&self, dev: &Device, plan: &Plan, tokens: &[u32], pos: usize) -> Result<Vec<f32>> {
         let s = &plan.scratch;
         let theta = self.cfg.rope_theta;
-        let rq = rope::rope_forward(dev, &s.qr, &s.q, pos as u32, theta)?;
-        let rk = rope::rope_forward(dev, &s.kr, &s.k, pos as u32, theta)?;
+        let rq = rope::rope_forward(dev, &s.qr, &s.q4, pos as u32, theta)?;
+        let rk = rope::rope_forward(dev, &s.kr, &s.k4, pos as u32, theta)?;
         let q = dev.queue();
         q.write_buffer(&s.ids.buffer, 0, bytemuck::cast_slice(tokens));
         let ones = vec![1.0f32; tokens.len()];
@@ -324,7 +375,7 @@ impl Decoder {
         Ok(())
     }
 
-    /// Append prompt tokens (causal attention over everything cached) and return the logits [V] that
+    /// Append prompt tokens (causal attention over everything cached) and return the logits \[V\] that
     /// predict the token after the last one.
     pub fn prefill(&mut self, dev: &Device, tokens: &[u32]) -> Result<Vec<f32>> {
         if tokens.is_empty() {
@@ -342,7 +393,7 @@ impl Decoder {
         Ok(logits)
     }
 
-    /// Append one token and return the logits [V] for the next.
+    /// Append one token and return the logits \[V\] for the next.
     pub fn decode(&mut self, dev: &Device, token: u32) -> Result<Vec<f32>> {
         self.check_ids(&[token])?;
         self.check_room(1)?;
@@ -353,6 +404,129 @@ impl Decoder {
         let logits = self.execute(dev, plan, &[token], self.len)?;
         self.len += 1;
         Ok(logits)
+    }
+}
+
+/// [`LlamaOps`] for the KV-cache decoder: records the kernels of one chunk into fixed scratch buffers.
+struct Recorder<'a> {
+    dec: &'a Decoder,
+    dev: &'a Device,
+    s: &'a Scratch,
+    t: usize,
+    prefix: Option<usize>,
+    items: Vec<Item>,
+}
+
+impl Recorder<'_> {
+    fn push(&mut self, ds: Vec<Dispatch>) {
+        self.items.extend(ds.into_iter().map(Item::D));
+    }
+
+    fn weight(&self, name: &str) -> Result<&Tensor> {
+        self.dec.weights.get(name).ok_or_else(|| Error::Invalid(format!("decoder has no weight `{name}`")))
+    }
+
+    /// Copies `size` bytes of `src` from `src_off` into `dst` at `dst_off + pos * dst_pos_stride`.
+    fn copy(&mut self, src: &Tensor, src_off: u64, dst: &Tensor, dst_pos_stride: u64, size: u64) {
+        let (src, dst) = (src.buffer.clone(), dst.buffer.clone());
+        self.items.push(Item::Copy { src, src_off, dst, dst_off: 0, dst_pos_stride, size });
+    }
+
+    /// out = x·Wᵀ + sB·(A·x) (⊙ g for DoRA) for an adapted linear.
+    fn adapted(&self, out: &Tensor, x: &Tensor, w: &Tensor, ad: &Adapted) -> Result<Vec<Dispatch>> {
+        let (dev, rows) = (self.dev, x.rows());
+        let scratch = |t: &Option<Tensor>, cols: usize| {
+            t.as_ref()
+                .map(|t| t.view(&[rows, cols], DType::F32))
+                .ok_or_else(|| Error::Invalid("adapter scratch".into()))
+        };
+        let h = scratch(&self.s.lora_h, ad.a.shape[0])?;
+        let Some(g) = &ad.g else {
+            return Ok(lora::lora_forward(dev, out, &h, x, w, None, &ad.a, &ad.sb, 1.0)?);
+        };
+        let y = scratch(&self.s.dora_y, out.last_dim())?;
+        let mut ds = lora::lora_forward(dev, &y, &h, x, w, None, &ad.a, &ad.sb, 1.0)?;
+        ds.extend(elementwise::mul_forward(dev, out, &y, g)?);
+        Ok(ds)
+    }
+}
+
+impl LlamaOps for Recorder<'_> {
+    type V = Slot;
+    type E = Error;
+
+    fn embed(&mut self, weight: &str) -> Result<Slot> {
+        let ds = embedding::embedding_forward(self.dev, &self.s.x, &self.s.ids, self.weight(weight)?)?;
+        self.push(ds);
+        Ok(Slot::X)
+    }
+
+    fn rmsnorm(&mut self, x: Slot, weight: &str) -> Result<Slot> {
+        let s = self.s;
+        let ds = norm::rmsnorm_forward(self.dev, &s.h, &s.rstd, s.slot(x), self.weight(weight)?, self.dec.cfg.eps)?;
+        self.push(ds);
+        Ok(Slot::H)
+    }
+
+    fn linear(&mut self, x: Slot, module: &str, weight: &str, proj: Proj) -> Result<Slot> {
+        let (s, out) = (self.s, output_slot(proj));
+        let w = self.weight(weight)?;
+        let ds = match self.dec.adapters.get(module) {
+            Some(ad) => self.adapted(s.slot(out), s.slot(x), w, ad)?,
+            None => matmul::matmul_forward(self.dev, s.slot(out), s.slot(x), w, None, false, true)?,
+        };
+        self.push(ds);
+        Ok(out)
+    }
+
+    fn attention(&mut self, layer: usize, q: Slot, k: Slot, v: Slot) -> Result<Slot> {
+        let (s, dec, t) = (self.s, self.dec, self.t);
+        let (nh, nkv, hs) = (dec.cfg.heads, dec.cfg.kv_heads, dec.cfg.head_dim());
+        if (q, k, v) != (Slot::Q, Slot::K, Slot::V) {
+            return Err(Error::Invalid(format!("attention of layer {layer} reads {q:?}, {k:?}, {v:?}")));
+        }
+        // RoPE (recorded per step: the position is one of its parameters), then the rotated keys and the
+        // values appended to the cache at the chunk's position.
+        self.items.push(Item::RopeQ);
+        self.items.push(Item::RopeK);
+        let row = (nkv * hs * 4) as u64;
+        let (kc, vc) = (&dec.k_cache[layer], &dec.v_cache[layer]);
+        self.copy(&s.kr, 0, kc, row, row * t as u64);
+        self.copy(&s.v, 0, vc, row, row * t as u64);
+        let att = s.att.view(&[1, t, nh, hs], DType::F32);
+        let scale = 1.0 / (hs as f32).sqrt();
+        let ds = match self.prefix {
+            Some(n) => {
+                let view = |b: &Tensor| b.view(&[1, n, nkv, hs], DType::F32);
+                attention::attention_forward(self.dev, &att, &s.lse, &s.qr, &view(kc), &view(vc), None, true, scale)?
+            }
+            None => attention::attention_forward(self.dev, &att, &s.lse, &s.qr, kc, vc, Some(&dec.mask), false, scale)?,
+        };
+        self.push(ds);
+        Ok(Slot::Att)
+    }
+
+    fn silu_mul(&mut self, _: usize, gate: Slot, up: Slot) -> Result<Slot> {
+        let s = self.s;
+        let mut ds = elementwise::silu_forward(self.dev, &s.act, s.slot(gate))?;
+        ds.extend(elementwise::mul_forward(self.dev, s.slot(gate), &s.act, s.slot(up))?);
+        self.push(ds);
+        Ok(gate)
+    }
+
+    fn residual(&mut self, _: usize, _: Block, x: Slot, _: Slot, y: Slot) -> Result<Slot> {
+        let ds = elementwise::add_inplace_forward(self.dev, self.s.slot(x), self.s.slot(y), 1.0)?;
+        self.push(ds);
+        Ok(x)
+    }
+
+    fn final_norm(&mut self, x: Slot, weight: &str) -> Result<Slot> {
+        let (s, t, c) = (self.s, self.t, self.dec.cfg.hidden);
+        self.copy(s.slot(x), ((t - 1) * c * 4) as u64, &s.x_last, 0, (c * 4) as u64);
+        let ds =
+            norm::rmsnorm_forward(self.dev, &s.h_last, &s.rstd1, &s.x_last, self.weight(weight)?, self.dec.cfg.eps)?;
+        self.push(ds);
+        Ok(Slot::HLast)
     }
 }
 

@@ -6,6 +6,7 @@
 pub mod bert;
 pub mod generate;
 pub mod llama;
+pub mod lora;
 
 use rime_graph::{Graph, ParamStore, Result, Var};
 

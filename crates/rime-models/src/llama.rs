@@ -3,9 +3,9 @@
 //! Parameter names are those of Hugging Face `LlamaForCausalLM` (`model.embed_tokens.weight`,
 //! `model.layers.N.self_attn.q_proj.weight`, ..., `lm_head.weight`). [`build`] makes the training/eval graph
 //! (forward and backward through the [`LinearHook`]); [`crate::generate`] runs the same model for generation
-//! with a KV cache. [`load_gguf`] reads a GGUF file into a [`ParamStore`], folding a peft LoRA adapter if given.
+//! with a KV cache; both are [`define`], written once against [`LlamaOps`]. [`load_gguf`] reads a GGUF file
+//! into a [`ParamStore`], with a peft LoRA adapter's factors beside the weights if given.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use rime_graph::{Graph, ParamStore, Var};
@@ -92,8 +92,194 @@ impl LlamaConfig {
 /// The per-step input of a decoder graph: token ids [B, T] (U32). Positions are 0..T in every row.
 pub const INPUT_IDS: &str = "input_ids";
 
-fn p(g: &mut Graph, store: &ParamStore, name: &str) -> rime_graph::Result<Var> {
-    g.param(store, name)
+/// One projection of a Llama layer (or the output head): its Hugging Face module name follows from it, and
+/// the KV-cache decoder picks its output buffer by it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proj {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+    Head,
+}
+
+impl Proj {
+    /// The module path under `model.layers.N.` (`lm_head` for the head).
+    pub fn module(self) -> &'static str {
+        match self {
+            Proj::Q => "self_attn.q_proj",
+            Proj::K => "self_attn.k_proj",
+            Proj::V => "self_attn.v_proj",
+            Proj::O => "self_attn.o_proj",
+            Proj::Gate => "mlp.gate_proj",
+            Proj::Up => "mlp.up_proj",
+            Proj::Down => "mlp.down_proj",
+            Proj::Head => "lm_head",
+        }
+    }
+}
+
+/// The sub-block a residual add closes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Block {
+    Attention,
+    Ffn,
+}
+
+impl Block {
+    /// The name [`LinearHook::block_output`] receives.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Block::Attention => "attention",
+            Block::Ffn => "ffn",
+        }
+    }
+}
+
+/// The operations a Llama forward pass is made of. [`define`] writes the model once against them; the graph
+/// builder (training and evaluation, [`build`]) and the KV-cache decoder ([`crate::generate::Decoder`])
+/// implement them, so layer order, parameter names, norms, GQA and the tied head live in one place.
+pub trait LlamaOps {
+    /// A value of the forward pass (a graph variable, or a decoder buffer).
+    type V: Copy;
+    type E;
+    /// Token embeddings [tokens, C] from the table `weight`.
+    fn embed(&mut self, weight: &str) -> Result<Self::V, Self::E>;
+    /// RMSNorm with the gain `weight` (the config's eps).
+    fn rmsnorm(&mut self, x: Self::V, weight: &str) -> Result<Self::V, Self::E>;
+    /// x·Wᵀ for module `module` with weight `weight` (plus whatever adapter the implementation applies).
+    fn linear(&mut self, x: Self::V, module: &str, weight: &str, proj: Proj) -> Result<Self::V, Self::E>;
+    /// Rotary positions on q [.., NH·HS] and k [.., NKV·HS], then causal grouped-query attention of layer
+    /// `layer` (over the whole sequence, or over the KV cache the implementation keeps): [.., NH·HS].
+    fn attention(&mut self, layer: usize, q: Self::V, k: Self::V, v: Self::V) -> Result<Self::V, Self::E>;
+    /// silu(gate) · up, the FFN activation of layer `layer`.
+    fn silu_mul(&mut self, layer: usize, gate: Self::V, up: Self::V) -> Result<Self::V, Self::E>;
+    /// x + y, closing sub-block `block` of layer `layer` whose (normed) input was `block_in`.
+    fn residual(
+        &mut self,
+        layer: usize,
+        block: Block,
+        x: Self::V,
+        block_in: Self::V,
+        y: Self::V,
+    ) -> Result<Self::V, Self::E>;
+    /// The final RMSNorm (the decoder applies it to the last position only).
+    fn final_norm(&mut self, x: Self::V, weight: &str) -> Result<Self::V, Self::E>;
+}
+
+/// The Llama model, once: embeddings, `cfg.layers` pre-norm blocks (attention, SwiGLU FFN) and the final
+/// norm, returning the normed hidden states; with `head`, the logits through `head` (`lm_head.weight` or the
+/// tied embedding matrix).
+pub fn define<O: LlamaOps>(ops: &mut O, cfg: &LlamaConfig, head: Option<&str>) -> Result<O::V, O::E> {
+    let mut x = ops.embed("model.embed_tokens.weight")?;
+    for l in 0..cfg.layers {
+        let base = format!("model.layers.{l}.");
+        let module = |p: Proj| format!("{base}{}", p.module());
+        let lin = |ops: &mut O, x: O::V, p: Proj| ops.linear(x, &module(p), &format!("{}.weight", module(p)), p);
+        let h = ops.rmsnorm(x, &format!("{base}input_layernorm.weight"))?;
+        let q = lin(ops, h, Proj::Q)?;
+        let k = lin(ops, h, Proj::K)?;
+        let v = lin(ops, h, Proj::V)?;
+        let a = ops.attention(l, q, k, v)?;
+        let o = lin(ops, a, Proj::O)?;
+        x = ops.residual(l, Block::Attention, x, h, o)?;
+        let h2 = ops.rmsnorm(x, &format!("{base}post_attention_layernorm.weight"))?;
+        let gate = lin(ops, h2, Proj::Gate)?;
+        let up = lin(ops, h2, Proj::Up)?;
+        let m = ops.silu_mul(l, gate, up)?;
+        let d = lin(ops, m, Proj::Down)?;
+        x = ops.residual(l, Block::Ffn, x, h2, d)?;
+    }
+    let h = ops.final_norm(x, "model.norm.weight")?;
+    match head {
+        Some(w) => ops.linear(h, Proj::Head.module(), w, Proj::Head),
+        None => Ok(h),
+    }
+}
+
+/// [`LlamaOps`] on the graph: the training and evaluation forward, `b` sequences of `t` tokens.
+struct GraphOps<'a> {
+    g: &'a mut Graph,
+    store: &'a ParamStore,
+    cfg: &'a LlamaConfig,
+    hook: &'a dyn LinearHook,
+    b: usize,
+    t: usize,
+}
+
+impl LlamaOps for GraphOps<'_> {
+    type V = Var;
+    type E = rime_graph::Error;
+
+    fn embed(&mut self, weight: &str) -> rime_graph::Result<Var> {
+        let ids = self.g.input(INPUT_IDS, &[self.b, self.t], DType::U32);
+        let emb = self.g.param(self.store, weight)?;
+        self.g.embedding(ids, emb) // [B, T, C]
+    }
+
+    fn rmsnorm(&mut self, x: Var, weight: &str) -> rime_graph::Result<Var> {
+        let w = self.g.param(self.store, weight)?;
+        self.g.rmsnorm(x, w, self.cfg.eps)
+    }
+
+    fn linear(&mut self, x: Var, module: &str, weight: &str, _: Proj) -> rime_graph::Result<Var> {
+        let w = self.g.param(self.store, weight)?;
+        let (store, an) = (self.store, crate::lora::factor_name(module, "A"));
+        if store.find(&an).is_none() {
+            return self.hook.linear(self.g, store, module, x, w, None);
+        }
+        // An adapter loaded for decoding (load_gguf with an adapter): the same W·x + sB·(A·x) (⊙ g).
+        let a = self.g.param(store, &an)?;
+        let sb = self.g.param(store, &crate::lora::factor_name(module, "sB"))?;
+        let y = self.g.lora(x, w, None, a, sb, 1.0)?;
+        match store.find(&crate::lora::factor_name(module, "g")) {
+            Some(_) => {
+                let gain = self.g.param(store, &crate::lora::factor_name(module, "g"))?;
+                self.g.mul(y, gain)
+            }
+            None => Ok(y),
+        }
+    }
+
+    fn attention(&mut self, _: usize, q: Var, k: Var, v: Var) -> rime_graph::Result<Var> {
+        let (g, c) = (&mut *self.g, self.cfg);
+        let (b, t, hs) = (self.b, self.t, c.head_dim());
+        let q4 = g.reshape(q, &[b, t, c.heads, hs])?;
+        let k4 = g.reshape(k, &[b, t, c.kv_heads, hs])?;
+        let v4 = g.reshape(v, &[b, t, c.kv_heads, hs])?;
+        let q4 = g.rope(q4, 0, c.rope_theta)?;
+        let k4 = g.rope(k4, 0, c.rope_theta)?;
+        let a = g.attention(q4, k4, v4, None, true, 1.0 / (hs as f32).sqrt())?;
+        g.reshape(a, &[b, t, c.hidden])
+    }
+
+    fn silu_mul(&mut self, layer: usize, gate: Var, up: Var) -> rime_graph::Result<Var> {
+        let gate = self.g.silu(gate);
+        let m = self.g.mul(gate, up)?;
+        self.hook.ffn_activation(self.g, self.store, layer, m)
+    }
+
+    fn residual(&mut self, layer: usize, block: Block, x: Var, block_in: Var, y: Var) -> rime_graph::Result<Var> {
+        let y = self.hook.block_output(self.g, self.store, layer, block.as_str(), block_in, y)?;
+        self.g.add(x, y)
+    }
+
+    fn final_norm(&mut self, x: Var, weight: &str) -> rime_graph::Result<Var> {
+        self.rmsnorm(x, weight)
+    }
+}
+
+fn check_graph(cfg: &LlamaConfig, t: usize) -> rime_graph::Result<()> {
+    if t > cfg.max_positions {
+        return Err(rime_graph::Error::Invalid(format!(
+            "sequence length {t} exceeds max_position_embeddings {}",
+            cfg.max_positions
+        )));
+    }
+    cfg.validate().map_err(|e| rime_graph::Error::Invalid(e.to_string()))
 }
 
 /// The decoder up to the final RMSNorm: hidden states [B, T, C] for `b` sequences of `t` tokens (causal; a
@@ -106,53 +292,8 @@ pub fn build_hidden(
     t: usize,
     hook: &dyn LinearHook,
 ) -> rime_graph::Result<Var> {
-    if t > cfg.max_positions {
-        return Err(rime_graph::Error::Invalid(format!(
-            "sequence length {t} exceeds max_position_embeddings {}",
-            cfg.max_positions
-        )));
-    }
-    cfg.validate().map_err(|e| rime_graph::Error::Invalid(e.to_string()))?;
-    let (c, nh, nkv) = (cfg.hidden, cfg.heads, cfg.kv_heads);
-    let hs = cfg.head_dim();
-    let ids = g.input(INPUT_IDS, &[b, t], DType::U32);
-    let emb = p(g, store, "model.embed_tokens.weight")?;
-    let mut x = g.embedding(ids, emb)?; // [B, T, C]
-    for l in 0..cfg.layers {
-        let base = format!("model.layers.{l}.");
-        let lin = |g: &mut Graph, x: Var, m: &str| -> rime_graph::Result<Var> {
-            let module = format!("{base}{m}");
-            let w = p(g, store, &format!("{module}.weight"))?;
-            hook.linear(g, store, &module, x, w, None)
-        };
-        let ln1 = p(g, store, &format!("{base}input_layernorm.weight"))?;
-        let h = g.rmsnorm(x, ln1, cfg.eps)?;
-        let q = lin(g, h, "self_attn.q_proj")?;
-        let k = lin(g, h, "self_attn.k_proj")?;
-        let v = lin(g, h, "self_attn.v_proj")?;
-        let q4 = g.reshape(q, &[b, t, nh, hs])?;
-        let k4 = g.reshape(k, &[b, t, nkv, hs])?;
-        let v4 = g.reshape(v, &[b, t, nkv, hs])?;
-        let q4 = g.rope(q4, 0, cfg.rope_theta)?;
-        let k4 = g.rope(k4, 0, cfg.rope_theta)?;
-        let a = g.attention(q4, k4, v4, None, true, 1.0 / (hs as f32).sqrt())?;
-        let a = g.reshape(a, &[b, t, c])?;
-        let o = lin(g, a, "self_attn.o_proj")?;
-        let o = hook.block_output(g, store, l, "attention", h, o)?;
-        x = g.add(x, o)?;
-        let ln2 = p(g, store, &format!("{base}post_attention_layernorm.weight"))?;
-        let h2 = g.rmsnorm(x, ln2, cfg.eps)?;
-        let gate = lin(g, h2, "mlp.gate_proj")?;
-        let up = lin(g, h2, "mlp.up_proj")?;
-        let gate = g.silu(gate);
-        let m = g.mul(gate, up)?;
-        let m = hook.ffn_activation(g, store, l, m)?;
-        let d = lin(g, m, "mlp.down_proj")?;
-        let d = hook.block_output(g, store, l, "ffn", h2, d)?;
-        x = g.add(x, d)?;
-    }
-    let norm = p(g, store, "model.norm.weight")?;
-    g.rmsnorm(x, norm, cfg.eps)
+    check_graph(cfg, t)?;
+    define(&mut GraphOps { g, store, cfg, hook, b, t }, cfg, None)
 }
 
 /// The name of the output projection: `lm_head.weight`, or the embedding matrix when tied.
@@ -173,9 +314,8 @@ pub fn build(
     t: usize,
     hook: &dyn LinearHook,
 ) -> rime_graph::Result<Var> {
-    let h = build_hidden(g, store, cfg, b, t, hook)?;
-    let w = p(g, store, lm_head_name(store, cfg))?;
-    let logits = hook.linear(g, store, "lm_head", h, w, None)?;
+    check_graph(cfg, t)?;
+    let logits = define(&mut GraphOps { g, store, cfg, hook, b, t }, cfg, Some(lm_head_name(store, cfg)))?;
     Ok(g.name(logits, "logits"))
 }
 
@@ -187,100 +327,26 @@ pub struct LlamaModel {
     pub chat_template: Option<String>,
     pub bos_token: Option<u32>,
     pub eos_tokens: Vec<u32>,
-    /// Modules an adapter was folded into.
+    /// Modules the adapter adapts (applied on the GPU by the decoder, not folded; the name is historical).
     pub folded: Vec<String>,
     pub source: PathBuf,
 }
 
-/// peft's pattern lookup: a key matches a module whose path is the key or ends with `.key`.
-fn pattern<'a, T>(m: &'a BTreeMap<String, T>, module: &str) -> Option<&'a T> {
-    m.iter().find(|(k, _)| module == k.as_str() || module.ends_with(&format!(".{k}"))).map(|(_, v)| v)
-}
-
-/// Folds a peft LoRA adapter into `tensors` (HF names, f32): W += s · B · A for each adapted module, s =
-/// alpha / r (alpha / sqrt(r) with rsLoRA, `alpha_pattern` respected); DoRA adapters (`use_dora`) then rescale
-/// each row to m / ||W + s·B·A||_row with the module's `lora_magnitude_vector`. Returns the adapted modules.
-pub fn fold_lora(tensors: &mut [rime_io::NamedTensor], adapter: &PeftAdapter, dir: &Path) -> Result<Vec<String>> {
-    let file = dir.join("adapter_config.json").display().to_string();
-    let cfg = &adapter.config;
-    if cfg.peft_type != "LORA" {
-        return Err(Error::Model {
-            file,
-            msg: format!("peft_type `{}`: only LORA adapters are folded", cfg.peft_type),
-        });
-    }
-    if cfg.use_dora && cfg.fan_in_fan_out {
-        return Err(Error::Model { file, msg: "use_dora with fan_in_fan_out is not supported".into() });
-    }
-    let mut done = Vec::new();
-    for pair in adapter.lora_pairs() {
-        let target = format!("{}.weight", pair.module);
-        let missing = |n: &str| Error::Model { file: file.clone(), msg: format!("missing tensor `{n}`") };
-        let a = adapter.get(&pair.a).ok_or_else(|| missing(&pair.a))?;
-        let b = adapter.get(&pair.b).ok_or_else(|| missing(&pair.b))?;
-        let w = tensors.iter_mut().find(|t| t.0 == target).ok_or_else(|| Error::Model {
-            file: file.clone(),
-            msg: format!("`{}` adapts `{target}`, which the model does not have", pair.a),
-        })?;
-        let (r, fin, fout) = (a.shape[0], a.shape[1], b.shape[0]);
-        let (rows, cols) = if cfg.fan_in_fan_out { (fin, fout) } else { (fout, fin) };
-        if w.1 != [rows, cols] {
-            return Err(Error::Model {
-                file: file.clone(),
-                msg: format!("`{target}` is {:?} but B·A of `{}` is [{fout}, {fin}]", w.1, pair.module),
-            });
-        }
-        let alpha = pattern(&cfg.alpha_pattern, &pair.module).copied().unwrap_or(cfg.lora_alpha);
-        let s = if cfg.use_rslora { alpha / (r as f64).sqrt() } else { alpha / r as f64 } as f32;
-        // delta[o, i] = s Σ_k B[o, k] A[k, i]
-        for o in 0..fout {
-            for k in 0..r {
-                let bok = s * b.data[o * r + k];
-                if bok == 0.0 {
-                    continue;
-                }
-                let arow = &a.data[k * fin..(k + 1) * fin];
-                for (i, &aki) in arow.iter().enumerate() {
-                    let idx = if cfg.fan_in_fan_out { i * fout + o } else { o * fin + i };
-                    w.2[idx] += bok * aki;
-                }
-            }
-        }
-        if cfg.use_dora {
-            let mn = format!("{}.lora_magnitude_vector", pair.a.trim_end_matches(".lora_A.weight"));
-            let m = adapter.get(&mn).ok_or_else(|| missing(&mn))?;
-            if m.shape != [fout] {
-                return Err(Error::Model {
-                    file: file.clone(),
-                    msg: format!("`{mn}` has shape {:?}, expected [{fout}]", m.shape),
-                });
-            }
-            for (o, row) in w.2.chunks_mut(fin).enumerate() {
-                let norm = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
-                let g = (m.data[o] as f64 / norm) as f32;
-                row.iter_mut().for_each(|v| *v *= g);
-            }
-        }
-        done.push(pair.module.clone());
-    }
-    Ok(done)
-}
+pub use crate::lora::fold_lora;
 
 /// Reads a Llama GGUF file: weights dequantized and uploaded (matrices as `weight_dtype`, F32 or F16; norms
 /// always F32), frozen, under Hugging Face names; tokenizer, chat template and special tokens from the metadata.
-/// `adapter`: a peft LoRA folder folded into the weights before upload.
+/// `adapter`: a peft LoRA folder whose factors are uploaded beside the weights (see [`crate::lora`]); the
+/// weights themselves stay the base model's, and both the decoder and [`build`] apply the adapter on the GPU.
 pub fn load_gguf(dev: &Device, path: &Path, adapter: Option<&Path>, weight_dtype: DType) -> Result<LlamaModel> {
     let file = GgufFile::open(path)?;
     let mc = file.model_config()?;
     let cfg = LlamaConfig::from_model_config(&mc)
         .map_err(|e| Error::Model { file: path.display().to_string(), msg: e.to_string() })?;
-    let mut tensors = file.load_hf(&mc)?;
-    let folded = match adapter {
-        Some(dir) => {
-            let ad = PeftAdapter::load(dir)?;
-            fold_lora(&mut tensors, &ad, dir)?
-        }
-        None => Vec::new(),
+    let tensors = file.load_hf(&mc)?;
+    let (factors, folded) = match adapter {
+        Some(dir) => crate::lora::decode_tensors(&tensors, &PeftAdapter::load(dir)?, dir)?,
+        None => (Vec::new(), Vec::new()),
     };
     let mut store = ParamStore::new();
     for (name, shape, data) in tensors {
@@ -290,6 +356,11 @@ pub fn load_gguf(dev: &Device, path: &Path, adapter: Option<&Path>, weight_dtype
         } else {
             dev.upload_bytes(&name, bytemuck::cast_slice(&data), &shape, DType::F32)?
         };
+        store.add(&name, t, false)?;
+    }
+    // the adapter's factors stay f32: the LoRA products read them as such
+    for (name, shape, data) in factors {
+        let t = dev.upload_bytes(&name, bytemuck::cast_slice(&data), &shape, DType::F32)?;
         store.add(&name, t, false)?;
     }
     let tokenizer = file.tokenizer()?;

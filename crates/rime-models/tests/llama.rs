@@ -1,6 +1,6 @@
 //! Llama decoder: parity with PyTorch on SmolLM2-135M (../shared/golden/smollm2_forward.safetensors), the KV-cache
 //! decoder against the full graph forward (real model and a small random one), gradients through a LoRA hook,
-//! and the LoRA fold.
+//! the LoRA fold, and adapters applied on the GPU vs folded.
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -112,8 +112,8 @@ fn serde_json_str(s: &str) -> String {
     s.trim().trim_matches('"').replace("\\\"", "\"")
 }
 
-/// A small random Llama (GQA 4/2 heads, untied head) in a fresh store.
-fn tiny(d: &Device, seed: u64, tie: bool) -> (ParamStore, LlamaConfig) {
+/// A small random Llama (GQA 4/2 heads, untied head unless `tie`): its tensors (HF names) and config.
+fn tiny_tensors(seed: u64, tie: bool) -> (Vec<rime_io::NamedTensor>, LlamaConfig) {
     let cfg = LlamaConfig {
         hidden: 32,
         layers: 2,
@@ -127,12 +127,12 @@ fn tiny(d: &Device, seed: u64, tie: bool) -> (ParamStore, LlamaConfig) {
         tie_word_embeddings: tie,
     };
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut store = ParamStore::new();
+    let mut out = Vec::new();
     let (c, kv, i) = (cfg.hidden, cfg.kv_heads * cfg.head_dim(), cfg.intermediate);
     let mut add = |name: &str, shape: &[usize], std: f32, base: f32| {
         let n: usize = shape.iter().product();
         let data: Vec<f32> = (0..n).map(|_| base + std * (rng.random::<f32>() * 2.0 - 1.0)).collect();
-        store.add_f32(d, name, &data, shape, false).unwrap();
+        out.push((name.to_string(), shape.to_vec(), data));
     };
     add("model.embed_tokens.weight", &[cfg.vocab, c], 1.0, 0.0);
     for l in 0..cfg.layers {
@@ -151,7 +151,22 @@ fn tiny(d: &Device, seed: u64, tie: bool) -> (ParamStore, LlamaConfig) {
     if !tie {
         add("lm_head.weight", &[cfg.vocab, c], 0.3, 0.0);
     }
-    (store, cfg)
+    (out, cfg)
+}
+
+/// Tensors uploaded (f32, frozen) into a fresh store.
+fn upload(d: &Device, tensors: &[rime_io::NamedTensor]) -> ParamStore {
+    let mut store = ParamStore::new();
+    for (name, shape, data) in tensors {
+        store.add_f32(d, name, data, shape, false).unwrap();
+    }
+    store
+}
+
+/// A small random Llama (GQA 4/2 heads, untied head unless `tie`) in a fresh store.
+fn tiny(d: &Device, seed: u64, tie: bool) -> (ParamStore, LlamaConfig) {
+    let (tensors, cfg) = tiny_tensors(seed, tie);
+    (upload(d, &tensors), cfg)
 }
 
 #[test]
@@ -351,7 +366,7 @@ fn smollm2_greedy_answers_paris() {
 }
 
 #[test]
-fn smollm2_loads_with_folded_adapter() {
+fn smollm2_loads_with_adapter_applied() {
     let Some(model) = smollm2() else { return };
     let d = dev();
     let dir = std::env::temp_dir().join(format!("rime-llama-adapter-{}", std::process::id()));
@@ -374,5 +389,173 @@ fn smollm2_loads_with_folded_adapter() {
     assert!(none.is_empty());
     assert_eq!(folded, vec!["model.layers.3.self_attn.v_proj".to_string()]);
     let diff = max_abs(&plain, &adapted);
-    assert!(diff > 1e-3, "folding a non-zero adapter must change the logits (max diff {diff})");
+    assert!(diff > 1e-3, "a non-zero adapter must change the logits (max diff {diff})");
+}
+
+/// A peft LoRA adapter with random factors on `modules` (rank per module) of the model `tensors`; DoRA
+/// magnitudes (the row norms of W, perturbed) when `cfg.use_dora`.
+fn random_adapter(
+    tensors: &[rime_io::NamedTensor],
+    modules: &[(&str, usize)],
+    cfg: rime_io::AdapterConfig,
+    seed: u64,
+) -> rime_io::PeftAdapter {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut rand =
+        |n: usize, std: f32| -> Vec<f32> { (0..n).map(|_| std * (rng.random::<f32>() * 2.0 - 1.0)).collect() };
+    let mut out = Vec::new();
+    for &(m, r) in modules {
+        let w = tensors.iter().find(|t| t.0 == format!("{m}.weight")).unwrap();
+        let (fout, fin) = (w.1[0], w.1[1]);
+        let name = |f: &str| format!("base_model.model.{m}.{f}");
+        let t = |name: String, shape: Vec<usize>, data: Vec<f32>| rime_io::AdapterTensor { name, shape, data };
+        out.push(t(name("lora_A.weight"), vec![r, fin], rand(r * fin, 0.3)));
+        out.push(t(name("lora_B.weight"), vec![fout, r], rand(fout * r, 0.3)));
+        if cfg.use_dora {
+            let jitter = rand(fout, 0.2);
+            let m: Vec<f32> = (0..fout)
+                .map(|o| (1.0 + jitter[o]) * w.2[o * fin..(o + 1) * fin].iter().map(|v| v * v).sum::<f32>().sqrt())
+                .collect();
+            out.push(t(name("lora_magnitude_vector"), vec![fout], m));
+        }
+    }
+    rime_io::PeftAdapter::new(cfg, out)
+}
+
+/// Logits of a prompt of 3 tokens, then of each further token decoded one at a time.
+fn decoder_logits(d: &Device, store: &ParamStore, cfg: &LlamaConfig, ids: &[u32]) -> Vec<f32> {
+    let mut dec = Decoder::new(d, store, cfg, ids.len()).unwrap();
+    let mut all = dec.prefill(d, &ids[..3]).unwrap();
+    for &id in &ids[3..] {
+        all.extend(dec.decode(d, id).unwrap());
+    }
+    all
+}
+
+/// The adapter applied by the decoder on the GPU (factors beside the weights) gives the logits of the
+/// model with the adapter folded on the CPU (rime-io's fold arithmetic, which rime-merge's fold uses), and
+/// those of the graph over the same store: LoRA and DoRA, rsLoRA, alpha_pattern and rank_pattern, every
+/// projection and the output head.
+#[test]
+fn adapter_on_gpu_matches_folded_tiny() {
+    let d = dev();
+    let (tensors, cfg) = tiny_tensors(3, false);
+    let ids: Vec<u32> = vec![4, 19, 33, 7, 50, 2];
+    let base = decoder_logits(d, &upload(d, &tensors), &cfg, &ids);
+    let mut modules: Vec<(String, usize)> = ["q_proj", "k_proj", "v_proj", "o_proj"]
+        .iter()
+        .map(|m| (format!("model.layers.0.self_attn.{m}"), 4))
+        .chain(["gate_proj", "up_proj", "down_proj"].iter().map(|m| (format!("model.layers.1.mlp.{m}"), 4)))
+        .collect();
+    modules.push(("model.layers.1.self_attn.o_proj".into(), 2));
+    modules.push(("lm_head".into(), 4));
+    let modules: Vec<(&str, usize)> = modules.iter().map(|(m, r)| (m.as_str(), *r)).collect();
+    for dora in [false, true] {
+        let mut acfg = rime_io::AdapterConfig::lora(4, 8.0, vec!["q_proj".into()]);
+        acfg.use_rslora = true;
+        acfg.use_dora = dora;
+        acfg.rank_pattern.insert("layers.1.self_attn.o_proj".into(), 2);
+        acfg.alpha_pattern.insert("layers.1.self_attn.o_proj".into(), 1.5);
+        acfg.alpha_pattern.insert("up_proj".into(), 20.0);
+        let ad = random_adapter(&tensors, &modules, acfg, 9);
+        let dir = std::path::Path::new("tiny-adapter");
+        let (factors, adapted) = rime_models::lora::decode_tensors(&tensors, &ad, dir).unwrap();
+        assert_eq!(adapted.len(), modules.len());
+        let mut with = tensors.clone();
+        with.extend(factors);
+        let store = upload(d, &with);
+        assert_eq!(Decoder::new(d, &store, &cfg, 4).unwrap().adapted_modules().len(), modules.len());
+        let applied = decoder_logits(d, &store, &cfg, &ids);
+        // the graph (llama::build, the same definition) applies the same adapter
+        let graph = graph_logits(d, &store, &cfg, &ids);
+        let g_diff = max_abs(&graph[2 * cfg.vocab..], &applied);
+        assert!(g_diff <= 1e-4, "graph and decoder with the adapter differ by {g_diff}");
+        let mut folded_w = tensors.clone();
+        llama::fold_lora(&mut folded_w, &ad, dir).unwrap();
+        let folded = decoder_logits(d, &upload(d, &folded_w), &cfg, &ids);
+        let (diff, moved) = (max_abs(&applied, &folded), max_abs(&applied, &base));
+        println!("tiny llama (dora={dora}): adapter on the GPU vs folded {diff:.3e}, vs base {moved:.3e}");
+        assert!(diff <= 1e-4, "adapter applied on the GPU differs from the folded model by {diff}");
+        assert!(moved > 1e-2, "the adapter must change the logits (max diff {moved})");
+    }
+}
+
+#[test]
+fn adapter_for_the_decoder_refuses_what_it_cannot_apply() {
+    let (tensors, _) = tiny_tensors(3, true);
+    let dir = std::path::Path::new("bad-adapter");
+    let q = [("model.layers.0.self_attn.q_proj", 2)];
+    let err = |cfg: rime_io::AdapterConfig, modules: &[(&str, usize)], extra: Option<rime_io::AdapterTensor>| {
+        let mut ad = random_adapter(&tensors, modules, cfg, 1);
+        ad.tensors.extend(extra);
+        ad.tensors.sort_by(|a, b| a.name.cmp(&b.name));
+        rime_models::lora::decode_tensors(&tensors, &ad, dir).unwrap_err().to_string()
+    };
+    let lora = || rime_io::AdapterConfig::lora(2, 4.0, vec!["q_proj".into()]);
+    let mut fan = lora();
+    fan.fan_in_fan_out = true;
+    let e = err(fan, &q, None);
+    assert!(e.contains("fan_in_fan_out") && e.contains("bad-adapter"), "{e}");
+    let mut ia3 = lora();
+    ia3.peft_type = "IA3".into();
+    assert!(err(ia3, &q, None).contains("IA3"));
+    let head =
+        rime_io::AdapterTensor { name: "base_model.model.lm_head.weight".into(), shape: vec![2], data: vec![0.0; 2] };
+    let e = err(lora(), &q, Some(head));
+    assert!(e.contains("lm_head.weight") && e.contains("neither a LoRA factor"), "{e}");
+    let mut dora = lora();
+    dora.use_dora = true;
+    let mut ad = random_adapter(&tensors, &q, dora, 1);
+    ad.tensors.retain(|t| !t.name.ends_with("lora_magnitude_vector"));
+    let e = rime_models::lora::decode_tensors(&tensors, &ad, dir).unwrap_err().to_string();
+    assert!(e.contains("lora_magnitude_vector"), "{e}");
+}
+
+/// SmolLM2 with a LoRA (rsLoRA, alpha_pattern) and a DoRA adapter on every layer's q/v/down projections:
+/// applied on the GPU by `load_gguf` + `Decoder` equals the CPU-folded model within 1e-4.
+#[test]
+fn smollm2_adapter_on_gpu_matches_folded() {
+    let Some(model) = smollm2() else { return };
+    let d = dev();
+    let file = rime_io::GgufFile::open(&model).unwrap();
+    let tensors = file.load_hf(&file.model_config().unwrap()).unwrap();
+    let names: Vec<String> = (0..30)
+        .flat_map(|l| {
+            ["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"].map(|m| format!("model.layers.{l}.{m}"))
+        })
+        .collect();
+    let modules: Vec<(&str, usize)> = names.iter().map(|m| (m.as_str(), 4)).collect();
+    let ids = [1u32, 504, 3458, 314, 4052, 28];
+    let plain = llama::load_gguf(d, &model, None, DType::F32).unwrap();
+    let base = decoder_logits(d, &plain.store, &plain.cfg, &ids);
+    drop(plain);
+    for dora in [false, true] {
+        let mut acfg = rime_io::AdapterConfig::lora(4, 8.0, vec!["q_proj".into(), "v_proj".into(), "down_proj".into()]);
+        acfg.use_rslora = true;
+        acfg.use_dora = dora;
+        acfg.alpha_pattern.insert("v_proj".into(), 2.0);
+        // small factors: the adapted model stays a language model
+        let mut ad = random_adapter(&tensors, &modules, acfg, 21);
+        ad.tensors.iter_mut().filter(|t| !t.name.ends_with("magnitude_vector")).for_each(|t| {
+            t.data.iter_mut().for_each(|v| *v *= 0.2);
+        });
+        let dir = std::env::temp_dir().join(format!("rime-llama-gpu-adapter-{}-{dora}", std::process::id()));
+        ad.save(&dir).unwrap();
+        let m = llama::load_gguf(d, &model, Some(&dir), DType::F32).unwrap();
+        std::fs::remove_dir_all(&dir).ok();
+        assert_eq!(m.folded.len(), modules.len());
+        let applied = decoder_logits(d, &m.store, &m.cfg, &ids);
+        drop(m);
+        let mut folded_w = tensors.clone();
+        llama::fold_lora(&mut folded_w, &ad, &dir).unwrap();
+        let folded = decoder_logits(d, &upload(d, &folded_w), &plain_cfg(&file), &ids);
+        let (diff, moved) = (max_abs(&applied, &folded), max_abs(&applied, &base));
+        println!("smollm2 (dora={dora}): adapter on the GPU vs folded {diff:.3e}, vs base {moved:.3e}");
+        assert!(diff <= 1e-4, "adapter applied on the GPU differs from the folded model by {diff}");
+        assert!(moved > 1e-2, "the adapter must change the logits (max diff {moved})");
+    }
+}
+
+fn plain_cfg(file: &rime_io::GgufFile) -> LlamaConfig {
+    LlamaConfig::from_model_config(&file.model_config().unwrap()).unwrap()
 }
