@@ -323,7 +323,19 @@ pub fn save_adapter(
     labels: &[String],
     dir: &Path,
 ) -> Result<()> {
-    let method = method.tuning();
+    save_method_adapter(dev, store, method.tuning().as_ref(), base, labels, dir)
+}
+
+/// [`save_adapter`] for any [`TuningMethod`]: the method's tensors and adapter_config.json fields, the head
+/// under `modules_to_save`, `base` as `base_model_name_or_path` and `labels` as `rime_labels`.
+pub fn save_method_adapter(
+    dev: &Device,
+    store: &ParamStore,
+    method: &dyn TuningMethod,
+    base: &str,
+    labels: &[String],
+    dir: &Path,
+) -> Result<()> {
     let mut tensors = trainable_tensors(dev, store)?;
     method.write_tensors(dev, store, &mut tensors)?;
     let mut config = method.adapter_config(store)?;

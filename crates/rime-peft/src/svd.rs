@@ -1,7 +1,7 @@
 //! The exact thin SVD that SVFit and PiSSA split weights with (f64, Gram matrix + tridiagonal QL), on the CPU
 //! once per target weight at setup.
 
-/// Thin SVD of a row-major m×n matrix: returns (U [m, k] row-major, σ [k] descending, Vᵀ [k, n] row-major),
+/// Thin SVD of a row-major m×n matrix: returns (U [m, k] row-major, σ \[k\] descending, Vᵀ [k, n] row-major),
 /// k = min(m, n), with U and V orthonormal (where σ = 0 too: the basis is completed) and ‖UΣVᵀ − W‖ at f32
 /// precision.
 ///

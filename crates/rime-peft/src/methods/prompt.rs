@@ -15,7 +15,6 @@
 //! layer and kind (`prefix.<l>.key`, `prefix.<l>.value`), so that each prepend reads a whole tensor; the saved
 //! adapter holds peft's single `prompt_embeddings` tensor either way. rime's head pools the mask-weighted mean
 //! of the real tokens only (virtual tokens never enter the pool).
-
 //!
 //! This file holds prompt tuning and what both share (the table's name, the adapter_config.json fields, reading
 //! peft's table back); prefix tuning's own parts are in [`super::prefix`] (re-exported here).

@@ -3,7 +3,7 @@
 //! the store (same buffer, no extra copy of the backbone), U_r and V_r are frozen.
 //!
 //! Adapter layout (peft_type `RIME_SVFIT`, peft's folder and key scheme): per module
-//! `base_model.model.<module>.svfit_sigma` [r] (trained), `.svfit_U` [out, r] and `.svfit_V` [r, in] (rows are
+//! `base_model.model.<module>.svfit_sigma` \[r\] (trained), `.svfit_U` [out, r] and `.svfit_V` [r, in] (rows are
 //! the right singular vectors). U and V are saved so that the adapter does not depend on how an SVD routine
 //! picks signs; loading recomputes W_rest = W − Σ_i (u_iᵀ W v_i) u_i v_iᵀ from the base weight, which is
 //! also a no-op on a weight that is already W_rest (resume).
