@@ -64,7 +64,7 @@ pub fn set_coefficients(probe: &GradientProbe, tensors: &[AtlasTensor], lam: &[V
     Ok(())
 }
 
-/// Loss of the batch `idx` (padded to length `seq`) and dL/dλ [tensor][k] at the coefficients last set.
+/// Loss of the batch `idx` (padded to length `seq`) and dL/dλ `[tensor][k]` at the coefficients last set.
 pub fn loss_and_grad(
     probe: &mut GradientProbe,
     tensors: &[AtlasTensor],
