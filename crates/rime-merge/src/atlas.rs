@@ -195,7 +195,7 @@ fn task_vectors(
     let mut taus: BTreeMap<String, Vec<Vec<f32>>> = BTreeMap::new();
     for (k, ad) in ads.iter().enumerate() {
         for p in ad.lora_pairs() {
-            let target = format!("{prefix}{}.weight", p.module.strip_prefix(&prefix).unwrap_or(&p.module));
+            let target = format!("{prefix}{}.weight", p.module.strip_prefix(prefix).unwrap_or(&p.module));
             let (a, b) = match (ad.get(&p.a), ad.get(&p.b)) {
                 (Some(a), Some(b)) => (a, b),
                 _ => return Err(Error::Invalid(format!("{}: LoRA pair {} incomplete", paths[k].display(), p.module))),
