@@ -68,9 +68,13 @@ fn train_then_eval_a_lora_adapter() {
         "metrics.json",
         "metrics.jsonl",
         "checkpoint/state.json",
+        "training.png",
+        "training.svg",
     ] {
         assert!(out.join(f).exists(), "{f} missing");
     }
+    let svg = std::fs::read_to_string(out.join("training.svg")).unwrap();
+    assert!(svg.contains("training loss") && svg.contains("eval accuracy"), "the plot has labelled axes");
     let metrics: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
     for k in ["eval_accuracy", "eval_macro_f1", "eval_loss", "train_examples_per_s"] {

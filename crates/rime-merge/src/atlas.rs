@@ -64,7 +64,7 @@ pub fn set_coefficients(probe: &GradientProbe, tensors: &[AtlasTensor], lam: &[V
     Ok(())
 }
 
-/// Loss of the batch `idx` (padded to length `seq`) and dL/dλ [tensor][k] at the coefficients last set.
+/// Loss of the batch `idx` (padded to length `seq`) and dL/dλ `[tensor][k]` at the coefficients last set.
 pub fn loss_and_grad(
     probe: &mut GradientProbe,
     tensors: &[AtlasTensor],
@@ -165,22 +165,8 @@ fn encode_file(probe: &GradientProbe, cfg: &MergeConfig, path: &Path, labels: &[
     probe.encode(&data, labels, limit).map_err(perr)
 }
 
-/// Runs aTLAS as `cfg` says (see the module doc) and writes `out`.
-pub fn atlas(dev: &Device, cfg: &MergeConfig, out: &Path, opts: &MergeOptions) -> Result<MergeReport> {
-    let t0 = Instant::now();
-    let base = base_path(cfg)?;
-    let train_path = resolve_file(cfg, "train_data")?;
-    let eval_path = if cfg.strings.contains_key("eval_data") { Some(resolve_file(cfg, "eval_data")?) } else { None };
-    let batch = num(cfg, "batch_size", 16.0).max(1.0) as usize;
-    let max_length = num(cfg, "max_length", 64.0).max(8.0) as usize;
-    let steps = num(cfg, "steps", 30.0).max(0.0) as usize;
-    let lr = num(cfg, "lr", 0.05) as f32;
-    let examples = num(cfg, "examples", 64.0).max(1.0) as usize;
-    let (ads, paths) = load_candidates(cfg)?;
-    let kk = ads.len();
-    if kk == 0 {
-        return Err(Error::Config { file: cfg.source.display().to_string(), msg: "atlas needs models".into() });
-    }
+/// The labels every candidate shares (`rime_labels`).
+fn shared_labels(ads: &[rime_io::PeftAdapter], paths: &[std::path::PathBuf]) -> Result<Vec<String>> {
     let labels: Vec<String> = ads[0]
         .config
         .raw
@@ -188,19 +174,28 @@ pub fn atlas(dev: &Device, cfg: &MergeConfig, out: &Path, opts: &MergeOptions) -
         .and_then(|v| v.as_array())
         .map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect())
         .unwrap_or_default();
-    for (a, p) in ads.iter().zip(&paths) {
+    for (a, p) in ads.iter().zip(paths) {
         if a.config.raw.get("rime_labels") != ads[0].config.raw.get("rime_labels") {
             return Err(Error::Invalid(format!("{}: rime_labels differ from {}", p.display(), paths[0].display())));
         }
     }
-    let mut probe = GradientProbe::open(dev, &base, batch, max_length).map_err(perr)?;
-    let prefix = probe.prefix().to_string();
-    let ck = Checkpoint::open(&base)?;
-    // Task vectors per base tensor: folded deltas of every adapter that adapts it (zeros for the others).
+    Ok(labels)
+}
+
+/// Task vectors per base tensor: the folded deltas s·B·A of every adapter that adapts it (empty for the
+/// others, filled with zeros by the caller).
+fn task_vectors(
+    ads: &[rime_io::PeftAdapter],
+    paths: &[std::path::PathBuf],
+    ck: &Checkpoint,
+    prefix: &str,
+    base: &Path,
+) -> Result<BTreeMap<String, Vec<Vec<f32>>>> {
+    let kk = ads.len();
     let mut taus: BTreeMap<String, Vec<Vec<f32>>> = BTreeMap::new();
     for (k, ad) in ads.iter().enumerate() {
         for p in ad.lora_pairs() {
-            let target = format!("{prefix}{}.weight", p.module.strip_prefix(&prefix).unwrap_or(&p.module));
+            let target = format!("{prefix}{}.weight", p.module.strip_prefix(prefix).unwrap_or(&p.module));
             let (a, b) = match (ad.get(&p.a), ad.get(&p.b)) {
                 (Some(a), Some(b)) => (a, b),
                 _ => return Err(Error::Invalid(format!("{}: LoRA pair {} incomplete", paths[k].display(), p.module))),
@@ -229,20 +224,21 @@ pub fn atlas(dev: &Device, cfg: &MergeConfig, out: &Path, opts: &MergeOptions) -
             e[k] = d;
         }
     }
+    Ok(taus)
+}
+
+/// The heads: no base, head_t = Σ_k λ_k head_k (weight and bias, each its own tensor), added to the probe.
+fn head_tensors(
+    probe: &mut GradientProbe,
+    ads: &[rime_io::PeftAdapter],
+    paths: &[std::path::PathBuf],
+) -> Result<Vec<AtlasTensor>> {
     let mut tensors = Vec::new();
-    for (name, mut tv) in taus {
-        let id = probe.train_tensor(&name).map_err(|e| Error::Tensor { tensor: name.clone(), msg: e.to_string() })?;
-        let basev = ck.get_f32(&name)?;
-        for t in tv.iter_mut().filter(|t| t.is_empty()) {
-            *t = vec![0.0; basev.len()];
-        }
-        tensors.push(AtlasTensor { name, id, base: basev, taus: tv });
-    }
     for head in [HEAD_WEIGHT, HEAD_BIAS] {
         let full = format!("base_model.model.{head}");
         let hs: Vec<&rime_io::AdapterTensor> = ads
             .iter()
-            .zip(&paths)
+            .zip(paths)
             .map(|(a, p)| {
                 a.get(&full)
                     .ok_or_else(|| Error::Tensor { tensor: full.clone(), msg: format!("missing in {}", p.display()) })
@@ -262,6 +258,81 @@ pub fn atlas(dev: &Device, cfg: &MergeConfig, out: &Path, opts: &MergeOptions) -
             taus: hs.iter().map(|h| h.data.clone()).collect(),
         });
     }
+    Ok(tensors)
+}
+
+/// `head/` (a head-only adapter of the learned heads) and `atlas_coefficients.json` into `dir`.
+fn write_head_and_coefficients(
+    dir: &Path,
+    out: &Path,
+    probe: &GradientProbe,
+    tensors: &[AtlasTensor],
+    fitted: &AtlasFit,
+    labels: &[String],
+    paths: &[std::path::PathBuf],
+) -> Result<()> {
+    let heads: Vec<rime_io::AdapterTensor> = tensors
+        .iter()
+        .zip(&fitted.lambdas)
+        .filter(|(t, _)| t.name == HEAD_WEIGHT || t.name == HEAD_BIAS)
+        .map(|(t, l)| rime_io::AdapterTensor {
+            name: format!("base_model.model.{}", t.name),
+            shape: probe.shape(t.id).to_vec(),
+            data: t.merged(l),
+        })
+        .collect();
+    // r = 1 only because the adapter_config reader refuses r = 0; a head-only adapter has no low-rank part.
+    let mut hcfg = rime_io::AdapterConfig::lora(1, 1.0, vec![]);
+    hcfg.peft_type = "RIME_PROBE".into();
+    hcfg.modules_to_save = vec!["head".into()];
+    hcfg.task_type = Some("SEQ_CLS".into());
+    hcfg.base_model_name_or_path = Some(out.display().to_string());
+    hcfg.raw.insert("rime_labels".into(), serde_json::json!(labels));
+    rime_io::PeftAdapter::new(hcfg, heads).save(dir.join("head"))?;
+    let coefs: BTreeMap<&str, &[f32]> =
+        tensors.iter().zip(&fitted.lambdas).map(|(t, l)| (t.name.as_str(), l.as_slice())).collect();
+    let cj = serde_json::json!({
+        "task_vectors": paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+        "coefficients": coefs,
+        "step_losses": fitted.losses,
+    });
+    let cpath = dir.join("atlas_coefficients.json");
+    std::fs::write(&cpath, serde_json::to_string_pretty(&cj).map_err(|e| Error::Invalid(e.to_string()))?)
+        .map_err(|e| Error::Output { path: cpath.display().to_string(), msg: format!("cannot write: {e}") })?;
+    Ok(())
+}
+
+/// Runs aTLAS as `cfg` says (see the module doc) and writes `out`.
+pub fn atlas(dev: &Device, cfg: &MergeConfig, out: &Path, opts: &MergeOptions) -> Result<MergeReport> {
+    let t0 = Instant::now();
+    let base = base_path(cfg)?;
+    let train_path = resolve_file(cfg, "train_data")?;
+    let eval_path = if cfg.strings.contains_key("eval_data") { Some(resolve_file(cfg, "eval_data")?) } else { None };
+    let batch = num(cfg, "batch_size", 16.0).max(1.0) as usize;
+    let max_length = num(cfg, "max_length", 64.0).max(8.0) as usize;
+    let steps = num(cfg, "steps", 30.0).max(0.0) as usize;
+    let lr = num(cfg, "lr", 0.05) as f32;
+    let examples = num(cfg, "examples", 64.0).max(1.0) as usize;
+    let (ads, paths) = load_candidates(cfg)?;
+    let kk = ads.len();
+    if kk == 0 {
+        return Err(Error::Config { file: cfg.source.display().to_string(), msg: "atlas needs models".into() });
+    }
+    let labels = shared_labels(&ads, &paths)?;
+    let mut probe = GradientProbe::open(dev, &base, batch, max_length).map_err(perr)?;
+    let prefix = probe.prefix().to_string();
+    let ck = Checkpoint::open(&base)?;
+    let taus = task_vectors(&ads, &paths, &ck, &prefix, &base)?;
+    let mut tensors = Vec::new();
+    for (name, mut tv) in taus {
+        let id = probe.train_tensor(&name).map_err(|e| Error::Tensor { tensor: name.clone(), msg: e.to_string() })?;
+        let basev = ck.get_f32(&name)?;
+        for t in tv.iter_mut().filter(|t| t.is_empty()) {
+            *t = vec![0.0; basev.len()];
+        }
+        tensors.push(AtlasTensor { name, id, base: basev, taus: tv });
+    }
+    tensors.extend(head_tensors(&mut probe, &ads, &paths)?);
     let train = encode_file(&probe, cfg, &train_path, &labels, examples)?;
     let eval = match &eval_path {
         Some(p) => Some(encode_file(&probe, cfg, p, &labels, usize::MAX)?),
@@ -297,34 +368,7 @@ pub fn atlas(dev: &Device, cfg: &MergeConfig, out: &Path, opts: &MergeOptions) -
         }
     })?;
     let side_files = copy_side_files(&base, &staging.tmp)?;
-    let heads: Vec<rime_io::AdapterTensor> = tensors
-        .iter()
-        .zip(&fitted.lambdas)
-        .filter(|(t, _)| t.name == HEAD_WEIGHT || t.name == HEAD_BIAS)
-        .map(|(t, l)| rime_io::AdapterTensor {
-            name: format!("base_model.model.{}", t.name),
-            shape: probe.shape(t.id).to_vec(),
-            data: t.merged(l),
-        })
-        .collect();
-    // r = 1 only because the adapter_config reader refuses r = 0; a head-only adapter has no low-rank part.
-    let mut hcfg = rime_io::AdapterConfig::lora(1, 1.0, vec![]);
-    hcfg.peft_type = "RIME_PROBE".into();
-    hcfg.modules_to_save = vec!["head".into()];
-    hcfg.task_type = Some("SEQ_CLS".into());
-    hcfg.base_model_name_or_path = Some(out.display().to_string());
-    hcfg.raw.insert("rime_labels".into(), serde_json::json!(labels));
-    rime_io::PeftAdapter::new(hcfg, heads).save(staging.tmp.join("head"))?;
-    let coefs: BTreeMap<&str, &[f32]> =
-        tensors.iter().zip(&fitted.lambdas).map(|(t, l)| (t.name.as_str(), l.as_slice())).collect();
-    let cj = serde_json::json!({
-        "task_vectors": paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
-        "coefficients": coefs,
-        "step_losses": fitted.losses,
-    });
-    let cpath = staging.tmp.join("atlas_coefficients.json");
-    std::fs::write(&cpath, serde_json::to_string_pretty(&cj).map_err(|e| Error::Invalid(e.to_string()))?)
-        .map_err(|e| Error::Output { path: cpath.display().to_string(), msg: format!("cannot write: {e}") })?;
+    write_head_and_coefficients(&staging.tmp, out, &probe, &tensors, &fitted, &labels, &paths)?;
     let seconds = t0.elapsed().as_secs_f64();
     let mut notes = vec![format!(
         "aTLAS: {} tensors x {kk} task vectors, {steps} Adam steps (lr {lr}) on {} examples: train loss {:.4} (uniform) -> {:.4}",

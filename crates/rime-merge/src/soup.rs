@@ -121,15 +121,9 @@ fn peft_err(e: rime_peft::Error) -> Error {
     Error::Invalid(format!("evaluation: {e}"))
 }
 
-/// Runs greedy_soup as `cfg` says and writes the soup adapter to `out`.
-pub fn greedy_soup(dev: &Device, cfg: &MergeConfig, out: &Path, opts: &MergeOptions) -> Result<MergeReport> {
-    let t0 = Instant::now();
-    let base = base_path(cfg)?;
-    let eval = resolve_file(cfg, "eval_data")?;
-    let cols = columns(cfg);
-    let batch = num(cfg, "batch_size", 32.0).max(1.0) as usize;
-    let max_length = num(cfg, "max_length", 128.0).max(8.0) as usize;
-    let combination = match cfg.strings.get("combination").map(String::as_str) {
+/// `parameters: combination`: linear (the default) or cat.
+fn combination_of(cfg: &MergeConfig) -> Result<Combination> {
+    Ok(match cfg.strings.get("combination").map(String::as_str) {
         None | Some("linear") => Combination::Linear,
         Some("cat") => Combination::Cat,
         Some(c) => {
@@ -138,7 +132,36 @@ pub fn greedy_soup(dev: &Device, cfg: &MergeConfig, out: &Path, opts: &MergeOpti
                 msg: format!("parameters: combination `{c}`: greedy_soup averages with `linear` or `cat`"),
             })
         }
-    };
+    })
+}
+
+/// One line per greedy decision, for the report.
+fn soup_notes(decisions: &[SoupDecision]) -> Vec<String> {
+    decisions
+        .iter()
+        .map(|d| match d.accuracy_before {
+            None => format!("greedy_soup: start with {} (held-out accuracy {:.4})", d.candidate, d.accuracy_alone),
+            Some(b) => format!(
+                "greedy_soup: {} {} (alone {:.4}; soup {:.4} -> {:.4} with it)",
+                if d.kept { "add" } else { "skip" },
+                d.candidate,
+                d.accuracy_alone,
+                b,
+                d.accuracy_with
+            ),
+        })
+        .collect()
+}
+
+/// Runs greedy_soup as `cfg` says and writes the soup adapter to `out`.
+pub fn greedy_soup(dev: &Device, cfg: &MergeConfig, out: &Path, opts: &MergeOptions) -> Result<MergeReport> {
+    let t0 = Instant::now();
+    let base = base_path(cfg)?;
+    let eval = resolve_file(cfg, "eval_data")?;
+    let cols = columns(cfg);
+    let batch = num(cfg, "batch_size", 32.0).max(1.0) as usize;
+    let max_length = num(cfg, "max_length", 128.0).max(8.0) as usize;
+    let combination = combination_of(cfg)?;
     let (ads, paths) = load_candidates(cfg)?;
     if ads.is_empty() {
         return Err(Error::Config {
@@ -201,20 +224,7 @@ pub fn greedy_soup(dev: &Device, cfg: &MergeConfig, out: &Path, opts: &MergeOpti
     result.save(&staging.tmp)?;
     let bytes_written =
         std::fs::metadata(staging.tmp.join(rime_io::peft::ADAPTER_WEIGHTS)).map(|m| m.len()).unwrap_or(0);
-    let notes: Vec<String> = decisions
-        .iter()
-        .map(|d| match d.accuracy_before {
-            None => format!("greedy_soup: start with {} (held-out accuracy {:.4})", d.candidate, d.accuracy_alone),
-            Some(b) => format!(
-                "greedy_soup: {} {} (alone {:.4}; soup {:.4} -> {:.4} with it)",
-                if d.kept { "add" } else { "skip" },
-                d.candidate,
-                d.accuracy_alone,
-                b,
-                d.accuracy_with
-            ),
-        })
-        .collect();
+    let notes = soup_notes(&decisions);
     let seconds = t0.elapsed().as_secs_f64();
     let report = MergeReport {
         method: "greedy_soup".into(),

@@ -549,7 +549,7 @@ pub fn probe_baseline(
     Ok(metrics_from_logits(&logits, &ev.labels, k))
 }
 
-/// Multinomial logistic regression by full-batch Adam (decoupled weight decay); returns (W [k, d], b [k]).
+/// Multinomial logistic regression by full-batch Adam (decoupled weight decay); returns (W `[k, d]`, b `[k]`).
 pub fn fit_logistic(x: &[f32], y: &[i32], d: usize, k: usize, iters: usize, lr: f32, wd: f32) -> (Vec<f32>, Vec<f32>) {
     let n = y.len();
     let mut w = vec![0f32; k * d];

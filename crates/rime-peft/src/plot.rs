@@ -118,7 +118,14 @@ fn draw<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, c: &Curves, title: &st
         .build_cartesian_2d(0f64..max_step, lo.min(0.0)..hi)
         .map_err(e)?
         .set_secondary_coord(0f64..max_step, elo..ehi);
-    chart.configure_mesh().x_desc("step").y_desc("training loss").label_style((FONT, 14)).draw().map_err(e)?;
+    chart
+        .configure_mesh()
+        .max_light_lines(4)
+        .x_desc("step")
+        .y_desc("training loss")
+        .label_style((FONT, 14))
+        .draw()
+        .map_err(e)?;
     chart.configure_secondary_axes().y_desc(c.eval_name).label_style((FONT, 14)).draw().map_err(e)?;
     let raw = c.steps.iter().map(|s| (s.0, s.1));
     chart
@@ -146,14 +153,16 @@ fn draw<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, c: &Curves, title: &st
         .draw()
         .map_err(e)?;
     let (_, lr_hi) = range(c.steps.iter().map(|s| s.2));
+    // The right margin stands in for the upper chart's right axis, so the step axes line up.
     let mut lr = ChartBuilder::on(&bottom)
         .margin(12)
+        .margin_right(12 + 64)
         .x_label_area_size(36)
         .y_label_area_size(64)
-        .right_y_label_area_size(64)
         .build_cartesian_2d(0f64..max_step, 0f64..lr_hi.max(1e-12))
         .map_err(e)?;
     lr.configure_mesh()
+        .max_light_lines(4)
         .x_desc("step")
         .y_desc("learning rate")
         .y_label_formatter(&|v| format!("{v:.1e}"))

@@ -168,6 +168,27 @@ pub fn save_peft(ad: &PeftAdapter, dir: &Path) -> Result<()> {
 
 /// Train `task` as `cfg` says. With `out`, files are written there as the run goes (and a checkpoint makes
 /// `cfg.resume` possible); without, nothing touches the disk.
+///
+/// ```no_run
+/// use rime_peft::classifier::Method;
+/// use rime_peft::{ClassifyTask, Event, TextClassData, TrainConfig};
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let dev = rime_kernels::Device::new(&rime_kernels::DeviceOptions::default())?;
+/// let texts = vec!["fresh and tasty".to_string(), "stale, broken seal".to_string()];
+/// let labels = vec!["good".to_string(), "bad".to_string()];
+/// let data = TextClassData::new(texts, labels);
+/// let mut task = ClassifyTask::new(&dev, "models/all-minilm-l6-v2", Method::Probe, data.clone(), Some(data));
+/// let cfg = TrainConfig { epochs: 3, ..TrainConfig::default() };
+/// let result = rime_peft::train(&mut task, &cfg, None, &mut |e| {
+///     if let Event::Eval { epoch, metrics, .. } = e {
+///         eprintln!("epoch {epoch}: accuracy {:.3}", metrics.accuracy);
+///     }
+/// })?;
+/// println!("best accuracy {:.4}", result.summary.eval_accuracy);
+/// result.save("runs/example")?; // best/ (a peft adapter), metrics.json, metrics.jsonl, training.png/.svg
+/// # Ok(())
+/// # }
+/// ```
 pub fn train<'d, T: Task<'d> + ?Sized>(
     task: &mut T,
     cfg: &TrainConfig,
