@@ -77,6 +77,11 @@ pub struct RunStats {
 
 /// A training task: owns the model, its data and graphs; the [`train`] loop drives it. Graphs are keyed by
 /// a padded length (`key`, from [`Task::bucket`]) and all share the parameters and optimizer state.
+///
+/// The next tasks fit as they are: an embedding task (contrastive pairs on an encoder) returns the pairs'
+/// token lengths from `prepare`, builds a graph whose loss is the in-batch contrastive loss, and evaluates a
+/// retrieval or similarity score (`Metric { name: "spearman", higher_is_better: true }`); an image task
+/// returns equal lengths (one bucket), feeds pixel batches and evaluates accuracy. Neither touches the loop.
 pub trait Task<'d> {
     /// What [`Task::summary`] returns (written as `metrics.json`).
     type Summary: serde::Serialize + Clone;
