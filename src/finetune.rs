@@ -34,8 +34,7 @@ pub use rime_peft::methods::prefix::PrefixConfig;
 pub use rime_peft::prompt::{PromptConfig, PromptInit};
 pub use rime_peft::svfit::SvfitConfig;
 pub use rime_peft::{
-    CausalData, CausalSummary, ClassifySummary, Event, Schedule, TextClassData, TrainConfig, TrainResult,
-    WeightStorage,
+    CausalData, CausalSummary, ClassifySummary, Event, Schedule, TextClassData, TrainConfig, TrainResult, WeightStorage,
 };
 
 use crate::{Gpu, Result};
@@ -104,4 +103,17 @@ pub fn evaluate(
 ) -> Result<EvalMetrics> {
     let ev = rime_peft::Evaluator::new(gpu.device(), model.as_ref(), batch_size, max_length)?;
     Ok(ev.evaluate(adapter.as_ref(), data)?)
+}
+
+/// The linear-probe baseline of a classification run: logistic regression on the frozen model's mean-pooled
+/// features of `train`, scored on `eval` (or the held-out part of `train`), as the main job reports beside
+/// the fine-tuned result.
+pub fn linear_probe_baseline(
+    gpu: &Gpu,
+    model: impl AsRef<Path>,
+    train: &TextClassData,
+    eval: Option<&TextClassData>,
+    cfg: &TrainConfig,
+) -> Result<EvalMetrics> {
+    Ok(rime_peft::trainer::probe_baseline(gpu.device(), model.as_ref(), train, eval, cfg)?)
 }

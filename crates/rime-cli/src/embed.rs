@@ -8,8 +8,6 @@ use rime::encoder::EncoderOptions;
 use rime::Encoder;
 use rime_kernels::{Device, DeviceOptions};
 
-use crate::facade_err::flagged;
-
 type BoxErr = Box<dyn std::error::Error>;
 
 /// Embed texts with an encoder (mean-pooled, L2-normalized; sentence-transformers' convention).
@@ -75,12 +73,12 @@ pub fn run(opts: &DeviceOptions, a: &EmbedArgs) -> Result<(), BoxErr> {
         normalize: !a.no_normalize,
         adapter: a.adapter.as_ref().map(PathBuf::from),
     };
-    let mut encoder = Encoder::load_with(&gpu, &model, eopts).map_err(flagged)?;
+    let mut encoder = Encoder::load_with(&gpu, &model, eopts)?;
     for n in encoder.notes() {
         eprintln!("note: {n}");
     }
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-    let emb = encoder.embed_all(&refs).map_err(flagged)?;
+    let emb = encoder.embed_all(&refs)?;
     if emb.truncated > 0 {
         eprintln!("warning: {} of {} texts truncated to {} tokens", emb.truncated, texts.len(), encoder.max_length());
     }

@@ -8,8 +8,6 @@ use rime::decoder::{DecoderOptions, GenerateOptions};
 use rime::Decoder;
 use rime_kernels::{Device, DeviceOptions};
 
-use crate::facade_err::flagged;
-
 type BoxErr = Box<dyn std::error::Error>;
 
 /// Generate text from a Llama GGUF model (greedy decoding with a KV cache).
@@ -49,17 +47,15 @@ pub fn run(opts: &DeviceOptions, a: &GenerateArgs) -> Result<(), BoxErr> {
     };
     let gpu = rime::Gpu::from_device(Device::new(opts)?);
     let dopts = DecoderOptions { adapter: a.adapter.clone(), half_precision };
-    let mut lm = Decoder::load_with(&gpu, &path, &dopts).map_err(flagged)?;
+    let mut lm = Decoder::load_with(&gpu, &path, &dopts)?;
     let gopts = GenerateOptions { max_new_tokens: a.max_new_tokens, chat: a.chat };
     let mut out = std::io::stdout();
     let mut fault = None;
-    let st = lm
-        .generate_streaming(&a.prompt, &gopts, |piece| {
-            if let Err(e) = out.write_all(piece.as_bytes()).and_then(|_| out.flush()) {
-                fault.get_or_insert(e);
-            }
-        })
-        .map_err(flagged)?;
+    let st = lm.generate_streaming(&a.prompt, &gopts, |piece| {
+        if let Err(e) = out.write_all(piece.as_bytes()).and_then(|_| out.flush()) {
+            fault.get_or_insert(e);
+        }
+    })?;
     if let Some(e) = fault {
         return Err(e.into());
     }

@@ -3,7 +3,6 @@
 
 mod bench;
 mod embed;
-mod facade_err;
 mod generate;
 mod info;
 mod inspect;
@@ -109,6 +108,10 @@ const FLAGS: &[(&str, &str)] = &[
     ("train", "--train"),
     ("eval", "--eval"),
     ("data", "--data"),
+    // embed and generate (the facade's arguments)
+    ("adapter", "--adapter"),
+    ("prompt", "--prompt"),
+    ("chat", "--chat"),
 ];
 
 /// The flag for a library config field (the field itself when the CLI has no such flag).
@@ -116,9 +119,14 @@ fn flag(field: &str) -> &str {
     FLAGS.iter().find(|(f, _)| *f == field).map_or(field, |(_, flag)| flag)
 }
 
-/// An error as the CLI prints it: a refused config value names its flag.
+/// An error as the CLI prints it: a refused config value or facade argument names its flag.
 fn message(e: &(dyn std::error::Error + 'static)) -> String {
-    match e.downcast_ref::<rime_peft::Error>() {
+    let peft = match e.downcast_ref::<rime::Error>() {
+        Some(rime::Error::Invalid { argument, message }) => return format!("{}: {message}", flag(argument)),
+        Some(rime::Error::Tuning(p)) => Some(p),
+        _ => e.downcast_ref::<rime_peft::Error>(),
+    };
+    match peft {
         Some(rime_peft::Error::Invalid { field, message }) => format!("{} {message}", flag(field)),
         _ => e.to_string(),
     }
@@ -134,7 +142,16 @@ mod tests {
         assert_eq!(message(e.as_ref()), "--lora-dropout 1.5: must be below 1");
         let e: Box<dyn std::error::Error> = Box::new(rime_peft::Error::invalid("unknown_field", "x"));
         assert_eq!(message(e.as_ref()), "unknown_field x");
-        for f in ["rank", "alpha", "lora_dropout", "targets", "init", "svfit_energy", "adapter_size", "num_virtual_tokens"] {
+        // through the facade: its own arguments and the tuning layer's fields
+        let e: Box<dyn std::error::Error> =
+            Box::new(rime::Error::Invalid { argument: "batch_size", message: "must be at least 1".into() });
+        assert_eq!(message(e.as_ref()), "--batch-size: must be at least 1");
+        let e: Box<dyn std::error::Error> =
+            Box::new(rime::Error::from(rime_peft::Error::invalid("rank", "0: must be at least 1")));
+        assert_eq!(message(e.as_ref()), "--rank 0: must be at least 1");
+        for f in
+            ["rank", "alpha", "lora_dropout", "targets", "init", "svfit_energy", "adapter_size", "num_virtual_tokens"]
+        {
             assert!(flag(f).starts_with("--"), "{f}");
         }
     }

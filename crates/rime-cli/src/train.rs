@@ -3,15 +3,11 @@
 use std::path::{Path, PathBuf};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use rime_io::dataset::Columns;
+use rime::finetune::{
+    self, AdapterMode, BottleneckConfig, CausalData, Columns, Event, LoraConfig, LoraInit, Method, PrefixConfig,
+    PromptConfig, PromptInit, Schedule, SvfitConfig, TextClassData, TrainConfig, WeightStorage,
+};
 use rime_kernels::{Device, DeviceOptions};
-use rime_peft::adapter::{AdapterMode, BottleneckConfig};
-use rime_peft::classifier::Method;
-use rime_peft::lora::{LoraConfig, LoraInit};
-use rime_peft::prompt::{PrefixConfig, PromptConfig, PromptInit};
-use rime_peft::svfit::SvfitConfig;
-use rime_peft::trainer::{self, Event};
-use rime_peft::{CausalData, CausalTask, ClassifyTask, Schedule, TextClassData, TrainConfig, WeightStorage};
 
 type BoxErr = Box<dyn std::error::Error>;
 
@@ -257,7 +253,8 @@ fn lora_config(a: &TrainArgs, targets: &str) -> Result<LoraConfig, BoxErr> {
 /// --weights: the storage dtype of the frozen linear weights, refused where a method rewrites or reads them as
 /// f32 (SVFit, DoRA's norms, PiSSA's residual).
 fn frozen_weights(a: &TrainArgs) -> Result<WeightStorage, BoxErr> {
-    let w = WeightStorage::parse(&a.weights).ok_or_else(|| format!("--weights {}: expected f32, f16 or bf16", a.weights))?;
+    let w = WeightStorage::parse(&a.weights)
+        .ok_or_else(|| format!("--weights {}: expected f32, f16 or bf16", a.weights))?;
     if w != WeightStorage::F32 && (a.method == "svfit" || a.dora || a.init == "pissa") {
         return Err(format!(
             "--weights {} does not combine with --method svfit, --dora or --init pissa (they rewrite or read the \
@@ -351,14 +348,16 @@ pub fn run(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
         text_pair: a.text_pair_column.clone(),
         label: Some(a.label_column.clone()),
     };
-    let dev = Device::new(opts)?;
+    let gpu = rime::Gpu::from_device(Device::new(opts)?);
+    let dev = gpu.device();
     eprintln!("adapter: {} ({:?})", dev.info().name, dev.info().backend);
     let train_data = TextClassData::from_file(&train, &columns)?;
     let eval_data = eval.as_ref().map(|p| TextClassData::from_file(p, &columns)).transpose()?;
     let progress = Progress::new(10);
     let mut on = |e: Event| progress.on(e);
-    let mut task = ClassifyTask::new(&dev, &model, method, train_data.clone(), eval_data.clone());
-    let summary = rime_peft::train(&mut task, &cfg, Some(&a.out), &mut on)?.summary;
+    let run =
+        finetune::classify_in(&gpu, &model, method, train_data.clone(), eval_data.clone(), &cfg, &a.out, &mut on)?;
+    let summary = run.summary;
     progress.bar.finish_and_clear();
     println!(
         "{}: eval accuracy {:.4}, macro-F1 {:.4}, loss {:.4}; {:.1} train examples/s over {:.0} s; adapter in {}",
@@ -372,7 +371,7 @@ pub fn run(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
     );
     if main_job && !a.no_baseline && a.method == "lora" {
         eprintln!("linear-probe baseline (frozen MiniLM mean-pool features, logistic regression head) ...");
-        let probe = trainer::probe_baseline(&dev, &model, &train_data, eval_data.as_ref(), &cfg)?;
+        let probe = finetune::linear_probe_baseline(&gpu, &model, &train_data, eval_data.as_ref(), &cfg)?;
         println!(
             "\n{:<28}{:>10}{:>10}\n{:<28}{:>10.4}{:>10.4}\n{:<28}{:>10.4}{:>10.4}",
             "test set (fine_foods)",
@@ -429,13 +428,14 @@ pub fn run_eval(opts: &DeviceOptions, a: &EvalArgs) -> Result<(), BoxErr> {
         Some(m) => m.clone(),
         None => default_model()?,
     };
-    let dev = Device::new(opts)?;
+    let gpu = rime::Gpu::from_device(Device::new(opts)?);
     let cols = Columns {
         text: a.text_column.clone(),
         text_pair: a.text_pair_column.clone(),
         label: Some(a.label_column.clone()),
     };
-    let m = trainer::evaluate_adapter(&dev, &model, &a.adapter, &a.data, &cols, a.batch_size, a.max_length)?;
+    let data = TextClassData::from_file(&a.data, &cols)?;
+    let m = finetune::evaluate(&gpu, &model, &a.adapter, &data, a.batch_size, a.max_length)?;
     if a.json {
         println!("{}", serde_json::to_string(&m)?);
     } else {
@@ -466,16 +466,15 @@ fn run_causal(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
     }
     let cfg = train_config(a)?;
     let lora = lora_config(a, &targets)?;
-    let dev = Device::new(opts)?;
-    eprintln!("adapter: {} ({:?})", dev.info().name, dev.info().backend);
+    let gpu = rime::Gpu::from_device(Device::new(opts)?);
+    eprintln!("adapter: {} ({:?})", gpu.device().info().name, gpu.device().info().backend);
     let columns = Columns { text: a.text_column.clone(), text_pair: a.text_pair_column.clone(), label: None };
     let train_data = CausalData::from_file(&train, &columns)?;
     let eval_data = a.eval.as_ref().map(|p| CausalData::from_file(p, &columns)).transpose()?;
     // A decoder step takes seconds on lavapipe: without a terminal, print every step.
     let progress = Progress::new(1);
     let mut on = |e: Event| progress.on(e);
-    let mut task = CausalTask::new(&dev, model, lora, train_data, eval_data);
-    let s = rime_peft::train(&mut task, &cfg, Some(&a.out), &mut on)?.summary;
+    let s = finetune::causal_lm(&gpu, model, lora, train_data, eval_data, &cfg, Some(&a.out), &mut on)?.summary;
     progress.bar.finish_and_clear();
     let eval = match (s.eval_loss, s.eval_perplexity) {
         (Some(l), Some(p)) => format!("; best eval loss {l:.4} (perplexity {p:.2})"),
