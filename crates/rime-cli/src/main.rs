@@ -128,7 +128,8 @@ fn message(e: &(dyn std::error::Error + 'static)) -> String {
     };
     match peft {
         Some(rime_peft::Error::Invalid { field, message }) => format!("{} {message}", flag(field)),
-        _ => e.to_string(),
+        // The merge library says how to replace an output in its own terms; here that is --force.
+        _ => e.to_string().replace("unless forced (MergeOptions::force)", "without --force"),
     }
 }
 

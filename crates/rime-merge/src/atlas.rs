@@ -380,7 +380,7 @@ pub fn atlas(dev: &Device, cfg: &MergeConfig, out: &Path, opts: &MergeOptions) -
     if let (Some(u), Some(l)) = (eval_accuracy_uniform, eval_accuracy_learned) {
         notes.push(format!("aTLAS: eval accuracy {u:.4} (uniform) -> {l:.4} (learned)"));
     }
-    notes.push(format!("evaluate with: rime eval --model {0} --adapter {0}/head", out.display()));
+    notes.push(format!("the merged model is {0}, with its classification head as an adapter in {0}/head", out.display()));
     let report = MergeReport {
         method: "atlas".into(),
         inputs: std::iter::once(base.display().to_string())

@@ -69,7 +69,6 @@ fn check<'a>(tensors: &[NamedTensor], adapter: &'a PeftAdapter, dir: &Path) -> R
     if cfg.use_dora && cfg.fan_in_fan_out {
         return Err(model_err(dir, "use_dora with fan_in_fan_out is not supported".into()));
     }
-    check_tensor_kinds(adapter, dir)?;
     let mut out = Vec::new();
     for pair in adapter.lora_pairs() {
         let missing = |n: &str| model_err(dir, format!("missing tensor `{n}`"));
@@ -107,6 +106,8 @@ fn check<'a>(tensors: &[NamedTensor], adapter: &'a PeftAdapter, dir: &Path) -> R
 /// Folds a peft LoRA adapter into `tensors` (HF names, f32): W += s · B · A for each adapted module, s =
 /// alpha / r (alpha / sqrt(r) with rsLoRA, `alpha_pattern` respected); DoRA adapters (`use_dora`) then rescale
 /// each row to m / ||W + s·B·A||_row with the module's `lora_magnitude_vector`. Returns the adapted modules.
+/// Other tensors of the adapter (a classification head under `modules_to_save`) are not folded; the caller
+/// decides what they mean (the decoder refuses them, see [`decode_tensors`]).
 pub fn fold_lora(tensors: &mut [NamedTensor], adapter: &PeftAdapter, dir: &Path) -> Result<Vec<String>> {
     let fan = adapter.config.fan_in_fan_out;
     let checked = check(tensors, adapter, dir)?;
@@ -127,6 +128,7 @@ pub fn decode_tensors(
     adapter: &PeftAdapter,
     dir: &Path,
 ) -> Result<(Vec<NamedTensor>, Vec<String>)> {
+    check_tensor_kinds(adapter, dir)?;
     if adapter.config.fan_in_fan_out {
         return Err(model_err(
             dir,
