@@ -1,6 +1,6 @@
 //! rime's kernels for a program that uses the GPU as an accelerator: upload tensors, run a kernel, read the
 //! result back. The functions here are named as the WGSL entry points in `shaders/` and as their plain-Rust
-//! references in [`reference`] (the oracle the tests compare against); each allocates its output, runs at
+//! references in [`reference`](mod@reference) (the oracle the tests compare against); each allocates its output, runs at
 //! once and returns it. For several kernels in one submit, or to reuse output buffers, build the dispatches
 //! with [`raw`] and run them with `gpu.device().run(&dispatches)`.
 //!
@@ -28,7 +28,7 @@ fn dims2(name: &'static str, t: &Tensor) -> Result<()> {
 }
 
 /// `op(a) · op(b) + bias` ([`raw::matmul::matmul_forward`]): a [..batch, M, K] ([.., K, M] when `trans_a`),
-/// b [K, N] ([N, K] when `trans_b`, as a PyTorch `Linear` weight), bias [N]; returns [..batch, M, N] (f32).
+/// b [K, N] ([N, K] when `trans_b`, as a PyTorch `Linear` weight), bias \[N\]; returns [..batch, M, N] (f32).
 /// b may be f16 or bf16.
 pub fn matmul_forward(
     gpu: &Gpu,
@@ -76,7 +76,7 @@ pub fn attention_forward(
 }
 
 /// `Σᵢ weights[i] · xs[i]` over the rows of `xs` [N, L] ([`raw::merge::merge_weighted_sum_forward`]): model
-/// soups and task arithmetic. Returns [L].
+/// soups and task arithmetic. Returns \[L\].
 pub fn merge_weighted_sum_forward(gpu: &Gpu, xs: &Tensor, weights: &[f32]) -> Result<Tensor> {
     dims2("xs", xs)?;
     let dev = gpu.device();
