@@ -2,41 +2,11 @@
 //! frozen-backbone memory guarantee, and a tiny training problem.
 
 mod common;
-use common::{dev, rnd};
+use common::{check_grads, dev, rnd};
 
 use rand::{Rng, SeedableRng};
 use rime_graph::{Executor, Graph, OptimConfig, ParamStore, Var};
 use rime_kernels::DType;
-
-/// Compare the executor's gradient of every trainable parameter with central differences of the loss at
-/// `probes` coordinates each. f32 forward: eps 1e-2, tolerance 2e-3 abs + 3% rel.
-fn check_grads(ex: &mut Executor, store: &ParamStore, loss: Var, probes: usize) {
-    let d = dev();
-    ex.backward_only(d).unwrap();
-    let mut r = rand::rngs::StdRng::seed_from_u64(99);
-    for (id, p) in store.trainable() {
-        let g = ex.read_param_grad(d, id).unwrap();
-        let mut w = store.read_f32(d, id).unwrap();
-        for _ in 0..probes {
-            let i = r.random_range(0..w.len());
-            let orig = w[i];
-            let eps = 1e-2f32;
-            w[i] = orig + eps;
-            d.write_f32(&p.tensor, &w).unwrap();
-            ex.forward(d).unwrap();
-            let up = ex.read(d, loss).unwrap()[0] as f64;
-            w[i] = orig - eps;
-            d.write_f32(&p.tensor, &w).unwrap();
-            ex.forward(d).unwrap();
-            let down = ex.read(d, loss).unwrap()[0] as f64;
-            w[i] = orig;
-            d.write_f32(&p.tensor, &w).unwrap();
-            let fd = ((up - down) / (2.0 * eps as f64)) as f32;
-            let tol = 2e-3 + 0.03 * fd.abs().max(g[i].abs());
-            assert!((fd - g[i]).abs() <= tol, "{}[{i}]: autodiff {} vs finite difference {fd}", p.name, g[i]);
-        }
-    }
-}
 
 fn targets(g: &mut Graph, n: usize) -> Var {
     g.input("targets", &[n], DType::I32)
@@ -67,7 +37,7 @@ fn mlp_gradients_match_finite_differences() {
     let mut ex = Executor::new(d, g, &store, Some(loss), &[logits], Some(OptimConfig::adamw(1e-2, 0.0))).unwrap();
     ex.feed_f32(d, "x", &rnd(5, n * c, 1.0)).unwrap();
     ex.feed_i32(d, "targets", &[0, 2, 1, -100, 2]).unwrap();
-    check_grads(&mut ex, &store, loss, 6);
+    check_grads(&mut ex, &store, loss, 6, 99);
     assert_eq!(ex.gradient_buffers(), 4);
 }
 
@@ -129,7 +99,7 @@ fn transformer_block_gradients_match_finite_differences() {
     ex.feed_f32(d, "x", &rnd(50, b * t * c, 1.0)).unwrap();
     ex.feed_f32(d, "mask", &[1., 1., 1., 1., 0., 1., 1., 1., 1., 1.]).unwrap();
     ex.feed_i32(d, "targets", &[0, 1, 2, 0, -100, 1, 2, 0, 1, 2]).unwrap();
-    check_grads(&mut ex, &store, loss, 4);
+    check_grads(&mut ex, &store, loss, 4, 99);
 }
 
 /// LoRA over a frozen linear: gradients for A, B and the head only, checked against finite differences;
@@ -178,7 +148,7 @@ fn lora_on_frozen_mlp_allocates_no_frozen_gradients() {
     assert_eq!(rep.gradients, trainable_bytes, "gradient bytes are exactly the trainable parameters'");
     let frozen_bytes: u64 = store.iter().filter(|(_, p)| !p.trainable).map(|(_, p)| p.tensor.bytes()).sum();
     assert_eq!(rep.frozen_weights, frozen_bytes);
-    check_grads(&mut ex, &store, loss, 8);
+    check_grads(&mut ex, &store, loss, 8, 99);
     let (full, _, _) = build(false);
     println!("LoRA on a frozen MLP:\n{rep}\n\nfull fine-tuning of the same MLP:\n{}", full.memory_report());
     assert!(full.memory_report().gradients > rep.gradients);
@@ -469,6 +439,6 @@ fn prepend_prompt_and_prefix_gradients_match_finite_differences() {
     m[2 * s - 1] = 0.0;
     ex.feed_f32(d, "mask", &m).unwrap();
     ex.feed_i32(d, "targets", &[0, 1, 2, 0, 1, 2, 0, 1, 2, -100]).unwrap();
-    check_grads(&mut ex, &store, loss, 5);
+    check_grads(&mut ex, &store, loss, 5, 99);
     assert_eq!(ex.gradient_buffers(), 4, "w, prompt, prefix, head; the frozen projections get none");
 }

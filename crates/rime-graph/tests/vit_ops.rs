@@ -2,40 +2,10 @@
 //! differences, and LayerScale (a learned [C] multiply) through `mul`'s row broadcast.
 
 mod common;
-use common::{dev, rnd};
+use common::{check_grads, dev, rnd};
 
-use rand::{Rng, SeedableRng};
-use rime_graph::{Executor, Graph, OptimConfig, ParamStore, Var};
+use rime_graph::{Executor, Graph, OptimConfig, ParamStore};
 use rime_kernels::DType;
-
-/// Every trainable parameter's gradient against central differences of the GPU loss at `probes` coordinates
-/// (f32 forward: eps 1e-2, tolerance 2e-3 abs + 3% rel), as in graph_grad.rs.
-fn check_grads(ex: &mut Executor, store: &ParamStore, loss: Var, probes: usize) {
-    let d = dev();
-    ex.backward_only(d).unwrap();
-    let mut r = rand::rngs::StdRng::seed_from_u64(7);
-    for (id, p) in store.trainable() {
-        let g = ex.read_param_grad(d, id).unwrap();
-        let mut w = store.read_f32(d, id).unwrap();
-        for _ in 0..probes {
-            let i = r.random_range(0..w.len());
-            let orig = w[i];
-            let eps = 1e-2f32;
-            let mut at = |v: f32| {
-                w[i] = v;
-                d.write_f32(&p.tensor, &w).unwrap();
-                ex.forward(d).unwrap();
-                ex.read(d, loss).unwrap()[0] as f64
-            };
-            let (up, down) = (at(orig + eps), at(orig - eps));
-            w[i] = orig;
-            d.write_f32(&p.tensor, &w).unwrap();
-            let fd = ((up - down) / (2.0 * eps as f64)) as f32;
-            let tol = 2e-3 + 0.03 * fd.abs().max(g[i].abs());
-            assert!((fd - g[i]).abs() <= tol, "{}[{i}]: autodiff {} vs finite difference {fd}", p.name, g[i]);
-        }
-    }
-}
 
 /// Conv2d(c, oc, kernel = stride = p) on the CPU, out [b, (h/p)·(w/p), oc] (patch-major like ViT's tokens).
 #[allow(clippy::too_many_arguments)]
@@ -111,7 +81,7 @@ fn patch_embed_gradients_match_finite_differences() {
     let loss = g.cross_entropy(logits, targets, -100).unwrap();
     let mut ex = Executor::new(d, g, &store, Some(loss), &[], Some(OptimConfig::adamw(1e-2, 0.0))).unwrap();
     ex.feed_i32(d, "targets", &[0, 3, 1, 2, 2, 1, 0, 3]).unwrap();
-    check_grads(&mut ex, &store, loss, 12);
+    check_grads(&mut ex, &store, loss, 12, 7);
     let dx = ex.read_param_grad(d, store.id("x").unwrap()).unwrap();
     for (i, v) in dx.iter().enumerate() {
         let row = (i / w) % h;
@@ -145,7 +115,7 @@ fn layer_scale_gradient_reaches_the_per_channel_vector() {
     let mut ex = Executor::new(d, g, &store, Some(loss), &[h, logits], Some(OptimConfig::adamw(1e-2, 0.0))).unwrap();
     ex.feed_f32(d, "x", &x).unwrap();
     ex.feed_i32(d, "targets", &[1, 4, 0, 2, 3, -100]).unwrap();
-    check_grads(&mut ex, &store, loss, 5);
+    check_grads(&mut ex, &store, loss, 5, 7);
     // d loss / d logits of a mean cross-entropy over the 5 counted rows: (softmax - onehot) / 5.
     ex.backward_only(d).unwrap();
     let (hv, lv) = (ex.read(d, h).unwrap(), ex.read(d, logits).unwrap());
