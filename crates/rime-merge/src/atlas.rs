@@ -160,7 +160,13 @@ struct AtlasReport<'a> {
     eval_accuracy_learned: Option<f64>,
 }
 
-fn encode_file(probe: &GradientProbe, cfg: &MergeConfig, path: &Path, labels: &[String], limit: usize) -> Result<Encoded> {
+fn encode_file(
+    probe: &GradientProbe,
+    cfg: &MergeConfig,
+    path: &Path,
+    labels: &[String],
+    limit: usize,
+) -> Result<Encoded> {
     let data = TextClassData::from_file(path, &columns(cfg)).map_err(perr)?;
     probe.encode(&data, labels, limit).map_err(perr)
 }
@@ -380,7 +386,10 @@ pub fn atlas(dev: &Device, cfg: &MergeConfig, out: &Path, opts: &MergeOptions) -
     if let (Some(u), Some(l)) = (eval_accuracy_uniform, eval_accuracy_learned) {
         notes.push(format!("aTLAS: eval accuracy {u:.4} (uniform) -> {l:.4} (learned)"));
     }
-    notes.push(format!("the merged model is {0}, with its classification head as an adapter in {0}/head", out.display()));
+    notes.push(format!(
+        "the merged model is {0}, with its classification head as an adapter in {0}/head",
+        out.display()
+    ));
     let report = MergeReport {
         method: "atlas".into(),
         inputs: std::iter::once(base.display().to_string())

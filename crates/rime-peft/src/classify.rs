@@ -386,15 +386,8 @@ impl<'d> Task<'d> for ClassifyTask<'d> {
             frozen,
             100.0 * trainable as f64 / (trainable + frozen) as f64
         )));
-        let mut sess = Session::for_inference(
-            dev,
-            store,
-            bcfg,
-            prefix,
-            classifier::hook_for(&method),
-            cfg.rows(),
-            cfg.max_length,
-        );
+        let mut sess =
+            Session::for_inference(dev, store, bcfg, prefix, classifier::hook_for(&method), cfg.rows(), cfg.max_length);
         sess.eval_hook = classifier::eval_hook_for(&method);
         let lens = train.ids.iter().map(|x| x.len()).collect();
         let labels = labels.labels().to_vec();
@@ -591,7 +584,6 @@ pub fn fit_logistic(x: &[f32], y: &[i32], d: usize, k: usize, iters: usize, lr: 
     }
     (w, b)
 }
-
 
 /// Scores saved classification adapters (a folder with a head and `rime_labels`, as [`ClassifyTask`] writes)
 /// on labelled data. The model's checkpoint is mapped and its tokenizer read once; each adapter gets freshly

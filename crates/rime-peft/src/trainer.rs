@@ -20,8 +20,8 @@ use serde_json::{json, Map, Value};
 
 pub use crate::classifier::EvalMetrics;
 pub use crate::classify::{
-    encode, epoch_batches, evaluate_adapter, fit_logistic, make_batch, metrics_from_logits, open_model,
-    open_model_as, probe_baseline, ClassifySummary, ClassifyTask, Encoded, Evaluator, Session,
+    encode, epoch_batches, evaluate_adapter, fit_logistic, make_batch, metrics_from_logits, open_model, open_model_as,
+    probe_baseline, ClassifySummary, ClassifyTask, Encoded, Evaluator, Session,
 };
 pub use crate::config::{Schedule, TrainConfig, WeightStorage};
 use crate::{Error, Result};
@@ -408,11 +408,8 @@ impl<'d, T: Task<'d> + ?Sized> Run<'_, 'd, T> {
         let t = Instant::now();
         match self.task.evaluate()? {
             Some(ev) => {
-                let improved = if self.metric.higher_is_better {
-                    ev.score > self.best_score
-                } else {
-                    ev.score < self.best_score
-                };
+                let improved =
+                    if self.metric.higher_is_better { ev.score > self.best_score } else { ev.score < self.best_score };
                 if improved {
                     self.best_score = ev.score;
                     self.best_epoch = Some(epoch);

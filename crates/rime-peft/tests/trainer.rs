@@ -104,5 +104,8 @@ fn bad_settings_name_their_field() {
     }
     let bad = TextClassData::new(vec!["a".into(), "b".into()], vec!["x".into()]);
     let mut task = ClassifyTask::new(d, &m, lora(), bad, None);
-    assert!(matches!(rime_peft::train(&mut task, &cfg(), None, &mut |_| {}), Err(Error::Invalid { field: "train", .. })));
+    assert!(matches!(
+        rime_peft::train(&mut task, &cfg(), None, &mut |_| {}),
+        Err(Error::Invalid { field: "train", .. })
+    ));
 }

@@ -2,9 +2,9 @@
 //! filled prefix. The position is a one-element U32 tensor read when the kernel runs, so a decode step's
 //! dispatches are built once and replayed with only that tensor rewritten.
 
-use crate::guard::{expect_f32, index_u32};
 use super::{grid_1d, words};
 use crate::error::{shape_err, Result};
+use crate::guard::{expect_f32, index_u32};
 use crate::{DType, Device, Dispatch, Spec, Tensor};
 
 const FILE: &str = "cache.wgsl";

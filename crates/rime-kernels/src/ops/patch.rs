@@ -1,8 +1,8 @@
 //! Launchers for shaders/patch.wgsl: ViT patch embedding's im2col (stride = kernel = p) and its inverse.
 
-use crate::guard::{expect_f32, index_u32};
 use super::{grid_1d, words};
 use crate::error::{shape_err, Result};
+use crate::guard::{expect_f32, index_u32};
 use crate::{Device, Dispatch, Spec, Tensor};
 
 const FILE: &str = "patch.wgsl";
