@@ -10,7 +10,7 @@ use crate::Result;
 /// ```
 /// let gpu = rime::Gpu::new()?; // the default adapter (or the one named by the RIME_ADAPTER variable)
 /// let info = gpu.info();
-/// println!("{} ({}), subgroups: {}", info.name, info.backend, info.subgroups);
+/// assert!(!info.name.is_empty() && info.max_storage_binding > 0);
 /// # Ok::<(), rime::Error>(())
 /// ```
 pub struct Gpu {

@@ -184,12 +184,14 @@ pub fn save_peft(ad: &PeftAdapter, dir: &Path) -> Result<()> {
 /// let data = TextClassData::new(texts, labels);
 /// let mut task = ClassifyTask::new(&dev, "models/all-minilm-l6-v2", Method::Probe, data.clone(), Some(data));
 /// let cfg = TrainConfig { epochs: 3, ..TrainConfig::default() };
+/// let mut accuracy_per_epoch = Vec::new();
 /// let result = rime_peft::train(&mut task, &cfg, None, &mut |e| {
-///     if let Event::Eval { epoch, metrics, .. } = e {
-///         eprintln!("epoch {epoch}: accuracy {:.3}", metrics.accuracy);
+///     if let Event::Eval { metrics, .. } = e {
+///         accuracy_per_epoch.push(metrics.accuracy);
 ///     }
 /// })?;
-/// println!("best accuracy {:.4}", result.summary.eval_accuracy);
+/// assert_eq!(accuracy_per_epoch.len(), 3);
+/// let best = result.summary.eval_accuracy; // the best epoch's, as kept in `result.adapter`
 /// result.save("runs/example")?; // best/ (a peft adapter), metrics.json, metrics.jsonl, training.png/.svg
 /// # Ok(())
 /// # }
