@@ -123,13 +123,16 @@ fn flag(field: &str) -> &str {
 fn message(e: &(dyn std::error::Error + 'static)) -> String {
     let peft = match e.downcast_ref::<rime::Error>() {
         Some(rime::Error::Invalid { argument, message }) => return format!("{}: {message}", flag(argument)),
+        // The merge library says how to replace an output in its own terms; here that is --force.
+        Some(rime::Error::Merge(rime_merge::Error::OutputExists { path, when })) => {
+            return format!("{path}: {when}; not replaced without --force")
+        }
         Some(rime::Error::Tuning(p)) => Some(p),
         _ => e.downcast_ref::<rime_peft::Error>(),
     };
     match peft {
         Some(rime_peft::Error::Invalid { field, message }) => format!("{} {message}", flag(field)),
-        // The merge library says how to replace an output in its own terms; here that is --force.
-        _ => e.to_string().replace("unless forced (MergeOptions::force)", "without --force"),
+        _ => e.to_string(),
     }
 }
 
@@ -150,6 +153,9 @@ mod tests {
         let e: Box<dyn std::error::Error> =
             Box::new(rime::Error::from(rime_peft::Error::invalid("rank", "0: must be at least 1")));
         assert_eq!(message(e.as_ref()), "--rank 0: must be at least 1");
+        let exists = rime_merge::Error::OutputExists { path: "out".into(), when: "exists" };
+        let e: Box<dyn std::error::Error> = Box::new(rime::Error::from(exists));
+        assert_eq!(message(e.as_ref()), "out: exists; not replaced without --force");
         for f in
             ["rank", "alpha", "lora_dropout", "targets", "init", "svfit_energy", "adapter_size", "num_virtual_tokens"]
         {

@@ -37,6 +37,9 @@ pub enum Error {
     /// The output folder exists and `force` was not given, or cannot be created / renamed.
     #[error("{path}: {msg}")]
     Output { path: String, msg: String },
+    /// The output folder exists (or appeared while merging) and [`MergeOptions::force`] was not set.
+    #[error("{path}: {when}; not replaced unless forced (MergeOptions::force)")]
+    OutputExists { path: String, when: &'static str },
     /// An invalid argument (e.g. a shard size that does not parse).
     #[error("{0}")]
     Invalid(String),

@@ -81,7 +81,7 @@ impl Staging {
     pub fn new(out: &Path, force: bool) -> Result<Staging> {
         let oerr = |msg: String| Error::Output { path: out.display().to_string(), msg };
         if out.exists() && !force {
-            return Err(oerr("exists; not replaced unless forced (MergeOptions::force)".into()));
+            return Err(Error::OutputExists { path: out.display().to_string(), when: "exists" });
         }
         let name = out.file_name().ok_or_else(|| oerr("not a folder path".into()))?.to_string_lossy().into_owned();
         let parent = match out.parent() {
@@ -105,7 +105,8 @@ impl Staging {
         let mut old = None;
         if self.out.exists() {
             if !self.force {
-                return Err(oerr("appeared during the merge; not replaced unless forced (MergeOptions::force)".into()));
+                let path = self.out.display().to_string();
+                return Err(Error::OutputExists { path, when: "appeared during the merge" });
             }
             let name = self.out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             let o = self.tmp.with_file_name(format!(".{name}.rime-merge-old-{}", std::process::id()));

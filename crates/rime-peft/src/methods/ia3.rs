@@ -83,11 +83,7 @@ impl LinearHook for Ia3Hook {
     ) -> rime_graph::Result<Var> {
         let name = vector_name(module);
         let Some(id) = store.find(&name) else {
-            if self.targets.as_ref().is_some_and(|t| crate::lora::target_matches(t, module)) {
-                return Err(rime_graph::Error::Invalid(format!(
-                    "ia3 vector for '{module}' is not in the store: add it first (classifier::prepare_method)"
-                )));
-            }
+            super::refuse_missing_target(self.targets.as_deref(), module, "ia3 vector")?;
             return g.linear(x, w, b);
         };
         let shape = store.get(id).tensor.shape.clone();

@@ -153,3 +153,14 @@ pub(crate) fn modules_with(store: &ParamStore, suffix: &str) -> Vec<String> {
         .map(|m| m.trim_start_matches("base_model.model.").to_string())
         .collect()
 }
+
+/// A strict hook (one built for training, with its method's `targets`) meets a target module whose tensors are
+/// not in the store: the method's parameters were never added, so refuse rather than run the plain layer.
+pub(crate) fn refuse_missing_target(targets: Option<&[String]>, module: &str, what: &str) -> rime_graph::Result<()> {
+    if targets.is_some_and(|t| lora::target_matches(t, module)) {
+        return Err(rime_graph::Error::Invalid(format!(
+            "{what} for '{module}' not in the store: add them first (classifier::prepare_method)"
+        )));
+    }
+    Ok(())
+}

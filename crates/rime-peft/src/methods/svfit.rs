@@ -166,11 +166,7 @@ impl LinearHook for SvfitHook {
     ) -> rime_graph::Result<Var> {
         let sn = sigma_name(module);
         if store.find(&sn).is_none() {
-            if self.targets.as_ref().is_some_and(|t| crate::lora::target_matches(t, module)) {
-                return Err(rime_graph::Error::Invalid(format!(
-                    "svfit tensors for '{module}' are not in the store: add them first (classifier::prepare_method)"
-                )));
-            }
+            super::refuse_missing_target(self.targets.as_deref(), module, "svfit tensors")?;
             return g.linear(x, w, b);
         }
         let base = g.linear(x, w, b)?;
