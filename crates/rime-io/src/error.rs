@@ -47,6 +47,10 @@ pub enum Error {
     /// A model looked up by name is not in the models folder.
     #[error("model `{name}` not found (looked in {searched}); run scripts/fetch-models.sh")]
     ModelNotFound { name: String, searched: String },
+    /// A tensor holds NaN or ±Inf. rime's policy: non-finite values are never silently turned into numbers;
+    /// loaders and merges refuse them, naming the tensor (see [`check_finite`]).
+    #[error("{file}: tensor `{tensor}` holds {count} non-finite value(s) (first: {first} at flat index {index}); rime refuses NaN/Inf weights")]
+    NonFinite { file: String, tensor: String, count: usize, first: f32, index: usize },
     /// The caller passed inconsistent arguments (e.g. a shape that does not match the data length).
     #[error("{file}: {msg}")]
     InvalidArgument { file: String, msg: String },
@@ -62,4 +66,27 @@ pub(crate) fn io_err<'a>(path: &'a Path, action: &'static str) -> impl FnOnce(st
 
 pub(crate) fn format_err(path: &Path, msg: impl Into<String>) -> Error {
     Error::Format { file: display(path), msg: msg.into() }
+}
+
+/// Refuses a tensor that holds NaN or ±Inf, naming `file` and `tensor`, the count and the first offender.
+/// This is the one check every loader, adapter reader and merge output goes through (the NaN policy: non-finite
+/// values propagate through the kernels, and are reported by name where tensors enter or leave rime).
+pub fn check_finite(file: &str, tensor: &str, data: &[f32]) -> Result<()> {
+    let Some(index) = data.iter().position(|x| !x.is_finite()) else { return Ok(()) };
+    let count = data[index..].iter().filter(|x| !x.is_finite()).count();
+    Err(Error::NonFinite { file: file.to_string(), tensor: tensor.to_string(), count, first: data[index], index })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_finite_names_the_tensor_and_counts() {
+        assert!(check_finite("a.safetensors", "w", &[0.0, 1.0, -3.5]).is_ok());
+        let e = check_finite("a.safetensors", "w", &[0.0, f32::NAN, 1.0, f32::INFINITY]).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("a.safetensors") && msg.contains("`w`") && msg.contains("2 non-finite"), "{msg}");
+        assert!(msg.contains("flat index 1"), "{msg}");
+    }
 }

@@ -16,7 +16,7 @@ pub mod tokenizer;
 
 pub use config::{Architecture, ModelConfig};
 pub use dataset::{split_indices, Columns, Dataset, DatasetFormat, Example, LabelMap};
-pub use error::{Error, Result};
+pub use error::{check_finite, Error, Result};
 pub use gguf::{GgmlType, GgufFile, GgufTensorInfo, GgufValue, NamedTensor};
 pub use lora_math::{add_scaled_product, dora_rescale_rows, dora_row_scale, pattern_lookup, LoraDims};
 pub use models::{locate_model, models_dir};
