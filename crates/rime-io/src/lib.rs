@@ -10,6 +10,7 @@ pub mod gguf;
 mod gguf_tokenizer;
 pub mod lora_math;
 pub mod models;
+pub mod onnx;
 pub mod peft;
 pub mod safetensors;
 pub mod tokenizer;
@@ -20,6 +21,7 @@ pub use error::{check_finite, Error, Result};
 pub use gguf::{GgmlType, GgufFile, GgufTensorInfo, GgufValue, NamedTensor};
 pub use lora_math::{add_scaled_product, dora_rescale_rows, dora_row_scale, pattern_lookup, LoraDims};
 pub use models::{locate_model, models_dir};
+pub use onnx::{OnnxFile, OnnxInitializer, OnnxNode};
 pub use peft::{AdapterConfig, AdapterTensor, LoraPair, PeftAdapter};
 pub use safetensors::{
     write_atomically, write_safetensors, write_safetensors_as, write_safetensors_raw, Checkpoint, Dtype, RawTensor,
