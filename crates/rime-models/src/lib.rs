@@ -7,6 +7,7 @@ pub mod bert;
 pub mod generate;
 pub mod llama;
 pub mod lora;
+pub mod vit;
 
 use rime_graph::{Graph, ParamStore, Result, Var};
 
