@@ -10,6 +10,7 @@ pub mod classifier;
 pub mod classify;
 pub mod config;
 pub mod data;
+pub mod image;
 pub mod methods;
 pub mod metrics;
 pub mod plot;
@@ -50,6 +51,7 @@ pub use causal::{CausalSummary, CausalTask};
 pub use classify::{ClassifySummary, ClassifyTask, Evaluator};
 pub use config::{Schedule, TrainConfig, WeightStorage};
 pub use data::{CausalData, TextClassData};
+pub use image::{ImageClassData, ImageClassifyTask, Pooling};
 pub use trainer::{train, Event, Metric, Task, TrainResult};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

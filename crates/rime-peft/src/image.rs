@@ -1,0 +1,420 @@
+//! Image classification on a frozen ViT (DINOv2-S from its ONNX file): images in memory or from IDX files and
+//! image folders, preprocessed per batch ([`rime_io::Preprocess`]), a tuning method on the backbone's linears
+//! (LoRA on the attention and MLP projections, IA3, bottleneck adapters, or the head alone) and a linear head on
+//! the CLS token or the patch mean, trained with cross-entropy by the same trainer as text.
+
+use std::path::{Path, PathBuf};
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rime_graph::{Executor, Graph, OptimConfig, ParamStore, Var};
+use rime_io::peft::PeftAdapter;
+use rime_io::{Preprocess, RgbImage};
+use rime_kernels::{DType, Device};
+use rime_models::vit::{self, VitConfig};
+use rime_models::LinearHook;
+
+use crate::classifier::{self, EvalMetrics, Method, HEAD_BIAS, HEAD_WEIGHT};
+use crate::classify::{metrics_from_logits, ClassifySummary};
+use crate::config::TrainConfig;
+use crate::trainer::{Evaluation, Event, Metric, RunStats, Task};
+use crate::{Error, Result};
+
+/// Labelled images: decoded RGB images, a class index each, and the class names.
+#[derive(Debug, Clone)]
+pub struct ImageClassData {
+    pub images: Vec<RgbImage>,
+    pub labels: Vec<usize>,
+    pub classes: Vec<String>,
+    /// Where the images came from (the plot's title), if from files.
+    pub source: Option<PathBuf>,
+}
+
+impl ImageClassData {
+    /// Images held in memory. Every label must name a class.
+    pub fn new(images: Vec<RgbImage>, labels: Vec<usize>, classes: Vec<String>) -> Result<Self> {
+        if images.len() != labels.len() {
+            return Err(Error::invalid("labels", format!("{} labels for {} images", labels.len(), images.len())));
+        }
+        if classes.len() < 2 {
+            return Err(Error::invalid(
+                "classes",
+                format!("{} class(es): classification needs at least two", classes.len()),
+            ));
+        }
+        if let Some((i, l)) = labels.iter().enumerate().find(|(_, &l)| l >= classes.len()) {
+            return Err(Error::invalid(
+                "labels",
+                format!("image {i} has label {l}, but there are {} classes", classes.len()),
+            ));
+        }
+        Ok(ImageClassData { images, labels, classes, source: None })
+    }
+
+    /// An IDX pair (MNIST / Fashion-MNIST), classes named by `classes` (or their numbers when empty).
+    pub fn from_idx(images: &Path, labels: &Path, classes: Vec<String>) -> Result<Self> {
+        let (imgs, labs) = rime_io::read_idx_images(images, labels)?;
+        let n = labs.iter().max().map_or(0, |m| m + 1);
+        let classes = if classes.is_empty() { (0..n).map(|c| c.to_string()).collect() } else { classes };
+        let mut d = Self::new(imgs, labs, classes)?;
+        d.source = Some(images.to_path_buf());
+        Ok(d)
+    }
+
+    /// An image-folder tree (one sub-folder per class); every image is decoded now.
+    pub fn from_folder(root: &Path) -> Result<Self> {
+        let f = rime_io::image_folder(root)?;
+        let images = f.items.iter().map(|(p, _)| RgbImage::open(p)).collect::<rime_io::Result<Vec<_>>>()?;
+        let mut d = Self::new(images, f.items.iter().map(|(_, l)| *l).collect(), f.classes)?;
+        d.source = Some(root.to_path_buf());
+        Ok(d)
+    }
+
+    /// The first `n` examples (all when fewer).
+    pub fn take(mut self, n: usize) -> Self {
+        self.images.truncate(n);
+        self.labels.truncate(n);
+        self
+    }
+
+    pub fn len(&self) -> usize {
+        self.images.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.images.is_empty()
+    }
+
+    /// A seeded split: (the rest, a held-out `fraction`).
+    fn split(&self, fraction: f64, seed: u64) -> Result<(Self, Self)> {
+        let n = self.len();
+        let held = ((n as f64) * fraction).round() as usize;
+        if held == 0 || held >= n {
+            return Err(Error::invalid(
+                "eval_fraction",
+                format!("{fraction} of {n} images leaves no train or eval set"),
+            ));
+        }
+        let mut order: Vec<usize> = (0..n).collect();
+        order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+        let pick = |idx: &[usize]| ImageClassData {
+            images: idx.iter().map(|&i| self.images[i].clone()).collect(),
+            labels: idx.iter().map(|&i| self.labels[i]).collect(),
+            classes: self.classes.clone(),
+            source: self.source.clone(),
+        };
+        Ok((pick(&order[held..]), pick(&order[..held])))
+    }
+}
+
+/// Which token summary the head reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Pooling {
+    /// The CLS token after the final LayerNorm (Hugging Face's `pooler_output`).
+    #[default]
+    Cls,
+    /// The mean of the patch tokens after the final LayerNorm.
+    PatchMean,
+}
+
+/// One compiled ViT graph for a batch of `batch` images.
+struct VitExec {
+    exec: Executor,
+    logits: Var,
+    loss: Var,
+    batch: usize,
+    tokens: usize,
+}
+
+fn build_exec(
+    dev: &Device,
+    store: &ParamStore,
+    cfg: &VitConfig,
+    prefix: &str,
+    hook: &dyn LinearHook,
+    (b, size, pooling): (usize, usize, Pooling),
+    optim: Option<OptimConfig>,
+) -> Result<VitExec> {
+    let mut g = Graph::new();
+    let net = vit::build(&mut g, store, cfg, prefix, b, size, size, hook)?;
+    let feat = if pooling == Pooling::Cls { net.cls } else { net.patch_mean };
+    let hw = g.param(store, HEAD_WEIGHT)?;
+    let hb = g.param(store, HEAD_BIAS)?;
+    let logits = g.linear(feat, hw, Some(hb))?;
+    let labels = g.input("labels", &[b], DType::I32);
+    let loss = g.cross_entropy(logits, labels, -100)?;
+    let exec = Executor::new(dev, g, store, Some(loss), &[logits], optim)?;
+    let (gh, gw) = cfg.patch_grid(size, size)?;
+    Ok(VitExec { exec, logits, loss, batch: b, tokens: 1 + gh * gw })
+}
+
+/// Preprocess `idx` of `data` into the inputs of `ve` (missing rows of a short batch are zeros, label −100).
+fn feed(dev: &Device, ve: &VitExec, pre: &Preprocess, data: &ImageClassData, idx: &[usize]) -> Result<()> {
+    let (b, s) = (ve.batch, pre.size);
+    let mut pixels = vec![0f32; b * 3 * s * s];
+    let mut labels = vec![-100i32; b];
+    for (r, &i) in idx.iter().enumerate() {
+        pixels[r * 3 * s * s..(r + 1) * 3 * s * s].copy_from_slice(&pre.apply(&data.images[i]));
+        labels[r] = data.labels[i] as i32;
+    }
+    let ex = &ve.exec;
+    ex.feed_f32(dev, vit::PIXEL_VALUES, &pixels)?;
+    ex.feed_u32(dev, vit::POSITION_IDS, &vit::position_ids(b, ve.tokens))?;
+    let (cls, mean) = vit::pool_weights(b, ve.tokens);
+    ex.feed_f32(dev, vit::CLS_WEIGHTS, &cls)?;
+    ex.feed_f32(dev, vit::MEAN_WEIGHTS, &mean)?;
+    ex.feed_i32(dev, "labels", &labels)?;
+    Ok(())
+}
+
+/// What [`ImageClassifyTask::prepare`] loads.
+struct Loaded {
+    model: vit::VitModel,
+    train: ImageClassData,
+    eval: ImageClassData,
+    exec: Option<VitExec>,
+    eval_exec: Option<VitExec>,
+    eval_hook: Option<Box<dyn LinearHook>>,
+    hook: Box<dyn LinearHook>,
+    optim: Option<OptimConfig>,
+    rows: usize,
+    trainable: usize,
+    frozen: usize,
+}
+
+/// Image classification: a frozen ViT (an ONNX file holding a DINOv2 backbone), a tuning method, and a linear
+/// head on [`Pooling`]; scored by accuracy. The adapter (peft layout, head under `modules_to_save`) goes to
+/// `best/`.
+pub struct ImageClassifyTask<'d> {
+    dev: &'d Device,
+    model: PathBuf,
+    method: Method,
+    pooling: Pooling,
+    preprocess: Preprocess,
+    train: ImageClassData,
+    eval: Option<ImageClassData>,
+    loaded: Option<Loaded>,
+}
+
+impl<'d> ImageClassifyTask<'d> {
+    /// Train `method` on `train`, evaluate on `eval` (or a seeded held-out part of `train`), images brought to
+    /// the model by `preprocess` (e.g. [`Preprocess::letterbox`]`(224)`; the side must be a multiple of 14).
+    pub fn new(
+        dev: &'d Device,
+        model: impl Into<PathBuf>,
+        method: Method,
+        train: ImageClassData,
+        eval: Option<ImageClassData>,
+    ) -> Self {
+        let (pooling, preprocess) = (Pooling::Cls, Preprocess::letterbox(224));
+        ImageClassifyTask { dev, model: model.into(), method, pooling, preprocess, train, eval, loaded: None }
+    }
+
+    /// The head reads `pooling` instead of the CLS token.
+    pub fn with_pooling(mut self, pooling: Pooling) -> Self {
+        self.pooling = pooling;
+        self
+    }
+
+    /// Images are preprocessed by `preprocess` (its size is the model's input side).
+    pub fn with_preprocess(mut self, preprocess: Preprocess) -> Self {
+        self.preprocess = preprocess;
+        self
+    }
+
+    fn loaded_mut(&mut self) -> Result<&mut Loaded> {
+        self.loaded.as_mut().ok_or_else(|| Error::Msg("the image task is not prepared".into()))
+    }
+
+    fn exec(&mut self) -> Result<&mut VitExec> {
+        let (dev, size, pooling) = (self.dev, self.preprocess.size, self.pooling);
+        let l = self.loaded.as_mut().ok_or_else(|| Error::Msg("the image task is not prepared".into()))?;
+        if l.exec.is_none() {
+            let m = &l.model;
+            let key = (l.rows, size, pooling);
+            l.exec = Some(build_exec(dev, &m.store, &m.cfg, &m.prefix, l.hook.as_ref(), key, l.optim.clone())?);
+        }
+        Ok(l.exec.as_mut().expect("just built"))
+    }
+
+    /// Logits of every eval image, forward only.
+    fn eval_logits(&mut self) -> Result<(Vec<f32>, Vec<i32>)> {
+        let (dev, pre, pooling) = (self.dev, self.preprocess.clone(), self.pooling);
+        let eval_hook = self.loaded.as_ref().is_some_and(|l| l.eval_hook.is_some());
+        if eval_hook && self.loaded.as_ref().is_some_and(|l| l.eval_exec.is_none()) {
+            let l = self.loaded_mut()?;
+            let m = &l.model;
+            let hook = l.eval_hook.as_deref().expect("checked");
+            l.eval_exec = Some(build_exec(dev, &m.store, &m.cfg, &m.prefix, hook, (l.rows, pre.size, pooling), None)?);
+        }
+        if !eval_hook {
+            self.exec()?;
+        }
+        let l = self.loaded.as_mut().expect("prepared");
+        let ve = if eval_hook { l.eval_exec.as_mut() } else { l.exec.as_mut() }.expect("built above");
+        let classes = l.train.classes.len();
+        let n = l.eval.len();
+        let mut logits = vec![0f32; n * classes];
+        let order: Vec<usize> = (0..n).collect();
+        for chunk in order.chunks(ve.batch) {
+            feed(dev, ve, &pre, &l.eval, chunk)?;
+            ve.exec.forward(dev)?;
+            let lg = ve.exec.read(dev, ve.logits)?;
+            for (r, &i) in chunk.iter().enumerate() {
+                logits[i * classes..(i + 1) * classes].copy_from_slice(&lg[r * classes..(r + 1) * classes]);
+            }
+        }
+        Ok((logits, l.eval.labels.iter().map(|&x| x as i32).collect()))
+    }
+}
+
+impl<'d> Task<'d> for ImageClassifyTask<'d> {
+    type Summary = ClassifySummary;
+
+    fn device(&self) -> &'d Device {
+        self.dev
+    }
+
+    fn prepare(&mut self, cfg: &TrainConfig, on: &mut dyn FnMut(Event)) -> Result<Vec<usize>> {
+        let dev = self.dev;
+        let (train, eval) = match &self.eval {
+            Some(e) => (self.train.clone(), e.clone()),
+            None => {
+                on(Event::Info(format!("no eval set: holding out {:.0}% of the images", cfg.eval_fraction * 100.0)));
+                self.train.split(cfg.eval_fraction, cfg.seed)?
+            }
+        };
+        if eval.classes != train.classes {
+            return Err(Error::invalid(
+                "eval",
+                format!("eval classes {:?} differ from train classes {:?}", eval.classes, train.classes),
+            ));
+        }
+        let mut model = vit::load_onnx(dev, &self.model)?;
+        let (gh, gw) = model.cfg.patch_grid(self.preprocess.size, self.preprocess.size)?;
+        vit::add_positions(dev, &mut model.store, &model.cfg, &model.prefix, &model.positions, gh, gw)?;
+        classifier::init_head(dev, &mut model.store, model.cfg.hidden, train.classes.len(), cfg.seed)?;
+        on(Event::Info(classifier::prepare_method(dev, &mut model.store, &self.method)?));
+        let trainable: usize = model.store.trainable().map(|(_, p)| p.tensor.numel()).sum();
+        let frozen: usize = model.store.iter().filter(|(_, p)| !p.trainable).map(|(_, p)| p.tensor.numel()).sum();
+        on(Event::Info(format!("{}: {trainable} trainable parameters, {frozen} frozen", self.method.name())));
+        let lens = vec![self.preprocess.size; train.len()];
+        let (hook, eval_hook) = (classifier::hook_for(&self.method), classifier::eval_hook_for(&self.method));
+        self.loaded = Some(Loaded {
+            model,
+            train,
+            eval,
+            exec: None,
+            eval_exec: None,
+            eval_hook,
+            hook,
+            optim: None,
+            rows: cfg.rows(),
+            trainable,
+            frozen,
+        });
+        Ok(lens)
+    }
+
+    fn compile(&mut self, optim: OptimConfig, rows: usize) -> Result<()> {
+        let l = self.loaded_mut()?;
+        (l.optim, l.rows, l.exec, l.eval_exec) = (Some(optim), rows, None, None);
+        Ok(())
+    }
+
+    fn bucket(&self, _longest: usize) -> usize {
+        self.preprocess.size
+    }
+
+    fn executor(&mut self, _key: usize) -> Result<(&mut Executor, &ParamStore)> {
+        self.exec()?;
+        let l = self.loaded.as_mut().expect("prepared");
+        Ok((&mut l.exec.as_mut().expect("built").exec, &l.model.store))
+    }
+
+    fn feed(&mut self, idx: &[usize], _key: usize) -> Result<(&mut Executor, Var)> {
+        let (dev, pre) = (self.dev, self.preprocess.clone());
+        self.exec()?;
+        let l = self.loaded.as_mut().expect("prepared");
+        let ve = l.exec.as_mut().expect("built");
+        feed(dev, ve, &pre, &l.train, idx)?;
+        Ok((&mut ve.exec, ve.loss))
+    }
+
+    fn any_executor(&self) -> Option<&Executor> {
+        self.loaded.as_ref().and_then(|l| l.exec.as_ref()).map(|e| &e.exec)
+    }
+
+    fn store(&self) -> &ParamStore {
+        match &self.loaded {
+            Some(l) => &l.model.store,
+            None => crate::classify::empty_store(),
+        }
+    }
+
+    fn evaluate(&mut self) -> Result<Option<Evaluation>> {
+        let (logits, labels) = self.eval_logits()?;
+        let classes = logits.len() / labels.len().max(1);
+        let m: EvalMetrics = metrics_from_logits(&logits, &labels, classes);
+        let values = vec![("eval_accuracy", m.accuracy), ("eval_macro_f1", m.macro_f1), ("eval_loss", m.loss)];
+        Ok(Some(Evaluation { score: m.accuracy, metrics: m, values }))
+    }
+
+    fn metric(&self) -> Metric {
+        Metric { name: "accuracy", higher_is_better: true }
+    }
+
+    fn adapter(&self) -> Result<PeftAdapter> {
+        let dir = std::env::temp_dir().join(format!("rime-image-adapter-{}-{:p}", std::process::id(), self));
+        self.save_adapter(&dir)?;
+        let ad = PeftAdapter::load(&dir);
+        std::fs::remove_dir_all(&dir).ok();
+        Ok(ad?)
+    }
+
+    fn save_adapter(&self, dir: &Path) -> Result<()> {
+        let l = self.loaded.as_ref().ok_or_else(|| Error::Msg("the image task is not prepared".into()))?;
+        let base = self.model.display().to_string();
+        classifier::save_adapter(self.dev, &l.model.store, &self.method, &base, &l.train.classes, dir)
+    }
+
+    fn load_adapter(&mut self, dir: &Path) -> Result<()> {
+        let dev = self.dev;
+        classifier::load_adapter(dev, &mut self.loaded_mut()?.model.store, dir)?;
+        Ok(())
+    }
+
+    fn adapter_folder(&self) -> &'static str {
+        "best"
+    }
+
+    fn title(&self) -> String {
+        let data = self.train.source.as_ref().and_then(|p| p.file_name()).map(|f| f.to_string_lossy().into_owned());
+        format!(
+            "{} · {} · {}",
+            self.model.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(),
+            self.method.name(),
+            data.unwrap_or_else(|| format!("{} images", self.train.len()))
+        )
+    }
+
+    fn summary(&self, run: &RunStats) -> ClassifySummary {
+        let m = run.best.as_ref().or(run.last.as_ref()).map(|e| e.metrics.clone()).unwrap_or_default();
+        let l = self.loaded.as_ref();
+        ClassifySummary {
+            method: self.method.name().into(),
+            eval_accuracy: m.accuracy,
+            eval_macro_f1: m.macro_f1,
+            eval_loss: m.loss,
+            best_epoch: run.best_epoch.unwrap_or(0),
+            steps: run.steps,
+            train_examples_per_s: run.train_examples_per_s,
+            train_seconds: run.train_seconds,
+            trainable_params: l.map_or(0, |l| l.trainable),
+            frozen_params: l.map_or(0, |l| l.frozen),
+            labels: l.map(|l| l.train.classes.clone()).unwrap_or_default(),
+            dispatches_per_step: run.dispatches_per_step,
+            memory: run.memory.clone(),
+        }
+    }
+}
