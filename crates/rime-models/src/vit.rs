@@ -420,27 +420,115 @@ fn infer_config(shapes: &std::collections::HashMap<String, Vec<usize>>, prefix: 
 
 /// Loads the DINOv2 backbone of an ONNX file (Hugging Face names restored by [`rime_io::OnnxFile::hf_tensors`];
 /// the backbone may sit under a prefix such as `backbone.`, which is found from the patch-embedding tensor).
-/// Every tensor the config implies must be there with its shape, finite; other tensors under the prefix are an
-/// error, tensors outside it (a task head) are listed in [`VitModel::ignored`].
+/// Heads are hidden / 64 as in every DINOv2 size (ONNX files carry no config).
 pub fn load_onnx(dev: &Device, path: &std::path::Path) -> Result<VitModel> {
     let io = |e: rime_io::Error| Error::Invalid(e.to_string());
     let file = rime_io::OnnxFile::open(path).map_err(io)?;
     let tensors = file.hf_tensors().map_err(io)?;
+    let prefix = find_prefix(&tensors, path)?;
+    let shapes = tensors.iter().map(|(n, s, _)| (n.clone(), s.clone())).collect();
+    let cfg = infer_config(&shapes, &prefix)?;
+    from_tensors(dev, tensors, cfg, prefix, path)
+}
+
+/// Loads a Hugging Face DINOv2 folder (`config.json` with `model_type: dinov2`, safetensors weights, as
+/// `facebook/dinov2-small` ships; `Dinov2Model` names, or under `dinov2.` for `Dinov2ForImageClassification`).
+pub fn load_safetensors(dev: &Device, dir: &std::path::Path) -> Result<VitModel> {
+    let io = |e: rime_io::Error| Error::Invalid(e.to_string());
+    let cfg_path = dir.join("config.json");
+    let text =
+        std::fs::read_to_string(&cfg_path).map_err(|e| Error::Invalid(format!("{}: {e}", cfg_path.display())))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::Invalid(format!("{}: not JSON ({e})", cfg_path.display())))?;
+    let ckpt = rime_io::Checkpoint::open(dir).map_err(io)?;
+    let mut tensors = Vec::new();
+    for name in ckpt.names() {
+        let (_, shape) = ckpt.info(name).map_err(io)?;
+        tensors.push((name.to_string(), shape.to_vec(), ckpt.get_f32(name).map_err(io)?));
+    }
+    let prefix = find_prefix(&tensors, dir)?;
+    let cfg = config_from_json(&json, &cfg_path)?;
+    from_tensors(dev, tensors, cfg, prefix, dir)
+}
+
+/// A DINOv2 config.json, refusing what rime does not compute (another model type, activation, SwiGLU MLP).
+fn config_from_json(j: &serde_json::Value, path: &std::path::Path) -> Result<VitConfig> {
+    let bad = |field: &str, msg: String| Error::Invalid(format!("{}: field `{field}`: {msg}", path.display()));
+    let model_type = j["model_type"].as_str().unwrap_or("");
+    if model_type != "dinov2" {
+        return Err(bad(
+            "model_type",
+            format!("`{model_type}`: rime's ViT loader reads `dinov2` folders (or the ONNX file)"),
+        ));
+    }
+    let num = |field: &str, default: Option<u64>| -> Result<usize> {
+        match (j.get(field).and_then(|v| v.as_u64()), default) {
+            (Some(v), _) if v > 0 && v < 1 << 20 => Ok(v as usize),
+            (None, Some(d)) => Ok(d as usize),
+            _ => Err(bad(
+                field,
+                format!("{}: expected a positive integer", j.get(field).unwrap_or(&serde_json::Value::Null)),
+            )),
+        }
+    };
+    let act = j["hidden_act"].as_str().unwrap_or("gelu");
+    let gelu_tanh = match act {
+        "gelu" => false,
+        "gelu_new" | "gelu_pytorch_tanh" => true,
+        other => return Err(bad("hidden_act", format!("`{other}`: rime computes gelu (erf) or its tanh forms"))),
+    };
+    if j["use_swiglu_ffn"].as_bool() == Some(true) {
+        return Err(bad(
+            "use_swiglu_ffn",
+            "true: rime's DINOv2 has the GELU MLP (the giant SwiGLU variant is not supported)".into(),
+        ));
+    }
+    let hidden = num("hidden_size", None)?;
+    let (image, patch) = (num("image_size", Some(518))?, num("patch_size", Some(14))?);
+    let mlp_ratio = j["mlp_ratio"].as_f64().unwrap_or(4.0);
+    Ok(VitConfig {
+        hidden,
+        layers: num("num_hidden_layers", None)?,
+        heads: num("num_attention_heads", None)?,
+        intermediate: (hidden as f64 * mlp_ratio).round() as usize,
+        patch,
+        channels: num("num_channels", Some(3))?,
+        grid: image / patch,
+        eps: j["layer_norm_eps"].as_f64().unwrap_or(1e-6) as f32,
+        layer_scale: true,
+        gelu_tanh,
+    })
+}
+
+/// The prefix the backbone's tensors sit under, from the patch-embedding tensor's name.
+fn find_prefix(tensors: &[(String, Vec<usize>, Vec<f32>)], path: &std::path::Path) -> Result<String> {
     let marker = "embeddings.patch_embeddings.projection.weight";
-    let prefix = tensors
+    Ok(tensors
         .iter()
         .find_map(|(n, _, _)| n.strip_suffix(marker))
         .ok_or_else(|| Error::Invalid(format!("{}: no `*{marker}`: not a DINOv2/ViT model", path.display())))?
-        .to_string();
-    let shapes = tensors.iter().map(|(n, s, _)| (n.clone(), s.clone())).collect();
-    let cfg = infer_config(&shapes, &prefix)?;
+        .to_string())
+}
+
+/// Uploads the backbone. Every tensor the config implies must be there with its shape, finite; other tensors
+/// under the prefix are an error (except DINOv2's unused `mask_token`), tensors outside it (a task head) are
+/// listed in [`VitModel::ignored`].
+fn from_tensors(
+    dev: &Device,
+    tensors: Vec<(String, Vec<usize>, Vec<f32>)>,
+    cfg: VitConfig,
+    prefix: String,
+    path: &std::path::Path,
+) -> Result<VitModel> {
+    let io = |e: rime_io::Error| Error::Invalid(e.to_string());
     let want: std::collections::HashMap<String, Vec<usize>> =
         param_shapes(&cfg).into_iter().map(|(n, s)| (format!("{prefix}{n}"), s)).collect();
     let mut store = ParamStore::new();
     let (mut ignored, mut positions) = (Vec::new(), Vec::new());
     for (name, shape, data) in tensors {
         let Some(expected) = want.get(&name) else {
-            if name.starts_with(&prefix) {
+            let unused = name == format!("{prefix}embeddings.mask_token");
+            if name.starts_with(&prefix) && !unused {
                 return Err(Error::Invalid(format!(
                     "{}: tensor `{name}` is not part of a {}-layer ViT",
                     path.display(),

@@ -116,3 +116,67 @@ fn sizes_that_are_not_whole_patches_are_refused_with_the_sizes_that_work() {
     let e = vit::VitConfig::dinov2_small().patch_grid(225, 224).unwrap_err().to_string();
     assert!(e.contains("225") && e.contains("14"), "{e}");
 }
+
+/// The ONNX backbone written out as a Hugging Face `Dinov2Model` folder (what `facebook/dinov2-small` looks like
+/// on disk, mask_token included) loads through config.json and gives the same CLS features; a config that asks
+/// for what rime does not compute is refused by field.
+#[test]
+fn a_hugging_face_dinov2_folder_loads_like_the_onnx_file() {
+    let Some((gold, model)) = inputs() else { return };
+    let d = dev();
+    let onnx = vit::load_onnx(d, &model).unwrap();
+    let file = rime_io::OnnxFile::open(&model).unwrap();
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = file
+        .hf_tensors()
+        .unwrap()
+        .into_iter()
+        .filter_map(|(n, s, v)| n.strip_prefix("backbone.").map(|n| (n.to_string(), s, v)))
+        .collect();
+    tensors.push(("embeddings.mask_token".into(), vec![1, 384], vec![0.0; 384]));
+    let dir = std::env::temp_dir().join(format!("rime-vit-hf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let refs: Vec<(String, Vec<usize>, &[f32])> =
+        tensors.iter().map(|(n, s, v)| (n.clone(), s.clone(), &v[..])).collect();
+    rime_io::write_safetensors(dir.join("model.safetensors"), &refs, &Default::default()).unwrap();
+    let config = serde_json::json!({
+        "model_type": "dinov2", "hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6,
+        "mlp_ratio": 4, "patch_size": 14, "image_size": 518, "layer_norm_eps": 1e-6, "hidden_act": "gelu",
+        "num_channels": 3, "layerscale_value": 1.0, "use_swiglu_ffn": false
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let hf = vit::load_safetensors(d, &dir).unwrap();
+    assert_eq!(hf.cfg, onnx.cfg);
+    assert_eq!(hf.prefix, "");
+    assert_eq!(hf.ignored, vec!["embeddings.mask_token".to_string()]);
+
+    let ck = Checkpoint::open(&gold).unwrap();
+    let pixels: Vec<u8> = ck.get_i64("pixels_u8").unwrap().into_iter().take(224 * 224 * 3).map(|p| p as u8).collect();
+    let x = normalize(&pixels, 224, 224);
+    let cls = |mut m: vit::VitModel| -> Vec<f32> {
+        vit::add_positions(d, &mut m.store, &m.cfg, &m.prefix, &m.positions, 16, 16).unwrap();
+        let mut g = Graph::new();
+        let net = vit::build(&mut g, &m.store, &m.cfg, &m.prefix, 1, 224, 224, &rime_models::Plain).unwrap();
+        let mut ex = Executor::new(d, g, &m.store, None, &[net.cls], None).unwrap();
+        ex.feed_f32(d, vit::PIXEL_VALUES, &x).unwrap();
+        ex.feed_u32(d, vit::POSITION_IDS, &vit::position_ids(1, 257)).unwrap();
+        let (c, mean) = vit::pool_weights(1, 257);
+        ex.feed_f32(d, vit::CLS_WEIGHTS, &c).unwrap();
+        ex.feed_f32(d, vit::MEAN_WEIGHTS, &mean).unwrap();
+        ex.forward(d).unwrap();
+        ex.read(d, net.cls).unwrap()
+    };
+    assert_eq!(cls(hf), cls(onnx));
+
+    for (field, value) in [
+        ("model_type", serde_json::json!("vit")),
+        ("hidden_act", serde_json::json!("relu")),
+        ("use_swiglu_ffn", serde_json::json!(true)),
+    ] {
+        let mut c = config.clone();
+        c[field] = value;
+        std::fs::write(dir.join("config.json"), c.to_string()).unwrap();
+        let e = vit::load_safetensors(d, &dir).err().expect("refused").to_string();
+        assert!(e.contains("config.json") && e.contains(field), "{field}: {e}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
