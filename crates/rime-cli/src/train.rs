@@ -119,7 +119,7 @@ pub struct TrainArgs {
     /// constant, linear or cosine (decay after warmup).
     #[arg(long, default_value = "constant")]
     schedule: String,
-    /// Clip the global gradient norm (0 = off).
+    /// Clip the global gradient norm (0 = off; negative or NaN values are refused).
     #[arg(long, default_value_t = 1.0)]
     max_grad_norm: f32,
     /// Early stop after this many epochs without better eval accuracy.
@@ -131,9 +131,13 @@ pub struct TrainArgs {
     /// Write a resumable checkpoint every N steps.
     #[arg(long, default_value_t = 50)]
     save_every: usize,
-    /// Continue from OUT/checkpoint after an interruption.
+    /// Continue from OUT/checkpoint after an interruption (a finished run is not resumed: an error says so).
     #[arg(long)]
     resume: bool,
+    /// Replace a previous run's files in a non-empty --out (best/, checkpoint/, metrics, plots). Without it
+    /// (or --resume) a non-empty --out is refused.
+    #[arg(long)]
+    force: bool,
     /// Stop after N steps (quick runs).
     #[arg(long)]
     max_steps: Option<usize>,
@@ -279,11 +283,13 @@ fn train_config(a: &TrainArgs) -> Result<TrainConfig, BoxErr> {
         warmup_ratio: a.warmup_ratio,
         schedule: Schedule::parse(&a.schedule)
             .ok_or_else(|| format!("--schedule '{}': expected constant, linear or cosine", a.schedule))?,
-        max_grad_norm: (a.max_grad_norm > 0.0).then_some(a.max_grad_norm),
+        // 0 turns clipping off; anything else (NaN and negatives too) goes to the library, which refuses bad values.
+        max_grad_norm: (a.max_grad_norm != 0.0).then_some(a.max_grad_norm),
         patience: a.patience,
         eval_fraction: a.eval_fraction,
         save_every: a.save_every,
         resume: a.resume,
+        overwrite: a.force,
         max_steps: a.max_steps,
         weights: frozen_weights(a)?,
     })
@@ -359,7 +365,7 @@ pub fn run(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
         finetune::classify_in(&gpu, &model, method, train_data.clone(), eval_data.clone(), &cfg, &a.out, &mut on)?;
     let summary = run.summary;
     progress.bar.finish_and_clear();
-    println!(
+    outln!(
         "{}: eval accuracy {:.4}, macro-F1 {:.4}, loss {:.4}; {:.1} train examples/s over {:.0} s; adapter in {}",
         summary.method,
         summary.eval_accuracy,
@@ -372,7 +378,7 @@ pub fn run(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
     if main_job && !a.no_baseline && a.method == "lora" {
         eprintln!("linear-probe baseline (frozen MiniLM mean-pool features, logistic regression head) ...");
         let probe = finetune::linear_probe_baseline(&gpu, &model, &train_data, eval_data.as_ref(), &cfg)?;
-        println!(
+        outln!(
             "\n{:<28}{:>10}{:>10}\n{:<28}{:>10.4}{:>10.4}\n{:<28}{:>10.4}{:>10.4}",
             "test set (fine_foods)",
             "accuracy",
@@ -437,12 +443,9 @@ pub fn run_eval(opts: &DeviceOptions, a: &EvalArgs) -> Result<(), BoxErr> {
     let data = TextClassData::from_file(&a.data, &cols)?;
     let m = finetune::evaluate(&gpu, &model, &a.adapter, &data, a.batch_size, a.max_length)?;
     if a.json {
-        println!("{}", serde_json::to_string(&m)?);
+        outln!("{}", serde_json::to_string(&m)?);
     } else {
-        println!(
-            "accuracy {:.4}  macro-F1 {:.4}  loss {:.4}  ({} examples)",
-            m.accuracy, m.macro_f1, m.loss, m.examples
-        );
+        outln!("accuracy {:.4}  macro-F1 {:.4}  loss {:.4}  ({} examples)", m.accuracy, m.macro_f1, m.loss, m.examples);
     }
     Ok(())
 }
@@ -480,7 +483,7 @@ fn run_causal(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
         (Some(l), Some(p)) => format!("; best eval loss {l:.4} (perplexity {p:.2})"),
         _ => String::new(),
     };
-    println!(
+    outln!(
         "causal-lm LoRA: {} steps, loss {:.4} -> {:.4}{eval}, {:.2} examples/s, {} trainable parameters; adapter in {}",
         s.steps,
         s.first_loss,
