@@ -245,6 +245,17 @@ pub(crate) fn recover(out: &Path, metric: &str) -> Result<Option<PathBuf>> {
     Ok(Some(dir))
 }
 
+/// After a crash inside [`replace_dir`] of `dir` (the best adapter): put the old folder back when the new one
+/// never arrived, and drop the leftovers.
+pub(crate) fn recover_dir(dir: &Path) -> Result<()> {
+    let old = dir.with_extension("old-write");
+    if !dir.exists() && old.exists() {
+        std::fs::rename(&old, dir).map_err(|e| io_err(dir, e))?;
+    }
+    remove(&old)?;
+    remove(&dir.with_extension("tmp-write"))
+}
+
 /// Whether `out` holds a committed checkpoint (a failed run then leaves its files for a resume).
 pub(crate) fn has_checkpoint(out: &Path) -> bool {
     complete(&out.join(CHECKPOINT), false) || complete(&out.join(TMP), true) || complete(&out.join(OLD), false)
@@ -319,4 +330,141 @@ fn sync_tree(dir: &Path) -> Result<()> {
         sync_path(&p)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("rime-ckpt-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn state(step: usize) -> Value {
+        State { global_step: step, epochs_done: step / 4, ..State::default() }.to_json("accuracy")
+    }
+
+    fn save_marker(step: usize) -> impl FnOnce(&Path) -> Result<()> {
+        move |dir: &Path| std::fs::write(dir.join("data"), step.to_string()).map_err(|e| io_err(dir, e))
+    }
+
+    fn step_of(dir: &Path) -> usize {
+        State::read(dir, "accuracy").unwrap().global_step
+    }
+
+    #[test]
+    fn commits_and_a_crash_between_the_renames_keeps_the_newest() {
+        let out = tmp("commit");
+        write(&out, &state(2), save_marker(2)).unwrap();
+        write(&out, &state(4), save_marker(4)).unwrap();
+        assert_eq!(step_of(&out.join(CHECKPOINT)), 4);
+        assert!(!out.join(TMP).exists() && !out.join(OLD).exists());
+        // A crash after `checkpoint` → `checkpoint.old` and before `checkpoint.tmp` → `checkpoint`.
+        std::fs::rename(out.join(CHECKPOINT), out.join(OLD)).unwrap();
+        stage(&out.join(TMP), &state(6), save_marker(6)).unwrap();
+        let dir = recover(&out, "accuracy").unwrap().unwrap();
+        assert_eq!(step_of(&dir), 6, "the complete staged checkpoint is the newest");
+        assert_eq!(std::fs::read_to_string(dir.join("data")).unwrap(), "6");
+        assert!(!out.join(TMP).exists() && !out.join(OLD).exists());
+        // A staged checkpoint without its marker (killed while writing) is not taken.
+        stage(&out.join(TMP), &state(8), save_marker(8)).unwrap();
+        std::fs::remove_file(out.join(TMP).join(COMPLETE)).unwrap();
+        assert_eq!(step_of(&recover(&out, "accuracy").unwrap().unwrap()), 6);
+        assert!(!out.join(TMP).exists(), "the incomplete one is removed");
+        // Crashed before the first commit's second rename: only the old one is left.
+        std::fs::rename(out.join(CHECKPOINT), out.join(OLD)).unwrap();
+        assert_eq!(step_of(&recover(&out, "accuracy").unwrap().unwrap()), 6);
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+
+    #[test]
+    fn a_failed_write_removes_its_staging_and_keeps_the_previous() {
+        let out = tmp("fail");
+        write(&out, &state(2), save_marker(2)).unwrap();
+        let e = write(&out, &state(4), |dir| {
+            std::fs::write(dir.join("half"), "x").unwrap();
+            Err(Error::Msg("No space left on device".into()))
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("previous checkpoint") && e.contains("No space left"), "{e}");
+        assert!(!out.join(TMP).exists(), "no partial checkpoint.tmp is left");
+        assert_eq!(step_of(&out.join(CHECKPOINT)), 2);
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+
+    #[test]
+    fn damaged_state_names_the_file_and_field() {
+        let out = tmp("state");
+        let dir = out.join(CHECKPOINT);
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = state(3);
+        for (field, bad) in
+            [("global_step", json!("many")), ("epochs_done", json!(-1)), ("history", json!(3)), ("best", json!(1))]
+        {
+            let mut v = good.clone();
+            v[field] = bad;
+            std::fs::write(dir.join(STATE), v.to_string()).unwrap();
+            let e = State::read(&dir, "accuracy").unwrap_err().to_string();
+            assert!(e.contains("state.json") && e.contains(&format!("'{field}'")), "{e}");
+        }
+        let mut v = good.clone();
+        v.as_object_mut().unwrap().remove("log_bytes");
+        std::fs::write(dir.join(STATE), v.to_string()).unwrap();
+        let e = State::read(&dir, "accuracy").unwrap_err().to_string();
+        assert!(e.contains("'log_bytes' is missing"), "{e}");
+        std::fs::write(dir.join(STATE), "{").unwrap();
+        assert!(State::read(&dir, "accuracy").unwrap_err().to_string().contains("not JSON"));
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+
+    #[test]
+    fn evaluations_round_trip_with_nan() {
+        let ev = Evaluation {
+            metrics: crate::classifier::EvalMetrics { accuracy: f64::NAN, macro_f1: 0.5, loss: 1.25, examples: 3 },
+            score: 1.25,
+            values: vec![("eval_loss".into(), 1.25)],
+        };
+        let back = eval_from_json(&eval_to_json(&ev)).unwrap();
+        assert!(back.metrics.accuracy.is_nan());
+        assert_eq!((back.metrics.loss, back.score, back.values), (1.25, 1.25, ev.values));
+    }
+
+    #[test]
+    fn output_folder_rules() {
+        let out = tmp("out");
+        check_output(&out, false, false).unwrap(); // empty
+        check_output(&out.join("new"), false, false).unwrap(); // missing
+        std::fs::write(out.join("notes.txt"), "mine").unwrap();
+        assert!(matches!(check_output(&out, false, false), Err(Error::OutputExists { .. })));
+        check_output(&out, true, false).unwrap();
+        check_output(&out, false, true).unwrap();
+        std::fs::create_dir_all(out.join("best")).unwrap();
+        std::fs::write(out.join("metrics.jsonl"), "{}").unwrap();
+        clean_after_failure(&out, true);
+        assert!(out.join("notes.txt").exists(), "only the run's own files are removed");
+        assert!(!out.join("best").exists() && !out.join("metrics.jsonl").exists());
+        std::fs::remove_file(out.join("notes.txt")).unwrap();
+        clean_after_failure(&out, true);
+        assert!(!out.exists(), "a folder the run created is removed when empty");
+    }
+
+    #[test]
+    fn replace_dir_recovers_from_a_crash_between_its_renames() {
+        let out = tmp("replace");
+        let (dir, tmpd) = (out.join("best"), out.join("best.tmp-write"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("v"), "1").unwrap();
+        std::fs::create_dir_all(&tmpd).unwrap();
+        std::fs::write(tmpd.join("v"), "2").unwrap();
+        replace_dir(&tmpd, &dir).unwrap();
+        assert_eq!(std::fs::read_to_string(dir.join("v")).unwrap(), "2");
+        std::fs::rename(&dir, dir.with_extension("old-write")).unwrap(); // crashed before the second rename
+        recover_dir(&dir).unwrap();
+        assert_eq!(std::fs::read_to_string(dir.join("v")).unwrap(), "2");
+        std::fs::remove_dir_all(&out).unwrap();
+    }
 }

@@ -631,6 +631,7 @@ impl<'d> Evaluator<'d> {
         classifier::check_virtual_fit(hook.virtual_tokens(), self.max_length.min(cfg.max_positions), &cfg)?;
         let mut sess = Session::for_inference(dev, store, cfg, prefix, hook, self.batch, self.max_length);
         sess.evaluate(&enc, |_| {})
+            .map_err(|e| crate::trainer::too_large_as(e, "batch_size", self.batch, self.max_length))
     }
 }
 

@@ -339,6 +339,7 @@ impl<'d, T: Task<'d> + ?Sized> Run<'_, 'd, T> {
             on(Event::Warn(format!("resume: no checkpoint in {}; starting fresh", out.display())));
             return Ok(None);
         };
+        checkpoint::recover_dir(&out.join(self.task.adapter_folder()))?;
         let st = State::read(&dir, self.metric.name)?;
         let spe = self.steps_per_epoch;
         if st.stopped_early || (st.global_step >= self.total && st.epochs_done >= self.total.div_ceil(spe)) {
