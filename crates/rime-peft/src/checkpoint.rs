@@ -48,8 +48,8 @@ pub(crate) struct State {
     /// The best score so far (None before the first evaluation).
     pub best_score: Option<f64>,
     pub best_epoch: Option<usize>,
-    /// Epochs whose end (evaluation, best adapter, patience) is done.
-    pub epochs_done: usize,
+    /// The step at which the last epoch end (evaluation, best adapter, patience) ran; None before the first.
+    pub eval_step: Option<usize>,
     pub patience_left: Option<usize>,
     pub stopped_early: bool,
     /// Bytes of `metrics.jsonl` that belong to the checkpointed steps.
@@ -66,7 +66,7 @@ impl State {
         m.insert("global_step".into(), json!(self.global_step));
         m.insert(format!("best_{metric}"), json!(self.best_score));
         m.insert("best_epoch".into(), json!(self.best_epoch));
-        m.insert("epochs_done".into(), json!(self.epochs_done));
+        m.insert("eval_step".into(), json!(self.eval_step));
         m.insert("patience_left".into(), json!(self.patience_left));
         m.insert("stopped_early".into(), json!(self.stopped_early));
         m.insert("log_bytes".into(), json!(self.log_bytes));
@@ -86,7 +86,7 @@ impl State {
             global_step: f.count("global_step")?,
             best_score: f.opt_number(&format!("best_{metric}"))?,
             best_epoch: f.opt_count("best_epoch")?,
-            epochs_done: f.count("epochs_done")?,
+            eval_step: f.opt_count("eval_step")?,
             patience_left: f.opt_count("patience_left")?,
             stopped_early: f.get("stopped_early")?.as_bool().ok_or_else(|| f.bad("stopped_early", "true or false"))?,
             log_bytes: f.count("log_bytes")? as u64,
@@ -344,7 +344,7 @@ mod tests {
     }
 
     fn state(step: usize) -> Value {
-        State { global_step: step, epochs_done: step / 4, ..State::default() }.to_json("accuracy")
+        State { global_step: step, eval_step: Some(step / 4 * 4), ..State::default() }.to_json("accuracy")
     }
 
     fn save_marker(step: usize) -> impl FnOnce(&Path) -> Result<()> {
@@ -403,7 +403,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let good = state(3);
         for (field, bad) in
-            [("global_step", json!("many")), ("epochs_done", json!(-1)), ("history", json!(3)), ("best", json!(1))]
+            [("global_step", json!("many")), ("eval_step", json!(-1)), ("history", json!(3)), ("best", json!(1))]
         {
             let mut v = good.clone();
             v[field] = bad;

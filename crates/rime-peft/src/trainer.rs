@@ -242,7 +242,7 @@ pub fn train<'d, T: Task<'d> + ?Sized>(
         last: None,
         best_adapter: None,
         patience_left: cfg.patience,
-        epochs_done: 0,
+        eval_step: None,
         stopped_early: false,
         in_flight: None,
         history: vec![],
@@ -314,8 +314,8 @@ struct Run<'a, 'd, T: Task<'d> + ?Sized> {
     last: Option<Evaluation>,
     best_adapter: Option<PeftAdapter>,
     patience_left: Option<usize>,
-    /// Epochs whose end (evaluation, best adapter, patience) is done.
-    epochs_done: usize,
+    /// The step at which the last epoch end (evaluation, best adapter, patience) ran.
+    eval_step: Option<usize>,
     stopped_early: bool,
     in_flight: Option<InFlight>,
     history: Vec<Value>,
@@ -341,29 +341,26 @@ impl<'d, T: Task<'d> + ?Sized> Run<'_, 'd, T> {
         };
         checkpoint::recover_dir(&out.join(self.task.adapter_folder()))?;
         let st = State::read(&dir, self.metric.name)?;
-        let spe = self.steps_per_epoch;
-        if st.stopped_early || (st.global_step >= self.total && st.epochs_done >= self.total.div_ceil(spe)) {
+        if st.stopped_early || (st.global_step >= self.total && st.eval_step == Some(st.global_step)) {
             return Err(Error::invalid(
                 "resume",
                 format!(
-                    "finds the run in {} finished (step {} of {}, {} evaluation(s){}); its results stay in \
-                     metrics.json and {}/ (raise epochs or max_steps to train further)",
+                    "finds the run in {} finished (step {} of {}{}); its results stay in metrics.json and {}/ \
+                     (raise epochs or max_steps to train further)",
                     out.display(),
                     st.global_step,
                     self.total,
-                    st.epochs_done,
                     if st.stopped_early { ", stopped early" } else { "" },
                     self.task.adapter_folder()
                 ),
             ));
         }
-        if st.global_step < st.epochs_done * spe || st.global_step > (st.epochs_done + 1) * spe {
+        if st.eval_step.is_some_and(|e| e > st.global_step) {
             return Err(Error::Msg(format!(
-                "{}: global_step {} after {} epoch(s) does not fit this run's {spe} steps per epoch (were the data \
-                 or batch_size changed?)",
+                "{}: eval_step {:?} is after global_step {} (a damaged checkpoint)",
                 dir.join("state.json").display(),
-                st.global_step,
-                st.epochs_done
+                st.eval_step,
+                st.global_step
             )));
         }
         self.task.load_adapter(&dir.join("adapter"))?;
@@ -376,7 +373,7 @@ impl<'d, T: Task<'d> + ?Sized> Run<'_, 'd, T> {
             self.best_score = b;
         }
         self.best_epoch = st.best_epoch;
-        self.epochs_done = st.epochs_done;
+        self.eval_step = st.eval_step;
         self.patience_left = st.patience_left;
         self.history = st.history.clone();
         self.best = st.best.clone();
@@ -399,9 +396,14 @@ impl<'d, T: Task<'d> + ?Sized> Run<'_, 'd, T> {
     /// evaluation too, when the checkpoint was taken after its last step and before its evaluation).
     fn epochs(&mut self, on: &mut dyn FnMut(Event)) -> Result<()> {
         on(Event::Start { steps: self.total, examples: self.lens.len() });
-        for epoch in self.epochs_done..self.cfg.epochs {
-            let skip = self.step.saturating_sub(epoch * self.steps_per_epoch);
-            self.epoch(epoch, skip, on)?;
+        let spe = self.steps_per_epoch;
+        let (mut start, mut skip) = (self.step / spe, self.step % spe);
+        if skip == 0 && self.step > 0 && self.eval_step != Some(self.step) {
+            // Checkpointed after an epoch's last step, before its end: that end runs first.
+            (start, skip) = (start - 1, spe);
+        }
+        for epoch in start..self.cfg.epochs {
+            self.epoch(epoch, if epoch == start { skip } else { 0 }, on)?;
             let stop = self.end_epoch(epoch, on)?;
             if stop || self.step >= self.total {
                 break;
@@ -530,7 +532,7 @@ impl<'d, T: Task<'d> + ?Sized> Run<'_, 'd, T> {
             }
             None => self.keep_adapter()?,
         }
-        self.epochs_done = epoch + 1;
+        self.eval_step = Some(self.step);
         self.stopped_early = self.patience_left == Some(0);
         if self.out.is_some() {
             self.checkpoint()?;
@@ -581,7 +583,7 @@ impl<'d, T: Task<'d> + ?Sized> Run<'_, 'd, T> {
             global_step: self.step,
             best_score: self.best_score.is_finite().then_some(self.best_score),
             best_epoch: self.best_epoch,
-            epochs_done: self.epochs_done,
+            eval_step: self.eval_step,
             patience_left: self.patience_left,
             stopped_early: self.stopped_early,
             log_bytes: self.log.bytes,
