@@ -65,16 +65,16 @@ pub struct TrainArgs {
     #[arg(long, default_value = "serial")]
     adapter_mode: String,
     /// adapter: scale of the adapter's output (He et al.'s scaled parallel adapter uses 4).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
     adapter_scale: f32,
     /// Passes over the training data (evaluation and a checkpoint after each).
     #[arg(long, default_value_t = 1)]
     epochs: usize,
     /// Peak learning rate of AdamW (see --schedule and --warmup-ratio).
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = 1e-3, allow_hyphen_values = true)]
     lr: f32,
     /// AdamW's decoupled weight decay.
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(long, default_value_t = 0.01, allow_hyphen_values = true)]
     weight_decay: f32,
     /// Rows per optimizer step (see --micro-batch-size to split them).
     #[arg(long, default_value_t = 32)]
@@ -86,7 +86,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 8)]
     rank: usize,
     /// lora: scaling numerator, s = alpha / r (alpha / √r with --rslora).
-    #[arg(long, default_value_t = 16.0)]
+    #[arg(long, default_value_t = 16.0, allow_hyphen_values = true)]
     alpha: f32,
     /// Comma-separated module names (suffix match, as peft) or `re:<regex>`.
     #[arg(long, default_value = "query,value")]
@@ -103,7 +103,7 @@ pub struct TrainArgs {
     init: String,
     /// LoRA dropout (peft's lora_dropout): drop this fraction of the low-rank path's input while training, a
     /// fresh mask every step (reproducible for a --seed); off at evaluation. 0 keeps the fused LoRA kernel.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
     lora_dropout: f32,
     /// DoRA (peft's use_dora): scale each output feature by a trained magnitude m over the row norm of
     /// W + s·B·A (the norm detached, as in peft); m starts at the norms of W. Saved as
@@ -114,19 +114,19 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Fraction of steps spent warming the learning rate up.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
     warmup_ratio: f32,
     /// constant, linear or cosine (decay after warmup).
     #[arg(long, default_value = "constant")]
     schedule: String,
     /// Clip the global gradient norm (0 = off; negative or NaN values are refused).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
     max_grad_norm: f32,
     /// Early stop after this many epochs without better eval accuracy.
     #[arg(long)]
     patience: Option<usize>,
     /// Without --eval: the fraction of --train held out (seeded) for evaluation.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, allow_hyphen_values = true)]
     eval_fraction: f64,
     /// Write a resumable checkpoint every N steps.
     #[arg(long, default_value_t = 50)]
