@@ -341,7 +341,10 @@ impl<'d, T: Task<'d> + ?Sized> Run<'_, 'd, T> {
         };
         checkpoint::recover_dir(&out.join(self.task.adapter_folder()))?;
         let st = State::read(&dir, self.metric.name)?;
-        if st.stopped_early || (st.global_step >= self.total && st.eval_step == Some(st.global_step)) {
+        // Finished and its results written (a crash between the last checkpoint and metrics.json resumes to
+        // write them).
+        let done = st.stopped_early || (st.global_step >= self.total && st.eval_step == Some(st.global_step));
+        if done && out.join("metrics.json").is_file() {
             return Err(Error::invalid(
                 "resume",
                 format!(
@@ -373,6 +376,7 @@ impl<'d, T: Task<'d> + ?Sized> Run<'_, 'd, T> {
             self.best_score = b;
         }
         self.best_epoch = st.best_epoch;
+        self.stopped_early = st.stopped_early;
         self.eval_step = st.eval_step;
         self.patience_left = st.patience_left;
         self.history = st.history.clone();
@@ -401,6 +405,9 @@ impl<'d, T: Task<'d> + ?Sized> Run<'_, 'd, T> {
         if skip == 0 && self.step > 0 && self.eval_step != Some(self.step) {
             // Checkpointed after an epoch's last step, before its end: that end runs first.
             (start, skip) = (start - 1, spe);
+        }
+        if self.stopped_early || (self.step >= self.total && self.eval_step == Some(self.step)) {
+            return Ok(()); // resumed after the last epoch end: only the results are left to write
         }
         for epoch in start..self.cfg.epochs {
             self.epoch(epoch, if epoch == start { skip } else { 0 }, on)?;

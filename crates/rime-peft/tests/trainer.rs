@@ -7,7 +7,7 @@ mod common;
 
 use rime_peft::classifier::Method;
 use rime_peft::lora::{LoraConfig, LoraInit};
-use rime_peft::{ClassifyTask, Error, TextClassData, TrainConfig};
+use rime_peft::{ClassifyTask, Error, Event, TextClassData, TrainConfig};
 
 fn model() -> Option<std::path::PathBuf> {
     match rime_io::locate_model("all-minilm-l6-v2") {
@@ -160,6 +160,16 @@ fn output_folder_is_never_clobbered_and_failures_leave_nothing() {
         other => panic!("expected a refusal to resume a finished run, got {:?}", other.map(|r| r.summary)),
     }
     assert_eq!(std::fs::read(out.join("metrics.json")).unwrap(), before, "metrics.json is untouched");
+    // Killed after the last checkpoint, before metrics.json: the resume only writes the results.
+    std::fs::remove_file(out.join("metrics.json")).unwrap();
+    let mut task = ClassifyTask::new(d, &m, lora(), data(16), Some(data(8)));
+    let mut steps = 0;
+    let r = rime_peft::train(&mut task, &c, Some(&out), &mut |e| steps += matches!(e, Event::Step { .. }) as usize);
+    let r = r.unwrap();
+    assert_eq!((steps, r.summary.steps), (0, 4), "no step is run again");
+    let again: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("metrics.json")).unwrap()).unwrap();
+    let first: serde_json::Value = serde_json::from_slice(&before).unwrap();
+    assert_eq!((&again["history"], &again["eval_accuracy"]), (&first["history"], &first["eval_accuracy"]));
     // More epochs than it had: it continues (from the end of epoch 2), and the summary is not zeros.
     let c = TrainConfig { resume: true, epochs: 3, ..cfg() };
     let mut task = ClassifyTask::new(d, &m, lora(), data(16), Some(data(8)));
