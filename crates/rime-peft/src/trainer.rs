@@ -172,6 +172,14 @@ pub fn save_peft(ad: &PeftAdapter, dir: &Path) -> Result<()> {
 /// Train `task` as `cfg` says. With `out`, files are written there as the run goes (and a checkpoint makes
 /// `cfg.resume` possible); without, nothing touches the disk.
 ///
+/// The output folder: a non-empty one is refused ([`Error::OutputExists`]) unless `cfg.resume` or
+/// `cfg.overwrite`; nothing is created in it before the settings, data and model are known good; a run that
+/// fails before its first checkpoint leaves nothing of itself there (a folder it created is removed), one that
+/// fails later keeps its checkpoint (the error says where) for a resume. Checkpoints are committed crash-safely
+/// (see `checkpoint.rs`): after a kill at any point, a resume continues from the newest complete one, runs an
+/// epoch end (evaluation) the kill skipped, and ends with the straight run's adapter and log. A finished run
+/// is not resumed (`Error::Invalid { field: "resume" }`); non-finite parameters are never saved.
+///
 /// ```no_run
 /// use rime_peft::classifier::Method;
 /// use rime_peft::{ClassifyTask, Event, TextClassData, TrainConfig};
@@ -223,30 +231,7 @@ pub fn train<'d, T: Task<'d> + ?Sized>(
     if let Err(e) = task.executor(longest) {
         return Err(batch_too_large(e, cfg));
     }
-    let metric = task.metric();
-    let mut run = Run {
-        dev: task.device(),
-        task,
-        cfg,
-        out,
-        log: StepLog::new(out),
-        optim,
-        lens,
-        total,
-        steps_per_epoch,
-        step: 0,
-        best_score: if metric.higher_is_better { f64::NEG_INFINITY } else { f64::INFINITY },
-        metric,
-        best_epoch: None,
-        best: None,
-        last: None,
-        best_adapter: None,
-        patience_left: cfg.patience,
-        eval_step: None,
-        stopped_early: false,
-        in_flight: None,
-        history: vec![],
-    };
+    let mut run = Run::new(task, cfg, out, optim, lens, total);
     let Some(o) = out else {
         run.epochs(on)?;
         return run.finish();
@@ -330,7 +315,42 @@ struct InFlight {
     lr: f32,
 }
 
-impl<'d, T: Task<'d> + ?Sized> Run<'_, 'd, T> {
+impl<'a, 'd, T: Task<'d> + ?Sized> Run<'a, 'd, T> {
+    /// A run at step 0 of `total` over examples of lengths `lens`.
+    fn new(
+        task: &'a mut T,
+        cfg: &'a TrainConfig,
+        out: Option<&'a Path>,
+        optim: OptimConfig,
+        lens: Vec<usize>,
+        total: usize,
+    ) -> Self {
+        let metric = task.metric();
+        Run {
+            dev: task.device(),
+            task,
+            cfg,
+            out,
+            log: StepLog::new(out),
+            optim,
+            steps_per_epoch: lens.len().div_ceil(cfg.batch_size),
+            lens,
+            total,
+            step: 0,
+            best_score: if metric.higher_is_better { f64::NEG_INFINITY } else { f64::INFINITY },
+            metric,
+            best_epoch: None,
+            best: None,
+            last: None,
+            best_adapter: None,
+            patience_left: cfg.patience,
+            eval_step: None,
+            stopped_early: false,
+            in_flight: None,
+            history: vec![],
+        }
+    }
+
     /// Adapter tensors, optimizer state and counters from the newest complete checkpoint in `out` (after a
     /// crash it may be a staged one); None when there is none. A run that had finished is refused, with
     /// nothing touched.
