@@ -50,7 +50,7 @@ pub fn run(opts: &DeviceOptions, a: &BenchArgs) -> Result<(), Box<dyn std::error
     let load_s = load.map_or("unknown".to_string(), |l| format!("{l:.2}"));
     let mut stdout = crate::out::Out;
     if a.json {
-        eprintln!(
+        errln!(
             "rime bench {}: {} | timing: {timing} | CPU baseline threads: {} | load {load_s}",
             a.case,
             rime_bench::adapter_label(&dev),

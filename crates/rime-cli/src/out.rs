@@ -58,3 +58,11 @@ macro_rules! out {
         $crate::out::write_fmt(format_args!($($arg)*))
     };
 }
+
+/// `eprintln!` that never panics: a closed or full stderr loses the message, nothing else.
+macro_rules! errln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}

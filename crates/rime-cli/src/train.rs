@@ -197,7 +197,7 @@ impl Progress {
     }
 
     fn say(&self, s: String) {
-        self.bar.suspend(|| eprintln!("{s}"));
+        self.bar.suspend(|| errln!("{s}"));
     }
 
     fn on(&self, e: Event) {
@@ -218,7 +218,7 @@ impl Progress {
                 self.bar.set_position(step as u64 + 1);
                 self.bar.set_message(format!("loss {loss:.4}  {examples_per_s:.1} ex/s"));
                 if !self.tty && step % self.every == 0 {
-                    eprintln!("step {step}: loss {loss:.4}, {examples_per_s:.1} examples/s");
+                    errln!("step {step}: loss {loss:.4}, {examples_per_s:.1} examples/s");
                 }
             }
             // Causal-LM evaluation has a loss and no accuracy.
@@ -356,7 +356,7 @@ pub fn run(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
     };
     let gpu = rime::Gpu::from_device(Device::new(opts)?);
     let dev = gpu.device();
-    eprintln!("adapter: {} ({:?})", dev.info().name, dev.info().backend);
+    errln!("adapter: {} ({:?})", dev.info().name, dev.info().backend);
     let train_data = TextClassData::from_file(&train, &columns)?;
     let eval_data = eval.as_ref().map(|p| TextClassData::from_file(p, &columns)).transpose()?;
     let progress = Progress::new(10);
@@ -376,7 +376,7 @@ pub fn run(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
         a.out.join("best").display()
     );
     if main_job && !a.no_baseline && a.method == "lora" {
-        eprintln!("linear-probe baseline (frozen MiniLM mean-pool features, logistic regression head) ...");
+        errln!("linear-probe baseline (frozen MiniLM mean-pool features, logistic regression head) ...");
         let probe = finetune::linear_probe_baseline(&gpu, &model, &train_data, eval_data.as_ref(), &cfg)?;
         outln!(
             "\n{:<28}{:>10}{:>10}\n{:<28}{:>10.4}{:>10.4}\n{:<28}{:>10.4}{:>10.4}",
@@ -470,7 +470,7 @@ fn run_causal(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
     let cfg = train_config(a)?;
     let lora = lora_config(a, &targets)?;
     let gpu = rime::Gpu::from_device(Device::new(opts)?);
-    eprintln!("adapter: {} ({:?})", gpu.device().info().name, gpu.device().info().backend);
+    errln!("adapter: {} ({:?})", gpu.device().info().name, gpu.device().info().backend);
     let columns = Columns { text: a.text_column.clone(), text_pair: a.text_pair_column.clone(), label: None };
     let train_data = CausalData::from_file(&train, &columns)?;
     let eval_data = a.eval.as_ref().map(|p| CausalData::from_file(p, &columns)).transpose()?;

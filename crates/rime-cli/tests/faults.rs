@@ -201,6 +201,16 @@ fn closed_or_full_stdout_never_panics_and_out_is_not_replaced() {
         assert_eq!(o.status.code(), Some(1), "{err}");
         assert!(err.contains("writing to stdout") && !err.contains("panicked"), "{err}");
     }
+    // A full stderr loses the messages, nothing else: the refusal's status, not a panic's 101.
+    if let Ok(full) = std::fs::OpenOptions::new().write(true).open("/dev/full") {
+        let o = rime()
+            .args(["train", "--model", m.to_str().unwrap(), "--batch-size", "0", "--out"])
+            .arg(std::env::temp_dir().join(format!("rime-faults-{}-never", std::process::id())))
+            .stderr(full)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(1));
+    }
     let d = tmp("force");
     let data = d.join("d.jsonl");
     write_labelled(&data, 8, "crunchy", "soggy");
