@@ -39,6 +39,8 @@ pub(crate) const OUTPUTS: &[&str] = &[
     "metrics.tmp",
     "training.png",
     "training.svg",
+    "training.tmp.png",
+    "training.tmp.svg",
 ];
 
 /// The counters of a run recorded with each checkpoint (`state.json`).

@@ -675,9 +675,10 @@ impl<'a, 'd, T: Task<'d> + ?Sized> Run<'a, 'd, T> {
             (None, _) => self.task.adapter()?,
         };
         if let Some(o) = self.out {
-            write_json(&o.join("metrics.json"), &metrics)?;
-            // The plot is a convenience: a failure to draw it never fails the run.
+            // The plot is a convenience: a failure to draw it never fails the run. metrics.json comes last: a
+            // run whose checkpoint says finished and that has it is complete (a resume refuses it).
             crate::plot::write_plots(&self.log.lines, &title, o).ok();
+            write_json(&o.join("metrics.json"), &metrics)?;
         }
         Ok(TrainResult { summary, metrics, log: self.log.lines, adapter, adapter_folder, title })
     }
