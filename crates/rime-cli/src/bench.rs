@@ -48,21 +48,21 @@ pub fn run(opts: &DeviceOptions, a: &BenchArgs) -> Result<(), Box<dyn std::error
     let timing = if dev.has_timestamps() && !a.wall { "GPU timestamp queries" } else { "wall time + device sync" };
     let load = load_avg();
     let load_s = load.map_or("unknown".to_string(), |l| format!("{l:.2}"));
-    let mut stdout = std::io::stdout();
+    let mut stdout = crate::out::Out;
     if a.json {
-        eprintln!(
+        errln!(
             "rime bench {}: {} | timing: {timing} | CPU baseline threads: {} | load {load_s}",
             a.case,
             rime_bench::adapter_label(&dev),
             rime_bench::cpu_threads()
         );
     } else {
-        println!("adapter:  {}", rime_bench::adapter_label(&dev));
-        println!("timing:   {timing}, median of {} runs after {} warm-up", o.runs, o.warmup.max(1));
-        println!("baseline: CPU, {} threads (gemm crate; Rust loop for merge)", rime_bench::cpu_threads());
-        println!("load:     {load_s} (1-minute average before the run; other jobs skew every number)");
-        println!();
-        println!("{}", rime_bench::table_header());
+        outln!("adapter:  {}", rime_bench::adapter_label(&dev));
+        outln!("timing:   {timing}, median of {} runs after {} warm-up", o.runs, o.warmup.max(1));
+        outln!("baseline: CPU, {} threads (gemm crate; Rust loop for merge)", rime_bench::cpu_threads());
+        outln!("load:     {load_s} (1-minute average before the run; other jobs skew every number)");
+        outln!();
+        outln!("{}", rime_bench::table_header());
     }
     let mut on_result = |r: &CaseResult| {
         if a.json {
@@ -105,10 +105,10 @@ pub fn run(opts: &DeviceOptions, a: &BenchArgs) -> Result<(), Box<dyn std::error
     let results = rime_bench::run(&dev, suite, &o, &mut on_result)?;
     if !a.json {
         if let Some(worst) = results.iter().min_by(|x, y| x.ratio.total_cmp(&y.ratio)) {
-            println!();
-            println!("furthest from the baseline: {} (ratio {:.3})", worst.name, worst.ratio);
+            outln!();
+            outln!("furthest from the baseline: {} (ratio {:.3})", worst.name, worst.ratio);
         }
-        println!("load after the run: {}", load_avg().map_or("unknown".to_string(), |l| format!("{l:.2}")));
+        outln!("load after the run: {}", load_avg().map_or("unknown".to_string(), |l| format!("{l:.2}")));
     }
     Ok(())
 }

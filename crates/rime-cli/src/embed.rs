@@ -82,8 +82,7 @@ pub fn run(opts: &DeviceOptions, a: &EmbedArgs) -> Result<(), BoxErr> {
     if emb.truncated > 0 {
         eprintln!("warning: {} of {} texts truncated to {} tokens", emb.truncated, texts.len(), encoder.max_length());
     }
-    let stdout = std::io::stdout();
-    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut out = std::io::BufWriter::new(crate::out::Out);
     for (text, row) in texts.iter().zip(&emb.vectors) {
         if let Some(i) = row.iter().position(|x| !x.is_finite()) {
             return Err(format!("embedding of {text:?} has a non-finite value at {i}: {}", row[i]).into());

@@ -49,7 +49,7 @@ pub fn run(opts: &DeviceOptions, a: &GenerateArgs) -> Result<(), BoxErr> {
     let dopts = DecoderOptions { adapter: a.adapter.clone(), half_precision };
     let mut lm = Decoder::load_with(&gpu, &path, &dopts)?;
     let gopts = GenerateOptions { max_new_tokens: a.max_new_tokens, chat: a.chat };
-    let mut out = std::io::stdout();
+    let mut out = crate::out::Out;
     let mut fault = None;
     let st = lm.generate_streaming(&a.prompt, &gopts, |piece| {
         if let Err(e) = out.write_all(piece.as_bytes()).and_then(|_| out.flush()) {
@@ -59,7 +59,7 @@ pub fn run(opts: &DeviceOptions, a: &GenerateArgs) -> Result<(), BoxErr> {
     if let Some(e) = fault {
         return Err(e.into());
     }
-    println!();
+    outln!();
     let n = st.tokens.len();
     let adapted = lm.adapted_modules().len();
     eprintln!(

@@ -63,20 +63,20 @@ pub fn run(opts: &DeviceOptions, args: &InfoArgs) -> Result<(), BoxErr> {
         "self_check": check.as_ref().map(|c| match c { Ok(s) => json!({"ok": true, "detail": s}), Err(e) => json!({"ok": false, "error": e}) }),
     });
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        outln!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        println!("adapters seen:");
+        outln!("adapters seen:");
         for a in dev.adapters_seen() {
-            println!("  - {} ({}, {}, driver: {} {})", a.name, a.backend, a.device_type, a.driver, a.driver_info);
+            outln!("  - {} ({}, {}, driver: {} {})", a.name, a.backend, a.device_type, a.driver, a.driver_info);
         }
-        println!(
+        outln!(
             "chosen: {} ({:?}, {:?}){}",
             info.name,
             info.backend,
             info.device_type,
             if dev.is_cpu() { " [CPU adapter: lavapipe-tuned kernels]" } else { "" }
         );
-        println!(
+        outln!(
             "frozen weights: {}",
             if dev.uses_texture_twins() {
                 "read through texture twins (CPU adapter; RIME_TEXTURE_TWINS=0 reads their buffers)"
@@ -86,11 +86,11 @@ pub fn run(opts: &DeviceOptions, args: &InfoArgs) -> Result<(), BoxErr> {
                 "read from their buffers"
             }
         );
-        println!("limits:");
+        outln!("limits:");
         for (k, val) in v["limits"].as_object().into_iter().flatten() {
-            println!("  {k}: {val}");
+            outln!("  {k}: {val}");
         }
-        println!(
+        outln!(
             "features: {}",
             if features.is_empty() {
                 "(none of SHADER_F16, SUBGROUP, TIMESTAMP_QUERY)".to_string()
@@ -99,8 +99,8 @@ pub fn run(opts: &DeviceOptions, args: &InfoArgs) -> Result<(), BoxErr> {
             }
         );
         match &check {
-            Some(Ok(s)) => println!("kernel self-check: ok ({s})"),
-            Some(Err(e)) => println!("kernel self-check: FAILED: {e}"),
+            Some(Ok(s)) => outln!("kernel self-check: ok ({s})"),
+            Some(Err(e)) => outln!("kernel self-check: FAILED: {e}"),
             None => {}
         }
     }

@@ -502,9 +502,9 @@ fn report(path: &Path) -> Result<Report, BoxErr> {
 pub fn run(_opts: &DeviceOptions, a: &InspectArgs) -> Result<(), BoxErr> {
     let r = report(&a.path)?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&r.to_json())?);
+        outln!("{}", serde_json::to_string_pretty(&r.to_json())?);
     } else {
-        print!("{}", r.to_text());
+        out!("{}", r.to_text());
     }
     Ok(())
 }

@@ -1,6 +1,9 @@
 //! The `rime` command-line tool: a thin layer over the library crates that parses flags, prints progress
 //! and results, and turns errors into messages that name the file, tensor or flag at fault.
 
+#[macro_use]
+mod out;
+
 mod bench;
 mod embed;
 mod generate;
@@ -60,11 +63,15 @@ fn main() {
         Cmd::Bench(a) => bench::run(&opts, &a),
         Cmd::Generate(a) => generate::run(&opts, &a),
     };
+    out::flush();
     if let Err(e) = r {
-        eprintln!("error: {}", message(e.as_ref()));
+        // stderr may be closed too: the message is lost then, never a panic.
+        use std::io::Write;
+        let mut err = std::io::stderr().lock();
+        let _ = writeln!(err, "error: {}", message(e.as_ref()));
         let mut src = std::error::Error::source(&*e);
         while let Some(s) = src {
-            eprintln!("  caused by: {s}");
+            let _ = writeln!(err, "  caused by: {s}");
             src = s.source();
         }
         std::process::exit(1);
@@ -101,6 +108,7 @@ const FLAGS: &[(&str, &str)] = &[
     ("eval_fraction", "--eval-fraction"),
     ("save_every", "--save-every"),
     ("resume", "--resume"),
+    ("overwrite", "--force"),
     ("max_steps", "--max-steps"),
     ("weights", "--weights"),
     // data and model
@@ -132,6 +140,12 @@ fn message(e: &(dyn std::error::Error + 'static)) -> String {
     };
     match peft {
         Some(rime_peft::Error::Invalid { field, message }) => format!("{} {message}", flag(field)),
+        // The trainer says how to replace or continue an output folder in its own terms: --force, --resume.
+        Some(rime_peft::Error::OutputExists { path }) => format!(
+            "{}: the output folder exists and is not empty; not replaced without --force (or continue its run with \
+             --resume)",
+            path.display()
+        ),
         _ => e.to_string(),
     }
 }

@@ -152,7 +152,7 @@ pub fn run(opts: &rime_kernels::DeviceOptions, args: &MergeArgs) -> Result<(), B
         }
         (None, None) => return Err("give a merge CONFIG or --fold-lora ADAPTER --base MODEL".into()),
     };
-    println!(
+    outln!(
         "{}: {} tensors ({} copied) from {} input(s) into {} on {}",
         report.method,
         report.tensors,
@@ -161,7 +161,7 @@ pub fn run(opts: &rime_kernels::DeviceOptions, args: &MergeArgs) -> Result<(), B
         report.output,
         report.adapter
     );
-    println!(
+    outln!(
         "read {:.1} MB, wrote {:.1} MB in {:.2} s ({:.2} GB/s)",
         report.bytes_read as f64 / 1e6,
         report.bytes_written as f64 / 1e6,

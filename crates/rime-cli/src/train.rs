@@ -65,16 +65,16 @@ pub struct TrainArgs {
     #[arg(long, default_value = "serial")]
     adapter_mode: String,
     /// adapter: scale of the adapter's output (He et al.'s scaled parallel adapter uses 4).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
     adapter_scale: f32,
     /// Passes over the training data (evaluation and a checkpoint after each).
     #[arg(long, default_value_t = 1)]
     epochs: usize,
     /// Peak learning rate of AdamW (see --schedule and --warmup-ratio).
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = 1e-3, allow_hyphen_values = true)]
     lr: f32,
     /// AdamW's decoupled weight decay.
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(long, default_value_t = 0.01, allow_hyphen_values = true)]
     weight_decay: f32,
     /// Rows per optimizer step (see --micro-batch-size to split them).
     #[arg(long, default_value_t = 32)]
@@ -86,7 +86,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 8)]
     rank: usize,
     /// lora: scaling numerator, s = alpha / r (alpha / √r with --rslora).
-    #[arg(long, default_value_t = 16.0)]
+    #[arg(long, default_value_t = 16.0, allow_hyphen_values = true)]
     alpha: f32,
     /// Comma-separated module names (suffix match, as peft) or `re:<regex>`.
     #[arg(long, default_value = "query,value")]
@@ -103,7 +103,7 @@ pub struct TrainArgs {
     init: String,
     /// LoRA dropout (peft's lora_dropout): drop this fraction of the low-rank path's input while training, a
     /// fresh mask every step (reproducible for a --seed); off at evaluation. 0 keeps the fused LoRA kernel.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
     lora_dropout: f32,
     /// DoRA (peft's use_dora): scale each output feature by a trained magnitude m over the row norm of
     /// W + s·B·A (the norm detached, as in peft); m starts at the norms of W. Saved as
@@ -114,26 +114,30 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Fraction of steps spent warming the learning rate up.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
     warmup_ratio: f32,
     /// constant, linear or cosine (decay after warmup).
     #[arg(long, default_value = "constant")]
     schedule: String,
-    /// Clip the global gradient norm (0 = off).
-    #[arg(long, default_value_t = 1.0)]
+    /// Clip the global gradient norm (0 = off; negative or NaN values are refused).
+    #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
     max_grad_norm: f32,
     /// Early stop after this many epochs without better eval accuracy.
     #[arg(long)]
     patience: Option<usize>,
     /// Without --eval: the fraction of --train held out (seeded) for evaluation.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, allow_hyphen_values = true)]
     eval_fraction: f64,
     /// Write a resumable checkpoint every N steps.
     #[arg(long, default_value_t = 50)]
     save_every: usize,
-    /// Continue from OUT/checkpoint after an interruption.
+    /// Continue from OUT/checkpoint after an interruption (a finished run is not resumed: an error says so).
     #[arg(long)]
     resume: bool,
+    /// Replace a previous run's files in a non-empty --out (best/, checkpoint/, metrics, plots). Without it
+    /// (or --resume) a non-empty --out is refused.
+    #[arg(long)]
+    force: bool,
     /// Stop after N steps (quick runs).
     #[arg(long)]
     max_steps: Option<usize>,
@@ -193,7 +197,7 @@ impl Progress {
     }
 
     fn say(&self, s: String) {
-        self.bar.suspend(|| eprintln!("{s}"));
+        self.bar.suspend(|| errln!("{s}"));
     }
 
     fn on(&self, e: Event) {
@@ -214,7 +218,7 @@ impl Progress {
                 self.bar.set_position(step as u64 + 1);
                 self.bar.set_message(format!("loss {loss:.4}  {examples_per_s:.1} ex/s"));
                 if !self.tty && step % self.every == 0 {
-                    eprintln!("step {step}: loss {loss:.4}, {examples_per_s:.1} examples/s");
+                    errln!("step {step}: loss {loss:.4}, {examples_per_s:.1} examples/s");
                 }
             }
             // Causal-LM evaluation has a loss and no accuracy.
@@ -279,11 +283,13 @@ fn train_config(a: &TrainArgs) -> Result<TrainConfig, BoxErr> {
         warmup_ratio: a.warmup_ratio,
         schedule: Schedule::parse(&a.schedule)
             .ok_or_else(|| format!("--schedule '{}': expected constant, linear or cosine", a.schedule))?,
-        max_grad_norm: (a.max_grad_norm > 0.0).then_some(a.max_grad_norm),
+        // 0 turns clipping off; anything else (NaN and negatives too) goes to the library, which refuses bad values.
+        max_grad_norm: (a.max_grad_norm != 0.0).then_some(a.max_grad_norm),
         patience: a.patience,
         eval_fraction: a.eval_fraction,
         save_every: a.save_every,
         resume: a.resume,
+        overwrite: a.force,
         max_steps: a.max_steps,
         weights: frozen_weights(a)?,
     })
@@ -350,7 +356,7 @@ pub fn run(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
     };
     let gpu = rime::Gpu::from_device(Device::new(opts)?);
     let dev = gpu.device();
-    eprintln!("adapter: {} ({:?})", dev.info().name, dev.info().backend);
+    errln!("adapter: {} ({:?})", dev.info().name, dev.info().backend);
     let train_data = TextClassData::from_file(&train, &columns)?;
     let eval_data = eval.as_ref().map(|p| TextClassData::from_file(p, &columns)).transpose()?;
     let progress = Progress::new(10);
@@ -359,7 +365,7 @@ pub fn run(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
         finetune::classify_in(&gpu, &model, method, train_data.clone(), eval_data.clone(), &cfg, &a.out, &mut on)?;
     let summary = run.summary;
     progress.bar.finish_and_clear();
-    println!(
+    outln!(
         "{}: eval accuracy {:.4}, macro-F1 {:.4}, loss {:.4}; {:.1} train examples/s over {:.0} s; adapter in {}",
         summary.method,
         summary.eval_accuracy,
@@ -370,9 +376,9 @@ pub fn run(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
         a.out.join("best").display()
     );
     if main_job && !a.no_baseline && a.method == "lora" {
-        eprintln!("linear-probe baseline (frozen MiniLM mean-pool features, logistic regression head) ...");
+        errln!("linear-probe baseline (frozen MiniLM mean-pool features, logistic regression head) ...");
         let probe = finetune::linear_probe_baseline(&gpu, &model, &train_data, eval_data.as_ref(), &cfg)?;
-        println!(
+        outln!(
             "\n{:<28}{:>10}{:>10}\n{:<28}{:>10.4}{:>10.4}\n{:<28}{:>10.4}{:>10.4}",
             "test set (fine_foods)",
             "accuracy",
@@ -437,12 +443,9 @@ pub fn run_eval(opts: &DeviceOptions, a: &EvalArgs) -> Result<(), BoxErr> {
     let data = TextClassData::from_file(&a.data, &cols)?;
     let m = finetune::evaluate(&gpu, &model, &a.adapter, &data, a.batch_size, a.max_length)?;
     if a.json {
-        println!("{}", serde_json::to_string(&m)?);
+        outln!("{}", serde_json::to_string(&m)?);
     } else {
-        println!(
-            "accuracy {:.4}  macro-F1 {:.4}  loss {:.4}  ({} examples)",
-            m.accuracy, m.macro_f1, m.loss, m.examples
-        );
+        outln!("accuracy {:.4}  macro-F1 {:.4}  loss {:.4}  ({} examples)", m.accuracy, m.macro_f1, m.loss, m.examples);
     }
     Ok(())
 }
@@ -467,7 +470,7 @@ fn run_causal(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
     let cfg = train_config(a)?;
     let lora = lora_config(a, &targets)?;
     let gpu = rime::Gpu::from_device(Device::new(opts)?);
-    eprintln!("adapter: {} ({:?})", gpu.device().info().name, gpu.device().info().backend);
+    errln!("adapter: {} ({:?})", gpu.device().info().name, gpu.device().info().backend);
     let columns = Columns { text: a.text_column.clone(), text_pair: a.text_pair_column.clone(), label: None };
     let train_data = CausalData::from_file(&train, &columns)?;
     let eval_data = a.eval.as_ref().map(|p| CausalData::from_file(p, &columns)).transpose()?;
@@ -480,7 +483,7 @@ fn run_causal(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
         (Some(l), Some(p)) => format!("; best eval loss {l:.4} (perplexity {p:.2})"),
         _ => String::new(),
     };
-    println!(
+    outln!(
         "causal-lm LoRA: {} steps, loss {:.4} -> {:.4}{eval}, {:.2} examples/s, {} trainable parameters; adapter in {}",
         s.steps,
         s.first_loss,

@@ -88,6 +88,15 @@ fn train_then_eval_a_lora_adapter() {
     assert!(ev.status.success(), "{}", String::from_utf8_lossy(&ev.stderr));
     let e: serde_json::Value = serde_json::from_slice(&ev.stdout).unwrap();
     let acc = e["accuracy"].as_f64().unwrap();
+    for (batch, needle) in [("0", "--batch-size 0"), ("100000", "rows fit")] {
+        let bad = rime()
+            .args(["eval", "--model", m.to_str().unwrap(), "--adapter", out.join("best").to_str().unwrap()])
+            .args(["--data", data.to_str().unwrap(), "--max-length", "16", "--batch-size", batch])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&bad.stderr);
+        assert!(!bad.status.success() && err.contains(needle) && !err.contains("panicked"), "{err}");
+    }
     assert!(
         (acc - metrics["eval_accuracy"].as_f64().unwrap()).abs() < 1e-9,
         "eval of the saved adapter {acc} vs training's {}",
@@ -110,6 +119,22 @@ fn bad_inputs_give_clear_errors() {
         (vec!["--train".into(), wrong.display().to_string(), "--method".into(), "nope".into()], "--method"),
         (vec!["--train".into(), d.join("missing.jsonl").display().to_string()], "missing.jsonl"),
     ];
+    // Settings no run can use name their flag (NaN never turns clipping off), and leave no --out behind.
+    let good = d.join("good.jsonl");
+    write_labelled(&good, 8, "crunchy", "soggy");
+    let flag = |f: &str, v: &str| vec!["--train".to_string(), good.display().to_string(), f.into(), v.into()];
+    let cases = cases.into_iter().chain([
+        (flag("--max-grad-norm", "nan"), "--max-grad-norm"),
+        (flag("--max-grad-norm", "-1"), "--max-grad-norm"),
+        (flag("--warmup-ratio", "NaN"), "--warmup-ratio"),
+        (flag("--warmup-ratio", "-1"), "--warmup-ratio"),
+        (flag("--lr", "-1e-3"), "--lr"),
+        (flag("--lr", "nan"), "--lr"),
+        (flag("--max-length", "1"), "--max-length"),
+        (flag("--epochs", "0"), "--epochs"),
+        (flag("--eval-fraction", "1"), "--eval-fraction"),
+        (flag("--batch-size", "100000"), "rows fit"),
+    ]);
     for (args, needle) in cases {
         let o = rime()
             .args(["train", "--model", m.to_str().unwrap(), "--out", d.join("o").to_str().unwrap()])
@@ -120,6 +145,7 @@ fn bad_inputs_give_clear_errors() {
         assert!(!o.status.success(), "{args:?} should fail");
         assert!(err.contains(needle), "{args:?}: error should mention {needle}: {err}");
         assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+        assert!(!d.join("o").exists(), "{args:?}: a failed run left its --out folder");
     }
     std::fs::remove_dir_all(&d).ok();
 }

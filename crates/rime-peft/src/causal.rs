@@ -358,7 +358,7 @@ impl<'d> Task<'d> for CausalTask<'d> {
         }
         let buckets = l.eval_buckets.as_mut().unwrap_or(&mut l.buckets);
         let m = evaluate(dev, &l.model.store, buckets, &l.eval, l.pad)?;
-        let values = vec![("eval_loss", m.loss), ("eval_perplexity", m.loss.exp())];
+        let values = vec![("eval_loss".into(), m.loss), ("eval_perplexity".into(), m.loss.exp())];
         Ok(Some(Evaluation { score: m.loss, metrics: m, values }))
     }
 

@@ -355,11 +355,7 @@ pub fn save_method_adapter(
     if !method.lora_fields() {
         crate::prompt::drop_lora_fields(&tmp.join("adapter_config.json"))?;
     }
-    if dir.exists() {
-        std::fs::remove_dir_all(dir).map_err(|e| Error::Msg(format!("{}: {e}", dir.display())))?;
-    }
-    std::fs::rename(&tmp, dir).map_err(|e| Error::Msg(format!("{}: {e}", dir.display())))?;
-    Ok(())
+    crate::checkpoint::replace_dir(&tmp, dir)
 }
 
 /// Load an adapter folder's tensors into the store: existing trainable parameters are overwritten,

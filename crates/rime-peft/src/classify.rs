@@ -434,7 +434,11 @@ impl<'d> Task<'d> for ClassifyTask<'d> {
     fn evaluate(&mut self) -> Result<Option<Evaluation>> {
         let l = self.loaded_mut()?;
         let m = l.sess.evaluate(&l.eval, |_| {})?;
-        let values = vec![("eval_accuracy", m.accuracy), ("eval_macro_f1", m.macro_f1), ("eval_loss", m.loss)];
+        let values = vec![
+            ("eval_accuracy".into(), m.accuracy),
+            ("eval_macro_f1".into(), m.macro_f1),
+            ("eval_loss".into(), m.loss),
+        ];
         Ok(Some(Evaluation { score: m.accuracy, metrics: m, values }))
     }
 
@@ -516,6 +520,7 @@ pub fn probe_baseline(
     eval: Option<&TextClassData>,
     cfg: &TrainConfig,
 ) -> Result<EvalMetrics> {
+    cfg.validate()?;
     let train_full = train.dataset("train")?;
     let (train_ds, eval_ds) = match eval {
         Some(e) => (train_full, e.dataset("eval")?),
@@ -600,9 +605,8 @@ pub struct Evaluator<'d> {
 impl<'d> Evaluator<'d> {
     /// The encoder folder `model`, evaluated in batches of `batch` rows of at most `max_length` tokens.
     pub fn new(dev: &'d Device, model: &Path, batch: usize, max_length: usize) -> Result<Evaluator<'d>> {
-        if batch == 0 {
-            return Err(Error::invalid("batch_size", "0: must be at least 1"));
-        }
+        crate::config::at_least("batch_size", batch, 1)?;
+        crate::config::check_max_length(max_length)?;
         let (ckpt, cfg, tok) = open_encoder(model, max_length)?;
         Ok(Evaluator { dev, ckpt, cfg, tok, batch, max_length })
     }
@@ -627,6 +631,7 @@ impl<'d> Evaluator<'d> {
         classifier::check_virtual_fit(hook.virtual_tokens(), self.max_length.min(cfg.max_positions), &cfg)?;
         let mut sess = Session::for_inference(dev, store, cfg, prefix, hook, self.batch, self.max_length);
         sess.evaluate(&enc, |_| {})
+            .map_err(|e| crate::trainer::too_large_as(e, "batch_size", self.batch, self.max_length))
     }
 }
 
@@ -658,6 +663,8 @@ pub struct GradientProbe<'d> {
 impl<'d> GradientProbe<'d> {
     /// The encoder folder `model` (frozen, f32), batches of `batch` rows of at most `max_length` tokens.
     pub fn open(dev: &'d Device, model: &Path, batch: usize, max_length: usize) -> Result<GradientProbe<'d>> {
+        crate::config::at_least("batch_size", batch, 1)?;
+        crate::config::check_max_length(max_length)?;
         let (store, cfg, prefix, tok) = open_model(dev, model, max_length)?;
         let sess = Session::for_inference(dev, store, cfg, prefix, Box::new(rime_models::Plain), batch, max_length);
         Ok(Self::from_session(sess, Some(tok)))

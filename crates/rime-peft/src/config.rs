@@ -111,8 +111,13 @@ pub struct TrainConfig {
     /// With an output folder: write a resumable checkpoint every this many steps (and at each epoch end);
     /// 0: epoch ends only. Default 50.
     pub save_every: usize,
-    /// Continue from the output folder's checkpoint. Default false.
+    /// Continue from the output folder's checkpoint. Default false. A run that had finished is not
+    /// resumed (an error says so; its results stay as they are).
     pub resume: bool,
+    /// Replace the files of a previous run in a non-empty output folder (best/, checkpoint/, metrics, plots;
+    /// nothing else in it). Default false: a non-empty output folder is refused unless resuming
+    /// ([`crate::Error::OutputExists`]).
+    pub overwrite: bool,
     /// Stop after this many steps. Default None.
     pub max_steps: Option<usize>,
     /// Storage of the frozen linear weights. Default [`WeightStorage::F32`].
@@ -136,6 +141,7 @@ impl Default for TrainConfig {
             eval_fraction: 0.1,
             save_every: 50,
             resume: false,
+            overwrite: false,
             max_steps: None,
             weights: WeightStorage::F32,
         }
@@ -143,17 +149,12 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
-    /// Refuse values no run can use, naming the field.
+    /// Refuse values no run can use, naming the field. Every entry point ([`crate::train`], the evaluators
+    /// and baselines) calls it before anything is loaded or written.
     pub fn validate(&self) -> Result<()> {
-        if self.batch_size == 0 {
-            return Err(Error::invalid("batch_size", "0: must be at least 1"));
-        }
-        if self.epochs == 0 {
-            return Err(Error::invalid("epochs", "0: must be at least 1"));
-        }
-        if self.max_length == 0 {
-            return Err(Error::invalid("max_length", "0: must be at least 1"));
-        }
+        at_least("batch_size", self.batch_size, 1)?;
+        at_least("epochs", self.epochs, 1)?;
+        check_max_length(self.max_length)?;
         if let Some(m) = self.micro_batch_size {
             if m == 0 || m > self.batch_size {
                 return Err(Error::invalid(
@@ -162,11 +163,34 @@ impl TrainConfig {
                 ));
             }
         }
+        if let Some(m) = self.max_steps {
+            at_least("max_steps", m, 1)?;
+        }
+        if let Some(p) = self.patience {
+            at_least("patience", p, 1)?;
+        }
         if !(self.lr.is_finite() && self.lr >= 0.0) {
             return Err(Error::invalid("lr", format!("{}: must be a finite number >= 0", self.lr)));
         }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return Err(Error::invalid("weight_decay", format!("{}: must be a finite number >= 0", self.weight_decay)));
+        }
         if !(0.0..=1.0).contains(&self.warmup_ratio) {
             return Err(Error::invalid("warmup_ratio", format!("{}: must be between 0 and 1", self.warmup_ratio)));
+        }
+        if let Some(g) = self.max_grad_norm {
+            if !(g.is_finite() && g > 0.0) {
+                return Err(Error::invalid(
+                    "max_grad_norm",
+                    format!("{g}: must be a finite number > 0 (None turns clipping off)"),
+                ));
+            }
+        }
+        if !(0.0..1.0).contains(&self.eval_fraction) {
+            return Err(Error::invalid(
+                "eval_fraction",
+                format!("{}: must be at least 0 and below 1", self.eval_fraction),
+            ));
         }
         Ok(())
     }
@@ -184,6 +208,32 @@ impl TrainConfig {
         optim.max_grad_norm = self.max_grad_norm;
         optim
     }
+}
+
+/// The fewest tokens a `max_length` may hold: the two special tokens of a sequence ([CLS] and [SEP], or a
+/// decoder's BOS and EOS) and one token of text.
+pub const MIN_MAX_LENGTH: usize = 3;
+
+/// Refuse a `max_length` too short to hold the special tokens and a token of text.
+pub fn check_max_length(max_length: usize) -> Result<()> {
+    if max_length < MIN_MAX_LENGTH {
+        return Err(Error::invalid(
+            "max_length",
+            format!(
+                "{max_length}: must be at least {MIN_MAX_LENGTH} (the two special tokens of a sequence and one token \
+                 of text)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Refuse a count below `min`, naming `field`.
+pub(crate) fn at_least(field: &'static str, value: usize, min: usize) -> Result<()> {
+    if value < min {
+        return Err(Error::invalid(field, format!("{value}: must be at least {min}")));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -205,6 +255,35 @@ mod tests {
         assert!(matches!(bad.validate(), Err(Error::Invalid { field: "batch_size", .. })));
         assert_eq!(Schedule::parse("cosine"), Some(Schedule::Cosine));
         assert_eq!(Schedule::parse("nope"), None);
+        let base = TrainConfig::default;
+        let cases: Vec<(TrainConfig, &str)> = vec![
+            (TrainConfig { epochs: 0, ..base() }, "epochs"),
+            (TrainConfig { max_length: 1, ..base() }, "max_length"),
+            (TrainConfig { max_length: 2, ..base() }, "max_length"),
+            (TrainConfig { lr: f32::NAN, ..base() }, "lr"),
+            (TrainConfig { lr: -1e-3, ..base() }, "lr"),
+            (TrainConfig { lr: f32::INFINITY, ..base() }, "lr"),
+            (TrainConfig { weight_decay: f32::NAN, ..base() }, "weight_decay"),
+            (TrainConfig { warmup_ratio: -1.0, ..base() }, "warmup_ratio"),
+            (TrainConfig { warmup_ratio: f32::NAN, ..base() }, "warmup_ratio"),
+            (TrainConfig { warmup_ratio: 1.5, ..base() }, "warmup_ratio"),
+            (TrainConfig { max_grad_norm: Some(f32::NAN), ..base() }, "max_grad_norm"),
+            (TrainConfig { max_grad_norm: Some(-1.0), ..base() }, "max_grad_norm"),
+            (TrainConfig { max_grad_norm: Some(0.0), ..base() }, "max_grad_norm"),
+            (TrainConfig { eval_fraction: f64::NAN, ..base() }, "eval_fraction"),
+            (TrainConfig { eval_fraction: 1.0, ..base() }, "eval_fraction"),
+            (TrainConfig { eval_fraction: -0.1, ..base() }, "eval_fraction"),
+            (TrainConfig { max_steps: Some(0), ..base() }, "max_steps"),
+            (TrainConfig { patience: Some(0), ..base() }, "patience"),
+            (TrainConfig { micro_batch_size: Some(0), ..base() }, "micro_batch_size"),
+        ];
+        for (c, field) in cases {
+            match c.validate() {
+                Err(Error::Invalid { field: f, message }) => assert_eq!(f, field, "{message}"),
+                other => panic!("{field}: expected a refusal, got {other:?}"),
+            }
+        }
+        assert!(TrainConfig { max_length: MIN_MAX_LENGTH, max_grad_norm: None, ..base() }.validate().is_ok());
         let o = TrainConfig { schedule: Schedule::Linear, warmup_ratio: 0.1, ..TrainConfig::default() }.optimizer(100);
         assert!(matches!(o.schedule, LrSchedule::Linear { warmup: 10, total: 100 }));
     }

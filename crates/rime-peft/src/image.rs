@@ -356,7 +356,11 @@ impl<'d> Task<'d> for ImageClassifyTask<'d> {
         let (logits, labels) = self.eval_logits()?;
         let classes = logits.len() / labels.len().max(1);
         let m: EvalMetrics = metrics_from_logits(&logits, &labels, classes);
-        let values = vec![("eval_accuracy", m.accuracy), ("eval_macro_f1", m.macro_f1), ("eval_loss", m.loss)];
+        let values = vec![
+            ("eval_accuracy".to_string(), m.accuracy),
+            ("eval_macro_f1".to_string(), m.macro_f1),
+            ("eval_loss".to_string(), m.loss),
+        ];
         Ok(Some(Evaluation { score: m.accuracy, metrics: m, values }))
     }
 

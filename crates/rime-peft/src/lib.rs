@@ -6,10 +6,12 @@
 //! saved adapter's method by its `peft_type`. [`classifier`] trains them beside a classification head.
 
 pub mod causal;
+mod checkpoint;
 pub mod classifier;
 pub mod classify;
 pub mod config;
 pub mod data;
+mod fault;
 pub mod image;
 pub mod methods;
 pub mod metrics;
@@ -38,6 +40,14 @@ pub enum Error {
     /// `rank 0: must be at least 1` is `{ field: "rank", message: "0: must be at least 1" }`.
     #[error("{field} {message}")]
     Invalid { field: &'static str, message: String },
+    /// The output folder holds files (a previous run's, or the user's) and the run was asked neither to
+    /// resume it ([`TrainConfig::resume`]) nor to overwrite it ([`TrainConfig::overwrite`]).
+    #[error(
+        "{}: the output folder exists and is not empty; not replaced (set overwrite to replace it, or resume to \
+         continue its run)",
+        path.display()
+    )]
+    OutputExists { path: std::path::PathBuf },
 }
 
 impl Error {

@@ -18,6 +18,7 @@ use rime_io::peft::PeftAdapter;
 use rime_kernels::Device;
 use serde_json::{json, Map, Value};
 
+use crate::checkpoint::{self, State};
 pub use crate::classifier::EvalMetrics;
 pub use crate::classify::{
     encode, epoch_batches, evaluate_adapter, fit_logistic, make_batch, metrics_from_logits, open_model, open_model_as,
@@ -54,7 +55,7 @@ pub struct Evaluation {
     /// The value of the task's [`Metric`].
     pub score: f64,
     /// Named values for `metrics.jsonl` and the history (`eval_accuracy`, ...), in order.
-    pub values: Vec<(&'static str, f64)>,
+    pub values: Vec<(String, f64)>,
 }
 
 /// What the shared loop measured, handed to [`Task::summary`].
@@ -165,14 +166,19 @@ pub fn save_peft(ad: &PeftAdapter, dir: &Path) -> Result<()> {
     if matches!(ad.config.peft_type.as_str(), crate::prompt::PROMPT_TUNING | crate::prompt::PREFIX_TUNING) {
         crate::prompt::drop_lora_fields(&tmp.join(rime_io::peft::ADAPTER_CONFIG))?;
     }
-    if dir.exists() {
-        std::fs::remove_dir_all(dir).map_err(|e| io_err(dir, e))?;
-    }
-    std::fs::rename(&tmp, dir).map_err(|e| io_err(dir, e))
+    crate::checkpoint::replace_dir(&tmp, dir)
 }
 
 /// Train `task` as `cfg` says. With `out`, files are written there as the run goes (and a checkpoint makes
 /// `cfg.resume` possible); without, nothing touches the disk.
+///
+/// The output folder: a non-empty one is refused ([`Error::OutputExists`]) unless `cfg.resume` or
+/// `cfg.overwrite`; nothing is created in it before the settings, data and model are known good; a run that
+/// fails before its first checkpoint leaves nothing of itself there (a folder it created is removed), one that
+/// fails later keeps its checkpoint (the error says where) for a resume. Checkpoints are committed crash-safely
+/// (see `checkpoint.rs`): after a kill at any point, a resume continues from the newest complete one, runs an
+/// epoch end (evaluation) the kill skipped, and ends with the straight run's adapter and log. A finished run
+/// is not resumed (`Error::Invalid { field: "resume" }`); non-finite parameters are never saved.
 ///
 /// ```no_run
 /// use rime_peft::classifier::Method;
@@ -210,7 +216,7 @@ pub fn train<'d, T: Task<'d> + ?Sized>(
         return Err(Error::invalid("resume", "needs an output folder (the checkpoint is read from it)"));
     }
     if let Some(o) = out {
-        std::fs::create_dir_all(o).map_err(|e| io_err(o, e))?;
+        checkpoint::check_output(o, cfg.resume, cfg.overwrite)?;
     }
     let lens = task.prepare(cfg, on)?;
     if lens.is_empty() {
@@ -221,41 +227,57 @@ pub fn train<'d, T: Task<'d> + ?Sized>(
     let total = cfg.max_steps.map_or(total, |m| m.min(total));
     let optim = cfg.optimizer(total);
     task.compile(optim.clone(), cfg.rows())?;
-    let metric = task.metric();
-    let mut run = Run {
-        dev: task.device(),
-        task,
-        cfg,
-        out,
-        log: StepLog::open(out, cfg.resume)?,
-        optim,
-        lens,
-        total,
-        step: 0,
-        best_score: if metric.higher_is_better { f64::NEG_INFINITY } else { f64::INFINITY },
-        metric,
-        best_epoch: None,
-        best: None,
-        last: None,
-        best_adapter: None,
-        patience_left: cfg.patience,
-        in_flight: None,
-        history: vec![],
-    };
-    if cfg.resume {
-        run.resume(on)?;
+    let longest = task.bucket(lens.iter().copied().max().unwrap_or(1));
+    if let Err(e) = task.executor(longest) {
+        return Err(batch_too_large(e, cfg));
     }
-    on(Event::Start { steps: total, examples: run.lens.len() });
-    let start_epoch = run.step / steps_per_epoch;
-    let skip = run.step % steps_per_epoch;
-    for epoch in start_epoch..cfg.epochs {
-        run.epoch(epoch, if epoch == start_epoch { skip } else { 0 }, on)?;
-        let stop = run.end_epoch(epoch, on)?;
-        if stop || run.step >= run.total {
-            break;
+    let mut run = Run::new(task, cfg, out, optim, lens, total);
+    let Some(o) = out else {
+        run.epochs(on)?;
+        return run.finish();
+    };
+    // Nothing is written before this point: the data, model and settings are known good, and a finished run
+    // asked to resume has said so.
+    let created = !o.exists();
+    let resumed = if cfg.resume { run.resume(o, on)? } else { None };
+    let r = run.open_outputs(o, resumed).and_then(|()| run.epochs(on));
+    match r {
+        Ok(()) => run.finish(),
+        Err(e) => {
+            checkpoint::clean_after_failure(o, created);
+            Err(e)
         }
     }
-    run.finish()
+}
+
+/// A training graph that does not fit the device, said in terms of the batch (the rows of one graph) and
+/// the largest batch that fits; other errors as they are.
+pub(crate) fn batch_too_large(e: Error, cfg: &TrainConfig) -> Error {
+    let field = if cfg.rows() < cfg.batch_size { "micro_batch_size" } else { "batch_size" };
+    too_large_as(e, field, cfg.rows(), cfg.max_length)
+}
+
+/// [`rime_kernels::Error::TooLarge`] of a graph of `rows` rows as a refusal of `field`, with the most rows
+/// that fit (tensors grow in proportion to the rows).
+pub(crate) fn too_large_as(e: Error, field: &'static str, rows: usize, max_length: usize) -> Error {
+    let kernel = match &e {
+        Error::Kernel(k) => Some(k),
+        Error::Graph(rime_graph::Error::Kernel(k)) => Some(k),
+        _ => None,
+    };
+    let Some(rime_kernels::Error::TooLarge { bytes, limit, .. }) = kernel else { return e };
+    let fits = (rows as u128 * *limit as u128 / (*bytes).max(1) as u128) as usize;
+    let advice = match fits {
+        0 => format!("even one row does not fit; lower max_length ({max_length})"),
+        n => format!("at most {n} rows fit"),
+    };
+    Error::invalid(
+        field,
+        format!(
+            "{rows}: a batch of {rows} rows needs a tensor of {bytes} bytes, more than this GPU's largest buffer \
+             binding ({limit} bytes); {advice}"
+        ),
+    )
 }
 
 /// The state of a run between steps.
@@ -268,6 +290,7 @@ struct Run<'a, 'd, T: Task<'d> + ?Sized> {
     optim: OptimConfig,
     lens: Vec<usize>,
     total: usize,
+    steps_per_epoch: usize,
     step: usize,
     metric: Metric,
     best_score: f64,
@@ -276,6 +299,9 @@ struct Run<'a, 'd, T: Task<'d> + ?Sized> {
     last: Option<Evaluation>,
     best_adapter: Option<PeftAdapter>,
     patience_left: Option<usize>,
+    /// The step at which the last epoch end (evaluation, best adapter, patience) ran.
+    eval_step: Option<usize>,
+    stopped_early: bool,
     in_flight: Option<InFlight>,
     history: Vec<Value>,
 }
@@ -289,28 +315,127 @@ struct InFlight {
     lr: f32,
 }
 
-impl<'d, T: Task<'d> + ?Sized> Run<'_, 'd, T> {
-    /// Adapter tensors, optimizer state and counters from `out/checkpoint`.
-    fn resume(&mut self, on: &mut dyn FnMut(Event)) -> Result<()> {
-        let dir = self.out.map(|o| o.join("checkpoint")).unwrap_or_default();
-        let state_path = dir.join("state.json");
-        if !state_path.exists() {
-            on(Event::Warn(format!("resume: no checkpoint in {}; starting fresh", dir.display())));
-            return Ok(());
+impl<'a, 'd, T: Task<'d> + ?Sized> Run<'a, 'd, T> {
+    /// A run at step 0 of `total` over examples of lengths `lens`.
+    fn new(
+        task: &'a mut T,
+        cfg: &'a TrainConfig,
+        out: Option<&'a Path>,
+        optim: OptimConfig,
+        lens: Vec<usize>,
+        total: usize,
+    ) -> Self {
+        let metric = task.metric();
+        Run {
+            dev: task.device(),
+            task,
+            cfg,
+            out,
+            log: StepLog::new(out),
+            optim,
+            steps_per_epoch: lens.len().div_ceil(cfg.batch_size),
+            lens,
+            total,
+            step: 0,
+            best_score: if metric.higher_is_better { f64::NEG_INFINITY } else { f64::INFINITY },
+            metric,
+            best_epoch: None,
+            best: None,
+            last: None,
+            best_adapter: None,
+            patience_left: cfg.patience,
+            eval_step: None,
+            stopped_early: false,
+            in_flight: None,
+            history: vec![],
         }
-        let text = std::fs::read_to_string(&state_path).map_err(|e| io_err(&state_path, e))?;
-        let state: Value = serde_json::from_str(&text).map_err(|e| io_err(&state_path, e))?;
+    }
+
+    /// Adapter tensors, optimizer state and counters from the newest complete checkpoint in `out` (after a
+    /// crash it may be a staged one); None when there is none. A run that had finished is refused, with
+    /// nothing touched.
+    fn resume(&mut self, out: &Path, on: &mut dyn FnMut(Event)) -> Result<Option<State>> {
+        let Some(dir) = checkpoint::recover(out, self.metric.name)? else {
+            on(Event::Warn(format!("resume: no checkpoint in {}; starting fresh", out.display())));
+            return Ok(None);
+        };
+        checkpoint::recover_dir(&out.join(self.task.adapter_folder()))?;
+        let st = State::read(&dir, self.metric.name)?;
+        // Finished and its results written (a crash between the last checkpoint and metrics.json resumes to
+        // write them).
+        let done = st.stopped_early || (st.global_step >= self.total && st.eval_step == Some(st.global_step));
+        if done && out.join("metrics.json").is_file() {
+            return Err(Error::invalid(
+                "resume",
+                format!(
+                    "finds the run in {} finished (step {} of {}{}); its results stay in metrics.json and {}/ \
+                     (raise epochs or max_steps to train further)",
+                    out.display(),
+                    st.global_step,
+                    self.total,
+                    if st.stopped_early { ", stopped early" } else { "" },
+                    self.task.adapter_folder()
+                ),
+            ));
+        }
+        if st.eval_step.is_some_and(|e| e > st.global_step) {
+            return Err(Error::Msg(format!(
+                "{}: eval_step {:?} is after global_step {} (a damaged checkpoint)",
+                dir.join("state.json").display(),
+                st.eval_step,
+                st.global_step
+            )));
+        }
         self.task.load_adapter(&dir.join("adapter"))?;
-        self.step = state["global_step"].as_u64().unwrap_or(0) as usize;
-        if let Some(b) = state[format!("best_{}", self.metric.name)].as_f64() {
-            self.best_score = b;
-        }
-        self.best_epoch = state["best_epoch"].as_u64().map(|e| e as usize);
         let key = self.task.bucket(self.lens.iter().copied().max().unwrap_or(8));
         let dev = self.dev;
         let (ex, store) = self.task.executor(key)?;
         ex.load_optimizer_state(dev, store, &dir.join("optimizer.safetensors"))?;
+        self.step = st.global_step;
+        if let Some(b) = st.best_score {
+            self.best_score = b;
+        }
+        self.best_epoch = st.best_epoch;
+        self.stopped_early = st.stopped_early;
+        self.eval_step = st.eval_step;
+        self.patience_left = st.patience_left;
+        self.history = st.history.clone();
+        self.best = st.best.clone();
+        self.last = st.last.clone();
         on(Event::Info(format!("resumed from {} at step {}", dir.display(), self.step)));
+        Ok(Some(st))
+    }
+
+    /// Create the output folder (clearing a previous run's files when overwriting) and open `metrics.jsonl`
+    /// (continued at the checkpoint's end when resuming).
+    fn open_outputs(&mut self, out: &Path, resumed: Option<State>) -> Result<()> {
+        if self.cfg.overwrite && !self.cfg.resume {
+            checkpoint::clear_outputs(out)?;
+        }
+        std::fs::create_dir_all(out).map_err(|e| io_err(out, e))?;
+        self.log.open(out, resumed.map(|s| s.log_bytes))
+    }
+
+    /// The epochs from where the run stands: a resumed run first finishes the epoch it was in (its
+    /// evaluation too, when the checkpoint was taken after its last step and before its evaluation).
+    fn epochs(&mut self, on: &mut dyn FnMut(Event)) -> Result<()> {
+        on(Event::Start { steps: self.total, examples: self.lens.len() });
+        let spe = self.steps_per_epoch;
+        let (mut start, mut skip) = (self.step / spe, self.step % spe);
+        if skip == 0 && self.step > 0 && self.eval_step != Some(self.step) {
+            // Checkpointed after an epoch's last step, before its end: that end runs first.
+            (start, skip) = (start - 1, spe);
+        }
+        if self.stopped_early || (self.step >= self.total && self.eval_step == Some(self.step)) {
+            return Ok(()); // resumed after the last epoch end: only the results are left to write
+        }
+        for epoch in start..self.cfg.epochs {
+            self.epoch(epoch, if epoch == start { skip } else { 0 }, on)?;
+            let stop = self.end_epoch(epoch, on)?;
+            if stop || self.step >= self.total {
+                break;
+            }
+        }
         Ok(())
     }
 
@@ -425,7 +550,7 @@ impl<'d, T: Task<'d> + ?Sized> Run<'_, 'd, T> {
                 row.insert("epoch".into(), json!(epoch));
                 row.insert("step".into(), json!(self.step));
                 for (k, v) in &ev.values {
-                    row.insert((*k).into(), json!(v));
+                    row.insert(k.clone(), json!(v));
                 }
                 self.log.line(Value::Object(row.clone()))?;
                 self.history.push(Value::Object(row));
@@ -434,11 +559,13 @@ impl<'d, T: Task<'d> + ?Sized> Run<'_, 'd, T> {
             }
             None => self.keep_adapter()?,
         }
+        self.eval_step = Some(self.step);
+        self.stopped_early = self.patience_left == Some(0);
         if self.out.is_some() {
             self.checkpoint()?;
         }
         self.log.paused += t.elapsed();
-        if self.patience_left == Some(0) {
+        if self.stopped_early {
             let n = self.cfg.patience.unwrap_or(0);
             on(Event::Info(format!("early stop: no better {} for {n} evaluations", self.metric.name)));
             return Ok(true);
@@ -446,8 +573,10 @@ impl<'d, T: Task<'d> + ?Sized> Run<'_, 'd, T> {
         Ok(false)
     }
 
-    /// The adapter as it is now becomes the kept one (written to the output folder when there is one).
+    /// The adapter as it is now becomes the kept one (written to the output folder when there is one); never
+    /// one with non-finite parameters.
     fn keep_adapter(&mut self) -> Result<()> {
+        self.check_finite()?;
         self.best_adapter = Some(match self.out {
             Some(o) => {
                 let dir = o.join(self.task.adapter_folder());
@@ -459,39 +588,52 @@ impl<'d, T: Task<'d> + ?Sized> Run<'_, 'd, T> {
         Ok(())
     }
 
-    /// `out/checkpoint`: adapter, optimizer state and counters, written beside it and renamed into place;
-    /// never over the last good one with non-finite parameters.
-    fn checkpoint(&mut self) -> Result<()> {
-        let Some(out) = self.out else { return Ok(()) };
-        let (dev, store) = (self.dev, self.task.store());
-        for (name, _, d) in crate::classifier::trainable_tensors(dev, store)? {
-            if d.iter().any(|x| !x.is_finite()) {
+    /// Stop, naming the parameter and the step, when a trainable parameter is NaN or ±Inf (nothing of it is
+    /// saved: not as the best adapter, not as a checkpoint).
+    fn check_finite(&self) -> Result<()> {
+        for (name, _, d) in crate::classifier::trainable_tensors(self.dev, self.task.store())? {
+            if let Err(e) = rime_io::check_finite("the trained parameters", &name, &d) {
+                let note = self.out.map_or("No checkpoint is kept without an output folder.".into(), checkpoint_note);
                 return Err(Error::Msg(format!(
-                    "parameter '{name}' became non-finite after step {}; stopped. {} Try a lower learning rate (lr).",
+                    "parameter '{name}' became non-finite after step {}; stopped, nothing of it saved ({e}). {note} \
+                     Try a lower learning rate (lr).",
                     self.step,
-                    checkpoint_note(out)
                 )));
             }
         }
-        let tmp = out.join("checkpoint.tmp");
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
+        Ok(())
+    }
+
+    /// The counters a checkpoint records.
+    fn state(&self) -> State {
+        State {
+            global_step: self.step,
+            best_score: self.best_score.is_finite().then_some(self.best_score),
+            best_epoch: self.best_epoch,
+            eval_step: self.eval_step,
+            patience_left: self.patience_left,
+            stopped_early: self.stopped_early,
+            log_bytes: self.log.bytes,
+            history: self.history.clone(),
+            best: self.best.clone(),
+            last: self.last.clone(),
         }
-        std::fs::create_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
-        self.task.save_adapter(&tmp.join("adapter"))?;
-        if let Some(ex) = self.task.any_executor() {
-            ex.save_optimizer_state(dev, self.task.store(), &tmp.join("optimizer.safetensors"))?;
-        }
-        let mut state = Map::new();
-        state.insert("global_step".into(), json!(self.step));
-        state.insert(format!("best_{}", self.metric.name), json!(self.best_score));
-        state.insert("best_epoch".into(), json!(self.best_epoch));
-        write_json(&tmp.join("state.json"), &Value::Object(state))?;
-        let dir = out.join("checkpoint");
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
-        }
-        std::fs::rename(&tmp, &dir).map_err(|e| io_err(&dir, e))
+    }
+
+    /// `out/checkpoint`: adapter, optimizer state and counters, committed crash-safely
+    /// ([`crate::checkpoint`]); never over the last good one with non-finite parameters.
+    fn checkpoint(&mut self) -> Result<()> {
+        let Some(out) = self.out else { return Ok(()) };
+        self.check_finite()?;
+        let state = self.state().to_json(self.metric.name);
+        let (task, dev) = (&*self.task, self.dev);
+        checkpoint::write(out, &state, |tmp| {
+            task.save_adapter(&tmp.join("adapter"))?;
+            if let Some(ex) = task.any_executor() {
+                ex.save_optimizer_state(dev, task.store(), &tmp.join("optimizer.safetensors"))?;
+            }
+            Ok(())
+        })
     }
 
     fn finish(self) -> Result<TrainResult<T::Summary>> {
@@ -521,13 +663,22 @@ impl<'d, T: Task<'d> + ?Sized> Run<'_, 'd, T> {
         let adapter_folder = self.task.adapter_folder();
         let adapter = match (self.best_adapter, self.out) {
             (Some(a), _) => a,
+            // Resumed after the best epoch: the kept adapter is on disk (never the current parameters).
             (None, Some(o)) if o.join(adapter_folder).exists() => PeftAdapter::load(o.join(adapter_folder))?,
+            (None, Some(o)) if self.best_epoch.is_some() => {
+                return Err(Error::Msg(format!(
+                    "{}: the best adapter (epoch {}) is missing; it was removed since the checkpoint",
+                    o.join(adapter_folder).display(),
+                    self.best_epoch.unwrap_or(0)
+                )))
+            }
             (None, _) => self.task.adapter()?,
         };
         if let Some(o) = self.out {
-            write_json(&o.join("metrics.json"), &metrics)?;
-            // The plot is a convenience: a failure to draw it never fails the run.
+            // The plot is a convenience: a failure to draw it never fails the run. metrics.json comes last: a
+            // run whose checkpoint says finished and that has it is complete (a resume refuses it).
             crate::plot::write_plots(&self.log.lines, &title, o).ok();
+            write_json(&o.join("metrics.json"), &metrics)?;
         }
         Ok(TrainResult { summary, metrics, log: self.log.lines, adapter, adapter_folder, title })
     }
@@ -580,44 +731,73 @@ pub(crate) struct StepLog {
     pub examples_done: usize,
     last_good: Option<usize>,
     pub lines: Vec<Value>,
+    /// Bytes of `metrics.jsonl` written (a checkpoint records them; a resume cuts the file back to them).
+    pub bytes: u64,
     pub first_loss: f32,
     pub last_loss: f32,
 }
 
 impl StepLog {
-    pub(crate) fn open(out: Option<&Path>, resume: bool) -> Result<StepLog> {
-        let jsonl = match out {
-            Some(o) => {
-                let path = o.join("metrics.jsonl");
-                let f = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(resume)
-                    .write(true)
-                    .truncate(!resume)
-                    .open(&path)
-                    .map_err(|e| io_err(&path, e))?;
-                Some((f, path))
-            }
-            None => None,
-        };
-        Ok(StepLog {
-            jsonl,
+    /// A log with nothing on disk yet (see [`StepLog::open`]).
+    pub(crate) fn new(out: Option<&Path>) -> StepLog {
+        StepLog {
+            jsonl: None,
             out: out.map(Path::to_path_buf),
             t_start: Instant::now(),
             paused: std::time::Duration::ZERO,
             examples_done: 0,
             last_good: None,
             lines: vec![],
+            bytes: 0,
             first_loss: f32::NAN,
             last_loss: f32::NAN,
-        })
+        }
+    }
+
+    /// Write the log to `out/metrics.jsonl` from now on: a new file, or (resuming) the file cut back to its
+    /// first `keep` bytes (the lines of the checkpointed steps), whose lines are read back.
+    pub(crate) fn open(&mut self, out: &Path, keep: Option<u64>) -> Result<()> {
+        let path = out.join("metrics.jsonl");
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .read(true)
+            .open(&path)
+            .map_err(|e| io_err(&path, e))?;
+        let keep = keep.unwrap_or(0);
+        let len = f.metadata().map_err(|e| io_err(&path, e))?.len();
+        if len < keep {
+            return Err(Error::Msg(format!(
+                "{}: holds {len} bytes, fewer than the {keep} its checkpoint recorded (cut or replaced since)",
+                path.display()
+            )));
+        }
+        f.set_len(keep).map_err(|e| io_err(&path, e))?;
+        let text = std::fs::read_to_string(&path).map_err(|e| io_err(&path, e))?;
+        for (i, line) in text.lines().enumerate() {
+            let v: Value = serde_json::from_str(line)
+                .map_err(|e| io_err(&path, format!("line {}: not JSON ({e}); the log was damaged", i + 1)))?;
+            if let (Some(step), Some(loss)) = (v["step"].as_u64(), v["loss"].as_f64()) {
+                if self.first_loss.is_nan() {
+                    self.first_loss = loss as f32;
+                }
+                self.last_loss = loss as f32;
+                self.last_good = Some(step as usize);
+            }
+            self.lines.push(v);
+        }
+        self.bytes = keep;
+        self.jsonl = Some((f, path));
+        Ok(())
     }
 
     /// One line of the log.
     pub(crate) fn line(&mut self, v: Value) -> Result<()> {
         use std::io::Write;
         if let Some((f, path)) = &mut self.jsonl {
-            writeln!(f, "{v}").map_err(|e| io_err(path, e))?;
+            let line = format!("{v}\n");
+            f.write_all(line.as_bytes()).map_err(|e| io_err(path, e))?;
+            self.bytes += line.len() as u64;
         }
         self.lines.push(v);
         Ok(())

@@ -7,7 +7,7 @@ mod common;
 
 use rime_peft::classifier::Method;
 use rime_peft::lora::{LoraConfig, LoraInit};
-use rime_peft::{ClassifyTask, Error, TextClassData, TrainConfig};
+use rime_peft::{ClassifyTask, Error, Event, TextClassData, TrainConfig};
 
 fn model() -> Option<std::path::PathBuf> {
     match rime_io::locate_model("all-minilm-l6-v2") {
@@ -108,4 +108,81 @@ fn bad_settings_name_their_field() {
         rime_peft::train(&mut task, &cfg(), None, &mut |_| {}),
         Err(Error::Invalid { field: "train", .. })
     ));
+}
+
+fn tmp(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("rime-trainer-{}-{name}", std::process::id()));
+    std::fs::remove_dir_all(&d).ok();
+    d
+}
+
+/// A batch whose graph exceeds the device's largest buffer binding is refused by the argument (batch_size),
+/// with the rows that fit, before anything is written.
+#[test]
+fn oversized_batch_names_batch_size_and_what_fits() {
+    let Some(m) = model() else { return };
+    let d = common::dev();
+    let out = tmp("huge");
+    let mut task = ClassifyTask::new(d, &m, lora(), data(16), Some(data(8)));
+    let c = TrainConfig { batch_size: 1 << 20, ..cfg() };
+    match rime_peft::train(&mut task, &c, Some(&out), &mut |_| {}) {
+        Err(Error::Invalid { field: "batch_size", message }) => assert!(message.contains("at most"), "{message}"),
+        other => panic!("expected a batch_size refusal, got {:?}", other.map(|r| r.summary)),
+    }
+    assert!(!out.exists(), "a refused run creates no output folder");
+}
+
+/// The output folder: a non-empty one is refused without resume or overwrite; overwrite replaces the run's
+/// files and nothing else; a run that fails before its first checkpoint leaves nothing behind; a finished
+/// run is not resumed and its results are not touched.
+#[test]
+fn output_folder_is_never_clobbered_and_failures_leave_nothing() {
+    let Some(m) = model() else { return };
+    let d = common::dev();
+    let out = tmp("out");
+    std::fs::create_dir_all(out.join("best")).unwrap();
+    std::fs::write(out.join("best/mine.txt"), "kept").unwrap();
+    let mut task = ClassifyTask::new(d, &m, lora(), data(16), Some(data(8)));
+    let r = rime_peft::train(&mut task, &cfg(), Some(&out), &mut |_| {});
+    assert!(matches!(r, Err(Error::OutputExists { .. })), "{:?}", r.map(|r| r.summary));
+    assert!(out.join("best/mine.txt").exists());
+    let c = TrainConfig { overwrite: true, ..cfg() };
+    let mut task = ClassifyTask::new(d, &m, lora(), data(16), Some(data(8)));
+    rime_peft::train(&mut task, &c, Some(&out), &mut |_| {}).unwrap();
+    assert!(out.join("best/adapter_model.safetensors").exists() && !out.join("best/mine.txt").exists());
+
+    // Finished: a resume says so and leaves metrics.json as it was.
+    let before = std::fs::read(out.join("metrics.json")).unwrap();
+    let c = TrainConfig { resume: true, ..cfg() };
+    let mut task = ClassifyTask::new(d, &m, lora(), data(16), Some(data(8)));
+    match rime_peft::train(&mut task, &c, Some(&out), &mut |_| {}) {
+        Err(Error::Invalid { field: "resume", message }) => assert!(message.contains("finished"), "{message}"),
+        other => panic!("expected a refusal to resume a finished run, got {:?}", other.map(|r| r.summary)),
+    }
+    assert_eq!(std::fs::read(out.join("metrics.json")).unwrap(), before, "metrics.json is untouched");
+    // Killed after the last checkpoint, before metrics.json: the resume only writes the results.
+    std::fs::remove_file(out.join("metrics.json")).unwrap();
+    let mut task = ClassifyTask::new(d, &m, lora(), data(16), Some(data(8)));
+    let mut steps = 0;
+    let r = rime_peft::train(&mut task, &c, Some(&out), &mut |e| steps += matches!(e, Event::Step { .. }) as usize);
+    let r = r.unwrap();
+    assert_eq!((steps, r.summary.steps), (0, 4), "no step is run again");
+    let again: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("metrics.json")).unwrap()).unwrap();
+    let first: serde_json::Value = serde_json::from_slice(&before).unwrap();
+    assert_eq!((&again["history"], &again["eval_accuracy"]), (&first["history"], &first["eval_accuracy"]));
+    // More epochs than it had: it continues (from the end of epoch 2), and the summary is not zeros.
+    let c = TrainConfig { resume: true, epochs: 3, ..cfg() };
+    let mut task = ClassifyTask::new(d, &m, lora(), data(16), Some(data(8)));
+    let r = rime_peft::train(&mut task, &c, Some(&out), &mut |_| {}).unwrap();
+    assert_eq!(r.summary.steps, 6);
+    assert_eq!(r.metrics["history"].as_array().map(Vec::len), Some(3), "{}", r.metrics);
+    assert!(r.summary.eval_accuracy > 0.0);
+    std::fs::remove_dir_all(&out).ok();
+
+    // Diverging before any checkpoint: an error, and no output folder.
+    let c = TrainConfig { lr: 1e30, max_grad_norm: None, ..cfg() };
+    let mut task = ClassifyTask::new(d, &m, lora(), data(16), Some(data(8)));
+    let e = rime_peft::train(&mut task, &c, Some(&out), &mut |_| {}).map(|r| r.summary).unwrap_err();
+    assert!(e.to_string().contains("non-finite") || e.to_string().contains("loss became"), "{e}");
+    assert!(!out.exists(), "a failed run without a checkpoint leaves nothing: {:?}", std::fs::read_dir(&out).ok());
 }
