@@ -11,6 +11,7 @@ mod gguf_tokenizer;
 pub mod lora_math;
 pub mod models;
 pub mod peft;
+mod peft_check;
 pub mod safetensors;
 pub mod tokenizer;
 
@@ -21,6 +22,7 @@ pub use gguf::{GgmlType, GgufFile, GgufTensorInfo, GgufValue, NamedTensor};
 pub use lora_math::{add_scaled_product, dora_rescale_rows, dora_row_scale, pattern_lookup, LoraDims};
 pub use models::{locate_model, models_dir};
 pub use peft::{AdapterConfig, AdapterTensor, LoraPair, PeftAdapter};
+pub use peft_check::{MAX_ALPHA, MAX_RANK};
 pub use safetensors::{
     write_atomically, write_safetensors, write_safetensors_as, write_safetensors_raw, Checkpoint, Dtype, RawTensor,
     RawTensorOwned, StoreDtype, TensorInfo,
