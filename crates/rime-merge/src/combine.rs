@@ -117,7 +117,8 @@ pub fn combine_adapters(
         return Err(inv(format!("{} weights for {} adapters", weights.len(), ads.len())));
     }
     if let Some(w) = weights.iter().find(|w| !(w.is_finite() && w.abs() <= f32::MAX as f64)) {
-        return Err(inv(format!("weights: {w} is not a finite number within ±{:e} (f32)", f32::MAX)));
+        let message = format!("{w} is not a finite number within ±{:e} (f32)", f32::MAX);
+        return Err(Error::Argument { argument: "weights", message });
     }
     for (ad, n) in ads.iter().zip(names) {
         if ad.config.peft_type != "LORA" {
@@ -134,7 +135,9 @@ pub fn combine_adapters(
     let comb = if ads.len() == 1 { Combination::Linear } else { opts.combination };
     let density = match (comb.needs_density(), opts.density) {
         (true, None) => return Err(inv(format!("combination `{}` needs a density in (0, 1]", comb.as_str()))),
-        (true, Some(d)) if !(d > 0.0 && d <= 1.0) => return Err(inv(format!("density {d} is outside (0, 1]"))),
+        (true, Some(d)) if !(d > 0.0 && d <= 1.0) => {
+            return Err(Error::Argument { argument: "density", message: format!("{d} is outside (0, 1]") })
+        }
         (_, d) => d.unwrap_or(1.0),
     };
     let ranks: Vec<usize> = ads.iter().map(config_rank).collect();

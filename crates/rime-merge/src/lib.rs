@@ -43,6 +43,10 @@ pub enum Error {
     /// An invalid argument (e.g. a shard size that does not parse).
     #[error("{0}")]
     Invalid(String),
+    /// A library argument out of range, named as the library spells it (`weights`, `density`, `shard_size`);
+    /// a front end maps the name to its own (the CLI prints `--weights`).
+    #[error("{argument}: {message}")]
+    Argument { argument: &'static str, message: String },
     /// Reading a checkpoint, config or adapter failed.
     #[error(transparent)]
     Io(#[from] rime_io::Error),

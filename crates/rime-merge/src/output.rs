@@ -33,10 +33,11 @@ pub(crate) const SIDE_FILES: [&str; 11] = [
 
 /// Parses `5GB`, `500MB`, `2GiB`, `1000000` (bytes).
 pub fn parse_size(s: &str) -> Result<u64> {
+    let bad = |message: String| Error::Argument { argument: "shard_size", message };
     let t = s.trim();
     let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let x: f64 = num.parse().map_err(|_| Error::Invalid(format!("size `{s}`: expected e.g. 5GB, 500MB or 1000000")))?;
+    let x: f64 = num.parse().map_err(|_| bad(format!("`{s}`: expected e.g. 5GB, 500MB or 1000000")))?;
     let mult = match unit.trim().to_ascii_uppercase().as_str() {
         "" | "B" => 1.0,
         "KB" => 1e3,
@@ -45,15 +46,15 @@ pub fn parse_size(s: &str) -> Result<u64> {
         "KIB" => 1024.0,
         "MIB" => 1024.0 * 1024.0,
         "GIB" => 1024.0 * 1024.0 * 1024.0,
-        u => return Err(Error::Invalid(format!("size `{s}`: unknown unit `{u}` (B, KB, MB, GB, KiB, MiB, GiB)"))),
+        u => return Err(bad(format!("`{s}`: unknown unit `{u}` (B, KB, MB, GB, KiB, MiB, GiB)"))),
     };
     let v = x * mult;
     if !(v >= 1.0) {
-        return Err(Error::Invalid(format!("size `{s}` must be at least one byte")));
+        return Err(bad(format!("`{s}` must be at least one byte")));
     }
     // u64::MAX as f64 rounds up to 2^64, which is itself out of range.
     if v >= u64::MAX as f64 {
-        return Err(Error::Invalid(format!("size `{s}` is larger than {} bytes", u64::MAX)));
+        return Err(bad(format!("`{s}` is larger than {} bytes", u64::MAX)));
     }
     Ok(v as u64)
 }
