@@ -117,7 +117,7 @@ pub fn combine_adapters(
         return Err(inv(format!("{} weights for {} adapters", weights.len(), ads.len())));
     }
     if let Some(w) = weights.iter().find(|w| !(w.is_finite() && w.abs() <= f32::MAX as f64)) {
-        let message = format!("{w} is not a finite number within ±{:e} (f32)", f32::MAX);
+        let message = format!("{} is not a finite number within ±{:e} (f32)", crate::show(*w), f32::MAX);
         return Err(Error::Argument { argument: "weights", message });
     }
     for (ad, n) in ads.iter().zip(names) {

@@ -396,24 +396,28 @@ impl MergeConfig {
     pub fn check_values(&self) -> Result<()> {
         let err = |msg: String| Error::Config { file: self.source.display().to_string(), msg };
         let f32_ok = |x: f64| x.is_finite() && x.abs() <= f32::MAX as f64;
-        let mut all: Vec<(String, &Param)> = vec![("lambda".into(), &self.lambda)];
+        let mut all: Vec<(String, &Param)> = vec![("`lambda`".into(), &self.lambda)];
         if let Some(t) = &self.t {
-            all.push(("t".into(), t));
+            all.push(("`t`".into(), t));
         }
         for m in self.models.iter().chain(self.base.iter()) {
             for (k, p) in [("weight", &m.weight), ("density", &m.density)] {
                 if let Some(p) = p {
-                    all.push((format!("model `{}`: {k}", m.name), p));
+                    all.push((format!("model `{}`: `{k}`", m.name), p));
                 }
             }
         }
         for (what, p) in &all {
             if let Some(x) = p.values().into_iter().find(|&x| !f32_ok(x)) {
-                return Err(err(format!("{what} {x} is not a finite number within ±{:e} (f32)", f32::MAX)));
+                return Err(err(format!(
+                    "{what} {} is not a finite number within ±{:e} (f32)",
+                    crate::show(x),
+                    f32::MAX
+                )));
             }
-            let range = if what == "t" {
+            let range = if what == "`t`" {
                 Some((0.0, 1.0, "[0, 1] (slerp interpolates between base_model, t = 0, and the other model, t = 1)"))
-            } else if what.ends_with(": density") {
+            } else if what.ends_with(": `density`") {
                 Some((f64::MIN_POSITIVE, 1.0, "(0, 1]"))
             } else {
                 None
@@ -426,7 +430,11 @@ impl MergeConfig {
         }
         for (k, &x) in &self.numbers {
             if !f32_ok(x) {
-                return Err(err(format!("parameters: `{k}` {x} is not a finite number within ±{:e}", f32::MAX)));
+                return Err(err(format!(
+                    "parameters: `{k}` {} is not a finite number within ±{:e}",
+                    crate::show(x),
+                    f32::MAX
+                )));
             }
         }
         Ok(())

@@ -22,6 +22,15 @@ pub use lora::fold_lora;
 pub use output::{parse_size, DEFAULT_SHARD_SIZE};
 pub use soup::{greedy_soup, SoupDecision};
 
+/// A number as a message shows it: `1e39` rather than forty digits.
+pub(crate) fn show(x: f64) -> String {
+    if x != 0.0 && !(1e-4..1e6).contains(&x.abs()) {
+        format!("{x:e}")
+    } else {
+        format!("{x}")
+    }
+}
+
 /// Result alias of this crate.
 pub type Result<T> = std::result::Result<T, Error>;
 

@@ -81,7 +81,8 @@ fn non_finite_outputs_and_overflowing_parameters_are_refused() {
     // Finite weights whose result overflows: the output tensor is refused by name.
     refused(
         &d,
-        "merge_method: task_arithmetic\nbase_model: m0\nmodels:\n  - model: m1\n    parameters: {weight: 3e38}\n",
+        "merge_method: linear\nparameters: {normalize: false}\nmodels:\n  - model: m0\n    parameters: {weight: 3e38}\n  \
+         - model: m1\n    parameters: {weight: 3e38}\n",
         &["emb.weight", "non-finite"],
     );
     // A NaN in an input propagates and is caught on the way out.
