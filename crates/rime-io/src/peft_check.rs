@@ -45,18 +45,22 @@ impl AdapterConfig {
         pattern_lookup(&self.rank_pattern, module).copied().unwrap_or(self.r)
     }
 
-    /// Whether `target_modules` selects `module` (a list entry equal to the module path or to its last
-    /// components; `all-linear` selects everything). A regex string (peft's other form) is not interpreted
-    /// here and selects everything.
+    /// Whether `target_modules` selects `module`: a list entry equal to the module path or to its last
+    /// components, or `re:PATTERN` (rime's `--targets` form) matching it; a string (peft's regex form) matching
+    /// the whole path; `all-linear` selects everything. An invalid pattern selects nothing.
     pub fn targets(&self, module: &str) -> bool {
-        if self.target_modules_is_regex() {
-            return true;
+        if let Some(re) = self.target_modules_regex() {
+            return regex::Regex::new(&format!("^(?:{re})$")).is_ok_and(|r| r.is_match(module));
         }
-        self.target_modules.iter().any(|t| t == "all-linear" || module == t || module.ends_with(&format!(".{t}")))
+        self.target_modules.iter().any(|t| target_entry_matches(t, module))
     }
 
-    fn target_modules_is_regex(&self) -> bool {
-        matches!(self.raw.get("target_modules"), Some(serde_json::Value::String(s)) if s != "all-linear")
+    /// peft's regex form of `target_modules` (a string other than `all-linear`).
+    fn target_modules_regex(&self) -> Option<&str> {
+        match self.raw.get("target_modules") {
+            Some(serde_json::Value::String(s)) if s != "all-linear" => Some(s),
+            _ => None,
+        }
     }
 }
 
@@ -162,7 +166,7 @@ impl PeftAdapter {
 
     /// Every `target_modules` entry names at least one module of the model (list form only).
     fn check_targets_exist(&self, dir: &Path, weights: &[(String, Vec<usize>)]) -> Result<()> {
-        if self.config.peft_type != "LORA" || self.config.target_modules_is_regex() {
+        if self.config.peft_type != "LORA" || self.config.target_modules_regex().is_some() {
             return Ok(());
         }
         let modules: Vec<&str> = weights.iter().filter_map(|(n, _)| n.strip_suffix(".weight")).collect();
@@ -170,7 +174,7 @@ impl PeftAdapter {
             if t == "all-linear" {
                 continue;
             }
-            if !modules.iter().any(|m| m == t || m.ends_with(&format!(".{t}"))) {
+            if !modules.iter().any(|m| target_entry_matches(t, m)) {
                 return Err(Error::Config {
                     file: display(&dir.join(ADAPTER_CONFIG)),
                     field: "target_modules".into(),
@@ -179,6 +183,14 @@ impl PeftAdapter {
             }
         }
         Ok(())
+    }
+}
+
+/// One `target_modules` list entry against a module path (see [`AdapterConfig::targets`]).
+fn target_entry_matches(t: &str, module: &str) -> bool {
+    match t.strip_prefix("re:") {
+        Some(re) => regex::Regex::new(re).is_ok_and(|r| r.is_match(module)),
+        None => t == "all-linear" || module == t || module.ends_with(&format!(".{t}")),
     }
 }
 

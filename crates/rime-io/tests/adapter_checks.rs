@@ -156,3 +156,20 @@ fn factors_must_fit_the_model_and_target_modules() {
     b.config.target_modules = vec!["all-linear".into()];
     b.check_against(&dir, &model()).unwrap();
 }
+
+#[test]
+fn regex_target_modules_select_like_peft_and_rime() {
+    let dir = save(&valid(), "regex_targets");
+    let mut a = PeftAdapter::load(&dir).unwrap();
+    // rime's `--targets re:...` entries (a search) and peft's string form (a whole-path match).
+    a.config.target_modules = vec!["re:layer\\.0\\.(query|key)".into()];
+    a.check_against(&dir, &model()).unwrap();
+    a.config.target_modules = vec!["re:value$".into()];
+    let e = a.check_against(&dir, &model()).unwrap_err().to_string();
+    assert!(e.contains("not selected"), "{e}");
+    a.config.raw.insert("target_modules".into(), serde_json::json!(".*query"));
+    a.check_against(&dir, &model()).unwrap();
+    a.config.raw.insert("target_modules".into(), serde_json::json!("query"));
+    let e = a.check_against(&dir, &model()).unwrap_err().to_string();
+    assert!(e.contains("not selected"), "{e}");
+}
