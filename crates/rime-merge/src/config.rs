@@ -436,6 +436,21 @@ impl MergeConfig {
                     f32::MAX
                 )));
             }
+            // greedy_soup / atlas counts (which would otherwise be clamped) and the learning rate.
+            let least = match k.as_str() {
+                "batch_size" | "examples" => Some(1.0),
+                "max_length" => Some(8.0),
+                "steps" => Some(0.0),
+                _ => None,
+            };
+            if let Some(lo) = least {
+                if x < lo || x.fract() != 0.0 {
+                    return Err(err(format!("parameters: `{k}` {x} must be an integer of at least {lo}")));
+                }
+            }
+            if k == "lr" && x <= 0.0 {
+                return Err(err(format!("parameters: `lr` {x} must be positive")));
+            }
         }
         Ok(())
     }

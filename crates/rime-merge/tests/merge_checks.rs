@@ -97,6 +97,11 @@ fn non_finite_outputs_and_overflowing_parameters_are_refused() {
         "merge_method: linear\nmodels:\n  - model: m0\n    parameters: {weight: [{filter: emb, valeu: 2}, {value: 1}]}\n",
         &["valeu"],
     );
+    // greedy_soup / atlas counts are not silently clamped.
+    for (k, v) in [("batch_size", "0"), ("max_length", "3"), ("steps", "-2"), ("lr", "0"), ("examples", "1.5")] {
+        let y = format!("merge_method: atlas\nbase_model: m0\nmodels: [m1]\nparameters: {{{k}: {v}}}\n");
+        refused(&d, &y, &[&format!("`{k}`"), v]);
+    }
     // A config built in code goes through the same checks.
     let mut cfg = MergeConfig::from_yaml_str(
         "merge_method: slerp\nbase_model: m0\nmodels: [m1]\nparameters: {t: 0.5}\n",
