@@ -113,20 +113,19 @@ impl PeftAdapter {
         let Some(labels) = self.config.raw.get("rime_labels").and_then(|v| v.as_array()) else { return Ok(()) };
         for t in &self.tensors {
             let local = t.name.strip_prefix(PEFT_PREFIX).unwrap_or(&t.name).replace(".modules_to_save.default", "");
-            if local == "head.weight" || local == "head.bias" {
-                if t.shape.first() != Some(&labels.len()) {
-                    return Err(Error::Config {
-                        file: display(cfg_file),
-                        field: "rime_labels".into(),
-                        msg: format!(
-                            "{} labels, but the head tensor `{}` has shape {:?} ({} rows): one row per label",
-                            labels.len(),
-                            t.name,
-                            t.shape,
-                            t.shape.first().copied().unwrap_or(0)
-                        ),
-                    });
-                }
+            let head = local == "head.weight" || local == "head.bias";
+            if head && t.shape.first() != Some(&labels.len()) {
+                return Err(Error::Config {
+                    file: display(cfg_file),
+                    field: "rime_labels".into(),
+                    msg: format!(
+                        "{} labels, but the head tensor `{}` has shape {:?} ({} rows): one row per label",
+                        labels.len(),
+                        t.name,
+                        t.shape,
+                        t.shape.first().copied().unwrap_or(0)
+                    ),
+                });
             }
         }
         Ok(())

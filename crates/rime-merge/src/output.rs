@@ -49,7 +49,7 @@ pub fn parse_size(s: &str) -> Result<u64> {
         u => return Err(bad(format!("`{s}`: unknown unit `{u}` (B, KB, MB, GB, KiB, MiB, GiB)"))),
     };
     let v = x * mult;
-    if !(v >= 1.0) {
+    if v.is_nan() || v < 1.0 {
         return Err(bad(format!("`{s}` must be at least one byte")));
     }
     // u64::MAX as f64 rounds up to 2^64, which is itself out of range.
