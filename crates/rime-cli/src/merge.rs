@@ -30,7 +30,9 @@ use rime::merge;
 ///
 ///   rime merge --fold-lora runs/lora --base models/all-minilm-l6-v2 --out merged
 ///
-/// writes W + (alpha/r)·B·A (alpha/√r with use_rslora) for every adapted module.
+/// writes W + (alpha/r)·B·A (alpha/√r with use_rslora) for every adapted module. The classification head of an
+/// adapter `rime train` wrote (under modules_to_save, not part of the base) is written to OUT/head as a
+/// head-only adapter: `rime eval --model OUT --adapter OUT/head` evaluates the folded classifier.
 ///
 /// Combining LoRA adapters into one (peft's add_weighted_adapter: linear, cat, svd, ties, dare_linear,
 /// dare_ties, magnitude_prune, with peft's semantics; heads of rime adapters are averaged with the weights):
@@ -48,7 +50,11 @@ use rime::merge;
 /// The output folder gets model.safetensors (shards and model.safetensors.index.json above --shard-size),
 /// the base's config.json and tokenizer files, and merge_report.json (method, inputs, bytes read and written,
 /// seconds, GB/s). It is built in a temporary sibling folder and renamed into place at the end, so a failed
-/// merge leaves nothing behind; an existing output folder is refused unless --force.
+/// merge leaves nothing behind; an existing output folder is refused unless --force, and an --out that is (or
+/// holds) an input always. Every output tensor is checked: a NaN/Inf weight (e.g. from weights that overflow
+/// f32) stops the merge naming the tensor, with nothing written. A merge killed midway leaves only a hidden
+/// .OUT.rime-merge-tmp-PID folder (or, killed while replacing with --force, the previous output as
+/// .OUT.rime-merge-old-PID); the next merge into OUT removes the first and restores the second (with a note).
 #[derive(clap::Args, Debug)]
 #[command(verbatim_doc_comment)]
 pub struct MergeArgs {
@@ -96,7 +102,34 @@ pub struct MergeArgs {
     pub seed: u64,
 }
 
+/// A merge library error as the CLI prints it: an out-of-range library argument names its flag.
+fn flagged(e: Box<dyn std::error::Error>) -> Box<dyn std::error::Error> {
+    let arg = match (e.downcast_ref::<rime::Error>(), e.downcast_ref::<rime_merge::Error>()) {
+        (Some(rime::Error::Merge(rime_merge::Error::Argument { argument, message })), _)
+        | (_, Some(rime_merge::Error::Argument { argument, message })) => Some((*argument, message.clone())),
+        _ => None,
+    };
+    match arg {
+        Some((argument, message)) => format!("{} {message}", merge_flag(argument)).into(),
+        None => e,
+    }
+}
+
+/// The flag of a merge library argument.
+fn merge_flag(argument: &str) -> &str {
+    match argument {
+        "shard_size" => "--shard-size",
+        "density" => "--density",
+        "svd_rank" => "--svd-rank",
+        a => crate::flag(a),
+    }
+}
+
 pub fn run(opts: &rime_kernels::DeviceOptions, args: &MergeArgs) -> Result<(), Box<dyn std::error::Error>> {
+    run_merge(opts, args).map_err(flagged)
+}
+
+fn run_merge(opts: &rime_kernels::DeviceOptions, args: &MergeArgs) -> Result<(), Box<dyn std::error::Error>> {
     let shard_size = merge::parse_size(&args.shard_size)?;
     let mopts = merge::MergeOptions { force: args.force, shard_size };
     let report = match (&args.fold_lora, &args.config) {

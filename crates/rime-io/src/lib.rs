@@ -13,6 +13,7 @@ pub mod lora_math;
 pub mod models;
 pub mod onnx;
 pub mod peft;
+mod peft_check;
 pub mod safetensors;
 pub mod tokenizer;
 
@@ -25,6 +26,7 @@ pub use lora_math::{add_scaled_product, dora_rescale_rows, dora_row_scale, patte
 pub use models::{locate_model, models_dir};
 pub use onnx::{OnnxFile, OnnxInitializer, OnnxNode};
 pub use peft::{AdapterConfig, AdapterTensor, LoraPair, PeftAdapter};
+pub use peft_check::{MAX_ALPHA, MAX_RANK};
 pub use safetensors::{
     write_atomically, write_safetensors, write_safetensors_as, write_safetensors_raw, Checkpoint, Dtype, RawTensor,
     RawTensorOwned, StoreDtype, TensorInfo,

@@ -140,7 +140,7 @@ impl AdapterConfig {
                 alpha_pattern.insert(k.clone(), x);
             }
         }
-        Ok(AdapterConfig {
+        let config = AdapterConfig {
             r,
             lora_alpha: number("lora_alpha", 8.0)?,
             lora_dropout: number("lora_dropout", 0.0)?,
@@ -156,7 +156,9 @@ impl AdapterConfig {
             alpha_pattern,
             peft_type,
             raw,
-        })
+        };
+        config.check_values(source)?;
+        Ok(config)
     }
 
     /// The JSON peft reads: the fields as read, with the typed fields written over them.
@@ -261,6 +263,7 @@ impl PeftAdapter {
         }
         let adapter = PeftAdapter { config, tensors, metadata: ck.metadata().clone(), store_dtype };
         adapter.validate(&weights)?;
+        adapter.check_self(dir, &weights)?;
         Ok(adapter)
     }
 
@@ -319,8 +322,13 @@ impl PeftAdapter {
 
     /// Writes `adapter_config.json` and `adapter_model.safetensors` into `dir` (created if needed), each
     /// atomically.
+    /// Refuses (before writing anything) an adapter with a NaN/Inf tensor, naming it.
     pub fn save(&self, dir: impl AsRef<Path>) -> Result<()> {
         let dir = dir.as_ref();
+        let weights = dir.join(ADAPTER_WEIGHTS);
+        for t in &self.tensors {
+            crate::error::check_finite(&display(&weights), &t.name, &t.data)?;
+        }
         std::fs::create_dir_all(dir).map_err(io_err(dir, "cannot create folder"))?;
         let weights = dir.join(ADAPTER_WEIGHTS);
         let list: Vec<(String, Vec<usize>, &[f32])> =

@@ -361,7 +361,8 @@ pub fn atlas(dev: &Device, cfg: &MergeConfig, out: &Path, opts: &MergeOptions) -
     // Write the merged model (streamed from the base, merged tensors replaced), the head and coefficients.
     let merged: BTreeMap<&str, (usize, &[f32])> =
         tensors.iter().enumerate().map(|(i, t)| (t.name.as_str(), (i, fitted.lambdas[i].as_slice()))).collect();
-    let staging = Staging::new(out, opts.force)?;
+    let inputs: Vec<&Path> = std::iter::once(base.as_path()).chain(paths.iter().map(|p| p.as_path())).collect();
+    let staging = Staging::new(out, opts.force, &inputs)?;
     let plan = plan_output(&ck, None)?;
     let ntensors = plan.len();
     let mut bytes_read = 0u64;
@@ -390,6 +391,7 @@ pub fn atlas(dev: &Device, cfg: &MergeConfig, out: &Path, opts: &MergeOptions) -
         "the merged model is {0}, with its classification head as an adapter in {0}/head",
         out.display()
     ));
+    notes.extend(staging.notes.iter().cloned());
     let report = MergeReport {
         method: "atlas".into(),
         inputs: std::iter::once(base.display().to_string())

@@ -116,8 +116,9 @@ pub fn combine_adapters(
     if weights.len() != ads.len() {
         return Err(inv(format!("{} weights for {} adapters", weights.len(), ads.len())));
     }
-    if let Some(w) = weights.iter().find(|w| !w.is_finite()) {
-        return Err(inv(format!("weight {w} is not finite")));
+    if let Some(w) = weights.iter().find(|w| !(w.is_finite() && w.abs() <= f32::MAX as f64)) {
+        let message = format!("{} is not a finite number within ±{:e} (f32)", crate::show(*w), f32::MAX);
+        return Err(Error::Argument { argument: "weights", message });
     }
     for (ad, n) in ads.iter().zip(names) {
         if ad.config.peft_type != "LORA" {
@@ -126,12 +127,17 @@ pub fn combine_adapters(
         if ad.config.use_dora {
             return Err(inv(format!("{n}: DoRA adapters cannot be combined (peft refuses them too)")));
         }
+        if ad.lora_pairs().is_empty() {
+            return Err(inv(format!("{n}: the adapter has no LoRA factors; there is nothing to combine from it")));
+        }
     }
     // peft: a single adapter is always combined linearly.
     let comb = if ads.len() == 1 { Combination::Linear } else { opts.combination };
     let density = match (comb.needs_density(), opts.density) {
         (true, None) => return Err(inv(format!("combination `{}` needs a density in (0, 1]", comb.as_str()))),
-        (true, Some(d)) if !(d > 0.0 && d <= 1.0) => return Err(inv(format!("density {d} is outside (0, 1]"))),
+        (true, Some(d)) if !(d > 0.0 && d <= 1.0) => {
+            return Err(Error::Argument { argument: "density", message: format!("{d} is outside (0, 1]") })
+        }
         (_, d) => d.unwrap_or(1.0),
     };
     let ranks: Vec<usize> = ads.iter().map(config_rank).collect();
@@ -478,7 +484,8 @@ pub fn combine_lora(
     let ads = adapters.iter().map(PeftAdapter::load).collect::<std::result::Result<Vec<_>, _>>()?;
     let names: Vec<String> = adapters.iter().map(|p| p.display().to_string()).collect();
     let bytes_read: u64 = ads.iter().flat_map(|a| a.tensors.iter()).map(|t| t.data.len() as u64 * 4).sum();
-    let staging = Staging::new(out, force)?;
+    let inputs: Vec<&Path> = adapters.iter().map(|p| p.as_path()).collect();
+    let staging = Staging::new(out, force, &inputs)?;
     let combined = combine_adapters(dev, &ads, &names, weights, opts)?;
     combined.save(&staging.tmp)?;
     let bytes_written =
@@ -495,6 +502,7 @@ pub fn combine_lora(
             if opts.majority_sign_total { "total" } else { "frequency" }
         ));
     }
+    notes.extend(staging.notes.iter().cloned());
     let report = MergeReport {
         method: format!("lora_{}", opts.combination.as_str()),
         inputs: names,

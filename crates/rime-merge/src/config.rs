@@ -366,6 +366,7 @@ impl MergeConfig {
     /// config built in code should be checked with this before merging).
     pub fn check_inputs(&self) -> Result<()> {
         let err = |msg: String| Error::Config { file: self.source.display().to_string(), msg };
+        self.check_values()?;
         match self.method {
             Method::Linear if self.models.is_empty() => {
                 Err(err("linear needs at least one model under `models`".into()))
@@ -388,6 +389,70 @@ impl MergeConfig {
             }
             _ => Ok(()),
         }
+    }
+
+    /// Every numeric parameter is finite and representable in f32 (the merge computes in f32: a weight of 1e39
+    /// would be Inf there and write a NaN model); `density` is in (0, 1] and slerp's `t` in [0, 1].
+    pub fn check_values(&self) -> Result<()> {
+        let err = |msg: String| Error::Config { file: self.source.display().to_string(), msg };
+        let f32_ok = |x: f64| x.is_finite() && x.abs() <= f32::MAX as f64;
+        let mut all: Vec<(String, &Param)> = vec![("`lambda`".into(), &self.lambda)];
+        if let Some(t) = &self.t {
+            all.push(("`t`".into(), t));
+        }
+        for m in self.models.iter().chain(self.base.iter()) {
+            for (k, p) in [("weight", &m.weight), ("density", &m.density)] {
+                if let Some(p) = p {
+                    all.push((format!("model `{}`: `{k}`", m.name), p));
+                }
+            }
+        }
+        for (what, p) in &all {
+            if let Some(x) = p.values().into_iter().find(|&x| !f32_ok(x)) {
+                return Err(err(format!(
+                    "{what} {} is not a finite number within ±{:e} (f32)",
+                    crate::show(x),
+                    f32::MAX
+                )));
+            }
+            let range = if what == "`t`" {
+                Some((0.0, 1.0, "[0, 1] (slerp interpolates between base_model, t = 0, and the other model, t = 1)"))
+            } else if what.ends_with(": `density`") {
+                Some((f64::MIN_POSITIVE, 1.0, "(0, 1]"))
+            } else {
+                None
+            };
+            if let Some((lo, hi, text)) = range {
+                if let Some(x) = p.values().into_iter().find(|&x| !(lo..=hi).contains(&x)) {
+                    return Err(err(format!("{what} {x} is outside {text}")));
+                }
+            }
+        }
+        for (k, &x) in &self.numbers {
+            if !f32_ok(x) {
+                return Err(err(format!(
+                    "parameters: `{k}` {} is not a finite number within ±{:e}",
+                    crate::show(x),
+                    f32::MAX
+                )));
+            }
+            // greedy_soup / atlas counts (which would otherwise be clamped) and the learning rate.
+            let least = match k.as_str() {
+                "batch_size" | "examples" => Some(1.0),
+                "max_length" => Some(8.0),
+                "steps" => Some(0.0),
+                _ => None,
+            };
+            if let Some(lo) = least {
+                if x < lo || x.fract() != 0.0 {
+                    return Err(err(format!("parameters: `{k}` {x} must be an integer of at least {lo}")));
+                }
+            }
+            if k == "lr" && x <= 0.0 {
+                return Err(err(format!("parameters: `lr` {x} must be positive")));
+            }
+        }
+        Ok(())
     }
 
     /// The models that contribute task vectors: those listed, the base excluded (mergekit does the same).
@@ -449,6 +514,9 @@ fn parse_params(
                     let o = e
                         .as_object()
                         .ok_or_else(|| err(format!("{what}: `{k}`: expected {{filter, value}}, found {e}")))?;
+                    if let Some(u) = o.keys().find(|u| *u != "filter" && *u != "value") {
+                        return Err(err(format!("{what}: `{k}`: unknown key `{u}` in {e} (known: filter, value)")));
+                    }
                     let value = o
                         .get("value")
                         .and_then(|x| x.as_f64().or(x.as_bool().map(|b| b as u8 as f64)))

@@ -91,6 +91,7 @@ pub fn merge_with_chunk(
     opts: &MergeOptions,
     chunk: usize,
 ) -> Result<MergeReport> {
+    cfg.check_values()?;
     match cfg.method {
         Method::GreedySoup => return crate::soup::greedy_soup(dev, cfg, out, opts),
         Method::Atlas => return crate::atlas::atlas(dev, cfg, out, opts),
@@ -105,7 +106,8 @@ pub fn merge_with_chunk(
     let ckpts = entries.iter().map(|e| Checkpoint::open(&e.path)).collect::<std::result::Result<Vec<_>, _>>()?;
     check_same_tensors(&ckpts)?;
     let plan = plan_output(&ckpts[0], cfg.dtype)?;
-    let staging = Staging::new(out, opts.force)?;
+    let inputs: Vec<&Path> = entries.iter().map(|e| e.path.as_path()).collect();
+    let staging = Staging::new(out, opts.force, &inputs)?;
     let mut bytes_read = 0u64;
     let mut copied = 0usize;
     let ntensors = plan.len();
@@ -146,7 +148,7 @@ pub fn merge_with_chunk(
         seconds,
         gb_per_s: (bytes_read + bytes_written) as f64 / seconds.max(1e-9) / 1e9,
         side_files,
-        notes: cfg.notes.clone(),
+        notes: cfg.notes.iter().chain(&staging.notes).cloned().collect(),
     };
     write_report(&staging.tmp, &report)?;
     staging.commit()?;

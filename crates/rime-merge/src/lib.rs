@@ -22,6 +22,15 @@ pub use lora::fold_lora;
 pub use output::{parse_size, DEFAULT_SHARD_SIZE};
 pub use soup::{greedy_soup, SoupDecision};
 
+/// A number as a message shows it: `1e39` rather than forty digits.
+pub(crate) fn show(x: f64) -> String {
+    if x != 0.0 && !(1e-4..1e6).contains(&x.abs()) {
+        format!("{x:e}")
+    } else {
+        format!("{x}")
+    }
+}
+
 /// Result alias of this crate.
 pub type Result<T> = std::result::Result<T, Error>;
 
@@ -43,6 +52,10 @@ pub enum Error {
     /// An invalid argument (e.g. a shard size that does not parse).
     #[error("{0}")]
     Invalid(String),
+    /// A library argument out of range, named as the library spells it (`weights`, `density`, `shard_size`);
+    /// a front end maps the name to its own (the CLI prints `--weights`).
+    #[error("{argument}: {message}")]
+    Argument { argument: &'static str, message: String },
     /// Reading a checkpoint, config or adapter failed.
     #[error(transparent)]
     Io(#[from] rime_io::Error),

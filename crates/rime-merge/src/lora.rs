@@ -36,6 +36,12 @@ pub fn fold_lora(
         return Err(cerr("use_dora with fan_in_fan_out: rime folds DoRA only for [out, in] weights".into()));
     }
     let ck = Checkpoint::open(base)?;
+    let weights = ck
+        .names()
+        .into_iter()
+        .map(|n| Ok((n.to_string(), ck.info(n)?.1.to_vec())))
+        .collect::<std::result::Result<Vec<_>, rime_io::Error>>()?;
+    ad.check_against(adapter, &weights)?;
     // base tensor name -> (A, B, scale, DoRA magnitude)
     let mut folds: BTreeMap<String, (String, String, f32, Option<String>)> = BTreeMap::new();
     let pairs = ad.lora_pairs();
@@ -72,10 +78,10 @@ pub fn fold_lora(
         };
         folds.insert(target, (p.a.clone(), p.b.clone(), scale as f32, mag));
     }
-    let replaced = replaced_tensors(&ad, &ck, adapter, base)?;
+    let (replaced, head) = replaced_tensors(&ad, &ck, adapter, base)?;
     let plan = plan_output(&ck, dtype)?;
     let ntensors = plan.len();
-    let staging = Staging::new(out, opts.force)?;
+    let staging = Staging::new(out, opts.force, &[base, adapter])?;
     let mut bytes_read = 0u64;
     let mut copied = 0usize;
     let fan = ad.config.fan_in_fan_out;
@@ -109,6 +115,24 @@ pub fn fold_lora(
     })?;
     let seconds = t0.elapsed().as_secs_f64();
     let side_files = copy_side_files(base, &staging.tmp)?;
+    let mut notes = vec![format!(
+        "{} {} modules folded, {} tensors replaced from the adapter",
+        folds.len(),
+        if dora { "DoRA" } else { "LoRA" },
+        replaced.len()
+    )];
+    notes.extend(staging.notes.iter().cloned());
+    if !head.is_empty() {
+        write_head(&ad, &head, &staging.tmp, out)?;
+        notes.push(format!(
+            "the adapter's classification head ({}) is not part of the base model: written to {} \
+             (rime eval --model {} --adapter {})",
+            head.join(", "),
+            out.join(HEAD_DIR).display(),
+            out.display(),
+            out.join(HEAD_DIR).display()
+        ));
+    }
     let report = MergeReport {
         method: "fold_lora".into(),
         inputs: vec![base.display().to_string(), adapter.display().to_string()],
@@ -121,30 +145,28 @@ pub fn fold_lora(
         seconds,
         gb_per_s: (bytes_read + bytes_written) as f64 / seconds.max(1e-9) / 1e9,
         side_files,
-        notes: vec![format!(
-            "{} {} modules folded, {} tensors replaced from the adapter",
-            folds.len(),
-            if dora { "DoRA" } else { "LoRA" },
-            replaced.len()
-        )],
+        notes,
     };
     write_report(&staging.tmp, &report)?;
     staging.commit()?;
     Ok(report)
 }
 
-/// Adapter tensors that are neither LoRA factors nor DoRA magnitudes (e.g. `modules_to_save` copies): the base
-/// tensor each replaces -> its adapter name. Anything else is an error.
+/// Adapter tensors that are neither LoRA factors nor DoRA magnitudes: `modules_to_save` copies of base tensors
+/// (the base tensor each replaces -> its adapter name), and the tensors of a saved module the base does not
+/// have (a classification head: `modules_to_save` lists its module), returned by adapter name to be written
+/// beside the model. Anything else is an error.
 fn replaced_tensors(
     ad: &PeftAdapter,
     ck: &Checkpoint,
     adapter: &Path,
     base: &Path,
-) -> Result<BTreeMap<String, String>> {
+) -> Result<(BTreeMap<String, String>, Vec<String>)> {
     let afile = adapter.join("adapter_config.json").display().to_string();
     let cerr = |msg: String| Error::Config { file: afile.clone(), msg };
     let dora = ad.config.use_dora;
     let mut replaced = BTreeMap::new();
+    let mut head = Vec::new();
     for t in &ad.tensors {
         if t.name.contains(".lora_A.") || t.name.contains(".lora_B.") {
             continue;
@@ -161,6 +183,7 @@ fn replaced_tensors(
             Ok((_, s)) if s == t.shape.as_slice() => {
                 replaced.insert(stripped, t.name.clone());
             }
+            Err(_) if is_saved_module(ad, &stripped) => head.push(t.name.clone()),
             _ => {
                 return Err(Error::Tensor {
                     tensor: t.name.clone(),
@@ -173,5 +196,30 @@ fn replaced_tensors(
             }
         }
     }
-    Ok(replaced)
+    Ok((replaced, head))
+}
+
+/// Folder, inside the output, of a folded adapter's classification head.
+pub const HEAD_DIR: &str = "head";
+
+/// Whether `tensor` (peft prefix stripped) belongs to a module listed in `modules_to_save`.
+fn is_saved_module(ad: &PeftAdapter, tensor: &str) -> bool {
+    ad.config.modules_to_save.iter().any(|m| tensor.starts_with(&format!("{m}.")) || tensor.contains(&format!(".{m}.")))
+}
+
+/// Writes the head tensors `names` of `ad` as a head-only adapter (`RIME_PROBE`, the adapter's labels) in
+/// `dir/head`: what `rime eval --model OUT --adapter OUT/head` reads.
+fn write_head(ad: &PeftAdapter, names: &[String], dir: &Path, out: &Path) -> Result<()> {
+    let tensors: Vec<rime_io::AdapterTensor> = names.iter().filter_map(|n| ad.get(n)).cloned().collect();
+    // r = 1 only because the adapter_config reader needs a rank; a head-only adapter has no low-rank part.
+    let mut cfg = rime_io::AdapterConfig::lora(1, 1.0, vec![]);
+    cfg.peft_type = "RIME_PROBE".into();
+    cfg.modules_to_save = ad.config.modules_to_save.clone();
+    cfg.task_type = ad.config.task_type.clone().or(Some("SEQ_CLS".into()));
+    cfg.base_model_name_or_path = Some(out.display().to_string());
+    if let Some(l) = ad.config.raw.get("rime_labels") {
+        cfg.raw.insert("rime_labels".into(), l.clone());
+    }
+    rime_io::PeftAdapter::new(cfg, tensors).save(dir.join(HEAD_DIR))?;
+    Ok(())
 }

@@ -33,10 +33,11 @@ pub(crate) const SIDE_FILES: [&str; 11] = [
 
 /// Parses `5GB`, `500MB`, `2GiB`, `1000000` (bytes).
 pub fn parse_size(s: &str) -> Result<u64> {
+    let bad = |message: String| Error::Argument { argument: "shard_size", message };
     let t = s.trim();
     let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let x: f64 = num.parse().map_err(|_| Error::Invalid(format!("size `{s}`: expected e.g. 5GB, 500MB or 1000000")))?;
+    let x: f64 = num.parse().map_err(|_| bad(format!("`{s}`: expected e.g. 5GB, 500MB or 1000000")))?;
     let mult = match unit.trim().to_ascii_uppercase().as_str() {
         "" | "B" => 1.0,
         "KB" => 1e3,
@@ -45,11 +46,15 @@ pub fn parse_size(s: &str) -> Result<u64> {
         "KIB" => 1024.0,
         "MIB" => 1024.0 * 1024.0,
         "GIB" => 1024.0 * 1024.0 * 1024.0,
-        u => return Err(Error::Invalid(format!("size `{s}`: unknown unit `{u}` (B, KB, MB, GB, KiB, MiB, GiB)"))),
+        u => return Err(bad(format!("`{s}`: unknown unit `{u}` (B, KB, MB, GB, KiB, MiB, GiB)"))),
     };
     let v = x * mult;
-    if !(v >= 1.0) {
-        return Err(Error::Invalid(format!("size `{s}` must be at least one byte")));
+    if v.is_nan() || v < 1.0 {
+        return Err(bad(format!("`{s}` must be at least one byte")));
+    }
+    // u64::MAX as f64 rounds up to 2^64, which is itself out of range.
+    if v >= u64::MAX as f64 {
+        return Err(bad(format!("`{s}` is larger than {} bytes", u64::MAX)));
     }
     Ok(v as u64)
 }
@@ -69,20 +74,30 @@ impl Planned {
 }
 
 /// The temporary output folder; removed on drop unless committed.
+///
+/// Crash safety: the output is built in `.OUT.rime-merge-tmp-PID` beside it. Committing over an existing
+/// output (with `force`) renames the old one to `.OUT.rime-merge-old-PID`, renames the new one into place,
+/// then deletes the old one; a process killed at any point leaves either the old or the new output complete
+/// under its name, or the old one complete under the backup name. [`Staging::new`] recovers from that: a backup
+/// of a dead process is renamed back to `OUT` when `OUT` is missing (deleted otherwise), and staging folders of
+/// dead processes are removed; each is reported in [`Staging::notes`].
 pub(crate) struct Staging {
     pub tmp: PathBuf,
     out: PathBuf,
     force: bool,
     committed: bool,
+    /// What the recovery did, for the merge report.
+    pub notes: Vec<String>,
 }
 
+const TMP_TAG: &str = "rime-merge-tmp-";
+const OLD_TAG: &str = "rime-merge-old-";
+
 impl Staging {
-    /// Refuses an existing `out` unless `force`; creates the temporary sibling folder.
-    pub fn new(out: &Path, force: bool) -> Result<Staging> {
+    /// Refuses an existing `out` unless `force`, and an `out` that is (or holds) one of `inputs`; recovers
+    /// from killed merges into `out`; creates the temporary sibling folder.
+    pub fn new(out: &Path, force: bool, inputs: &[&Path]) -> Result<Staging> {
         let oerr = |msg: String| Error::Output { path: out.display().to_string(), msg };
-        if out.exists() && !force {
-            return Err(Error::OutputExists { path: out.display().to_string(), when: "exists" });
-        }
         let name = out.file_name().ok_or_else(|| oerr("not a folder path".into()))?.to_string_lossy().into_owned();
         let parent = match out.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -91,12 +106,17 @@ impl Staging {
         if !parent.is_dir() {
             return Err(oerr(format!("parent folder {} does not exist", parent.display())));
         }
-        let tmp = parent.join(format!(".{name}.rime-merge-tmp-{}", std::process::id()));
+        refuse_input_overlap(out, inputs)?;
+        let notes = recover(&parent, &name, out)?;
+        if out.exists() && !force {
+            return Err(Error::OutputExists { path: out.display().to_string(), when: "exists" });
+        }
+        let tmp = parent.join(format!(".{name}.{TMP_TAG}{}", std::process::id()));
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).map_err(|e| oerr(format!("cannot clear {}: {e}", tmp.display())))?;
         }
         std::fs::create_dir(&tmp).map_err(|e| oerr(format!("cannot create {}: {e}", tmp.display())))?;
-        Ok(Staging { tmp, out: out.to_path_buf(), force, committed: false })
+        Ok(Staging { tmp, out: out.to_path_buf(), force, committed: false, notes })
     }
 
     /// Renames the temporary folder onto the output (replacing an existing one only with `force`).
@@ -109,18 +129,96 @@ impl Staging {
                 return Err(Error::OutputExists { path, when: "appeared during the merge" });
             }
             let name = self.out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            let o = self.tmp.with_file_name(format!(".{name}.rime-merge-old-{}", std::process::id()));
+            let o = self.tmp.with_file_name(format!(".{name}.{OLD_TAG}{}", std::process::id()));
             std::fs::rename(&self.out, &o).map_err(|e| oerr(format!("cannot move the old output aside: {e}")))?;
             old = Some(o);
         }
-        std::fs::rename(&self.tmp, &self.out)
-            .map_err(|e| oerr(format!("cannot rename the finished output into place: {e}")))?;
+        if let Err(e) = std::fs::rename(&self.tmp, &self.out) {
+            if let Some(o) = &old {
+                let _ = std::fs::rename(o, &self.out);
+            }
+            return Err(oerr(format!("cannot rename the finished output into place: {e}")));
+        }
         self.committed = true;
         if let Some(o) = old {
-            let _ = if o.is_dir() { std::fs::remove_dir_all(&o) } else { std::fs::remove_file(&o) };
+            let _ = remove_any(&o);
         }
         Ok(())
     }
+}
+
+fn remove_any(p: &Path) -> std::io::Result<()> {
+    if p.is_dir() {
+        std::fs::remove_dir_all(p)
+    } else {
+        std::fs::remove_file(p)
+    }
+}
+
+/// `out` must not be one of the inputs, nor a folder holding one: replacing it would overwrite a file the
+/// merge is still reading (mapped).
+fn refuse_input_overlap(out: &Path, inputs: &[&Path]) -> Result<()> {
+    let Ok(o) = std::fs::canonicalize(out) else { return Ok(()) };
+    for i in inputs {
+        let Ok(c) = std::fs::canonicalize(i) else { continue };
+        if c.starts_with(&o) {
+            let what = if c == o { "is the input" } else { "holds the input" };
+            return Err(Error::Output {
+                path: out.display().to_string(),
+                msg: format!("{what} {}; the output must be a new folder, not one the merge reads", i.display()),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Whether process `pid` is alive (Linux: /proc; elsewhere every process counts as alive, so nothing of a
+/// running merge is ever touched).
+fn alive(pid: u32) -> bool {
+    if pid == std::process::id() {
+        return true;
+    }
+    if cfg!(target_os = "linux") {
+        Path::new("/proc").join(pid.to_string()).exists()
+    } else {
+        true
+    }
+}
+
+/// Cleans up after merges into `out` that were killed: restores a complete backup of the previous output when
+/// `out` is missing (a kill between the two renames of a forced commit), removes other backups and staging
+/// folders of dead processes. Returns a note per action.
+fn recover(parent: &Path, name: &str, out: &Path) -> Result<Vec<String>> {
+    let mut notes = Vec::new();
+    let Ok(dir) = std::fs::read_dir(parent) else { return Ok(notes) };
+    let mut found: Vec<(PathBuf, bool)> = Vec::new();
+    for e in dir.flatten() {
+        let f = e.file_name().to_string_lossy().into_owned();
+        for (tag, is_old) in [(TMP_TAG, false), (OLD_TAG, true)] {
+            let pid = f.strip_prefix(&format!(".{name}.{tag}")).and_then(|p| p.parse::<u32>().ok());
+            if pid.is_some_and(|p| !alive(p)) {
+                found.push((e.path(), is_old));
+            }
+        }
+    }
+    let oerr = |p: &Path, e: std::io::Error| Error::Output {
+        path: out.display().to_string(),
+        msg: format!("cannot clean up {} left by a killed merge: {e}", p.display()),
+    };
+    for (p, is_old) in found {
+        if is_old && !out.exists() {
+            std::fs::rename(&p, out).map_err(|e| oerr(&p, e))?;
+            notes.push(format!(
+                "restored {} from {} (a merge was killed while replacing it)",
+                out.display(),
+                p.display()
+            ));
+        } else {
+            remove_any(&p).map_err(|e| oerr(&p, e))?;
+            notes.push(format!("removed {}, left by a killed merge", p.display()));
+        }
+    }
+    Ok(notes)
 }
 
 impl Drop for Staging {
@@ -148,16 +246,20 @@ pub(crate) fn copy_side_files(model: &Path, dst: &Path) -> Result<Vec<String>> {
     Ok(copied)
 }
 
-/// Where one tensor's bytes go as they are produced: the open shard, with a count of what was written.
+/// Where one tensor's bytes go as they are produced: the open shard, with a count of what was written and of
+/// the non-finite values among them (every output tensor is checked as it streams by: rime never writes a
+/// NaN/Inf weight, see [`rime_io::check_finite`]).
 pub(crate) struct TensorSink<'a> {
     w: &'a mut BufWriter<File>,
     path: &'a Path,
     written: u64,
+    finite: FiniteScan,
 }
 
 impl TensorSink<'_> {
     /// Appends stored bytes.
     pub fn write_bytes(&mut self, bytes: &[u8]) -> Result<()> {
+        self.finite.scan(bytes);
         self.w
             .write_all(bytes)
             .map_err(|e| Error::Output { path: self.path.display().to_string(), msg: format!("cannot write: {e}") })?;
@@ -240,8 +342,9 @@ pub(crate) fn write_shards_streaming(
         w.write_all(&hb).map_err(ioerr)?;
         written += 8 + hb.len() as u64;
         for p in shard {
-            let mut sink = TensorSink { w: &mut w, path: &path, written: 0 };
+            let mut sink = TensorSink { w: &mut w, path: &path, written: 0, finite: FiniteScan::new(p.dtype) };
             produce(p, &mut sink)?;
+            sink.finite.check(&path, &p.name)?;
             if sink.written != p.bytes() {
                 return Err(Error::Tensor {
                     tensor: p.name.clone(),
@@ -271,5 +374,75 @@ pub(crate) fn encode(data: &[f32], dtype: Dtype) -> Vec<u8> {
         Dtype::BF16 => data.iter().flat_map(|&x| half::bf16::from_f32(x).to_bits().to_le_bytes()).collect(),
         Dtype::F64 => data.iter().flat_map(|&x| (x as f64).to_le_bytes()).collect(),
         _ => data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+    }
+}
+
+/// Counts the NaN/Inf values of one tensor's stored bytes as they stream by (pieces need not end on an element
+/// boundary); integer dtypes are not scanned.
+pub(crate) struct FiniteScan {
+    dtype: Dtype,
+    carry: Vec<u8>,
+    seen: usize,
+    count: usize,
+    first: Option<(usize, f32)>,
+}
+
+impl FiniteScan {
+    pub fn new(dtype: Dtype) -> FiniteScan {
+        FiniteScan { dtype, carry: Vec::new(), seen: 0, count: 0, first: None }
+    }
+
+    fn value(dtype: Dtype, b: &[u8]) -> f32 {
+        match dtype {
+            Dtype::F16 => half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
+            Dtype::BF16 => half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+            Dtype::F64 => f64::from_le_bytes(b[..8].try_into().unwrap_or([0; 8])) as f32,
+            _ => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+        }
+    }
+
+    pub fn scan(&mut self, mut bytes: &[u8]) {
+        if !matches!(self.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64) {
+            return;
+        }
+        let size = self.dtype.size();
+        if !self.carry.is_empty() {
+            let take = (size - self.carry.len()).min(bytes.len());
+            self.carry.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+            if self.carry.len() < size {
+                return;
+            }
+            let c = std::mem::take(&mut self.carry);
+            self.one(Self::value(self.dtype, &c));
+        }
+        let mut chunks = bytes.chunks_exact(size);
+        for c in &mut chunks {
+            self.one(Self::value(self.dtype, c));
+        }
+        self.carry.extend_from_slice(chunks.remainder());
+    }
+
+    fn one(&mut self, x: f32) {
+        // An f64 beyond f32's range is as unusable in rime as an Inf.
+        if !x.is_finite() {
+            self.count += 1;
+            self.first.get_or_insert((self.seen, x));
+        }
+        self.seen += 1;
+    }
+
+    /// The [`rime_io::Error::NonFinite`] naming `tensor` of the shard `path` when a value was not finite.
+    pub fn check(&self, path: &Path, tensor: &str) -> Result<()> {
+        match self.first {
+            None => Ok(()),
+            Some((index, first)) => Err(Error::Io(rime_io::Error::NonFinite {
+                file: format!("merge output {}", path.file_name().unwrap_or_default().to_string_lossy()),
+                tensor: tensor.to_string(),
+                count: self.count,
+                first,
+                index,
+            })),
+        }
     }
 }

@@ -171,7 +171,8 @@ pub fn greedy_soup(dev: &Device, cfg: &MergeConfig, out: &Path, opts: &MergeOpti
     }
     let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
     let bytes_read: u64 = ads.iter().flat_map(|a| a.tensors.iter()).map(|t| t.data.len() as u64 * 4).sum();
-    let staging = Staging::new(out, opts.force)?;
+    let inputs: Vec<&Path> = paths.iter().map(|p| p.as_path()).collect();
+    let staging = Staging::new(out, opts.force, &inputs)?;
     let scratch = staging.tmp.join(".candidate");
     let evaluator = rime_peft::Evaluator::new(dev, &base, batch, max_length).map_err(peft_err)?;
     let data = rime_peft::TextClassData::from_file(&eval, &cols).map_err(peft_err)?;
@@ -224,7 +225,8 @@ pub fn greedy_soup(dev: &Device, cfg: &MergeConfig, out: &Path, opts: &MergeOpti
     result.save(&staging.tmp)?;
     let bytes_written =
         std::fs::metadata(staging.tmp.join(rime_io::peft::ADAPTER_WEIGHTS)).map(|m| m.len()).unwrap_or(0);
-    let notes = soup_notes(&decisions);
+    let mut notes = soup_notes(&decisions);
+    notes.extend(staging.notes.iter().cloned());
     let seconds = t0.elapsed().as_secs_f64();
     let report = MergeReport {
         method: "greedy_soup".into(),

@@ -69,6 +69,8 @@ fn check<'a>(tensors: &[NamedTensor], adapter: &'a PeftAdapter, dir: &Path) -> R
     if cfg.use_dora && cfg.fan_in_fan_out {
         return Err(model_err(dir, "use_dora with fan_in_fan_out is not supported".into()));
     }
+    let weights: Vec<(String, Vec<usize>)> = tensors.iter().map(|t| (t.0.clone(), t.1.clone())).collect();
+    adapter.check_against(dir, &weights)?;
     let mut out = Vec::new();
     for pair in adapter.lora_pairs() {
         let missing = |n: &str| model_err(dir, format!("missing tensor `{n}`"));

@@ -451,7 +451,9 @@ fn adapter_on_gpu_matches_folded_tiny() {
     modules.push(("lm_head".into(), 4));
     let modules: Vec<(&str, usize)> = modules.iter().map(|(m, r)| (m.as_str(), *r)).collect();
     for dora in [false, true] {
-        let mut acfg = rime_io::AdapterConfig::lora(4, 8.0, vec!["q_proj".into()]);
+        // target_modules selects every adapted module (factors of an unselected module are refused).
+        let targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"];
+        let mut acfg = rime_io::AdapterConfig::lora(4, 8.0, targets.iter().map(|t| t.to_string()).collect());
         acfg.use_rslora = true;
         acfg.use_dora = dora;
         acfg.rank_pattern.insert("layers.1.self_attn.o_proj".into(), 2);

@@ -567,6 +567,7 @@ impl TuningMethod for Lora {
     /// (resume) splits into the trained factors ([`lora_to_pissa`]).
     fn read_tensors(&self, dev: &Device, store: &ParamStore, ad: &mut PeftAdapter, dir: &Path) -> Result<()> {
         check_dora(ad, dir)?;
+        ad.check_against(dir, &model_weights(store))?;
         for t in &mut ad.tensors {
             let pissa = lora_to_pissa(dev, store, &t.name, &t.shape, &t.data)
                 .map_err(|e| Error::Msg(format!("{}: {e}", dir.display())))?;
@@ -581,6 +582,16 @@ impl TuningMethod for Lora {
     fn is_method_tensor(&self, local: &str) -> bool {
         local.contains(".lora_")
     }
+}
+
+/// The model's weights in `store` (name, shape), adapter parameters left out: what an adapter is checked
+/// against ([`PeftAdapter::check_against`]).
+pub(crate) fn model_weights(store: &ParamStore) -> Vec<(String, Vec<usize>)> {
+    store
+        .iter()
+        .filter(|(_, p)| !p.name.starts_with(rime_io::peft::PEFT_PREFIX) && !p.name.contains(".lora_"))
+        .map(|(_, p)| (p.name.clone(), p.tensor.shape.clone()))
+        .collect()
 }
 
 /// A LoRA adapter's DoRA magnitudes agree with `use_dora`: one `lora_magnitude_vector` per adapted module
