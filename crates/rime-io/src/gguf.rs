@@ -661,7 +661,13 @@ impl GgufFile {
         // unused-tensor check names them instead of skipping them silently.
         let mut names: Vec<&str> = shapes.keys().map(String::as_str).collect();
         names.extend(self.unmapped_tensors());
-        config.check_shapes(&self.path, &names, &|n| shapes.get(n).cloned())
+        config.check_shapes(&self.path, &names, &|n| shapes.get(n).cloned()).map_err(|e| match e {
+            // the layer count came from this file's metadata: name its key
+            Error::Config { file, field, msg } if field == "num_hidden_layers" => {
+                Error::Config { file, field: "llama.block_count".into(), msg }
+            }
+            e => e,
+        })
     }
 
     /// The chat template (`tokenizer.chat_template`), if the file has one.
