@@ -211,7 +211,8 @@ fn a_weight_stored_as_an_integer_is_named_with_its_dtype() {
 #[test]
 fn non_finite_weights_are_refused_where_they_enter() {
     let dir = common::scratch("bad_nan");
-    let cases: [(&str, Box<dyn Fn(&mut RawTensorOwned)>); 4] = [
+    type Edit = Box<dyn Fn(&mut RawTensorOwned)>;
+    let cases: [(&str, Edit); 4] = [
         (
             "encoder.layer.0.attention.self.query.weight",
             Box::new(|x| x.bytes[4..8].copy_from_slice(&f32::NAN.to_le_bytes())),

@@ -437,7 +437,7 @@ fn tiny_llama(block_count: u64, blocks: usize, edit: impl Fn(&mut GgufBuilder)) 
     g.kv_u32("llama.attention.head_count_kv", 1);
     g.kv_u32("llama.feed_forward_length", 16);
     let f32s = |n: usize| -> Vec<u8> { (0..n).flat_map(|i| ((i % 5) as f32 * 0.1).to_le_bytes()).collect() };
-    let mut t = |g: &mut GgufBuilder, name: &str, dims: &[u64]| {
+    let t = |g: &mut GgufBuilder, name: &str, dims: &[u64]| {
         let n = dims.iter().product::<u64>() as usize;
         g.tensor(name, dims, 0, f32s(n));
     };
