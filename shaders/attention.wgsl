@@ -107,7 +107,8 @@ fn attention_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
         for (var i = 0u; i < KB; i++) {
             let jc = min(j0 + i, p.s - 1u);
             let vb = ((b * p.s + jc) * p.nkv + kh) * HS4;
-            let pi = select(0.0, exp(sc[i] - bm), sc[i] > NEG_BIG);
+            // `!(s <= NEG_BIG)`: a NaN score is kept (the row turns NaN, as it should); only masked keys drop.
+            let pi = select(0.0, exp(sc[i] - bm), !(sc[i] <= NEG_BIG));
             l += pi;
             for (var c = 0u; c < HS4; c++) { o[c] = fma(vec4<f32>(pi), v[vb + c], o[c]); }
         }
@@ -115,9 +116,10 @@ fn attention_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
     }
 
     if (t < p.t) {
-        let inv = select(0.0, 1.0 / l, l > 0.0);
+        // only an exact 0 (no visible key) gives 0; a NaN sum stays NaN
+        let inv = select(1.0 / l, 0.0, l == 0.0);
         for (var c = 0u; c < HS4; c++) { out[qbase + c] = o[c] * inv; }
-        lse[(b * p.nh + h) * p.t + t] = select(bitcast<f32>(p.neg_inf_bits), m + log(l), l > 0.0);
+        lse[(b * p.nh + h) * p.t + t] = select(m + log(l), bitcast<f32>(p.neg_inf_bits), l == 0.0);
     }
 }
 

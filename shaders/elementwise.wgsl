@@ -113,9 +113,11 @@ fn std_normal_cdf(x: V) -> V {
 }
 
 // tanh via exp of a clamped argument: no inf/inf for large |u|, and tanh(10) is 1 in f32.
+// A NaN argument gives NaN (min and sign would turn it into a number).
 fn tanh_safe(u: V) -> V {
     let e = exp(-2.0 * min(abs(u), V(10.0)));
-    return sign(u) * (1.0 - e) / (1.0 + e);
+    // `!(u == u)` is the NaN test: naga compiles `!=` to an ordered compare, false for NaN
+    return select(sign(u) * (1.0 - e) / (1.0 + e), u, !(u == u));
 }
 
 fn gelu_tanh_inner(x: V) -> V {
@@ -180,7 +182,8 @@ fn relu_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
                 @builtin(local_invocation_index) lid: u32) {
     let i = gid(wid, nwg, lid);
     if (i >= p.n) { return; }
-    out[i] = max(a[i], V(0.0));
+    // select, not max: max(NaN, 0) may be 0; a NaN input stays NaN
+    out[i] = select(a[i], V(0.0), a[i] < V(0.0));
 }
 
 @compute @workgroup_size(WG)
@@ -188,7 +191,8 @@ fn relu_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
                  @builtin(local_invocation_index) lid: u32) {
     let i = gid(wid, nwg, lid);
     if (i >= p.n) { return; }
-    out[i] = select(V(0.0), b[i], a[i] > V(0.0));
+    // relu'(NaN) is NaN: a NaN input gives a NaN gradient
+    out[i] = select(select(V(0.0), b[i], a[i] > V(0.0)), a[i], !(a[i] == a[i]));
 }
 
 // lowbias32 integer hash (Wellons): a full-avalanche mix, cheap in 32-bit integer ops.

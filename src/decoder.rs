@@ -23,7 +23,9 @@ pub struct DecoderOptions {
 /// How one generation runs.
 #[derive(Debug, Clone)]
 pub struct GenerateOptions {
-    /// Most tokens to generate; generation stops earlier at an end-of-sequence or end-of-turn token.
+    /// Most tokens to generate, at least 1 and at most the model's context length; generation stops earlier at
+    /// an end-of-sequence or end-of-turn token, or when prompt and generated tokens fill the context
+    /// ([`Generation::stopped_at_context`]).
     pub max_new_tokens: usize,
     /// Wrap the prompt in the model's chat template as one user message, generation prompt added.
     pub chat: bool,
@@ -46,6 +48,9 @@ pub struct Generation {
     pub prompt_tokens: usize,
     /// Generation ended at an end-of-sequence token (not at the token limit).
     pub stopped_at_eos: bool,
+    /// Generation ended because prompt and generated tokens filled the model's context (before
+    /// [`GenerateOptions::max_new_tokens`]).
+    pub stopped_at_context: bool,
     /// Seconds to run the prompt.
     pub prefill_secs: f64,
     /// Decoded tokens per second after the prompt.
@@ -145,9 +150,19 @@ impl<'g> Decoder<'g> {
         opts: &GenerateOptions,
         mut on_text: impl FnMut(&str),
     ) -> Result<Generation> {
+        let ctx = self.model.cfg.max_positions;
+        if opts.max_new_tokens == 0 {
+            return Err(Error::invalid("max_new_tokens", "must be at least 1"));
+        }
+        if opts.max_new_tokens > ctx {
+            return Err(Error::invalid(
+                "max_new_tokens",
+                format!("{} is beyond the model's context of {ctx} tokens (prompt included)", opts.max_new_tokens),
+            ));
+        }
         let ids = self.encode_prompt(prompt, opts.chat)?;
         let m = &self.model;
-        let max_seq = (ids.len() + opts.max_new_tokens).min(m.cfg.max_positions);
+        let max_seq = ids.len().saturating_add(opts.max_new_tokens).min(ctx);
         if ids.len() >= max_seq {
             return Err(Error::invalid(
                 "prompt",
@@ -183,6 +198,7 @@ impl<'g> Decoder<'g> {
             tokens: st.generated.clone(),
             prompt_tokens: st.prompt_tokens,
             stopped_at_eos: st.stopped_at_eos,
+            stopped_at_context: !st.stopped_at_eos && st.generated.len() < opts.max_new_tokens,
             prefill_secs: st.prefill_secs,
             tokens_per_sec: st.decode_tokens_per_sec(),
         })

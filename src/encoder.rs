@@ -100,7 +100,8 @@ impl<'g> Encoder<'g> {
             ));
         }
         let dev = gpu.device();
-        let (mut store, cfg, prefix, tok) = trainer::open_model(dev, model, max_length)?;
+        let (mut store, cfg, prefix, mut tok) = trainer::open_model(dev, model, max_length)?;
+        tok.set_vocab_limit(cfg.vocab, &format!("{prefix}embeddings.word_embeddings.weight"))?;
         let max_length = tok.max_length().unwrap_or(max_length);
         let mut notes = Vec::new();
         let hook = match &opts.adapter {
@@ -169,6 +170,7 @@ impl<'g> Encoder<'g> {
                 row.iter_mut().for_each(|x| *x /= n);
             }
         }
+        check_output(&pooled, hidden)?;
         Ok(Embeddings { vectors: pooled.chunks(hidden).map(<[f32]>::to_vec).collect(), truncated })
     }
 
@@ -190,6 +192,20 @@ impl<'g> Encoder<'g> {
         }
         Ok(self.session.as_mut().expect("just built"))
     }
+}
+
+/// The NaN policy where embeddings leave rime: an embedding holding NaN or ±Inf (weights or an adapter that
+/// overflow) is an error naming the text, never a vector handed on.
+fn check_output(pooled: &[f32], hidden: usize) -> Result<()> {
+    for (i, row) in pooled.chunks(hidden).enumerate() {
+        if let Some(j) = row.iter().position(|x| !x.is_finite()) {
+            return Err(Error::NonFiniteOutput {
+                output: format!("the embedding of text {i}"),
+                detail: format!("{} at dimension {j}", row[j]),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Loads an adapter folder's tensors into the store. Only LoRA changes the encoder's output; the modules it

@@ -22,6 +22,10 @@ pub enum Error {
     /// Merging: the merge config, its inputs, the output folder.
     #[error(transparent)]
     Merge(#[from] rime_merge::Error),
+    /// A model's output (an embedding, logits) holds NaN or ±Inf: its weights or adapter overflow. The output is
+    /// refused rather than handed on (loaders refuse non-finite weights already, so this is an overflow).
+    #[error("{output} holds non-finite values ({detail}): the model's weights or adapter produce NaN/Inf")]
+    NonFiniteOutput { output: String, detail: String },
     /// An argument of a facade call that cannot be used; `argument` is its name in this API.
     #[error("{argument}: {message}")]
     Invalid { argument: &'static str, message: String },

@@ -30,3 +30,17 @@ fn a_prompt_longer_than_the_context_is_refused() {
     let err = lm.generate(&long, &GenerateOptions { max_new_tokens: 4, chat: false }).unwrap_err();
     assert!(err.to_string().starts_with("prompt:"), "{err}");
 }
+
+#[test]
+fn max_new_tokens_of_zero_or_beyond_the_context_is_refused_by_name() {
+    let Some(path) = smollm() else { return };
+    let mut lm = Decoder::load(gpu(), &path).unwrap();
+    let err = lm.generate("Hi", &GenerateOptions { max_new_tokens: 0, chat: false }).unwrap_err().to_string();
+    assert!(err.starts_with("max_new_tokens:") && err.contains("at least 1"), "{err}");
+    for n in [usize::MAX, usize::MAX / 2 + 3, 1 << 40] {
+        let err = lm.generate("Hi", &GenerateOptions { max_new_tokens: n, chat: false }).unwrap_err().to_string();
+        assert!(err.starts_with("max_new_tokens:") && err.contains("context of 8192 tokens"), "{n}: {err}");
+    }
+    let out = lm.generate("Hi", &GenerateOptions { max_new_tokens: 1, chat: false }).unwrap();
+    assert!(!out.stopped_at_context && out.tokens.len() <= 1);
+}

@@ -72,7 +72,13 @@ pub fn run(opts: &DeviceOptions, a: &GenerateArgs) -> Result<(), BoxErr> {
         st.prompt_tokens,
         st.prefill_secs,
         st.prompt_tokens as f64 / st.prefill_secs.max(1e-9),
-        if st.stopped_at_eos { " (stopped at eos)" } else { "" },
+        if st.stopped_at_eos {
+            " (stopped at eos)".to_string()
+        } else if st.stopped_at_context {
+            format!(" (stopped: the model's context is full at {} tokens)", st.prompt_tokens + n)
+        } else {
+            String::new()
+        },
         st.tokens_per_sec,
     );
     Ok(())

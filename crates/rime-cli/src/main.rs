@@ -120,6 +120,7 @@ const FLAGS: &[(&str, &str)] = &[
     ("adapter", "--adapter"),
     ("prompt", "--prompt"),
     ("chat", "--chat"),
+    ("max_new_tokens", "--max-new-tokens"),
 ];
 
 /// The flag for a library config field (the field itself when the CLI has no such flag).

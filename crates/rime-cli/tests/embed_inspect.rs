@@ -359,3 +359,44 @@ fn inspect_sharded_checkpoint_and_unknown_architecture() {
     assert!(err.contains("model-00002-of-00002.safetensors"), "{err}");
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// A tiny BERT folder (config.json + model.safetensors) whose config is `config` and whose tensor `int_weight`,
+/// if any, is stored as I32.
+fn tiny_bert(dir: &std::path::Path, layers: u64, int_weight: Option<&str>) {
+    std::fs::create_dir_all(dir).unwrap();
+    let config = serde_json::json!({"model_type": "bert", "hidden_size": 8, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "intermediate_size": 16, "vocab_size": 6, "max_position_embeddings": 16});
+    let cfg = rime_io::ModelConfig::from_json_str(&config.to_string(), std::path::Path::new("c")).unwrap();
+    let tensors: Vec<rime_io::RawTensorOwned> = cfg
+        .expected_shapes()
+        .into_iter()
+        .map(|(name, shape)| {
+            let n: usize = shape.iter().product();
+            let dtype = if int_weight == Some(name.as_str()) { rime_io::Dtype::I32 } else { rime_io::Dtype::F32 };
+            rime_io::RawTensorOwned { name, dtype, shape, bytes: vec![0; 4 * n] }
+        })
+        .collect();
+    rime_io::write_safetensors_raw(dir.join("model.safetensors"), &tensors, &Default::default()).unwrap();
+    let mut config = config;
+    config["num_hidden_layers"] = layers.into();
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+}
+
+#[test]
+fn inspect_names_an_integer_weight_and_survives_a_huge_layer_count() {
+    let d = tmp("inspect-bad-config");
+    let q = "encoder.layer.0.attention.self.query.weight";
+    tiny_bert(&d.join("int"), 1, Some(q));
+    let v = inspect_json(&d.join("int"));
+    let says = v["rime"].as_str().unwrap();
+    assert!(says.contains(q) && says.contains("is I32") && !says.contains("can build it"), "{says}");
+    tiny_bert(&d.join("huge"), 1_000_000_000_000, None);
+    let v = inspect_json(&d.join("huge"));
+    let says = v["rime"].as_str().unwrap();
+    assert!(says.contains("num_hidden_layers") && says.contains("tensors for 1"), "{says}");
+    let out = rime().arg("embed").arg("--model").arg(d.join("huge")).arg("x").output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("num_hidden_layers") && !err.contains("memory allocation"), "{err}");
+    let _ = std::fs::remove_dir_all(&d);
+}

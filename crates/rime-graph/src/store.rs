@@ -1,6 +1,8 @@
 //! The parameter store: every weight of a model on the device, by name, frozen or trainable, with the
 //! parameter group (learning rate, weight decay) a trainable one belongs to.
 
+use std::collections::HashMap;
+
 use rime_kernels::{Device, Tensor};
 
 use crate::error::{Error, Result};
@@ -19,6 +21,10 @@ pub struct Param {
 #[derive(Default)]
 pub struct ParamStore {
     params: Vec<Param>,
+    /// Name → position in `params`: lookups and the duplicate check of [`ParamStore::add`] stay O(1), so
+    /// loading a checkpoint of n tensors is linear in n (a linear scan per add made it quadratic: a header of
+    /// 200,000 extra tensors took minutes).
+    index: HashMap<String, usize>,
 }
 
 impl ParamStore {
@@ -35,6 +41,7 @@ impl ParamStore {
         if trainable {
             tensor.texture = None; // see set_trainable
         }
+        self.index.insert(name.to_string(), self.params.len());
         self.params.push(Param { name: name.to_string(), tensor, trainable, group: 0 });
         Ok(ParamId(self.params.len() - 1))
     }
@@ -66,7 +73,7 @@ impl ParamStore {
     }
 
     pub fn find(&self, name: &str) -> Option<ParamId> {
-        self.params.iter().position(|p| p.name == name).map(ParamId)
+        self.index.get(name).copied().map(ParamId)
     }
     pub fn id(&self, name: &str) -> Result<ParamId> {
         self.find(name).ok_or_else(|| Error::UnknownParam(name.to_string()))

@@ -1,6 +1,7 @@
 //! Hugging Face `config.json` as the few numbers rime's model builders need, for the architectures rime knows
 //! (BERT encoders, Llama decoders), and a check that a checkpoint's tensor shapes agree with them.
 
+use std::collections::HashSet;
 use std::path::Path;
 
 use serde_json::Value;
@@ -174,6 +175,7 @@ impl ModelConfig {
             Some(Value::Bool(b)) => *b,
             Some(v) => return Err(cfg_err("tie_word_embeddings", format!("expected true/false, found {v}"))),
         };
+        refuse_unimplemented(obj, architecture, &hidden_act, hidden_size / num_attention_heads, &cfg_err)?;
         let pad = id_field("pad_token_id")?;
         let bos = id_field("bos_token_id")?;
         Ok(ModelConfig {
@@ -258,25 +260,24 @@ impl ModelConfig {
         out
     }
 
-    /// Checks that every tensor the config implies exists with the implied shape. `shape_of` looks a name up
-    /// in the checkpoint; `names` lists what the checkpoint has (for the message of a missing tensor);
-    /// `file` names the checkpoint. A BERT checkpoint may prefix its names with `bert.`.
+    /// Checks that every tensor the config implies exists with the implied shape, and that the checkpoint holds
+    /// no tensor the model would not use (other than the ones [`is_known_unused`] lists: a config with fewer
+    /// layers than the checkpoint, or tied embeddings beside an `lm_head.weight`, is refused naming the unused
+    /// tensors). `shape_of` looks a name up in the checkpoint; `names` lists what the checkpoint has; `file`
+    /// names the checkpoint. A BERT checkpoint may prefix its names with `bert.`. The layer count is checked
+    /// against the checkpoint before anything is sized by it (a `num_hidden_layers` of 10^12 is an error, not
+    /// an allocation).
     pub fn check_shapes(
         &self,
         file: &Path,
         names: &[&str],
         shape_of: &dyn Fn(&str) -> Option<Vec<usize>>,
     ) -> Result<()> {
-        let prefix = match self.architecture {
-            Architecture::Bert
-                if shape_of("embeddings.word_embeddings.weight").is_none()
-                    && shape_of("bert.embeddings.word_embeddings.weight").is_some() =>
-            {
-                "bert."
-            }
-            _ => "",
-        };
-        for (name, expected) in self.expected_shapes() {
+        let prefix = self.prefix_in(shape_of);
+        self.check_layer_count(file, names.len(), prefix, shape_of)?;
+        let expected = self.expected_shapes();
+        for (name, expected) in &expected {
+            let (name, expected) = (name.as_str(), expected.clone());
             let full = format!("{prefix}{name}");
             match shape_of(&full) {
                 None => return Err(crate::safetensors::missing_tensor(file, &full, names.to_vec())),
@@ -286,19 +287,104 @@ impl ModelConfig {
                         tensor: full,
                         actual,
                         expected,
-                        why: self.shape_reason(&name),
+                        why: self.shape_reason(name),
                     })
                 }
                 Some(_) => {}
             }
         }
-        Ok(())
+        let used: HashSet<String> = expected.into_iter().map(|(n, _)| format!("{prefix}{n}")).collect();
+        self.refuse_unused(file, names, &used)
     }
 
-    /// [`ModelConfig::check_shapes`] against a safetensors checkpoint.
+    /// `bert.` when a BERT checkpoint keeps its encoder under that prefix (BertFor... checkpoints), else "".
+    fn prefix_in(&self, shape_of: &dyn Fn(&str) -> Option<Vec<usize>>) -> &'static str {
+        match self.architecture {
+            Architecture::Bert
+                if shape_of("embeddings.word_embeddings.weight").is_none()
+                    && shape_of("bert.embeddings.word_embeddings.weight").is_some() =>
+            {
+                "bert."
+            }
+            _ => "",
+        }
+    }
+
+    /// The name of a layer's first tensor (its query projection).
+    fn layer_probe(&self, prefix: &str, layer: usize) -> String {
+        match self.architecture {
+            Architecture::Bert => format!("{prefix}encoder.layer.{layer}.attention.self.query.weight"),
+            Architecture::Llama => format!("{prefix}model.layers.{layer}.self_attn.q_proj.weight"),
+        }
+    }
+
+    /// Refuses a `num_hidden_layers` the checkpoint cannot hold (each layer has at least 9 tensors) before the
+    /// per-layer tensor list is built, naming the first layer the checkpoint lacks.
+    fn check_layer_count(
+        &self,
+        file: &Path,
+        n_tensors: usize,
+        prefix: &str,
+        shape_of: &dyn Fn(&str) -> Option<Vec<usize>>,
+    ) -> Result<()> {
+        let layers = self.num_hidden_layers;
+        let Some(last) = layers.checked_sub(1) else { return Ok(()) };
+        let fits = layers.checked_mul(9).is_some_and(|n| n <= n_tensors);
+        if fits && shape_of(&self.layer_probe(prefix, last)).is_some() {
+            return Ok(());
+        }
+        let bound = layers.min(n_tensors / 9 + 1);
+        let have = (0..bound).find(|&l| shape_of(&self.layer_probe(prefix, l)).is_none()).unwrap_or(bound);
+        Err(Error::Config {
+            file: display(file),
+            field: "num_hidden_layers".into(),
+            msg: format!(
+                "config says {layers} layers, but the checkpoint has tensors for {have} (no `{}`)",
+                self.layer_probe(prefix, have)
+            ),
+        })
+    }
+
+    /// Refuses checkpoint tensors that no part of the model reads, naming them (up to 5) and their count.
+    fn refuse_unused(&self, file: &Path, names: &[&str], used: &HashSet<String>) -> Result<()> {
+        let mut unused: Vec<&str> =
+            names.iter().copied().filter(|n| !used.contains(*n) && !is_known_unused(self.architecture, n)).collect();
+        if unused.is_empty() {
+            return Ok(());
+        }
+        unused.sort_unstable();
+        let shown: Vec<String> = unused.iter().take(5).map(|n| format!("`{n}`")).collect();
+        let more = if unused.len() > 5 { format!(" and {} more", unused.len() - 5) } else { String::new() };
+        Err(Error::Tensor {
+            file: display(file),
+            tensor: unused[0].to_string(),
+            msg: format!(
+                "{} checkpoint tensor(s) that this config's {} model ({} layers) does not use: {}{more} \
+                 (a config with fewer layers than the checkpoint, or tie_word_embeddings beside an lm_head?)",
+                unused.len(),
+                self.architecture.as_str(),
+                self.num_hidden_layers,
+                shown.join(", ")
+            ),
+        })
+    }
+
+    /// [`ModelConfig::check_shapes`] against a safetensors checkpoint; also refuses a tensor the model uses
+    /// that is not stored as a float type (an I32 weight is named as such, not reported as missing).
     pub fn check_checkpoint(&self, ckpt: &Checkpoint) -> Result<()> {
         let names = ckpt.names();
-        self.check_shapes(ckpt.path(), &names, &|n| ckpt.info(n).ok().map(|(_, s)| s.to_vec()))
+        self.check_shapes(ckpt.path(), &names, &|n| ckpt.info(n).ok().map(|(_, s)| s.to_vec()))?;
+        for name in names {
+            let (dtype, _) = ckpt.info(name)?;
+            if !dtype.is_float() && !is_known_unused(self.architecture, name) {
+                return Err(Error::Tensor {
+                    file: display(ckpt.file_of(name)?),
+                    tensor: name.to_string(),
+                    msg: format!("is {dtype}; rime needs a float type (F32, F16, BF16 or F64) for a model weight"),
+                });
+            }
+        }
+        Ok(())
     }
 
     fn shape_reason(&self, name: &str) -> String {
@@ -322,4 +408,98 @@ impl ModelConfig {
             format!("hidden_size {}", c.hidden_size)
         }
     }
+}
+
+/// Checkpoint tensors that rime's models do not read by design, so their presence is no error: BERT's pooler,
+/// position-id buffer, pre-training heads (`cls.*`) and task heads (`classifier.*`) of `BertFor...`
+/// checkpoints; Llama's cached rotary frequencies (`*.rotary_emb.inv_freq`, recomputed from `rope_theta`).
+pub fn is_known_unused(architecture: Architecture, name: &str) -> bool {
+    match architecture {
+        Architecture::Bert => {
+            let n = name.strip_prefix("bert.").unwrap_or(name);
+            n.starts_with("pooler.")
+                || n == "embeddings.position_ids"
+                || name.starts_with("cls.")
+                || name.starts_with("classifier.")
+        }
+        Architecture::Llama => name.ends_with(".rotary_emb.inv_freq"),
+    }
+}
+
+/// BERT activations rime computes: `gelu` (erf form) and the tanh form under its two Hugging Face names.
+pub const BERT_ACTIVATIONS: [&str; 3] = ["gelu", "gelu_new", "gelu_pytorch_tanh"];
+
+/// Refuses config fields that change the model in ways rime does not implement (instead of computing another
+/// model silently): an activation other than the ones the builder computes, relative position embeddings, a
+/// BERT decoder or cross-attention, Llama rope scaling, projection biases or a head size apart from
+/// hidden_size / num_attention_heads.
+fn refuse_unimplemented(
+    obj: &serde_json::Map<String, Value>,
+    architecture: Architecture,
+    hidden_act: &str,
+    head_dim: usize,
+    cfg_err: &dyn Fn(&str, String) -> Error,
+) -> Result<()> {
+    let is_true = |k: &str| obj.get(k) == Some(&Value::Bool(true));
+    match architecture {
+        Architecture::Bert => {
+            if !BERT_ACTIVATIONS.contains(&hidden_act) {
+                return Err(cfg_err(
+                    "hidden_act",
+                    format!("`{hidden_act}` is not implemented; rime's BERT computes {BERT_ACTIVATIONS:?}"),
+                ));
+            }
+            match obj.get("position_embedding_type") {
+                None | Some(Value::Null) => {}
+                Some(Value::String(s)) if s == "absolute" => {}
+                Some(v) => {
+                    return Err(cfg_err(
+                        "position_embedding_type",
+                        format!("{v} is not implemented; rime's BERT uses absolute positions"),
+                    ))
+                }
+            }
+            for k in ["is_decoder", "add_cross_attention"] {
+                if is_true(k) {
+                    return Err(cfg_err(k, "true is not implemented; rime's BERT is a bidirectional encoder".into()));
+                }
+            }
+        }
+        Architecture::Llama => {
+            if hidden_act != "silu" {
+                return Err(cfg_err(
+                    "hidden_act",
+                    format!("`{hidden_act}` is not implemented; rime's Llama computes silu"),
+                ));
+            }
+            for k in ["attention_bias", "mlp_bias"] {
+                if is_true(k) {
+                    return Err(cfg_err(k, "true is not implemented; rime's Llama projections have no bias".into()));
+                }
+            }
+            refuse_rope_scaling(obj.get("rope_scaling"), cfg_err)?;
+            if let Some(v) = obj.get("head_dim").filter(|v| !v.is_null()) {
+                if v.as_u64() != Some(head_dim as u64) {
+                    return Err(cfg_err(
+                        "head_dim",
+                        format!(
+                            "{v} differs from hidden_size / num_attention_heads = {head_dim}, which rime's Llama uses"
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `rope_scaling`: absent, null or the `default` kind; every other kind (linear, dynamic, yarn, llama3...)
+/// changes the positions in a way rime's rotary kernel does not compute.
+fn refuse_rope_scaling(v: Option<&Value>, cfg_err: &dyn Fn(&str, String) -> Error) -> Result<()> {
+    let Some(v) = v.filter(|v| !v.is_null()) else { return Ok(()) };
+    let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(Value::as_str);
+    if kind == Some("default") {
+        return Ok(());
+    }
+    Err(cfg_err("rope_scaling", format!("{v} is not implemented; rime's Llama applies unscaled rotary positions")))
 }

@@ -461,11 +461,14 @@ impl GgufFile {
     pub fn dequantize(&self, name: &str) -> Result<Vec<f32>> {
         let t = self.tensor_info(name)?;
         let bytes = self.raw_bytes(name)?;
-        dequantize(t.ggml_type, bytes, t.numel()).ok_or_else(|| Error::UnsupportedGgufType {
+        let data = dequantize(t.ggml_type, bytes, t.numel()).ok_or_else(|| Error::UnsupportedGgufType {
             file: display(&self.path),
             tensor: name.to_string(),
             ggml_type: t.ggml_type.to_string(),
-        })
+        })?;
+        // The NaN policy at the entry: no NaN or ±Inf weight (or block scale) gets past the loader.
+        crate::error::check_finite(&display(&self.path), name, &data)?;
+        Ok(data)
     }
 
     fn meta_err(&self, key: &str, msg: impl Into<String>) -> Error {
@@ -499,6 +502,36 @@ impl GgufFile {
                 .map(Some)
                 .ok_or_else(|| self.meta_err(key, format!("expected a number, found a {}", v.type_name()))),
         }
+    }
+
+    /// Refuses metadata that changes the model in ways rime does not compute: rope scaling (any kind but
+    /// `none`), a rotary dimension other than the head size (partial rotary), a `rope_freqs` factor tensor.
+    fn refuse_unimplemented(&self, head_dim: usize) -> Result<()> {
+        if let Some(v) = self.get("llama.rope.scaling.type") {
+            let kind = v.as_str().unwrap_or("?");
+            if kind != "none" {
+                return Err(self.meta_err(
+                    "llama.rope.scaling.type",
+                    format!("`{kind}` is not implemented; rime applies unscaled rotary positions"),
+                ));
+            }
+        }
+        if let Some(d) = self.meta_usize("llama.rope.dimension_count")? {
+            if d != head_dim {
+                return Err(self.meta_err(
+                    "llama.rope.dimension_count",
+                    format!("{d} differs from the head size {head_dim}; rime rotates whole heads"),
+                ));
+            }
+        }
+        if self.by_name.contains_key("rope_freqs.weight") {
+            return Err(Error::Tensor {
+                file: display(&self.path),
+                tensor: "rope_freqs.weight".into(),
+                msg: "rotary frequency factors (Llama 3 rope scaling) are not implemented".into(),
+            });
+        }
+        Ok(())
     }
 
     /// A [`ModelConfig`] from the `llama.*` keys (only Llama GGUF files are supported).
@@ -539,6 +572,7 @@ impl GgufFile {
                 format!("{num_key_value_heads} does not divide head_count {num_attention_heads}"),
             ));
         }
+        self.refuse_unimplemented(hidden_size / num_attention_heads)?;
         let id = |k: &str| -> Result<Option<u32>> { Ok(self.meta_usize(k)?.and_then(|x| u32::try_from(x).ok())) };
         Ok(ModelConfig {
             architecture: Architecture::Llama,
@@ -623,8 +657,17 @@ impl GgufFile {
                 shapes.insert(hf, t.shape());
             }
         }
-        let names: Vec<&str> = shapes.keys().map(String::as_str).collect();
-        config.check_shapes(&self.path, &names, &|n| shapes.get(n).cloned())
+        // Tensors without a Hugging Face name take part under their GGUF name: nothing reads them, so the
+        // unused-tensor check names them instead of skipping them silently.
+        let mut names: Vec<&str> = shapes.keys().map(String::as_str).collect();
+        names.extend(self.unmapped_tensors());
+        config.check_shapes(&self.path, &names, &|n| shapes.get(n).cloned()).map_err(|e| match e {
+            // the layer count came from this file's metadata: name its key
+            Error::Config { file, field, msg } if field == "num_hidden_layers" => {
+                Error::Config { file, field: "llama.block_count".into(), msg }
+            }
+            e => e,
+        })
     }
 
     /// The chat template (`tokenizer.chat_template`), if the file has one.

@@ -486,27 +486,39 @@ impl Checkpoint {
             msg,
         };
         if !raw.dtype.is_float() {
-            return Err(terr(format!("has dtype {}, which is not a float type; read it with get_i64", raw.dtype)));
+            return Err(terr(format!("is {}; rime needs a float type (F32, F16, BF16 or F64) here", raw.dtype)));
         }
         let end = first.checked_add(out.len()).filter(|&e| e <= numel).ok_or_else(|| {
             terr(format!("elements {first}..{} asked of a tensor of {numel} elements", first + out.len()))
         })?;
         let b = &raw.bytes[first * size..end * size];
         match raw.dtype {
-            Dtype::F32 => {
-                b.chunks_exact(4).zip(out).for_each(|(c, o)| *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            }
+            Dtype::F32 => b
+                .chunks_exact(4)
+                .zip(out.iter_mut())
+                .for_each(|(c, o)| *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
             Dtype::F16 => b
                 .chunks_exact(2)
-                .zip(out)
+                .zip(out.iter_mut())
                 .for_each(|(c, o)| *o = half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()),
             Dtype::BF16 => b
                 .chunks_exact(2)
-                .zip(out)
+                .zip(out.iter_mut())
                 .for_each(|(c, o)| *o = half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()),
-            _ => b.chunks_exact(8).zip(out).for_each(|(c, o)| *o = f64::from_le_bytes(le8(c)) as f32),
+            _ => b.chunks_exact(8).zip(out.iter_mut()).for_each(|(c, o)| *o = f64::from_le_bytes(le8(c)) as f32),
         }
-        Ok(())
+        self.check_finite(name, out).map_err(|e| match e {
+            Error::NonFinite { file, tensor, count, first: f, index } => {
+                Error::NonFinite { file, tensor, count, first: f, index: index + first }
+            }
+            e => e,
+        })
+    }
+
+    /// The NaN policy at the entry: a float tensor read from a checkpoint holds no NaN or ±Inf (F64 values
+    /// beyond f32's range count as Inf). The error names the shard and the tensor.
+    fn check_finite(&self, name: &str, data: &[f32]) -> Result<()> {
+        crate::error::check_finite(&display(self.file_of(name).unwrap_or(&self.source)), name, data)
     }
 
     /// Drops this process's resident pages of a tensor's stored bytes `bytes` (a byte range within the tensor;
@@ -546,14 +558,18 @@ impl Checkpoint {
         Ok(())
     }
 
-    /// A floating-point tensor (F32, F16, BF16 or F64) converted to f32, row-major in PyTorch order.
+    /// A floating-point tensor (F32, F16, BF16 or F64) converted to f32, row-major in PyTorch order. A tensor
+    /// holding NaN or ±Inf is refused ([`Error::NonFinite`], naming it): rime's NaN policy checks weights where
+    /// they enter. [`Checkpoint::get_raw`] and [`bytes_to_f32`] read without the check.
     pub fn get_f32(&self, name: &str) -> Result<Vec<f32>> {
         let raw = self.get_raw(name)?;
-        bytes_to_f32(raw.dtype, raw.bytes).ok_or_else(|| Error::Tensor {
+        let data = bytes_to_f32(raw.dtype, raw.bytes).ok_or_else(|| Error::Tensor {
             file: display(self.file_of(name).unwrap_or(&self.source)),
             tensor: name.to_string(),
-            msg: format!("has dtype {}, which is not a float type; read it with get_i64", raw.dtype),
-        })
+            msg: format!("is {}; rime needs a float type (F32, F16, BF16 or F64) here", raw.dtype),
+        })?;
+        self.check_finite(name, &data)?;
+        Ok(data)
     }
 
     /// An integer or bool tensor (e.g. `position_ids`, `input_ids`) widened to i64. U64 values above i64::MAX

@@ -57,6 +57,9 @@ pub struct Tokenizer {
     pad_id: u32,
     pad_type_id: u32,
     pad_left: bool,
+    /// Ids must stay below this (the model's embedding rows) and the table's name; see
+    /// [`Tokenizer::set_vocab_limit`].
+    limit: Option<(usize, String)>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -96,7 +99,41 @@ impl Tokenizer {
             }
         };
         inner.with_padding(None);
-        Tokenizer { inner, source: source.to_string(), pad_id, pad_type_id, pad_left }
+        Tokenizer { inner, source: source.to_string(), pad_id, pad_type_id, pad_left, limit: None }
+    }
+
+    /// Ties the tokenizer to a model whose embedding table `table` has `rows` rows: refuses now a vocabulary
+    /// (or pad id) with ids at or beyond `rows`, naming the token, and from then on every encoded text whose
+    /// ids leave the table (an id out of range would index past the table on the device).
+    pub fn set_vocab_limit(&mut self, rows: usize, table: &str) -> Result<()> {
+        let worst = self.inner.get_vocab(true).into_iter().max_by_key(|(_, id)| *id);
+        if let Some((token, id)) = worst.filter(|(_, id)| *id as usize >= rows) {
+            return Err(self.err(format!(
+                "token {token:?} has id {id}, beyond the {rows} rows of the model's embedding table `{table}` \
+                 (a tokenizer of another model?)"
+            )));
+        }
+        if self.pad_id as usize >= rows {
+            return Err(self.err(format!(
+                "the padding id {} is beyond the {rows} rows of the model's embedding table `{table}`",
+                self.pad_id
+            )));
+        }
+        self.limit = Some((rows, table.to_string()));
+        Ok(())
+    }
+
+    /// Refuses ids beyond the limit set by [`Tokenizer::set_vocab_limit`]; `index` numbers the text.
+    fn check_ids(&self, index: usize, text: &str, ids: &[u32]) -> Result<()> {
+        let Some((rows, table)) = &self.limit else { return Ok(()) };
+        match ids.iter().find(|&&id| id as usize >= *rows) {
+            None => Ok(()),
+            Some(id) => Err(self.err(format!(
+                "text {index} ({:?}) encodes to token id {id}, beyond the {rows} rows of the model's embedding \
+                 table `{table}`",
+                preview(text)
+            ))),
+        }
     }
 
     /// The underlying `tokenizers::Tokenizer` (padding disabled; truncation as set here).
@@ -166,6 +203,7 @@ impl Tokenizer {
             .inner
             .encode(text, add_special_tokens)
             .map_err(|e| self.err(format!("cannot encode {:?}: {e}", preview(text))))?;
+        self.check_ids(0, text, enc.get_ids())?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -192,6 +230,9 @@ impl Tokenizer {
             .collect();
         let encs =
             self.inner.encode_batch(inputs, true).map_err(|e| self.err(format!("cannot encode the batch: {e}")))?;
+        for (i, e) in encs.iter().enumerate() {
+            self.check_ids(i, texts[i], e.get_ids())?;
+        }
         let longest = encs.iter().map(|e| e.len()).max().unwrap_or(0);
         let seq_len = match padding {
             Padding::Longest => longest,

@@ -425,3 +425,133 @@ fn real_smollm2_gguf_tokenizer_matches_the_golden_prompt_ids() {
     let tmpl = g.chat_template().unwrap();
     assert!(tmpl.contains("<|im_start|>"), "{tmpl}");
 }
+
+/// A tiny Llama GGUF (hidden 8, 2 heads, 1 KV head, FFN 16, vocab 10, `blocks` blocks of F32 tensors), with
+/// `block_count` in the metadata and `edit` applied to the builder before it is written.
+fn tiny_llama(block_count: u64, blocks: usize, edit: impl Fn(&mut GgufBuilder)) -> Vec<u8> {
+    let mut g = GgufBuilder::new();
+    g.kv_str("general.architecture", "llama");
+    g.kv("llama.block_count", 10, &block_count.to_le_bytes());
+    g.kv_u32("llama.embedding_length", 8);
+    g.kv_u32("llama.attention.head_count", 2);
+    g.kv_u32("llama.attention.head_count_kv", 1);
+    g.kv_u32("llama.feed_forward_length", 16);
+    let f32s = |n: usize| -> Vec<u8> { (0..n).flat_map(|i| ((i % 5) as f32 * 0.1).to_le_bytes()).collect() };
+    let t = |g: &mut GgufBuilder, name: &str, dims: &[u64]| {
+        let n = dims.iter().product::<u64>() as usize;
+        g.tensor(name, dims, 0, f32s(n));
+    };
+    t(&mut g, "token_embd.weight", &[8, 10]);
+    t(&mut g, "output_norm.weight", &[8]);
+    for b in 0..blocks {
+        for (m, dims) in [
+            ("attn_q", vec![8, 8]),
+            ("attn_k", vec![8, 4]),
+            ("attn_v", vec![8, 4]),
+            ("attn_output", vec![8, 8]),
+            ("ffn_gate", vec![8, 16]),
+            ("ffn_up", vec![8, 16]),
+            ("ffn_down", vec![16, 8]),
+            ("attn_norm", vec![8]),
+            ("ffn_norm", vec![8]),
+        ] {
+            t(&mut g, &format!("blk.{b}.{m}.weight"), &dims);
+        }
+    }
+    edit(&mut g);
+    g.build()
+}
+
+/// model_config, check_config and every tensor dequantized: what load_gguf does before the device.
+fn load_tiny(dir: &std::path::Path, bytes: Vec<u8>) -> rime_io::Result<()> {
+    let p = dir.join("tiny-llama.gguf");
+    std::fs::write(&p, bytes).unwrap();
+    let g = GgufFile::open(&p)?;
+    let cfg = g.model_config()?;
+    g.load_hf(&cfg)?;
+    Ok(())
+}
+
+#[test]
+fn gguf_bad_input_corpus_names_the_key_or_tensor() {
+    let dir = common::scratch("gguf_corpus");
+    load_tiny(&dir, tiny_llama(2, 2, |_| {})).unwrap();
+    let err = |bytes| load_tiny(&dir, bytes).unwrap_err().to_string();
+    // fewer blocks in the metadata than in the file: the unused blocks are named
+    let e = err(tiny_llama(1, 2, |_| {}));
+    assert!(e.contains("tiny-llama.gguf") && e.contains("`model.layers.1.input_layernorm.weight`"), "{e}");
+    // an absurd block count is refused before anything is sized by it
+    for n in [3u64, 1 << 40, u64::MAX] {
+        let e = err(tiny_llama(n, 2, |_| {}));
+        assert!(e.contains("`llama.block_count`") && e.contains("tensors for 2"), "{n}: {e}");
+    }
+    // a tensor nothing maps
+    let e = err(tiny_llama(2, 2, |g| g.tensor("blk.0.attn_q_norm.weight", &[8], 0, vec![0; 32])));
+    assert!(e.contains("`blk.0.attn_q_norm.weight`") && e.contains("does not use"), "{e}");
+    // rope scaling and partial rotary are not computed
+    let e = err(tiny_llama(2, 2, |g| g.kv_str("llama.rope.scaling.type", "linear")));
+    assert!(e.contains("`llama.rope.scaling.type`") && e.contains("linear"), "{e}");
+    let e = err(tiny_llama(2, 2, |g| g.kv_u32("llama.rope.dimension_count", 2)));
+    assert!(e.contains("`llama.rope.dimension_count`"), "{e}");
+    // non-finite weights are refused by name
+    let e = err(tiny_llama(2, 2, |g| {
+        let t = g.tensors.iter_mut().find(|t| t.0 == "blk.1.ffn_norm.weight").unwrap();
+        t.3[4..8].copy_from_slice(&f32::NAN.to_le_bytes());
+    }));
+    assert!(e.contains("`blk.1.ffn_norm.weight`") && e.contains("non-finite"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Opens a GGUF and walks it as the loaders and inspect do; any outcome but a panic is fine.
+    fn walk(p: &std::path::Path) {
+        if let Ok(g) = GgufFile::open(p) {
+            if let Ok(cfg) = g.model_config() {
+                let _ = g.load_hf(&cfg);
+            }
+            let _ = g.tokenizer();
+            for t in g.tensors() {
+                let _ = g.dequantize(&t.name);
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 96, failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let p = std::env::temp_dir().join(format!("rime-io-gguf-prop-{}-any.gguf", std::process::id()));
+            std::fs::write(&p, &bytes).unwrap();
+            walk(&p);
+        }
+
+        #[test]
+        fn damaged_files_never_panic(
+            edits in proptest::collection::vec((any::<usize>(), any::<u64>(), 0u8..3), 1..4),
+            llama in any::<bool>(),
+        ) {
+            let mut b = if llama { tiny_llama(2, 2, |_| {}) } else { sample_gguf() };
+            for (i, v, kind) in edits {
+                let n = b.len();
+                match kind {
+                    0 => b[i % n] = v as u8,
+                    1 => b.truncate(i % n),
+                    _ => {
+                        let at = i % (n - 7);
+                        b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+                    }
+                }
+                if b.len() < 8 {
+                    break;
+                }
+            }
+            let p = std::env::temp_dir().join(format!("rime-io-gguf-prop-{}-dmg.gguf", std::process::id()));
+            std::fs::write(&p, &b).unwrap();
+            walk(&p);
+        }
+    }
+}

@@ -355,5 +355,5 @@ fn read_f32_into_reads_slices_and_release_keeps_the_data() {
     let raw = rime_io::RawTensorOwned { name: "pos".into(), dtype: Dtype::I64, shape: vec![2], bytes: vec![0; 16] };
     rime_io::write_safetensors_raw(&ip, &[raw], &BTreeMap::new()).unwrap();
     let e = Checkpoint::open(&ip).unwrap().read_f32_into("pos", 0, &mut [0.0]).unwrap_err().to_string();
-    assert!(e.contains("not a float type"), "{e}");
+    assert!(e.contains("is I64") && e.contains("needs a float type"), "{e}");
 }

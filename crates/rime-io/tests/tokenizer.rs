@@ -70,3 +70,36 @@ fn missing_or_broken_tokenizer_file_is_an_error_naming_it() {
     let e = Tokenizer::from_file(&dir).unwrap_err().to_string();
     assert!(e.contains("tokenizer.json"), "{e}");
 }
+
+/// A whitespace word-level tokenizer.json with `vocab`.
+fn word_level(dir: &std::path::Path, vocab: serde_json::Value) -> std::path::PathBuf {
+    let j = serde_json::json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[PAD]"}});
+    let p = dir.join("tokenizer.json");
+    std::fs::write(&p, j.to_string()).unwrap();
+    p
+}
+
+#[test]
+fn ids_beyond_the_embedding_table_are_refused_when_the_tokenizer_meets_the_model() {
+    let dir = common::scratch("tok_limit");
+    for big in [40_000u64, u32::MAX as u64] {
+        let p = word_level(&dir, serde_json::json!({"[PAD]": 0, "a": 1, "b": 2, "big": big}));
+        let mut tok = Tokenizer::from_file(&p).unwrap();
+        // without a model the ids pass through
+        assert_eq!(tok.encode_batch(&["a big"], None, Padding::Longest).unwrap().input_ids, [1, big as u32]);
+        let e = tok.set_vocab_limit(30_522, "embeddings.word_embeddings.weight").unwrap_err().to_string();
+        assert!(e.contains(&p.display().to_string()) && e.contains("\"big\"") && e.contains(&big.to_string()), "{e}");
+        assert!(e.contains("30522 rows") && e.contains("`embeddings.word_embeddings.weight`"), "{e}");
+    }
+    let p = word_level(&dir, serde_json::json!({"[PAD]": 7, "a": 1}));
+    let mut tok = Tokenizer::from_file(&p).unwrap();
+    let e = tok.set_vocab_limit(5, "t").unwrap_err().to_string();
+    assert!(e.contains("\"[PAD]\"") && e.contains("id 7"), "{e}");
+    let p = word_level(&dir, serde_json::json!({"[PAD]": 0, "a": 1, "b": 2}));
+    let mut tok = Tokenizer::from_file(&p).unwrap();
+    tok.set_vocab_limit(3, "t").unwrap();
+    assert_eq!(tok.encode_batch(&["b a", "a"], None, Padding::Longest).unwrap().input_ids, [2, 1, 1, 0]);
+    std::fs::remove_dir_all(&dir).ok();
+}

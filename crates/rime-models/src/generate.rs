@@ -541,6 +541,19 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
+/// Refuses logits holding NaN or ±Inf (weights or an adapter that overflow): greedy decoding would pick a
+/// token from them and print garbage; `step` counts the tokens generated before.
+pub fn check_logits(logits: &[f32], step: usize) -> Result<()> {
+    let Some(i) = logits.iter().position(|x| !x.is_finite()) else { return Ok(()) };
+    let count = logits.iter().filter(|x| !x.is_finite()).count();
+    Err(Error::Invalid(format!(
+        "the logits after {step} generated token(s) hold {count} non-finite value(s) of {} (first: {} for token id \
+         {i}); the model's weights or adapter produce NaN/Inf",
+        logits.len(),
+        logits[i]
+    )))
+}
+
 /// What a generation did.
 #[derive(Debug, Clone, Default)]
 pub struct GenStats {
@@ -575,13 +588,14 @@ pub fn generate_greedy(
 ) -> Result<GenStats> {
     let mut st = GenStats { prompt_tokens: prompt.len(), ..Default::default() };
     if max_new == 0 {
-        return Ok(st);
+        return Err(Error::Invalid("max_new_tokens must be at least 1".into()));
     }
     let t0 = std::time::Instant::now();
     let mut logits = dec.prefill(dev, prompt)?;
     st.prefill_secs = t0.elapsed().as_secs_f64();
     let t1 = std::time::Instant::now();
     loop {
+        check_logits(&logits, st.generated.len())?;
         let next = argmax(&logits);
         if eos.contains(&next) {
             st.stopped_at_eos = true;

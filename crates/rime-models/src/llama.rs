@@ -363,7 +363,8 @@ pub fn load_gguf(dev: &Device, path: &Path, adapter: Option<&Path>, weight_dtype
         let t = dev.upload_bytes(&name, bytemuck::cast_slice(&data), &shape, DType::F32)?;
         store.add(&name, t, false)?;
     }
-    let tokenizer = file.tokenizer()?;
+    let mut tokenizer = file.tokenizer()?;
+    tokenizer.set_vocab_limit(cfg.vocab, "model.embed_tokens.weight")?;
     Ok(LlamaModel {
         cfg,
         store,

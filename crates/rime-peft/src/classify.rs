@@ -265,7 +265,11 @@ fn open_encoder(model: &Path, max_length: usize) -> Result<(Checkpoint, BertConf
     cfg.check_checkpoint(&ckpt)?;
     let mut tok = Tokenizer::from_file(model.join("tokenizer.json"))?;
     tok.set_max_length(Some(max_length.min(cfg.max_position_embeddings)))?;
-    Ok((ckpt, classifier::bert_config(&cfg), tok))
+    let bcfg = classifier::bert_config(&cfg);
+    // Ids beyond the embedding table would index out of range on the GPU: refuse such a tokenizer here, for
+    // training, evaluation and features alike.
+    tok.set_vocab_limit(bcfg.vocab, "embeddings.word_embeddings.weight")?;
+    Ok((ckpt, bcfg, tok))
 }
 
 /// The summary of a classification run (`metrics.json` without the history).

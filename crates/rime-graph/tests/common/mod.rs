@@ -1,3 +1,4 @@
+#![allow(dead_code)]
 //! Helpers shared by rime-graph's tests: one device per test binary and seeded uniform values.
 
 use rand::{Rng, SeedableRng};

@@ -140,7 +140,8 @@ fn gen_forward(s: &mut String, h4: usize, rb: usize) {
         w!(s, "    let corr{r} = exp(m{r} - bm{r});");
         w!(s, "    var l{r}n = l{r} * corr{r};");
         for i in 0..8 {
-            w!(s, "    let e{r}_{i} = select(0.0, exp(s{r}_{i} - bm{r}), s{r}_{i} > NEG_BIG);");
+            // `!(s <= NEG_BIG)`, not `s > NEG_BIG`: a NaN score is kept (and makes the row NaN), only masked keys drop.
+            w!(s, "    let e{r}_{i} = select(0.0, exp(s{r}_{i} - bm{r}), !(s{r}_{i} <= NEG_BIG));");
             w!(s, "    l{r}n += e{r}_{i};");
         }
         w!(s, "    l{r} = l{r}n;\n    m{r} = bm{r};");
@@ -165,11 +166,12 @@ fn gen_forward(s: &mut String, h4: usize, rb: usize) {
     w!(s, "  }}");
     for r in 0..rb {
         w!(s, "  if (t0 + {}u + lid < p.t) {{", 8 * r);
-        w!(s, "    let inv = select(0.0, 1.0 / l{r}, l{r} > 0.0);");
+        // only an exact 0 (no visible key) gives 0; a NaN sum stays NaN
+        w!(s, "    let inv = select(1.0 / l{r}, 0.0, l{r} == 0.0);");
         for c in 0..h4 {
             w!(s, "    out[qb{r} + {c}u] = o{r}_{c} * inv;");
         }
-        w!(s, "    lse[(b * p.nh + h) * p.t + tc{r}] = select(bitcast<f32>(p.neg_inf_bits), m{r} + log(l{r}), l{r} > 0.0);");
+        w!(s, "    lse[(b * p.nh + h) * p.t + tc{r}] = select(m{r} + log(l{r}), bitcast<f32>(p.neg_inf_bits), l{r} == 0.0);");
         w!(s, "  }}");
     }
     w!(s, "}}");

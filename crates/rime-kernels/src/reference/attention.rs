@@ -51,7 +51,7 @@ fn probs(
             })
         })
         .collect();
-    let mx = scores.iter().flatten().fold(f64::NEG_INFINITY, |a, &b| a.max(b));
+    let mx = scores.iter().flatten().fold(f64::NEG_INFINITY, |a, &b| super::nan_max(a, b));
     if mx == f64::NEG_INFINITY {
         return (vec![0.0; d.s], f64::NEG_INFINITY);
     }

@@ -5,7 +5,7 @@ pub fn cross_entropy_forward(logits: &[f32], targets: &[i32], v: usize, ignore_i
     let mut lse = Vec::new();
     let (mut sum, mut kept) = (0f64, 0usize);
     for (r, row) in logits.chunks(v).enumerate() {
-        let m = row.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b as f64));
+        let m = row.iter().fold(f64::NEG_INFINITY, |a, &b| super::nan_max(a, b as f64));
         let l = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
         lse.push(l as f32);
         let t = targets[r];

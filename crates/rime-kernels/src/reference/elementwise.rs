@@ -112,11 +112,23 @@ pub fn silu_backward(dout: &[f32], x: &[f32]) -> Vec<f32> {
 }
 
 pub fn relu_forward(x: &[f32]) -> Vec<f32> {
-    x.iter().map(|&v| v.max(0.0)).collect()
+    // not f32::max, which turns NaN into 0: NaN in, NaN out
+    x.iter().map(|&v| if v < 0.0 { 0.0 } else { v }).collect()
 }
 
 pub fn relu_backward(dout: &[f32], x: &[f32]) -> Vec<f32> {
-    x.iter().zip(dout).map(|(&v, &d)| if v > 0.0 { d } else { 0.0 }).collect()
+    x.iter()
+        .zip(dout)
+        .map(|(&v, &d)| {
+            if v.is_nan() {
+                v
+            } else if v > 0.0 {
+                d
+            } else {
+                0.0
+            }
+        })
+        .collect()
 }
 
 /// The shader's lowbias32 hash.

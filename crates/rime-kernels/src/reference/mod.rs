@@ -18,3 +18,13 @@ pub mod prepend;
 pub mod reduce;
 pub mod rope;
 pub mod softmax;
+
+/// The larger of two values, NaN when either is NaN (`f64::max` returns the other operand, which would turn a
+/// NaN row into numbers: rime's kernels propagate NaN).
+pub fn nan_max(a: f64, b: f64) -> f64 {
+    if a.is_nan() || b.is_nan() {
+        f64::NAN
+    } else {
+        a.max(b)
+    }
+}

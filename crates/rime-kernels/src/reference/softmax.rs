@@ -10,7 +10,7 @@ pub fn softmax_forward(x: &[f32], s: usize, t: usize, mask: Option<&[f32]>, caus
         let i = r % t;
         let keep = |j: usize| mask.is_none_or(|m| m[(r / rows_per_batch) * s + j] != 0.0) && !(causal && j + t > i + s);
         let row = &x[r * s..(r + 1) * s];
-        let mx = (0..s).filter(|&j| keep(j)).map(|j| row[j] as f64).fold(f64::NEG_INFINITY, f64::max);
+        let mx = (0..s).filter(|&j| keep(j)).map(|j| row[j] as f64).fold(f64::NEG_INFINITY, super::nan_max);
         if mx == f64::NEG_INFINITY {
             continue;
         }
