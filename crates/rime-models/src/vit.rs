@@ -555,3 +555,13 @@ fn from_tensors(
     }
     Ok(VitModel { cfg, store, prefix, positions, ignored })
 }
+
+/// Loads a DINOv2 backbone from either form: a Hugging Face folder ([`load_safetensors`]) or an ONNX file
+/// ([`load_onnx`]).
+pub fn load(dev: &Device, path: &std::path::Path) -> Result<VitModel> {
+    if path.is_dir() {
+        load_safetensors(dev, path)
+    } else {
+        load_onnx(dev, path)
+    }
+}

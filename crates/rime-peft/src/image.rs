@@ -290,7 +290,7 @@ impl<'d> Task<'d> for ImageClassifyTask<'d> {
                 format!("eval classes {:?} differ from train classes {:?}", eval.classes, train.classes),
             ));
         }
-        let mut model = vit::load_onnx(dev, &self.model)?;
+        let mut model = vit::load(dev, &self.model)?;
         let (gh, gw) = model.cfg.patch_grid(self.preprocess.size, self.preprocess.size)?;
         vit::add_positions(dev, &mut model.store, &model.cfg, &model.prefix, &model.positions, gh, gw)?;
         classifier::init_head(dev, &mut model.store, model.cfg.hidden, train.classes.len(), cfg.seed)?;
