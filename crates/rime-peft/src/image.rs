@@ -403,22 +403,8 @@ impl<'d> Task<'d> for ImageClassifyTask<'d> {
     }
 
     fn summary(&self, run: &RunStats) -> ClassifySummary {
-        let m = run.best.as_ref().or(run.last.as_ref()).map(|e| e.metrics.clone()).unwrap_or_default();
         let l = self.loaded.as_ref();
-        ClassifySummary {
-            method: self.method.name().into(),
-            eval_accuracy: m.accuracy,
-            eval_macro_f1: m.macro_f1,
-            eval_loss: m.loss,
-            best_epoch: run.best_epoch.unwrap_or(0),
-            steps: run.steps,
-            train_examples_per_s: run.train_examples_per_s,
-            train_seconds: run.train_seconds,
-            trainable_params: l.map_or(0, |l| l.trainable),
-            frozen_params: l.map_or(0, |l| l.frozen),
-            labels: l.map(|l| l.train.classes.clone()).unwrap_or_default(),
-            dispatches_per_step: run.dispatches_per_step,
-            memory: run.memory.clone(),
-        }
+        let params = l.map_or((0, 0), |l| (l.trainable, l.frozen));
+        ClassifySummary::of_run(self.method.name(), run, params, l.map(|l| l.train.classes.clone()).unwrap_or_default())
     }
 }

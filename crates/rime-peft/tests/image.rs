@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use rime_io::{Preprocess, RgbImage};
 use rime_peft::classifier::Method;
-use rime_peft::lora::{LoraConfig, LoraInit};
+use rime_peft::lora::LoraConfig;
 use rime_peft::{ImageClassData, ImageClassifyTask, Pooling, Task, TrainConfig};
 
 fn inputs() -> Option<(PathBuf, PathBuf)> {
@@ -46,16 +46,7 @@ fn cfg(epochs: usize) -> TrainConfig {
 }
 
 fn lora() -> Method {
-    Method::Lora(LoraConfig {
-        rank: 4,
-        alpha: 8.0,
-        targets: vec!["query".into(), "value".into()],
-        rslora: false,
-        init: LoraInit::Kaiming,
-        seed: 0,
-        dropout: 0.0,
-        dora: false,
-    })
+    Method::Lora(LoraConfig { rank: 4, ..LoraConfig::default() })
 }
 
 #[test]
