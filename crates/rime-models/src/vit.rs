@@ -565,3 +565,23 @@ pub fn load(dev: &Device, path: &std::path::Path) -> Result<VitModel> {
         load_onnx(dev, path)
     }
 }
+
+/// What [`load_onnx`] would build from `path`, without a device: the config and the backbone's prefix, after
+/// checking that every tensor the config implies is there with its shape (for `rime inspect`).
+pub fn onnx_config(path: &std::path::Path) -> Result<(VitConfig, String)> {
+    let io = |e: rime_io::Error| Error::Invalid(e.to_string());
+    let file = rime_io::OnnxFile::open(path).map_err(io)?;
+    let tensors = file.hf_tensors().map_err(io)?;
+    let prefix = find_prefix(&tensors, path)?;
+    let shapes: std::collections::HashMap<String, Vec<usize>> = tensors.into_iter().map(|(n, s, _)| (n, s)).collect();
+    let cfg = infer_config(&shapes, &prefix)?;
+    for (name, want) in param_shapes(&cfg) {
+        let name = format!("{prefix}{name}");
+        match shapes.get(&name) {
+            Some(s) if *s == want => {}
+            Some(s) => return Err(Error::Invalid(format!("tensor `{name}` has shape {s:?}, expected {want:?}"))),
+            None => return Err(Error::Invalid(format!("tensor `{name}` is missing"))),
+        }
+    }
+    Ok((cfg, prefix))
+}
