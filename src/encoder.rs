@@ -164,11 +164,7 @@ impl<'g> Encoder<'g> {
         let (_, mut pooled) = session.predict(&e, |_| {})?;
         let hidden = self.cfg.hidden;
         if self.opts.normalize {
-            // torch.nn.functional.normalize: x / max(‖x‖, 1e-12)
-            for row in pooled.chunks_mut(hidden) {
-                let n = row.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
-                row.iter_mut().for_each(|x| *x /= n);
-            }
+            pooled.chunks_mut(hidden).for_each(l2_normalize);
         }
         check_output(&pooled, hidden)?;
         Ok(Embeddings { vectors: pooled.chunks(hidden).map(<[f32]>::to_vec).collect(), truncated })
@@ -247,6 +243,12 @@ fn load_adapter(gpu: &Gpu, store: &mut ParamStore, dir: &Path, notes: &mut Vec<S
     }
     classifier::load_adapter(gpu.device(), store, dir)?;
     Ok(classifier::hook_for_adapter(c)?)
+}
+
+/// Scales `row` to unit length as torch.nn.functional.normalize does: x / max(‖x‖, 1e-12).
+pub(crate) fn l2_normalize(row: &mut [f32]) {
+    let n = row.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+    row.iter_mut().for_each(|x| *x /= n);
 }
 
 /// Cosine similarity of two vectors (their dot product when both are normalized).

@@ -11,6 +11,7 @@
 //! |---|---|
 //! | pick a GPU, see its limits | [`Gpu`] |
 //! | sentence embeddings (optionally through a peft adapter) | [`Encoder`] |
+//! | image embeddings from a DINOv2 backbone | [`vision::ImageEncoder`] |
 //! | generate text with a Llama-family GGUF model | [`Decoder`] |
 //! | fine-tune (LoRA family, SVFit, IA3, adapters, prompt, prefix, probe) | [`finetune`] |
 //! | merge checkpoints or adapters | [`merge`] |
@@ -33,6 +34,7 @@ pub mod finetune;
 pub mod gpu;
 pub mod kernels;
 pub mod merge;
+pub mod vision;
 
 pub use decoder::Decoder;
 pub use encoder::Encoder;

