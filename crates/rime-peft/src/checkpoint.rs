@@ -309,7 +309,7 @@ pub(crate) fn replace_dir(tmp: &Path, dir: &Path) -> Result<()> {
     remove(&old)
 }
 
-fn remove(p: &Path) -> Result<()> {
+pub(crate) fn remove(p: &Path) -> Result<()> {
     match std::fs::symlink_metadata(p) {
         Ok(m) if m.is_dir() => std::fs::remove_dir_all(p).map_err(|e| io_err(p, e)),
         Ok(_) => std::fs::remove_file(p).map_err(|e| io_err(p, e)),

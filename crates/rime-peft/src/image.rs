@@ -135,6 +135,58 @@ pub enum Pooling {
     PatchMean,
 }
 
+/// The adapter_config.json key holding how an image adapter reads images: `{"pooling": "cls" | "mean",
+/// "size": 224, "fit": "letterbox"}`.
+pub const IMAGE_KEY: &str = "rime_image";
+
+/// Accuracy, macro-F1 and loss of an image-classification adapter folder (written by [`ImageClassifyTask`]) on
+/// `data`, with the pooling and input size the adapter records (CLS and 224 when it records none). The adapter's
+/// labels must be the data's classes.
+pub fn evaluate_adapter(
+    dev: &Device,
+    model: &Path,
+    adapter: &Path,
+    data: &ImageClassData,
+    batch: usize,
+) -> Result<EvalMetrics> {
+    if batch == 0 {
+        return Err(Error::invalid("batch_size", "0: must be at least 1"));
+    }
+    let mut m = vit::load(dev, model)?;
+    let (acfg, labels) = classifier::load_adapter(dev, &mut m.store, adapter)?;
+    if labels != data.classes {
+        return Err(Error::Msg(format!(
+            "{}: the adapter's labels {labels:?} are not the data's classes {:?}",
+            adapter.display(),
+            data.classes
+        )));
+    }
+    let image = acfg.raw.get(IMAGE_KEY);
+    let size = image.and_then(|v| v["size"].as_u64()).map_or(224, |s| s as usize);
+    let pooling = match image.and_then(|v| v["pooling"].as_str()) {
+        Some("mean") => Pooling::PatchMean,
+        _ => Pooling::Cls,
+    };
+    let (gh, gw) = m.cfg.patch_grid(size, size)?;
+    vit::add_positions(dev, &mut m.store, &m.cfg, &m.prefix, &m.positions, gh, gw)?;
+    let hook = classifier::hook_for_adapter(&acfg)?;
+    let mut ve = build_exec(dev, &m.store, &m.cfg, &m.prefix, hook.as_ref(), (batch, size, pooling), None)?;
+    let pre = Preprocess::letterbox(size);
+    let classes = data.classes.len();
+    let mut logits = vec![0f32; data.len() * classes];
+    let order: Vec<usize> = (0..data.len()).collect();
+    for chunk in order.chunks(batch) {
+        feed(dev, &ve, &pre, data, chunk)?;
+        ve.exec.forward(dev)?;
+        let lg = ve.exec.read(dev, ve.logits)?;
+        for (r, &i) in chunk.iter().enumerate() {
+            logits[i * classes..(i + 1) * classes].copy_from_slice(&lg[r * classes..(r + 1) * classes]);
+        }
+    }
+    let labels: Vec<i32> = data.labels.iter().map(|&l| l as i32).collect();
+    Ok(metrics_from_logits(&logits, &labels, classes))
+}
+
 /// One compiled ViT graph for a batch of `batch` images.
 struct VitExec {
     exec: Executor,
@@ -394,10 +446,23 @@ impl<'d> Task<'d> for ImageClassifyTask<'d> {
         Ok(ad?)
     }
 
+    /// The adapter as [`classifier::save_adapter`] writes it, plus `rime_image` (pooling and input size) in
+    /// adapter_config.json so that evaluation reads the images the same way.
     fn save_adapter(&self, dir: &Path) -> Result<()> {
         let l = self.loaded.as_ref().ok_or_else(|| Error::Msg("the image task is not prepared".into()))?;
         let base = self.model.display().to_string();
-        classifier::save_adapter(self.dev, &l.model.store, &self.method, &base, &l.train.classes, dir)
+        let tmp = dir.with_extension("image-write");
+        crate::checkpoint::remove(&tmp)?;
+        classifier::save_adapter(self.dev, &l.model.store, &self.method, &base, &l.train.classes, &tmp)?;
+        let path = tmp.join("adapter_config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::Msg(format!("{}: {e}", path.display())))?;
+        let mut json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::Msg(format!("{}: {e}", path.display())))?;
+        let pooling = if self.pooling == Pooling::Cls { "cls" } else { "mean" };
+        json[IMAGE_KEY] = serde_json::json!({ "pooling": pooling, "size": self.preprocess.size, "fit": "letterbox" });
+        let text = serde_json::to_string_pretty(&json).map_err(|e| Error::Msg(e.to_string()))?;
+        std::fs::write(&path, text).map_err(|e| Error::Msg(format!("{}: {e}", path.display())))?;
+        crate::checkpoint::replace_dir(&tmp, dir)
     }
 
     fn load_adapter(&mut self, dir: &Path) -> Result<()> {
