@@ -120,7 +120,7 @@ pub fn linear_probe_baseline(
 }
 
 pub use rime_io::{Fit, Preprocess, RgbImage};
-pub use rime_peft::{ImageClassData, Pooling};
+pub use rime_peft::{Augment, ImageClassData, Pooling};
 
 /// How images reach the model in [`image_classify`].
 #[derive(Debug, Clone, PartialEq)]
@@ -130,11 +130,13 @@ pub struct ImageOptions {
     /// Resize, pad and normalization. Default: the DINOv2 ONNX file's own ([`Preprocess::letterbox`]`(224)`);
     /// the side must be a multiple of the patch size (14).
     pub preprocess: Preprocess,
+    /// Training-time augmentation (random resized crop, horizontal flip). Default: off.
+    pub augment: Augment,
 }
 
 impl Default for ImageOptions {
     fn default() -> Self {
-        ImageOptions { pooling: Pooling::Cls, preprocess: Preprocess::letterbox(224) }
+        ImageOptions { pooling: Pooling::Cls, preprocess: Preprocess::letterbox(224), augment: Augment::default() }
     }
 }
 
@@ -156,7 +158,8 @@ pub fn image_classify(
 ) -> Result<TrainResult<ClassifySummary>> {
     let mut task = rime_peft::ImageClassifyTask::new(gpu.device(), model.as_ref(), method, train, eval)
         .with_pooling(options.pooling)
-        .with_preprocess(options.preprocess.clone());
+        .with_preprocess(options.preprocess.clone())
+        .with_augment(options.augment);
     Ok(rime_peft::train(&mut task, cfg, out, &mut on_event)?)
 }
 

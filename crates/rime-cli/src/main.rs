@@ -106,6 +106,7 @@ const FLAGS: &[(&str, &str)] = &[
     ("max_grad_norm", "--max-grad-norm"),
     ("patience", "--patience"),
     ("eval_fraction", "--eval-fraction"),
+    ("crop_scale", "--crop-scale"),
     ("save_every", "--save-every"),
     ("resume", "--resume"),
     ("overwrite", "--force"),

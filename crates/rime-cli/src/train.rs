@@ -167,6 +167,13 @@ pub struct TrainArgs {
     /// image-classify: the head reads the CLS token (cls) or the mean of the patch tokens (mean).
     #[arg(long, default_value = "cls")]
     pooling: String,
+    /// image-classify: augment training images with a random resized crop (torchvision's RandomResizedCrop:
+    /// area fraction in [--crop-scale, 1], aspect 3/4..4/3) and a random horizontal flip, seeded by --seed.
+    #[arg(long)]
+    augment: bool,
+    /// image-classify with --augment: the smallest area fraction a crop keeps (torchvision: 0.08).
+    #[arg(long, default_value_t = 0.08)]
+    crop_scale: f32,
     /// image-classify: use the first N training images (e.g. 5000 of Fashion-MNIST's 60,000).
     #[arg(long, value_name = "N")]
     train_limit: Option<usize>,
@@ -567,7 +574,9 @@ fn run_image(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
     let eval_data = a.eval.as_ref().map(|p| load(p, a.eval_limit)).transpose()?;
     let gpu = rime::Gpu::from_device(Device::new(opts)?);
     errln!("adapter: {} ({:?})", gpu.device().info().name, gpu.device().info().backend);
-    let options = finetune::ImageOptions { pooling, preprocess: finetune::Preprocess::letterbox(a.image_size) };
+    let augment = finetune::Augment { crop_scale: a.augment.then_some((a.crop_scale, 1.0)), flip: a.augment };
+    let preprocess = finetune::Preprocess::letterbox(a.image_size);
+    let options = finetune::ImageOptions { pooling, preprocess, augment };
     let progress = Progress::new(1);
     let mut on = |e: Event| progress.on(e);
     let run =

@@ -35,7 +35,7 @@ fn image_classify_trains_and_writes_a_peft_adapter() {
         return;
     }
     let out = common::tmp("image-train").join("run");
-    let o = image_train(&out, &["--image-size", "56"]);
+    let o = image_train(&out, &["--image-size", "56", "--augment", "--crop-scale", "0.5"]);
     let (stdout, stderr) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
     assert!(o.status.success(), "{stderr}");
     assert!(stdout.contains("lora (images): eval accuracy"), "{stdout}");
@@ -75,7 +75,8 @@ fn bad_image_inputs_are_refused_by_flag_or_path() {
         return;
     }
     let dir = common::tmp("image-bad");
-    let cases: [(&[&str], &str); 3] = [
+    let cases: [(&[&str], &str); 4] = [
+        (&["--augment", "--crop-scale", "0"], "--crop-scale"),
         (&["--image-size", "50"], "multiples of 14"),
         (&["--method", "prompt"], "--method prompt is not available for images"),
         (&["--pooling", "max"], "--pooling 'max'"),

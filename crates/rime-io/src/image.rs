@@ -53,6 +53,29 @@ pub struct Preprocess {
     pub fit: Fit,
 }
 
+impl RgbImage {
+    /// The `w`×`h` region at (`x`, `y`) (clipped to the image; at least one pixel).
+    pub fn crop(&self, x: usize, y: usize, w: usize, h: usize) -> RgbImage {
+        let (x, y) = (x.min(self.width - 1), y.min(self.height - 1));
+        let (w, h) = (w.clamp(1, self.width - x), h.clamp(1, self.height - y));
+        let mut pixels = Vec::with_capacity(w * h * 3);
+        for row in y..y + h {
+            let start = (row * self.width + x) * 3;
+            pixels.extend_from_slice(&self.pixels[start..start + w * 3]);
+        }
+        RgbImage { width: w, height: h, pixels }
+    }
+
+    /// Mirrored left to right.
+    pub fn flip_horizontal(&self) -> RgbImage {
+        let mut pixels = Vec::with_capacity(self.pixels.len());
+        for row in self.pixels.chunks(self.width * 3) {
+            pixels.extend(row.chunks(3).rev().flatten());
+        }
+        RgbImage { width: self.width, height: self.height, pixels }
+    }
+}
+
 /// How an image is brought to a square of [`Preprocess::size`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fit {
@@ -308,6 +331,15 @@ mod tests {
         let third = resize_area(&RgbImage::from_gray(3, 1, &[0, 90, 180]), 2, 1);
         // [0, 1.5) → (0 + 0.5·90) / 1.5 = 30; [1.5, 3) → (0.5·90 + 180) / 1.5 = 150.
         assert_eq!(third.pixels, vec![30, 30, 30, 150, 150, 150]);
+    }
+
+    #[test]
+    fn crop_and_flip() {
+        let img = RgbImage::from_gray(3, 2, &[1, 2, 3, 4, 5, 6]);
+        let gray = |i: &RgbImage| i.pixels.chunks(3).map(|p| p[0]).collect::<Vec<_>>();
+        assert_eq!(gray(&img.flip_horizontal()), [3, 2, 1, 6, 5, 4]);
+        let c = img.crop(1, 1, 5, 5);
+        assert_eq!((c.width, c.height, gray(&c)), (2, 1, vec![5, 6]));
     }
 
     #[test]

@@ -125,6 +125,53 @@ impl ImageClassData {
     }
 }
 
+/// Training-time augmentation, seeded: torchvision's `RandomResizedCrop` (area fraction drawn from `crop_scale`,
+/// aspect ratio from [3/4, 4/3] on a log scale, ten tries then the whole image; the crop is then preprocessed as
+/// any image) and `RandomHorizontalFlip` (p = 0.5). Evaluation never augments.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Augment {
+    /// Random resized crop with this range of area fractions (torchvision's default (0.08, 1.0)); None: off.
+    pub crop_scale: Option<(f32, f32)>,
+    /// Random horizontal flip.
+    pub flip: bool,
+}
+
+impl Augment {
+    /// Whether anything is on.
+    pub fn is_on(&self) -> bool {
+        self.crop_scale.is_some() || self.flip
+    }
+
+    /// The augmented image, drawn from `rng`.
+    pub fn apply(&self, img: &RgbImage, rng: &mut impl rand::Rng) -> RgbImage {
+        let mut out = match self.crop_scale {
+            Some((lo, hi)) => random_resized_crop(img, lo, hi, rng),
+            None => img.clone(),
+        };
+        if self.flip && rng.random_bool(0.5) {
+            out = out.flip_horizontal();
+        }
+        out
+    }
+}
+
+fn random_resized_crop(img: &RgbImage, lo: f32, hi: f32, rng: &mut impl rand::Rng) -> RgbImage {
+    let area = (img.width * img.height) as f64;
+    let (lr0, lr1) = ((3.0f64 / 4.0).ln(), (4.0f64 / 3.0).ln());
+    for _ in 0..10 {
+        let target = area * rng.random_range(lo as f64..=hi as f64);
+        let ratio = rng.random_range(lr0..=lr1).exp();
+        let w = (target * ratio).sqrt().round() as usize;
+        let h = (target / ratio).sqrt().round() as usize;
+        if (1..=img.width).contains(&w) && (1..=img.height).contains(&h) {
+            let x = rng.random_range(0..=img.width - w);
+            let y = rng.random_range(0..=img.height - h);
+            return img.crop(x, y, w, h);
+        }
+    }
+    img.clone()
+}
+
 /// Which token summary the head reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Pooling {
@@ -176,7 +223,7 @@ pub fn evaluate_adapter(
     let mut logits = vec![0f32; data.len() * classes];
     let order: Vec<usize> = (0..data.len()).collect();
     for chunk in order.chunks(batch) {
-        feed(dev, &ve, &pre, data, chunk)?;
+        feed(dev, &ve, &pre, data, chunk, None)?;
         ve.exec.forward(dev)?;
         let lg = ve.exec.read(dev, ve.logits)?;
         for (r, &i) in chunk.iter().enumerate() {
@@ -218,13 +265,26 @@ fn build_exec(
     Ok(VitExec { exec, logits, loss, batch: b, tokens: 1 + gh * gw })
 }
 
-/// Preprocess `idx` of `data` into the inputs of `ve` (missing rows of a short batch are zeros, label −100).
-fn feed(dev: &Device, ve: &VitExec, pre: &Preprocess, data: &ImageClassData, idx: &[usize]) -> Result<()> {
+/// Preprocess `idx` of `data` into the inputs of `ve` (missing rows of a short batch are zeros, label −100),
+/// each image first through `augment` when given (a seeded generator per image and pass).
+fn feed(
+    dev: &Device,
+    ve: &VitExec,
+    pre: &Preprocess,
+    data: &ImageClassData,
+    idx: &[usize],
+    augment: Option<(&Augment, &mut AugmentState)>,
+) -> Result<()> {
     let (b, s) = (ve.batch, pre.size);
     let mut pixels = vec![0f32; b * 3 * s * s];
     let mut labels = vec![-100i32; b];
+    let mut augment = augment;
     for (r, &i) in idx.iter().enumerate() {
-        pixels[r * 3 * s * s..(r + 1) * 3 * s * s].copy_from_slice(&pre.apply(&data.images[i]));
+        let img = match augment.as_mut() {
+            Some((a, state)) => a.apply(&data.images[i], &mut state.rng_for(i)),
+            None => data.images[i].clone(),
+        };
+        pixels[r * 3 * s * s..(r + 1) * 3 * s * s].copy_from_slice(&pre.apply(&img));
         labels[r] = data.labels[i] as i32;
     }
     let ex = &ve.exec;
@@ -235,6 +295,28 @@ fn feed(dev: &Device, ve: &VitExec, pre: &Preprocess, data: &ImageClassData, idx
     ex.feed_f32(dev, vit::MEAN_WEIGHTS, &mean)?;
     ex.feed_i32(dev, "labels", &labels)?;
     Ok(())
+}
+
+/// Seeds augmentation per example and per pass over it: image `i` seen for the n-th time draws from
+/// StdRng(seed, i, n), so a run is reproducible (a resumed run restarts the counts: its augmentations differ
+/// from an uninterrupted run's).
+#[derive(Debug, Clone, Default)]
+struct AugmentState {
+    seed: u64,
+    seen: Vec<u32>,
+}
+
+impl AugmentState {
+    fn rng_for(&mut self, i: usize) -> rand::rngs::StdRng {
+        if self.seen.len() <= i {
+            self.seen.resize(i + 1, 0);
+        }
+        let n = self.seen[i];
+        self.seen[i] += 1;
+        let key =
+            self.seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (n as u64).wrapping_mul(0xc2b2_ae3d_27d4_eb4f);
+        rand::rngs::StdRng::seed_from_u64(key)
+    }
 }
 
 /// What [`ImageClassifyTask::prepare`] loads.
@@ -250,6 +332,7 @@ struct Loaded {
     rows: usize,
     trainable: usize,
     frozen: usize,
+    augment_state: AugmentState,
 }
 
 /// Image classification: a frozen ViT (an ONNX file holding a DINOv2 backbone), a tuning method, and a linear
@@ -261,6 +344,7 @@ pub struct ImageClassifyTask<'d> {
     method: Method,
     pooling: Pooling,
     preprocess: Preprocess,
+    augment: Augment,
     train: ImageClassData,
     eval: Option<ImageClassData>,
     loaded: Option<Loaded>,
@@ -277,12 +361,19 @@ impl<'d> ImageClassifyTask<'d> {
         eval: Option<ImageClassData>,
     ) -> Self {
         let (pooling, preprocess) = (Pooling::Cls, Preprocess::letterbox(224));
-        ImageClassifyTask { dev, model: model.into(), method, pooling, preprocess, train, eval, loaded: None }
+        let augment = Augment::default();
+        ImageClassifyTask { dev, model: model.into(), method, pooling, preprocess, augment, train, eval, loaded: None }
     }
 
     /// The head reads `pooling` instead of the CLS token.
     pub fn with_pooling(mut self, pooling: Pooling) -> Self {
         self.pooling = pooling;
+        self
+    }
+
+    /// Training images are augmented by `augment` (seeded by [`TrainConfig::seed`]).
+    pub fn with_augment(mut self, augment: Augment) -> Self {
+        self.augment = augment;
         self
     }
 
@@ -327,7 +418,7 @@ impl<'d> ImageClassifyTask<'d> {
         let mut logits = vec![0f32; n * classes];
         let order: Vec<usize> = (0..n).collect();
         for chunk in order.chunks(ve.batch) {
-            feed(dev, ve, &pre, &l.eval, chunk)?;
+            feed(dev, ve, &pre, &l.eval, chunk, None)?;
             ve.exec.forward(dev)?;
             let lg = ve.exec.read(dev, ve.logits)?;
             for (r, &i) in chunk.iter().enumerate() {
@@ -354,6 +445,11 @@ impl<'d> Task<'d> for ImageClassifyTask<'d> {
                 self.train.split(cfg.eval_fraction, cfg.seed)?
             }
         };
+        if let Some((lo, hi)) = self.augment.crop_scale {
+            if !(lo > 0.0 && lo <= hi && hi <= 1.0) {
+                return Err(Error::invalid("crop_scale", format!("({lo}, {hi}): expected 0 < min <= max <= 1")));
+            }
+        }
         if eval.classes != train.classes {
             return Err(Error::invalid(
                 "eval",
@@ -382,6 +478,7 @@ impl<'d> Task<'d> for ImageClassifyTask<'d> {
             rows: cfg.rows(),
             trainable,
             frozen,
+            augment_state: AugmentState { seed: cfg.seed, seen: vec![] },
         });
         Ok(lens)
     }
@@ -407,7 +504,8 @@ impl<'d> Task<'d> for ImageClassifyTask<'d> {
         self.exec()?;
         let l = self.loaded.as_mut().expect("prepared");
         let ve = l.exec.as_mut().expect("built");
-        feed(dev, ve, &pre, &l.train, idx)?;
+        let augment = self.augment.is_on().then_some((&self.augment, &mut l.augment_state));
+        feed(dev, ve, &pre, &l.train, idx, augment)?;
         Ok((&mut ve.exec, ve.loss))
     }
 
@@ -489,5 +587,40 @@ impl<'d> Task<'d> for ImageClassifyTask<'d> {
         let l = self.loaded.as_ref();
         let params = l.map_or((0, 0), |l| (l.trainable, l.frozen));
         ClassifySummary::of_run(self.method.name(), run, params, l.map(|l| l.train.classes.clone()).unwrap_or_default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ramp() -> RgbImage {
+        RgbImage::from_gray(20, 10, &(0..200).map(|i| i as u8).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn augmentation_is_seeded_per_image_and_pass() {
+        let a = Augment { crop_scale: Some((0.08, 1.0)), flip: true };
+        let (mut s1, mut s2) = (AugmentState { seed: 7, seen: vec![] }, AugmentState { seed: 7, seen: vec![] });
+        let first: Vec<RgbImage> = (0..4).map(|_| a.apply(&ramp(), &mut s1.rng_for(3))).collect();
+        let again: Vec<RgbImage> = (0..4).map(|_| a.apply(&ramp(), &mut s2.rng_for(3))).collect();
+        assert_eq!(first, again, "same seed, same draws");
+        assert!(first.windows(2).any(|w| w[0] != w[1]), "each pass draws anew");
+        for img in &first {
+            assert!(img.width <= 20 && img.height <= 10 && img.width * img.height >= 1);
+        }
+        assert!(!Augment::default().is_on());
+    }
+
+    #[test]
+    fn crops_keep_area_within_the_scale_and_ratio() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let img = RgbImage::from_gray(100, 100, &[0; 10_000]);
+        for _ in 0..50 {
+            let c = random_resized_crop(&img, 0.25, 0.5, &mut rng);
+            let area = (c.width * c.height) as f64 / 10_000.0;
+            let ratio = c.width as f64 / c.height as f64;
+            assert!((0.23..=0.52).contains(&area) && (0.7..=1.4).contains(&ratio), "{}x{}", c.width, c.height);
+        }
     }
 }
