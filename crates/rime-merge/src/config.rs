@@ -62,7 +62,7 @@ impl Method {
     /// Global parameters whose value is a path (resolved like model paths) or a word.
     fn string_params(self) -> &'static [&'static str] {
         match self {
-            Method::GreedySoup => &["eval_data", "combination", "text_column", "label_column"],
+            Method::GreedySoup => &["eval_data", "combination", "text_column", "label_column", "task"],
             Method::Atlas => &["train_data", "eval_data", "text_column", "label_column"],
             _ => &[],
         }
@@ -76,7 +76,7 @@ impl Method {
             Method::Ties => &["normalize", "lambda", "int8_mask"],
             Method::DareLinear | Method::DareTies => &["normalize", "lambda", "int8_mask", "seed"],
             Method::Slerp => &["t"],
-            Method::GreedySoup => &["batch_size", "max_length"],
+            Method::GreedySoup => &["batch_size", "max_length", "eval_limit"],
             Method::Atlas => &["batch_size", "max_length", "steps", "lr", "examples", "seed"],
         }
     }
@@ -438,7 +438,7 @@ impl MergeConfig {
             }
             // greedy_soup / atlas counts (which would otherwise be clamped) and the learning rate.
             let least = match k.as_str() {
-                "batch_size" | "examples" => Some(1.0),
+                "batch_size" | "examples" | "eval_limit" => Some(1.0),
                 "max_length" => Some(8.0),
                 "steps" => Some(0.0),
                 _ => None,

@@ -1,5 +1,5 @@
 //! Greedy model soups (Wortsman et al. 2022) of rime LoRA adapters with classification heads, as written by
-//! `rime train` (its `best/` folder). Candidates are ranked by held-out accuracy measured with rime's own
+//! `rime train` (its `best/` folder), text or image classifiers (`parameters: {task: image-classify}`). Candidates are ranked by held-out accuracy measured with rime's own
 //! evaluation (`rime_peft::Evaluator` on `eval_data`); the best starts the soup and each next
 //! candidate is kept when the soup with it scores at least the soup's accuracy so far. Every decision is
 //! recorded in `merge_report.json` (`notes` and `decisions`).
@@ -121,6 +121,54 @@ fn peft_err(e: rime_peft::Error) -> Error {
     Error::Invalid(format!("evaluation: {e}"))
 }
 
+/// Scores candidate adapters on the held-out data: texts through rime-peft's [`rime_peft::Evaluator`], or images
+/// (`parameters: {task: image-classify}`, `eval_data` an image folder or IDX images file, `eval_limit` its first
+/// N images) through [`rime_peft::image::evaluate_adapter`].
+enum Scorer<'d> {
+    Text(rime_peft::Evaluator<'d>, rime_peft::TextClassData),
+    Image { dev: &'d Device, base: PathBuf, data: rime_peft::ImageClassData, batch: usize },
+}
+
+impl<'d> Scorer<'d> {
+    fn new(
+        dev: &'d Device,
+        cfg: &MergeConfig,
+        base: &Path,
+        eval: &Path,
+        batch: usize,
+        max_length: usize,
+    ) -> Result<Self> {
+        match cfg.strings.get("task").map(String::as_str) {
+            None | Some("classify") => {
+                let evaluator = rime_peft::Evaluator::new(dev, base, batch, max_length).map_err(peft_err)?;
+                let data = rime_peft::TextClassData::from_file(eval, &columns(cfg)).map_err(peft_err)?;
+                Ok(Scorer::Text(evaluator, data))
+            }
+            Some("image-classify") => {
+                let mut data = rime_peft::ImageClassData::from_path(eval).map_err(peft_err)?;
+                if let Some(n) = cfg.numbers.get("eval_limit") {
+                    data = data.take(*n as usize);
+                }
+                Ok(Scorer::Image { dev, base: base.to_path_buf(), data, batch })
+            }
+            Some(t) => Err(Error::Config {
+                file: cfg.source.display().to_string(),
+                msg: format!("parameters: task `{t}`: expected classify or image-classify"),
+            }),
+        }
+    }
+
+    fn accuracy(&self, adapter: &Path) -> Result<f64> {
+        let m = match self {
+            Scorer::Text(ev, data) => ev.evaluate(adapter, data),
+            Scorer::Image { dev, base, data, batch } => {
+                rime_peft::image::evaluate_adapter(dev, base, adapter, data, *batch)
+            }
+        };
+        m.map(|m| m.accuracy).map_err(peft_err)
+    }
+}
+
 /// `parameters: combination`: linear (the default) or cat.
 fn combination_of(cfg: &MergeConfig) -> Result<Combination> {
     Ok(match cfg.strings.get("combination").map(String::as_str) {
@@ -158,7 +206,6 @@ pub fn greedy_soup(dev: &Device, cfg: &MergeConfig, out: &Path, opts: &MergeOpti
     let t0 = Instant::now();
     let base = base_path(cfg)?;
     let eval = resolve_file(cfg, "eval_data")?;
-    let cols = columns(cfg);
     let batch = num(cfg, "batch_size", 32.0).max(1.0) as usize;
     let max_length = num(cfg, "max_length", 128.0).max(8.0) as usize;
     let combination = combination_of(cfg)?;
@@ -174,9 +221,8 @@ pub fn greedy_soup(dev: &Device, cfg: &MergeConfig, out: &Path, opts: &MergeOpti
     let inputs: Vec<&Path> = paths.iter().map(|p| p.as_path()).collect();
     let staging = Staging::new(out, opts.force, &inputs)?;
     let scratch = staging.tmp.join(".candidate");
-    let evaluator = rime_peft::Evaluator::new(dev, &base, batch, max_length).map_err(peft_err)?;
-    let data = rime_peft::TextClassData::from_file(&eval, &cols).map_err(peft_err)?;
-    let evaluate = |dir: &Path| -> Result<f64> { evaluator.evaluate(dir, &data).map(|m| m.accuracy).map_err(peft_err) };
+    let scorer = Scorer::new(dev, cfg, &base, &eval, batch, max_length)?;
+    let evaluate = |dir: &Path| -> Result<f64> { scorer.accuracy(dir) };
     let soup_of = |members: &[usize]| -> Result<PeftAdapter> {
         let sel: Vec<PeftAdapter> = members.iter().map(|&i| ads[i].clone()).collect();
         let nm: Vec<String> = members.iter().map(|&i| names[i].clone()).collect();
