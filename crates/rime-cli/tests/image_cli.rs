@@ -29,6 +29,20 @@ fn image_train(out: &Path, extra: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// `rime eval --task image-classify --json` of `adapter` on the first 16 test images.
+fn eval_images(adapter: &Path) -> serde_json::Value {
+    let o = common::rime()
+        .args(["eval", "--task", "image-classify", "--json", "--adapter"])
+        .arg(adapter)
+        .arg("--data")
+        .arg(format!("{FMNIST}/t10k-images-idx3-ubyte.gz"))
+        .args(["--limit", "16"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
 #[test]
 fn image_classify_trains_and_writes_a_peft_adapter() {
     if !ready() {
@@ -54,16 +68,7 @@ fn image_classify_trains_and_writes_a_peft_adapter() {
     assert_eq!(cfg["rime_image"]["size"], 56);
 
     // `rime eval` reads the adapter's pooling and size and scores the eval images as training did.
-    let o = common::rime()
-        .args(["eval", "--task", "image-classify", "--json", "--adapter"])
-        .arg(out.join("best"))
-        .arg("--data")
-        .arg(format!("{FMNIST}/t10k-images-idx3-ubyte.gz"))
-        .args(["--limit", "16"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let e: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let e = eval_images(&out.join("best"));
     assert_eq!(e["examples"], 16);
     let (got, want) = (e["loss"].as_f64().unwrap(), m["eval_loss"].as_f64().unwrap());
     assert!((got - want).abs() < 1e-4 && e["accuracy"] == m["eval_accuracy"], "eval {e} vs training {m}");
@@ -170,16 +175,7 @@ fn greedy_soup_of_image_adapters() {
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(soup.join("merge_report.json")).unwrap()).unwrap();
     assert_eq!(report["decisions"].as_array().unwrap().len(), 2, "{report}");
-    let o = common::rime()
-        .args(["eval", "--task", "image-classify", "--json", "--adapter"])
-        .arg(&soup)
-        .arg("--data")
-        .arg(format!("{FMNIST}/t10k-images-idx3-ubyte.gz"))
-        .args(["--limit", "16"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let e: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let e = eval_images(&soup);
     // The soup's accuracy is what the greedy selection measured for it.
     assert_eq!(e["accuracy"], report["soup_accuracy"], "{e} vs {report}");
 }
