@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use prost::Message;
 
 use crate::error::{display, format_err, io_err, Error, Result};
+use crate::gguf::NamedTensor;
 
 /// `TensorProto.DataType` values rime reads as floats or integers.
 const FLOAT: i32 = 1;
@@ -268,7 +269,7 @@ impl OnnxFile {
     /// The float initializers under their Hugging Face names, with the exporter's transposes and splits undone
     /// (see the module docs). Initializers that are neither named weights nor recognised exporter artefacts
     /// (shape constants, unnamed tensors of other ops) are left out; integer tensors are left out.
-    pub fn hf_tensors(&self) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+    pub fn hf_tensors(&self) -> Result<Vec<NamedTensor>> {
         let consumers = self.consumers();
         let mut out = Vec::new();
         let mut pos_cls = None;
@@ -390,7 +391,7 @@ fn check_tensor(path: &Path, t: &TensorProto) -> Result<()> {
     }
     let stored = match (element_bytes(t.data_type), t.raw_data.is_empty()) {
         (Some(size), false) => {
-            if t.raw_data.len() % size != 0 {
+            if !t.raw_data.len().is_multiple_of(size) {
                 return Err(err(format!(
                     "raw_data of {} bytes is not a whole number of {}",
                     t.raw_data.len(),

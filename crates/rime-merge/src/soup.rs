@@ -125,7 +125,7 @@ fn peft_err(e: rime_peft::Error) -> Error {
 /// (`parameters: {task: image-classify}`, `eval_data` an image folder or IDX images file, `eval_limit` its first
 /// N images) through [`rime_peft::image::evaluate_adapter`].
 enum Scorer<'d> {
-    Text(rime_peft::Evaluator<'d>, rime_peft::TextClassData),
+    Text(Box<(rime_peft::Evaluator<'d>, rime_peft::TextClassData)>),
     Image { dev: &'d Device, base: PathBuf, data: rime_peft::ImageClassData, batch: usize },
 }
 
@@ -142,7 +142,7 @@ impl<'d> Scorer<'d> {
             None | Some("classify") => {
                 let evaluator = rime_peft::Evaluator::new(dev, base, batch, max_length).map_err(peft_err)?;
                 let data = rime_peft::TextClassData::from_file(eval, &columns(cfg)).map_err(peft_err)?;
-                Ok(Scorer::Text(evaluator, data))
+                Ok(Scorer::Text(Box::new((evaluator, data))))
             }
             Some("image-classify") => {
                 let mut data = rime_peft::ImageClassData::from_path(eval).map_err(peft_err)?;
@@ -160,7 +160,7 @@ impl<'d> Scorer<'d> {
 
     fn accuracy(&self, adapter: &Path) -> Result<f64> {
         let m = match self {
-            Scorer::Text(ev, data) => ev.evaluate(adapter, data),
+            Scorer::Text(t) => t.0.evaluate(adapter, &t.1),
             Scorer::Image { dev, base, data, batch } => {
                 rime_peft::image::evaluate_adapter(dev, base, adapter, data, *batch)
             }

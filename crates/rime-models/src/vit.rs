@@ -337,31 +337,6 @@ pub fn param_shapes(cfg: &VitConfig) -> Vec<(String, Vec<usize>)> {
     v
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cubic_weights_sum_to_one_and_interpolate_exactly_at_taps() {
-        for t in [0.0, 0.25, 0.5, 0.9] {
-            let w = cubic_weights(t);
-            assert!((w.iter().sum::<f64>() - 1.0).abs() < 1e-12);
-        }
-        assert_eq!(cubic_weights(0.0), [0.0, 1.0, 0.0, 0.0]);
-    }
-
-    #[test]
-    fn same_grid_is_identity_and_constant_grid_stays_constant() {
-        let (g, c) = (3, 2);
-        let table: Vec<f32> = (0..(1 + g * g) * c).map(|i| i as f32).collect();
-        assert_eq!(interpolate_positions(&table, g, c, 3, 3), table);
-        let flat = vec![0.5f32; (1 + g * g) * c];
-        let out = interpolate_positions(&flat, g, c, 5, 2);
-        assert_eq!(out.len(), (1 + 10) * c);
-        assert!(out.iter().all(|&x| (x - 0.5).abs() < 1e-6));
-    }
-}
-
 /// A ViT loaded into a store: its config, the prefix its tensors are under, the stored position table (kept
 /// on the CPU to interpolate for new resolutions) and what was left out of the file.
 pub struct VitModel {
@@ -584,4 +559,29 @@ pub fn onnx_config(path: &std::path::Path) -> Result<(VitConfig, String)> {
         }
     }
     Ok((cfg, prefix))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cubic_weights_sum_to_one_and_interpolate_exactly_at_taps() {
+        for t in [0.0, 0.25, 0.5, 0.9] {
+            let w = cubic_weights(t);
+            assert!((w.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+        }
+        assert_eq!(cubic_weights(0.0), [0.0, 1.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn same_grid_is_identity_and_constant_grid_stays_constant() {
+        let (g, c) = (3, 2);
+        let table: Vec<f32> = (0..(1 + g * g) * c).map(|i| i as f32).collect();
+        assert_eq!(interpolate_positions(&table, g, c, 3, 3), table);
+        let flat = vec![0.5f32; (1 + g * g) * c];
+        let out = interpolate_positions(&flat, g, c, 5, 2);
+        assert_eq!(out.len(), (1 + 10) * c);
+        assert!(out.iter().all(|&x| (x - 0.5).abs() < 1e-6));
+    }
 }

@@ -103,6 +103,6 @@ fn bad_image_data_names_the_argument() {
     let Some((model, dir)) = inputs() else { return };
     let mut task = ImageClassifyTask::new(common::dev(), &model, Method::Probe, fmnist(&dir, "t10k", 20), None)
         .with_preprocess(Preprocess::letterbox(50));
-    let e = task.prepare(&cfg(1), &mut |_| {}).err().expect("50 px is refused").to_string();
+    let e = task.prepare(&cfg(1), &mut |_| {}).expect_err("50 px is refused").to_string();
     assert!(e.contains("50") && e.contains("multiples of 14"), "{e}");
 }
