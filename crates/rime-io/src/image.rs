@@ -311,9 +311,118 @@ pub fn image_folder(root: &Path) -> Result<ImageFolder> {
     Ok(ImageFolder { classes: names, items })
 }
 
+/// Reads an image list: a CSV / TSV with a header naming a path column (`path`, `image` or `file`) and a `label`
+/// column, or JSON lines with those keys. Relative paths are taken from the list's folder. Classes are the
+/// distinct labels, sorted (numerically when every label is a whole number); fewer than two is an error.
+pub fn image_list(list: &Path) -> Result<ImageFolder> {
+    let bad = |msg: String| Error::Dataset { file: display(list), msg };
+    let text = std::fs::read_to_string(list).map_err(io_err(list, "read image list"))?;
+    let ext = list.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    const PATH_KEYS: [&str; 3] = ["path", "image", "file"];
+    let mut rows: Vec<(String, String)> = Vec::new();
+    match ext.as_str() {
+        "jsonl" | "json" => {
+            for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+                let v: serde_json::Value =
+                    serde_json::from_str(line).map_err(|e| bad(format!("line {}: {e}", i + 1)))?;
+                let path = PATH_KEYS.iter().find_map(|k| v.get(*k).and_then(|p| p.as_str()));
+                let label = match v.get("label") {
+                    Some(serde_json::Value::String(s)) => Some(s.clone()),
+                    Some(serde_json::Value::Number(n)) => Some(n.to_string()),
+                    _ => None,
+                };
+                match (path, label) {
+                    (Some(p), Some(l)) => rows.push((p.to_string(), l)),
+                    _ => {
+                        return Err(bad(format!(
+                            "line {}: expected a string \"path\" (or \"image\", \"file\") and a \"label\"",
+                            i + 1
+                        )))
+                    }
+                }
+            }
+        }
+        "csv" | "tsv" => {
+            let delim = if ext == "tsv" { b'\t' } else { b',' };
+            let mut r = csv::ReaderBuilder::new().delimiter(delim).from_reader(text.as_bytes());
+            let header: Vec<String> =
+                r.headers().map_err(|e| bad(e.to_string()))?.iter().map(|h| h.trim().to_ascii_lowercase()).collect();
+            let col = |names: &[&str]| header.iter().position(|h| names.contains(&h.as_str()));
+            let (Some(pc), Some(lc)) = (col(&PATH_KEYS), col(&["label"])) else {
+                return Err(bad(format!(
+                    "the header {header:?} needs a path column (path, image or file) and a label column"
+                )));
+            };
+            for (i, rec) in r.records().enumerate() {
+                let rec = rec.map_err(|e| bad(format!("row {}: {e}", i + 2)))?;
+                match (rec.get(pc), rec.get(lc)) {
+                    (Some(p), Some(l)) if !p.trim().is_empty() => rows.push((p.trim().into(), l.trim().into())),
+                    _ => return Err(bad(format!("row {}: no path or label", i + 2))),
+                }
+            }
+        }
+        _ => return Err(bad("an image list is a .csv, .tsv or .jsonl file".into())),
+    }
+    let mut classes: Vec<String> = rows.iter().map(|(_, l)| l.clone()).collect();
+    classes.sort();
+    classes.dedup();
+    if classes.iter().all(|c| c.parse::<u64>().is_ok()) {
+        classes.sort_by_key(|c| c.parse::<u64>().unwrap_or(0));
+    }
+    if classes.len() < 2 {
+        return Err(bad(format!(
+            "{} image(s) in {} class(es): classification needs at least two",
+            rows.len(),
+            classes.len()
+        )));
+    }
+    let base = list.parent().unwrap_or(Path::new("."));
+    let items = rows
+        .into_iter()
+        .map(|(p, l)| {
+            let path = PathBuf::from(&p);
+            let path = if path.is_absolute() { path } else { base.join(path) };
+            (path, classes.iter().position(|c| *c == l).unwrap_or(0))
+        })
+        .collect();
+    Ok(ImageFolder { classes, items })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn image_lists_read_csv_and_jsonl_relative_to_the_list() {
+        let dir = std::env::temp_dir().join(format!("rime-image-list-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let csv = dir.join("l.csv");
+        std::fs::write(&csv, "label,path\n10,a.png\n2,/x/b.png\n10,c.png\n").unwrap();
+        let f = image_list(&csv).unwrap();
+        assert_eq!(f.classes, ["2", "10"], "numeric labels sort as numbers");
+        assert_eq!(f.items, [(dir.join("a.png"), 1), (PathBuf::from("/x/b.png"), 0), (dir.join("c.png"), 1)]);
+        let jsonl = dir.join("l.jsonl");
+        std::fs::write(
+            &jsonl,
+            "{\"image\": \"a.png\", \"label\": \"cat\"}\n\n{\"path\": \"b.png\", \"label\": \"dog\"}\n",
+        )
+        .unwrap();
+        let f = image_list(&jsonl).unwrap();
+        assert_eq!(f.classes, ["cat", "dog"]);
+        assert_eq!(f.items[1], (dir.join("b.png"), 1));
+        for (name, body, want) in [
+            ("h.csv", "file,class\na.png,x\n", "label column"),
+            ("one.csv", "path,label\na.png,x\nb.png,x\n", "at least two"),
+            ("bad.jsonl", "{\"path\": 3, \"label\": 1}\n", "line 1"),
+            ("l.txt", "a.png 1\n", ".csv, .tsv or .jsonl"),
+        ] {
+            let p = dir.join(name);
+            std::fs::write(&p, body).unwrap();
+            let e = image_list(&p).unwrap_err().to_string();
+            assert!(e.contains(name) && e.contains(want), "{name}: {e}");
+        }
+        std::fs::remove_dir_all(&dir).ok();
+    }
 
     #[test]
     fn area_enlarge_by_an_integer_factor_replicates_pixels() {

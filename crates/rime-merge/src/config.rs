@@ -63,7 +63,7 @@ impl Method {
     fn string_params(self) -> &'static [&'static str] {
         match self {
             Method::GreedySoup => &["eval_data", "combination", "text_column", "label_column", "task"],
-            Method::Atlas => &["train_data", "eval_data", "text_column", "label_column"],
+            Method::Atlas => &["train_data", "eval_data", "text_column", "label_column", "task"],
             _ => &[],
         }
     }
@@ -77,7 +77,7 @@ impl Method {
             Method::DareLinear | Method::DareTies => &["normalize", "lambda", "int8_mask", "seed"],
             Method::Slerp => &["t"],
             Method::GreedySoup => &["batch_size", "max_length", "eval_limit"],
-            Method::Atlas => &["batch_size", "max_length", "steps", "lr", "examples", "seed"],
+            Method::Atlas => &["batch_size", "max_length", "steps", "lr", "examples", "seed", "eval_limit"],
         }
     }
 

@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 use rand::{Rng, SeedableRng};
 use rime_graph::ParamStore;
 use rime_kernels::{Device, DeviceOptions};
-use rime_merge::atlas::{fit, loss_and_grad, mean_loss, set_coefficients, AtlasTensor};
+use rime_merge::atlas::{fit, loss_and_grad, mean_loss, set_coefficients, AtlasTensor, TextObjective};
 use rime_models::bert::BertConfig;
 use rime_peft::classifier;
 use rime_peft::classify::{Encoded, GradientProbe, Session};
@@ -68,7 +68,7 @@ fn tiny_store(d: &Device) -> ParamStore {
 
 /// A session whose value weight and head are merged tensors of K = 2 task vectors, and a labelled set
 /// whose label depends on the first token (so the coefficients can fit it).
-fn setup(d: &'static Device) -> (GradientProbe<'static>, Vec<AtlasTensor>, Encoded) {
+fn setup(d: &'static Device) -> (TextObjective<'static>, Vec<AtlasTensor>) {
     let mut st = tiny_store(d);
     let mut tensors = Vec::new();
     for (i, name) in
@@ -94,25 +94,25 @@ fn setup(d: &'static Device) -> (GradientProbe<'static>, Vec<AtlasTensor>, Encod
         enc.ids.push(ids);
     }
     let sess = Session::for_inference(d, st, tiny_cfg(), String::new(), Box::new(rime_models::Plain), B, T);
-    (GradientProbe::from_session(sess, None), tensors, enc)
+    (TextObjective { probe: GradientProbe::from_session(sess, None), train: enc, eval: None, seq: T }, tensors)
 }
 
 #[test]
 fn atlas_lambda_gradient_matches_finite_differences() {
     let d = dev();
-    let (mut sess, tensors, enc) = setup(d);
+    let (mut sess, tensors) = setup(d);
     let lam: Vec<Vec<f32>> = (0..tensors.len()).map(|t| vec![0.4 + 0.1 * t as f32, 0.7 - 0.2 * t as f32]).collect();
     let idx = [0usize, 1, 2, 3];
-    set_coefficients(&sess, &tensors, &lam).unwrap();
-    let (_, g) = loss_and_grad(&mut sess, &tensors, &enc, &idx, T).unwrap();
+    set_coefficients(&mut sess, &tensors, &lam).unwrap();
+    let (_, g) = loss_and_grad(&mut sess, &tensors, &idx).unwrap();
     let h = 1e-2f32;
     for t in 0..tensors.len() {
         for k in 0..2 {
             let mut loss_at = |delta: f32| {
                 let mut l2 = lam.clone();
                 l2[t][k] += delta;
-                set_coefficients(&sess, &tensors, &l2).unwrap();
-                loss_and_grad(&mut sess, &tensors, &enc, &idx, T).unwrap().0
+                set_coefficients(&mut sess, &tensors, &l2).unwrap();
+                loss_and_grad(&mut sess, &tensors, &idx).unwrap().0
             };
             let fd = (loss_at(h) - loss_at(-h)) / (2.0 * h);
             let tol = 2e-3 + 2e-2 * fd.abs();
@@ -129,12 +129,12 @@ fn atlas_lambda_gradient_matches_finite_differences() {
 #[test]
 fn atlas_learned_coefficients_beat_uniform() {
     let d = dev();
-    let (mut sess, tensors, enc) = setup(d);
+    let (mut sess, tensors) = setup(d);
     let init: Vec<Vec<f32>> = tensors.iter().map(|_| vec![0.5, 0.5]).collect();
-    set_coefficients(&sess, &tensors, &init).unwrap();
-    let uniform = mean_loss(&mut sess, &enc).unwrap();
-    let f = fit(&mut sess, &tensors, &enc, init, 60, 0.1, 3, T).unwrap();
-    let learned = mean_loss(&mut sess, &enc).unwrap();
+    set_coefficients(&mut sess, &tensors, &init).unwrap();
+    let uniform = mean_loss(&mut sess).unwrap();
+    let f = fit(&mut sess, &tensors, init, 60, 0.1, 3).unwrap();
+    let learned = mean_loss(&mut sess).unwrap();
     assert_eq!(f.losses.len(), 60);
     assert!(f.lambdas.iter().flatten().all(|x| x.is_finite()));
     assert!(learned < uniform * 0.9, "learned λ {:?}: loss {learned} vs uniform {uniform}", f.lambdas);

@@ -73,9 +73,10 @@ pub const MEAN_WEIGHTS: &str = "mean_weights";
 pub struct Vit {
     /// CLS + patch + position embeddings [B, 1 + N, C] (Hugging Face `hidden_states[0]`).
     pub embeddings: Var,
-    /// The residual stream after each block [B, 1 + N, C] (`hidden_states[1..]`).
+    /// The residual stream after each block [B, 1 + N, C] (`hidden_states[1..]`; with visual prompts
+    /// [B, P + 1 + N, C], the prompt tokens first).
     pub layer_outputs: Vec<Var>,
-    /// After the final LayerNorm [B, 1 + N, C] (`last_hidden_state`).
+    /// After the final LayerNorm [B, 1 + N, C] (`last_hidden_state`; prompt tokens first when there are any).
     pub last_hidden: Var,
     /// [B, C]: the CLS token of `last_hidden` (`pooler_output`).
     pub cls: Var,
@@ -112,9 +113,6 @@ pub fn build(
     let (c, t) = (cfg.hidden, 1 + gh * gw);
     let x = g.input(PIXEL_VALUES, &[b, cfg.channels, h, w], DType::F32);
     let pos_ids = g.input(POSITION_IDS, &[b, t], DType::U32);
-    let cls_w = g.input(CLS_WEIGHTS, &[b, 1, t], DType::F32);
-    let mean_w = g.input(MEAN_WEIGHTS, &[b, 1, t], DType::F32);
-
     let pw = p(g, store, prefix, "embeddings.patch_embeddings.projection.weight")?;
     let pb = p(g, store, prefix, "embeddings.patch_embeddings.projection.bias")?;
     let patches = g.patch_embed(x, pw, Some(pb), cfg.patch)?;
@@ -124,8 +122,19 @@ pub fn build(
     let table = g.param(store, &positions_name(prefix, gh, gw))?;
     let pos = g.embedding(pos_ids, table)?;
     let embeddings = g.add(tokens, pos)?;
+    // Visual prompt tuning (VPT-shallow): prompt rows join the sequence after the embeddings, without position
+    // embeddings. The blocks do not see token order, so they go in front ([prompts, CLS, patches]) and the
+    // pooling weights skip them (see [`pool_weights`]).
+    let prompts = hook.virtual_tokens().prompt;
+    let x = hook.input_embeddings(g, store, embeddings)?;
+    let t = t + prompts;
+    if g.shape(x) != [b, t, c] {
+        return Err(Error::Invalid(format!("input embeddings {:?}, expected [{b}, {t}, {c}]", g.shape(x))));
+    }
+    let cls_w = g.input(CLS_WEIGHTS, &[b, 1, t], DType::F32);
+    let mean_w = g.input(MEAN_WEIGHTS, &[b, 1, t], DType::F32);
 
-    let mut x = embeddings;
+    let mut x = x;
     let mut layer_outputs = Vec::with_capacity(cfg.layers);
     for l in 0..cfg.layers {
         x = block(g, store, cfg, prefix, l, x, b, t, hook)?;
@@ -204,11 +213,13 @@ pub fn position_ids(b: usize, t: usize) -> Vec<u32> {
     (0..b).flat_map(|_| 0..t as u32).collect()
 }
 
-/// The two pooling inputs for `b` images of `t` tokens: ([`CLS_WEIGHTS`] one on token 0, [`MEAN_WEIGHTS`]
-/// 1/(t−1) on every patch token), each [B, 1, T].
-pub fn pool_weights(b: usize, t: usize) -> (Vec<f32>, Vec<f32>) {
-    let cls = (0..b).flat_map(|_| (0..t).map(|i| if i == 0 { 1.0 } else { 0.0 })).collect();
-    let mean = (0..b).flat_map(|_| (0..t).map(|i| if i == 0 { 0.0 } else { 1.0 / (t - 1) as f32 })).collect();
+/// The two pooling inputs for `b` images of `t` tokens (CLS and patches) behind `prompts` prompt tokens:
+/// ([`CLS_WEIGHTS`] one on the CLS token, [`MEAN_WEIGHTS`] 1/(t−1) on every patch token), each
+/// [B, 1, prompts + t].
+pub fn pool_weights(b: usize, t: usize, prompts: usize) -> (Vec<f32>, Vec<f32>) {
+    let row = |f: &dyn Fn(usize) -> f32| (0..b).flat_map(|_| (0..prompts + t).map(f)).collect::<Vec<f32>>();
+    let cls = row(&|i| if i == prompts { 1.0 } else { 0.0 });
+    let mean = row(&|i| if i > prompts { 1.0 / (t - 1) as f32 } else { 0.0 });
     (cls, mean)
 }
 

@@ -91,7 +91,7 @@ fn dinov2_forward_matches_onnxruntime() {
     let x: Vec<f32> = pixels.chunks(h * w * 3).flat_map(|img| normalize(img, h, w)).collect();
     ex.feed_f32(d, vit::PIXEL_VALUES, &x).unwrap();
     ex.feed_u32(d, vit::POSITION_IDS, &vit::position_ids(b, t)).unwrap();
-    let (cls_w, mean_w) = vit::pool_weights(b, t);
+    let (cls_w, mean_w) = vit::pool_weights(b, t, 0);
     ex.feed_f32(d, vit::CLS_WEIGHTS, &cls_w).unwrap();
     ex.feed_f32(d, vit::MEAN_WEIGHTS, &mean_w).unwrap();
     ex.forward(d).unwrap();
@@ -159,7 +159,7 @@ fn a_hugging_face_dinov2_folder_loads_like_the_onnx_file() {
         let mut ex = Executor::new(d, g, &m.store, None, &[net.cls], None).unwrap();
         ex.feed_f32(d, vit::PIXEL_VALUES, &x).unwrap();
         ex.feed_u32(d, vit::POSITION_IDS, &vit::position_ids(1, 257)).unwrap();
-        let (c, mean) = vit::pool_weights(1, 257);
+        let (c, mean) = vit::pool_weights(1, 257, 0);
         ex.feed_f32(d, vit::CLS_WEIGHTS, &c).unwrap();
         ex.feed_f32(d, vit::MEAN_WEIGHTS, &mean).unwrap();
         ex.forward(d).unwrap();

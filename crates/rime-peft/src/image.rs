@@ -70,17 +70,32 @@ impl ImageClassData {
         Ok(d)
     }
 
-    /// An image folder (a directory) or an IDX images file (`*-images-idx3-ubyte[.gz]`, its labels read from the
-    /// `*-labels-idx1-ubyte[.gz]` beside it).
+    /// A CSV / TSV / JSONL list of image paths and labels (see [`rime_io::image_list`]); every image is decoded
+    /// now, and one that cannot be is an error naming its path.
+    pub fn from_list(list: &Path) -> Result<Self> {
+        let f = rime_io::image_list(list)?;
+        let images = f.items.iter().map(|(p, _)| RgbImage::open(p)).collect::<rime_io::Result<Vec<_>>>()?;
+        let mut d = Self::new(images, f.items.iter().map(|(_, l)| *l).collect(), f.classes)?;
+        d.source = Some(list.to_path_buf());
+        Ok(d)
+    }
+
+    /// An image folder (a directory), a list of paths and labels (`.csv`, `.tsv`, `.jsonl`), or an IDX images
+    /// file (`*-images-idx3-ubyte[.gz]`, its labels read from the `*-labels-idx1-ubyte[.gz]` beside it).
     pub fn from_path(path: &Path) -> Result<Self> {
         if path.is_dir() {
             return Self::from_folder(path);
         }
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+        if matches!(ext.as_str(), "csv" | "tsv" | "jsonl") {
+            return Self::from_list(path);
+        }
         if !name.contains("images-idx3") {
             return Err(Error::Msg(format!(
-                "{}: expected an image folder (one sub-folder per class) or an IDX images file \
-                 (*-images-idx3-ubyte[.gz], labels beside it as *-labels-idx1-ubyte[.gz])",
+                "{}: expected an image folder (one sub-folder per class), a .csv/.tsv/.jsonl list of paths and \
+                 labels, or an IDX images file (*-images-idx3-ubyte[.gz], labels beside it as \
+                 *-labels-idx1-ubyte[.gz])",
                 path.display()
             )));
         }
@@ -218,12 +233,16 @@ pub fn evaluate_adapter(
     vit::add_positions(dev, &mut m.store, &m.cfg, &m.prefix, &m.positions, gh, gw)?;
     let hook = classifier::hook_for_adapter(&acfg)?;
     let mut ve = build_exec(dev, &m.store, &m.cfg, &m.prefix, hook.as_ref(), (batch, size, pooling), None)?;
-    let pre = Preprocess::letterbox(size);
+    score(dev, &mut ve, &Preprocess::letterbox(size), data)
+}
+
+/// Accuracy, macro-F1 and loss of `ve`'s logits on `data`, forward only, a batch at a time.
+fn score(dev: &Device, ve: &mut VitExec, pre: &Preprocess, data: &ImageClassData) -> Result<EvalMetrics> {
     let classes = data.classes.len();
     let mut logits = vec![0f32; data.len() * classes];
     let order: Vec<usize> = (0..data.len()).collect();
-    for chunk in order.chunks(batch) {
-        feed(dev, &ve, &pre, data, chunk, None)?;
+    for chunk in order.chunks(ve.batch) {
+        feed(dev, ve, pre, data, chunk, None)?;
         ve.exec.forward(dev)?;
         let lg = ve.exec.read(dev, ve.logits)?;
         for (r, &i) in chunk.iter().enumerate() {
@@ -234,13 +253,137 @@ pub fn evaluate_adapter(
     Ok(metrics_from_logits(&logits, &labels, classes))
 }
 
+/// A frozen ViT with a classification head whose chosen tensors take gradients, for methods that learn
+/// something other than the model's own parameters (aTLAS's task-vector coefficients): the loss of a batch of
+/// images and dL/dW of the tensors marked with [`ImageGradientProbe::train_tensor`] or added with
+/// [`ImageGradientProbe::add_tensor`] (the head, `head.weight` / `head.bias`, must be added before the first
+/// batch). No optimizer is ever stepped; the caller rewrites tensors with [`ImageGradientProbe::write`].
+pub struct ImageGradientProbe<'d> {
+    dev: &'d Device,
+    model: vit::VitModel,
+    batch: usize,
+    pooling: Pooling,
+    preprocess: Preprocess,
+    exec: Option<VitExec>,
+}
+
+impl<'d> ImageGradientProbe<'d> {
+    /// The backbone at `model` (ONNX file or Hugging Face folder), batches of `batch` images letterboxed to
+    /// `size` pixels, the head reading `pooling`.
+    pub fn open(dev: &'d Device, model: &Path, batch: usize, size: usize, pooling: Pooling) -> Result<Self> {
+        crate::config::at_least("batch_size", batch, 1)?;
+        let mut m = vit::load(dev, model)?;
+        let (gh, gw) = m.cfg.patch_grid(size, size)?;
+        vit::add_positions(dev, &mut m.store, &m.cfg, &m.prefix, &m.positions, gh, gw)?;
+        Ok(Self { dev, model: m, batch, pooling, preprocess: Preprocess::letterbox(size), exec: None })
+    }
+
+    /// The checkpoint's tensor-name prefix (`backbone.` for the DINOv2 ONNX file, empty for a folder).
+    pub fn prefix(&self) -> &str {
+        &self.model.prefix
+    }
+
+    /// Images per batch.
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    fn built(&self, what: &str) -> Result<()> {
+        match self.exec {
+            Some(_) => Err(Error::Msg(format!("{what} after the first batch: the graph is already built"))),
+            None => Ok(()),
+        }
+    }
+
+    /// Make the model tensor `name` take gradients.
+    pub fn train_tensor(&mut self, name: &str) -> Result<rime_graph::ParamId> {
+        self.built("train_tensor")?;
+        let id = self.model.store.id(name)?;
+        self.model.store.set_trainable(id, true);
+        Ok(id)
+    }
+
+    /// Add a tensor that takes gradients (the head).
+    pub fn add_tensor(&mut self, name: &str, data: &[f32], shape: &[usize]) -> Result<rime_graph::ParamId> {
+        self.built("add_tensor")?;
+        Ok(self.model.store.add_f32(self.dev, name, data, shape, true)?)
+    }
+
+    pub fn shape(&self, id: rime_graph::ParamId) -> &[usize] {
+        &self.model.store.get(id).tensor.shape
+    }
+
+    /// Overwrite a tensor's values on the device.
+    pub fn write(&self, id: rime_graph::ParamId, data: &[f32]) -> Result<()> {
+        Ok(self.dev.write_f32(&self.model.store.get(id).tensor, data)?)
+    }
+
+    /// A tensor's values, read back from the device.
+    pub fn read(&self, id: rime_graph::ParamId) -> Result<Vec<f32>> {
+        Ok(self.model.store.read_f32(self.dev, id)?)
+    }
+
+    /// The id of the model tensor `name`, if the model has it.
+    pub fn find(&self, name: &str) -> Option<rime_graph::ParamId> {
+        self.model.store.find(name)
+    }
+
+    fn exec(&mut self) -> Result<&VitExec> {
+        if self.exec.is_none() {
+            let m = &self.model;
+            // The optimizer makes the executor build the backward pass; it is never stepped.
+            let optim = Some(OptimConfig::adamw(0.0, 0.0));
+            let ve = build_exec(
+                self.dev,
+                &m.store,
+                &m.cfg,
+                &m.prefix,
+                &rime_models::Plain,
+                (self.batch, self.preprocess.size, self.pooling),
+                optim,
+            )?;
+            self.exec = Some(ve);
+        }
+        Ok(self.exec.as_ref().expect("built above"))
+    }
+
+    /// Mean loss of the images `idx` of `data` (at most one batch) and dL/dW of each tensor in `ids`.
+    pub fn loss_and_grads(
+        &mut self,
+        data: &ImageClassData,
+        idx: &[usize],
+        ids: &[rime_graph::ParamId],
+    ) -> Result<(f32, Vec<Vec<f32>>)> {
+        if idx.len() > self.batch {
+            return Err(Error::Msg(format!("{} images in a batch of {}", idx.len(), self.batch)));
+        }
+        let (dev, pre) = (self.dev, self.preprocess.clone());
+        self.exec()?;
+        let ve = self.exec.as_mut().expect("built above");
+        feed(dev, ve, &pre, data, idx, None)?;
+        ve.exec.backward_only(dev)?;
+        let loss = ve.exec.read(dev, ve.loss)?[0];
+        let grads = ids.iter().map(|&id| ve.exec.read_param_grad(dev, id)).collect::<Result<Vec<_>, _>>()?;
+        Ok((loss, grads))
+    }
+
+    /// Accuracy, macro-F1 and loss on `data` (forward only).
+    pub fn evaluate(&mut self, data: &ImageClassData) -> Result<EvalMetrics> {
+        let (dev, pre) = (self.dev, self.preprocess.clone());
+        self.exec()?;
+        score(dev, self.exec.as_mut().expect("built above"), &pre, data)
+    }
+}
+
 /// One compiled ViT graph for a batch of `batch` images.
 struct VitExec {
     exec: Executor,
     logits: Var,
     loss: Var,
     batch: usize,
+    /// CLS + patch tokens per image (the position ids), and the visual prompt tokens in front of them.
     tokens: usize,
+    prompts: usize,
 }
 
 fn build_exec(
@@ -262,7 +405,8 @@ fn build_exec(
     let loss = g.cross_entropy(logits, labels, -100)?;
     let exec = Executor::new(dev, g, store, Some(loss), &[logits], optim)?;
     let (gh, gw) = cfg.patch_grid(size, size)?;
-    Ok(VitExec { exec, logits, loss, batch: b, tokens: 1 + gh * gw })
+    let prompts = hook.virtual_tokens().prompt;
+    Ok(VitExec { exec, logits, loss, batch: b, tokens: 1 + gh * gw, prompts })
 }
 
 /// Preprocess `idx` of `data` into the inputs of `ve` (missing rows of a short batch are zeros, label −100),
@@ -290,7 +434,7 @@ fn feed(
     let ex = &ve.exec;
     ex.feed_f32(dev, vit::PIXEL_VALUES, &pixels)?;
     ex.feed_u32(dev, vit::POSITION_IDS, &vit::position_ids(b, ve.tokens))?;
-    let (cls, mean) = vit::pool_weights(b, ve.tokens);
+    let (cls, mean) = vit::pool_weights(b, ve.tokens, ve.prompts);
     ex.feed_f32(dev, vit::CLS_WEIGHTS, &cls)?;
     ex.feed_f32(dev, vit::MEAN_WEIGHTS, &mean)?;
     ex.feed_i32(dev, "labels", &labels)?;
@@ -316,6 +460,17 @@ impl AugmentState {
         let key =
             self.seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (n as u64).wrapping_mul(0xc2b2_ae3d_27d4_eb4f);
         rand::rngs::StdRng::seed_from_u64(key)
+    }
+}
+
+/// Prompt and prefix tuning record the backbone's depth and heads (peft's `num_layers`,
+/// `num_attention_heads`); the text models fill them through [`Method::for_model`].
+fn for_vit(method: Method, cfg: &VitConfig) -> Method {
+    let (layers, heads) = (cfg.layers, cfg.heads);
+    match method {
+        Method::Prompt(c) => Method::Prompt(crate::prompt::PromptConfig { layers, heads, ..c }),
+        Method::Prefix(c) => Method::Prefix(crate::methods::prefix::PrefixConfig { layers, heads, ..c }),
+        m => m,
     }
 }
 
@@ -460,6 +615,7 @@ impl<'d> Task<'d> for ImageClassifyTask<'d> {
         let (gh, gw) = model.cfg.patch_grid(self.preprocess.size, self.preprocess.size)?;
         vit::add_positions(dev, &mut model.store, &model.cfg, &model.prefix, &model.positions, gh, gw)?;
         classifier::init_head(dev, &mut model.store, model.cfg.hidden, train.classes.len(), cfg.seed)?;
+        self.method = for_vit(self.method.clone(), &model.cfg);
         on(Event::Info(classifier::prepare_method(dev, &mut model.store, &self.method)?));
         let trainable: usize = model.store.trainable().map(|(_, p)| p.tensor.numel()).sum();
         let frozen: usize = model.store.iter().filter(|(_, p)| !p.trainable).map(|(_, p)| p.tensor.numel()).sum();

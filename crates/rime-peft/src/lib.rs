@@ -61,7 +61,7 @@ pub use causal::{CausalSummary, CausalTask};
 pub use classify::{ClassifySummary, ClassifyTask, Evaluator};
 pub use config::{Schedule, TrainConfig, WeightStorage};
 pub use data::{CausalData, TextClassData};
-pub use image::{Augment, ImageClassData, ImageClassifyTask, Pooling};
+pub use image::{Augment, ImageClassData, ImageClassifyTask, ImageGradientProbe, Pooling};
 pub use trainer::{train, Event, Metric, Task, TrainResult};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use rime_io::{Preprocess, RgbImage};
 use rime_peft::classifier::Method;
 use rime_peft::lora::LoraConfig;
+use rime_peft::methods::prefix::PrefixConfig;
+use rime_peft::prompt::{PromptConfig, PromptInit};
 use rime_peft::{ImageClassData, ImageClassifyTask, Pooling, Task, TrainConfig};
 
 fn inputs() -> Option<(PathBuf, PathBuf)> {
@@ -54,7 +56,15 @@ fn lora_and_probe_train_on_fashion_mnist_and_the_adapter_reloads() {
     let Some((model, dir)) = inputs() else { return };
     let d = common::dev();
     let (train, eval) = (fmnist(&dir, "train", 64), fmnist(&dir, "t10k", 32));
-    for (method, pooling) in [(lora(), Pooling::Cls), (Method::Probe, Pooling::PatchMean)] {
+    // Visual prompt tuning: 4 prompt tokens beside CLS (peft's RANDOM init; images have no vocabulary).
+    let prompt = Method::Prompt(PromptConfig { num_virtual_tokens: 4, init: PromptInit::Random, ..Default::default() });
+    let prefix = Method::Prefix(PrefixConfig { num_virtual_tokens: 4, ..Default::default() });
+    for (method, pooling) in [
+        (lora(), Pooling::Cls),
+        (Method::Probe, Pooling::PatchMean),
+        (prompt, Pooling::Cls),
+        (prefix, Pooling::PatchMean),
+    ] {
         let name = method.name();
         let mut task = ImageClassifyTask::new(d, &model, method.clone(), train.clone(), Some(eval.clone()))
             .with_pooling(pooling)
@@ -105,4 +115,37 @@ fn bad_image_data_names_the_argument() {
         .with_preprocess(Preprocess::letterbox(50));
     let e = task.prepare(&cfg(1), &mut |_| {}).expect_err("50 px is refused").to_string();
     assert!(e.contains("50") && e.contains("multiples of 14"), "{e}");
+}
+
+/// The gradients aTLAS fits its coefficients with: dL/dW of a backbone weight and of the head, from
+/// [`ImageGradientProbe`], against central finite differences of the loss along the gradient's own direction.
+#[test]
+fn image_gradient_probe_matches_finite_differences() {
+    let Some((model, dir)) = inputs() else { return };
+    let d = common::dev();
+    let data = fmnist(&dir, "t10k", 4);
+    let mut probe = rime_peft::ImageGradientProbe::open(d, &model, 4, 28, Pooling::Cls).unwrap();
+    let q = format!("{}encoder.layer.11.attention.attention.query.weight", probe.prefix());
+    let qid = probe.train_tensor(&q).unwrap();
+    let head: Vec<f32> = (0..10 * 384).map(|i| ((i * 7919 % 1000) as f32 / 1000.0 - 0.5) * 0.2).collect();
+    let hid = probe.add_tensor(rime_peft::classifier::HEAD_WEIGHT, &head, &[10, 384]).unwrap();
+    probe.add_tensor(rime_peft::classifier::HEAD_BIAS, &[0.0; 10], &[10]).unwrap();
+    let idx = [0usize, 1, 2, 3];
+    let (loss, g) = probe.loss_and_grads(&data, &idx, &[qid, hid]).unwrap();
+    assert!(loss.is_finite());
+    for (id, grad) in [(qid, &g[0]), (hid, &g[1])] {
+        let w = probe.read(id).unwrap();
+        let norm = grad.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+        assert!(norm > 0.0, "zero gradient");
+        let h = 1e-2 / norm as f32;
+        let mut at = |s: f32| {
+            let moved: Vec<f32> = w.iter().zip(grad).map(|(x, gr)| x + s * h * gr).collect();
+            probe.write(id, &moved).unwrap();
+            probe.loss_and_grads(&data, &idx, &[]).unwrap().0 as f64
+        };
+        // d/dε L(W + ε g/|g|) = |g|.
+        let fd = (at(1.0) - at(-1.0)) / (2.0 * 1e-2);
+        probe.write(id, &w).unwrap();
+        assert!((fd - norm).abs() <= 0.03 * norm + 1e-4, "directional derivative {fd} vs |g| {norm}");
+    }
 }

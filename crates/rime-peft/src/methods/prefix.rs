@@ -12,7 +12,8 @@ use rime_models::bert::BertConfig;
 use rime_models::{LinearHook, VirtualTokens};
 
 use super::prompt::{
-    check_tokens, config_for, from_peft_layout, normal, virtual_tokens_of, word_embeddings, PROMPT_EMBEDDINGS,
+    check_tokens, config_for, encoder_layers, from_peft_layout, normal, virtual_tokens_of, word_embeddings,
+    PROMPT_EMBEDDINGS,
 };
 use super::{SavedTensor, TuningMethod};
 use crate::classifier::Method;
@@ -52,10 +53,7 @@ pub fn prefix_name(layer: usize, value: bool) -> String {
 pub fn add_prefix(dev: &Device, store: &mut ParamStore, cfg: &PrefixConfig) -> Result<String> {
     check_tokens(cfg.num_virtual_tokens)?;
     let layers = cfg.layers;
-    if layers == 0
-        || store.find(&format!("encoder.layer.{}.attention.self.key.weight", layers - 1)).is_none()
-            && store.find(&format!("bert.encoder.layer.{}.attention.self.key.weight", layers - 1)).is_none()
-    {
+    if layers == 0 || encoder_layers(store) < layers {
         return Err(Error::Msg(format!(
             "prefix tuning for {layers} layers, but the model has no encoder.layer.{}: set the method's layers \
              from the model config (Method::for_model)",

@@ -98,14 +98,33 @@ pub(super) fn normal(rng: &mut impl Rng) -> f32 {
     (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
 }
 
-/// (hidden size, vocabulary size) of the BERT encoder in `store` under `prefix` (`""` or `bert.`).
+/// The token table of the model in `store` and its (rows, width): a BERT encoder's word embeddings (under `""`
+/// or `bert.`), or for a ViT its CLS token ([1, 1, C]: width C, no rows to draw a random-discrete init from).
 pub(super) fn word_embeddings(store: &ParamStore) -> Result<(rime_graph::ParamId, usize, usize)> {
-    let id = ["embeddings.word_embeddings.weight", "bert.embeddings.word_embeddings.weight"]
+    if let Some(id) = ["embeddings.word_embeddings.weight", "bert.embeddings.word_embeddings.weight"]
         .iter()
         .find_map(|n| store.find(n))
-        .ok_or_else(|| Error::Msg("no embeddings.word_embeddings.weight: not a BERT encoder".into()))?;
-    let shape = &store.get(id).tensor.shape;
-    Ok((id, shape[0], shape[1]))
+    {
+        let shape = &store.get(id).tensor.shape;
+        return Ok((id, shape[0], shape[1]));
+    }
+    let cls = store.iter().find(|(_, p)| p.name.ends_with("embeddings.cls_token") && p.tensor.shape.len() == 3);
+    match cls {
+        Some((id, p)) => Ok((id, 0, p.tensor.shape[2])),
+        None => {
+            Err(Error::Msg("no embeddings.word_embeddings.weight or embeddings.cls_token: not a BERT or ViT".into()))
+        }
+    }
+}
+
+/// Encoder layers of the model in `store`: how many `encoder.layer.N.attention.*.key.weight` there are, from 0
+/// (BERT's `[bert.]…attention.self.key`, a ViT's `[backbone.]…attention.attention.key`).
+pub(super) fn encoder_layers(store: &ParamStore) -> usize {
+    let has = |l: usize| {
+        let layer = format!("encoder.layer.{l}.attention.");
+        store.iter().any(|(_, p)| p.name.contains(&layer) && p.name.ends_with(".key.weight"))
+    };
+    (0..).take_while(|&l| has(l)).count()
 }
 
 pub(super) fn check_tokens(p: usize) -> Result<()> {
@@ -122,6 +141,13 @@ pub fn add_prompt(dev: &Device, store: &mut ParamStore, cfg: &PromptConfig) -> R
     let p = cfg.num_virtual_tokens;
     let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed ^ 0x9e0b_7a11);
     let data: Vec<f32> = match cfg.init {
+        PromptInit::RandomDiscrete if vocab == 0 => {
+            return Err(Error::invalid(
+                "prompt_init",
+                "random-discrete draws prompt rows from a word-embedding table, which a vision model has not; \
+                 use random (N(0, 1), as visual prompt tuning)",
+            ))
+        }
         PromptInit::RandomDiscrete => {
             let table = store.read_f32(dev, we)?;
             (0..p)
@@ -246,12 +272,7 @@ pub fn from_peft_layout(store: &ParamStore, ad: &mut PeftAdapter, dir: &Path) ->
     let prefix = ad.config.peft_type == PREFIX_TUNING;
     let layers = if prefix {
         let l = get("num_layers").ok_or_else(|| bad("a PREFIX_TUNING config without num_layers".into()))?;
-        if store.find(&format!("encoder.layer.{l}.attention.self.key.weight")).is_some()
-            || (0..l).any(|i| {
-                store.find(&format!("encoder.layer.{i}.attention.self.key.weight")).is_none()
-                    && store.find(&format!("bert.encoder.layer.{i}.attention.self.key.weight")).is_none()
-            })
-        {
+        if encoder_layers(store) != l {
             return Err(bad(format!("num_layers {l} differs from the model's number of encoder layers")));
         }
         if raw.get("prefix_projection").and_then(|v| v.as_bool()) == Some(true) {
