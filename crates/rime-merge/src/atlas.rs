@@ -313,7 +313,7 @@ fn target_name(prefix: &str, module: &str) -> String {
 fn head_tensors(
     ads: &[rime_io::PeftAdapter],
     paths: &[std::path::PathBuf],
-    add: &mut dyn FnMut(&str, &[f32], &[usize]) -> Result<ParamId>,
+    add: AddTensor,
 ) -> Result<Vec<AtlasTensor>> {
     let mut tensors = Vec::new();
     for head in [HEAD_WEIGHT, HEAD_BIAS] {
@@ -454,9 +454,10 @@ pub fn atlas(dev: &Device, cfg: &MergeConfig, out: &Path, opts: &MergeOptions) -
         return Err(Error::Config { file: cfg.source.display().to_string(), msg: "atlas needs models".into() });
     }
     let labels = shared_labels(&ads, &paths)?;
+    let run = Run { dev, cfg, out, opts, t0, inputs: (&base, &ads, &paths, &labels), ex, batch };
     match cfg.strings.get("task").map(String::as_str) {
-        None | Some("classify") => atlas_text(dev, cfg, out, opts, t0, (&base, &ads, &paths, &labels), &ex, batch),
-        Some("image-classify") => atlas_images(dev, cfg, out, opts, t0, (&base, &ads, &paths, &labels), &ex, batch),
+        None | Some("classify") => atlas_text(&run),
+        Some("image-classify") => atlas_images(&run),
         Some(t) => Err(Error::Config {
             file: cfg.source.display().to_string(),
             msg: format!("parameters: task `{t}`: expected classify or image-classify"),
@@ -464,15 +465,32 @@ pub fn atlas(dev: &Device, cfg: &MergeConfig, out: &Path, opts: &MergeOptions) -
     }
 }
 
+/// Adds a trainable tensor to the model (name, values, shape).
+type AddTensor<'a> = &'a mut dyn FnMut(&str, &[f32], &[usize]) -> Result<ParamId>;
+/// Marks a model tensor trainable; returns its id and base values.
+type TrainTensor<'a> = &'a mut dyn FnMut(&str) -> Result<(ParamId, Vec<f32>)>;
+
 type Inputs<'a> = (&'a Path, &'a [rime_io::PeftAdapter], &'a [std::path::PathBuf], &'a [String]);
+
+/// One aTLAS merge: where it runs, what it reads (base, adapters, their paths, their labels) and writes.
+struct Run<'a> {
+    dev: &'a Device,
+    cfg: &'a MergeConfig,
+    out: &'a Path,
+    opts: &'a MergeOptions,
+    t0: Instant,
+    inputs: Inputs<'a>,
+    ex: Examples,
+    batch: usize,
+}
 
 /// The merged tensors (one per adapted base tensor, zeros for an adapter that leaves it alone) and the heads.
 fn atlas_tensors(
     (base, ads, paths, _): Inputs,
     prefix: &str,
     shape: &dyn Fn(&str) -> Option<Vec<usize>>,
-    train: &mut dyn FnMut(&str) -> Result<(ParamId, Vec<f32>)>,
-    add: &mut dyn FnMut(&str, &[f32], &[usize]) -> Result<ParamId>,
+    train: TrainTensor,
+    add: AddTensor,
 ) -> Result<Vec<AtlasTensor>> {
     let taus = task_vectors(ads, paths, shape, prefix, base)?;
     let mut tensors = Vec::new();
@@ -509,17 +527,8 @@ fn run_fit(obj: &mut dyn Objective, tensors: &[AtlasTensor], k: usize, cfg: &Mer
     Ok(Fitted { fit, train_loss_uniform, train_loss_learned, eval_accuracy_uniform, eval_accuracy_learned })
 }
 
-#[allow(clippy::too_many_arguments)]
-fn atlas_text(
-    dev: &Device,
-    cfg: &MergeConfig,
-    out: &Path,
-    opts: &MergeOptions,
-    t0: Instant,
-    inputs: Inputs,
-    ex: &Examples,
-    batch: usize,
-) -> Result<MergeReport> {
+fn atlas_text(run: &Run) -> Result<MergeReport> {
+    let Run { dev, cfg, out, opts, inputs, ref ex, batch, .. } = *run;
     let (base, ads, paths, labels) = inputs;
     let max_length = num(cfg, "max_length", 64.0).max(8.0) as usize;
     let mut probe = GradientProbe::open(dev, base, batch, max_length).map_err(perr)?;
@@ -571,19 +580,11 @@ fn atlas_text(
     let note =
         format!("the merged model is {0}, with its classification head as an adapter in {0}/head", out.display());
     let io = (ntensors, bytes_read, bytes_written, side_files);
-    finish(dev, cfg, out, t0, inputs, ex, &tensors, &fitted, obj.train.ids.len(), io, note, staging)
+    finish(run, &tensors, &fitted, obj.train.ids.len(), io, note, staging)
 }
 
-fn atlas_images(
-    dev: &Device,
-    cfg: &MergeConfig,
-    out: &Path,
-    opts: &MergeOptions,
-    t0: Instant,
-    inputs: Inputs,
-    ex: &Examples,
-    batch: usize,
-) -> Result<MergeReport> {
+fn atlas_images(run: &Run) -> Result<MergeReport> {
+    let Run { dev, cfg, out, opts, inputs, ref ex, batch, .. } = *run;
     let (base, ads, paths, labels) = inputs;
     // Every ingredient must have been trained at the same input size and pooling.
     let image = ads[0].config.raw.get(rime_peft::image::IMAGE_KEY);
@@ -647,7 +648,7 @@ fn atlas_images(
     );
     let written = merged.tensors.iter().map(|t| t.data.len() as u64 * 4).sum();
     let io = (merged.tensors.len(), 0, written, vec![]);
-    finish(dev, cfg, out, t0, inputs, ex, &tensors, &fitted, obj.train.len(), io, note, staging)
+    finish(run, &tensors, &fitted, obj.train.len(), io, note, staging)
 }
 
 fn staging(out: &Path, opts: &MergeOptions, base: &Path, paths: &[std::path::PathBuf]) -> Result<Staging> {
@@ -656,14 +657,8 @@ fn staging(out: &Path, opts: &MergeOptions, base: &Path, paths: &[std::path::Pat
 }
 
 /// The report (`merge_report.json` with the fit's numbers), then the staging folder moved to `out`.
-#[allow(clippy::too_many_arguments)]
 fn finish(
-    dev: &Device,
-    cfg: &MergeConfig,
-    out: &Path,
-    t0: Instant,
-    (base, ads, paths, _): Inputs,
-    ex: &Examples,
+    run: &Run,
     tensors: &[AtlasTensor],
     fitted: &Fitted,
     examples: usize,
@@ -671,6 +666,8 @@ fn finish(
     note: String,
     staging: Staging,
 ) -> Result<MergeReport> {
+    let Run { dev, cfg, out, t0, ref ex, .. } = *run;
+    let (base, ads, paths, _) = run.inputs;
     let steps = num(cfg, "steps", 30.0).max(0.0) as usize;
     let lr = num(cfg, "lr", 0.05) as f32;
     let seconds = t0.elapsed().as_secs_f64();
