@@ -297,7 +297,9 @@ impl MergeConfig {
             let pget = |k: &str| p.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()).or_else(|| gget(k));
             let path = resolve_model(&name, base_dir).ok_or_else(|| {
                 err(format!(
-                    "models[{i}]: model `{name}` not found (as a path, next to the config, or in the models folder)"
+                    "models[{i}]: model `{name}` not found (as a path, next to the config, or in the models \
+                     folder){}",
+                    hub_hint(&name)
                 ))
             })?;
             models.push(ModelEntry { name, path, weight: pget("weight"), density: pget("density") });
@@ -307,7 +309,8 @@ impl MergeConfig {
             Some(name) => {
                 let path = resolve_model(&name, base_dir).ok_or_else(|| {
                     err(format!(
-                        "base_model `{name}` not found (as a path, next to the config, or in the models folder)"
+                        "base_model `{name}` not found (as a path, next to the config, or in the models folder){}",
+                        hub_hint(&name)
                     ))
                 })?;
                 Some(ModelEntry { name, path, weight: None, density: None })
@@ -464,6 +467,25 @@ impl MergeConfig {
 
 fn canon(p: &Path) -> PathBuf {
     std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// For a name shaped like a Hugging Face Hub id (`org/name`, not a path that exists): how to use a local copy,
+/// since rime never downloads.
+fn hub_hint(name: &str) -> String {
+    let parts: Vec<&str> = name.split('/').collect();
+    let hub_like = parts.len() == 2
+        && parts.iter().all(|p| !p.is_empty() && !p.starts_with('.'))
+        && !name.starts_with('/')
+        && !name.starts_with('~');
+    if !hub_like {
+        return String::new();
+    }
+    format!(
+        "; `{name}` looks like a Hugging Face Hub id, and rime reads local files only: download it where a hub is \
+         reachable (e.g. `huggingface-cli download {name} --local-dir models/{}`) and write that folder's path \
+         (relative paths are taken from the config's folder, then the models folder)",
+        parts[1]
+    )
 }
 
 fn resolve_model(name: &str, config_dir: &Path) -> Option<PathBuf> {

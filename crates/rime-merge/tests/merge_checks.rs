@@ -286,3 +286,24 @@ fn a_full_disk_gives_a_clear_error_and_leaves_nothing() {
     assert!(e.contains("out") && e.contains("No space left"), "{e}");
     assert!(left.is_empty(), "left on the full disk: {left:?}");
 }
+
+/// A model named like a Hugging Face Hub id (no such local folder) is refused with how to use a local copy;
+/// a missing plain path is refused without that hint.
+#[test]
+fn hub_ids_in_model_say_how_to_point_at_a_local_copy() {
+    let src = std::env::temp_dir().join(format!("rime-hub-{}", std::process::id())).join("c.yaml");
+    let e = MergeConfig::from_yaml_str(
+        "merge_method: linear\nmodels:\n  - model: sentence-transformers/all-MiniLM-L6-v2\n    parameters: {weight: 1}\n",
+        &src,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("models[0]") && e.contains("Hugging Face Hub id") && e.contains("--local-dir"), "{e}");
+    let e = MergeConfig::from_yaml_str(
+        "merge_method: linear\nmodels:\n  - model: ./no/such/folder\n    parameters: {weight: 1}\n",
+        &src,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("not found") && !e.contains("Hub id"), "{e}");
+}
