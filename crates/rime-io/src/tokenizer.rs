@@ -82,8 +82,12 @@ impl Tokenizer {
         if !file.is_file() {
             return Err(Error::Tokenizer { file: display(&file), msg: "file not found".into() });
         }
-        let inner = tokenizers::Tokenizer::from_file(&file)
-            .map_err(|e| Error::Tokenizer { file: display(&file), msg: e.to_string() })?;
+        let bad = |msg: String| Error::Tokenizer { file: display(&file), msg };
+        let bytes = std::fs::read(&file).map_err(|e| bad(format!("cannot read: {e}")))?;
+        // The JSON is checked whole first: tokenizers 0.22 panics (an `expect` in its decoder deserializer)
+        // instead of returning an error when a syntax error falls inside the `decoder` object.
+        serde_json::from_slice::<serde::de::IgnoredAny>(&bytes).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| bad(e.to_string()))?;
         Ok(Self::from_inner(inner, &display(&file)))
     }
 

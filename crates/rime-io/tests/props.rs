@@ -133,6 +133,21 @@ fn word_level_tokenizer() -> Value {
         "model": {"type": "WordLevel", "vocab": {"[PAD]": 0, "a": 1, "b": 2}, "unk_token": "[PAD]"}})
 }
 
+/// Every truncation of a tokenizer.json is an error naming the file, never a panic (tokenizers 0.22 panics on a
+/// syntax error inside its `decoder` object; rime checks the JSON first). Exhaustive over cut points.
+#[test]
+fn every_truncated_tokenizer_is_an_error() {
+    let full = word_level_tokenizer().to_string().into_bytes();
+    let p = file("tok_cut", "tokenizer.json");
+    for cut in 0..full.len() {
+        std::fs::write(&p, &full[..cut]).unwrap();
+        let e = Tokenizer::from_file(&p).expect_err("a truncated file is refused");
+        assert!(e.to_string().contains("tokenizer.json"), "cut {cut}: {e}");
+    }
+    std::fs::write(&p, &full).unwrap();
+    Tokenizer::from_file(&p).expect("the whole file loads");
+}
+
 proptest! {
     #![proptest_config(config())]
 
