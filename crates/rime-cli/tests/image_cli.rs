@@ -61,11 +61,13 @@ fn image_classify_trains_and_writes_a_peft_adapter() {
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("best/adapter_config.json")).unwrap()).unwrap();
     assert_eq!(cfg["peft_type"], "LORA");
-    assert_eq!(cfg["rime_labels"].as_array().map(|a| a.len()), Some(10));
+    let rime: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("best/rime.json")).unwrap()).unwrap();
+    assert_eq!(rime["rime_labels"].as_array().map(|a| a.len()), Some(10));
     let m: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
     assert_eq!(m["steps"], 4, "{m}");
-    assert_eq!(cfg["rime_image"]["size"], 56);
+    assert_eq!(rime["rime_image"]["size"], 56);
 
     // `rime eval` reads the adapter's pooling and size and scores the eval images as training did.
     let e = eval_images(&out.join("best"));
@@ -129,9 +131,9 @@ fn image_classify_reads_a_jsonl_list_of_paths_and_labels() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("best/adapter_config.json")).unwrap()).unwrap();
-    assert_eq!(cfg["rime_labels"], serde_json::json!(["bright", "dark"]));
+    let rime: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("best/rime.json")).unwrap()).unwrap();
+    assert_eq!(rime["rime_labels"], serde_json::json!(["bright", "dark"]));
 }
 
 #[test]

@@ -13,6 +13,9 @@ use crate::safetensors::{write_atomically, write_safetensors_as, Checkpoint, Dty
 
 /// File names peft uses.
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
+/// rime's own adapter settings (the `rime_*` keys: class labels, image settings, ...), beside adapter_config.json
+/// so that peft, which warns on keys its config classes lack, never sees them.
+pub const RIME_JSON: &str = "rime.json";
 pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
 
 /// `adapter_config.json`: the fields rime reads, plus all fields as written (kept for the round trip).
@@ -69,11 +72,37 @@ impl AdapterConfig {
         }
     }
 
-    /// Reads `adapter_config.json`.
+    /// Reads `adapter_config.json`, and the `rime_*` keys of the [`RIME_JSON`] beside it when there is one
+    /// (they land in [`AdapterConfig::raw`], as older adapters that kept them in adapter_config.json have them).
     pub fn from_file(path: impl AsRef<Path>) -> Result<AdapterConfig> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(io_err(path, "cannot read"))?;
-        Self::from_json_str(&text, path)
+        let mut config = Self::from_json_str(&text, path)?;
+        let extra = path.with_file_name(RIME_JSON);
+        if extra.is_file() {
+            let text = std::fs::read_to_string(&extra).map_err(io_err(&extra, "cannot read"))?;
+            let json: Value =
+                serde_json::from_str(&text).map_err(|e| format_err(&extra, format!("not valid JSON: {e}")))?;
+            let Value::Object(m) = json else { return Err(format_err(&extra, "not a JSON object")) };
+            for (k, v) in m {
+                if !k.starts_with("rime_") {
+                    return Err(format_err(&extra, format!("key `{k}`: only rime_* settings belong here")));
+                }
+                if config.raw.get(&k).is_some_and(|old| *old != v) {
+                    return Err(format_err(
+                        &extra,
+                        format!("`{k}` differs from the `{k}` of {}; keep one of them", display(path)),
+                    ));
+                }
+                config.raw.insert(k, v);
+            }
+        }
+        Ok(config)
+    }
+
+    /// The `rime_*` keys of [`AdapterConfig::raw`], which [`PeftAdapter::save`] writes to [`RIME_JSON`].
+    pub fn rime_json(&self) -> serde_json::Map<String, Value> {
+        self.raw.iter().filter(|(k, _)| k.starts_with("rime_")).map(|(k, v)| (k.clone(), v.clone())).collect()
     }
 
     /// Parses adapter_config.json text; `source` names it in messages.
@@ -161,9 +190,12 @@ impl AdapterConfig {
         Ok(config)
     }
 
-    /// The JSON peft reads: the fields as read, with the typed fields written over them.
+    /// The JSON peft reads: the fields as read, with the typed fields written over them, less rime's own
+    /// `rime_*` keys ([`AdapterConfig::rime_json`]) and the LoRA fields that the type's peft config class has
+    /// not (peft warns on each): IA3 keeps `target_modules` and `fan_in_fan_out`, prompt learning none of them.
     pub fn to_json(&self) -> Value {
         let mut m = self.raw.clone();
+        m.retain(|k, _| !k.starts_with("rime_"));
         let num = |x: f64| {
             if x.fract() == 0.0 && x.abs() < 9.0e15 {
                 Value::from(x as i64)
@@ -197,6 +229,28 @@ impl AdapterConfig {
         );
         if !m.contains_key("inference_mode") {
             m.insert("inference_mode".into(), Value::Bool(true));
+        }
+        const NOT_IA3: [&str; 8] =
+            ["r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "bias", "rank_pattern", "alpha_pattern"];
+        const NOT_PROMPT: [&str; 10] = [
+            "r",
+            "lora_alpha",
+            "lora_dropout",
+            "target_modules",
+            "fan_in_fan_out",
+            "use_rslora",
+            "use_dora",
+            "bias",
+            "rank_pattern",
+            "alpha_pattern",
+        ];
+        let drop: &[&str] = match self.peft_type.as_str() {
+            "IA3" => &NOT_IA3,
+            "PROMPT_TUNING" | "PREFIX_TUNING" => &NOT_PROMPT,
+            _ => &[],
+        };
+        for k in drop {
+            m.remove(*k);
         }
         Value::Object(m)
     }
@@ -338,6 +392,20 @@ impl PeftAdapter {
         let text = serde_json::to_string_pretty(&self.config.to_json())
             .map_err(|e| format_err(&cfg_path, format!("cannot serialize: {e}")))?;
         write_atomically(&cfg_path, |w| {
+            use std::io::Write;
+            w.write_all(text.as_bytes())
+        })?;
+        let extra = dir.join(RIME_JSON);
+        let rime = self.config.rime_json();
+        if rime.is_empty() {
+            if extra.is_file() {
+                std::fs::remove_file(&extra).map_err(io_err(&extra, "cannot remove"))?;
+            }
+            return Ok(());
+        }
+        let text = serde_json::to_string_pretty(&Value::Object(rime))
+            .map_err(|e| format_err(&extra, format!("cannot serialize: {e}")))?;
+        write_atomically(&extra, |w| {
             use std::io::Write;
             w.write_all(text.as_bytes())
         })

@@ -71,6 +71,8 @@ impl PeftAdapter {
     /// and a saved head with as many rows as `rime_labels` has labels.
     pub(crate) fn check_self(&self, dir: &Path, weights: &Path) -> Result<()> {
         let cfg_file = dir.join(ADAPTER_CONFIG);
+        let rime_file = dir.join(crate::peft::RIME_JSON);
+        let labels_file = if rime_file.is_file() { rime_file } else { cfg_file.clone() };
         if self.tensors.is_empty() {
             return Err(Error::Format { file: display(weights), msg: "the adapter holds no tensors".into() });
         }
@@ -80,7 +82,7 @@ impl PeftAdapter {
         if self.config.peft_type == "LORA" {
             self.check_ranks(&cfg_file)?;
         }
-        self.check_head(&cfg_file)
+        self.check_head(&labels_file)
     }
 
     /// Each LoRA pair's rank (rows of A) against the config: `rank_pattern` when a key matches, else `r`.

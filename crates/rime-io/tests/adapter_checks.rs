@@ -45,8 +45,9 @@ fn save(a: &PeftAdapter, name: &str) -> PathBuf {
 }
 
 /// Rewrites one field of the saved adapter_config.json.
+/// Sets `key` in adapter_config.json, or in rime.json for rime's own `rime_*` keys (where rime writes them).
 fn set_field(dir: &Path, key: &str, v: serde_json::Value) {
-    let p = dir.join("adapter_config.json");
+    let p = dir.join(if key.starts_with("rime_") { "rime.json" } else { "adapter_config.json" });
     let mut j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
     j[key] = v;
     std::fs::write(&p, j.to_string()).unwrap();
@@ -124,7 +125,7 @@ fn non_finite_factors_are_refused_naming_the_tensor() {
 fn a_head_with_more_rows_than_labels_is_refused() {
     let dir = save(&valid(), "head_rows");
     set_field(&dir, "rime_labels", serde_json::json!(["neg"]));
-    has(&load_err(&dir), &["adapter_config.json", "`rime_labels`", "1 labels", "base_model.model.head."]);
+    has(&load_err(&dir), &["rime.json", "`rime_labels`", "1 labels", "base_model.model.head."]);
 }
 
 #[test]
@@ -172,4 +173,37 @@ fn regex_target_modules_select_like_peft_and_rime() {
     a.config.raw.insert("target_modules".into(), serde_json::json!("query"));
     let e = a.check_against(&dir, &model()).unwrap_err().to_string();
     assert!(e.contains("not selected"), "{e}");
+}
+
+/// rime's own settings go to rime.json, so adapter_config.json holds only what peft's config class knows (peft
+/// warns on every other key); loading merges them back; the same key set differently in both files is refused;
+/// an IA3 config carries no LoRA fields.
+#[test]
+fn rime_settings_live_in_rime_json_beside_a_clean_peft_config() {
+    let dir = save(&valid(), "rime_json");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap();
+    assert!(cfg.as_object().unwrap().keys().all(|k| !k.starts_with("rime_")), "{cfg}");
+    let rime: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("rime.json")).unwrap()).unwrap();
+    assert_eq!(rime, serde_json::json!({"rime_labels": ["neg", "pos"]}));
+    assert_eq!(PeftAdapter::load(&dir).unwrap().config.raw["rime_labels"], serde_json::json!(["neg", "pos"]));
+
+    // An older adapter with the labels in adapter_config.json: the same value loads, another is refused.
+    let p = dir.join("adapter_config.json");
+    let mut old = cfg.clone();
+    old["rime_labels"] = serde_json::json!(["neg", "pos"]);
+    std::fs::write(&p, old.to_string()).unwrap();
+    PeftAdapter::load(&dir).unwrap();
+    old["rime_labels"] = serde_json::json!(["pos", "neg"]);
+    std::fs::write(&p, old.to_string()).unwrap();
+    has(&load_err(&dir), &["rime.json", "`rime_labels` differs", "adapter_config.json"]);
+
+    let mut ia3 = AdapterConfig::lora(1, 1.0, vec!["query".into()]);
+    ia3.peft_type = "IA3".into();
+    let j = ia3.to_json();
+    for k in ["r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "bias"] {
+        assert!(j.get(k).is_none(), "IA3 config has `{k}`: {j}");
+    }
+    assert_eq!(j["target_modules"], serde_json::json!(["query"]));
 }

@@ -701,20 +701,19 @@ impl<'d> Task<'d> for ImageClassifyTask<'d> {
     }
 
     /// The adapter as [`classifier::save_adapter`] writes it, plus `rime_image` (pooling and input size) in
-    /// adapter_config.json so that evaluation reads the images the same way.
+    /// rime.json so that evaluation reads the images the same way.
     fn save_adapter(&self, dir: &Path) -> Result<()> {
         let l = self.loaded.as_ref().ok_or_else(|| Error::Msg("the image task is not prepared".into()))?;
         let base = self.model.display().to_string();
         let tmp = dir.with_extension("image-write");
         crate::checkpoint::remove(&tmp)?;
         classifier::save_adapter(self.dev, &l.model.store, &self.method, &base, &l.train.classes, &tmp)?;
-        let path = tmp.join("adapter_config.json");
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::Msg(format!("{}: {e}", path.display())))?;
-        let mut json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| Error::Msg(format!("{}: {e}", path.display())))?;
+        let mut config = rime_io::AdapterConfig::from_file(tmp.join(rime_io::peft::ADAPTER_CONFIG))?;
         let pooling = if self.pooling == Pooling::Cls { "cls" } else { "mean" };
-        json[IMAGE_KEY] = serde_json::json!({ "pooling": pooling, "size": self.preprocess.size, "fit": "letterbox" });
-        let text = serde_json::to_string_pretty(&json).map_err(|e| Error::Msg(e.to_string()))?;
+        let image = serde_json::json!({ "pooling": pooling, "size": self.preprocess.size, "fit": "letterbox" });
+        config.raw.insert(IMAGE_KEY.into(), image);
+        let path = tmp.join(rime_io::peft::RIME_JSON);
+        let text = serde_json::to_string_pretty(&config.rime_json()).map_err(|e| Error::Msg(e.to_string()))?;
         std::fs::write(&path, text).map_err(|e| Error::Msg(format!("{}: {e}", path.display())))?;
         crate::checkpoint::replace_dir(&tmp, dir)
     }
