@@ -210,7 +210,7 @@ impl TrainConfig {
     }
 }
 
-/// The fewest tokens a `max_length` may hold: the two special tokens of a sequence ([CLS] and [SEP], or a
+/// The fewest tokens a `max_length` may hold: the two special tokens of a sequence (`[CLS]` and `[SEP]`, or a
 /// decoder's BOS and EOS) and one token of text.
 pub const MIN_MAX_LENGTH: usize = 3;
 

@@ -4,7 +4,7 @@
 /// (g, norm): norm\[o] = ||W[o, :] + scale·B[o, :]·A||₂, g\[o] = m\[o] / norm\[o].
 pub fn dora_scale_forward(w: &[f32], a: &[f32], b: &[f32], m: &[f32], scale: f32, c: usize) -> (Vec<f32>, Vec<f32>) {
     let oc = m.len();
-    let r = if oc == 0 { 0 } else { b.len() / oc };
+    let r = b.len().checked_div(oc).unwrap_or(0);
     let mut g = vec![0f32; oc];
     let mut norm = vec![0f32; oc];
     for o in 0..oc {
