@@ -23,7 +23,8 @@ pub struct EncoderOptions {
     pub max_length: Option<usize>,
     /// L2-normalize each embedding (sentence-transformers' `normalize_embeddings`).
     pub normalize: bool,
-    /// A peft adapter folder applied to the encoder (LoRA, or a head-only probe adapter).
+    /// A peft adapter folder applied to the encoder: any method rime trains (LoRA and its variants, SVFit, IA3,
+    /// bottleneck adapters, prompt, prefix), or a head-only probe adapter (no change).
     pub adapter: Option<PathBuf>,
 }
 
@@ -204,41 +205,35 @@ fn check_output(pooled: &[f32], hidden: usize) -> Result<()> {
     Ok(())
 }
 
-/// Loads an adapter folder's tensors into the store. Only LoRA changes the encoder's output; the modules it
-/// adapts must exist in the model (or the adapter would silently do nothing).
+/// Loads an adapter folder's tensors into the store, as `rime eval` does: any method rime trains (LoRA with DoRA,
+/// rsLoRA and rank/alpha patterns, SVFit, IA3, bottleneck adapters, prompt and prefix tuning) changes the
+/// embedding; a head-only probe adapter leaves it as the base model's (a note says so). A LoRA module the model
+/// lacks is refused (the adapter would silently do nothing there).
 fn load_adapter(gpu: &Gpu, store: &mut ParamStore, dir: &Path, notes: &mut Vec<String>) -> Result<Box<dyn LinearHook>> {
     let ad = rime_io::PeftAdapter::load(dir)?;
     let c = &ad.config;
     let bad = |m: String| -> Result<Box<dyn LinearHook>> {
         Err(Error::invalid("adapter", format!("{}: {m}", dir.display())))
     };
-    match c.peft_type.as_str() {
-        "LORA" => {}
-        "RIME_PROBE" => {
-            notes.push(format!(
-                "{} holds a classification head only; embeddings are those of the base model",
-                dir.display()
-            ));
-            return Ok(classifier::hook_for(&classifier::Method::Probe));
+    if c.peft_type == "RIME_PROBE" {
+        notes.push(format!(
+            "{} holds a classification head only; embeddings are those of the base model",
+            dir.display()
+        ));
+        return Ok(classifier::hook_for(&classifier::Method::Probe));
+    }
+    if c.peft_type == "LORA" {
+        let pairs = ad.lora_pairs();
+        if pairs.is_empty() {
+            return bad("a LORA adapter without lora_A/lora_B tensors".into());
         }
-        t => return bad(format!("peft_type {t} is not supported for embeddings (LORA is)")),
-    }
-    if c.r == 0 {
-        return bad("adapter_config.json has r = 0".into());
-    }
-    if c.use_dora || !c.rank_pattern.is_empty() || !c.alpha_pattern.is_empty() {
-        return bad("DoRA and per-module rank_pattern/alpha_pattern are not supported for embeddings".into());
-    }
-    let pairs = ad.lora_pairs();
-    if pairs.is_empty() {
-        return bad("a LORA adapter without lora_A/lora_B tensors".into());
-    }
-    for p in &pairs {
-        if store.find(&format!("{}.weight", p.module)).is_none() {
-            return bad(format!(
-                "tensor '{}' adapts module '{}', which this model does not have (another base model?)",
-                p.a, p.module
-            ));
+        for p in &pairs {
+            if store.find(&format!("{}.weight", p.module)).is_none() {
+                return bad(format!(
+                    "tensor '{}' adapts module '{}', which this model does not have (another base model?)",
+                    p.a, p.module
+                ));
+            }
         }
     }
     classifier::load_adapter(gpu.device(), store, dir)?;

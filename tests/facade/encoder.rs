@@ -74,3 +74,71 @@ fn adapter_on_the_gpu_equals_the_folded_model() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `Encoder` (and `rime embed`) applies every method rime trains, as evaluation does: for DoRA, IA3, bottleneck,
+/// prompt and prefix adapters (trained a few steps at a high rate so they move), the embedding differs from the
+/// base model's, and the adapter's own head applied to the unnormalized embeddings gives exactly the loss that
+/// `finetune::evaluate` measures on the same texts.
+#[test]
+fn embed_applies_every_trainable_method() {
+    use rime::finetune::{self, Method};
+    let Some(model) = minilm() else { return };
+    let rows: Vec<serde_json::Value> =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/data/fine_foods/train.jsonl"))
+            .unwrap()
+            .lines()
+            .take(24)
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+    let texts: Vec<String> = rows.iter().map(|r| r["text"].as_str().unwrap().to_string()).collect();
+    let labels: Vec<String> = rows.iter().map(|r| r["label"].as_str().unwrap().to_string()).collect();
+    let data = finetune::TextClassData::new(texts.clone(), labels.clone());
+    let cfg = finetune::TrainConfig {
+        epochs: 1,
+        batch_size: 8,
+        lr: 3e-2,
+        max_length: 48,
+        save_every: 0,
+        ..Default::default()
+    };
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let raw = EncoderOptions { normalize: false, max_length: Some(48), ..Default::default() };
+    let base = Encoder::load_with(gpu(), &model, raw.clone()).unwrap().embed(&refs).unwrap();
+    let methods = [
+        Method::Lora(finetune::LoraConfig { dora: true, ..Default::default() }),
+        Method::Ia3 { targets: rime_peft::ia3::default_targets() },
+        Method::Adapter(Default::default()),
+        Method::Prompt(finetune::PromptConfig { num_virtual_tokens: 4, ..Default::default() }),
+        Method::Prefix(finetune::PrefixConfig { num_virtual_tokens: 4, ..Default::default() }),
+    ];
+    for method in methods {
+        let name = method.name();
+        let run = finetune::classify(gpu(), &model, method, data.clone(), Some(data.clone()), &cfg, |_| {}).unwrap();
+        let dir = scratch(&format!("embed-{name}"));
+        run.save(&dir).unwrap();
+        let adapter = dir.join("best");
+        let opts = EncoderOptions { adapter: Some(adapter.clone()), ..raw.clone() };
+        let emb = Encoder::load_with(gpu(), &model, opts).unwrap().embed(&refs).unwrap();
+        let moved = (0..refs.len()).map(|r| max_diff(&emb[r], &base[r])).fold(0f32, f32::max);
+        assert!(moved > 1e-4, "{name}: the adapter changed no embedding ({moved})");
+
+        // The head on the embeddings reproduces evaluation's loss.
+        let ad = rime_io::PeftAdapter::load(&adapter).unwrap();
+        let names: Vec<String> = serde_json::from_value(ad.config.raw["rime_labels"].clone()).unwrap();
+        let w = &ad.get("base_model.model.head.weight").unwrap().data;
+        let b = &ad.get("base_model.model.head.bias").unwrap().data;
+        let (k, h) = (names.len(), emb[0].len());
+        let mut loss = 0f64;
+        for (e, l) in emb.iter().zip(&labels) {
+            let logits: Vec<f64> =
+                (0..k).map(|c| b[c] as f64 + (0..h).map(|j| w[c * h + j] as f64 * e[j] as f64).sum::<f64>()).collect();
+            let m = logits.iter().cloned().fold(f64::MIN, f64::max);
+            let lse = m + logits.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
+            loss += lse - logits[names.iter().position(|n| n == l).unwrap()];
+        }
+        loss /= emb.len() as f64;
+        let m = finetune::evaluate(gpu(), &model, &adapter, &data, 8, 48).unwrap();
+        assert!((loss - m.loss).abs() < 1e-4, "{name}: head on embeddings {loss} vs evaluation {}", m.loss);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

@@ -1,5 +1,5 @@
 //! `rime embed`: sentence embeddings from a BERT encoder, the sentence-transformers way (mean pool over the
-//! attention mask, then L2 normalization), optionally with a LoRA adapter applied. One JSON line per text.
+//! attention mask, then L2 normalization), optionally with an adapter applied. One JSON line per text.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -30,8 +30,9 @@ pub struct EmbedArgs {
     /// Keep the mean-pooled vectors as they are (no L2 normalization).
     #[arg(long)]
     pub no_normalize: bool,
-    /// A LoRA adapter folder (adapter_config.json + adapter_model.safetensors, peft's format) applied to the
-    /// model. With it, choose the GPU with RIME_ADAPTER.
+    /// An adapter folder written by `rime train` or peft (LoRA, DoRA, SVFit, IA3, bottleneck adapter, prompt or
+    /// prefix tuning) applied to the model; a head-only probe adapter changes nothing. With it, choose the GPU
+    /// with RIME_ADAPTER.
     // A String, not a PathBuf: clap copies this value into the global `--adapter` (GPU) of the top-level
     // command, which shares the id and reads it as a String; see `run`.
     #[arg(long)]
