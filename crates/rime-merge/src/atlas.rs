@@ -107,10 +107,7 @@ impl Objective for TextObjective<'_> {
         self.probe.evaluate(&self.train).map_err(perr)
     }
     fn eval_metrics(&mut self) -> Result<Option<EvalMetrics>> {
-        match &self.eval {
-            Some(e) => Ok(Some(self.probe.evaluate(e).map_err(perr)?)),
-            None => Ok(None),
-        }
+        self.eval.as_ref().map(|e| self.probe.evaluate(e)).transpose().map_err(perr)
     }
 }
 
@@ -138,10 +135,7 @@ impl Objective for ImageObjective<'_> {
         self.probe.evaluate(&self.train).map_err(perr)
     }
     fn eval_metrics(&mut self) -> Result<Option<EvalMetrics>> {
-        match &self.eval {
-            Some(e) => Ok(Some(self.probe.evaluate(e).map_err(perr)?)),
-            None => Ok(None),
-        }
+        self.eval.as_ref().map(|e| self.probe.evaluate(e)).transpose().map_err(perr)
     }
 }
 
@@ -642,7 +636,7 @@ fn atlas_images(run: &Run) -> Result<MergeReport> {
     merged.save(&staging.tmp)?;
     write_coefficients(&staging.tmp, &tensors, &fitted.fit, paths)?;
     let note = format!(
-        "the merge is the LoRA adapter {} (rank {}): rime eval --task image-classify --adapter {0}",
+        "the merge is the LoRA adapter {} (rank {}), evaluated on the base model as any image adapter",
         out.display(),
         merged.config.r
     );

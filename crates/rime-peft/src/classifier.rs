@@ -352,9 +352,6 @@ pub fn save_method_adapter(
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::Msg(format!("{}: {e}", tmp.display())))?;
     }
     adapter.save(&tmp)?;
-    if !method.lora_fields() {
-        crate::prompt::drop_lora_fields(&tmp.join("adapter_config.json"))?;
-    }
     crate::checkpoint::replace_dir(&tmp, dir)
 }
 

@@ -163,9 +163,6 @@ pub fn save_peft(ad: &PeftAdapter, dir: &Path) -> Result<()> {
         std::fs::remove_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
     }
     ad.save(&tmp)?;
-    if matches!(ad.config.peft_type.as_str(), crate::prompt::PROMPT_TUNING | crate::prompt::PREFIX_TUNING) {
-        crate::prompt::drop_lora_fields(&tmp.join(rime_io::peft::ADAPTER_CONFIG))?;
-    }
     crate::checkpoint::replace_dir(&tmp, dir)
 }
 

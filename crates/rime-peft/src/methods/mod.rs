@@ -85,12 +85,6 @@ pub trait TuningMethod {
         Ok(())
     }
 
-    /// Whether adapter_config.json keeps the LoRA fields rime-io writes for every type (`r`, `lora_alpha`,
-    /// `target_modules`, ...); prompt learning drops them, as peft does.
-    fn lora_fields(&self) -> bool {
-        true
-    }
-
     /// Loading: check a read adapter and bring its tensors into the store's layout before they are loaded
     /// (`dir` names the folder in errors). Nothing by default.
     fn read_tensors(&self, _dev: &Device, _store: &ParamStore, _ad: &mut PeftAdapter, _dir: &Path) -> Result<()> {

@@ -217,10 +217,6 @@ impl TuningMethod for Prefix {
         to_peft_layout(tensors)
     }
 
-    fn lora_fields(&self) -> bool {
-        false
-    }
-
     fn read_tensors(&self, _dev: &Device, store: &ParamStore, ad: &mut PeftAdapter, dir: &Path) -> Result<()> {
         from_peft_layout(store, ad, dir)
     }

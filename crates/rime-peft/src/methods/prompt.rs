@@ -203,7 +203,7 @@ pub(super) fn config_for(
             "{peft_type}: num_layers {layers} / num_attention_heads {heads} unset (Method::for_model fills them)"
         )));
     }
-    // rime-io writes `r` and the other LoRA fields for every type; drop_lora_fields removes them afterwards.
+    // `r` = 1 only to build the config; `AdapterConfig::to_json` leaves the LoRA fields out for prompt learning.
     let mut a = AdapterConfig::lora(1, 0.0, vec![]);
     a.peft_type = peft_type.into();
     for (k, v) in [
@@ -227,32 +227,6 @@ pub fn prompt_config(store: &ParamStore, cfg: &PromptConfig) -> Result<AdapterCo
         a.raw.insert(k.into(), serde_json::Value::Null);
     }
     Ok(a)
-}
-
-/// Remove the LoRA-only fields rime-io writes for every adapter type from a prompt-learning config, so the
-/// file is what peft writes for PROMPT_TUNING / PREFIX_TUNING.
-pub fn drop_lora_fields(path: &Path) -> Result<()> {
-    let err = |e: String| Error::Msg(format!("{}: {e}", path.display()));
-    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-    let mut v: serde_json::Value = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
-    if let Some(m) = v.as_object_mut() {
-        for k in [
-            "r",
-            "lora_alpha",
-            "lora_dropout",
-            "target_modules",
-            "fan_in_fan_out",
-            "use_rslora",
-            "use_dora",
-            "bias",
-            "rank_pattern",
-            "alpha_pattern",
-        ] {
-            m.remove(k);
-        }
-    }
-    let out = serde_json::to_string_pretty(&v).map_err(|e| err(e.to_string()))?;
-    std::fs::write(path, out).map_err(|e| err(e.to_string()))
 }
 
 /// Turn a loaded PROMPT_TUNING / PREFIX_TUNING adapter's `prompt_embeddings` into rime's store layout,
@@ -359,10 +333,6 @@ impl TuningMethod for Prompt {
 
     fn adapter_config(&self, store: &ParamStore) -> Result<AdapterConfig> {
         prompt_config(store, &self.config)
-    }
-
-    fn lora_fields(&self) -> bool {
-        false
     }
 
     fn read_tensors(&self, _dev: &Device, store: &ParamStore, ad: &mut PeftAdapter, dir: &Path) -> Result<()> {
