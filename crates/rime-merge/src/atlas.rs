@@ -11,15 +11,15 @@
 //! The task vector of adapter k on module t is its folded delta τ_{k,t} = s_k B_k A_k; the head has no base,
 //! so head_t = Σ_k λ_{k,t} head_k (weight and bias, each its own tensor). λ starts at 1/K (the uniform soup
 //! of the folded models with averaged heads). Output for text (`parameters: {task: classify}`, the default):
-//! the merged model (model.safetensors, the base's config and tokenizer), `head/` (a head-only adapter:
-//! `rime eval --model OUT --adapter OUT/head`), `atlas_coefficients.json` and `merge_report.json`.
+//! the merged model (model.safetensors, the base's config and tokenizer), `head/` (a head-only adapter to
+//! evaluate on the merged model), `atlas_coefficients.json` and `merge_report.json`.
 //!
 //! Images (`parameters: {task: image-classify}`, `train_data` / `eval_data` an image folder, list or IDX images
 //! file, `examples` / `eval_limit` their first N images): the backbone is usually an ONNX file, which rime does not
 //! rewrite, so the result is an adapter instead of a model, exact all the same: B A of the learned merge is
 //! peft's `cat` combination of the task vectors (A' = the A_k stacked, B' = the λ_{k,t} s_k B_k side by side,
-//! rank Σ r_k, scale 1) with the learned head, the ingredients' `rime_image` settings and labels: `rime eval
-//! --task image-classify --adapter OUT`.
+//! rank Σ r_k, scale 1) with the learned head, the ingredients' `rime_image` settings and labels, evaluated on
+//! the base like any image adapter.
 
 use std::collections::BTreeMap;
 use std::path::Path;
