@@ -1,0 +1,174 @@
+#!/usr/bin/env python3
+"""Run the same mergekit YAML through `mergekit-yaml` (mergekit 0.1.5) and `rime merge`, and compare.
+
+For each case (a YAML file under scripts/mergekit_cases/ unless given), both tools merge into WORK/out-mk-CASE
+and WORK/out-rime-CASE with the current directory set to WORK, so that relative model paths in the case
+(`base`, `v1`, `v2`, `v3`, or others made by --make-*) resolve the same way for both. The table gives, per case:
+max abs difference over all tensors, the share of differing elements, tensors only one side wrote, wall time
+and peak RSS of each process (`/usr/bin/time`).
+
+Inputs (made once in WORK, seeded):
+  --make-minilm MODEL   base = a copy of MODEL (an HF BERT folder, e.g. models/all-minilm-l6-v2), v1..v3 = the
+                        base plus uniform noise of +-0.01 / 0.02 / 0.03 on every float tensor (seeds 1..3).
+
+mergekit 0.1.5 needs a one-line patch to merge BERT (mergekit/plan.py: `[w_in.name] + list(w_in.aliases or
+[])`, the aliases are a tuple): this script applies it to the venv's mergekit if it is missing.
+
+Usage:
+  V/bin/python scripts/mergekit_compare.py --work /tmp/mk --make-minilm models/all-minilm-l6-v2 \
+      --rime target/release/rime [CASE.yml ...] [--json out.json]
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+HERE = Path(__file__).resolve().parent
+
+
+def patch_mergekit():
+    import mergekit.plan as plan
+
+    p = Path(plan.__file__)
+    text = p.read_text()
+    old = "[w_in.name] + (w_in.aliases or [])"
+    if old in text:
+        p.write_text(text.replace(old, "[w_in.name] + list(w_in.aliases or [])"))
+        print(f"patched {p} (BERT aliases are a tuple)", file=sys.stderr)
+
+
+def st_files(folder: Path):
+    return sorted(folder.glob("*.safetensors"))
+
+
+def load_folder(folder: Path):
+    out = {}
+    for f in st_files(folder):
+        out.update(load_file(str(f)))
+    return out
+
+
+def make_minilm(model: Path, work: Path):
+    base = work / "base"
+    if not base.exists():
+        shutil.copytree(model, base)
+    for i, amp in [(1, 0.01), (2, 0.02), (3, 0.03)]:
+        d = work / f"v{i}"
+        if d.exists():
+            continue
+        shutil.copytree(model, d)
+        rng = np.random.default_rng(i)
+        for f in st_files(d):
+            ts = load_file(str(f))
+            for k, v in ts.items():
+                if np.issubdtype(v.dtype, np.floating):
+                    ts[k] = (v + rng.uniform(-amp, amp, v.shape).astype(v.dtype)).astype(v.dtype)
+            save_file(ts, str(f), metadata={"format": "pt"})
+
+
+def timed(cmd, cwd):
+    """Runs cmd under /usr/bin/time; returns (rc, seconds, peak_rss_mb, stderr_tail)."""
+    full = ["/usr/bin/time", "-f", "@@TIME %e %M"] + cmd
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    p = subprocess.run(full, cwd=cwd, capture_output=True, text=True, env=env)
+    m = re.search(r"@@TIME ([0-9.]+) ([0-9]+)", p.stderr)
+    secs, rss = (float(m.group(1)), int(m.group(2)) / 1024) if m else (float("nan"), float("nan"))
+    tail = "\n".join(l for l in p.stderr.splitlines() if not l.startswith("@@TIME"))[-1500:]
+    return p.returncode, secs, rss, tail
+
+
+def compare(a: Path, b: Path):
+    ta, tb = load_folder(a), load_folder(b)
+    only = sorted(set(ta) ^ set(tb))
+    maxabs, diff, total, shape_bad = 0.0, 0, 0, []
+    for k in sorted(set(ta) & set(tb)):
+        x, y = ta[k], tb[k]
+        if x.shape != y.shape:
+            shape_bad.append(k)
+            continue
+        if not np.issubdtype(x.dtype, np.floating):
+            diff += int((x != y).sum())
+            total += x.size
+            continue
+        x64, y64 = x.astype(np.float64), y.astype(np.float64)
+        d = np.abs(x64 - y64)
+        maxabs = max(maxabs, float(d.max()) if d.size else 0.0)
+        diff += int((x64 != y64).sum())
+        total += x.size
+    return {
+        "max_abs": maxabs,
+        "differ": diff / max(total, 1),
+        "elements": total,
+        "only_one_side": only,
+        "shape_mismatch": shape_bad,
+        "dtypes": sorted({str(v.dtype) for v in tb.values()}),
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("cases", nargs="*", help="YAML files (default: scripts/mergekit_cases/*.yml)")
+    ap.add_argument("--work", required=True, type=Path)
+    ap.add_argument("--rime", default="target/release/rime", help="the rime binary")
+    ap.add_argument("--mergekit", default=str(Path(sys.executable).parent / "mergekit-yaml"))
+    ap.add_argument("--make-minilm", type=Path)
+    ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--skip-mergekit", action="store_true", help="reuse earlier mergekit outputs in WORK")
+    args = ap.parse_args()
+    patch_mergekit()
+    args.work.mkdir(parents=True, exist_ok=True)
+    if args.make_minilm:
+        make_minilm(args.make_minilm.resolve(), args.work)
+    cases = [Path(c) for c in args.cases] or sorted((HERE / "mergekit_cases").glob("*.yml"))
+    rime = str(Path(args.rime).resolve())
+    results = []
+    for case in cases:
+        name = case.stem
+        cfg = args.work / f"{name}.yml"
+        shutil.copy(case, cfg)
+        mk_out, rime_out = args.work / f"out-mk-{name}", args.work / f"out-rime-{name}"
+        r = {"case": name}
+        if not (args.skip_mergekit and mk_out.exists()):
+            shutil.rmtree(mk_out, ignore_errors=True)
+            rc, s, m, tail = timed([args.mergekit, cfg.name, mk_out.name, "--copy-tokenizer", "--no-write-model-card"], args.work)
+            r.update(mk_rc=rc, mk_s=s, mk_rss_mb=m)
+            if rc != 0:
+                r["mk_error"] = tail
+        rc, s, m, tail = timed([rime, "merge", cfg.name, "--out", rime_out.name, "--force"], args.work)
+        r.update(rime_rc=rc, rime_s=s, rime_rss_mb=m)
+        if rc != 0:
+            r["rime_error"] = tail
+        if r.get("mk_rc", 0) == 0 and mk_out.exists() and rc == 0 and st_files(mk_out):
+            r.update(compare(mk_out, rime_out))
+        results.append(r)
+        print(json.dumps(r), file=sys.stderr)
+    print("| case | max abs diff | elements differing | mergekit s / MB | rime s / MB | speed-up |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        if "max_abs" in r:
+            extra = ""
+            if r["only_one_side"] or r["shape_mismatch"]:
+                extra = f" (tensor sets differ: {len(r['only_one_side'])} one-sided, {len(r['shape_mismatch'])} shapes)"
+            d = f"{r['max_abs']:.3g}{extra}"
+            frac = f"{100 * r['differ']:.4g}%"
+        else:
+            d = "mergekit failed" if r.get("mk_rc") else "rime failed" if r.get("rime_rc") else "-"
+            frac = "-"
+        mk = f"{r.get('mk_s', float('nan')):.2f} / {r.get('mk_rss_mb', float('nan')):.0f}"
+        ri = f"{r['rime_s']:.2f} / {r['rime_rss_mb']:.0f}"
+        sp = f"{r.get('mk_s', float('nan')) / max(r['rime_s'], 1e-9):.1f}x"
+        print(f"| {r['case']} | {d} | {frac} | {mk} | {ri} | {sp} |")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0 if all(r.get("rime_rc") == 0 for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
