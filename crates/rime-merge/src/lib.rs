@@ -13,10 +13,12 @@ pub mod config;
 mod engine;
 mod lora;
 mod output;
+pub mod slices;
 mod soup;
+pub mod tokenizer;
 
 pub use combine::{combine_adapters, combine_lora, combine_stack, Combination, CombineOptions};
-pub use config::{MergeConfig, Method, ModelEntry, OutDtype, Param};
+pub use config::{Layout, MergeConfig, Method, ModelEntry, OutDtype, Param};
 pub use engine::{dare_mask, merge, merge_with_chunk, MergeOptions, MergeReport, DEFAULT_CHUNK};
 pub use lora::fold_lora;
 pub use output::{parse_size, DEFAULT_SHARD_SIZE};
