@@ -15,7 +15,9 @@
 //! one layer). Tensors outside the layers are merged at position 0: those before the layers (embeddings) from
 //! the first slice's sources, those after them (final norm, `lm_head`, pooler) from the last slice's sources.
 //! config.json's layer count (`num_hidden_layers`, or `n_layer` / `num_layers`) becomes the sum of the slice
-//! lengths; the other side files come from `base_model`, else the first slice's first source.
+//! lengths; the other side files come from `base_model`, else the first slice's first source. (mergekit pairs
+//! the last slice's sources with as many weights as the first slice has sources, so a last slice with more
+//! sources than the first loses some there; rime merges all of them.)
 //!
 //! Layers are found by name: the first `.N.` component after `layers`, `layer`, `h` or `blocks`
 //! (`model.layers.N.` for Llama, `encoder.layer.N.` for BERT); every input must hold the same layer tensors in
