@@ -10,6 +10,16 @@ and peak RSS of each process (`/usr/bin/time`).
 Inputs (made once in WORK, seeded):
   --make-minilm MODEL   base = a copy of MODEL (an HF BERT folder, e.g. models/all-minilm-l6-v2), v1..v3 = the
                         base plus uniform noise of +-0.01 / 0.02 / 0.03 on every float tensor (seeds 1..3).
+  --make-llama          a tiny random Llama in HF format (transformers' LlamaConfig: hidden 64, 4 layers, 4
+                        heads, intermediate 128, vocab 256, untied lm_head, float32) with a WordLevel tokenizer:
+                        lbase (seed 0), l1..l3 = lbase plus noise of +-0.01 / 0.02 / 0.03 (seeds 11..13), and
+                        lvocab: lbase plus noise (seed 14) with a different vocabulary (tokens 3..12 in reverse
+                        order, the last six replaced by new ones; rows moved with their tokens), for
+                        tokenizer_source cases.
+
+Besides the tensors, the table's last column lists side files that disagree: config.json's
+num_hidden_layers / vocab_size, the tokenizer's vocabulary (tokenizer.json or vocab.txt) and
+chat_template.jinja.
 
 mergekit 0.1.5 needs a one-line patch to merge BERT (mergekit/plan.py: `[w_in.name] + list(w_in.aliases or
 [])`, the aliases are a tuple): this script applies it to the venv's mergekit if it is missing.
@@ -73,6 +83,98 @@ def make_minilm(model: Path, work: Path):
             save_file(ts, str(f), metadata={"format": "pt"})
 
 
+LLAMA_TOKENS = ["<unk>", "<s>", "</s>"] + [f"t{i}" for i in range(3, 256)]
+
+
+def save_llama_tokenizer(tokens, folder: Path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(str(folder))
+
+
+def make_llama(work: Path):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    base = work / "lbase"
+    if not base.exists():
+        torch.manual_seed(0)
+        cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                          num_key_value_heads=4, vocab_size=256, tie_word_embeddings=False,
+                          max_position_embeddings=128)
+        model = LlamaForCausalLM(cfg).to(torch.float32)
+        model.save_pretrained(str(base), safe_serialization=True)
+        save_llama_tokenizer(LLAMA_TOKENS, base)
+    for i, amp in [(1, 0.01), (2, 0.02), (3, 0.03), (4, 0.02)]:
+        name = "lvocab" if i == 4 else f"l{i}"
+        d = work / name
+        if d.exists():
+            continue
+        shutil.copytree(base, d)
+        rng = np.random.default_rng(10 + i)
+        for f in st_files(d):
+            ts = load_file(str(f))
+            for k, v in ts.items():
+                if np.issubdtype(v.dtype, np.floating):
+                    ts[k] = (v + rng.uniform(-amp, amp, v.shape).astype(v.dtype)).astype(v.dtype)
+            if name == "lvocab":
+                tokens = list(LLAMA_TOKENS)
+                tokens[3:13] = tokens[3:13][::-1]
+                tokens[250:] = [f"new{j}" for j in range(250, 256)]
+                # row r of lvocab holds the token tokens[r]: the old row of that token (new tokens: a fresh row).
+                old = {t: r for r, t in enumerate(LLAMA_TOKENS)}
+                for k in ("model.embed_tokens.weight", "lm_head.weight"):
+                    v = ts[k]
+                    ts[k] = np.stack([v[old[t]] if t in old else v[r] * 0.5 for r, t in enumerate(tokens)])
+            save_file(ts, str(f), metadata={"format": "pt"})
+        if name == "lvocab":
+            for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]:
+                (d / f).unlink(missing_ok=True)
+            save_llama_tokenizer(tokens, d)
+
+
+def side_files(a: Path, b: Path):
+    """Side files where the two outputs disagree."""
+    bad = []
+
+    def cfg(p):
+        try:
+            return json.loads((p / "config.json").read_text())
+        except Exception:
+            return {}
+
+    ca, cb = cfg(a), cfg(b)
+    for k in ("num_hidden_layers", "vocab_size"):
+        if ca.get(k) != cb.get(k):
+            bad.append(f"config {k} {ca.get(k)} vs {cb.get(k)}")
+
+    def vocab(p):
+        tj = p / "tokenizer.json"
+        if tj.exists():
+            j = json.loads(tj.read_text())
+            v = dict(j["model"]["vocab"]) if isinstance(j["model"]["vocab"], dict) else \
+                {e[0]: i for i, e in enumerate(j["model"]["vocab"])}
+            v.update({e["content"]: e["id"] for e in j.get("added_tokens", [])})
+            return v
+        vt = p / "vocab.txt"
+        if vt.exists():
+            return {t: i for i, t in enumerate(vt.read_text().splitlines())}
+        return None
+
+    va, vb = vocab(a), vocab(b)
+    if va != vb:
+        bad.append("tokenizer vocabulary")
+    ta, tb = [(p / "chat_template.jinja").read_text() if (p / "chat_template.jinja").exists() else None
+              for p in (a, b)]
+    if ta != tb:
+        bad.append("chat_template.jinja")
+    return bad
+
+
 def timed(cmd, cwd):
     """Runs cmd under /usr/bin/time; returns (rc, seconds, peak_rss_mb, stderr_tail)."""
     full = ["/usr/bin/time", "-f", "@@TIME %e %M"] + cmd
@@ -119,6 +221,7 @@ def main():
     ap.add_argument("--rime", default="target/release/rime", help="the rime binary")
     ap.add_argument("--mergekit", default=str(Path(sys.executable).parent / "mergekit-yaml"))
     ap.add_argument("--make-minilm", type=Path)
+    ap.add_argument("--make-llama", action="store_true")
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--skip-mergekit", action="store_true", help="reuse earlier mergekit outputs in WORK")
     args = ap.parse_args()
@@ -126,6 +229,8 @@ def main():
     args.work.mkdir(parents=True, exist_ok=True)
     if args.make_minilm:
         make_minilm(args.make_minilm.resolve(), args.work)
+    if args.make_llama:
+        make_llama(args.work)
     cases = [Path(c) for c in args.cases] or sorted((HERE / "mergekit_cases").glob("*.yml"))
     rime = str(Path(args.rime).resolve())
     results = []
@@ -147,10 +252,11 @@ def main():
             r["rime_error"] = tail
         if r.get("mk_rc", 0) == 0 and mk_out.exists() and rc == 0 and st_files(mk_out):
             r.update(compare(mk_out, rime_out))
+            r["side_files_differ"] = side_files(mk_out, rime_out)
         results.append(r)
         print(json.dumps(r), file=sys.stderr)
-    print("| case | max abs diff | elements differing | mergekit s / MB | rime s / MB | speed-up |")
-    print("|---|---|---|---|---|---|")
+    print("| case | max abs diff | elements differing | mergekit s / MB | rime s / MB | speed-up | side files |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
         if "max_abs" in r:
             extra = ""
@@ -164,7 +270,8 @@ def main():
         mk = f"{r.get('mk_s', float('nan')):.2f} / {r.get('mk_rss_mb', float('nan')):.0f}"
         ri = f"{r['rime_s']:.2f} / {r['rime_rss_mb']:.0f}"
         sp = f"{r.get('mk_s', float('nan')) / max(r['rime_s'], 1e-9):.1f}x"
-        print(f"| {r['case']} | {d} | {frac} | {mk} | {ri} | {sp} |")
+        side = ", ".join(r.get("side_files_differ", [])) or ("equal" if "max_abs" in r else "-")
+        print(f"| {r['case']} | {d} | {frac} | {mk} | {ri} | {sp} | {side} |")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0 if all(r.get("rime_rc") == 0 for r in results) else 1

@@ -34,6 +34,7 @@ fn entry(path: impl AsRef<Path>, weight: Option<f64>, density: Option<f64>) -> M
         path: path.to_path_buf(),
         weight: weight.map(Param::Num),
         density: density.map(Param::Num),
+        scale: None,
     }
 }
 
@@ -51,6 +52,7 @@ fn config(method: Method, base: Option<ModelEntry>, models: Vec<ModelEntry>) -> 
         notes: Vec::new(),
         strings: Default::default(),
         numbers: Default::default(),
+        layout: Default::default(),
     }
 }
 

@@ -38,7 +38,8 @@ enum Cmd {
     Train(train::TrainArgs),
     /// Evaluate an adapter written by `rime train` on labelled data.
     Eval(train::EvalArgs),
-    /// Merge checkpoints (mergekit-style YAML: linear, task_arithmetic, ties, dare, slerp) or fold a LoRA adapter.
+    /// Merge checkpoints (mergekit-style YAML: linear, task_arithmetic, ties, dare, slerp, passthrough; slices, gradient
+    /// lists, tokenizer_source, chat_template) or fold a LoRA adapter.
     Merge(merge::MergeArgs),
     /// Sentence embeddings (mean-pooled, L2-normalized), one JSON line per text.
     Embed(embed::EmbedArgs),

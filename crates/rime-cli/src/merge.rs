@@ -9,7 +9,7 @@ use rime::merge;
 ///
 /// With a CONFIG (mergekit's YAML shape; a mergekit file for these methods runs unchanged):
 ///
-///   merge_method: ties            # linear | task_arithmetic | ties | dare_linear | dare_ties | slerp
+///   merge_method: ties            # linear | task_arithmetic | ties | dare_linear | dare_ties | slerp | passthrough
 ///   base_model: models/all-minilm-l6-v2
 ///   models:
 ///     - model: runs/sst2          # folder with model.safetensors (or an index), or a .safetensors file
@@ -24,7 +24,22 @@ use rime::merge;
 /// Formulas and defaults are mergekit 0.1.5's: `normalize` true for linear and ties, false for task_arithmetic
 /// and dare_*; `lambda` 1; `density` 1; `weight` 1 (mergekit requires it). task-vector methods (all but
 /// linear) need `base_model`; slerp needs the base and exactly one other model. `int8_mask` is accepted and
-/// has no effect; `slices`, gradient lists and unknown keys or parameters are errors.
+/// has no effect; unknown keys or parameters are errors.
+///
+/// Gradient lists, slices, tokenizer and chat template, as mergekit:
+///
+///   parameters: {t: [0, 0.5, 0.3, 0.7, 1]}   # anchors spread over the layers, interpolated linearly (a layer i
+///                                           # of L at i/(L-1); embeddings, norm, head at 0); also inside filters
+///   merge_method: passthrough     # one input per output tensor (optional `scale`): layer stacking
+///   slices:                       # output layers = the slices' layer ranges in order; config.json's
+///     - sources:                  # num_hidden_layers updated; embeddings from the first slice, norm/head
+///         - {model: a, layer_range: [0, 16]}   # from the last
+///     - sources:
+///         - {model: b, layer_range: [8, 24]}
+///   tokenizer_source: base        # base | union (equal vocabularies only) | a model path; or
+///                                 # tokenizer: {source: ..., pad_to_multiple_of: N}; embedding and lm_head rows
+///                                 # re-indexed to that vocabulary as mergekit fills them
+///   chat_template: chatml         # chatml | llama3 | mistral | alpaca | exaone | auto | a Jinja template
 ///
 /// Folding a LoRA adapter (peft folder with adapter_config.json and adapter_model.safetensors):
 ///

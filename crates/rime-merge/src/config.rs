@@ -1,5 +1,7 @@
-//! The merge config: mergekit's YAML shape (`merge_method`, `base_model`, `models`, `parameters`, `dtype`),
-//! parsed into a checked [`MergeConfig`]. Defaults follow mergekit 0.1.5 (`normalize` true for linear and
+//! The merge config: mergekit's YAML shape (`merge_method`, `base_model`, `models` or `slices`, `parameters`
+//! with numbers, filters and gradient lists, `dtype`, `tokenizer_source` / `tokenizer`, `chat_template`),
+//! parsed into a checked [`MergeConfig`]. A merge resolves every parameter per tensor with
+//! [`MergeConfig::at_tensor`]; a method that reads a new `Param` field must resolve it there too. Defaults follow mergekit 0.1.5 (`normalize` true for linear and
 //! TIES, false for task_arithmetic and DARE; `lambda` 1; `density` 1). Whatever rime cannot honour is an error
 //! naming the key, never silently ignored; the one exception is `int8_mask`, a mergekit memory saving with no
 //! effect on the result here (masks are never materialised in a model dtype).
@@ -23,10 +25,12 @@ pub enum Method {
     GreedySoup,
     /// aTLAS: one learned coefficient per task vector per tensor.
     Atlas,
+    /// One input per output tensor, optionally scaled (`scale`): layer stacking with `slices` (see `slices`).
+    Passthrough,
 }
 
 impl Method {
-    pub const ALL: [(&'static str, Method); 8] = [
+    pub const ALL: [(&'static str, Method); 9] = [
         ("linear", Method::Linear),
         ("task_arithmetic", Method::TaskArithmetic),
         ("ties", Method::Ties),
@@ -35,6 +39,7 @@ impl Method {
         ("slerp", Method::Slerp),
         ("greedy_soup", Method::GreedySoup),
         ("atlas", Method::Atlas),
+        ("passthrough", Method::Passthrough),
     ];
 
     pub fn parse(s: &str) -> Option<Method> {
@@ -47,15 +52,16 @@ impl Method {
 
     /// Methods that merge task vectors (model - base) and so need `base_model`.
     pub fn needs_base(self) -> bool {
-        !matches!(self, Method::Linear)
+        !matches!(self, Method::Linear | Method::Passthrough)
     }
 
     /// Per-model parameters the method reads.
-    fn model_params(self) -> &'static [&'static str] {
+    pub(crate) fn model_params(self) -> &'static [&'static str] {
         match self {
             Method::Linear | Method::TaskArithmetic => &["weight"],
             Method::Ties | Method::DareLinear | Method::DareTies => &["weight", "density"],
             Method::Slerp | Method::GreedySoup | Method::Atlas => &[],
+            Method::Passthrough => &["scale"],
         }
     }
 
@@ -78,6 +84,7 @@ impl Method {
             Method::Slerp => &["t"],
             Method::GreedySoup => &["batch_size", "max_length", "eval_limit"],
             Method::Atlas => &["batch_size", "max_length", "steps", "lr", "examples", "seed", "eval_limit"],
+            Method::Passthrough => &[],
         }
     }
 
@@ -105,31 +112,89 @@ impl OutDtype {
     }
 }
 
-/// A parameter value: a number (or bool), or mergekit's per-tensor list
-/// `[{filter: "attention", value: 0.3}, {value: 0.7}]` (first entry whose filter is a substring of the tensor
-/// name wins; an entry without filter matches every tensor).
+/// A parameter value as mergekit 0.1.5 reads one (`mergekit/config.py: evaluate_setting`): a number (or bool);
+/// a gradient `[0, 0.5, 1]`, anchors spread evenly over the layers of a slice and interpolated linearly
+/// ([`Param::at`]); or a per-tensor list `[{filter: "attention", value: 0.3}, {value: 0.7}]` (the first entry
+/// whose filter is a substring of the tensor name, or `*`, or absent, gives the value, itself a number or a
+/// gradient; when none matches, the next scope is asked: model, then slice, then global parameters).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Param {
     Num(f64),
-    Filtered(Vec<(Option<String>, f64)>),
+    Gradient(Vec<f64>),
+    Filtered(Vec<(Option<String>, Param)>),
 }
 
 impl Param {
-    /// The value for one tensor, or None when no filter matches.
-    pub fn for_tensor(&self, tensor: &str) -> Option<f64> {
+    /// The value for one tensor at layer position `t` in [0, 1] (`layer / (layers - 1)` within its slice, 1 for
+    /// a slice of one layer, 0 for tensors outside the layers), or None when no filter matches. A gradient
+    /// `[v_0 .. v_{n-1}]` gives `(1 - f) v_i + f v_{i+1}` with `s = t (n - 1)`, `i = floor(s)`, `f = s - i`
+    /// (`i + 1` clamped to `n - 1`), as mergekit computes it.
+    pub fn at(&self, tensor: &str, t: f64) -> Option<f64> {
         match self {
             Param::Num(x) => Some(*x),
-            Param::Filtered(v) => {
-                v.iter().find(|(f, _)| f.as_deref().is_none_or(|f| tensor.contains(f))).map(|(_, x)| *x)
+            Param::Gradient(v) => {
+                if v.is_empty() {
+                    return None;
+                }
+                let scaled = t * (v.len() - 1) as f64;
+                let i0 = (scaled as usize).min(v.len() - 1);
+                let i1 = (i0 + 1).min(v.len() - 1);
+                let frac = scaled - i0 as f64;
+                Some((1.0 - frac) * v[i0] + frac * v[i1])
             }
+            Param::Filtered(v) => v
+                .iter()
+                .find(|(f, _)| f.as_deref().is_none_or(|f| f == "*" || (!tensor.is_empty() && tensor.contains(f))))
+                .and_then(|(_, p)| p.at(tensor, t)),
         }
     }
 
-    fn values(&self) -> Vec<f64> {
+    /// The value for one tensor at layer position 0 (what a tensor outside the layers gets); a merge resolves
+    /// gradients per tensor first (`MergeConfig::at_tensor`), after which this is the value.
+    pub fn for_tensor(&self, tensor: &str) -> Option<f64> {
+        self.at(tensor, 0.0)
+    }
+
+    /// This parameter, asking `lower` (a lower-precedence scope) where no filter of this one matches.
+    pub fn or_else(self, lower: Option<Param>) -> Param {
+        let Some(lower) = lower else { return self };
+        match self {
+            Param::Filtered(mut v) if !v.iter().any(|(f, _)| f.as_deref().is_none_or(|f| f == "*")) => {
+                match lower {
+                    Param::Filtered(w) => v.extend(w),
+                    p => v.push((None, p)),
+                }
+                Param::Filtered(v)
+            }
+            p => p,
+        }
+    }
+
+    /// Whether the value can differ from layer to layer.
+    pub fn has_gradient(&self) -> bool {
+        match self {
+            Param::Num(_) => false,
+            Param::Gradient(v) => v.len() > 1,
+            Param::Filtered(v) => v.iter().any(|(_, p)| p.has_gradient()),
+        }
+    }
+
+    /// Every number written (anchors of gradients included): the range checks apply to each; interpolation
+    /// stays between them.
+    pub(crate) fn values(&self) -> Vec<f64> {
         match self {
             Param::Num(x) => vec![*x],
-            Param::Filtered(v) => v.iter().map(|(_, x)| *x).collect(),
+            Param::Gradient(v) => v.clone(),
+            Param::Filtered(v) => v.iter().flat_map(|(_, p)| p.values()).collect(),
         }
+    }
+}
+
+/// `a`, falling back to `b` where a's filters do not match.
+pub(crate) fn chain(a: Option<Param>, b: Option<Param>) -> Option<Param> {
+    match a {
+        Some(a) => Some(a.or_else(b)),
+        None => b,
     }
 }
 
@@ -142,6 +207,8 @@ pub struct ModelEntry {
     pub path: PathBuf,
     pub weight: Option<Param>,
     pub density: Option<Param>,
+    /// passthrough's `scale` (the tensor times it; none: the tensor as stored).
+    pub scale: Option<Param>,
 }
 
 /// A checked merge config.
@@ -165,6 +232,21 @@ pub struct MergeConfig {
     pub strings: std::collections::BTreeMap<String, String>,
     /// Numeric parameters of greedy_soup / atlas (`steps`, `lr`, `batch_size`, ...).
     pub numbers: std::collections::BTreeMap<String, f64>,
+    /// `slices`, `tokenizer_source` / `tokenizer`, `chat_template` (empty / none when not given).
+    pub layout: Layout,
+}
+
+/// What a mergekit config can say besides `models`: the output built from layer ranges of the inputs
+/// (`slices`), and the output's tokenizer and chat template.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Layout {
+    /// mergekit's `slices` (`crate::slices`); empty when the config lists `models`.
+    pub slices: Vec<crate::slices::Slice>,
+    /// `tokenizer_source` (or `tokenizer: {source}`).
+    pub tokenizer: crate::tokenizer::TokenizerSpec,
+    /// `chat_template`: a built-in name (`chatml`, `llama3`, `mistral`, `alpaca`, `exaone`, `auto`) or a Jinja
+    /// template.
+    pub chat_template: Option<String>,
 }
 
 impl MergeConfig {
@@ -183,14 +265,20 @@ impl MergeConfig {
         let err = |msg: String| Error::Config { file: file.clone(), msg };
         let doc: Value = serde_norway::from_str(text).map_err(|e| err(format!("not valid YAML: {e}")))?;
         let top = doc.as_object().ok_or_else(|| err("expected a mapping at the top level".into()))?;
-        const TOP: [&str; 8] =
-            ["merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "name"];
+        const TOP: [&str; 11] = [
+            "merge_method",
+            "base_model",
+            "models",
+            "slices",
+            "parameters",
+            "dtype",
+            "out_dtype",
+            "tokenizer_source",
+            "tokenizer",
+            "chat_template",
+            "name",
+        ];
         for k in top.keys() {
-            if k == "slices" {
-                return Err(err("`slices` is not supported: rime merges whole models tensor by tensor by name; list \
-                                the models under `models`"
-                    .into()));
-            }
             if !TOP.contains(&k.as_str()) {
                 return Err(err(format!("unknown key `{k}` (known: {})", TOP.join(", "))));
             }
@@ -204,11 +292,21 @@ impl MergeConfig {
             err(format!("unknown merge_method `{method_name}` (rime knows: {})", known.join(", ")))
         })?;
         let mut notes = Vec::new();
-        match top.get("tokenizer_source") {
-            None | Some(Value::Null) => {}
-            Some(Value::String(s)) if s == "base" => {}
-            Some(v) => return Err(err(format!("tokenizer_source {v} is not supported (only `base`)"))),
-        }
+        let base_dir = source.parent().unwrap_or(Path::new("."));
+        let resolve = |name: &str, what: &str| {
+            resolve_model(name, base_dir).ok_or_else(|| {
+                err(format!(
+                    "{what}: model `{name}` not found (as a path, next to the config, or in the models folder){}",
+                    hub_hint(name)
+                ))
+            })
+        };
+        let tokenizer = crate::tokenizer::parse(top, &resolve, &err)?;
+        let chat_template = match top.get("chat_template") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(crate::tokenizer::check_chat_template(s, &err)?),
+            Some(v) => return Err(err(format!("`chat_template` must be a string, found {v}"))),
+        };
         let dtype_of = |key: &str| -> Result<Option<OutDtype>> {
             match top.get(key) {
                 None | Some(Value::Null) => Ok(None),
@@ -222,7 +320,6 @@ impl MergeConfig {
         // computes in f32.
         let dtype = dtype_of("out_dtype")?.or(dtype_of("dtype")?);
 
-        let base_dir = source.parent().unwrap_or(Path::new("."));
         let base_name = match top.get("base_model") {
             None | Some(Value::Null) => None,
             Some(Value::String(s)) => Some(s.clone()),
@@ -275,6 +372,20 @@ impl MergeConfig {
             Some(Value::Array(a)) => a.clone(),
             Some(v) => return Err(err(format!("`models` must be a list, found {v}"))),
         };
+        let slices = match top.get("slices") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(v) => {
+                if !list.is_empty() {
+                    return Err(err("give either `models` or `slices`, not both (as mergekit)".into()));
+                }
+                if matches!(method, Method::GreedySoup | Method::Atlas) {
+                    return Err(err(format!("`slices` cannot be used with merge_method `{}`", method.as_str())));
+                }
+                let parse =
+                    |v: Option<&Value>, what: &str, allowed: &[&str]| parse_params(v, what, allowed, method, &err);
+                crate::slices::parse(v, method, &allowed_global, &parse, &gparams, &resolve, &err)?
+            }
+        };
         for (i, m) in list.iter().enumerate() {
             let (name, params) = match m {
                 Value::String(s) => (s.clone(), None),
@@ -294,15 +405,15 @@ impl MergeConfig {
             };
             let what = format!("models[{i}] (`{name}`) parameters");
             let p = parse_params(params, &what, method.model_params(), method, &err)?;
-            let pget = |k: &str| p.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()).or_else(|| gget(k));
-            let path = resolve_model(&name, base_dir).ok_or_else(|| {
-                err(format!(
-                    "models[{i}]: model `{name}` not found (as a path, next to the config, or in the models \
-                     folder){}",
-                    hub_hint(&name)
-                ))
-            })?;
-            models.push(ModelEntry { name, path, weight: pget("weight"), density: pget("density") });
+            let pget = |k: &str| chain(p.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()), gget(k));
+            let path = resolve(&name, &format!("models[{i}]"))?;
+            models.push(ModelEntry {
+                name,
+                path,
+                weight: pget("weight"),
+                density: pget("density"),
+                scale: pget("scale"),
+            });
         }
         let base = match base_name {
             None => None,
@@ -313,7 +424,7 @@ impl MergeConfig {
                         hub_hint(&name)
                     ))
                 })?;
-                Some(ModelEntry { name, path, weight: None, density: None })
+                Some(ModelEntry { name, path, weight: None, density: None, scale: None })
             }
         };
         if method.needs_base() && base.is_none() {
@@ -360,6 +471,7 @@ impl MergeConfig {
             notes,
             strings,
             numbers,
+            layout: Layout { slices, tokenizer, chat_template },
         };
         cfg.check_inputs()?;
         Ok(cfg)
@@ -370,7 +482,22 @@ impl MergeConfig {
     pub fn check_inputs(&self) -> Result<()> {
         let err = |msg: String| Error::Config { file: self.source.display().to_string(), msg };
         self.check_values()?;
+        if !self.layout.slices.is_empty() {
+            return crate::slices::check(self);
+        }
         match self.method {
+            Method::Passthrough => {
+                let base = self.base.as_ref().map(|b| canon(&b.path));
+                if self.models.len() != 1 || base.as_ref().is_some_and(|b| *b != canon(&self.models[0].path)) {
+                    return Err(err(format!(
+                        "passthrough takes exactly one model ({} listed{}); to stack layers of several models use \
+                         `slices`",
+                        self.models.len(),
+                        if base.is_some() { ", and base_model is another" } else { "" }
+                    )));
+                }
+                Ok(())
+            }
             Method::Linear if self.models.is_empty() => {
                 Err(err("linear needs at least one model under `models`".into()))
             }
@@ -403,8 +530,15 @@ impl MergeConfig {
         if let Some(t) = &self.t {
             all.push(("`t`".into(), t));
         }
-        for m in self.models.iter().chain(self.base.iter()) {
-            for (k, p) in [("weight", &m.weight), ("density", &m.density)] {
+        for (i, s) in self.layout.slices.iter().enumerate() {
+            for (k, p) in &s.params {
+                let k = if k == "t" { "`t`".to_string() } else { format!("slices[{i}]: `{k}`") };
+                all.push((k, p));
+            }
+        }
+        let sliced = self.layout.slices.iter().flat_map(|s| s.sources.iter().map(|x| &x.model));
+        for m in self.models.iter().chain(self.base.iter()).chain(sliced) {
+            for (k, p) in [("weight", &m.weight), ("density", &m.density), ("scale", &m.scale)] {
                 if let Some(p) = p {
                     all.push((format!("model `{}`: `{k}`", m.name), p));
                 }
@@ -458,6 +592,32 @@ impl MergeConfig {
         Ok(())
     }
 
+    /// This config with every parameter resolved to a number for one tensor at layer position `t` (see
+    /// [`Param::at`]): gradients interpolated, filters applied. Per-model parameters are resolved with the
+    /// name of the tensor as the model stores it (`inputs[i]` for `models[i]`, as mergekit does), the
+    /// others with the output tensor's name. Parameters that no filter matches are left out (the method's
+    /// default then applies).
+    pub fn at_tensor(&self, name: &str, inputs: &[&str], t: f64) -> MergeConfig {
+        let num = |p: &Option<Param>, tensor: &str| p.as_ref().and_then(|p| p.at(tensor, t)).map(Param::Num);
+        let mut c = self.clone();
+        c.lambda = Param::Num(self.lambda.at(name, t).unwrap_or(1.0));
+        c.t = num(&self.t, name);
+        for (i, m) in c.models.iter_mut().enumerate() {
+            let tensor = inputs.get(i).copied().unwrap_or(name);
+            m.weight = num(&m.weight, tensor);
+            m.density = num(&m.density, tensor);
+            m.scale = num(&m.scale, tensor);
+        }
+        c
+    }
+
+    /// Whether any parameter differs from layer to layer (a gradient list somewhere).
+    pub fn has_gradient(&self) -> bool {
+        let ps = [Some(&self.lambda), self.t.as_ref()];
+        let ms = self.models.iter().flat_map(|m| [m.weight.as_ref(), m.density.as_ref(), m.scale.as_ref()]);
+        ps.into_iter().chain(ms).flatten().any(Param::has_gradient)
+    }
+
     /// The models that contribute task vectors: those listed, the base excluded (mergekit does the same).
     pub fn task_models(&self) -> Vec<&ModelEntry> {
         let base = self.base.as_ref().map(|b| canon(&b.path));
@@ -500,7 +660,19 @@ fn resolve_model(name: &str, config_dir: &Path) -> Option<PathBuf> {
     rime_io::locate_model(name).ok()
 }
 
-fn parse_params(
+/// A number, bool or gradient list (a non-empty list of numbers).
+fn parse_value(v: &Value) -> Option<Param> {
+    match v {
+        Value::Bool(b) => Some(Param::Num(*b as u8 as f64)),
+        Value::Number(n) => Some(Param::Num(n.as_f64().unwrap_or(f64::NAN))),
+        Value::Array(a) if !a.is_empty() && a.iter().all(Value::is_number) => {
+            Some(Param::Gradient(a.iter().map(|x| x.as_f64().unwrap_or(f64::NAN)).collect()))
+        }
+        _ => None,
+    }
+}
+
+pub(crate) fn parse_params(
     v: Option<&Value>,
     what: &str,
     allowed: &[&str],
@@ -522,13 +694,9 @@ fn parse_params(
             )));
         }
         let p = match v {
-            Value::Bool(b) => Param::Num(*b as u8 as f64),
-            Value::Number(n) => Param::Num(n.as_f64().unwrap_or(f64::NAN)),
-            Value::Array(a) if a.iter().all(Value::is_number) => {
-                return Err(err(format!(
-                "{what}: `{k}` is a gradient list; rime does not interpolate values across layers, give a number or \
-                     [{{filter: ..., value: ...}}] entries"
-            )))
+            v if parse_value(v).is_some() => parse_value(v).unwrap_or(Param::Num(f64::NAN)),
+            Value::Array(a) if a.is_empty() => {
+                return Err(err(format!("{what}: `{k}` is an empty list (give a number or a gradient list)")))
             }
             Value::Array(a) => {
                 let mut entries = Vec::new();
@@ -539,10 +707,9 @@ fn parse_params(
                     if let Some(u) = o.keys().find(|u| *u != "filter" && *u != "value") {
                         return Err(err(format!("{what}: `{k}`: unknown key `{u}` in {e} (known: filter, value)")));
                     }
-                    let value = o
-                        .get("value")
-                        .and_then(|x| x.as_f64().or(x.as_bool().map(|b| b as u8 as f64)))
-                        .ok_or_else(|| err(format!("{what}: `{k}`: entry {e} has no numeric `value`")))?;
+                    let value = o.get("value").and_then(parse_value).ok_or_else(|| {
+                        err(format!("{what}: `{k}`: entry {e} has no numeric `value` (a number or a gradient list)"))
+                    })?;
                     let filter = match o.get("filter") {
                         None | Some(Value::Null) => None,
                         Some(Value::String(s)) => Some(s.clone()),

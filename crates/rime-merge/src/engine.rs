@@ -97,6 +97,9 @@ pub fn merge_with_chunk(
         Method::Atlas => return crate::atlas::atlas(dev, cfg, out, opts),
         _ => {}
     }
+    if !cfg.layout.slices.is_empty() {
+        return crate::slices::merge_slices(dev, cfg, out, opts, chunk);
+    }
     let t0 = Instant::now();
     // Inputs in order: the base first (task-vector methods, slerp), then the contributing models.
     let entries: Vec<&ModelEntry> = match cfg.method {
@@ -104,8 +107,22 @@ pub fn merge_with_chunk(
         _ => cfg.base.iter().chain(cfg.task_models()).collect(),
     };
     let ckpts = entries.iter().map(|e| Checkpoint::open(&e.path)).collect::<std::result::Result<Vec<_>, _>>()?;
-    check_same_tensors(&ckpts)?;
-    let plan = plan_output(&ckpts[0], cfg.dtype)?;
+    let paths: Vec<&Path> = entries.iter().map(|e| e.path.as_path()).collect();
+    let vocab = crate::tokenizer::Vocab::prepare(cfg, &paths, &entries[0].path)?;
+    // With a tokenizer_source, vocabulary tensors may differ in rows: they are re-indexed before merging.
+    let rows_may_differ = |n: &str| vocab.is_some() && crate::tokenizer::is_vocab_tensor(n);
+    check_same_tensors(&ckpts, &rows_may_differ)?;
+    let mut plan = plan_output(&ckpts[0], cfg.dtype)?;
+    if let Some(v) = &vocab {
+        for p in plan.iter_mut().filter(|p| rows_may_differ(&p.name) && !p.shape.is_empty()) {
+            p.shape[0] = v.rows();
+        }
+    }
+    let base_at = cfg.base.as_ref().and_then(|b| paths.iter().position(|p| canon(p) == canon(&b.path)));
+    // Gradient lists: a layer tensor's position is its layer index over the model's layers (mergekit turns
+    // `models` into one slice of all layers); other tensors sit at 0.
+    let nlayers = crate::slices::layer_count(&ckpts[0]);
+    let refs: Vec<&Checkpoint> = ckpts.iter().collect();
     let inputs: Vec<&Path> = entries.iter().map(|e| e.path.as_path()).collect();
     let staging = Staging::new(out, opts.force, &inputs)?;
     let mut bytes_read = 0u64;
@@ -127,7 +144,21 @@ pub fn merge_with_chunk(
         for c in &ckpts {
             bytes_read += c.get_raw(&p.name)?.bytes.len() as u64;
         }
-        let t = TensorMerge { dev, cfg, ckpts: &ckpts, name: &p.name, l: p.shape.iter().product(), chunk };
+        let rcfg = cfg.at_tensor(&p.name, &[], crate::slices::layer_position(&p.name, nlayers));
+        let src = vec![p.name.as_str(); refs.len()];
+        let ins: Vec<(&Checkpoint, &str)> = refs.iter().map(|c| (*c, p.name.as_str())).collect();
+        let permuted =
+            crate::tokenizer::maybe_permute(vocab.as_ref(), &p.name, &ins, base_at, &staging.tmp.join(VOCAB_DIR))?;
+        let prefs: Vec<&Checkpoint> = permuted.iter().flatten().collect();
+        let t = TensorMerge {
+            dev,
+            cfg: &rcfg,
+            ckpts: if permuted.is_some() { &prefs } else { &refs },
+            src: &src,
+            name: &p.name,
+            l: p.shape.iter().product(),
+            chunk,
+        };
         t.run(sink, p.dtype)?;
         for c in &ckpts {
             c.release(&p.name, ..)?;
@@ -135,7 +166,9 @@ pub fn merge_with_chunk(
         Ok(())
     })?;
     let seconds = t0.elapsed().as_secs_f64();
-    let side_files = copy_side_files(&entries[0].path, &staging.tmp)?;
+    remove_vocab_dir(&staging.tmp)?;
+    let mut side_files = copy_side_files(&entries[0].path, &staging.tmp)?;
+    side_files.extend(crate::tokenizer::finish(cfg, vocab.as_ref(), &entries[0].path, &paths, &staging.tmp)?);
     let report = MergeReport {
         method: cfg.method.as_str().into(),
         inputs: entries.iter().map(|e| e.path.display().to_string()).collect(),
@@ -162,8 +195,26 @@ pub(crate) fn write_report(dir: &Path, report: &impl Serialize) -> Result<()> {
         .map_err(|e| Error::Output { path: path.display().to_string(), msg: format!("cannot write: {e}") })
 }
 
-/// Every checkpoint must hold the reference's tensor names with the same shapes.
-pub(crate) fn check_same_tensors(ckpts: &[Checkpoint]) -> Result<()> {
+/// Where re-indexed vocabulary tensors are written during a merge (inside the staging folder).
+pub(crate) const VOCAB_DIR: &str = ".rime-vocab";
+
+/// Removes [`VOCAB_DIR`] from the staging folder before it is committed.
+pub(crate) fn remove_vocab_dir(tmp: &Path) -> Result<()> {
+    let d = tmp.join(VOCAB_DIR);
+    if d.exists() {
+        std::fs::remove_dir_all(&d)
+            .map_err(|e| Error::Output { path: d.display().to_string(), msg: format!("cannot remove: {e}") })?;
+    }
+    Ok(())
+}
+
+fn canon(p: &Path) -> std::path::PathBuf {
+    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// Every checkpoint must hold the reference's tensor names with the same shapes (the first axis excepted
+/// where `rows_may_differ`).
+pub(crate) fn check_same_tensors(ckpts: &[Checkpoint], rows_may_differ: &dyn Fn(&str) -> bool) -> Result<()> {
     let r = &ckpts[0];
     let rnames = r.names();
     for c in &ckpts[1..] {
@@ -183,7 +234,8 @@ pub(crate) fn check_same_tensors(ckpts: &[Checkpoint]) -> Result<()> {
         for n in &rnames {
             let (_, a) = r.info(n)?;
             let (_, b) = c.info(n)?;
-            if a != b {
+            let differ = if rows_may_differ(n) { a.get(1..) != b.get(1..) } else { a != b };
+            if differ {
                 return Err(Error::Tensor {
                     tensor: n.to_string(),
                     msg: format!("shape {a:?} in {} but {b:?} in {}", r.path().display(), c.path().display()),
@@ -198,34 +250,41 @@ pub(crate) fn plan_output(reference: &Checkpoint, dtype: Option<OutDtype>) -> Re
     let mut plan = Vec::new();
     for n in reference.names() {
         let (dt, shape) = reference.info(n)?;
-        let out = if !dt.is_float() {
-            dt
-        } else {
-            match dtype {
-                Some(OutDtype::F32) => Dtype::F32,
-                Some(OutDtype::F16) => Dtype::F16,
-                Some(OutDtype::BF16) => Dtype::BF16,
-                None => dt,
-            }
-        };
-        plan.push(Planned { name: n.to_string(), dtype: out, shape: shape.to_vec() });
+        plan.push(Planned { name: n.to_string(), dtype: out_dtype(dt, dtype), shape: shape.to_vec() });
     }
     Ok(plan)
+}
+
+/// The stored type of an output tensor: `dtype` for float tensors when given, else as stored.
+pub(crate) fn out_dtype(dt: Dtype, dtype: Option<OutDtype>) -> Dtype {
+    if !dt.is_float() {
+        return dt;
+    }
+    match dtype {
+        Some(OutDtype::F32) => Dtype::F32,
+        Some(OutDtype::F16) => Dtype::F16,
+        Some(OutDtype::BF16) => Dtype::BF16,
+        None => dt,
+    }
 }
 
 fn param(p: &Option<Param>, tensor: &str, default: f64) -> f64 {
     p.as_ref().and_then(|p| p.for_tensor(tensor)).unwrap_or(default)
 }
 
-/// One tensor of a streamed merge: `ckpts[0]` is the base for every method but linear.
-struct TensorMerge<'a> {
-    dev: &'a Device,
-    cfg: &'a MergeConfig,
-    ckpts: &'a [Checkpoint],
-    name: &'a str,
+/// One tensor of a streamed merge: `ckpts[0]` is the base for every method but linear (and passthrough);
+/// `cfg` holds this tensor's parameters as numbers ([`MergeConfig::at_tensor`]).
+pub(crate) struct TensorMerge<'a> {
+    pub dev: &'a Device,
+    pub cfg: &'a MergeConfig,
+    pub ckpts: &'a [&'a Checkpoint],
+    /// The tensor's name in each input (they differ when `slices` take different layers).
+    pub src: &'a [&'a str],
+    /// The output tensor's name.
+    pub name: &'a str,
     /// Elements of the tensor.
-    l: usize,
-    chunk: usize,
+    pub l: usize,
+    pub chunk: usize,
 }
 
 impl TensorMerge<'_> {
@@ -241,10 +300,10 @@ impl TensorMerge<'_> {
 
     /// Elements [c0, c0 + buf.len()) of input `k` as f32; the mapped pages they came from are released.
     fn read(&self, k: usize, c0: usize, buf: &mut [f32]) -> Result<()> {
-        let ck = &self.ckpts[k];
-        ck.read_f32_into(self.name, c0, buf)?;
-        let size = ck.info(self.name)?.0.size();
-        ck.release(self.name, c0 * size..(c0 + buf.len()) * size)?;
+        let (ck, name) = (self.ckpts[k], self.src[k]);
+        ck.read_f32_into(name, c0, buf)?;
+        let size = ck.info(name)?.0.size();
+        ck.release(name, c0 * size..(c0 + buf.len()) * size)?;
         Ok(())
     }
 
@@ -294,10 +353,25 @@ impl TensorMerge<'_> {
         sink.write_f32(&read_back(self.dev, &out, 0, n)?, dt)
     }
 
-    fn run(&self, sink: &mut TensorSink, dt: Dtype) -> Result<()> {
+    pub fn run(&self, sink: &mut TensorSink, dt: Dtype) -> Result<()> {
         let (cfg, name, dev) = (self.cfg, self.name, self.dev);
         let lambda = cfg.lambda.for_tensor(name).unwrap_or(1.0) as f32;
         match cfg.method {
+            Method::Passthrough => {
+                // mergekit: the tensor, or the tensor times `scale`.
+                let scale = cfg.models.first().and_then(|m| m.scale.as_ref()).and_then(|s| s.for_tensor(name));
+                if scale.is_none() && self.ckpts[0].info(self.src[0])?.0 == dt {
+                    let raw = self.ckpts[0].get_raw(self.src[0])?;
+                    sink.write_bytes(raw.bytes)?;
+                    return Ok(());
+                }
+                let w = [scale.unwrap_or(1.0) as f32];
+                for (c0, c1) in self.chunks() {
+                    let out = self.weighted(&self.stack(&[0], c0, c1)?, &w)?;
+                    sink.write_f32(&read_back(dev, &out, 0, c1 - c0)?, dt)?;
+                }
+                Ok(())
+            }
             Method::Linear => {
                 let mut w: Vec<f32> = cfg.models.iter().map(|m| param(&m.weight, name, 1.0) as f32).collect();
                 if cfg.normalize {

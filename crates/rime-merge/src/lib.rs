@@ -1,7 +1,8 @@
 //! rime-merge combines checkpoints without training: model soups (`linear`), task arithmetic, TIES, DARE
-//! (`dare_linear`, `dare_ties`) and SLERP, read from a mergekit-shaped YAML config, and the folding of a peft
-//! LoRA adapter into its base. It streams: one tensor name at a time, in chunks of `DEFAULT_CHUNK` elements,
-//! is converted from every mapped input straight into a stacked GPU buffer, run through the merge kernels of
+//! (`dare_linear`, `dare_ties`), SLERP and passthrough, read from a mergekit-shaped YAML config (gradient lists,
+//! `slices` with layer ranges, `tokenizer_source` and `chat_template` included: see `slices`, `tokenizer`), and
+//! the folding of a peft LoRA adapter into its base. It streams: one tensor name at a time, in chunks of
+//! `DEFAULT_CHUNK` elements, is converted from every mapped input straight into a stacked GPU buffer, run through the merge kernels of
 //! `rime_kernels::ops::merge`, read back and written, and the input pages it came from are released; peak
 //! memory stays near a few chunks per input, or (inputs + 1) x the largest tensor for TIES with density < 1
 //! and SLERP, which need whole-tensor statistics (see `engine`). The output folder is built under a temporary
@@ -13,10 +14,12 @@ pub mod config;
 mod engine;
 mod lora;
 mod output;
+pub mod slices;
 mod soup;
+pub mod tokenizer;
 
 pub use combine::{combine_adapters, combine_lora, combine_stack, Combination, CombineOptions};
-pub use config::{MergeConfig, Method, ModelEntry, OutDtype, Param};
+pub use config::{Layout, MergeConfig, Method, ModelEntry, OutDtype, Param};
 pub use engine::{dare_mask, merge, merge_with_chunk, MergeOptions, MergeReport, DEFAULT_CHUNK};
 pub use lora::fold_lora;
 pub use output::{parse_size, DEFAULT_SHARD_SIZE};
