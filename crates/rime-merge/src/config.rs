@@ -23,10 +23,18 @@ pub enum Method {
     GreedySoup,
     /// aTLAS: one learned coefficient per task vector per tensor.
     Atlas,
+    /// mergekit's Model Stock: base + t (mean - base), t from the mean angle between task vectors.
+    ModelStock,
+    /// mergekit's NuSLERP: SLERP of two models (or task vectors) by weight, whole tensor, rows or columns.
+    Nuslerp,
+    /// mergekit's Multi-SLERP: barycentric interpolation of N models (or task vectors) on the sphere.
+    Multislerp,
+    /// mergekit's Karcher mean of the models on the unit sphere.
+    Karcher,
 }
 
 impl Method {
-    pub const ALL: [(&'static str, Method); 8] = [
+    pub const ALL: [(&'static str, Method); 12] = [
         ("linear", Method::Linear),
         ("task_arithmetic", Method::TaskArithmetic),
         ("ties", Method::Ties),
@@ -35,6 +43,10 @@ impl Method {
         ("slerp", Method::Slerp),
         ("greedy_soup", Method::GreedySoup),
         ("atlas", Method::Atlas),
+        ("model_stock", Method::ModelStock),
+        ("nuslerp", Method::Nuslerp),
+        ("multislerp", Method::Multislerp),
+        ("karcher", Method::Karcher),
     ];
 
     pub fn parse(s: &str) -> Option<Method> {
@@ -47,7 +59,7 @@ impl Method {
 
     /// Methods that merge task vectors (model - base) and so need `base_model`.
     pub fn needs_base(self) -> bool {
-        !matches!(self, Method::Linear)
+        !matches!(self, Method::Linear | Method::Nuslerp | Method::Multislerp | Method::Karcher)
     }
 
     /// Per-model parameters the method reads.
@@ -56,6 +68,8 @@ impl Method {
             Method::Linear | Method::TaskArithmetic => &["weight"],
             Method::Ties | Method::DareLinear | Method::DareTies => &["weight", "density"],
             Method::Slerp | Method::GreedySoup | Method::Atlas => &[],
+            Method::Nuslerp | Method::Multislerp => &["weight"],
+            Method::ModelStock | Method::Karcher => &[],
         }
     }
 
@@ -78,6 +92,10 @@ impl Method {
             Method::Slerp => &["t"],
             Method::GreedySoup => &["batch_size", "max_length", "eval_limit"],
             Method::Atlas => &["batch_size", "max_length", "steps", "lr", "examples", "seed", "eval_limit"],
+            Method::ModelStock => &["filter_wise"],
+            Method::Nuslerp => &["nuslerp_flatten", "nuslerp_row_wise"],
+            Method::Multislerp => &["normalize_weights", "eps"],
+            Method::Karcher => &["max_iter", "tol"],
         }
     }
 
@@ -258,8 +276,11 @@ impl MergeConfig {
         }
         let gparams = parse_params(params_v.as_ref(), "parameters", &allowed_global, method, &err)?;
         let mut numbers = std::collections::BTreeMap::new();
-        if matches!(method, Method::GreedySoup | Method::Atlas) {
+        if matches!(method, Method::GreedySoup | Method::Atlas) || crate::geometric::handles(method) {
             for (k, v) in &gparams {
+                if method.model_params().contains(&k.as_str()) {
+                    continue;
+                }
                 match v {
                     Param::Num(x) if x.is_finite() => {
                         numbers.insert(k.clone(), *x);
@@ -387,6 +408,7 @@ impl MergeConfig {
                 }
                 Ok(())
             }
+            m if crate::geometric::handles(m) => crate::geometric::check(self),
             m if m.needs_base() && self.task_models().is_empty() => {
                 Err(err(format!("{} needs at least one model besides base_model", m.as_str())))
             }

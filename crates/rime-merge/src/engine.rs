@@ -101,6 +101,7 @@ pub fn merge_with_chunk(
     // Inputs in order: the base first (task-vector methods, slerp), then the contributing models.
     let entries: Vec<&ModelEntry> = match cfg.method {
         Method::Linear => cfg.models.iter().collect(),
+        m if crate::geometric::handles(m) => crate::geometric::entries(cfg),
         _ => cfg.base.iter().chain(cfg.task_models()).collect(),
     };
     let ckpts = entries.iter().map(|e| Checkpoint::open(&e.path)).collect::<std::result::Result<Vec<_>, _>>()?;
@@ -218,18 +219,18 @@ fn param(p: &Option<Param>, tensor: &str, default: f64) -> f64 {
 }
 
 /// One tensor of a streamed merge: `ckpts[0]` is the base for every method but linear.
-struct TensorMerge<'a> {
-    dev: &'a Device,
-    cfg: &'a MergeConfig,
-    ckpts: &'a [Checkpoint],
-    name: &'a str,
+pub(crate) struct TensorMerge<'a> {
+    pub(crate) dev: &'a Device,
+    pub(crate) cfg: &'a MergeConfig,
+    pub(crate) ckpts: &'a [Checkpoint],
+    pub(crate) name: &'a str,
     /// Elements of the tensor.
-    l: usize,
-    chunk: usize,
+    pub(crate) l: usize,
+    pub(crate) chunk: usize,
 }
 
 impl TensorMerge<'_> {
-    fn terr(&self, msg: String) -> Error {
+    pub(crate) fn terr(&self, msg: String) -> Error {
         Error::Tensor { tensor: self.name.to_string(), msg }
     }
 
@@ -249,7 +250,7 @@ impl TensorMerge<'_> {
     }
 
     /// A GPU tensor [rows.len(), c1 - c0] whose row r holds elements [c0, c1) of input rows[r].
-    fn stack(&self, rows: &[usize], c0: usize, c1: usize) -> Result<Tensor> {
+    pub(crate) fn stack(&self, rows: &[usize], c0: usize, c1: usize) -> Result<Tensor> {
         let n = c1 - c0;
         let t = self.dev.empty(&[rows.len(), n], DType::F32)?;
         let mut buf = vec![0f32; n];
@@ -339,6 +340,7 @@ impl TensorMerge<'_> {
                 }
                 Ok(())
             }
+            m if crate::geometric::handles(m) => crate::geometric::merge_tensor(self, sink, dt),
             m => {
                 let models = cfg.task_models();
                 let n = models.len();
@@ -455,7 +457,7 @@ fn copy_at(dev: &Device, src: &Tensor, from: usize, dst: &Tensor, to: usize, n: 
 }
 
 /// Reads `n` f32 elements of `t` from element `at` back to the CPU (waits for the GPU).
-fn read_back(dev: &Device, t: &Tensor, at: usize, n: usize) -> Result<Vec<f32>> {
+pub(crate) fn read_back(dev: &Device, t: &Tensor, at: usize, n: usize) -> Result<Vec<f32>> {
     let size = (n.max(1) * 4) as u64;
     let staging = dev.wgpu_device().create_buffer(&wgpu::BufferDescriptor {
         label: Some("rime merge readback"),

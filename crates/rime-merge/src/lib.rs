@@ -11,6 +11,7 @@ pub mod atlas;
 mod combine;
 pub mod config;
 mod engine;
+mod geometric;
 mod lora;
 mod output;
 mod soup;

@@ -1,0 +1,102 @@
+//! CPU reference for shaders/merge_geo.wgsl (Gram accumulation and per-vector blends of the geometric
+//! merges), element for element in the kernels' order of operations.
+
+use crate::ops::merge_geo::{gram_pairs, BlendMode, GeoLayout};
+
+fn vec_at(xs: &[f32], n: usize, sub: bool, a: usize, e: usize) -> f32 {
+    if sub {
+        xs[(a + 1) * n + e] - xs[e]
+    } else {
+        xs[a * n + e]
+    }
+}
+
+/// Neumaier step: adds v to the compensated sum (s, c).
+fn neumaier(s: &mut f32, c: &mut f32, v: f32) {
+    let t = *s + v;
+    if s.abs() >= v.abs() {
+        *c += (*s - t) + v;
+    } else {
+        *c += (v - t) + *s;
+    }
+    *s = t;
+}
+
+/// Accumulates the chunk `xs` [k, n] (elements [offset, offset + n) of a tensor of `numel`) into `gram`
+/// [slots, pairs, 2]; see `ops::merge_geo::merge_gram_forward`.
+pub fn merge_gram_forward(gram: &mut [f32], xs: &[f32], k: usize, layout: GeoLayout, offset: usize, sub_base: bool) {
+    let n = xs.len() / k;
+    let nv = k - sub_base as usize;
+    let m = gram_pairs(nv);
+    let (j_count, a, b, cnt, slot0) = match layout {
+        GeoLayout::Whole { parts } => (parts, 1, parts, usize::MAX, 0),
+        GeoLayout::Rows { width } => (n / width, width, 1, width, offset / width),
+        GeoLayout::Cols { width } => (width, 1, width, usize::MAX, 0),
+    };
+    let pairs: Vec<(usize, usize)> = (0..nv).flat_map(|x| (x..nv).map(move |y| (x, y))).collect();
+    for j in 0..j_count {
+        for (pi, &(x, y)) in pairs.iter().enumerate() {
+            let (mut s, mut c) = (0f32, 0f32);
+            let mut e = j * a;
+            let mut i = 0;
+            while i < cnt && e < n {
+                neumaier(&mut s, &mut c, vec_at(xs, n, sub_base, x, e) * vec_at(xs, n, sub_base, y, e));
+                e += b;
+                i += 1;
+            }
+            let o = ((slot0 + j) * m + pi) * 2;
+            let (s0, c0) = (gram[o], gram[o + 1]);
+            let (mut t, mut cc) = (s0, c0 + c);
+            neumaier(&mut t, &mut cc, s);
+            gram[o] = t;
+            gram[o + 1] = cc;
+        }
+    }
+}
+
+/// out \[n] = the blend of the chunk `xs` [k, n] (elements [offset, offset + n)) with `coef` [vectors, k + 1];
+/// see `ops::merge_geo::merge_blend_forward`.
+pub fn merge_blend_forward(
+    out: &mut [f32],
+    xs: &[f32],
+    coef: &[f32],
+    k: usize,
+    layout: GeoLayout,
+    offset: usize,
+    mode: BlendMode,
+) {
+    let n = out.len();
+    for (e, o) in out.iter_mut().enumerate() {
+        let g = offset + e;
+        let v = match layout {
+            GeoLayout::Whole { .. } => 0,
+            GeoLayout::Rows { width } => g / width,
+            GeoLayout::Cols { width } => g % width,
+        };
+        let c = &coef[v * (k + 1)..(v + 1) * (k + 1)];
+        let x = |r: usize| xs[r * n + e];
+        *o = match mode {
+            BlendMode::Stock => {
+                let mut s = x(1);
+                for r in 2..k {
+                    s += x(r);
+                }
+                c[0] * (s / (k - 1) as f32) + c[1] * x(0)
+            }
+            BlendMode::Delta => {
+                let mut s = 0f32;
+                for r in 1..k {
+                    s += c[r] * (x(r) - x(0));
+                }
+                x(0) + s / c[k]
+            }
+            BlendMode::Linear => {
+                let mut s = 0f32;
+                for (r, &cr) in c[..k].iter().enumerate() {
+                    s += cr * x(r);
+                }
+                s / c[k]
+            }
+        };
+    }
+}
