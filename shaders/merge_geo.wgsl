@@ -99,3 +99,56 @@ fn merge_blend_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workg
         out[e] = s / coef[o + p.rows];
     }
 }
+
+// ---------------------------------------------------------------- arcee_fusion (mergekit)
+// Rows of p.width elements; row 0 of the chunk xs is the base b, row 1 the model x. KL(softmax(x) + 1e-8 ||
+// softmax(b) + 1e-8) of each of the p.j rows in the chunk, written to gram[p.slot0 + row]. Three loops over
+// the row (at most 65535 iterations in all, see merge_gram_forward).
+@compute @workgroup_size(WG)
+fn merge_fusion_kl_forward(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let j = gid.x;
+    if (j >= p.j) { return; }
+    let o = j * p.width;
+    var mx = xs[p.n + o];
+    var mb = xs[o];
+    for (var i = 1u; i < p.width; i++) {
+        mx = max(mx, xs[p.n + o + i]);
+        mb = max(mb, xs[o + i]);
+    }
+    var sx = 0.0;
+    var sb = 0.0;
+    for (var i = 0u; i < p.width; i++) {
+        sx += exp(xs[p.n + o + i] - mx);
+        sb += exp(xs[o + i] - mb);
+    }
+    var kl = 0.0;
+    for (var i = 0u; i < p.width; i++) {
+        let pp = exp(xs[p.n + o + i] - mx) / sx + 1e-8;
+        let q = exp(xs[o + i] - mb) / sb + 1e-8;
+        kl += pp * log(pp / q);
+    }
+    gram[p.slot0 + j] = kl;
+}
+
+// Importance |x - b| * kl[row] of chunk element e, written to out[p.g0 + e] (out holds the whole tensor; kl
+// is read through coef).
+@compute @workgroup_size(WG)
+fn merge_fusion_importance_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                                   @builtin(local_invocation_index) lid: u32) {
+    let e = flat_group(wid, nwg) * WG + lid;
+    if (e >= p.n) { return; }
+    let g = p.g0 + e;
+    out[g] = abs(xs[p.n + e] - xs[e]) * coef[g / p.width];
+}
+
+// out[e] = b + (x - b) * (importance >= threshold), the importance of the whole tensor read through coef at
+// p.g0 + e, the threshold = bitcast(p.a).
+@compute @workgroup_size(WG)
+fn merge_fusion_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                        @builtin(local_invocation_index) lid: u32) {
+    let e = flat_group(wid, nwg) * WG + lid;
+    if (e >= p.n) { return; }
+    let b = xs[e];
+    let keep = select(0.0, 1.0, coef[p.g0 + e] >= bitcast<f32>(p.a));
+    out[e] = b + (xs[p.n + e] - b) * keep;
+}

@@ -174,3 +174,54 @@ fn merge_geo_launchers_refuse_bad_shapes() {
     assert!(merge_blend_forward(d, &out, &one, &coef2, w, 0, 10, BlendMode::Delta).is_err());
     assert!(merge_blend_forward(d, &out, &one, &coef2, w, 0, 10, BlendMode::Linear).is_ok());
 }
+
+#[test]
+fn merge_fusion_matches_reference() {
+    let d = dev();
+    for &(rows, width) in &[(1usize, 1usize), (3, 5), (7, 33), (64, 300), (2, 20_000)] {
+        let l = rows * width;
+        let b = randn(l as u64, l, 2.0);
+        let x: Vec<f32> = b.iter().zip(randn(l as u64 + 1, l, 0.5)).map(|(u, v)| u + v).collect();
+        let all: Vec<f32> = b.iter().chain(&x).copied().collect();
+        let kl = d.zeros(&[rows], DType::F32).unwrap();
+        let imp = d.zeros(&[l], DType::F32).unwrap();
+        let (mut kl_want, mut imp_want) = (vec![0f32; rows], vec![0f32; l]);
+        let split = (rows / 2) * width;
+        let chunks = [(0, split), (split, l)];
+        for &(c0, c1) in chunks.iter().filter(|(a, b)| b > a) {
+            let xs = chunk(&all, 2, l, c0, c1);
+            let t = up(d, &xs, &[2, c1 - c0]);
+            d.run(&merge_fusion_kl_forward(d, &kl, &t, width, c0, l).unwrap()).unwrap();
+            d.run(&merge_fusion_importance_forward(d, &imp, &t, &kl, width, c0).unwrap()).unwrap();
+            r::merge_fusion_kl_forward(&mut kl_want, &xs, width, c0);
+            r::merge_fusion_importance_forward(&mut imp_want, &xs, &kl_want, width, c0);
+        }
+        let what = format!("fusion {rows}x{width}");
+        assert_close(&format!("{what} kl"), &d.download_f32(&kl).unwrap(), &kl_want, 1e-6, 1e-4);
+        let imp_got = d.download_f32(&imp).unwrap();
+        assert_close(&format!("{what} importance"), &imp_got, &imp_want, 1e-6, 1e-4);
+        // The threshold at the median keeps about half; the reference is fed the kernel's importance.
+        let mut s = imp_got.clone();
+        s.sort_by(f32::total_cmp);
+        let thr = s[s.len() / 2];
+        for &(c0, c1) in chunks.iter().filter(|(a, b)| b > a) {
+            let xs = chunk(&all, 2, l, c0, c1);
+            let out = d.empty(&[c1 - c0], DType::F32).unwrap();
+            d.run(&merge_fusion_forward(d, &out, &up(d, &xs, &[2, c1 - c0]), &imp, thr, c0).unwrap()).unwrap();
+            let mut want = vec![0f32; c1 - c0];
+            r::merge_fusion_forward(&mut want, &xs, &imp_got, thr, c0);
+            assert_eq!(d.download_f32(&out).unwrap(), want, "{what} fusion [{c0}, {c1})");
+        }
+    }
+    // Hand value: equal rows have KL 0 (within rounding), so no importance; a row of two where the model moves
+    // one logit by ln 3: p = (3/4, 1/4), q = (1/2, 1/2), KL = 3/4 ln(3/2) + 1/4 ln(1/2).
+    let xs = up(d, &[0.0, 0.0, 3f32.ln(), 0.0], &[2, 2]);
+    let kl = d.zeros(&[1], DType::F32).unwrap();
+    d.run(&merge_fusion_kl_forward(d, &kl, &xs, 2, 0, 2).unwrap()).unwrap();
+    let want = 0.75 * 1.5f32.ln() + 0.25 * 0.5f32.ln();
+    assert_close("fusion kl hand", &d.download_f32(&kl).unwrap(), &[want], 1e-6, 1e-5);
+    // Rows too long for one invocation's three loops.
+    let long = d.empty(&[2, MAX_LOOP], DType::F32).unwrap();
+    let kl1 = d.zeros(&[1], DType::F32).unwrap();
+    assert!(merge_fusion_kl_forward(d, &kl1, &long, MAX_LOOP, 0, MAX_LOOP).is_err());
+}

@@ -31,10 +31,12 @@ pub enum Method {
     Multislerp,
     /// mergekit's Karcher mean of the models on the unit sphere.
     Karcher,
+    /// mergekit's Arcee Fusion: the base plus the model's changes where their importance is an outlier.
+    ArceeFusion,
 }
 
 impl Method {
-    pub const ALL: [(&'static str, Method); 12] = [
+    pub const ALL: [(&'static str, Method); 13] = [
         ("linear", Method::Linear),
         ("task_arithmetic", Method::TaskArithmetic),
         ("ties", Method::Ties),
@@ -47,6 +49,7 @@ impl Method {
         ("nuslerp", Method::Nuslerp),
         ("multislerp", Method::Multislerp),
         ("karcher", Method::Karcher),
+        ("arcee_fusion", Method::ArceeFusion),
     ];
 
     pub fn parse(s: &str) -> Option<Method> {
@@ -69,7 +72,7 @@ impl Method {
             Method::Ties | Method::DareLinear | Method::DareTies => &["weight", "density"],
             Method::Slerp | Method::GreedySoup | Method::Atlas => &[],
             Method::Nuslerp | Method::Multislerp => &["weight"],
-            Method::ModelStock | Method::Karcher => &[],
+            Method::ModelStock | Method::Karcher | Method::ArceeFusion => &[],
         }
     }
 
@@ -96,6 +99,7 @@ impl Method {
             Method::Nuslerp => &["nuslerp_flatten", "nuslerp_row_wise"],
             Method::Multislerp => &["normalize_weights", "eps"],
             Method::Karcher => &["max_iter", "tol"],
+            Method::ArceeFusion => &[],
         }
     }
 

@@ -21,6 +21,7 @@
 //!   eps = 1e-8, where cos and sin(x)/x are 1 in f32); it is kept here through its Gram-matrix expression.
 //!   With one model the result is that model; where |m| < eps two models are lerped with their weights and
 //!   more are an error (as in mergekit).
+//! - arcee_fusion (base + one model): see [`fusion`].
 //! - karcher (one or more inputs, the base among them when given, alphas 1/K): the weighted Karcher mean on
 //!   the unit sphere of the whole tensors (iterated up to `max_iter` times until the tangent norm is below
 //!   `tol`), scaled by sum_i alpha_i |x_i|.
@@ -36,13 +37,13 @@ use crate::{Error, Result};
 
 /// Methods this module merges.
 pub(crate) fn handles(m: Method) -> bool {
-    matches!(m, Method::ModelStock | Method::Nuslerp | Method::Multislerp | Method::Karcher)
+    matches!(m, Method::ModelStock | Method::Nuslerp | Method::Multislerp | Method::Karcher | Method::ArceeFusion)
 }
 
 /// Whether the method reads its base as the origin of task vectors (and so puts it first among the inputs).
 fn uses_base(cfg: &MergeConfig) -> bool {
     match cfg.method {
-        Method::ModelStock => true,
+        Method::ModelStock | Method::ArceeFusion => true,
         Method::Nuslerp | Method::Multislerp => cfg.base.is_some(),
         _ => false,
     }
@@ -118,6 +119,12 @@ pub(crate) fn check(cfg: &MergeConfig) -> Result<()> {
         }
         Method::Multislerp if others.is_empty() => {
             return Err(err("multislerp needs at least one model besides base_model under `models`".into()))
+        }
+        Method::ArceeFusion if others.len() != 1 => {
+            return Err(err(format!(
+                "arcee_fusion merges base_model and exactly one other model; {} listed under `models`",
+                others.len()
+            )))
         }
         Method::Karcher if cfg.models.is_empty() && cfg.base.is_none() => {
             return Err(err("karcher needs at least one model under `models`".into()))
@@ -317,6 +324,7 @@ pub(crate) fn merge_tensor(tm: &TensorMerge, sink: &mut TensorSink, dt: Dtype) -
             }
             blend_pass(tm, whole, &coef, BlendMode::Linear, sink, dt)
         }
+        Method::ArceeFusion => fusion(tm, if shape.is_empty() { 1 } else { last }, sink, dt),
         m => Err(tm.terr(format!("{} is not a geometric merge", m.as_str()))),
     }
 }
@@ -459,6 +467,50 @@ fn blend_pass(
         let xs = tm.stack(&rows, c0, c1)?;
         let out = dev.empty(&[c1 - c0], DType::F32)?;
         dev.run(&g::merge_blend_forward(dev, &out, &xs, &ct, layout, c0, l, mode)?)?;
+        sink.write_f32(&read_back(dev, &out, 0, c1 - c0)?, dt)?;
+    }
+    Ok(())
+}
+
+/// mergekit's `arcee_fusion`: importance = |x - b| * KL(softmax(x) + 1e-8 || softmax(b) + 1e-8) per row
+/// (along the last dimension), threshold = median + 1.5 (q3 - q1) of the importance, out = b + (x - b) where the
+/// importance reaches the threshold, b elsewhere. The quantiles are order statistics sorted[int(q (L - 1))]
+/// (q in f32, as mergekit indexes); mergekit picks them from all elements up to 1M and from 1M random
+/// (unseeded) samples above, rime always from all elements. The KL and importance run on the GPU chunk by
+/// chunk into a whole-tensor importance buffer; the three order statistics are selected on the CPU from it
+/// (`select_nth_unstable`); the masked merge streams.
+fn fusion(tm: &TensorMerge, width: usize, sink: &mut TensorSink, dt: Dtype) -> Result<()> {
+    let (dev, name, l) = (tm.dev, tm.name, tm.l);
+    if 3 * width > g::MAX_LOOP {
+        return Err(tm.terr(format!(
+            "arcee_fusion: rows of {width} elements are longer than the {} one GPU invocation handles (lavapipe \
+             ends loops after 65535 iterations)",
+            g::MAX_LOOP / 3
+        )));
+    }
+    crate::engine::check_binding(dev, name, l, "arcee_fusion's quantiles need the whole importance at once")?;
+    let kl = dev.zeros(&[l / width], DType::F32)?;
+    let imp = dev.zeros(&[l], DType::F32)?;
+    let step = step(tm, GeoLayout::Rows { width })?;
+    for (c0, c1) in ranges(l, step) {
+        let xs = tm.stack(&[0, 1], c0, c1)?;
+        dev.run(&g::merge_fusion_kl_forward(dev, &kl, &xs, width, c0, l)?)?;
+        dev.run(&g::merge_fusion_importance_forward(dev, &imp, &xs, &kl, width, c0)?)?;
+    }
+    let mut v = dev.download_f32(&imp)?;
+    if v.iter().any(|x| x.is_nan()) {
+        return Err(tm.terr("arcee_fusion: the importance has NaN (an input holds Inf or NaN)".into()));
+    }
+    let mut pick = |q: f32| -> f32 {
+        let i = ((q * (l - 1) as f32) as usize).min(l - 1);
+        *v.select_nth_unstable_by(i, |a, b| a.total_cmp(b)).1
+    };
+    let (q1, median, q3) = (pick(0.25), pick(0.5), pick(0.75));
+    let threshold = median + 1.5 * (q3 - q1);
+    for (c0, c1) in ranges(l, step) {
+        let xs = tm.stack(&[0, 1], c0, c1)?;
+        let out = dev.empty(&[c1 - c0], DType::F32)?;
+        dev.run(&g::merge_fusion_forward(dev, &out, &xs, &imp, threshold, c0)?)?;
         sink.write_f32(&read_back(dev, &out, 0, c1 - c0)?, dt)?;
     }
     Ok(())

@@ -1,4 +1,4 @@
-//! mergekit 0.1.5's geometric merges (model_stock, nuslerp, multislerp, karcher) end to end on small random
+//! mergekit 0.1.5's geometric merges (model_stock, nuslerp, multislerp, karcher) and arcee_fusion end to end on small random
 //! checkpoints, against plain-Rust re-writings of mergekit's code element for element in f32 (as torch runs
 //! it on float32 tensors); bad parameters must fail naming the key.
 
@@ -271,6 +271,47 @@ fn mk_karcher(xs: &[&Vec<f32>], max_iter: usize, tol: f32) -> Vec<f32> {
     }
     let scale: f32 = norms.iter().map(|n| alpha as f32 * n).sum();
     mean.iter().map(|x| scale * x).collect()
+}
+
+/// mergekit `arcee_fusion_merge_method` (tensors under 1M elements: exact quantiles, no sampling).
+fn mk_arcee_fusion(b: &[f32], x: &[f32], shape: &[usize]) -> Vec<f32> {
+    let mut imp = vec![0f32; b.len()];
+    for idx in vectors(shape, "rows") {
+        let soft = |v: &[f32]| -> Vec<f32> {
+            let m = v.iter().fold(f32::MIN, |a, &y| a.max(y));
+            let s: f32 = v.iter().map(|y| (y - m).exp()).sum();
+            v.iter().map(|y| (y - m).exp() / s + 1e-8).collect()
+        };
+        let (p, q) = (soft(&gather(x, &idx)), soft(&gather(b, &idx)));
+        let kl: f32 = p.iter().zip(&q).map(|(p, q)| p * (p / q).ln()).sum();
+        for &i in &idx {
+            imp[i] = (x[i] - b[i]).abs() * kl;
+        }
+    }
+    let mut sorted = imp.clone();
+    sorted.sort_by(f32::total_cmp);
+    let at = |q: f32| sorted[(q * (sorted.len() - 1) as f32) as usize];
+    let thr = at(0.5) + 1.5 * (at(0.75) - at(0.25));
+    (0..b.len()).map(|i| b[i] + (x[i] - b[i]) * if imp[i] >= thr { 1.0 } else { 0.0 }).collect()
+}
+
+#[test]
+fn arcee_fusion_matches_mergekit() {
+    let (d, ms) = setup("fusion");
+    let got = run(&d, "merge_method: arcee_fusion\nbase_model: m0\nmodels: [m0, m1]\n", "out").unwrap();
+    let mut kept = 0;
+    for n in ms[0].keys() {
+        let want = mk_arcee_fusion(&ms[0][n], &ms[1][n], shape(n));
+        close(n, &got[n], &want, 1e-6);
+        kept += want.iter().zip(&ms[0][n]).filter(|(w, b)| w != b).count();
+    }
+    assert!(kept > 0, "some changes are kept");
+    let e = run(&d, "merge_method: arcee_fusion\nbase_model: m0\nmodels: [m1, m2]\n", "two").unwrap_err().to_string();
+    assert!(e.contains("arcee_fusion") && e.contains("exactly one"), "{e}");
+    let e = run(&d, "merge_method: arcee_fusion\nbase_model: m0\nmodels: [m1]\nparameters: {t: 0.5}\n", "t")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`t`"), "{e}");
 }
 
 #[test]

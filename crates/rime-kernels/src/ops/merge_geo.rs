@@ -251,3 +251,109 @@ pub fn merge_blend_forward(
         grid_1d((n as u32).div_ceil(WG)),
     )?])
 }
+
+/// Checks a chunk `xs` [2, n] (base, model) of whole rows of `width` at `offset` of a tensor of `numel`.
+fn fusion_chunk(op: &'static str, xs: &Tensor, width: usize, offset: usize, numel: usize) -> Result<usize> {
+    let (k, n) = stacked(op, xs, 2)?;
+    if k != 2 {
+        return Err(shape_err(op, format!("xs must be [2, n] (base, model), got {:?}", xs.shape)));
+    }
+    check_chunk(op, GeoLayout::Rows { width }, offset, n, numel)?;
+    Ok(n)
+}
+
+/// arcee_fusion's per-row KL(softmax(x) + 1e-8 || softmax(b) + 1e-8) of the chunk `xs` [2, n] (row 0 the base
+/// b, row 1 the model x; whole rows of `width`, elements [offset, offset + n) of a tensor of `numel`) into
+/// `kl` [numel / width] at row offset / width. A row is summed by one invocation in three loops, so `width`
+/// is at most [`MAX_LOOP`] / 3.
+pub fn merge_fusion_kl_forward(
+    dev: &Device,
+    kl: &Tensor,
+    xs: &Tensor,
+    width: usize,
+    offset: usize,
+    numel: usize,
+) -> Result<Vec<Dispatch>> {
+    const OP: &str = "merge_fusion_kl_forward";
+    let n = fusion_chunk(OP, xs, width, offset, numel)?;
+    expect_f32(OP, "kl", kl)?;
+    if kl.numel() != numel / width {
+        return Err(shape_err(OP, format!("kl {:?} must hold the tensor's {} rows", kl.shape, numel / width)));
+    }
+    if 3 * width > MAX_LOOP {
+        return Err(shape_err(
+            OP,
+            format!("rows of {width} elements exceed {} (three loops of one invocation)", MAX_LOOP / 3),
+        ));
+    }
+    let j = n / width;
+    if j == 0 {
+        return Ok(Vec::new());
+    }
+    let p = params(n, 2, j, 0, 0, 0, offset / width, false, [0, 1, width as u32, offset as u32, 0]);
+    Ok(vec![dev.dispatch(FILE, OP, &spec(), Some(&p), &[(2, xs), (3, kl)], grid_1d((j as u32).div_ceil(WG)))?])
+}
+
+/// arcee_fusion's importance |x - b| * kl\[row] of the chunk `xs` [2, n] into `importance` [numel] at
+/// [offset, offset + n).
+pub fn merge_fusion_importance_forward(
+    dev: &Device,
+    importance: &Tensor,
+    xs: &Tensor,
+    kl: &Tensor,
+    width: usize,
+    offset: usize,
+) -> Result<Vec<Dispatch>> {
+    const OP: &str = "merge_fusion_importance_forward";
+    expect_f32(OP, "importance", importance)?;
+    expect_f32(OP, "kl", kl)?;
+    let numel = importance.numel();
+    let n = fusion_chunk(OP, xs, width, offset, numel)?;
+    if kl.numel() != numel / width {
+        return Err(shape_err(OP, format!("kl {:?} must hold the tensor's {} rows", kl.shape, numel / width)));
+    }
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let p = params(n, 2, 0, 0, 0, 0, 0, false, [0, 1, width as u32, offset as u32, 0]);
+    Ok(vec![dev.dispatch(
+        FILE,
+        OP,
+        &spec(),
+        Some(&p),
+        &[(1, importance), (2, xs), (4, kl)],
+        grid_1d((n as u32).div_ceil(WG)),
+    )?])
+}
+
+/// arcee_fusion's merge of the chunk `xs` [2, n]: out \[n] = b + (x - b) * (importance >= threshold), with the
+/// importance of the whole tensor, `importance` [numel], read at [offset, offset + n).
+pub fn merge_fusion_forward(
+    dev: &Device,
+    out: &Tensor,
+    xs: &Tensor,
+    importance: &Tensor,
+    threshold: f32,
+    offset: usize,
+) -> Result<Vec<Dispatch>> {
+    const OP: &str = "merge_fusion_forward";
+    expect_f32(OP, "out", out)?;
+    expect_f32(OP, "importance", importance)?;
+    let numel = importance.numel();
+    let n = fusion_chunk(OP, xs, 1, offset, numel)?;
+    if out.numel() != n {
+        return Err(shape_err(OP, format!("out {:?} must hold the chunk's {n} elements", out.shape)));
+    }
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let p = params(n, 2, 0, threshold.to_bits(), 0, 0, 0, false, [0, 0, 1, offset as u32, 0]);
+    Ok(vec![dev.dispatch(
+        FILE,
+        OP,
+        &spec(),
+        Some(&p),
+        &[(1, out), (2, xs), (4, importance)],
+        grid_1d((n as u32).div_ceil(WG)),
+    )?])
+}

@@ -100,3 +100,45 @@ pub fn merge_blend_forward(
         };
     }
 }
+
+/// arcee_fusion's per-row KL of the chunk `xs` [2, n] (base, model) into `kl` at row offset / width.
+pub fn merge_fusion_kl_forward(kl: &mut [f32], xs: &[f32], width: usize, offset: usize) {
+    let n = xs.len() / 2;
+    let (b, x) = xs.split_at(n);
+    for j in 0..n / width {
+        let o = j * width;
+        let (rx, rb) = (&x[o..o + width], &b[o..o + width]);
+        let mx = rx.iter().fold(rx[0], |m, &v| m.max(v));
+        let mb = rb.iter().fold(rb[0], |m, &v| m.max(v));
+        let (mut sx, mut sb) = (0f32, 0f32);
+        for i in 0..width {
+            sx += (rx[i] - mx).exp();
+            sb += (rb[i] - mb).exp();
+        }
+        let mut s = 0f32;
+        for i in 0..width {
+            let p = (rx[i] - mx).exp() / sx + 1e-8;
+            let q = (rb[i] - mb).exp() / sb + 1e-8;
+            s += p * (p / q).ln();
+        }
+        kl[offset / width + j] = s;
+    }
+}
+
+/// arcee_fusion's importance |x - b| * kl\[row] of the chunk `xs` [2, n] into `importance` at offset.
+pub fn merge_fusion_importance_forward(importance: &mut [f32], xs: &[f32], kl: &[f32], width: usize, offset: usize) {
+    let n = xs.len() / 2;
+    for e in 0..n {
+        let g = offset + e;
+        importance[g] = (xs[n + e] - xs[e]).abs() * kl[g / width];
+    }
+}
+
+/// arcee_fusion's merge of the chunk `xs` [2, n]: b + (x - b) * (importance >= threshold).
+pub fn merge_fusion_forward(out: &mut [f32], xs: &[f32], importance: &[f32], threshold: f32, offset: usize) {
+    let n = out.len();
+    for (e, o) in out.iter_mut().enumerate() {
+        let keep = if importance[offset + e] >= threshold { 1.0 } else { 0.0 };
+        *o = xs[e] + (xs[n + e] - xs[e]) * keep;
+    }
+}
