@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Who is closer to the exact formula? For the geometric merge cases (model_stock, nuslerp, multislerp,
-karcher) already run by scripts/mergekit_compare.py in WORK, evaluate each case's formula in float64 (numpy)
+karcher, and arcee_fusion, whose masks are compared with the float64 mask) already run by scripts/mergekit_compare.py in WORK, evaluate each case's formula in float64 (numpy)
 on the same float32 inputs and print, per case, the largest |mergekit - f64| and |rime - f64| over all float
 tensors, and the tensor where mergekit is furthest off.
 
@@ -129,6 +129,19 @@ def karcher(ts, max_iter, tol):
     return (sum(al * ni for al, ni in zip(alphas, n)) * m).reshape(ts[0].shape)
 
 
+def arcee_fusion(b, x):
+    """Exact quantiles (mergekit samples 1M elements at random above 1M)."""
+    def soft(v):
+        e = np.exp(v - v.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True) + 1e-8
+
+    p, q = soft(x), soft(b)
+    imp = np.abs(x - b) * (p * np.log(p / q)).sum(-1, keepdims=True)
+    s = np.sort(imp.ravel())
+    at = lambda f: s[int(np.float32(f) * np.float32(s.size - 1))]
+    return b + (x - b) * (imp >= at(0.5) + 1.5 * (at(0.75) - at(0.25)))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("cases", nargs="+", type=Path)
@@ -148,7 +161,7 @@ def main():
         inputs = {nm: load_folder(args.work / nm) for nm in set(names + ([base] if base else []))}
         mk = load_folder(args.work / f"out-mk-{case.stem}")
         ri = load_folder(args.work / f"out-rime-{case.stem}")
-        worst_mk, worst_ri, where = 0.0, 0.0, ""
+        worst_mk, worst_ri, where, fusion = 0.0, 0.0, "", {}
         for k, x in inputs[names[0]].items():
             if not np.issubdtype(x.dtype, np.floating):
                 continue
@@ -172,6 +185,15 @@ def main():
                     ref = multislerp(xs, w, norm_w, eps)
             elif method == "karcher":
                 ref = karcher(xs, int(value(p.get("max_iter"), k, 10)), float(value(p.get("tol"), k, 1e-5)))
+            elif method == "arcee_fusion":
+                ref = arcee_fusion(b, xs[0])
+                for tag, out in (("mk", mk), ("rime", ri)):
+                    mask_off = int(((out[k] != inputs[base][k]) != (ref != b)).sum())
+                    fusion[tag] = fusion.get(tag, 0) + mask_off
+                    if x.size <= 1_000_000:
+                        fusion[tag + "_small"] = fusion.get(tag + "_small", 0) + mask_off
+                fusion["n"] = fusion.get("n", 0) + x.size
+                fusion["n_small"] = fusion.get("n_small", 0) + (x.size if x.size <= 1_000_000 else 0)
             else:
                 raise SystemExit(f"{case}: {method} is not a geometric method")
             dm = float(np.abs(mk[k].astype(np.float64) - ref).max())
@@ -179,6 +201,13 @@ def main():
             if dm > worst_mk:
                 worst_mk, where = dm, f"{k} {list(x.shape)}"
             worst_ri = max(worst_ri, dr)
+        if fusion:
+            pct = lambda t, n: f"{100 * fusion[t] / max(fusion[n], 1):.4f}%"
+            where = (
+                f"{where}; elements kept or dropped unlike float64: mergekit {pct('mk', 'n')}, rime "
+                f"{pct('rime', 'n')} (tensors up to 1M elements, where mergekit does not sample: "
+                f"{pct('mk_small', 'n_small')} / {pct('rime_small', 'n_small')})"
+            )
         print(f"| {case.stem} | {worst_mk:.3g} | {worst_ri:.3g} | {where} |")
 
 

@@ -115,19 +115,31 @@ fn merge_fusion_kl_forward(@builtin(global_invocation_id) gid: vec3<u32>) {
         mx = max(mx, xs[p.n + o + i]);
         mb = max(mb, xs[o + i]);
     }
-    var sx = 0.0;
-    var sb = 0.0;
+    // Compensated sums: a relative error e in a softmax's denominator shifts the KL by about e (sum p = 1),
+    // which is the size of the KL itself for close rows.
+    var sx = vec2<f32>(0.0, 0.0);
+    var sb = vec2<f32>(0.0, 0.0);
     for (var i = 0u; i < p.width; i++) {
-        sx += exp(xs[p.n + o + i] - mx);
-        sb += exp(xs[o + i] - mb);
+        sx = neumaier(sx, exp(xs[p.n + o + i] - mx));
+        sb = neumaier(sb, exp(xs[o + i] - mb));
     }
-    var kl = 0.0;
+    let dx = sx.x + sx.y;
+    let db = sb.x + sb.y;
+    var kl = vec2<f32>(0.0, 0.0);
     for (var i = 0u; i < p.width; i++) {
-        let pp = exp(xs[p.n + o + i] - mx) / sx + 1e-8;
-        let q = exp(xs[o + i] - mb) / sb + 1e-8;
-        kl += pp * log(pp / q);
+        let pp = exp(xs[p.n + o + i] - mx) / dx + 1e-8;
+        let q = exp(xs[o + i] - mb) / db + 1e-8;
+        kl = neumaier(kl, pp * log(pp / q));
     }
-    gram[p.slot0 + j] = kl;
+    gram[p.slot0 + j] = kl.x + kl.y;
+}
+
+// One Neumaier step: (sum, compensation) plus v.
+fn neumaier(sc: vec2<f32>, v: f32) -> vec2<f32> {
+    let t = sc.x + v;
+    var c = sc.y;
+    if (abs(sc.x) >= abs(v)) { c += (sc.x - t) + v; } else { c += (v - t) + sc.x; }
+    return vec2<f32>(t, c);
 }
 
 // Importance |x - b| * kl[row] of chunk element e, written to out[p.g0 + e] (out holds the whole tensor; kl

@@ -110,18 +110,19 @@ pub fn merge_fusion_kl_forward(kl: &mut [f32], xs: &[f32], width: usize, offset:
         let (rx, rb) = (&x[o..o + width], &b[o..o + width]);
         let mx = rx.iter().fold(rx[0], |m, &v| m.max(v));
         let mb = rb.iter().fold(rb[0], |m, &v| m.max(v));
-        let (mut sx, mut sb) = (0f32, 0f32);
+        let (mut sx, mut cx, mut sb, mut cb) = (0f32, 0f32, 0f32, 0f32);
         for i in 0..width {
-            sx += (rx[i] - mx).exp();
-            sb += (rb[i] - mb).exp();
+            neumaier(&mut sx, &mut cx, (rx[i] - mx).exp());
+            neumaier(&mut sb, &mut cb, (rb[i] - mb).exp());
         }
-        let mut s = 0f32;
+        let (dx, db) = (sx + cx, sb + cb);
+        let (mut s, mut c) = (0f32, 0f32);
         for i in 0..width {
-            let p = (rx[i] - mx).exp() / sx + 1e-8;
-            let q = (rb[i] - mb).exp() / sb + 1e-8;
-            s += p * (p / q).ln();
+            let p = (rx[i] - mx).exp() / dx + 1e-8;
+            let q = (rb[i] - mb).exp() / db + 1e-8;
+            neumaier(&mut s, &mut c, p * (p / q).ln());
         }
-        kl[offset / width + j] = s;
+        kl[offset / width + j] = s + c;
     }
 }
 
