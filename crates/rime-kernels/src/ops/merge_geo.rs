@@ -137,14 +137,14 @@ fn check_chunk(op: &'static str, layout: GeoLayout, offset: usize, n: usize, num
         ));
     }
     match layout {
-        GeoLayout::Whole { parts } if parts == 0 => Err(shape_err(op, "Whole layout needs parts >= 1")),
-        GeoLayout::Rows { width } | GeoLayout::Cols { width } if width == 0 || numel % width != 0 => {
+        GeoLayout::Whole { parts: 0 } => Err(shape_err(op, "Whole layout needs parts >= 1")),
+        GeoLayout::Rows { width } | GeoLayout::Cols { width } if width == 0 || !numel.is_multiple_of(width) => {
             Err(shape_err(op, format!("vector width {width} does not divide the tensor's {numel} elements")))
         }
-        GeoLayout::Rows { width } | GeoLayout::Cols { width } if offset % width != 0 => {
+        GeoLayout::Rows { width } | GeoLayout::Cols { width } if !offset.is_multiple_of(width) => {
             Err(shape_err(op, format!("chunk offset {offset} is not a multiple of the vector width {width}")))
         }
-        GeoLayout::Rows { width } if n % width != 0 => {
+        GeoLayout::Rows { width } if !n.is_multiple_of(width) => {
             Err(shape_err(op, format!("chunk of {n} elements does not hold whole rows of {width}")))
         }
         _ => Ok(()),

@@ -85,8 +85,8 @@ pub fn merge_blend_forward(
             }
             BlendMode::Delta => {
                 let mut s = 0f32;
-                for r in 1..k {
-                    s += c[r] * (x(r) - x(0));
+                for (r, &cr) in c.iter().enumerate().take(k).skip(1) {
+                    s += cr * (x(r) - x(0));
                 }
                 x(0) + s / c[k]
             }
