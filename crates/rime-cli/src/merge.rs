@@ -62,6 +62,15 @@ use rime::merge;
 /// greedy_soup writes the soup adapter (decisions in merge_report.json); atlas writes the merged model, head/
 /// (rime eval --model OUT --adapter OUT/head) and atlas_coefficients.json.
 ///
+/// Geometric merges and arcee_fusion (mergekit 0.1.5's formulas, parameters and defaults):
+///   merge_method: model_stock    # base_model + 2 or more models; parameters: {filter_wise: false}
+///   merge_method: nuslerp        # 2 models with `weight`, base_model optional;
+///                                # parameters: {nuslerp_flatten: true, nuslerp_row_wise: false}
+///   merge_method: multislerp     # 1 or more models with `weight`, base_model optional;
+///                                # parameters: {normalize_weights: true, eps: 1e-8}
+///   merge_method: karcher        # the models (and base_model, if given); parameters: {max_iter: 10, tol: 1e-5}
+///   merge_method: arcee_fusion   # base_model + 1 model: the model's values where their importance is an outlier
+///
 /// The output folder gets model.safetensors (shards and model.safetensors.index.json above --shard-size),
 /// the base's config.json and tokenizer files, and merge_report.json (method, inputs, bytes read and written,
 /// seconds, GB/s). It is built in a temporary sibling folder and renamed into place at the end, so a failed

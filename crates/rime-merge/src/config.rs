@@ -27,10 +27,20 @@ pub enum Method {
     Atlas,
     /// One input per output tensor, optionally scaled (`scale`): layer stacking with `slices` (see `slices`).
     Passthrough,
+    /// mergekit's Model Stock: base + t (mean - base), t from the mean angle between task vectors.
+    ModelStock,
+    /// mergekit's NuSLERP: SLERP of two models (or task vectors) by weight, whole tensor, rows or columns.
+    Nuslerp,
+    /// mergekit's Multi-SLERP: barycentric interpolation of N models (or task vectors) on the sphere.
+    Multislerp,
+    /// mergekit's Karcher mean of the models on the unit sphere.
+    Karcher,
+    /// mergekit's Arcee Fusion: the base plus the model's changes where their importance is an outlier.
+    ArceeFusion,
 }
 
 impl Method {
-    pub const ALL: [(&'static str, Method); 9] = [
+    pub const ALL: [(&'static str, Method); 14] = [
         ("linear", Method::Linear),
         ("task_arithmetic", Method::TaskArithmetic),
         ("ties", Method::Ties),
@@ -40,6 +50,11 @@ impl Method {
         ("greedy_soup", Method::GreedySoup),
         ("atlas", Method::Atlas),
         ("passthrough", Method::Passthrough),
+        ("model_stock", Method::ModelStock),
+        ("nuslerp", Method::Nuslerp),
+        ("multislerp", Method::Multislerp),
+        ("karcher", Method::Karcher),
+        ("arcee_fusion", Method::ArceeFusion),
     ];
 
     pub fn parse(s: &str) -> Option<Method> {
@@ -52,7 +67,7 @@ impl Method {
 
     /// Methods that merge task vectors (model - base) and so need `base_model`.
     pub fn needs_base(self) -> bool {
-        !matches!(self, Method::Linear | Method::Passthrough)
+        !matches!(self, Method::Linear | Method::Passthrough | Method::Nuslerp | Method::Multislerp | Method::Karcher)
     }
 
     /// Per-model parameters the method reads.
@@ -62,6 +77,8 @@ impl Method {
             Method::Ties | Method::DareLinear | Method::DareTies => &["weight", "density"],
             Method::Slerp | Method::GreedySoup | Method::Atlas => &[],
             Method::Passthrough => &["scale"],
+            Method::Nuslerp | Method::Multislerp => &["weight"],
+            Method::ModelStock | Method::Karcher | Method::ArceeFusion => &[],
         }
     }
 
@@ -85,6 +102,11 @@ impl Method {
             Method::GreedySoup => &["batch_size", "max_length", "eval_limit"],
             Method::Atlas => &["batch_size", "max_length", "steps", "lr", "examples", "seed", "eval_limit"],
             Method::Passthrough => &[],
+            Method::ModelStock => &["filter_wise"],
+            Method::Nuslerp => &["nuslerp_flatten", "nuslerp_row_wise"],
+            Method::Multislerp => &["normalize_weights", "eps"],
+            Method::Karcher => &["max_iter", "tol"],
+            Method::ArceeFusion => &[],
         }
     }
 
@@ -355,8 +377,11 @@ impl MergeConfig {
         }
         let gparams = parse_params(params_v.as_ref(), "parameters", &allowed_global, method, &err)?;
         let mut numbers = std::collections::BTreeMap::new();
-        if matches!(method, Method::GreedySoup | Method::Atlas) {
+        if matches!(method, Method::GreedySoup | Method::Atlas) || crate::geometric::handles(method) {
             for (k, v) in &gparams {
+                if method.model_params().contains(&k.as_str()) {
+                    continue;
+                }
                 match v {
                     Param::Num(x) if x.is_finite() => {
                         numbers.insert(k.clone(), *x);
@@ -514,6 +539,7 @@ impl MergeConfig {
                 }
                 Ok(())
             }
+            m if crate::geometric::handles(m) => crate::geometric::check(self),
             m if m.needs_base() && self.task_models().is_empty() => {
                 Err(err(format!("{} needs at least one model besides base_model", m.as_str())))
             }

@@ -104,6 +104,7 @@ pub fn merge_with_chunk(
     // Inputs in order: the base first (task-vector methods, slerp), then the contributing models.
     let entries: Vec<&ModelEntry> = match cfg.method {
         Method::Linear => cfg.models.iter().collect(),
+        m if crate::geometric::handles(m) => crate::geometric::entries(cfg),
         _ => cfg.base.iter().chain(cfg.task_models()).collect(),
     };
     let ckpts = entries.iter().map(|e| Checkpoint::open(&e.path)).collect::<std::result::Result<Vec<_>, _>>()?;
@@ -288,7 +289,7 @@ pub(crate) struct TensorMerge<'a> {
 }
 
 impl TensorMerge<'_> {
-    fn terr(&self, msg: String) -> Error {
+    pub(crate) fn terr(&self, msg: String) -> Error {
         Error::Tensor { tensor: self.name.to_string(), msg }
     }
 
@@ -308,7 +309,7 @@ impl TensorMerge<'_> {
     }
 
     /// A GPU tensor [rows.len(), c1 - c0] whose row r holds elements [c0, c1) of input rows[r].
-    fn stack(&self, rows: &[usize], c0: usize, c1: usize) -> Result<Tensor> {
+    pub(crate) fn stack(&self, rows: &[usize], c0: usize, c1: usize) -> Result<Tensor> {
         let n = c1 - c0;
         let t = self.dev.empty(&[rows.len(), n], DType::F32)?;
         let mut buf = vec![0f32; n];
@@ -413,6 +414,7 @@ impl TensorMerge<'_> {
                 }
                 Ok(())
             }
+            m if crate::geometric::handles(m) => crate::geometric::merge_tensor(self, sink, dt),
             m => {
                 let models = cfg.task_models();
                 let n = models.len();
@@ -529,7 +531,7 @@ fn copy_at(dev: &Device, src: &Tensor, from: usize, dst: &Tensor, to: usize, n: 
 }
 
 /// Reads `n` f32 elements of `t` from element `at` back to the CPU (waits for the GPU).
-fn read_back(dev: &Device, t: &Tensor, at: usize, n: usize) -> Result<Vec<f32>> {
+pub(crate) fn read_back(dev: &Device, t: &Tensor, at: usize, n: usize) -> Result<Vec<f32>> {
     let size = (n.max(1) * 4) as u64;
     let staging = dev.wgpu_device().create_buffer(&wgpu::BufferDescriptor {
         label: Some("rime merge readback"),

@@ -7,11 +7,15 @@
 //! memory stays near a few chunks per input, or (inputs + 1) x the largest tensor for TIES with density < 1
 //! and SLERP, which need whole-tensor statistics (see `engine`). The output folder is built under a temporary
 //! sibling name and renamed into place at the end: a failed merge leaves no output folder behind.
+//!
+//! mergekit's geometric merges (`model_stock`, `nuslerp`, `multislerp`, `karcher`) and `arcee_fusion` run on the
+//! kernels of `rime_kernels::ops::merge_geo`, streaming each tensor twice (statistics, then the merge).
 
 pub mod atlas;
 mod combine;
 pub mod config;
 mod engine;
+mod geometric;
 mod lora;
 mod output;
 pub mod slices;

@@ -11,6 +11,7 @@ pub mod embedding;
 pub mod lora;
 pub mod matmul;
 pub mod merge;
+pub mod merge_geo;
 pub mod norm;
 pub mod optim;
 pub mod patch;
