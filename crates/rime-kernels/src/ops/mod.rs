@@ -11,6 +11,7 @@ pub mod gemv;
 pub mod lora;
 pub mod matmul;
 pub mod merge;
+pub mod merge_sparse;
 pub mod norm;
 pub mod optim;
 pub mod patch;
@@ -36,6 +37,7 @@ pub fn declared_specs() -> Vec<(&'static str, Spec)> {
     v.extend(lora::specs());
     v.extend(matmul::specs());
     v.extend(merge::specs());
+    v.extend(merge_sparse::specs());
     v.extend(norm::specs());
     v.extend(optim::specs());
     v.extend(patch::specs());

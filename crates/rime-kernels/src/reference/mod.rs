@@ -11,6 +11,7 @@ pub mod embedding;
 pub mod lora;
 pub mod matmul;
 pub mod merge;
+pub mod merge_sparse;
 pub mod norm;
 pub mod optim;
 pub mod patch;
