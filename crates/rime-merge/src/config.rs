@@ -23,10 +23,23 @@ pub enum Method {
     GreedySoup,
     /// aTLAS: one learned coefficient per task vector per tensor.
     Atlas,
+    /// Model breadcrumbs: each task vector keeps the magnitudes between its largest `gamma` share and its
+    /// smallest, `density` of them (mergekit's `magnitude_outliers`), then a weighted sum.
+    Breadcrumbs,
+    /// Breadcrumbs' sparsification, then TIES' sign consensus.
+    BreadcrumbsTies,
+    /// DELLA: drop probabilities by magnitude rank within each row (density ± epsilon), L1 rescale, TIES'
+    /// sign consensus.
+    Della,
+    /// DELLA's sparsification, then a weighted sum.
+    DellaLinear,
+    /// SCE: select the elements of largest variance across the task vectors, weight each task vector by its
+    /// mean square, elect signs.
+    Sce,
 }
 
 impl Method {
-    pub const ALL: [(&'static str, Method); 8] = [
+    pub const ALL: [(&'static str, Method); 13] = [
         ("linear", Method::Linear),
         ("task_arithmetic", Method::TaskArithmetic),
         ("ties", Method::Ties),
@@ -35,6 +48,11 @@ impl Method {
         ("slerp", Method::Slerp),
         ("greedy_soup", Method::GreedySoup),
         ("atlas", Method::Atlas),
+        ("breadcrumbs", Method::Breadcrumbs),
+        ("breadcrumbs_ties", Method::BreadcrumbsTies),
+        ("della", Method::Della),
+        ("della_linear", Method::DellaLinear),
+        ("sce", Method::Sce),
     ];
 
     pub fn parse(s: &str) -> Option<Method> {
@@ -55,7 +73,9 @@ impl Method {
         match self {
             Method::Linear | Method::TaskArithmetic => &["weight"],
             Method::Ties | Method::DareLinear | Method::DareTies => &["weight", "density"],
-            Method::Slerp | Method::GreedySoup | Method::Atlas => &[],
+            Method::Breadcrumbs | Method::BreadcrumbsTies => &["weight", "density", "gamma"],
+            Method::Della | Method::DellaLinear => &["weight", "density", "epsilon"],
+            Method::Slerp | Method::GreedySoup | Method::Atlas | Method::Sce => &[],
         }
     }
 
@@ -72,9 +92,14 @@ impl Method {
     fn global_params(self) -> &'static [&'static str] {
         match self {
             Method::Linear => &["normalize"],
-            Method::TaskArithmetic => &["normalize", "lambda"],
-            Method::Ties => &["normalize", "lambda", "int8_mask"],
-            Method::DareLinear | Method::DareTies => &["normalize", "lambda", "int8_mask", "seed"],
+            Method::TaskArithmetic => &["normalize", "lambda", "int8_mask", "rescale"],
+            Method::Ties | Method::Breadcrumbs | Method::BreadcrumbsTies => {
+                &["normalize", "lambda", "int8_mask", "rescale"]
+            }
+            Method::DareLinear | Method::DareTies | Method::Della | Method::DellaLinear => {
+                &["normalize", "lambda", "int8_mask", "rescale", "seed"]
+            }
+            Method::Sce => &["int8_mask", "select_topk"],
             Method::Slerp => &["t"],
             Method::GreedySoup => &["batch_size", "max_length", "eval_limit"],
             Method::Atlas => &["batch_size", "max_length", "steps", "lr", "examples", "seed", "eval_limit"],
@@ -82,7 +107,27 @@ impl Method {
     }
 
     fn default_normalize(self) -> bool {
-        matches!(self, Method::Linear | Method::Ties)
+        matches!(self, Method::Linear | Method::Ties | Method::Della)
+    }
+
+    /// mergekit's default for `rescale` (the L1-norm rescale after sparsifying).
+    pub fn default_rescale(self) -> bool {
+        matches!(self, Method::DareLinear | Method::DareTies | Method::Della | Method::DellaLinear)
+    }
+
+    /// mergekit's generalized task arithmetic family (task vectors, optional sparsification and sign consensus).
+    pub fn is_gta(self) -> bool {
+        matches!(
+            self,
+            Method::TaskArithmetic
+                | Method::Ties
+                | Method::DareLinear
+                | Method::DareTies
+                | Method::Breadcrumbs
+                | Method::BreadcrumbsTies
+                | Method::Della
+                | Method::DellaLinear
+        )
     }
 }
 
@@ -142,6 +187,10 @@ pub struct ModelEntry {
     pub path: PathBuf,
     pub weight: Option<Param>,
     pub density: Option<Param>,
+    /// breadcrumbs: the share of largest magnitudes dropped (mergekit default 0.01).
+    pub gamma: Option<Param>,
+    /// DELLA: the spread of keep probabilities around `density` (mergekit default 0.15).
+    pub epsilon: Option<Param>,
 }
 
 /// A checked merge config.
@@ -157,8 +206,17 @@ pub struct MergeConfig {
     pub lambda: Param,
     pub t: Option<Param>,
     pub seed: u64,
-    /// Output dtype of float tensors; None keeps each tensor's dtype as stored in the base (or first) model.
+    /// Output dtype of float tensors (`out_dtype`, else `dtype`); None keeps each tensor's dtype as stored in
+    /// the base (or first) model.
     pub dtype: Option<OutDtype>,
+    /// mergekit's `dtype`: inputs are rounded to it on load and the merge rounds where torch would compute in
+    /// it. None: each tensor computes in the common type of its stored inputs (float16 or bfloat16 when all
+    /// inputs store it, else f32).
+    pub compute_dtype: Option<OutDtype>,
+    /// The L1-norm rescale after sparsifying (`rescale`; mergekit's default per method).
+    pub rescale: bool,
+    /// SCE's `select_topk` (share of the elements of largest variance kept; 1 keeps all).
+    pub select_topk: f64,
     /// Keys accepted but without effect (e.g. `int8_mask`), for the report.
     pub notes: Vec<String>,
     /// Word- or path-valued parameters of greedy_soup / atlas (`eval_data`, `train_data`, ...), as written.
@@ -218,9 +276,9 @@ impl MergeConfig {
                 Some(v) => Err(err(format!("`{key}` must be a string, found {v}"))),
             }
         };
-        // mergekit: `dtype` is the compute type and `out_dtype` the output type (default: dtype). rime always
-        // computes in f32.
-        let dtype = dtype_of("out_dtype")?.or(dtype_of("dtype")?);
+        // mergekit: `dtype` is the compute type and `out_dtype` the output type (default: dtype).
+        let compute_dtype = dtype_of("dtype")?;
+        let dtype = dtype_of("out_dtype")?.or(compute_dtype);
 
         let base_dir = source.parent().unwrap_or(Path::new("."));
         let base_name = match top.get("base_model") {
@@ -302,7 +360,14 @@ impl MergeConfig {
                     hub_hint(&name)
                 ))
             })?;
-            models.push(ModelEntry { name, path, weight: pget("weight"), density: pget("density") });
+            models.push(ModelEntry {
+                name,
+                path,
+                weight: pget("weight"),
+                density: pget("density"),
+                gamma: pget("gamma"),
+                epsilon: pget("epsilon"),
+            });
         }
         let base = match base_name {
             None => None,
@@ -313,7 +378,7 @@ impl MergeConfig {
                         hub_hint(&name)
                     ))
                 })?;
-                Some(ModelEntry { name, path, weight: None, density: None })
+                Some(ModelEntry { name, path, weight: None, density: None, gamma: None, epsilon: None })
             }
         };
         if method.needs_base() && base.is_none() {
@@ -334,8 +399,22 @@ impl MergeConfig {
             Some(_) => return Err(err("`normalize` must be true or false, not a per-tensor list".into())),
         };
         if gget("int8_mask").is_some() {
-            notes.push("int8_mask ignored: masks are never stored in a model dtype here".into());
+            notes.push(
+                "int8_mask: no effect on the result (mergekit stores its 0/1 masks as int8 instead of the compute \
+                 dtype, which saves memory and changes no value; rime's masks are never stored in a model dtype)"
+                    .into(),
+            );
         }
+        let rescale = match gget("rescale") {
+            None => method.default_rescale(),
+            Some(Param::Num(x)) => x != 0.0,
+            Some(_) => return Err(err("`rescale` must be true or false, not a per-tensor list".into())),
+        };
+        let select_topk = match gget("select_topk") {
+            None => 1.0,
+            Some(Param::Num(x)) if (0.0..=1.0).contains(&x) => x,
+            Some(v) => return Err(err(format!("parameters: `select_topk` must be a number in [0, 1], found {v:?}"))),
+        };
         let seed = match gget("seed") {
             None => 0,
             Some(Param::Num(x)) if x >= 0.0 && x.fract() == 0.0 => x as u64,
@@ -357,6 +436,9 @@ impl MergeConfig {
             t,
             seed,
             dtype,
+            compute_dtype,
+            rescale,
+            select_topk,
             notes,
             strings,
             numbers,
@@ -404,7 +486,8 @@ impl MergeConfig {
             all.push(("`t`".into(), t));
         }
         for m in self.models.iter().chain(self.base.iter()) {
-            for (k, p) in [("weight", &m.weight), ("density", &m.density)] {
+            for (k, p) in [("weight", &m.weight), ("density", &m.density), ("gamma", &m.gamma), ("epsilon", &m.epsilon)]
+            {
                 if let Some(p) = p {
                     all.push((format!("model `{}`: `{k}`", m.name), p));
                 }
@@ -422,6 +505,10 @@ impl MergeConfig {
                 Some((0.0, 1.0, "[0, 1] (slerp interpolates between base_model, t = 0, and the other model, t = 1)"))
             } else if what.ends_with(": `density`") {
                 Some((f64::MIN_POSITIVE, 1.0, "(0, 1]"))
+            } else if what.ends_with(": `gamma`") {
+                Some((0.0, 1.0, "[0, 1] (the share of largest magnitudes breadcrumbs drops)"))
+            } else if what.ends_with(": `epsilon`") {
+                Some((0.0, 1.0, "[0, 1) (DELLA keeps with probabilities density ± epsilon)"))
             } else {
                 None
             };

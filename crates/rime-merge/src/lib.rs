@@ -14,10 +14,11 @@ mod engine;
 mod lora;
 mod output;
 mod soup;
+mod sparse;
 
 pub use combine::{combine_adapters, combine_lora, combine_stack, Combination, CombineOptions};
 pub use config::{MergeConfig, Method, ModelEntry, OutDtype, Param};
-pub use engine::{dare_mask, merge, merge_with_chunk, MergeOptions, MergeReport, DEFAULT_CHUNK};
+pub use engine::{dare_mask, merge, merge_uniforms, merge_with_chunk, MergeOptions, MergeReport, DEFAULT_CHUNK};
 pub use lora::fold_lora;
 pub use output::{parse_size, DEFAULT_SHARD_SIZE};
 pub use soup::{greedy_soup, SoupDecision};
