@@ -5,7 +5,8 @@ For each case (a YAML file under scripts/mergekit_cases/ unless given), both too
 and WORK/out-rime-CASE with the current directory set to WORK, so that relative model paths in the case
 (`base`, `v1`, `v2`, `v3`, or others made by --make-*) resolve the same way for both. The table gives, per case:
 max abs difference over all tensors, the share of differing elements, tensors only one side wrote, wall time
-and peak RSS of each process (`/usr/bin/time`).
+and peak RSS of each process (`/usr/bin/time`). For the random methods (case names with `dare` or `della`) a
+second table compares the kept share and the mean / std of the merged delta (out - base) of both tools.
 
 Inputs (made once in WORK, seeded):
   --make-minilm MODEL   base = a copy of MODEL (an HF BERT folder, e.g. models/all-minilm-l6-v2), v1..v3 = the
@@ -31,6 +32,8 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 HERE = Path(__file__).resolve().parent
+# Cases whose method draws random masks: compared by statistics as well (delta_stats).
+RANDOM = re.compile(r"dare|della")
 
 
 def patch_mergekit():
@@ -112,6 +115,23 @@ def compare(a: Path, b: Path):
     }
 
 
+def delta_stats(out: Path, base: Path):
+    """For the random methods (DARE, DELLA): the share of elements that moved from the base (kept), and the mean
+    and std of the merged delta out - base over all float tensors."""
+    to, tb = load_folder(out), load_folder(base)
+    kept, n, s, s2 = 0, 0, 0.0, 0.0
+    for k, v in to.items():
+        if k not in tb or not np.issubdtype(v.dtype, np.floating) or v.shape != tb[k].shape:
+            continue
+        d = v.astype(np.float64) - tb[k].astype(np.float64)
+        kept += int((d != 0).sum())
+        n += d.size
+        s += float(d.sum())
+        s2 += float((d * d).sum())
+    mean = s / max(n, 1)
+    return {"kept": kept / max(n, 1), "mean": mean, "std": max(s2 / max(n, 1) - mean * mean, 0.0) ** 0.5}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("cases", nargs="*", help="YAML files (default: scripts/mergekit_cases/*.yml)")
@@ -147,6 +167,9 @@ def main():
             r["rime_error"] = tail
         if r.get("mk_rc", 0) == 0 and mk_out.exists() and rc == 0 and st_files(mk_out):
             r.update(compare(mk_out, rime_out))
+            if RANDOM.search(name) and (args.work / "base").exists():
+                r["stats_mk"] = delta_stats(mk_out, args.work / "base")
+                r["stats_rime"] = delta_stats(rime_out, args.work / "base")
         results.append(r)
         print(json.dumps(r), file=sys.stderr)
     print("| case | max abs diff | elements differing | mergekit s / MB | rime s / MB | speed-up |")
@@ -165,6 +188,16 @@ def main():
         ri = f"{r['rime_s']:.2f} / {r['rime_rss_mb']:.0f}"
         sp = f"{r.get('mk_s', float('nan')) / max(r['rime_s'], 1e-9):.1f}x"
         print(f"| {r['case']} | {d} | {frac} | {mk} | {ri} | {sp} |")
+    rnd = [r for r in results if "stats_mk" in r]
+    if rnd:
+        print()
+        print("Random methods (different generators, compared by statistics of the merged delta out - base):")
+        print("| case | kept share mergekit / rime | delta mean mergekit / rime | delta std mergekit / rime |")
+        print("|---|---|---|---|")
+        for r in rnd:
+            a, b = r["stats_mk"], r["stats_rime"]
+            print(f"| {r['case']} | {100 * a['kept']:.3f}% / {100 * b['kept']:.3f}% | {a['mean']:.3g} / {b['mean']:.3g} "
+                  f"| {a['std']:.5g} / {b['std']:.5g} |")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0 if all(r.get("rime_rc") == 0 for r in results) else 1
