@@ -52,10 +52,32 @@ def st_files(folder: Path):
 
 
 def load_folder(folder: Path):
+    """Tensors as numpy arrays; bfloat16 (which numpy lacks) widened to float32, exactly."""
+    from safetensors.torch import load_file as torch_load
+    import torch
+
     out = {}
     for f in st_files(folder):
-        out.update(load_file(str(f)))
+        for k, v in torch_load(str(f)).items():
+            out[k] = v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
     return out
+
+
+def ulps(x, y, dtype):
+    """Distance in units in the last place of `dtype` (float16, bfloat16 or float32) between x and y: the largest,
+    and how many elements are more than 1 ulp apart."""
+    import torch
+
+    def key(a):
+        t = torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
+        i = t.view(torch.int16 if dtype != torch.float32 else torch.int32).to(torch.int64)
+        lo = -(2 ** 15) if dtype != torch.float32 else -(2 ** 31)
+        return torch.where(i >= 0, i, lo - i)
+
+    if not x.size:
+        return 0, 0
+    d = (key(x) - key(y)).abs()
+    return int(d.max()), int((d > 1).sum())
 
 
 def make_minilm(model: Path, work: Path):
@@ -90,7 +112,15 @@ def timed(cmd, cwd):
 def compare(a: Path, b: Path):
     ta, tb = load_folder(a), load_folder(b)
     only = sorted(set(ta) ^ set(tb))
-    maxabs, diff, total, shape_bad = 0.0, 0, 0, []
+    import torch
+
+    st = {}
+    for f in st_files(b):
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            st.update({k: v.get("dtype") for k, v in json.loads(fh.read(n)).items() if k != "__metadata__"})
+    tdt = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+    maxabs, diff, total, shape_bad, max_ulps, beyond1 = 0.0, 0, 0, [], 0, 0
     for k in sorted(set(ta) & set(tb)):
         x, y = ta[k], tb[k]
         if x.shape != y.shape:
@@ -103,11 +133,16 @@ def compare(a: Path, b: Path):
         x64, y64 = x.astype(np.float64), y.astype(np.float64)
         d = np.abs(x64 - y64)
         maxabs = max(maxabs, float(d.max()) if d.size else 0.0)
+        if st.get(k) in tdt:
+            u, m = ulps(x, y, tdt[st[k]])
+            max_ulps, beyond1 = max(max_ulps, u), beyond1 + m
         diff += int((x64 != y64).sum())
         total += x.size
     return {
         "max_abs": maxabs,
         "differ": diff / max(total, 1),
+        "max_ulps": max_ulps,
+        "beyond_1ulp": beyond1 / max(total, 1),
         "elements": total,
         "only_one_side": only,
         "shape_mismatch": shape_bad,
@@ -172,8 +207,8 @@ def main():
                 r["stats_rime"] = delta_stats(rime_out, args.work / "base")
         results.append(r)
         print(json.dumps(r), file=sys.stderr)
-    print("| case | max abs diff | elements differing | mergekit s / MB | rime s / MB | speed-up |")
-    print("|---|---|---|---|---|---|")
+    print("| case | max abs diff | elements differing | more than 1 ulp apart | mergekit s / MB | rime s / MB | speed-up |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
         if "max_abs" in r:
             extra = ""
@@ -187,7 +222,8 @@ def main():
         mk = f"{r.get('mk_s', float('nan')):.2f} / {r.get('mk_rss_mb', float('nan')):.0f}"
         ri = f"{r['rime_s']:.2f} / {r['rime_rss_mb']:.0f}"
         sp = f"{r.get('mk_s', float('nan')) / max(r['rime_s'], 1e-9):.1f}x"
-        print(f"| {r['case']} | {d} | {frac} | {mk} | {ri} | {sp} |")
+        b1 = f"{100 * r['beyond_1ulp']:.4g}%" if "beyond_1ulp" in r else "-"
+        print(f"| {r['case']} | {d} | {frac} | {b1} | {mk} | {ri} | {sp} |")
     rnd = [r for r in results if "stats_mk" in r]
     if rnd:
         print()
