@@ -5,7 +5,8 @@ For each case (a YAML file under scripts/mergekit_cases/ unless given), both too
 and WORK/out-rime-CASE with the current directory set to WORK, so that relative model paths in the case
 (`base`, `v1`, `v2`, `v3`, or others made by --make-*) resolve the same way for both. The table gives, per case:
 max abs difference over all tensors, the share of differing elements, tensors only one side wrote, wall time
-and peak RSS of each process (`/usr/bin/time`).
+and peak RSS of each process (`/usr/bin/time`). For the random methods (case names with `dare` or `della`) a
+second table compares the kept share and the mean / std of the merged delta (out - base) of both tools.
 
 Inputs (made once in WORK, seeded):
   --make-minilm MODEL   base = a copy of MODEL (an HF BERT folder, e.g. models/all-minilm-l6-v2), v1..v3 = the
@@ -41,6 +42,8 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 HERE = Path(__file__).resolve().parent
+# Cases whose method draws random masks: compared by statistics as well (delta_stats).
+RANDOM = re.compile(r"dare|della")
 
 
 def patch_mergekit():
@@ -59,10 +62,32 @@ def st_files(folder: Path):
 
 
 def load_folder(folder: Path):
+    """Tensors as numpy arrays; bfloat16 (which numpy lacks) widened to float32, exactly."""
+    from safetensors.torch import load_file as torch_load
+    import torch
+
     out = {}
     for f in st_files(folder):
-        out.update(load_file(str(f)))
+        for k, v in torch_load(str(f)).items():
+            out[k] = v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
     return out
+
+
+def ulps(x, y, dtype):
+    """Distance in units in the last place of `dtype` (float16, bfloat16 or float32) between x and y: the largest,
+    and how many elements are more than 1 ulp apart."""
+    import torch
+
+    def key(a):
+        t = torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
+        i = t.view(torch.int16 if dtype != torch.float32 else torch.int32).to(torch.int64)
+        lo = -(2 ** 15) if dtype != torch.float32 else -(2 ** 31)
+        return torch.where(i >= 0, i, lo - i)
+
+    if not x.size:
+        return 0, 0
+    d = (key(x) - key(y)).abs()
+    return int(d.max()), int((d > 1).sum())
 
 
 def make_minilm(model: Path, work: Path):
@@ -189,7 +214,15 @@ def timed(cmd, cwd):
 def compare(a: Path, b: Path):
     ta, tb = load_folder(a), load_folder(b)
     only = sorted(set(ta) ^ set(tb))
-    maxabs, diff, total, shape_bad = 0.0, 0, 0, []
+    import torch
+
+    st = {}
+    for f in st_files(b):
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            st.update({k: v.get("dtype") for k, v in json.loads(fh.read(n)).items() if k != "__metadata__"})
+    tdt = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+    maxabs, diff, total, shape_bad, max_ulps, beyond1 = 0.0, 0, 0, [], 0, 0
     for k in sorted(set(ta) & set(tb)):
         x, y = ta[k], tb[k]
         if x.shape != y.shape:
@@ -202,16 +235,38 @@ def compare(a: Path, b: Path):
         x64, y64 = x.astype(np.float64), y.astype(np.float64)
         d = np.abs(x64 - y64)
         maxabs = max(maxabs, float(d.max()) if d.size else 0.0)
+        if st.get(k) in tdt:
+            u, m = ulps(x, y, tdt[st[k]])
+            max_ulps, beyond1 = max(max_ulps, u), beyond1 + m
         diff += int((x64 != y64).sum())
         total += x.size
     return {
         "max_abs": maxabs,
         "differ": diff / max(total, 1),
+        "max_ulps": max_ulps,
+        "beyond_1ulp": beyond1 / max(total, 1),
         "elements": total,
         "only_one_side": only,
         "shape_mismatch": shape_bad,
         "dtypes": sorted({str(v.dtype) for v in tb.values()}),
     }
+
+
+def delta_stats(out: Path, base: Path):
+    """For the random methods (DARE, DELLA): the share of elements that moved from the base (kept), and the mean
+    and std of the merged delta out - base over all float tensors."""
+    to, tb = load_folder(out), load_folder(base)
+    kept, n, s, s2 = 0, 0, 0.0, 0.0
+    for k, v in to.items():
+        if k not in tb or not np.issubdtype(v.dtype, np.floating) or v.shape != tb[k].shape:
+            continue
+        d = v.astype(np.float64) - tb[k].astype(np.float64)
+        kept += int((d != 0).sum())
+        n += d.size
+        s += float(d.sum())
+        s2 += float((d * d).sum())
+    mean = s / max(n, 1)
+    return {"kept": kept / max(n, 1), "mean": mean, "std": max(s2 / max(n, 1) - mean * mean, 0.0) ** 0.5}
 
 
 def main():
@@ -253,10 +308,13 @@ def main():
         if r.get("mk_rc", 0) == 0 and mk_out.exists() and rc == 0 and st_files(mk_out):
             r.update(compare(mk_out, rime_out))
             r["side_files_differ"] = side_files(mk_out, rime_out)
+            if RANDOM.search(name) and (args.work / "base").exists():
+                r["stats_mk"] = delta_stats(mk_out, args.work / "base")
+                r["stats_rime"] = delta_stats(rime_out, args.work / "base")
         results.append(r)
         print(json.dumps(r), file=sys.stderr)
-    print("| case | max abs diff | elements differing | mergekit s / MB | rime s / MB | speed-up | side files |")
-    print("|---|---|---|---|---|---|---|")
+    print("| case | max abs diff | elements differing | more than 1 ulp apart | mergekit s / MB | rime s / MB | speed-up | side files |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         if "max_abs" in r:
             extra = ""
@@ -271,7 +329,18 @@ def main():
         ri = f"{r['rime_s']:.2f} / {r['rime_rss_mb']:.0f}"
         sp = f"{r.get('mk_s', float('nan')) / max(r['rime_s'], 1e-9):.1f}x"
         side = ", ".join(r.get("side_files_differ", [])) or ("equal" if "max_abs" in r else "-")
-        print(f"| {r['case']} | {d} | {frac} | {mk} | {ri} | {sp} | {side} |")
+        b1 = f"{100 * r['beyond_1ulp']:.4g}%" if "beyond_1ulp" in r else "-"
+        print(f"| {r['case']} | {d} | {frac} | {b1} | {mk} | {ri} | {sp} | {side} |")
+    rnd = [r for r in results if "stats_mk" in r]
+    if rnd:
+        print()
+        print("Random methods (different generators, compared by statistics of the merged delta out - base):")
+        print("| case | kept share mergekit / rime | delta mean mergekit / rime | delta std mergekit / rime |")
+        print("|---|---|---|---|")
+        for r in rnd:
+            a, b = r["stats_mk"], r["stats_rime"]
+            print(f"| {r['case']} | {100 * a['kept']:.3f}% / {100 * b['kept']:.3f}% | {a['mean']:.3g} / {b['mean']:.3g} "
+                  f"| {a['std']:.5g} / {b['std']:.5g} |")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0 if all(r.get("rime_rc") == 0 for r in results) else 1

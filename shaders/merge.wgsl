@@ -100,7 +100,9 @@ fn shr(x: u32, s: u32) -> u32 {
 // when its bucket is >= d.
 fn bucket(x: f32, l: u32, st: vec2<u32>) -> u32 {
     let hi = bitcast<u32>(abs(x));
-    let lo = p.l - 1u - l;
+    // p.d = 1 (counting passes only): the index part is l, so that equal magnitudes rank in ascending index order
+    // (merge_sparse.wgsl's breadcrumbs band).
+    let lo = select(p.l - 1u - l, l, p.d != 0u);
     let top = p.b + p.c;
     let maxd = (1u << p.c) - 1u;
     var kw = hi;

@@ -35,6 +35,8 @@ fn entry(path: impl AsRef<Path>, weight: Option<f64>, density: Option<f64>) -> M
         weight: weight.map(Param::Num),
         density: density.map(Param::Num),
         scale: None,
+        gamma: None,
+        epsilon: None,
     }
 }
 
@@ -49,6 +51,9 @@ fn config(method: Method, base: Option<ModelEntry>, models: Vec<ModelEntry>) -> 
         t: None,
         seed: 0,
         dtype: None,
+        compute_dtype: None,
+        rescale: method.default_rescale(),
+        select_topk: 1.0,
         notes: Vec::new(),
         strings: Default::default(),
         numbers: Default::default(),
@@ -88,7 +93,8 @@ pub fn ties<P: AsRef<Path>>(base: impl AsRef<Path>, models: &[(P, f64)], density
     c
 }
 
-/// DARE: each task vector keeps a random `density` of its elements, rescaled by 1/density; with `ties`, then
+/// DARE: each task vector keeps a random `density` of its elements, rescaled to its L1 norm before the drop (as
+/// mergekit 0.1.5 rescales, about 1/density); with `ties`, then
 /// TIES' sign election (mergekit `dare_ties`), else a weighted sum (`dare_linear`). The drop masks follow `seed`.
 pub fn dare<P: AsRef<Path>>(
     base: impl AsRef<Path>,

@@ -9,7 +9,9 @@ use rime::merge;
 ///
 /// With a CONFIG (mergekit's YAML shape; a mergekit file for these methods runs unchanged):
 ///
-///   merge_method: ties            # linear | task_arithmetic | ties | dare_linear | dare_ties | slerp | passthrough
+///   merge_method: ties            # linear | task_arithmetic | ties | dare_linear | dare_ties | slerp |
+///                                 # passthrough | breadcrumbs | breadcrumbs_ties | della | della_linear | sce |
+///                                 # model_stock | nuslerp | multislerp | karcher | arcee_fusion
 ///   base_model: models/all-minilm-l6-v2
 ///   models:
 ///     - model: runs/sst2          # folder with model.safetensors (or an index), or a .safetensors file
@@ -18,13 +20,17 @@ use rime::merge;
 ///       parameters:
 ///         weight: [{filter: attention, value: 0.7}, {value: 0.3}]   # per-tensor: first substring match wins
 ///         density: 0.5
-///   parameters: {normalize: true, lambda: 1.0}   # dare_*: also `seed` (default 0); slerp: `t`
-///   dtype: float16                # float32 | float16 | bfloat16; default: each tensor as stored in the base
+///   parameters: {normalize: true, lambda: 1.0}   # dare_*, della*: also `seed` (default 0); slerp: `t`
+///   dtype: float16                # compute dtype: float32 | float16 | bfloat16 (default: the inputs' type)
+///   out_dtype: float32            # output dtype (default: dtype, else each tensor as stored in the base)
 ///
 /// Formulas and defaults are mergekit 0.1.5's: `normalize` true for linear and ties, false for task_arithmetic
 /// and dare_*; `lambda` 1; `density` 1; `weight` 1 (mergekit requires it). task-vector methods (all but
-/// linear) need `base_model`; slerp needs the base and exactly one other model. `int8_mask` is accepted and
-/// has no effect; unknown keys or parameters are errors.
+/// linear) need `base_model`; slerp needs the base and exactly one other model. `rescale` (L1-norm rescale
+/// after sparsifying; default true for dare_* and della*); breadcrumbs*: per-model `gamma` (default 0.01);
+/// della*: per-model `epsilon` (default 0.15); sce: `select_topk` (default 1). `dtype` is computed in as
+/// mergekit does (inputs rounded to it, each step rounded). `int8_mask` is accepted and changes no value (in
+/// mergekit either); unknown keys or parameters are errors.
 ///
 /// Gradient lists, slices, tokenizer and chat template, as mergekit:
 ///

@@ -37,10 +37,23 @@ pub enum Method {
     Karcher,
     /// mergekit's Arcee Fusion: the base plus the model's changes where their importance is an outlier.
     ArceeFusion,
+    /// Model breadcrumbs: each task vector keeps the magnitudes between its largest `gamma` share and its
+    /// smallest, `density` of them (mergekit's `magnitude_outliers`), then a weighted sum.
+    Breadcrumbs,
+    /// Breadcrumbs' sparsification, then TIES' sign consensus.
+    BreadcrumbsTies,
+    /// DELLA: drop probabilities by magnitude rank within each row (density ± epsilon), L1 rescale, TIES'
+    /// sign consensus.
+    Della,
+    /// DELLA's sparsification, then a weighted sum.
+    DellaLinear,
+    /// SCE: select the elements of largest variance across the task vectors, weight each task vector by its
+    /// mean square, elect signs.
+    Sce,
 }
 
 impl Method {
-    pub const ALL: [(&'static str, Method); 14] = [
+    pub const ALL: [(&'static str, Method); 19] = [
         ("linear", Method::Linear),
         ("task_arithmetic", Method::TaskArithmetic),
         ("ties", Method::Ties),
@@ -55,6 +68,11 @@ impl Method {
         ("multislerp", Method::Multislerp),
         ("karcher", Method::Karcher),
         ("arcee_fusion", Method::ArceeFusion),
+        ("breadcrumbs", Method::Breadcrumbs),
+        ("breadcrumbs_ties", Method::BreadcrumbsTies),
+        ("della", Method::Della),
+        ("della_linear", Method::DellaLinear),
+        ("sce", Method::Sce),
     ];
 
     pub fn parse(s: &str) -> Option<Method> {
@@ -75,10 +93,12 @@ impl Method {
         match self {
             Method::Linear | Method::TaskArithmetic => &["weight"],
             Method::Ties | Method::DareLinear | Method::DareTies => &["weight", "density"],
-            Method::Slerp | Method::GreedySoup | Method::Atlas => &[],
+            Method::Slerp | Method::GreedySoup | Method::Atlas | Method::Sce => &[],
             Method::Passthrough => &["scale"],
             Method::Nuslerp | Method::Multislerp => &["weight"],
             Method::ModelStock | Method::Karcher | Method::ArceeFusion => &[],
+            Method::Breadcrumbs | Method::BreadcrumbsTies => &["weight", "density", "gamma"],
+            Method::Della | Method::DellaLinear => &["weight", "density", "epsilon"],
         }
     }
 
@@ -95,9 +115,14 @@ impl Method {
     fn global_params(self) -> &'static [&'static str] {
         match self {
             Method::Linear => &["normalize"],
-            Method::TaskArithmetic => &["normalize", "lambda"],
-            Method::Ties => &["normalize", "lambda", "int8_mask"],
-            Method::DareLinear | Method::DareTies => &["normalize", "lambda", "int8_mask", "seed"],
+            Method::TaskArithmetic => &["normalize", "lambda", "int8_mask", "rescale"],
+            Method::Ties | Method::Breadcrumbs | Method::BreadcrumbsTies => {
+                &["normalize", "lambda", "int8_mask", "rescale"]
+            }
+            Method::DareLinear | Method::DareTies | Method::Della | Method::DellaLinear => {
+                &["normalize", "lambda", "int8_mask", "rescale", "seed"]
+            }
+            Method::Sce => &["int8_mask", "select_topk"],
             Method::Slerp => &["t"],
             Method::GreedySoup => &["batch_size", "max_length", "eval_limit"],
             Method::Atlas => &["batch_size", "max_length", "steps", "lr", "examples", "seed", "eval_limit"],
@@ -111,7 +136,27 @@ impl Method {
     }
 
     fn default_normalize(self) -> bool {
-        matches!(self, Method::Linear | Method::Ties)
+        matches!(self, Method::Linear | Method::Ties | Method::Della)
+    }
+
+    /// mergekit's default for `rescale` (the L1-norm rescale after sparsifying).
+    pub fn default_rescale(self) -> bool {
+        matches!(self, Method::DareLinear | Method::DareTies | Method::Della | Method::DellaLinear)
+    }
+
+    /// mergekit's generalized task arithmetic family (task vectors, optional sparsification and sign consensus).
+    pub fn is_gta(self) -> bool {
+        matches!(
+            self,
+            Method::TaskArithmetic
+                | Method::Ties
+                | Method::DareLinear
+                | Method::DareTies
+                | Method::Breadcrumbs
+                | Method::BreadcrumbsTies
+                | Method::Della
+                | Method::DellaLinear
+        )
     }
 }
 
@@ -231,6 +276,10 @@ pub struct ModelEntry {
     pub density: Option<Param>,
     /// passthrough's `scale` (the tensor times it; none: the tensor as stored).
     pub scale: Option<Param>,
+    /// breadcrumbs: the share of largest magnitudes dropped (mergekit default 0.01).
+    pub gamma: Option<Param>,
+    /// DELLA: the spread of keep probabilities around `density` (mergekit default 0.15).
+    pub epsilon: Option<Param>,
 }
 
 /// A checked merge config.
@@ -246,8 +295,17 @@ pub struct MergeConfig {
     pub lambda: Param,
     pub t: Option<Param>,
     pub seed: u64,
-    /// Output dtype of float tensors; None keeps each tensor's dtype as stored in the base (or first) model.
+    /// Output dtype of float tensors (`out_dtype`, else `dtype`); None keeps each tensor's dtype as stored in
+    /// the base (or first) model.
     pub dtype: Option<OutDtype>,
+    /// mergekit's `dtype`: inputs are rounded to it on load and the merge rounds where torch would compute in
+    /// it. None: each tensor computes in the common type of its stored inputs (float16 or bfloat16 when all
+    /// inputs store it, else f32).
+    pub compute_dtype: Option<OutDtype>,
+    /// The L1-norm rescale after sparsifying (`rescale`; mergekit's default per method).
+    pub rescale: bool,
+    /// SCE's `select_topk` (share of the elements of largest variance kept; 1 keeps all).
+    pub select_topk: f64,
     /// Keys accepted but without effect (e.g. `int8_mask`), for the report.
     pub notes: Vec<String>,
     /// Word- or path-valued parameters of greedy_soup / atlas (`eval_data`, `train_data`, ...), as written.
@@ -338,9 +396,9 @@ impl MergeConfig {
                 Some(v) => Err(err(format!("`{key}` must be a string, found {v}"))),
             }
         };
-        // mergekit: `dtype` is the compute type and `out_dtype` the output type (default: dtype). rime always
-        // computes in f32.
-        let dtype = dtype_of("out_dtype")?.or(dtype_of("dtype")?);
+        // mergekit: `dtype` is the compute type and `out_dtype` the output type (default: dtype).
+        let compute_dtype = dtype_of("dtype")?;
+        let dtype = dtype_of("out_dtype")?.or(compute_dtype);
 
         let base_name = match top.get("base_model") {
             None | Some(Value::Null) => None,
@@ -438,6 +496,8 @@ impl MergeConfig {
                 weight: pget("weight"),
                 density: pget("density"),
                 scale: pget("scale"),
+                gamma: pget("gamma"),
+                epsilon: pget("epsilon"),
             });
         }
         let base = match base_name {
@@ -449,7 +509,7 @@ impl MergeConfig {
                         hub_hint(&name)
                     ))
                 })?;
-                Some(ModelEntry { name, path, weight: None, density: None, scale: None })
+                Some(ModelEntry { name, path, weight: None, density: None, scale: None, gamma: None, epsilon: None })
             }
         };
         if method.needs_base() && base.is_none() {
@@ -470,8 +530,22 @@ impl MergeConfig {
             Some(_) => return Err(err("`normalize` must be true or false, not a per-tensor list".into())),
         };
         if gget("int8_mask").is_some() {
-            notes.push("int8_mask ignored: masks are never stored in a model dtype here".into());
+            notes.push(
+                "int8_mask: no effect on the result (mergekit stores its 0/1 masks as int8 instead of the compute \
+                 dtype, which saves memory and changes no value; rime's masks are never stored in a model dtype)"
+                    .into(),
+            );
         }
+        let rescale = match gget("rescale") {
+            None => method.default_rescale(),
+            Some(Param::Num(x)) => x != 0.0,
+            Some(_) => return Err(err("`rescale` must be true or false, not a per-tensor list".into())),
+        };
+        let select_topk = match gget("select_topk") {
+            None => 1.0,
+            Some(Param::Num(x)) if (0.0..=1.0).contains(&x) => x,
+            Some(v) => return Err(err(format!("parameters: `select_topk` must be a number in [0, 1], found {v:?}"))),
+        };
         let seed = match gget("seed") {
             None => 0,
             Some(Param::Num(x)) if x >= 0.0 && x.fract() == 0.0 => x as u64,
@@ -493,6 +567,9 @@ impl MergeConfig {
             t,
             seed,
             dtype,
+            compute_dtype,
+            rescale,
+            select_topk,
             notes,
             strings,
             numbers,
@@ -564,7 +641,13 @@ impl MergeConfig {
         }
         let sliced = self.layout.slices.iter().flat_map(|s| s.sources.iter().map(|x| &x.model));
         for m in self.models.iter().chain(self.base.iter()).chain(sliced) {
-            for (k, p) in [("weight", &m.weight), ("density", &m.density), ("scale", &m.scale)] {
+            for (k, p) in [
+                ("weight", &m.weight),
+                ("density", &m.density),
+                ("scale", &m.scale),
+                ("gamma", &m.gamma),
+                ("epsilon", &m.epsilon),
+            ] {
                 if let Some(p) = p {
                     all.push((format!("model `{}`: `{k}`", m.name), p));
                 }
@@ -582,6 +665,10 @@ impl MergeConfig {
                 Some((0.0, 1.0, "[0, 1] (slerp interpolates between base_model, t = 0, and the other model, t = 1)"))
             } else if what.ends_with(": `density`") {
                 Some((f64::MIN_POSITIVE, 1.0, "(0, 1]"))
+            } else if what.ends_with(": `gamma`") {
+                Some((0.0, 1.0, "[0, 1] (the share of largest magnitudes breadcrumbs drops)"))
+            } else if what.ends_with(": `epsilon`") {
+                Some((0.0, 1.0, "[0, 1) (DELLA keeps with probabilities density ± epsilon)"))
             } else {
                 None
             };
@@ -633,6 +720,8 @@ impl MergeConfig {
             m.weight = num(&m.weight, tensor);
             m.density = num(&m.density, tensor);
             m.scale = num(&m.scale, tensor);
+            m.gamma = num(&m.gamma, tensor);
+            m.epsilon = num(&m.epsilon, tensor);
         }
         c
     }
@@ -640,7 +729,9 @@ impl MergeConfig {
     /// Whether any parameter differs from layer to layer (a gradient list somewhere).
     pub fn has_gradient(&self) -> bool {
         let ps = [Some(&self.lambda), self.t.as_ref()];
-        let ms = self.models.iter().flat_map(|m| [m.weight.as_ref(), m.density.as_ref(), m.scale.as_ref()]);
+        let ms = self.models.iter().flat_map(|m| {
+            [m.weight.as_ref(), m.density.as_ref(), m.scale.as_ref(), m.gamma.as_ref(), m.epsilon.as_ref()]
+        });
         ps.into_iter().chain(ms).flatten().any(Param::has_gradient)
     }
 

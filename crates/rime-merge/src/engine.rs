@@ -1,25 +1,22 @@
 //! The merge loop: check that every input holds the same tensor names and shapes, plan the output, then for
 //! each tensor read it from every input, merge it in the GPU merge kernels, and stream it into the output.
-//! Formulas are mergekit 0.1.5's:
-//! - linear: sum_i w_i x_i, divided by sum_i w_i when `normalize`;
-//! - task_arithmetic / dare_linear: base + lambda * sum_i w_i d_i (/ sum_i w_i when `normalize`), d_i = x_i - base;
-//! - ties / dare_ties: d_i sparsified (top-k magnitude by `density` / DARE), y_i = w_i d_i, the sign elected per
-//!   element as sign(sum_i y_i) (zero counts as +), then base + lambda * sum_i y_i [agree] (/ sum_i w_i [agree]
-//!   when `normalize`, 1 where no row agrees) (`merge_ties_mergekit_forward`);
+//! Formulas are mergekit 0.1.5's, in its dtype semantics (`dtype`: the compute dtype, inputs rounded to it on
+//! load, every step rounded where torch rounds; see the `sparse` module):
+//! - linear: sum_i w_i x_i (fused, f32), divided by sum_i w_i when `normalize` (`merge_linear_forward`);
+//! - task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs(_ties), della(_linear): mergekit's generalized
+//!   task arithmetic (`merge_gta_forward` after the sparsifying kernels), and sce (`merge_sce_forward`): see
+//!   the `sparse` module;
 //! - slerp: `merge_slerp_forward(base, other, t)`.
 //!
 //! Streaming: a tensor is processed in chunks of `chunk` elements (`DEFAULT_CHUNK`, or
 //! [`merge_with_chunk`]): each chunk of each input is converted to f32 straight from the mapped file into a
 //! stacked GPU buffer, merged, read back, encoded and written to the output file, and the mapped pages it came
 //! from are released (`Checkpoint::release`), so that resident memory holds a chunk of each input, not the
-//! models. All arithmetic runs in kernels: linear and task_arithmetic are one weighted sum over
-//! [x_1..x_N, base] (task arithmetic folds into weights lambda w_i' and 1 - lambda sum_i w_i'); task vectors
-//! x_i - base are a weighted sum with weights [1, -1]; DARE's rescale, the TIES election and disjoint mean, and
-//! the final base + lambda * mixed are kernels too. Two methods need whole-tensor statistics and so hold whole
-//! tensors on the GPU: TIES with density < 1 (each task vector's top-k threshold; the N trimmed task vectors
-//! stay on the GPU, then the election runs chunk by chunk) and SLERP (the norms and dot of the two inputs).
-//! Peak memory is therefore about (inputs + 1) x the largest tensor for those two, and a few chunks otherwise;
-//! their tensors must fit one storage binding each (splitting would change the result).
+//! models. All arithmetic runs in kernels. The methods that need whole-tensor statistics hold whole tensors on
+//! the GPU: the sparsifying ones with density < 1 (top-k thresholds, ranks, L1 norms; the N sparsified task
+//! vectors stay on the GPU, then the combine runs chunk by chunk), sce, and SLERP (the norms and dot of the two
+//! inputs). Peak memory is therefore about (inputs + 1) x the largest tensor for those, and a few chunks
+//! otherwise; their tensors must fit one storage binding each (splitting would change the result).
 //!
 //! DARE's keep-mask is drawn on the CPU: for model i (0-based among the task models) and tensor `name`, a
 //! SplitMix64 stream seeded with `seed ^ fnv1a64(name) ^ (i + 1) * 0x9E3779B97F4A7C15` yields one u64 per
@@ -30,6 +27,7 @@ use std::time::Instant;
 
 use rime_io::{Checkpoint, Dtype};
 use rime_kernels::ops::merge as k;
+use rime_kernels::ops::merge_sparse as k2;
 use rime_kernels::{DType, Device, Tensor};
 use serde::Serialize;
 
@@ -151,6 +149,7 @@ pub fn merge_with_chunk(
         let permuted =
             crate::tokenizer::maybe_permute(vocab.as_ref(), &p.name, &ins, base_at, &staging.tmp.join(VOCAB_DIR))?;
         let prefs: Vec<&Checkpoint> = permuted.iter().flatten().collect();
+        let prec = precision_of(rcfg.compute_dtype, if permuted.is_some() { &prefs } else { &refs }, &src)?;
         let t = TensorMerge {
             dev,
             cfg: &rcfg,
@@ -159,6 +158,7 @@ pub fn merge_with_chunk(
             name: &p.name,
             l: p.shape.iter().product(),
             chunk,
+            prec,
         };
         t.run(sink, p.dtype)?;
         for c in &ckpts {
@@ -286,6 +286,8 @@ pub(crate) struct TensorMerge<'a> {
     /// Elements of the tensor.
     pub l: usize,
     pub chunk: usize,
+    /// The compute dtype (mergekit's `dtype`): inputs are rounded to it on load.
+    pub prec: k2::Precision,
 }
 
 impl TensorMerge<'_> {
@@ -294,15 +296,19 @@ impl TensorMerge<'_> {
     }
 
     /// Chunk ranges [c0, c1) covering the tensor.
-    fn chunks(&self) -> impl Iterator<Item = (usize, usize)> {
+    pub(crate) fn chunks(&self) -> impl Iterator<Item = (usize, usize)> {
         let (l, c) = (self.l, self.chunk);
         (0..l.div_ceil(c).max(1)).map(move |i| (i * c, ((i + 1) * c).min(l)))
     }
 
-    /// Elements [c0, c0 + buf.len()) of input `k` as f32; the mapped pages they came from are released.
-    fn read(&self, k: usize, c0: usize, buf: &mut [f32]) -> Result<()> {
+    /// Elements [c0, c0 + buf.len()) of input `k` as f32, rounded to the compute dtype (mergekit loads in
+    /// `dtype`); the mapped pages they came from are released.
+    pub(crate) fn read(&self, k: usize, c0: usize, buf: &mut [f32]) -> Result<()> {
         let (ck, name) = (self.ckpts[k], self.src[k]);
         ck.read_f32_into(name, c0, buf)?;
+        if self.prec != k2::Precision::F32 {
+            buf.iter_mut().for_each(|x| *x = self.prec.round(*x));
+        }
         let size = ck.info(name)?.0.size();
         ck.release(name, c0 * size..(c0 + buf.len()) * size)?;
         Ok(())
@@ -327,36 +333,8 @@ impl TensorMerge<'_> {
         Ok(out)
     }
 
-    /// The task vector x_k - base over [c0, c1), on the GPU (a weighted sum with weights [1, -1]).
-    fn delta(&self, k: usize, c0: usize, c1: usize) -> Result<Tensor> {
-        let xs = self.stack(&[k, 0], c0, c1)?;
-        self.weighted(&xs, &[1.0, -1.0])
-    }
-
-    /// base + lambda * mixed over [c0, c1) (a weighted sum over [mixed, base]), read back and written.
-    fn finish(
-        &self,
-        mixed: &Tensor,
-        at: usize,
-        c0: usize,
-        c1: usize,
-        lambda: f32,
-        sink: &mut TensorSink,
-        dt: Dtype,
-    ) -> Result<()> {
-        let n = c1 - c0;
-        let xs = self.dev.empty(&[2, n], DType::F32)?;
-        copy_at(self.dev, mixed, at, &xs, 0, n);
-        let mut buf = vec![0f32; n];
-        self.read(0, c0, &mut buf)?;
-        write_at(self.dev, &xs, n, &buf);
-        let out = self.weighted(&xs, &[lambda, 1.0])?;
-        sink.write_f32(&read_back(self.dev, &out, 0, n)?, dt)
-    }
-
     pub fn run(&self, sink: &mut TensorSink, dt: Dtype) -> Result<()> {
         let (cfg, name, dev) = (self.cfg, self.name, self.dev);
-        let lambda = cfg.lambda.for_tensor(name).unwrap_or(1.0) as f32;
         match cfg.method {
             Method::Passthrough => {
                 // mergekit: the tensor, or the tensor times `scale`.
@@ -374,21 +352,25 @@ impl TensorMerge<'_> {
                 Ok(())
             }
             Method::Linear => {
-                let mut w: Vec<f32> = cfg.models.iter().map(|m| param(&m.weight, name, 1.0) as f32).collect();
+                let w: Vec<f32> = cfg.models.iter().map(|m| param(&m.weight, name, 1.0) as f32).collect();
                 if cfg.normalize {
                     let s: f32 = w.iter().sum();
                     if s.abs() < 1e-12 {
                         return Err(self.terr(format!("linear weights {w:?} sum to 0; set `normalize: false`")));
                     }
-                    w.iter_mut().for_each(|x| *x /= s);
                 }
+                // mergekit: sum_i w_i x_i (fused, in f32), / sum_i w_i, rounded to the compute dtype.
                 let rows: Vec<usize> = (0..w.len()).collect();
                 for (c0, c1) in self.chunks() {
-                    let out = self.weighted(&self.stack(&rows, c0, c1)?, &w)?;
+                    let xs = self.stack(&rows, c0, c1)?;
+                    let out = dev.empty(&[c1 - c0], DType::F32)?;
+                    dev.run(&k2::merge_linear_forward(dev, &out, &xs, &w, cfg.normalize, self.prec)?)?;
                     sink.write_f32(&read_back(dev, &out, 0, c1 - c0)?, dt)?;
                 }
                 Ok(())
             }
+            m if m.is_gta() => self.gta(sink, dt),
+            Method::Sce => self.sce(sink, dt),
             Method::Slerp => {
                 let t = cfg.t.as_ref().and_then(|t| t.for_tensor(name)).ok_or_else(|| {
                     self.terr("no `t` filter matches this tensor (add an entry without filter)".into())
@@ -415,105 +397,20 @@ impl TensorMerge<'_> {
                 Ok(())
             }
             m if crate::geometric::handles(m) => crate::geometric::merge_tensor(self, sink, dt),
-            m => {
-                let models = cfg.task_models();
-                let n = models.len();
-                let w: Vec<f32> = models.iter().map(|m| param(&m.weight, name, 1.0) as f32).collect();
-                let dens: Vec<f64> = models.iter().map(|m| param(&m.density, name, 1.0)).collect();
-                if let Some(d) = dens.iter().find(|d| !(**d > 0.0 && **d <= 1.0)) {
-                    return Err(self.terr(format!("density {d} is outside (0, 1]")));
-                }
-                let ties = matches!(m, Method::Ties | Method::DareTies);
-                let dare = matches!(m, Method::DareLinear | Method::DareTies);
-                // Linear mixes: weights lambda * w_i' (w' normalised when asked).
-                let mut ws = w.clone();
-                if cfg.normalize && !ties {
-                    let s: f32 = ws.iter().sum();
-                    let div = if s.abs() < 1e-8 { 1.0 } else { s };
-                    ws.iter_mut().for_each(|x| *x /= div);
-                }
-                if m == Method::TaskArithmetic {
-                    // base + lambda * sum_i w_i' (x_i - base) = sum_i lambda w_i' x_i + (1 - lambda sum_i w_i') base.
-                    let mut wt: Vec<f32> = ws.iter().map(|x| lambda * x).collect();
-                    wt.push(1.0 - wt.iter().sum::<f32>());
-                    let rows: Vec<usize> = (1..=n).chain([0]).collect();
-                    for (c0, c1) in self.chunks() {
-                        let out = self.weighted(&self.stack(&rows, c0, c1)?, &wt)?;
-                        sink.write_f32(&read_back(dev, &out, 0, c1 - c0)?, dt)?;
-                    }
-                    return Ok(());
-                }
-                if m == Method::Ties && dens.iter().any(|&d| d < 1.0) {
-                    return self.ties_trimmed(&w, &dens, lambda, sink, dt);
-                }
-                // Elementwise: DARE-rescaled (or plain) task vectors, chunk by chunk.
-                let mut masks: Vec<DareStream> =
-                    (0..n).map(|i| DareStream::new(cfg.seed, name, i, dens[i] as f32)).collect();
-                let mut mbuf = Vec::new();
-                for (c0, c1) in self.chunks() {
-                    let len = c1 - c0;
-                    let st = dev.empty(&[n, len], DType::F32)?;
-                    for i in 0..n {
-                        let mut d = self.delta(i + 1, c0, c1)?;
-                        if dare && dens[i] < 1.0 {
-                            mbuf.resize(len, 0.0);
-                            masks[i].fill(&mut mbuf);
-                            let mask = dev.upload_f32(&mbuf, &[1, len])?;
-                            let x = Tensor { shape: vec![1, len], ..d };
-                            let r = dev.empty(&[1, len], DType::F32)?;
-                            dev.run(&k::merge_dare_forward(dev, &r, &x, &mask, dens[i] as f32)?)?;
-                            d = r;
-                        }
-                        copy_at(dev, &d, 0, &st, i * len, len);
-                    }
-                    let mixed = if ties {
-                        let mixed = dev.empty(&[len], DType::F32)?;
-                        dev.run(&k::merge_ties_mergekit_forward(dev, &mixed, &st, &w, cfg.normalize)?)?;
-                        mixed
-                    } else {
-                        self.weighted(&st, &ws)?
-                    };
-                    self.finish(&mixed, 0, c0, c1, lambda, sink, dt)?;
-                }
-                Ok(())
-            }
+            m => Err(self.terr(format!("merge_method `{}` is not a streamed tensor merge", m.as_str()))),
         }
-    }
-
-    /// TIES with magnitude trimming: each task vector is built whole on the GPU (chunk by chunk) and trimmed in
-    /// place to its top-k; then the election and disjoint mean run chunk by chunk over the N trimmed vectors.
-    fn ties_trimmed(&self, w: &[f32], dens: &[f64], lambda: f32, sink: &mut TensorSink, dt: Dtype) -> Result<()> {
-        let (dev, name, l) = (self.dev, self.name, self.l);
-        check_binding(dev, name, l, "TIES' top-k by magnitude needs the whole tensor at once")?;
-        let n = w.len();
-        let mut trimmed = Vec::with_capacity(n);
-        for (i, &density) in dens.iter().enumerate() {
-            let t = dev.empty(&[1, l], DType::F32)?;
-            for (c0, c1) in self.chunks() {
-                let d = self.delta(i + 1, c0, c1)?;
-                copy_at(dev, &d, 0, &t, c0, c1 - c0);
-            }
-            if density < 1.0 {
-                dev.run(&k::merge_magnitude_mask_inplace_forward(dev, &t, density)?)?;
-            }
-            trimmed.push(t);
-        }
-        for (c0, c1) in self.chunks() {
-            let len = c1 - c0;
-            let st = dev.empty(&[n, len], DType::F32)?;
-            for (i, t) in trimmed.iter().enumerate() {
-                copy_at(dev, t, c0, &st, i * len, len);
-            }
-            let mixed = dev.empty(&[len], DType::F32)?;
-            dev.run(&k::merge_ties_mergekit_forward(dev, &mixed, &st, w, self.cfg.normalize)?)?;
-            self.finish(&mixed, 0, c0, c1, lambda, sink, dt)?;
-        }
-        Ok(())
     }
 }
 
+/// The compute precision of one tensor: the config's `dtype`, else the inputs' stored float type
+/// ([`crate::sparse::precision`]), read from each input's own tensor name.
+pub(crate) fn precision_of(compute: Option<OutDtype>, ckpts: &[&Checkpoint], src: &[&str]) -> Result<k2::Precision> {
+    let stored = ckpts.iter().zip(src).map(|(c, n)| Ok(c.info(n)?.0)).collect::<Result<Vec<_>>>()?;
+    Ok(crate::sparse::precision(compute, &stored))
+}
+
 /// Queues `vals` into `t` at element `at` (carried out before the next submit).
-fn write_at(dev: &Device, t: &Tensor, at: usize, vals: &[f32]) {
+pub(crate) fn write_at(dev: &Device, t: &Tensor, at: usize, vals: &[f32]) {
     dev.queue().write_buffer(&t.buffer, (at * 4) as u64, bytemuck::cast_slice(vals));
 }
 
@@ -524,7 +421,7 @@ fn flush(dev: &Device) -> Result<()> {
 }
 
 /// Copies `n` elements of `src` from element `from` into `dst` at element `to` (queued).
-fn copy_at(dev: &Device, src: &Tensor, from: usize, dst: &Tensor, to: usize, n: usize) {
+pub(crate) fn copy_at(dev: &Device, src: &Tensor, from: usize, dst: &Tensor, to: usize, n: usize) {
     let mut enc = dev.wgpu_device().create_command_encoder(&Default::default());
     enc.copy_buffer_to_buffer(&src.buffer, (from * 4) as u64, &dst.buffer, (to * 4) as u64, (n * 4) as u64);
     dev.queue().submit([enc.finish()]);
@@ -647,16 +544,20 @@ impl DareStream {
         DareStream { state: seed ^ fnv1a64(name) ^ (i as u64 + 1).wrapping_mul(0x9E3779B97F4A7C15), density }
     }
 
+    /// The next uniform draw in [0, 1) (24 bits).
+    fn uniform(&mut self) -> f32 {
+        self.state = self.state.wrapping_add(0x9E3779B97F4A7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+        z ^= z >> 31;
+        (z >> 40) as f32 / (1u64 << 24) as f32
+    }
+
     /// The next `out.len()` mask values (1 keep, 0 drop).
     fn fill(&mut self, out: &mut [f32]) {
         for o in out {
-            self.state = self.state.wrapping_add(0x9E3779B97F4A7C15);
-            let mut z = self.state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
-            z ^= z >> 31;
-            let u = (z >> 40) as f32 / (1u64 << 24) as f32;
-            *o = if u < self.density { 1.0 } else { 0.0 };
+            *o = if self.uniform() < self.density { 1.0 } else { 0.0 };
         }
     }
 }
@@ -666,4 +567,11 @@ pub fn dare_mask(seed: u64, name: &str, i: usize, l: usize, density: f32) -> Vec
     let mut out = vec![0.0; l];
     DareStream::new(seed, name, i, density).fill(&mut out);
     out
+}
+
+/// The uniform draws in [0, 1) behind [`dare_mask`] (u < density keeps), which DELLA compares with its
+/// rank-dependent keep probabilities.
+pub fn merge_uniforms(seed: u64, name: &str, i: usize, l: usize) -> Vec<f32> {
+    let mut st = DareStream::new(seed, name, i, 0.0);
+    (0..l).map(|_| st.uniform()).collect()
 }

@@ -20,11 +20,12 @@ mod lora;
 mod output;
 pub mod slices;
 mod soup;
+mod sparse;
 pub mod tokenizer;
 
 pub use combine::{combine_adapters, combine_lora, combine_stack, Combination, CombineOptions};
 pub use config::{Layout, MergeConfig, Method, ModelEntry, OutDtype, Param};
-pub use engine::{dare_mask, merge, merge_with_chunk, MergeOptions, MergeReport, DEFAULT_CHUNK};
+pub use engine::{dare_mask, merge, merge_uniforms, merge_with_chunk, MergeOptions, MergeReport, DEFAULT_CHUNK};
 pub use lora::fold_lora;
 pub use output::{parse_size, DEFAULT_SHARD_SIZE};
 pub use soup::{greedy_soup, SoupDecision};

@@ -135,6 +135,8 @@ pub(crate) fn parse(
                     weight: pick("weight"),
                     density: pick("density"),
                     scale: pick("scale"),
+                    gamma: pick("gamma"),
+                    epsilon: pick("epsilon"),
                 },
                 layer_range: range,
             });
@@ -463,7 +465,8 @@ pub(crate) fn merge_slices(
             let prefs: Vec<&Checkpoint> = permuted.iter().flatten().collect();
             let pnames = vec![p.name.as_str(); prefs.len()];
             let (cs, ss) = if permuted.is_some() { (&prefs[..], &pnames[..]) } else { (&cks[..], &src[..]) };
-            TensorMerge { dev, cfg: &rcfg, ckpts: cs, src: ss, name: &p.name, l, chunk }.run(sink, p.dtype)?;
+            let prec = crate::engine::precision_of(rcfg.compute_dtype, cs, ss)?;
+            TensorMerge { dev, cfg: &rcfg, ckpts: cs, src: ss, name: &p.name, l, chunk, prec }.run(sink, p.dtype)?;
         }
         for (c, n) in cks.iter().zip(&src) {
             c.release(n, ..)?;

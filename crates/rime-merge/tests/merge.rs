@@ -236,7 +236,12 @@ fn dare_matches_mergekit_with_the_documented_mask() {
                 .enumerate()
                 .map(|(i, &(m, dn))| {
                     let mask = rime_merge::dare_mask(42, n, i, b.len(), dn);
-                    delta(&ms[m][n], b).iter().zip(&mask).map(|(x, k)| x * k / dn).collect()
+                    // mergekit 0.1.5 rescales to the L1 norm of the task vector before the drop.
+                    let dv = delta(&ms[m][n], b);
+                    let masked: Vec<f32> = dv.iter().zip(&mask).map(|(x, k)| x * k).collect();
+                    let before: f32 = dv.iter().map(|x| x.abs()).sum();
+                    let after: f32 = masked.iter().map(|x| x.abs()).sum();
+                    masked.iter().map(|x| if after < 1e-7 { *x } else { x * (before / after) }).collect()
                 })
                 .collect();
             close(n, &got[n], &mk_gta(b, &ds, &[0.6, 0.4], consensus, false, 1.0), 1e-5);

@@ -133,42 +133,7 @@ fn magnitude(dev: &Device, op: &'static str, out: Option<&Tensor>, xs: &Tensor, 
     let (keep_all, keep_none) = (k >= l, k == 0);
     let mut ds = Vec::new();
     if !keep_all && !keep_none {
-        let parts = parts_for(l);
-        let counts = dev.empty(&[n * parts * BUCKETS], DType::U32)?;
-        let lo_bits = if l <= 1 { 0 } else { 32 - ((l - 1) as u32).leading_zeros() };
-        let rows_groups = [(n as u32).div_ceil(WG), 1, 1];
-        let p0 = params(l, n, parts, k, 0, 0, 0, 0);
-        ds.push(dev.dispatch(FILE, "merge_magnitude_init_forward", &spec(), Some(&p0), &[(6, &state)], rows_groups)?);
-        let count_grid = [(parts as u32).div_ceil(WG), n as u32, 1];
-        // Digits of at most DIGIT bits, most significant first: the 31 bits of |x|, then the index bits.
-        let mut steps = Vec::new();
-        for (word, bits) in [(0u32, 31u32), (1, lo_bits)] {
-            let mut top = bits;
-            while top > 0 {
-                let w = top.min(DIGIT);
-                steps.push((word, top - w, w));
-                top -= w;
-            }
-        }
-        for (word, shift, width) in steps {
-            let ps = params(l, n, parts, k, word, shift, width, 0);
-            ds.push(dev.dispatch(
-                FILE,
-                "merge_magnitude_count_forward",
-                &spec(),
-                Some(&ps),
-                &[(2, xs), (6, &state), (7, &counts)],
-                count_grid,
-            )?);
-            ds.push(dev.dispatch(
-                FILE,
-                "merge_magnitude_select_forward",
-                &spec(),
-                Some(&ps),
-                &[(6, &state), (7, &counts)],
-                rows_groups,
-            )?);
-        }
+        threshold_passes(dev, &mut ds, xs, &state, k, false)?;
     }
     let pm = params(l, n, 0, k, 0, 0, keep_all as u32, keep_none as u32);
     ds.push(match out {
@@ -296,4 +261,89 @@ pub fn merge_slerp_forward(dev: &Device, out: &Tensor, a: &Tensor, b: &Tensor, t
             grid_1d((l as u32).div_ceil(WG)),
         )?,
     ])
+}
+
+/// The radix-select passes of the top-k: `state` [2N] (u32) gets each row's threshold key (hi, lo) such that
+/// exactly k keys of the row are at or above it. Keys are (|x| bits, L-1-index), or (|x| bits, index) with
+/// `index_ascending` (equal magnitudes then rank in ascending index order, as a stable ascending sort lists them).
+fn threshold_passes(
+    dev: &Device,
+    ds: &mut Vec<Dispatch>,
+    xs: &Tensor,
+    state: &Tensor,
+    k: usize,
+    index_ascending: bool,
+) -> Result<()> {
+    let (n, l) = (xs.shape[0], xs.numel() / xs.shape[0]);
+    let parts = parts_for(l);
+    let counts = dev.empty(&[n * parts * BUCKETS], DType::U32)?;
+    let lo_bits = if l <= 1 { 0 } else { 32 - ((l - 1) as u32).leading_zeros() };
+    let rows_groups = [(n as u32).div_ceil(WG), 1, 1];
+    let p0 = params(l, n, parts, k, 0, 0, 0, 0);
+    ds.push(dev.dispatch(FILE, "merge_magnitude_init_forward", &spec(), Some(&p0), &[(6, state)], rows_groups)?);
+    let count_grid = [(parts as u32).div_ceil(WG), n as u32, 1];
+    // Digits of at most DIGIT bits, most significant first: the 31 bits of |x|, then the index bits.
+    let mut steps = Vec::new();
+    for (word, bits) in [(0u32, 31u32), (1, lo_bits)] {
+        let mut top = bits;
+        while top > 0 {
+            let w = top.min(DIGIT);
+            steps.push((word, top - w, w));
+            top -= w;
+        }
+    }
+    for (word, shift, width) in steps {
+        let ps = params(l, n, parts, k, word, shift, width, index_ascending as u32);
+        ds.push(dev.dispatch(
+            FILE,
+            "merge_magnitude_count_forward",
+            &spec(),
+            Some(&ps),
+            &[(2, xs), (6, state), (7, &counts)],
+            count_grid,
+        )?);
+        ds.push(dev.dispatch(
+            FILE,
+            "merge_magnitude_select_forward",
+            &spec(),
+            Some(&ps),
+            &[(6, state), (7, &counts)],
+            rows_groups,
+        )?);
+    }
+    Ok(())
+}
+
+/// The threshold of the top-`k` keys of each row of `xs` [N, ...] into `state` ([2N] u32, as
+/// `merge_band_mask_forward` of merge_sparse.wgsl reads it). Keys are (|x| bits, L-1-index): larger magnitudes
+/// first, then lower indices; with `index_ascending`, (|x| bits, index): among equal magnitudes the higher index
+/// ranks first, which makes the order of keys the reverse of a stable ascending sort of |x|. k = 0 or k >= L
+/// leaves state 0 (every key is at or above it; the mask kernel takes k = 0 as a flag).
+pub fn merge_topk_threshold_forward(
+    dev: &Device,
+    state: &Tensor,
+    xs: &Tensor,
+    k: usize,
+    index_ascending: bool,
+) -> Result<Vec<Dispatch>> {
+    const OP: &str = "merge_topk_threshold_forward";
+    let (n, l) = stacked(OP, xs)?;
+    if state.dtype != DType::U32 || state.numel() != 2 * n {
+        return Err(shape_err(OP, format!("state must be u32 [2 * {n}], got {:?} {:?}", state.dtype, state.shape)));
+    }
+    let mut ds = Vec::new();
+    if k == 0 || k >= l {
+        let p0 = params(l, n, 1, k, 0, 0, 0, 0);
+        ds.push(dev.dispatch(
+            FILE,
+            "merge_magnitude_init_forward",
+            &spec(),
+            Some(&p0),
+            &[(6, state)],
+            [(n as u32).div_ceil(WG), 1, 1],
+        )?);
+    } else {
+        threshold_passes(dev, &mut ds, xs, state, k, index_ascending)?;
+    }
+    Ok(ds)
 }

@@ -12,6 +12,7 @@ pub mod lora;
 pub mod matmul;
 pub mod merge;
 pub mod merge_geo;
+pub mod merge_sparse;
 pub mod norm;
 pub mod optim;
 pub mod patch;
@@ -38,6 +39,7 @@ pub fn declared_specs() -> Vec<(&'static str, Spec)> {
     v.extend(matmul::specs());
     v.extend(merge::specs());
     v.extend(merge_geo::specs());
+    v.extend(merge_sparse::specs());
     v.extend(norm::specs());
     v.extend(optim::specs());
     v.extend(patch::specs());

@@ -12,6 +12,7 @@ pub mod lora;
 pub mod matmul;
 pub mod merge;
 pub mod merge_geo;
+pub mod merge_sparse;
 pub mod norm;
 pub mod optim;
 pub mod patch;
