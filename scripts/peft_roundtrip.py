@@ -31,7 +31,7 @@ import warnings
 import torch
 from peft import (IA3Config, LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig, TaskType,
                   get_peft_model)
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertModel
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertForSequenceClassification, BertModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 ROOT = os.path.normpath(os.path.join(os.path.dirname(__file__), ".."))
@@ -50,12 +50,26 @@ class MeanPooled(BertModel):
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, inputs_embeds=None,
                 past_key_values=None, labels=None, **kwargs):
         kwargs = {k: v for k, v in kwargs.items() if k in ("position_ids",)}
+        # transformers 5's BertModel takes peft's prefix as `cache` (it has no `past_key_values`).
         h = super().forward(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                            inputs_embeds=inputs_embeds, past_key_values=past_key_values, **kwargs).last_hidden_state
+                            inputs_embeds=inputs_embeds, cache=past_key_values, **kwargs).last_hidden_state
         m = attention_mask[:, -h.shape[1]:].clone().to(h.dtype)  # prefix tuning: keys only have the prefix
         m[:, :self.prompt_tokens] = 0
         pooled = (h * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True).clamp(min=1e-9)
         return SequenceClassifierOutput(logits=self.head(pooled))
+
+
+class BertForSequenceClassificationWithCache(BertForSequenceClassification):
+    """peft 0.21.2's prefix tuning under transformers 5.25: peft hands the prefix to a `past_key_values` argument
+    that neither BertForSequenceClassification nor BertModel has any more (BertModel calls it `cache`), and raises
+    "Model does not support past key values" for its own prefix adapters too. This shim passes it on; the head is
+    BertForSequenceClassification's, unchanged."""
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                inputs_embeds=None, labels=None, past_key_values=None, **kwargs):
+        out = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                        position_ids=position_ids, inputs_embeds=inputs_embeds, cache=past_key_values)
+        return SequenceClassifierOutput(logits=self.classifier(self.dropout(out.pooler_output)))
 
 
 class Collect(logging.Handler):
@@ -146,15 +160,17 @@ def rime_to_torch(a, work, tok, texts):
             label2id = {l: i for i, l in enumerate(labels)}
             cfg = json.load(open(os.path.join(adapter, "adapter_config.json")))
             if head == "hf":
-                base = AutoModelForSequenceClassification.from_pretrained(a.model, id2label=id2label,
-                                                                          label2id=label2id)
+                cls = BertForSequenceClassificationWithCache if name == "prefix" else AutoModelForSequenceClassification
+                base = cls.from_pretrained(a.model, id2label=id2label, label2id=label2id)
             else:
                 MeanPooled.prompt_tokens = cfg.get("num_virtual_tokens", 0) if cfg["peft_type"] == "PROMPT_TUNING" else 0
                 base = MeanPooled.from_pretrained(a.model, num_labels=len(labels))
             model, msgs = captured(lambda: PeftModel.from_pretrained(base, adapter))
             res, msgs2 = captured(lambda: model.load_adapter(adapter, adapter_name="check"))
             missing = [k for k in res.missing_keys if ".check" in k or "check." in k]
-            unexpected = list(res.unexpected_keys)
+            # peft reports the prompt table of prompt learning as unexpected for its own adapters too (it loads it
+            # beside the model's state dict).
+            unexpected = [k for k in res.unexpected_keys if k != "prompt_embeddings"]
             model.set_adapter("default")
             got = torch_logits(model, tok, texts)
             diff = (got - want).abs().max().item()
@@ -184,7 +200,8 @@ def torch_to_rime(a, work, tok, texts, train_rows, label_names, eval_ids):
     y = torch.tensor([label_names.index(r["label"]) for r in train_rows])
     for name, make in PEFT_METHODS.items():
         torch.manual_seed(0)
-        base = AutoModelForSequenceClassification.from_pretrained(a.model, num_labels=len(label_names))
+        cls = BertForSequenceClassificationWithCache if name == "prefix" else AutoModelForSequenceClassification
+        base = cls.from_pretrained(a.model, num_labels=len(label_names))
         model = get_peft_model(base, make())
         # The LoRA B factors and the prompt start at zero / random: train a few steps so every part matters.
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
