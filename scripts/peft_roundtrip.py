@@ -69,7 +69,8 @@ class BertForSequenceClassificationWithCache(BertForSequenceClassification):
                 inputs_embeds=None, labels=None, past_key_values=None, **kwargs):
         out = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                         position_ids=position_ids, inputs_embeds=inputs_embeds, cache=past_key_values)
-        return SequenceClassifierOutput(logits=self.classifier(self.dropout(out.pooler_output)))
+        return SequenceClassifierOutput(logits=self.classifier(self.dropout(out.pooler_output)),
+                                        hidden_states=(out.last_hidden_state,))
 
 
 class Collect(logging.Handler):
@@ -146,6 +147,8 @@ def rime_to_torch(a, work, tok, texts):
     out = []
     for head in ("hf", "mean"):
         for name, flags in RIME_METHODS.items():
+            if a.methods and name not in a.methods.split(","):
+                continue
             d = os.path.join(work, f"rime-{name}-{head}")
             run([a.rime, "train", "--model", a.model, "--train", a.train, "--eval", a.eval, *flags, "--head", head,
                  "--max-steps", str(a.steps), "--batch-size", "8", "--max-length", str(MAX_LEN), "--out", d,
@@ -199,6 +202,8 @@ def torch_to_rime(a, work, tok, texts, train_rows, label_names, eval_ids):
     out = []
     y = torch.tensor([label_names.index(r["label"]) for r in train_rows])
     for name, make in PEFT_METHODS.items():
+        if a.methods and name not in a.methods.split(","):
+            continue
         torch.manual_seed(0)
         cls = BertForSequenceClassificationWithCache if name == "prefix" else AutoModelForSequenceClassification
         base = cls.from_pretrained(a.model, num_labels=len(label_names))
@@ -210,7 +215,7 @@ def torch_to_rime(a, work, tok, texts, train_rows, label_names, eval_ids):
             i = torch.arange(step * 8, step * 8 + 8) % len(train_rows)
             enc = tok([train_rows[j]["text"] for j in i], padding=True, truncation=True, max_length=MAX_LEN,
                       return_tensors="pt")
-            loss = model(**enc, labels=y[i]).loss
+            loss = torch.nn.functional.cross_entropy(model(**enc).logits, y[i])
             loss.backward()
             opt.step()
             opt.zero_grad()
@@ -244,6 +249,7 @@ def main():
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--rows", type=int, default=32, help="evaluation texts")
     ap.add_argument("--only", choices=["rime", "peft"], help="one direction")
+    ap.add_argument("--methods", help="comma-separated subset of the methods")
     a = ap.parse_args()
     a.model = os.path.abspath(a.model)
     torch.set_num_threads(2)
