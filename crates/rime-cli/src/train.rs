@@ -22,6 +22,7 @@ type BoxErr = Box<dyn std::error::Error>;
 ///              --method lora --rank 16 --alpha 32 --targets query,key,value --epochs 3 --out runs/x
 ///   rime train --method prompt --num-virtual-tokens 20 --lr 3e-2 --out runs/prompt   # soft prompt + head
 ///   rime train --method prefix --num-virtual-tokens 10 --lr 1e-2 --out runs/prefix   # key/value prefixes + head
+///   rime train --head hf --out runs/hf     # BertForSequenceClassification's head, loads in AutoPeftModel...
 ///   rime train --task image-classify --train /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz \
 ///              --train-limit 5000 --eval /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz \
 ///              --eval-limit 1000 --augment --out runs/fmnist                       # DINOv2-S + LoRA
