@@ -210,7 +210,9 @@ fn check_output(pooled: &[f32], hidden: usize) -> Result<()> {
 /// embedding; a head-only probe adapter leaves it as the base model's (a note says so). A LoRA module the model
 /// lacks is refused (the adapter would silently do nothing there).
 fn load_adapter(gpu: &Gpu, store: &mut ParamStore, dir: &Path, notes: &mut Vec<String>) -> Result<Box<dyn LinearHook>> {
-    let ad = rime_io::PeftAdapter::load(dir)?;
+    let mut ad = rime_io::PeftAdapter::load(dir)?;
+    // peft's layouts (`bert.` for a BertForSequenceClassification adapter) as the store names the model.
+    classifier::to_store_names(&mut ad, store);
     let c = &ad.config;
     let bad = |m: String| -> Result<Box<dyn LinearHook>> {
         Err(Error::invalid("adapter", format!("{}: {m}", dir.display())))

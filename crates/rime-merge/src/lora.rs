@@ -25,7 +25,7 @@ pub fn fold_lora(
     opts: &MergeOptions,
 ) -> Result<MergeReport> {
     let t0 = Instant::now();
-    let ad = PeftAdapter::load(adapter)?;
+    let mut ad = PeftAdapter::load(adapter)?;
     let afile = adapter.join("adapter_config.json").display().to_string();
     let cerr = |msg: String| Error::Config { file: afile.clone(), msg };
     if ad.config.peft_type != "LORA" {
@@ -36,6 +36,10 @@ pub fn fold_lora(
         return Err(cerr("use_dora with fan_in_fan_out: rime folds DoRA only for [out, in] weights".into()));
     }
     let ck = Checkpoint::open(base)?;
+    // A BertForSequenceClassification adapter (peft names its encoder `bert.`) on a bare BertModel checkpoint.
+    if !ck.contains("bert.embeddings.word_embeddings.weight") && ck.contains("embeddings.word_embeddings.weight") {
+        ad.rebase_modules("bert.", "");
+    }
     let weights = ck
         .names()
         .into_iter()

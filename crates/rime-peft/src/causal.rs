@@ -254,6 +254,12 @@ impl<'d> Task<'d> for CausalTask<'d> {
     }
 
     fn prepare(&mut self, cfg: &TrainConfig, on: &mut dyn FnMut(Event)) -> Result<Vec<usize>> {
+        if cfg.head != crate::config::HeadKind::Mean {
+            return Err(Error::invalid(
+                "head",
+                "a causal language model has no BertForSequenceClassification head (hf)",
+            ));
+        }
         if cfg.weights != WeightStorage::F32 {
             return Err(Error::invalid("weights", "applies to classification; causal LM dequantizes the GGUF to f32"));
         }

@@ -13,6 +13,7 @@ use rime_models::bert::{self, BertConfig};
 use rime_models::{LinearHook, VirtualTokens};
 
 use crate::adapter::BottleneckConfig;
+use crate::config::HeadKind;
 use crate::ia3::Ia3Config;
 use crate::lora::LoraConfig;
 use crate::methods::{self, TuningMethod};
@@ -22,6 +23,14 @@ use crate::{Error, Result};
 
 pub const HEAD_WEIGHT: &str = "head.weight";
 pub const HEAD_BIAS: &str = "head.bias";
+/// The [`HeadKind::Hf`] head's linear layer, as `BertForSequenceClassification` names it.
+pub const HF_CLASSIFIER_WEIGHT: &str = "classifier.weight";
+pub const HF_CLASSIFIER_BIAS: &str = "classifier.bias";
+/// The input that picks the first token for [`HeadKind::Hf`]'s pooler: [B, 1, T], one-hot at position 0.
+pub const FIRST_TOKEN: &str = "first_token_weights";
+/// Constants of tanh written with the graph's ops (see [`tanh`]); frozen, never saved.
+const TANH_IN: &str = "rime.tanh.in";
+const TANH_OUT: &str = "rime.tanh.out";
 
 /// Which parts train beside the head: a tuning method and its config, as a front end chooses it. What each
 /// method does lives in its file under [`crate::methods`]; [`Method::tuning`] gives its [`TuningMethod`].
@@ -205,6 +214,130 @@ pub fn init_head(dev: &Device, store: &mut ParamStore, hidden: usize, classes: u
     Ok(())
 }
 
+/// The head of the model in `store`: [`HeadKind::Mean`] when it holds `head.weight`, [`HeadKind::Hf`] when it
+/// holds `classifier.weight` (and no `head.weight`); an error naming both otherwise.
+pub fn head_kind(store: &ParamStore) -> Result<HeadKind> {
+    if store.find(HEAD_WEIGHT).is_some() {
+        Ok(HeadKind::Mean)
+    } else if store.find(HF_CLASSIFIER_WEIGHT).is_some() {
+        Ok(HeadKind::Hf)
+    } else {
+        Err(Error::Msg(format!(
+            "no classification head: neither '{HEAD_WEIGHT}' (mean-pool head) nor '{HF_CLASSIFIER_WEIGHT}' \
+             (BertForSequenceClassification's head)"
+        )))
+    }
+}
+
+/// The bias of the head in `store` (by [`head_kind`]).
+fn head_bias_name(store: &ParamStore) -> Result<&'static str> {
+    Ok(match head_kind(store)? {
+        HeadKind::Mean => HEAD_BIAS,
+        HeadKind::Hf => HF_CLASSIFIER_BIAS,
+    })
+}
+
+/// How many classes the head in `store` scores (rows of its bias).
+pub fn head_classes(store: &ParamStore) -> Result<usize> {
+    let id = store.id(head_bias_name(store)?)?;
+    Ok(store.get(id).tensor.shape[0])
+}
+
+/// A new trainable head of `kind` for `classes` labels on a model with hidden size `hidden` whose checkpoint
+/// names start with `prefix`. [`HeadKind::Mean`] is [`init_head`]; [`HeadKind::Hf`] checks the checkpoint's
+/// pooler (`pooler.dense.*`, kept frozen) and initializes `classifier` as transformers does (weight
+/// N(0, 0.02), bias 0); a `classifier` the checkpoint already has (a `*ForSequenceClassification` checkpoint)
+/// is replaced when its shape fits and refused otherwise.
+pub fn init_head_of(
+    dev: &Device,
+    store: &mut ParamStore,
+    kind: HeadKind,
+    prefix: &str,
+    hidden: usize,
+    classes: usize,
+    seed: u64,
+) -> Result<()> {
+    if kind == HeadKind::Mean {
+        return init_head(dev, store, hidden, classes, seed);
+    }
+    for part in ["weight", "bias"] {
+        let name = format!("{prefix}pooler.dense.{part}");
+        if store.find(&name).is_none() {
+            return Err(Error::Msg(format!(
+                "the BertForSequenceClassification head reads the checkpoint's pooler, and this checkpoint has no \
+                 '{name}': use the mean-pool head"
+            )));
+        }
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x4ead);
+    let w: Vec<f32> = (0..classes * hidden).map(|_| 0.02 * crate::methods::prompt::normal(&mut rng)).collect();
+    let b = vec![0f32; classes];
+    for (name, data, shape) in
+        [(HF_CLASSIFIER_WEIGHT, w, vec![classes, hidden]), (HF_CLASSIFIER_BIAS, b, vec![classes])]
+    {
+        match store.find(name) {
+            Some(id) => {
+                let have = store.get(id).tensor.shape.clone();
+                if have != shape {
+                    return Err(Error::Msg(format!(
+                        "the checkpoint's '{name}' has shape {have:?}; this run's {classes} labels need {shape:?}"
+                    )));
+                }
+                dev.write_f32(&store.get(id).tensor, &data)?;
+                store.set_trainable(id, true);
+            }
+            None => {
+                store.add_f32(dev, name, &data, &shape, true)?;
+            }
+        }
+    }
+    add_tanh_constants(dev, store)
+}
+
+/// The frozen constants [`tanh`] multiplies by (added once).
+pub fn add_tanh_constants(dev: &Device, store: &mut ParamStore) -> Result<()> {
+    if store.find(TANH_IN).is_none() {
+        store.add_f32(dev, TANH_IN, &[2.0, 0.0], &[1, 2], false)?;
+    }
+    if store.find(TANH_OUT).is_none() {
+        store.add_f32(dev, TANH_OUT, &[1.0, -1.0], &[2, 1], false)?;
+    }
+    Ok(())
+}
+
+/// tanh of a [N, C] tensor with the graph's ops (it has no tanh): tanh(x) = σ(2x) − σ(−2x), where
+/// (σ(2x), σ(−2x)) = softmax((2x, 0)); each element becomes a row (x) · [2, 0], softmax over the pair, · [1, −1]ᵀ.
+/// Autodiff follows through matmul and softmax.
+pub fn tanh(g: &mut Graph, store: &ParamStore, x: Var) -> Result<Var> {
+    let shape = g.shape(x).to_vec();
+    let n: usize = shape.iter().product();
+    let col = g.reshape(x, &[n, 1])?;
+    let tin = g.param(store, TANH_IN)?;
+    let tout = g.param(store, TANH_OUT)?;
+    let pair = g.matmul(col, tin)?;
+    let sm = g.softmax(pair, None, false);
+    let t = g.matmul(sm, tout)?;
+    Ok(g.reshape(t, &shape)?)
+}
+
+/// The logits of `BertForSequenceClassification`'s head over the encoder's last hidden states [B, T, C]:
+/// `classifier(tanh(pooler.dense(h[:, 0])))` (dropout is off at evaluation and, as in peft's default, the
+/// first token is the sequence's first row: a soft prompt's first token under prompt tuning).
+fn hf_logits(g: &mut Graph, store: &ParamStore, prefix: &str, hidden: Var) -> Result<Var> {
+    let sh = g.shape(hidden).to_vec();
+    let (b, t, c) = (sh[0], sh[1], sh[2]);
+    let pick = g.input(FIRST_TOKEN, &[b, 1, t], DType::F32);
+    let first = g.matmul(pick, hidden)?;
+    let first = g.reshape(first, &[b, c])?;
+    let pw = g.param(store, &format!("{prefix}pooler.dense.weight"))?;
+    let pb = g.param(store, &format!("{prefix}pooler.dense.bias"))?;
+    let d = g.linear(first, pw, Some(pb))?;
+    let pooled = tanh(g, store, d)?;
+    let cw = g.param(store, HF_CLASSIFIER_WEIGHT)?;
+    let cb = g.param(store, HF_CLASSIFIER_BIAS)?;
+    Ok(g.linear(pooled, cw, Some(cb))?)
+}
+
 /// One compiled graph for a fixed (batch, seq_len).
 pub struct ShapeExec {
     pub exec: Executor,
@@ -215,9 +348,13 @@ pub struct ShapeExec {
     pub seq: usize,
     /// Virtual tokens of the method (the feed extends positions, types, mask and pool weights by them).
     pub virtual_tokens: VirtualTokens,
+    /// The head the logits come from (the feed picks the first token for [`HeadKind::Hf`]).
+    pub head: HeadKind,
 }
 
-/// Build the classification graph for (b, t): encoder → mean pool → head → cross-entropy.
+/// Build the classification graph for (b, t): encoder → mean pool → head → cross-entropy, or with a
+/// [`HeadKind::Hf`] head in the store: encoder → first token → pooler → classifier → cross-entropy (`pooled`
+/// stays the mean pool either way).
 pub fn build_exec(
     dev: &Device,
     store: &ParamStore,
@@ -246,13 +383,28 @@ pub fn build_exec_sharing(
 ) -> Result<ShapeExec> {
     let mut g = Graph::new();
     let enc = bert::build(&mut g, store, cfg, prefix, b, t, hook)?;
-    let hw = g.param(store, HEAD_WEIGHT)?;
-    let hb = g.param(store, HEAD_BIAS)?;
-    let logits = g.linear(enc.pooled, hw, Some(hb))?;
+    let head = head_kind(store)?;
+    let logits = match head {
+        HeadKind::Mean => {
+            let hw = g.param(store, HEAD_WEIGHT)?;
+            let hb = g.param(store, HEAD_BIAS)?;
+            g.linear(enc.pooled, hw, Some(hb))?
+        }
+        HeadKind::Hf => hf_logits(&mut g, store, prefix, enc.last_hidden)?,
+    };
     let labels = g.input("labels", &[b], DType::I32);
     let loss = g.cross_entropy(logits, labels, -100)?;
     let exec = Executor::new_sharing(dev, g, store, Some(loss), &[logits, enc.pooled], optim, donor)?;
-    Ok(ShapeExec { exec, logits, loss, pooled: enc.pooled, batch: b, seq: t, virtual_tokens: hook.virtual_tokens() })
+    Ok(ShapeExec {
+        exec,
+        logits,
+        loss,
+        pooled: enc.pooled,
+        batch: b,
+        seq: t,
+        virtual_tokens: hook.virtual_tokens(),
+        head,
+    })
 }
 
 /// Feed one tokenized batch (rows beyond `n_real` are padding rows: empty mask, ignored label).
@@ -265,6 +417,11 @@ pub fn feed(dev: &Device, se: &ShapeExec, ids: &[u32], types: &[u32], mask: &[u3
     ex.feed_u32(dev, bert::POSITION_IDS, &pos)?;
     ex.feed_f32(dev, bert::ATTENTION_MASK, &maskf)?;
     ex.feed_f32(dev, bert::POOL_WEIGHTS, &pool)?;
+    if se.head == HeadKind::Hf {
+        let tx = pool.len() / b;
+        let first: Vec<f32> = (0..b * tx).map(|i| if i % tx == 0 { 1.0 } else { 0.0 }).collect();
+        ex.feed_f32(dev, FIRST_TOKEN, &first)?;
+    }
     ex.feed_i32(dev, "labels", labels)?;
     Ok(())
 }
@@ -327,7 +484,8 @@ pub fn save_adapter(
 }
 
 /// [`save_adapter`] for any [`TuningMethod`]: the method's tensors and adapter_config.json fields, the head
-/// under `modules_to_save`, `base` as `base_model_name_or_path` and `labels` as `rime_labels`.
+/// under `modules_to_save`, `base` as `base_model_name_or_path`, `task_type: SEQ_CLS` and `labels` as
+/// `rime_labels` (in rime.json). Tensor names are the ones peft writes (see [`to_peft_names`]).
 pub fn save_method_adapter(
     dev: &Device,
     store: &ParamStore,
@@ -339,7 +497,13 @@ pub fn save_method_adapter(
     let mut tensors = trainable_tensors(dev, store)?;
     method.write_tensors(dev, store, &mut tensors)?;
     let mut config = method.adapter_config(store)?;
-    config.modules_to_save = vec!["head".into()];
+    let head = head_kind(store).unwrap_or_default();
+    to_peft_names(&mut tensors, head, store_prefix(store), is_prompt_learning(method.peft_type()));
+    config.modules_to_save = match head {
+        HeadKind::Mean => vec!["head".into()],
+        // What peft writes for task_type SEQ_CLS (its default modules_to_save).
+        HeadKind::Hf => vec!["classifier".into(), "score".into()],
+    };
     config.base_model_name_or_path = Some(base.to_string());
     config.task_type = Some("SEQ_CLS".into());
     config.raw.insert("rime_labels".into(), serde_json::json!(labels));
@@ -355,23 +519,92 @@ pub fn save_method_adapter(
     crate::checkpoint::replace_dir(&tmp, dir)
 }
 
+/// Whether a `peft_type` is one of peft's prompt-learning methods, whose saved modules (the head) peft names
+/// `base_model.<module>` rather than `base_model.model.<module>`.
+pub fn is_prompt_learning(peft_type: &str) -> bool {
+    matches!(peft_type, crate::prompt::PROMPT_TUNING | crate::prompt::PREFIX_TUNING)
+}
+
+/// The checkpoint-name prefix of the encoder in `store`: `bert.` for a `BertFor*` checkpoint, else empty.
+pub fn store_prefix(store: &ParamStore) -> &'static str {
+    if store.find("bert.embeddings.word_embeddings.weight").is_some() {
+        "bert."
+    } else {
+        ""
+    }
+}
+
+/// Whether a tensor name (without peft's prefix) belongs to a classification head.
+fn is_head_tensor(local: &str) -> bool {
+    local.starts_with("head.") || local.starts_with("classifier.")
+}
+
+const PEFT_PREFIX: &str = rime_io::peft::PEFT_PREFIX;
+
+/// Tensor names as peft saves them for the model class the head implies: the head under
+/// `base_model.model.<head>` (`base_model.<head>` for prompt learning); with [`HeadKind::Hf`] the encoder's
+/// tensors under `base_model.model.bert.` (`PeftModel(BertForSequenceClassification)`), with
+/// [`HeadKind::Mean`] under the checkpoint's own names (`PeftModel(BertModel)` for an encoder-only checkpoint).
+/// Prompt tables (`prompt_embeddings`) keep their name.
+pub fn to_peft_names(tensors: &mut [methods::SavedTensor], head: HeadKind, prefix: &str, prompt_learning: bool) {
+    for (name, _, _) in tensors.iter_mut() {
+        if crate::prompt::is_virtual_table(name) {
+            continue;
+        }
+        let local = name.strip_prefix(PEFT_PREFIX).unwrap_or(name).to_string();
+        *name = if is_head_tensor(&local) {
+            format!("{}{local}", if prompt_learning { "base_model." } else { PEFT_PREFIX })
+        } else if head == HeadKind::Hf && prefix.is_empty() {
+            format!("{PEFT_PREFIX}bert.{local}")
+        } else {
+            format!("{PEFT_PREFIX}{local}")
+        };
+    }
+}
+
+/// The inverse of [`to_peft_names`] for any layout peft writes: `base_model.model.<name>` and (prompt
+/// learning) `base_model.<name>`, with or without `.modules_to_save.default`, the encoder under `bert.` or
+/// bare; names become `base_model.model.<store name>` (the encoder's under the store's own prefix, see
+/// [`store_prefix`]). Prompt tables and names outside `base_model.` stay as they are.
+pub fn to_store_names(ad: &mut rime_io::peft::PeftAdapter, store: &ParamStore) {
+    let prefix = store_prefix(store);
+    let bert = store.find("embeddings.word_embeddings.weight").is_some() || !prefix.is_empty();
+    for t in &mut ad.tensors {
+        if crate::prompt::is_virtual_table(&t.name) || !t.name.starts_with("base_model.") {
+            continue;
+        }
+        let name = t.name.replace(".modules_to_save.default", "");
+        let local = name.strip_prefix(PEFT_PREFIX).or_else(|| name.strip_prefix("base_model.")).unwrap_or(&name);
+        let local = if is_head_tensor(local) || !bert {
+            local.to_string()
+        } else {
+            format!("{prefix}{}", local.strip_prefix("bert.").unwrap_or(local))
+        };
+        t.name = format!("{PEFT_PREFIX}{local}");
+    }
+    ad.tensors.sort_by(|a, b| a.name.cmp(&b.name));
+}
+
 /// Load an adapter folder's tensors into the store: existing trainable parameters are overwritten,
 /// missing ones (e.g. LoRA factors on a fresh store) are added (trainable, or frozen where the method says so).
-/// The method is the adapter's `peft_type` (see [`methods::REGISTRY`]). Returns the adapter's labels.
+/// The method is the adapter's `peft_type` (see [`methods::REGISTRY`]); names may be in any layout peft writes
+/// ([`to_store_names`]). Returns the adapter's config and labels: `rime_labels` when the adapter has them,
+/// else `LABEL_0`, `LABEL_1`, ... (transformers' default names) for as many classes as the head has; none
+/// without a head.
 pub fn load_adapter(
     dev: &Device,
     store: &mut ParamStore,
     dir: &Path,
 ) -> Result<(rime_io::peft::AdapterConfig, Vec<String>)> {
     let mut ad = rime_io::peft::PeftAdapter::load(dir)?;
+    to_store_names(&mut ad, store);
     let method = methods::from_adapter(&ad.config).map_err(|e| Error::Msg(format!("{}: {e}", dir.display())))?;
     method.read_tensors(dev, store, &mut ad, dir)?;
     for t in &ad.tensors {
-        let local = t.name.strip_prefix("base_model.model.").unwrap_or(&t.name);
+        let local = t.name.strip_prefix(PEFT_PREFIX).unwrap_or(&t.name);
         // Method tensors (LoRA factors, SVFit, IA3 vectors, bottleneck adapters) keep peft's full name in the
         // store; the head and other saved modules their own.
-        let name =
-            if method.is_method_tensor(local) { t.name.clone() } else { local.replace(".modules_to_save.default", "") };
+        let name = if method.is_method_tensor(local) { t.name.clone() } else { local.to_string() };
         match store.find(&name) {
             Some(id) => {
                 let p = store.get(id);
@@ -392,13 +625,32 @@ pub fn load_adapter(
         }
     }
     method.after_load(dev, store)?;
-    let labels: Vec<String> = ad
+    if store.find(HEAD_WEIGHT).is_none() && store.find(HF_CLASSIFIER_WEIGHT).is_some() {
+        let prefix = store_prefix(store);
+        for part in ["weight", "bias"] {
+            let name = format!("{prefix}pooler.dense.{part}");
+            if store.find(&name).is_none() {
+                return Err(Error::Msg(format!(
+                    "{}: the adapter's head is BertForSequenceClassification's 'classifier', which reads the \
+                     pooler, and the model has no '{name}'",
+                    dir.display()
+                )));
+            }
+        }
+        add_tanh_constants(dev, store)?;
+    }
+    let mut labels: Vec<String> = ad
         .config
         .raw
         .get("rime_labels")
         .and_then(|v| v.as_array())
         .map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect())
         .unwrap_or_default();
+    if labels.is_empty() {
+        if let Ok(n) = head_classes(store) {
+            labels = (0..n).map(|i| format!("LABEL_{i}")).collect();
+        }
+    }
     Ok((ad.config, labels))
 }
 

@@ -172,7 +172,7 @@ impl<'d> Session<'d> {
         let n = enc.ids.len();
         let mut order: Vec<usize> = (0..n).collect();
         order.sort_by_key(|&i| enc.ids[i].len()); // similar lengths together: less padding
-        let classes = self.store.get(self.store.id(classifier::HEAD_BIAS)?).tensor.shape[0];
+        let classes = classifier::head_classes(&self.store)?;
         let hidden = self.cfg.hidden;
         let mut logits = vec![0f32; n * classes];
         let mut pooled = vec![0f32; n * hidden];
@@ -401,7 +401,7 @@ impl<'d> Task<'d> for ClassifyTask<'d> {
                 cfg.max_length
             )));
         }
-        classifier::init_head(dev, &mut store, bcfg.hidden, labels.len(), cfg.seed)?;
+        classifier::init_head_of(dev, &mut store, cfg.head, &prefix, bcfg.hidden, labels.len(), cfg.seed)?;
         on(Event::Info(classifier::prepare_method(dev, &mut store, &method)?));
         let trainable: usize = store.trainable().map(|(_, p)| p.tensor.numel()).sum();
         let frozen: usize = store.iter().filter(|(_, p)| !p.trainable).map(|(_, p)| p.tensor.numel()).sum();
@@ -602,8 +602,8 @@ pub fn fit_logistic(x: &[f32], y: &[i32], d: usize, k: usize, iters: usize, lr: 
     (w, b)
 }
 
-/// Scores saved classification adapters (a folder with a head and `rime_labels`, as [`ClassifyTask`] writes)
-/// on labelled data. The model's checkpoint is mapped and its tokenizer read once; each adapter gets freshly
+/// Scores saved classification adapters (a folder with a head, as [`ClassifyTask`] or peft writes it: labels
+/// from `rime_labels`, else `LABEL_0`.. by the head's rows) on labelled data. The model's checkpoint is mapped and its tokenizer read once; each adapter gets freshly
 /// uploaded frozen weights, so no adapter sees another's tensors.
 pub struct Evaluator<'d> {
     dev: &'d Device,
@@ -625,26 +625,50 @@ impl<'d> Evaluator<'d> {
 
     /// Accuracy, macro-F1 and loss of the adapter folder `adapter` on `data`.
     pub fn evaluate(&self, adapter: &Path, data: &TextClassData) -> Result<EvalMetrics> {
+        Ok(self.predict(adapter, data)?.metrics)
+    }
+
+    /// The adapter folder's logits on every row of `data` (in order), its labels and the metrics.
+    pub fn predict(&self, adapter: &Path, data: &TextClassData) -> Result<Predictions> {
         let dev = self.dev;
         let mut store = ParamStore::new();
         let prefix = classifier::load_frozen_as(dev, &mut store, &self.ckpt, rime_kernels::DType::F32)?;
         let (acfg, labels) = classifier::load_adapter(dev, &mut store, adapter)?;
-        if labels.is_empty() || store.find(classifier::HEAD_WEIGHT).is_none() {
-            return Err(Error::Msg(format!(
-                "{}: no classification head (head.weight) and labels (rime_labels) in this adapter",
-                adapter.display()
-            )));
+        if let Err(e) = classifier::head_kind(&store) {
+            return Err(Error::Msg(format!("{}: {e} in this adapter or the model", adapter.display())));
         }
         let ds = data.dataset("data")?;
-        let map = LabelMap::from_labels(labels);
+        // An adapter without label names (peft's, named LABEL_i by its head) scores data whose labels are the
+        // class ids 0..n-1, as Hugging Face datasets store them.
+        let unnamed = labels.iter().enumerate().all(|(i, l)| *l == format!("LABEL_{i}"));
+        let ids = ds.examples.iter().all(|e| e.label.as_deref().is_some_and(|l| l.parse::<usize>().is_ok()));
+        let map = if unnamed && ids {
+            LabelMap::from_labels((0..labels.len()).map(|i| i.to_string()).collect())
+        } else {
+            LabelMap::from_labels(labels.clone())
+        };
         let (enc, _) = encode(&self.tok, &ds, Some(&map))?;
         let hook: Box<dyn LinearHook> = classifier::hook_for_adapter(&acfg)?;
         let cfg = self.cfg.clone();
         classifier::check_virtual_fit(hook.virtual_tokens(), self.max_length.min(cfg.max_positions), &cfg)?;
         let mut sess = Session::for_inference(dev, store, cfg, prefix, hook, self.batch, self.max_length);
-        sess.evaluate(&enc, |_| {})
-            .map_err(|e| crate::trainer::too_large_as(e, "batch_size", self.batch, self.max_length))
+        let (logits, _) = sess
+            .predict(&enc, |_| {})
+            .map_err(|e| crate::trainer::too_large_as(e, "batch_size", self.batch, self.max_length))?;
+        let classes = labels.len().max(1);
+        let metrics = metrics_from_logits(&logits, &enc.labels, classes);
+        Ok(Predictions { logits: logits.chunks(classes).map(|r| r.to_vec()).collect(), labels, metrics })
     }
+}
+
+/// What [`Evaluator::predict`] returns.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Predictions {
+    /// One row of logits per example, in the data's order.
+    pub logits: Vec<Vec<f32>>,
+    /// The class names, in the logits' column order.
+    pub labels: Vec<String>,
+    pub metrics: EvalMetrics,
 }
 
 /// Evaluate a saved adapter (any method, with its head) on a labelled file.

@@ -79,6 +79,37 @@ impl WeightStorage {
     }
 }
 
+/// The classification head of a text classifier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HeadKind {
+    /// A linear layer on the mask-weighted mean of the real tokens' last hidden states (sentence-transformers
+    /// pooling); saved as `head.*`.
+    #[default]
+    Mean,
+    /// The head of Hugging Face's `BertForSequenceClassification`: the checkpoint's pooler (dense + tanh on the
+    /// first token, frozen, as peft leaves it for `task_type: SEQ_CLS`) and a trainable linear `classifier`;
+    /// saved as `classifier.*`, the names `PeftModel` loads into that class.
+    Hf,
+}
+
+impl HeadKind {
+    /// `mean` or `hf`.
+    pub fn parse(s: &str) -> Option<HeadKind> {
+        match s {
+            "mean" => Some(HeadKind::Mean),
+            "hf" => Some(HeadKind::Hf),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            HeadKind::Mean => "mean",
+            HeadKind::Hf => "hf",
+        }
+    }
+}
+
 /// The settings of a training run shared by every task. Field names are the names errors use
 /// ([`crate::Error::Invalid`]).
 #[derive(Debug, Clone, PartialEq)]
@@ -122,6 +153,8 @@ pub struct TrainConfig {
     pub max_steps: Option<usize>,
     /// Storage of the frozen linear weights. Default [`WeightStorage::F32`].
     pub weights: WeightStorage,
+    /// Text classification's head. Default [`HeadKind::Mean`].
+    pub head: HeadKind,
 }
 
 impl Default for TrainConfig {
@@ -144,6 +177,7 @@ impl Default for TrainConfig {
             overwrite: false,
             max_steps: None,
             weights: WeightStorage::F32,
+            head: HeadKind::Mean,
         }
     }
 }

@@ -592,6 +592,9 @@ impl<'d> Task<'d> for ImageClassifyTask<'d> {
     }
 
     fn prepare(&mut self, cfg: &TrainConfig, on: &mut dyn FnMut(Event)) -> Result<Vec<usize>> {
+        if cfg.head != crate::config::HeadKind::Mean {
+            return Err(Error::invalid("head", "image classification has no BertForSequenceClassification head (hf)"));
+        }
         let dev = self.dev;
         let (train, eval) = match &self.eval {
             Some(e) => (self.train.clone(), e.clone()),

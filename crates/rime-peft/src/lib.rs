@@ -58,8 +58,8 @@ impl Error {
 }
 
 pub use causal::{CausalSummary, CausalTask};
-pub use classify::{ClassifySummary, ClassifyTask, Evaluator};
-pub use config::{Schedule, TrainConfig, WeightStorage};
+pub use classify::{ClassifySummary, ClassifyTask, Evaluator, Predictions};
+pub use config::{HeadKind, Schedule, TrainConfig, WeightStorage};
 pub use data::{CausalData, TextClassData};
 pub use image::{Augment, ImageClassData, ImageClassifyTask, ImageGradientProbe, Pooling};
 pub use trainer::{train, Event, Metric, Task, TrainResult};

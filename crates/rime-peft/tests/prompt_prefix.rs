@@ -191,13 +191,13 @@ fn prompt_adapter_round_trip_with_peft_names() {
     round_trip(
         &prompt_method(3, PromptInit::RandomDiscrete),
         "PROMPT_TUNING",
-        &["prompt_embeddings", "base_model.model.head.weight"],
+        &["prompt_embeddings", "base_model.head.weight"],
     );
 }
 
 #[test]
 fn prefix_adapter_round_trip_with_peft_names() {
-    round_trip(&prefix_method(2), "PREFIX_TUNING", &["prompt_embeddings", "base_model.model.head.bias"]);
+    round_trip(&prefix_method(2), "PREFIX_TUNING", &["prompt_embeddings", "base_model.head.bias"]);
 }
 
 /// The files as peft writes them: one `prompt_embeddings` tensor ([P, C], or [P, L·2·C] with layer l's key

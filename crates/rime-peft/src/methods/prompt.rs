@@ -92,7 +92,7 @@ impl Default for PromptConfig {
 }
 
 /// N(0, 1) by Box-Muller.
-pub(super) fn normal(rng: &mut impl Rng) -> f32 {
+pub(crate) fn normal(rng: &mut impl Rng) -> f32 {
     let u1: f32 = rng.random_range(f32::EPSILON..1.0);
     let u2: f32 = rng.random_range(0.0..1.0);
     (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
