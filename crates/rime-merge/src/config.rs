@@ -1,8 +1,10 @@
 //! The merge config: mergekit's YAML shape (`merge_method`, `base_model`, `models` or `slices`, `parameters`
 //! with numbers, filters and gradient lists, `dtype`, `tokenizer_source` / `tokenizer`, `chat_template`),
 //! parsed into a checked [`MergeConfig`]. A merge resolves every parameter per tensor with
-//! [`MergeConfig::at_tensor`]; a method that reads a new `Param` field must resolve it there too. Defaults follow mergekit 0.1.5 (`normalize` true for linear and
-//! TIES, false for task_arithmetic and DARE; `lambda` 1; `density` 1). Whatever rime cannot honour is an error
+//! [`MergeConfig::at_tensor`]; a method that reads a new `Param` field must resolve it there too. Defaults
+//! follow mergekit 0.1.5 (`normalize` true for linear, TIES and DELLA, false for task_arithmetic, DARE,
+//! breadcrumbs and della_linear; `rescale` true for DARE and DELLA; `lambda` 1; `density` 1; `gamma` 0.01;
+//! `epsilon` 0.15; `select_topk` 1). Whatever rime cannot honour is an error
 //! naming the key, never silently ignored; the one exception is `int8_mask`, a mergekit memory saving with no
 //! effect on the result here (masks are never materialised in a model dtype).
 

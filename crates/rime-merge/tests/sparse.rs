@@ -130,7 +130,7 @@ fn mk_della(d: &[f32], cols: usize, density: f64, eps: f64, u: &[f32], rescale: 
         idx.sort_by(|&a, &b| row[a].abs().total_cmp(&row[b].abs()).then(a.cmp(&b)));
         for (j, &e) in idx.iter().enumerate() {
             let p = (density - eps) as f32 + (j as f32 / (cols - 1) as f32) * 2.0 * eps as f32;
-            if !(u[r * cols + e] < p) {
+            if u[r * cols + e] >= p {
                 m[r * cols + e] = 0.0;
             }
         }

@@ -138,7 +138,7 @@ pub fn merge_della_mask_forward(x: &mut [f32], uniform: &[f32], rows: usize, lo:
         for (j, &e) in idx.iter().enumerate() {
             let rank_norm = (j as f32 / (cols - 1) as f32).clamp(0.0, 1.0);
             let prob = lo + rank_norm * 2.0 * eps;
-            if !(uniform[r * cols + e] < prob) {
+            if uniform[r * cols + e] >= prob || uniform[r * cols + e].is_nan() {
                 row[e] = 0.0;
             }
         }
