@@ -125,8 +125,13 @@ fn embed_applies_every_trainable_method() {
         // The head on the embeddings reproduces evaluation's loss.
         let ad = rime_io::PeftAdapter::load(&adapter).unwrap();
         let names: Vec<String> = serde_json::from_value(ad.config.raw["rime_labels"].clone()).unwrap();
-        let w = &ad.get("base_model.model.head.weight").unwrap().data;
-        let b = &ad.get("base_model.model.head.bias").unwrap().data;
+        // peft's layout: `base_model.model.head.*`, or `base_model.head.*` for prompt learning.
+        let head = |t: &str| {
+            ad.get(&format!("base_model.model.head.{t}"))
+                .or_else(|| ad.get(&format!("base_model.head.{t}")))
+                .unwrap_or_else(|| panic!("{name}: no head.{t} in the adapter"))
+        };
+        let (w, b) = (&head("weight").data, &head("bias").data);
         let (k, h) = (names.len(), emb[0].len());
         let mut loss = 0f64;
         for (e, l) in emb.iter().zip(&labels) {
