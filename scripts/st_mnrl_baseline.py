@@ -116,13 +116,8 @@ def main():
     from sentence_transformers.sentence_transformer import losses
 
     t0 = time.perf_counter()
-    if os.path.exists(os.path.join(args.model, "modules.json")):
-        model = SentenceTransformer(args.model, device="cpu")
-    else:
-        from sentence_transformers.sentence_transformer import models
-        word = models.Transformer(args.model)
-        model = SentenceTransformer(modules=[word, models.Pooling(word.get_word_embedding_dimension(), "mean")],
-                                    device="cpu")
+    # a plain HF folder (no modules.json) gets sentence-transformers' default modules: Transformer + mean Pooling
+    model = SentenceTransformer(args.model, device="cpu")
     model.max_seq_length = args.max_seq_length
     hidden = model.get_embedding_dimension()
     load_s = time.perf_counter() - t0
