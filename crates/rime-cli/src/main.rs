@@ -38,8 +38,7 @@ enum Cmd {
     Train(train::TrainArgs),
     /// Evaluate an adapter written by `rime train` on labelled data.
     Eval(train::EvalArgs),
-    /// Merge checkpoints (mergekit-style YAML: linear, task_arithmetic, ties, dare, slerp, passthrough; slices, gradient
-    /// lists, tokenizer_source, chat_template) or fold a LoRA adapter.
+    // No doc comment here: it would replace MergeArgs' long help (the YAML reference) in `rime merge --help`.
     Merge(merge::MergeArgs),
     /// Sentence embeddings (mean-pooled, L2-normalized), one JSON line per text.
     Embed(embed::EmbedArgs),

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use rime::merge;
 
-/// Merge checkpoints without training, on the GPU, one tensor at a time.
+/// Merge checkpoints (mergekit YAML: 17 methods, slices, gradient lists, tokenizer, dtype) or fold/combine LoRA adapters, on the GPU.
 ///
 /// With a CONFIG (mergekit's YAML shape; a mergekit file for these methods runs unchanged):
 ///
