@@ -16,10 +16,8 @@ use crate::{Error, Result};
 /// Default largest shard (5 GB, as transformers' `save_pretrained`).
 pub const DEFAULT_SHARD_SIZE: u64 = 5_000_000_000;
 
-/// Files copied from the base (or first) model folder when present.
-pub(crate) const SIDE_FILES: [&str; 11] = [
-    "config.json",
-    "generation_config.json",
+/// Tokenizer files a model folder may hold (also the ones a `tokenizer_source` replaces).
+pub(crate) const TOKENIZER_FILES: [&str; 9] = [
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -30,6 +28,11 @@ pub(crate) const SIDE_FILES: [&str; 11] = [
     "tokenizer.model",
     "sentencepiece.bpe.model",
 ];
+
+/// Files copied from the base (or first) model folder when present: the configs and [`TOKENIZER_FILES`].
+pub(crate) fn side_files() -> impl Iterator<Item = &'static str> {
+    ["config.json", "generation_config.json"].into_iter().chain(TOKENIZER_FILES)
+}
 
 /// Parses `5GB`, `500MB`, `2GiB`, `1000000` (bytes).
 pub fn parse_size(s: &str) -> Result<u64> {
@@ -233,7 +236,7 @@ impl Drop for Staging {
 pub(crate) fn copy_side_files(model: &Path, dst: &Path) -> Result<Vec<String>> {
     let dir = if model.is_dir() { model.to_path_buf() } else { model.parent().unwrap_or(Path::new(".")).to_path_buf() };
     let mut copied = Vec::new();
-    for f in SIDE_FILES {
+    for f in side_files() {
         let src = dir.join(f);
         if src.is_file() {
             std::fs::copy(&src, dst.join(f)).map_err(|e| Error::Output {

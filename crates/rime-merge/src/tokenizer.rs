@@ -64,19 +64,10 @@ const BUILTIN: [(&str, &str); 5] = [
     ("mistral", include_str!("chat_templates/mistral.jinja")),
 ];
 
-/// Tokenizer files: removed and copied again from the tokenizer source.
-const TOKENIZER_FILES: [&str; 10] = [
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "tokenizer.model",
-    "sentencepiece.bpe.model",
-    "chat_template.jinja",
-];
+/// Tokenizer files: removed and copied again from the tokenizer source (the chat template with them).
+fn tokenizer_files() -> impl Iterator<Item = &'static str> {
+    crate::output::TOKENIZER_FILES.into_iter().chain(["chat_template.jinja"])
+}
 
 /// Reads `tokenizer_source` / `tokenizer` from the top-level mapping.
 pub(crate) fn parse(
@@ -482,13 +473,13 @@ pub(crate) fn finish(
 ) -> Result<Vec<String>> {
     let mut written = Vec::new();
     if let Some(v) = vocab {
-        for f in TOKENIZER_FILES {
+        for f in tokenizer_files() {
             let p = out.join(f);
             if p.is_file() {
                 std::fs::remove_file(&p).map_err(|e| oerr(&p, e))?;
             }
         }
-        for f in TOKENIZER_FILES {
+        for f in tokenizer_files() {
             let src = v.tokenizer_dir.join(f);
             if src.is_file() {
                 std::fs::copy(&src, out.join(f)).map_err(|e| oerr(&out.join(f), e))?;
