@@ -519,6 +519,7 @@ fn tokenize(tok: &Tokenizer, texts: &[String]) -> Result<(Encoded, usize)> {
 }
 
 /// Feed an encoder graph's inputs for `rows` rows padded to `t` (ids, types, 0/1 mask row-major).
+#[allow(clippy::too_many_arguments)]
 fn feed_encoder(
     dev: &Device,
     ex: &Executor,
@@ -570,11 +571,11 @@ impl Embedder {
         for chunk in order.chunks(b) {
             let longest = chunk.iter().map(|&i| enc.ids[i].len()).max().unwrap_or(1);
             let t = bucket(longest, self.max_length);
-            if !self.execs.contains_key(&t) {
+            if let std::collections::hash_map::Entry::Vacant(slot) = self.execs.entry(t) {
                 let mut g = Graph::new();
                 let e = bert::build(&mut g, store, cfg, prefix, b, t, hook)?;
                 let ex = Executor::new(dev, g, store, None, &[e.pooled], None)?;
-                self.execs.insert(t, (ex, e.pooled));
+                slot.insert((ex, e.pooled));
             }
             let (ex, pooled) = self.execs.get_mut(&t).expect("just built");
             let (ids, types, mask, _) = make_batch(enc, chunk, b, t);
