@@ -26,11 +26,15 @@ pub struct EncoderOptions {
     /// A peft adapter folder applied to the encoder: any method rime trains (LoRA and its variants, SVFit, IA3,
     /// bottleneck adapters, prompt, prefix), or a head-only probe adapter (no change).
     pub adapter: Option<PathBuf>,
+    /// Keep the first `dim` values of each embedding (a Matryoshka prefix), re-normalized when
+    /// [`EncoderOptions::normalize`] is on. None: all of them. 0 or more than the model's hidden size is refused.
+    /// An adapter trained with Matryoshka dims records them ([`Encoder::trained_dims`]).
+    pub dim: Option<usize>,
 }
 
 impl Default for EncoderOptions {
     fn default() -> Self {
-        EncoderOptions { batch_size: 32, max_length: None, normalize: true, adapter: None }
+        EncoderOptions { batch_size: 32, max_length: None, normalize: true, adapter: None, dim: None }
     }
 }
 
@@ -64,6 +68,7 @@ pub struct Encoder<'g> {
     opts: EncoderOptions,
     max_length: usize,
     notes: Vec<String>,
+    trained_dims: Option<Vec<usize>>,
 }
 
 /// `max_seq_length` of a sentence-transformers folder, when it says.
@@ -104,6 +109,18 @@ impl<'g> Encoder<'g> {
         let (mut store, cfg, prefix, mut tok) = trainer::open_model(dev, model, max_length)?;
         tok.set_vocab_limit(cfg.vocab, &format!("{prefix}embeddings.word_embeddings.weight"))?;
         let max_length = tok.max_length().unwrap_or(max_length);
+        if let Some(d) = opts.dim.filter(|&d| d == 0 || d > cfg.hidden) {
+            return Err(Error::invalid(
+                "dim",
+                format!("{d}: must be in 1..={} (the model's embedding width)", cfg.hidden),
+            ));
+        }
+        let trained_dims = match &opts.adapter {
+            Some(dir) => {
+                rime_io::PeftAdapter::load(dir).ok().and_then(|a| rime_peft::embedding::trained_dims(&a.config))
+            }
+            None => None,
+        };
         let mut notes = Vec::new();
         let hook = match &opts.adapter {
             Some(dir) => load_adapter(gpu, &mut store, dir, &mut notes)?,
@@ -125,12 +142,19 @@ impl<'g> Encoder<'g> {
             opts,
             max_length,
             notes,
+            trained_dims,
         })
     }
 
-    /// The embedding width (384 for MiniLM).
+    /// The embedding width (384 for MiniLM), or [`EncoderOptions::dim`] when set.
     pub fn dim(&self) -> usize {
-        self.cfg.hidden
+        self.opts.dim.unwrap_or(self.cfg.hidden)
+    }
+
+    /// The Matryoshka dims the adapter was trained with (`rime_matryoshka_dims`, written by the embedding
+    /// task), if it records them. A front end may warn when [`EncoderOptions::dim`] is not one of them.
+    pub fn trained_dims(&self) -> Option<&[usize]> {
+        self.trained_dims.as_deref()
     }
 
     /// The longest input in tokens; longer texts are truncated.
@@ -163,7 +187,12 @@ impl<'g> Encoder<'g> {
         let truncated = enc.truncated.iter().filter(|&&x| x).count();
         let session = self.session(texts.len())?;
         let (_, mut pooled) = session.predict(&e, |_| {})?;
-        let hidden = self.cfg.hidden;
+        let mut hidden = self.cfg.hidden;
+        if let Some(d) = self.opts.dim.filter(|&d| d < hidden) {
+            // The Matryoshka prefix: the first d values of each row.
+            pooled = pooled.chunks(hidden).flat_map(|r| r[..d].iter().copied()).collect();
+            hidden = d;
+        }
         if self.opts.normalize {
             pooled.chunks_mut(hidden).for_each(l2_normalize);
         }

@@ -191,3 +191,88 @@ pub fn evaluate_images(
 ) -> Result<EvalMetrics> {
     Ok(rime_peft::image::evaluate_adapter(gpu.device(), model.as_ref(), adapter.as_ref(), data, batch_size)?)
 }
+
+pub use rime_peft::embedding::{eval_dims, RetrievalMetrics};
+pub use rime_peft::{EmbedSummary, MatryoshkaConfig, PairColumns, PairData};
+
+/// Contrastive fine-tuning of `method` on the encoder in `model` for sentence embeddings: sentence-transformers'
+/// MultipleNegativesRankingLoss (in-batch negatives, plus each pair's hard negative when `train` has them;
+/// cosine similarities scaled by 20), as a Matryoshka loss over `matryoshka`'s nested dims (default: the full
+/// hidden size alone). Any method but [`Method::Probe`] (no head here to train). Evaluates each epoch by
+/// retrieval on `eval` (or a held-out [`TrainConfig::eval_fraction`] of `train`): the anchors are the queries,
+/// the distinct positives the corpus; recall@1, recall@10 and MRR at each dim of
+/// [`eval_dims`]; the best epoch by MRR at the full dim is kept. The adapter has no head, `task_type
+/// FEATURE_EXTRACTION`, and the trained dims as `rime_matryoshka_dims`. Nothing is written to disk.
+///
+/// ```no_run
+/// use rime::finetune::{self, LoraConfig, MatryoshkaConfig, PairColumns, PairData, TrainConfig};
+/// let gpu = rime::Gpu::new()?;
+/// let train = PairData::from_file("data/snli_demo/train.jsonl", &PairColumns::default())?;
+/// let eval = PairData::from_file("data/snli_demo/test.jsonl", &PairColumns::default())?;
+/// let run = finetune::embedding(&gpu, rime::models_dir().join("all-minilm-l6-v2"), LoraConfig::default().into(),
+///     train, Some(eval), MatryoshkaConfig::dims(vec![32, 64, 128, 256, 384]),
+///     &TrainConfig { epochs: 1, ..TrainConfig::default() }, |_event| {})?;
+/// for r in &run.summary.retrieval {
+///     println!("dim {}: recall@1 {:.3}, MRR {:.3}", r.dim, r.recall_at_1, r.mrr);
+/// }
+/// run.save("runs/snli-mrl")?; // runs/snli-mrl/best/ is a peft adapter folder; `rime embed --dim 64` reads it
+/// # Ok::<(), rime::Error>(())
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn embedding(
+    gpu: &Gpu,
+    model: impl AsRef<Path>,
+    method: Method,
+    train: PairData,
+    eval: Option<PairData>,
+    matryoshka: MatryoshkaConfig,
+    cfg: &TrainConfig,
+    mut on_event: impl FnMut(Event),
+) -> Result<TrainResult<EmbedSummary>> {
+    let mut task =
+        rime_peft::EmbedTask::new(gpu.device(), model.as_ref(), method, train, eval).with_matryoshka(matryoshka);
+    Ok(rime_peft::train(&mut task, cfg, None, &mut on_event)?)
+}
+
+/// [`embedding`], writing to the folder `out` as it goes, as [`classify_in`] does (`best/`, `checkpoint/`,
+/// `metrics.jsonl` with the per-dim retrieval values `eval_recall@1@D`, `eval_recall@10@D`, `eval_mrr@D`,
+/// `metrics.json`, the plots).
+#[allow(clippy::too_many_arguments)]
+pub fn embedding_in(
+    gpu: &Gpu,
+    model: impl AsRef<Path>,
+    method: Method,
+    train: PairData,
+    eval: Option<PairData>,
+    matryoshka: MatryoshkaConfig,
+    cfg: &TrainConfig,
+    out: &Path,
+    mut on_event: impl FnMut(Event),
+) -> Result<TrainResult<EmbedSummary>> {
+    let mut task =
+        rime_peft::EmbedTask::new(gpu.device(), model.as_ref(), method, train, eval).with_matryoshka(matryoshka);
+    Ok(rime_peft::train(&mut task, cfg, Some(out), &mut on_event)?)
+}
+
+/// Retrieval on held-out pairs (queries: the anchors; corpus: the distinct positives) of the encoder in
+/// `model` with the adapter folder `adapter` applied, or of the frozen model (None): recall@1, recall@10 and
+/// MRR at each of `dims` (empty: [`eval_dims`] of the adapter's trained dims and the hidden size).
+pub fn evaluate_retrieval(
+    gpu: &Gpu,
+    model: impl AsRef<Path>,
+    adapter: Option<&Path>,
+    data: &PairData,
+    dims: &[usize],
+    batch_size: usize,
+    max_length: usize,
+) -> Result<Vec<RetrievalMetrics>> {
+    Ok(rime_peft::embedding::evaluate_retrieval(
+        gpu.device(),
+        model.as_ref(),
+        adapter,
+        data,
+        dims,
+        batch_size,
+        max_length,
+    )?)
+}

@@ -16,6 +16,7 @@ type BoxErr = Box<dyn std::error::Error>;
 ///   rime embed "The quick brown fox" "A lazy dog"
 ///   rime embed --model models/all-minilm-l6-v2 --file sentences.txt > embeddings.jsonl
 ///   rime embed --adapter runs/fine_foods/best "tasty snack"
+///   rime embed --adapter runs/snli_mrl/best --dim 64 "A man is eating."   # a Matryoshka prefix, re-normalized
 ///   rime embed --image cat.png dog.jpg                 # DINOv2-S CLS features, one JSON line per image
 #[derive(clap::Args, Debug)]
 pub struct EmbedArgs {
@@ -55,6 +56,10 @@ pub struct EmbedArgs {
     /// max_seq_length, else 512 (capped at the model's max_position_embeddings).
     #[arg(long)]
     pub max_length: Option<usize>,
+    /// Keep the first D values of each embedding, re-normalized (a Matryoshka prefix; for an adapter trained
+    /// with `rime train --task embedding --matryoshka ...`, one of its dims). 1..=the model's width.
+    #[arg(long, value_name = "D")]
+    pub dim: Option<usize>,
 }
 
 fn read_texts(a: &EmbedArgs) -> Result<Vec<String>, BoxErr> {
@@ -75,8 +80,8 @@ fn read_texts(a: &EmbedArgs) -> Result<Vec<String>, BoxErr> {
 
 fn run_images(opts: &DeviceOptions, a: &EmbedArgs) -> Result<(), BoxErr> {
     use rime::vision::{ImageEncoder, ImageEncoderOptions, Pooling, Preprocess, RgbImage};
-    if !a.texts.is_empty() || a.file.is_some() || a.adapter.is_some() {
-        return Err("--image embeds images only: drop the texts, --file and --adapter".into());
+    if !a.texts.is_empty() || a.file.is_some() || a.adapter.is_some() || a.dim.is_some() {
+        return Err("--image embeds images only: drop the texts, --file, --adapter and --dim".into());
     }
     let pooling = match a.pooling.as_str() {
         "cls" => Pooling::Cls,
@@ -117,10 +122,16 @@ pub fn run(opts: &DeviceOptions, a: &EmbedArgs) -> Result<(), BoxErr> {
         max_length: a.max_length,
         normalize: !a.no_normalize,
         adapter: a.adapter.as_ref().map(PathBuf::from),
+        dim: a.dim,
     };
     let mut encoder = Encoder::load_with(&gpu, &model, eopts)?;
     for n in encoder.notes() {
         eprintln!("note: {n}");
+    }
+    if let (Some(d), Some(trained)) = (a.dim, encoder.trained_dims()) {
+        if !trained.contains(&d) {
+            eprintln!("warning: --dim {d} is not one of the dims the adapter was trained with {trained:?}");
+        }
     }
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     let emb = encoder.embed_all(&refs)?;

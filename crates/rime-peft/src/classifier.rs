@@ -494,29 +494,42 @@ pub fn save_method_adapter(
     labels: &[String],
     dir: &Path,
 ) -> Result<()> {
-    let mut tensors = trainable_tensors(dev, store)?;
-    method.write_tensors(dev, store, &mut tensors)?;
-    let mut config = method.adapter_config(store)?;
-    let head = head_kind(store).unwrap_or_default();
-    to_peft_names(&mut tensors, head, store_prefix(store), is_prompt_learning(method.peft_type()));
-    config.modules_to_save = match head {
+    let mut adapter = peft_adapter(dev, store, method, base)?;
+    let config = &mut adapter.config;
+    config.modules_to_save = match head_kind(store).unwrap_or_default() {
         HeadKind::Mean => vec!["head".into()],
         // What peft writes for task_type SEQ_CLS (its default modules_to_save).
         HeadKind::Hf => vec!["classifier".into(), "score".into()],
     };
-    config.base_model_name_or_path = Some(base.to_string());
     config.task_type = Some("SEQ_CLS".into());
     config.raw.insert("rime_labels".into(), serde_json::json!(labels));
-    let adapter = rime_io::peft::PeftAdapter::new(
-        config,
-        tensors.into_iter().map(|(name, shape, data)| rime_io::peft::AdapterTensor { name, shape, data }).collect(),
-    );
     let tmp = dir.with_extension("tmp-write");
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::Msg(format!("{}: {e}", tmp.display())))?;
     }
     adapter.save(&tmp)?;
     crate::checkpoint::replace_dir(&tmp, dir)
+}
+
+/// The trainable parts in `store` as a peft adapter value for `method`: the method's tensors under the names
+/// peft writes ([`to_peft_names`]) and its adapter_config.json fields, `base` as `base_model_name_or_path`; no
+/// task type. [`save_method_adapter`] adds a classification head's fields, the embedding task its own.
+pub fn peft_adapter(
+    dev: &Device,
+    store: &ParamStore,
+    method: &dyn TuningMethod,
+    base: &str,
+) -> Result<rime_io::peft::PeftAdapter> {
+    let mut tensors = trainable_tensors(dev, store)?;
+    method.write_tensors(dev, store, &mut tensors)?;
+    let mut config = method.adapter_config(store)?;
+    let head = head_kind(store).unwrap_or_default();
+    to_peft_names(&mut tensors, head, store_prefix(store), is_prompt_learning(method.peft_type()));
+    config.base_model_name_or_path = Some(base.to_string());
+    Ok(rime_io::peft::PeftAdapter::new(
+        config,
+        tensors.into_iter().map(|(name, shape, data)| rime_io::peft::AdapterTensor { name, shape, data }).collect(),
+    ))
 }
 
 /// Whether a `peft_type` is one of peft's prompt-learning methods, whose saved modules (the head) peft names

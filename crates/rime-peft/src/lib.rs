@@ -11,6 +11,7 @@ pub mod classifier;
 pub mod classify;
 pub mod config;
 pub mod data;
+pub mod embedding;
 mod fault;
 pub mod image;
 pub mod methods;
@@ -61,6 +62,7 @@ pub use causal::{CausalSummary, CausalTask};
 pub use classify::{ClassifySummary, ClassifyTask, Evaluator, Predictions};
 pub use config::{HeadKind, Schedule, TrainConfig, WeightStorage};
 pub use data::{CausalData, TextClassData};
+pub use embedding::{EmbedSummary, EmbedTask, MatryoshkaConfig, PairColumns, PairData, RetrievalMetrics};
 pub use image::{Augment, ImageClassData, ImageClassifyTask, ImageGradientProbe, Pooling};
 pub use trainer::{train, Event, Metric, Task, TrainResult};
 

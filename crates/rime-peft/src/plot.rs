@@ -25,14 +25,21 @@ pub struct Curves {
     pub steps: Vec<(f64, f64, f64)>,
     /// (step, value) of each evaluation.
     pub evals: Vec<(f64, f64)>,
-    /// What `evals` holds: `eval accuracy` or `eval loss`.
+    /// What `evals` holds: `eval accuracy`, `eval MRR` or `eval loss`.
     pub eval_name: &'static str,
 }
 
 impl Curves {
     pub fn from_log(log: &[Value]) -> Curves {
         let has_acc = log.iter().any(|v| v["eval_accuracy"].is_number());
-        let (key, eval_name) = if has_acc { ("eval_accuracy", "eval accuracy") } else { ("eval_loss", "eval loss") };
+        let has_mrr = log.iter().any(|v| v["eval_mrr"].is_number());
+        let (key, eval_name) = if has_acc {
+            ("eval_accuracy", "eval accuracy")
+        } else if has_mrr {
+            ("eval_mrr", "eval MRR") // the embedding task's retrieval MRR at the full dim
+        } else {
+            ("eval_loss", "eval loss")
+        };
         let mut c = Curves { eval_name, ..Curves::default() };
         for v in log {
             let step = v["step"].as_f64().unwrap_or(0.0);
