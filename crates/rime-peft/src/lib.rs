@@ -13,6 +13,7 @@ pub mod config;
 pub mod data;
 mod fault;
 pub mod image;
+pub mod lst;
 pub mod methods;
 pub mod metrics;
 pub mod plot;
