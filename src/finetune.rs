@@ -180,6 +180,37 @@ pub fn linear_probe_baseline(
     Ok(rime_peft::trainer::probe_baseline(gpu.device(), model.as_ref(), train, eval, cfg)?)
 }
 
+/// The linear probe ([`Method::Probe`]) trained from the feature cache (see [`classify_lst`]): the encoder runs
+/// once per example and every epoch trains the head on the cached (f16) last hidden states; an LST run's cache
+/// folder on the same model and data serves it. The adapter is the plain probe's (`RIME_PROBE`).
+#[allow(clippy::too_many_arguments)]
+pub fn classify_probe_cached(
+    gpu: &Gpu,
+    model: impl AsRef<Path>,
+    cache: FeatureCache,
+    train: TextClassData,
+    eval: Option<TextClassData>,
+    cfg: &TrainConfig,
+    out: Option<&Path>,
+    mut on_event: impl FnMut(Event),
+) -> Result<TrainResult<ClassifySummary>> {
+    let mut task = rime_peft::lst::LstTask::probe(gpu.device(), model.as_ref(), train, eval).with_cache(cache);
+    Ok(rime_peft::train(&mut task, cfg, out, &mut on_event)?)
+}
+
+/// [`linear_probe_baseline`] with its features from the feature cache (mean of the cached f16 last states):
+/// a second run, or one after an LST run with the same cache folder, skips the 5,000 forward passes.
+pub fn linear_probe_baseline_cached(
+    gpu: &Gpu,
+    model: impl AsRef<Path>,
+    train: &TextClassData,
+    eval: Option<&TextClassData>,
+    cfg: &TrainConfig,
+    cache: &FeatureCache,
+) -> Result<EvalMetrics> {
+    Ok(rime_peft::lst::probe_baseline_cached(gpu.device(), model.as_ref(), train, eval, cfg, cache)?)
+}
+
 pub use rime_io::{Fit, Preprocess, RgbImage};
 pub use rime_peft::classify::fit_logistic;
 pub use rime_peft::{Augment, ImageClassData, Pooling};

@@ -68,7 +68,8 @@ pub struct TrainArgs {
     lst_gate_temperature: f32,
     /// lst: where the encoder's hidden states (f16) are cached: a folder (default OUT/feature_cache; reused by a
     /// later run or --resume on the same model and data, refused for other ones) or `memory` (RAM, this run
-    /// only).
+    /// only). probe: train the head from this cache (an LST run's folder serves); the main job's linear-probe
+    /// baseline also reads its features from it.
     #[arg(long, value_name = "DIR")]
     feature_cache: Option<PathBuf>,
     /// lst: no cache; every step and evaluation runs the encoder.
@@ -446,10 +447,30 @@ pub fn run(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
     let eval_data = eval.as_ref().map(|p| TextClassData::from_file(p, &columns)).transpose()?;
     let progress = Progress::new(10);
     let mut on = |e: Event| progress.on(e);
-    if a.method != "lst" && (a.feature_cache.is_some() || a.no_feature_cache) {
-        return Err("--feature-cache and --no-feature-cache apply to --method lst".into());
+    if a.method != "lst" && a.no_feature_cache {
+        return Err("--no-feature-cache applies to --method lst (other methods cache nothing by default)".into());
     }
+    let baseline = main_job && !a.no_baseline && a.method == "lora";
+    if a.feature_cache.is_some() && !(matches!(a.method.as_str(), "lst" | "probe") || baseline) {
+        return Err(format!(
+            "--feature-cache applies to --method lst and probe, and to the main job's linear-probe baseline; not to \
+             --method {}",
+            a.method
+        )
+        .into());
+    }
+    let cache_flag = a.feature_cache.as_ref().map(|p| {
+        if p.as_os_str() == "memory" {
+            FeatureCache::Memory
+        } else {
+            FeatureCache::Dir(p.clone())
+        }
+    });
     let run = match method {
+        Method::Probe if cache_flag.is_some() => {
+            let (tr, ev, cache) = (train_data.clone(), eval_data.clone(), cache_flag.clone().unwrap_or_default());
+            finetune::classify_probe_cached(&gpu, &model, cache, tr, ev, &cfg, Some(&a.out), &mut on)?
+        }
         Method::Lst(lst) => {
             let cache = match &a.feature_cache {
                 _ if a.no_feature_cache => FeatureCache::Off,
@@ -478,7 +499,10 @@ pub fn run(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
     );
     if main_job && !a.no_baseline && a.method == "lora" {
         errln!("linear-probe baseline (frozen MiniLM mean-pool features, logistic regression head) ...");
-        let probe = finetune::linear_probe_baseline(&gpu, &model, &train_data, eval_data.as_ref(), &cfg)?;
+        let probe = match &cache_flag {
+            Some(c) => finetune::linear_probe_baseline_cached(&gpu, &model, &train_data, eval_data.as_ref(), &cfg, c)?,
+            None => finetune::linear_probe_baseline(&gpu, &model, &train_data, eval_data.as_ref(), &cfg)?,
+        };
         outln!(
             "\n{:<28}{:>10}{:>10}\n{:<28}{:>10.4}{:>10.4}\n{:<28}{:>10.4}{:>10.4}",
             "test set (fine_foods)",

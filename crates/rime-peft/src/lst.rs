@@ -182,12 +182,35 @@ pub struct LstSpec {
     pub eps: f32,
     pub gelu_tanh: bool,
     pub prefix: String,
+    /// The head alone on the mean pool of the cached last state (the linear probe from the cache): no side
+    /// network, saved as a `RIME_PROBE` adapter.
+    pub head_only: bool,
 }
 
 impl LstSpec {
     pub fn new(cfg: LstConfig, bcfg: &BertConfig, prefix: &str) -> Result<LstSpec> {
         let dims = cfg.dims(bcfg)?;
-        Ok(LstSpec { cfg, dims, eps: bcfg.eps, gelu_tanh: bcfg.gelu_tanh, prefix: prefix.to_string() })
+        Ok(LstSpec {
+            cfg,
+            dims,
+            eps: bcfg.eps,
+            gelu_tanh: bcfg.gelu_tanh,
+            prefix: prefix.to_string(),
+            head_only: false,
+        })
+    }
+
+    /// The linear probe on cached features: reads the last state only.
+    pub fn probe(bcfg: &BertConfig, prefix: &str) -> LstSpec {
+        let dims = SideDims { hidden: bcfg.hidden, side: 0, heads: 0, intermediate: 0, layers: bcfg.layers };
+        LstSpec {
+            cfg: LstConfig::default(),
+            dims,
+            eps: bcfg.eps,
+            gelu_tanh: bcfg.gelu_tanh,
+            prefix: prefix.to_string(),
+            head_only: true,
+        }
     }
 
     /// The store name of side-network tensor `rest` (`lst.layer.0.attention.self.query.weight`, ...).
@@ -196,6 +219,9 @@ impl LstSpec {
     }
 
     pub fn states(&self) -> Vec<usize> {
+        if self.head_only {
+            return vec![self.dims.layers];
+        }
         self.cfg.states(self.dims.layers)
     }
 }
@@ -320,6 +346,9 @@ pub fn add_parameters(
     spec: &LstSpec,
     seed: u64,
 ) -> Result<String> {
+    if spec.head_only {
+        return Ok("probe: the head alone, on cached encoder features".into());
+    }
     add_constants(dev, store, spec)?;
     let (h, d) = (spec.dims.hidden, spec.dims.side);
     let kept = spec.cfg.kept_layers(spec.dims.layers);
@@ -418,6 +447,12 @@ pub fn side_output(g: &mut Graph, store: &ParamStore, spec: &LstSpec, b: usize, 
     }
     let mask = g.input(bert::ATTENTION_MASK, &[b, t], DType::F32);
     let pool = g.input(bert::POOL_WEIGHTS, &[b, 1, t], DType::F32);
+    if spec.head_only {
+        let last = inputs[&spec.dims.layers];
+        let pooled = g.matmul(pool, last)?;
+        let pooled = g.reshape(pooled, &[b, h])?;
+        return Ok(SideOutput { last_hidden: last, pooled });
+    }
     let down = |g: &mut Graph, s: usize| -> Result<Var> {
         let w = g.param(store, &spec.name(&format!("down.{s}.weight")))?;
         let bias = g.param(store, &spec.name(&format!("down.{s}.bias")))?;
@@ -484,6 +519,8 @@ pub fn build_side_exec(
 /// Per-example encoder states, f16, in one buffer: example `i` holds `states × len_i × H` values (state-major,
 /// then token, then channel).
 pub struct FeatureSet {
+    /// The encoder states held per token, in order (a superset of what a run reads is fine).
+    stored: Vec<usize>,
     lens: Vec<usize>,
     offsets: Vec<usize>,
     data: FeatureData,
@@ -518,6 +555,25 @@ impl FeatureSet {
     /// Bytes of the f16 values.
     pub fn bytes(&self) -> usize {
         self.offsets.last().copied().unwrap_or(0) * 2
+    }
+
+    /// The mean over example `i`'s tokens of encoder state `state` (width `h`), from the f16 values.
+    pub fn mean_of(&self, i: usize, state: usize, h: usize) -> Result<Vec<f32>> {
+        let s =
+            self.stored.iter().position(|&x| x == state).ok_or_else(|| {
+                Error::Msg(format!("feature cache: holds encoder states {:?}, not {state}", self.stored))
+            })?;
+        let mut ex = Vec::new();
+        self.example_into(i, &mut ex);
+        let len = self.lens[i];
+        let mut out = vec![0f32; h];
+        for j in 0..len {
+            for (o, x) in out.iter_mut().zip(&ex[(s * len + j) * h..(s * len + j + 1) * h]) {
+                *o += x;
+            }
+        }
+        out.iter_mut().for_each(|o| *o /= len.max(1) as f32);
+        Ok(out)
     }
 
     /// Example `i`'s values as f32 into `out` (resized).
@@ -649,6 +705,22 @@ impl<'d> LstModel<'d> {
             Some(_) => None,
             None => Some(self.features(enc, idx, t)?),
         };
+        let wanted = self.spec.states();
+        // Where each state the graph reads sits among the states an example holds.
+        let (held, pos): (usize, Vec<usize>) = match cache {
+            Some(c) => {
+                let pos = wanted
+                    .iter()
+                    .map(|s| {
+                        c.stored.iter().position(|x| x == s).ok_or_else(|| {
+                            Error::Msg(format!("feature cache: holds encoder states {:?}, not {s}", c.stored))
+                        })
+                    })
+                    .collect::<Result<_>>()?;
+                (c.stored.len(), pos)
+            }
+            None => (ns, (0..ns).collect()),
+        };
         let mut ex = Vec::new();
         for (r, &i) in idx.iter().enumerate() {
             let len = enc.ids[i].len().min(t);
@@ -660,24 +732,23 @@ impl<'d> LstModel<'d> {
                 (None, Some(c)) => c.example_into(i, &mut ex),
                 (None, None) => unreachable!("one of them is set"),
             }
-            if ex.len() != ns * len * h {
+            if ex.len() != held * len * h {
                 return Err(Error::Msg(format!(
-                    "feature cache: example {i} has {} values, expected {} ({ns} states × {len} tokens × {h})",
+                    "feature cache: example {i} has {} values, expected {} ({held} states × {len} tokens × {h})",
                     ex.len(),
-                    ns * len * h
+                    held * len * h
                 )));
             }
-            for (s, buf) in bufs.iter_mut().enumerate() {
+            for (buf, &s) in bufs.iter_mut().zip(&pos) {
                 buf[r * t * h..(r * t + len) * h].copy_from_slice(&ex[s * len * h..(s + 1) * len * h]);
             }
             mask[r * t..r * t + len].fill(1);
             labels[r] = enc.labels[i];
         }
         let (_, maskf, pool) = bert::aux_inputs(&mask, b, t);
-        let states = self.spec.states();
         let dev = self.dev;
         let se = self.side(t)?;
-        for (s, buf) in states.iter().zip(&bufs) {
+        for (s, buf) in wanted.iter().zip(&bufs) {
             se.exec.feed_f32(dev, &state_input(*s), buf)?;
         }
         se.exec.feed_f32(dev, bert::ATTENTION_MASK, &maskf)?;
@@ -740,7 +811,7 @@ impl<'d> LstModel<'d> {
             data[offsets[i]..offsets[i + 1]].iter_mut().zip(f).for_each(|(d, x)| *d = x.to_bits());
             Ok(())
         })?;
-        Ok(FeatureSet { lens, offsets, data: FeatureData::Mem(data) })
+        Ok(FeatureSet { stored: self.spec.states(), lens, offsets, data: FeatureData::Mem(data) })
     }
 
     /// The feature set of `enc` written to `path` (through `path.tmp` and a rename) and mapped.
@@ -774,11 +845,11 @@ impl<'d> LstModel<'d> {
             f.sync_all().map_err(err)?;
         }
         std::fs::rename(&tmp, path).map_err(|e| Error::Msg(format!("feature cache {}: {e}", path.display())))?;
-        map_features(path, lens, offsets)
+        map_features(path, self.spec.states(), lens, offsets)
     }
 }
 
-fn map_features(path: &Path, lens: Vec<usize>, offsets: Vec<usize>) -> Result<FeatureSet> {
+fn map_features(path: &Path, stored: Vec<usize>, lens: Vec<usize>, offsets: Vec<usize>) -> Result<FeatureSet> {
     let err = |e: std::io::Error| Error::Msg(format!("feature cache {}: {e}", path.display()));
     let f = std::fs::File::open(path).map_err(err)?;
     let want = offsets.last().copied().unwrap_or(0) as u64 * 2;
@@ -790,11 +861,11 @@ fn map_features(path: &Path, lens: Vec<usize>, offsets: Vec<usize>) -> Result<Fe
         )));
     }
     if want == 0 {
-        return Ok(FeatureSet { lens, offsets, data: FeatureData::Mem(vec![]) });
+        return Ok(FeatureSet { stored, lens, offsets, data: FeatureData::Mem(vec![]) });
     }
     // SAFETY: the cache file is only ever replaced by rename, never written in place, while a run maps it.
     let m = unsafe { memmap2::Mmap::map(&f) }.map_err(err)?;
-    Ok(FeatureSet { lens, offsets, data: FeatureData::Map(m) })
+    Ok(FeatureSet { stored, lens, offsets, data: FeatureData::Map(m) })
 }
 
 fn fnv(h: &mut u64, bytes: &[u8]) {
@@ -874,12 +945,6 @@ fn open_or_build(
     eval: &Encoded,
 ) -> Result<(FeatureSet, FeatureSet, bool)> {
     let meta_path = dir.join("meta.json");
-    let pt = m.per_token();
-    let parts = |enc: &Encoded| {
-        let lens: Vec<usize> = enc.ids.iter().map(|x| x.len()).collect();
-        let off = FeatureSet::layout(&lens, pt);
-        (lens, off)
-    };
     if meta_path.is_file() {
         let text =
             std::fs::read_to_string(&meta_path).map_err(|e| Error::Msg(format!("{}: {e}", meta_path.display())))?;
@@ -888,6 +953,9 @@ fn open_or_build(
         })?;
         if let Some(obj) = meta.as_object() {
             for (k, want) in obj {
+                if k == "states" {
+                    continue; // any superset of the states read serves (below)
+                }
                 if have.get(k) != Some(want) {
                     return Err(Error::Msg(format!(
                         "feature cache {}: made for another {} ({} there, {} here); not reused. Delete the folder \
@@ -906,10 +974,27 @@ fn open_or_build(
                 }
             }
         }
-        let (lt, ot) = parts(train);
-        let (le, oe) = parts(eval);
-        let tr = map_features(&dir.join("train.f16"), lt, ot)?;
-        let ev = map_features(&dir.join("eval.f16"), le, oe)?;
+        let stored: Vec<usize> = have["states"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x.as_u64().map(|x| x as usize)).collect())
+            .unwrap_or_default();
+        if let Some(s) = m.spec.states().iter().find(|s| !stored.contains(s)) {
+            return Err(Error::Msg(format!(
+                "feature cache {}: holds encoder states {stored:?} and this run reads state {s} (another set of \
+                 layers: drop_layers); not reused. Delete the folder or give another cache folder",
+                dir.display()
+            )));
+        }
+        let per = stored.len() * m.bcfg.hidden;
+        let layout = |enc: &Encoded| {
+            let lens: Vec<usize> = enc.ids.iter().map(|x| x.len()).collect();
+            let off = FeatureSet::layout(&lens, per);
+            (lens, off)
+        };
+        let (lt, ot) = layout(train);
+        let (le, oe) = layout(eval);
+        let tr = map_features(&dir.join("train.f16"), stored.clone(), lt, ot)?;
+        let ev = map_features(&dir.join("eval.f16"), stored, le, oe)?;
         return Ok((tr, ev, false));
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::Msg(format!("feature cache {}: {e}", dir.display())))?;
@@ -946,6 +1031,8 @@ pub struct LstTask<'d> {
     train: TextClassData,
     eval: Option<TextClassData>,
     loaded: Option<Loaded<'d>>,
+    /// The linear probe from the cache ([`LstTask::probe`]).
+    head_only: bool,
 }
 
 impl<'d> LstTask<'d> {
@@ -957,7 +1044,29 @@ impl<'d> LstTask<'d> {
         train: TextClassData,
         eval: Option<TextClassData>,
     ) -> Self {
-        LstTask { dev, model: model.into(), cfg, cache: FeatureCache::Memory, train, eval, loaded: None }
+        LstTask {
+            dev,
+            model: model.into(),
+            cfg,
+            cache: FeatureCache::Memory,
+            train,
+            eval,
+            loaded: None,
+            head_only: false,
+        }
+    }
+
+    /// The linear probe (the head alone on the mean pool of the encoder's last state) trained from the feature
+    /// cache: the encoder runs once per example, not once per epoch. Its features are the cache's f16 values, so
+    /// it departs from [`crate::ClassifyTask`]'s probe by f16 rounding of the last state. Any LST cache folder of
+    /// the same model and data serves it (it holds the last state). The adapter is a plain `RIME_PROBE` one.
+    pub fn probe(
+        dev: &'d Device,
+        model: impl Into<PathBuf>,
+        train: TextClassData,
+        eval: Option<TextClassData>,
+    ) -> Self {
+        LstTask { head_only: true, ..LstTask::new(dev, model, LstConfig::default(), train, eval) }
     }
 
     /// Where the encoder's features are kept.
@@ -972,6 +1081,14 @@ impl<'d> LstTask<'d> {
 
     fn loaded_mut(&mut self) -> Result<&mut Loaded<'d>> {
         self.loaded.as_mut().ok_or_else(|| Error::Msg("the LST task is not prepared".into()))
+    }
+
+    fn name(&self) -> &'static str {
+        if self.head_only {
+            "probe"
+        } else {
+            "lst"
+        }
     }
 
     fn method(&self) -> Result<Lst> {
@@ -1010,7 +1127,11 @@ impl<'d> Task<'d> for LstTask<'d> {
         let (train_ds, eval_ds) = self.splits(cfg, on)?;
         let labels = LabelMap::from_dataset(&train_ds)?;
         let (mut store, bcfg, prefix, tok) = open_model_as(dev, &self.model, cfg.max_length, cfg.weights.dtype())?;
-        let spec = LstSpec::new(self.cfg.clone(), &bcfg, &prefix)?;
+        let spec = if self.head_only {
+            LstSpec::probe(&bcfg, &prefix)
+        } else {
+            LstSpec::new(self.cfg.clone(), &bcfg, &prefix)?
+        };
         let (train, trunc) = encode(&tok, &train_ds, Some(&labels))?;
         let (eval, trunc_e) = encode(&tok, &eval_ds, Some(&labels))?;
         if trunc + trunc_e > 0 {
@@ -1028,7 +1149,8 @@ impl<'d> Task<'d> for LstTask<'d> {
         let trainable: usize = store.trainable().map(|(_, p)| p.tensor.numel()).sum();
         let frozen: usize = store.iter().filter(|(_, p)| !p.trainable).map(|(_, p)| p.tensor.numel()).sum();
         on(Event::Info(format!(
-            "lst: {trainable} trainable parameters, {frozen} frozen ({:.3}%)",
+            "{}: {trainable} trainable parameters, {frozen} frozen ({:.3}%)",
+            self.name(),
             100.0 * trainable as f64 / (trainable + frozen) as f64
         )));
         let mut m = LstModel::new(dev, store, bcfg, spec, cfg.rows(), cfg.max_length);
@@ -1130,12 +1252,19 @@ impl<'d> Task<'d> for LstTask<'d> {
     fn save_adapter(&self, dir: &Path) -> Result<()> {
         let l = self.loaded()?;
         let base = self.model.display().to_string();
+        if self.head_only {
+            let probe = crate::methods::probe::Probe;
+            return classifier::save_method_adapter(self.dev, &l.m.store, &probe, &base, &l.labels, dir);
+        }
         classifier::save_method_adapter(self.dev, &l.m.store, &self.method()?, &base, &l.labels, dir)
     }
 
     fn load_adapter(&mut self, dir: &Path) -> Result<()> {
         let dev = self.dev;
         let (acfg, _) = classifier::load_adapter(dev, &mut self.loaded_mut()?.m.store, dir)?;
+        if self.head_only {
+            return Ok(());
+        }
         check_adapter(&acfg, &self.loaded()?.m.spec, dir)
     }
 
@@ -1146,8 +1275,9 @@ impl<'d> Task<'d> for LstTask<'d> {
     fn title(&self) -> String {
         let data = self.train.source().and_then(|p| p.file_name()).map(|f| f.to_string_lossy().into_owned());
         format!(
-            "{} · lst · {}",
+            "{} · {} · {}",
             self.model.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(),
+            self.name(),
             data.unwrap_or_else(|| format!("{} texts", self.train.len()))
         )
     }
@@ -1155,7 +1285,7 @@ impl<'d> Task<'d> for LstTask<'d> {
     fn summary(&self, run: &RunStats) -> ClassifySummary {
         let l = self.loaded.as_ref();
         let params = l.map_or((0, 0), |l| (l.trainable, l.frozen));
-        ClassifySummary::of_run("lst", run, params, l.map(|l| l.labels.clone()).unwrap_or_default())
+        ClassifySummary::of_run(self.name(), run, params, l.map(|l| l.labels.clone()).unwrap_or_default())
     }
 }
 
@@ -1203,4 +1333,58 @@ pub fn predict(
 /// Metrics of logits against `enc`'s labels.
 pub fn metrics(logits: &[f32], enc: &Encoded, classes: usize) -> EvalMetrics {
     metrics_from_logits(logits, &enc.labels, classes)
+}
+
+/// The linear-probe baseline ([`crate::classify::probe_baseline`]) with its features from the feature cache:
+/// the mean over the tokens of the cached (f16) last encoder state instead of a forward pass per example, so a
+/// second run (or an LST run's cache folder of the same model and data) skips the encoder. [`FeatureCache::Off`]
+/// is the plain baseline. The numbers move by the f16 rounding of the last state.
+pub fn probe_baseline_cached(
+    dev: &Device,
+    model: &Path,
+    train: &TextClassData,
+    eval: Option<&TextClassData>,
+    cfg: &TrainConfig,
+    cache: &FeatureCache,
+) -> Result<EvalMetrics> {
+    if *cache == FeatureCache::Off {
+        return crate::classify::probe_baseline(dev, model, train, eval, cfg);
+    }
+    cfg.validate()?;
+    let train_full = train.dataset("train")?;
+    let (train_ds, eval_ds) = match eval {
+        Some(e) => (train_full, e.dataset("eval")?),
+        None => train_full.split(cfg.eval_fraction, cfg.seed)?,
+    };
+    let labels = LabelMap::from_dataset(&train_ds)?;
+    let (store, bcfg, prefix, tok) = open_model_as(dev, model, cfg.max_length, cfg.weights.dtype())?;
+    let (tr, _) = encode(&tok, &train_ds, Some(&labels))?;
+    let (ev, _) = encode(&tok, &eval_ds, Some(&labels))?;
+    let spec = LstSpec::probe(&bcfg, &prefix);
+    let h = bcfg.hidden;
+    let mut m = LstModel::new(dev, store, bcfg, spec, cfg.batch_size, cfg.max_length);
+    let (ftr, fev) = match cache {
+        FeatureCache::Dir(dir) => {
+            let meta = cache_meta(&model_fingerprint(model)?, cfg.max_length, &m.spec, &tr, &ev);
+            let (a, b, _) = open_or_build(&mut m, dir, &meta, &tr, &ev)?;
+            (a, b)
+        }
+        _ => (m.features_in_memory(&tr)?, m.features_in_memory(&ev)?),
+    };
+    let last = m.spec.dims.layers;
+    let pooled = |f: &FeatureSet| -> Result<Vec<f32>> {
+        let mut v = Vec::with_capacity(f.len() * h);
+        for i in 0..f.len() {
+            v.extend(f.mean_of(i, last, h)?);
+        }
+        Ok(v)
+    };
+    let (xtr, xev) = (pooled(&ftr)?, pooled(&fev)?);
+    let k = labels.len();
+    let (w, b) = crate::classify::fit_logistic(&xtr, &tr.labels, h, k, 300, 1e-2, 1e-4);
+    let logits: Vec<f32> = xev
+        .chunks(h)
+        .flat_map(|x| (0..k).map(|c| b[c] + (0..h).map(|j| w[c * h + j] * x[j]).sum::<f32>()).collect::<Vec<_>>())
+        .collect();
+    Ok(metrics_from_logits(&logits, &ev.labels, k))
 }

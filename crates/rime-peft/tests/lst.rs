@@ -283,3 +283,36 @@ fn saved_adapter_evaluates_as_in_training() {
     assert!((got.loss - r.summary.eval_loss).abs() < 1e-6, "{} vs {}", got.loss, r.summary.eval_loss);
     let _ = std::fs::remove_dir_all(&out);
 }
+
+#[test]
+fn probe_and_baseline_read_an_lst_cache() {
+    let Some(m) = model() else { return };
+    let dir = tmp("probe");
+    run(&m, FeatureCache::Dir(dir.clone()), data(16, "p")).unwrap();
+    let mut infos = vec![];
+    let mut task =
+        LstTask::probe(dev(), &m, data(16, "p"), Some(data(12, "e"))).with_cache(FeatureCache::Dir(dir.clone()));
+    let r = rime_peft::train(&mut task, &cfg(), None, &mut |e| {
+        if let rime_peft::Event::Info(s) = e {
+            infos.push(s)
+        }
+    })
+    .unwrap();
+    assert!(infos.iter().any(|s| s.contains("reused (fingerprint matches)")), "{infos:?}");
+    assert_eq!(r.adapter.config.peft_type, "RIME_PROBE");
+    assert_eq!(r.adapter.tensors.len(), 2, "the head alone");
+    let plain = rime_peft::classify::probe_baseline(dev(), &m, &data(16, "p"), Some(&data(12, "e")), &cfg()).unwrap();
+    let cached = lst::probe_baseline_cached(
+        dev(),
+        &m,
+        &data(16, "p"),
+        Some(&data(12, "e")),
+        &cfg(),
+        &FeatureCache::Dir(dir.clone()),
+    )
+    .unwrap();
+    println!("baseline plain {plain:?}, from the cache {cached:?}");
+    // The same features up to f16 rounding of the last state.
+    assert!((plain.loss - cached.loss).abs() < 1e-2, "{} vs {}", plain.loss, cached.loss);
+    let _ = std::fs::remove_dir_all(&dir);
+}
