@@ -4,7 +4,8 @@
 //!
 //! A run is a [`TrainConfig`] (with `Default`: the README's main job), a method config (each with `Default`:
 //! [`LoraConfig`], [`SvfitConfig`], [`Ia3Config`], [`BottleneckConfig`], [`PromptConfig`], [`PrefixConfig`],
-//! or the head alone, [`Method::Probe`]) and data, in memory ([`TextClassData::new`]) or from a JSONL / CSV /
+//! or the head alone, [`Method::Probe`]; ladder side-tuning is [`Method::Lst`] with an [`LstConfig`], see
+//! [`classify_lst`]) and data, in memory ([`TextClassData::new`]) or from a JSONL / CSV /
 //! TSV file ([`TextClassData::from_file`]). Progress comes as [`Event`]s to a callback; the result comes back
 //! in memory ([`TrainResult`]: metrics, the per-step log and the trained adapter), and [`TrainResult::save`]
 //! writes it as a peft adapter folder with metrics and plots. To checkpoint while training (and resume with
@@ -31,6 +32,7 @@ pub use rime_peft::adapter::{AdapterMode, BottleneckConfig};
 pub use rime_peft::classifier::{EvalMetrics, Method};
 pub use rime_peft::ia3::Ia3Config;
 pub use rime_peft::lora::{LoraConfig, LoraInit};
+pub use rime_peft::lst::{FeatureCache, LstConfig};
 pub use rime_peft::methods::prefix::PrefixConfig;
 pub use rime_peft::prompt::{PromptConfig, PromptInit};
 pub use rime_peft::svfit::SvfitConfig;
@@ -53,6 +55,9 @@ pub fn classify(
     cfg: &TrainConfig,
     mut on_event: impl FnMut(Event),
 ) -> Result<TrainResult<ClassifySummary>> {
+    if let Method::Lst(lst) = method {
+        return classify_lst(gpu, model, lst, FeatureCache::Memory, train, eval, cfg, None, on_event);
+    }
     let mut task = rime_peft::ClassifyTask::new(gpu.device(), model.as_ref(), method, train, eval);
     Ok(rime_peft::train(&mut task, cfg, None, &mut on_event)?)
 }
@@ -71,8 +76,48 @@ pub fn classify_in(
     out: &Path,
     mut on_event: impl FnMut(Event),
 ) -> Result<TrainResult<ClassifySummary>> {
+    if let Method::Lst(lst) = method {
+        let cache = FeatureCache::Dir(out.join("feature_cache"));
+        return classify_lst(gpu, model, lst, cache, train, eval, cfg, Some(out), on_event);
+    }
     let mut task = rime_peft::ClassifyTask::new(gpu.device(), model.as_ref(), method, train, eval);
     Ok(rime_peft::train(&mut task, cfg, Some(out), &mut on_event)?)
+}
+
+/// Ladder side-tuning ([`Method::Lst`]; what [`classify`] and [`classify_in`] run for it): a side network
+/// H/r wide beside the frozen encoder, fed by the encoder's hidden states through learned downsamplers and
+/// gates, its output added back through a zero-initialised upsampler before the mean pool and the head
+/// (rime_peft's `lst` module documents every choice). The encoder runs forward-only and, with a `cache` other
+/// than [`FeatureCache::Off`], once per example: its states are kept in f16 (in RAM, or in memory-mapped
+/// files in a folder, reused by a later run on the same model and data and refused for other ones), and every
+/// step and evaluation trains the side network alone. [`classify`] keeps them in RAM, [`classify_in`] in
+/// `out/feature_cache/`. With `out`, writes as [`classify_in`] does; the adapter (`peft_type` `RIME_LST`)
+/// evaluates with [`evaluate`] and `rime eval` like any other.
+///
+/// ```no_run
+/// use rime::finetune::{self, FeatureCache, LstConfig, TextClassData, TrainConfig};
+/// let gpu = rime::Gpu::new()?;
+/// let data = TextClassData::new(vec!["great snack".into(), "stale".into()], vec!["pos".into(), "neg".into()]);
+/// let lst = LstConfig { reduction: 8, drop_layers: vec![], ..LstConfig::default() };
+/// let run = finetune::classify_lst(&gpu, rime::models_dir().join("all-minilm-l6-v2"), lst, FeatureCache::Memory,
+///     data.clone(), Some(data), &TrainConfig { epochs: 3, ..TrainConfig::default() }, None, |_event| {})?;
+/// run.save("runs/lst")?;
+/// # Ok::<(), rime::Error>(())
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn classify_lst(
+    gpu: &Gpu,
+    model: impl AsRef<Path>,
+    lst: LstConfig,
+    cache: FeatureCache,
+    train: TextClassData,
+    eval: Option<TextClassData>,
+    cfg: &TrainConfig,
+    out: Option<&Path>,
+    mut on_event: impl FnMut(Event),
+) -> Result<TrainResult<ClassifySummary>> {
+    let mut task = rime_peft::lst::LstTask::new(gpu.device(), model.as_ref(), lst, train, eval).with_cache(cache);
+    Ok(rime_peft::train(&mut task, cfg, out, &mut on_event)?)
 }
 
 /// LoRA on a Llama-family GGUF decoder, the loss on the completion tokens only; evaluates each epoch by
@@ -133,6 +178,37 @@ pub fn linear_probe_baseline(
     cfg: &TrainConfig,
 ) -> Result<EvalMetrics> {
     Ok(rime_peft::trainer::probe_baseline(gpu.device(), model.as_ref(), train, eval, cfg)?)
+}
+
+/// The linear probe ([`Method::Probe`]) trained from the feature cache (see [`classify_lst`]): the encoder runs
+/// once per example and every epoch trains the head on the cached (f16) last hidden states; an LST run's cache
+/// folder on the same model and data serves it. The adapter is the plain probe's (`RIME_PROBE`).
+#[allow(clippy::too_many_arguments)]
+pub fn classify_probe_cached(
+    gpu: &Gpu,
+    model: impl AsRef<Path>,
+    cache: FeatureCache,
+    train: TextClassData,
+    eval: Option<TextClassData>,
+    cfg: &TrainConfig,
+    out: Option<&Path>,
+    mut on_event: impl FnMut(Event),
+) -> Result<TrainResult<ClassifySummary>> {
+    let mut task = rime_peft::lst::LstTask::probe(gpu.device(), model.as_ref(), train, eval).with_cache(cache);
+    Ok(rime_peft::train(&mut task, cfg, out, &mut on_event)?)
+}
+
+/// [`linear_probe_baseline`] with its features from the feature cache (mean of the cached f16 last states):
+/// a second run, or one after an LST run with the same cache folder, skips the 5,000 forward passes.
+pub fn linear_probe_baseline_cached(
+    gpu: &Gpu,
+    model: impl AsRef<Path>,
+    train: &TextClassData,
+    eval: Option<&TextClassData>,
+    cfg: &TrainConfig,
+    cache: &FeatureCache,
+) -> Result<EvalMetrics> {
+    Ok(rime_peft::lst::probe_baseline_cached(gpu.device(), model.as_ref(), train, eval, cfg, cache)?)
 }
 
 pub use rime_io::{Fit, Preprocess, RgbImage};

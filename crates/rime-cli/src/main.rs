@@ -93,6 +93,9 @@ const FLAGS: &[(&str, &str)] = &[
     ("adapter_scale", "--adapter-scale"),
     ("num_virtual_tokens", "--num-virtual-tokens"),
     ("prompt_init", "--prompt-init"),
+    ("reduction", "--reduction"),
+    ("drop_layers", "--lst-drop-layers"),
+    ("gate_temperature", "--lst-gate-temperature"),
     // the run
     ("epochs", "--epochs"),
     ("lr", "--lr"),

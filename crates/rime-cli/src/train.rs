@@ -5,8 +5,9 @@ use std::path::{Path, PathBuf};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use rime::finetune::{
-    self, AdapterMode, BottleneckConfig, CausalData, Columns, Event, HeadKind, LoraConfig, LoraInit, Method,
-    PrefixConfig, PromptConfig, PromptInit, Schedule, SvfitConfig, TextClassData, TrainConfig, WeightStorage,
+    self, AdapterMode, BottleneckConfig, CausalData, Columns, Event, FeatureCache, HeadKind, LoraConfig, LoraInit,
+    LstConfig, Method, PrefixConfig, PromptConfig, PromptInit, Schedule, SvfitConfig, TextClassData, TrainConfig,
+    WeightStorage,
 };
 use rime_kernels::{Device, DeviceOptions};
 
@@ -24,6 +25,7 @@ type BoxErr = Box<dyn std::error::Error>;
 ///              --method lora --rank 16 --alpha 32 --targets query,key,value --epochs 3 --out runs/x
 ///   rime train --method prompt --num-virtual-tokens 20 --lr 3e-2 --out runs/prompt   # soft prompt + head
 ///   rime train --method prefix --num-virtual-tokens 10 --lr 1e-2 --out runs/prefix   # key/value prefixes + head
+///   rime train --method lst --epochs 3 --lr 3e-3 --out runs/lst   # ladder side-tuning, cached encoder states
 ///   rime train --head hf --out runs/hf     # BertForSequenceClassification's head, loads in AutoPeftModel...
 ///   rime train --task image-classify --train /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz \
 ///              --train-limit 5000 --eval /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz \
@@ -53,9 +55,30 @@ pub struct TrainArgs {
     label_column: String,
     /// lora, svfit, ia3, adapter, prompt (trainable soft-prompt tokens in front of the input, peft's
     /// PROMPT_TUNING), prefix (trainable key/value tokens in front of every layer's keys and values, peft's
-    /// PREFIX_TUNING), or probe (the classification head alone). Every method also trains the head.
+    /// PREFIX_TUNING), probe (the classification head alone), or lst (ladder side-tuning: a side network
+    /// 1/--reduction as wide beside the frozen encoder, fed by its hidden states, which are computed once and
+    /// cached; see --feature-cache). Every method also trains the head.
     #[arg(long, default_value = "lora")]
     method: String,
+    /// lst: the side network is the model's width / R wide (MiniLM 384 / 8 = 48), FFN likewise.
+    #[arg(long, value_name = "R", default_value_t = 8)]
+    reduction: usize,
+    /// lst: comma-separated encoder layers (0-based) without a side layer (the paper's layer dropping), e.g.
+    /// 0,2,4 keeps every second layer of MiniLM's six.
+    #[arg(long, value_name = "LAYERS")]
+    lst_drop_layers: Option<String>,
+    /// lst: temperature T of the gates sigmoid(alpha / T).
+    #[arg(long, value_name = "T", default_value_t = 0.1, allow_hyphen_values = true)]
+    lst_gate_temperature: f32,
+    /// lst: where the encoder's hidden states (f16) are cached: a folder (default OUT/feature_cache; reused by a
+    /// later run or --resume on the same model and data, refused for other ones) or `memory` (RAM, this run
+    /// only). probe: train the head from this cache (an LST run's folder serves); the main job's linear-probe
+    /// baseline also reads its features from it.
+    #[arg(long, value_name = "DIR")]
+    feature_cache: Option<PathBuf>,
+    /// lst: no cache; every step and evaluation runs the encoder.
+    #[arg(long, conflicts_with = "feature_cache")]
+    no_feature_cache: bool,
     /// prompt, prefix: number of virtual tokens P. They take positions too: P + --max-length must fit the
     /// model's max_position_embeddings (512 for MiniLM).
     #[arg(long, default_value_t = 20)]
@@ -407,9 +430,25 @@ fn method_of(a: &TrainArgs) -> Result<Method, BoxErr> {
         "prefix" => {
             Method::Prefix(PrefixConfig { num_virtual_tokens: a.num_virtual_tokens, seed: a.seed, layers: 0, heads: 0 })
         }
+        "lst" => Method::Lst(LstConfig {
+            reduction: a.reduction,
+            drop_layers: match &a.lst_drop_layers {
+                None => vec![],
+                Some(s) => s
+                    .split(',')
+                    .filter(|x| !x.trim().is_empty())
+                    .map(|x| {
+                        x.trim().parse::<usize>().map_err(|_| {
+                            format!("--lst-drop-layers '{s}': expected comma-separated layer numbers such as 0,2,4")
+                        })
+                    })
+                    .collect::<Result<_, _>>()?,
+            },
+            gate_temperature: a.lst_gate_temperature,
+        }),
         m => {
             return Err(format!(
-                "--method '{m}' is not available; this build has: lora, svfit, ia3, adapter, prompt, prefix, probe"
+                "--method '{m}' is not available; this build has: lora, svfit, ia3, adapter, prompt, prefix, probe, lst"
             )
             .into())
         }
@@ -445,8 +484,44 @@ pub fn run(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
     let eval_data = eval.as_ref().map(|p| TextClassData::from_file(p, &columns)).transpose()?;
     let progress = Progress::new(10);
     let mut on = |e: Event| progress.on(e);
-    let run =
-        finetune::classify_in(&gpu, &model, method, train_data.clone(), eval_data.clone(), &cfg, &a.out(), &mut on)?;
+    if a.method != "lst" && a.no_feature_cache {
+        return Err("--no-feature-cache applies to --method lst (other methods cache nothing by default)".into());
+    }
+    let baseline = main_job && !a.no_baseline && a.method == "lora";
+    if a.feature_cache.is_some() && !(matches!(a.method.as_str(), "lst" | "probe") || baseline) {
+        return Err(format!(
+            "--feature-cache applies to --method lst and probe, and to the main job's linear-probe baseline; not to \
+             --method {}",
+            a.method
+        )
+        .into());
+    }
+    let cache_flag = a.feature_cache.as_ref().map(|p| {
+        if p.as_os_str() == "memory" {
+            FeatureCache::Memory
+        } else {
+            FeatureCache::Dir(p.clone())
+        }
+    });
+    let run = match method {
+        Method::Probe if cache_flag.is_some() => {
+            let (tr, ev, cache) = (train_data.clone(), eval_data.clone(), cache_flag.clone().unwrap_or_default());
+            finetune::classify_probe_cached(&gpu, &model, cache, tr, ev, &cfg, Some(&a.out()), &mut on)?
+        }
+        Method::Lst(lst) => {
+            let cache = match &a.feature_cache {
+                _ if a.no_feature_cache => FeatureCache::Off,
+                Some(p) if p.as_os_str() == "memory" => FeatureCache::Memory,
+                Some(p) => FeatureCache::Dir(p.clone()),
+                None => FeatureCache::Dir(a.out().join("feature_cache")),
+            };
+            let (tr, ev) = (train_data.clone(), eval_data.clone());
+            finetune::classify_lst(&gpu, &model, lst, cache, tr, ev, &cfg, Some(&a.out()), &mut on)?
+        }
+        method => {
+            finetune::classify_in(&gpu, &model, method, train_data.clone(), eval_data.clone(), &cfg, &a.out(), &mut on)?
+        }
+    };
     let summary = run.summary;
     progress.bar.finish_and_clear();
     outln!(
@@ -461,7 +536,10 @@ pub fn run(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
     );
     if main_job && !a.no_baseline && a.method == "lora" {
         errln!("linear-probe baseline (frozen MiniLM mean-pool features, logistic regression head) ...");
-        let probe = finetune::linear_probe_baseline(&gpu, &model, &train_data, eval_data.as_ref(), &cfg)?;
+        let probe = match &cache_flag {
+            Some(c) => finetune::linear_probe_baseline_cached(&gpu, &model, &train_data, eval_data.as_ref(), &cfg, c)?,
+            None => finetune::linear_probe_baseline(&gpu, &model, &train_data, eval_data.as_ref(), &cfg)?,
+        };
         outln!(
             "\n{:<28}{:>10}{:>10}\n{:<28}{:>10.4}{:>10.4}\n{:<28}{:>10.4}{:>10.4}",
             "test set (fine_foods)",

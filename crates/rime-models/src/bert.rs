@@ -35,6 +35,9 @@ pub struct Encoder {
     pub last_hidden: Var,
     /// [B, C], mask-weighted mean over tokens (sentence-transformers pooling, before normalisation)
     pub pooled: Var,
+    /// [B, T, C] per depth: the embeddings' output (index 0), then each layer's output (index l + 1; the last
+    /// is `last_hidden`). Ladder side-tuning reads them.
+    pub hidden_states: Vec<Var>,
 }
 
 fn p(g: &mut Graph, store: &ParamStore, prefix: &str, name: &str) -> Result<Var> {
@@ -98,6 +101,7 @@ pub fn build(
     let lg = p(g, store, prefix, "embeddings.LayerNorm.weight")?;
     let lb = p(g, store, prefix, "embeddings.LayerNorm.bias")?;
     let mut x = g.layernorm(e, lg, lb, cfg.eps)?;
+    let mut hidden_states = vec![x];
 
     for l in 0..cfg.layers {
         let base = format!("encoder.layer.{l}.");
@@ -131,10 +135,11 @@ pub fn build(
         let ln_w = p(g, store, prefix, &format!("{base}output.LayerNorm.weight"))?;
         let ln_b = p(g, store, prefix, &format!("{base}output.LayerNorm.bias"))?;
         x = g.layernorm(r2, ln_w, ln_b, cfg.eps)?;
+        hidden_states.push(x);
     }
     let pooled = g.matmul(pool_w, x)?; // [B, 1, C]
     let pooled = g.reshape(pooled, &[b, c])?;
-    Ok(Encoder { last_hidden: x, pooled })
+    Ok(Encoder { last_hidden: x, pooled, hidden_states })
 }
 
 /// Every parameter of `BertModel` for this config, Hugging Face names and PyTorch shapes, in a fixed order

@@ -53,6 +53,9 @@ pub enum Method {
     Prompt(PromptConfig),
     /// Trainable key/value prefixes in every layer ([`crate::methods::prefix`]).
     Prefix(PrefixConfig),
+    /// Ladder side-tuning: a narrow side network beside the frozen encoder ([`crate::lst`]); trained by
+    /// [`crate::lst::LstTask`], not by the tasks that rewrite the encoder (they refuse it).
+    Lst(crate::lst::LstConfig),
 }
 
 impl From<LoraConfig> for Method {
@@ -91,6 +94,12 @@ impl From<PrefixConfig> for Method {
     }
 }
 
+impl From<crate::lst::LstConfig> for Method {
+    fn from(c: crate::lst::LstConfig) -> Method {
+        Method::Lst(c)
+    }
+}
+
 impl Method {
     /// The method as a [`TuningMethod`]: the one place that looks at the variant.
     pub fn tuning(&self) -> Box<dyn TuningMethod> {
@@ -102,6 +111,7 @@ impl Method {
             Method::Adapter(c) => Box::new(methods::bottleneck::Bottleneck::new(c.clone())),
             Method::Prompt(c) => Box::new(methods::prompt::Prompt::new(c.clone())),
             Method::Prefix(c) => Box::new(methods::prefix::Prefix::new(c.clone())),
+            Method::Lst(c) => Box::new(methods::lst::Lst::new(c.clone())),
         }
     }
 

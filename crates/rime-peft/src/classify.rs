@@ -648,6 +648,14 @@ impl<'d> Evaluator<'d> {
             LabelMap::from_labels(labels.clone())
         };
         let (enc, _) = encode(&self.tok, &ds, Some(&map))?;
+        if acfg.peft_type == crate::methods::lst::PEFT_TYPE {
+            // Ladder side-tuning: its own graph beside the encoder (crate::lst).
+            let logits = crate::lst::predict(dev, store, &self.cfg, &prefix, &acfg, &enc, self.batch, self.max_length)
+                .map_err(|e| crate::trainer::too_large_as(e, "batch_size", self.batch, self.max_length))?;
+            let classes = labels.len().max(1);
+            let metrics = metrics_from_logits(&logits, &enc.labels, classes);
+            return Ok(Predictions { logits: logits.chunks(classes).map(|r| r.to_vec()).collect(), labels, metrics });
+        }
         let hook: Box<dyn LinearHook> = classifier::hook_for_adapter(&acfg)?;
         let cfg = self.cfg.clone();
         classifier::check_virtual_fit(hook.virtual_tokens(), self.max_length.min(cfg.max_positions), &cfg)?;

@@ -14,6 +14,7 @@ pub mod data;
 pub mod embedding;
 mod fault;
 pub mod image;
+pub mod lst;
 pub mod methods;
 pub mod metrics;
 pub mod plot;

@@ -23,6 +23,7 @@ fn every_method() -> Vec<Method> {
         Method::Adapter(BottleneckConfig::default()),
         Method::Prompt(PromptConfig::default()),
         Method::Prefix(PrefixConfig::default()),
+        Method::Lst(rime_peft::lst::LstConfig::default()),
     ]
 }
 
@@ -33,6 +34,17 @@ fn saved_config(peft_type: &str) -> AdapterConfig {
     a.raw.insert("num_virtual_tokens".into(), serde_json::json!(5));
     a.raw.insert("adapter_mode".into(), serde_json::json!("parallel"));
     a.raw.insert("adapter_scale".into(), serde_json::json!(4.0));
+    for (k, v) in [
+        ("lst_reduction", 8),
+        ("lst_side_hidden", 48),
+        ("lst_side_heads", 12),
+        ("lst_side_intermediate", 192),
+        ("lst_layers", 6),
+        ("lst_hidden", 384),
+    ] {
+        a.raw.insert(k.into(), serde_json::json!(v));
+    }
+    a.raw.insert("lst_gate_temperature".into(), serde_json::json!(0.1));
     a
 }
 
@@ -42,7 +54,7 @@ fn every_method_is_registered_by_its_peft_type() {
     types.sort();
     types.dedup();
     assert_eq!(types.len(), REGISTRY.len(), "a peft_type registered twice");
-    let names = ["lora", "probe", "svfit", "ia3", "adapter", "prompt", "prefix"];
+    let names = ["lora", "probe", "svfit", "ia3", "adapter", "prompt", "prefix", "lst"];
     for (m, name) in every_method().iter().zip(names) {
         let t = m.tuning();
         assert_eq!((m.name(), t.name()), (name, name));

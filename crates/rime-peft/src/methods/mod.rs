@@ -11,6 +11,7 @@
 //! | [`prompt`] | soft prompt in front of the input | `PROMPT_TUNING` |
 //! | [`prefix`] | key/value prefixes in every layer | `PREFIX_TUNING` |
 //! | [`probe`] | the classification head alone | `RIME_PROBE` |
+//! | [`lst`] | ladder side-tuning (a side network beside the encoder, [`crate::lst`]) | `RIME_LST` |
 //!
 //! A method is built from its config (`LoraConfig` → [`lora::Lora`], ...; [`crate::classifier::Method`] does
 //! it for the enum the CLI fills) or, for an adapter folder, from its adapter_config.json through the registry
@@ -20,6 +21,7 @@
 pub mod bottleneck;
 pub mod ia3;
 pub mod lora;
+pub mod lst;
 pub mod prefix;
 pub mod probe;
 pub mod prompt;
@@ -126,6 +128,7 @@ pub const REGISTRY: &[Registered] = &[
     Registered { peft_type: svfit::PEFT_TYPE, from_adapter: svfit::Svfit::from_adapter },
     Registered { peft_type: bottleneck::PEFT_TYPE, from_adapter: bottleneck::Bottleneck::from_adapter },
     Registered { peft_type: probe::PEFT_TYPE, from_adapter: probe::Probe::from_adapter },
+    Registered { peft_type: lst::PEFT_TYPE, from_adapter: lst::Lst::from_adapter },
 ];
 
 /// The method of an adapter folder, by its config's `peft_type`; an error listing the known types otherwise.
