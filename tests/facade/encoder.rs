@@ -147,3 +147,27 @@ fn embed_applies_every_trainable_method() {
         let _ = std::fs::remove_dir_all(dir);
     }
 }
+
+/// `EncoderOptions::dim`: the first D values of the pooled embedding, re-normalized (a Matryoshka prefix);
+/// 0 and more than the hidden size are refused with the argument's name.
+#[test]
+fn dim_truncates_and_renormalizes() {
+    let Some(model) = minilm() else { return };
+    let texts = ["A man is eating food.", "The kids are frowning"];
+    let raw = EncoderOptions { normalize: false, ..Default::default() };
+    let full = Encoder::load_with(gpu(), &model, raw).unwrap().embed(&texts).unwrap();
+    let opts = EncoderOptions { dim: Some(64), ..Default::default() };
+    let mut enc = Encoder::load_with(gpu(), &model, opts).unwrap();
+    assert_eq!((enc.dim(), enc.trained_dims()), (64, None));
+    let cut = enc.embed(&texts).unwrap();
+    for (c, f) in cut.iter().zip(&full) {
+        assert_eq!(c.len(), 64);
+        let n = f[..64].iter().map(|x| x * x).sum::<f32>().sqrt();
+        let want: Vec<f32> = f[..64].iter().map(|x| x / n).collect();
+        assert!(max_diff(c, &want) < 1e-6);
+    }
+    for bad in [0, 385] {
+        let e = Encoder::load_with(gpu(), &model, EncoderOptions { dim: Some(bad), ..Default::default() });
+        assert!(matches!(e, Err(rime::Error::Invalid { argument: "dim", .. })), "dim {bad}");
+    }
+}

@@ -723,7 +723,8 @@ struct Loaded {
 /// method but [`Method::Probe`] (which has no head here to train), MNRL with in-batch negatives (and hard
 /// negatives when the data has them), optionally Matryoshka; evaluation each epoch by retrieval on held-out
 /// pairs; a head-less peft adapter (`task_type: FEATURE_EXTRACTION`, the trained dims in
-/// `rime_matryoshka_dims`).
+/// `rime_matryoshka_dims`). Its [`Event::Eval`] carries recall@1 at the full dim as `accuracy` and the MRR as
+/// `macro_f1` (there is no eval loss: NaN); the named per-dim values are in the log ([`metric_values`]).
 pub struct EmbedTask<'d> {
     dev: &'d Device,
     model: PathBuf,

@@ -360,3 +360,32 @@ fn minilm_trains_embeddings_and_saves_a_feature_extraction_adapter() {
     assert!(frozen.iter().all(|x| x.mrr.is_finite() && x.mrr > 0.0));
     std::fs::remove_dir_all(&out).ok();
 }
+
+#[test]
+fn an_embedding_run_resumed_from_its_checkpoint_ends_as_the_straight_run() {
+    let Some(m) = model() else { return };
+    let d = dev();
+    let train = snli(8, "train.jsonl");
+    let eval = snli(8, "test.jsonl");
+    let out = tmp("resume");
+    let run = |dir: &std::path::Path, epochs: usize, resume: bool| {
+        let cfg = TrainConfig { epochs, batch_size: 4, max_length: 32, lr: 5e-3, resume, ..TrainConfig::default() };
+        let mut task = EmbedTask::new(d, &m, lora(), train.clone(), Some(eval.clone()))
+            .with_matryoshka(MatryoshkaConfig::dims(vec![64, 384]));
+        rime_peft::train(&mut task, &cfg, Some(dir), &mut |_| {}).unwrap()
+    };
+    let straight = run(&out.join("straight"), 2, false);
+    run(&out.join("resumed"), 1, false);
+    let resumed = run(&out.join("resumed"), 2, true);
+    assert_eq!(straight.summary.steps, 4);
+    assert_eq!(resumed.summary.steps, 4);
+    let (a, b) = (&straight.adapter.tensors, &resumed.adapter.tensors);
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!(x.name, y.name);
+        let diff = x.data.iter().zip(&y.data).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+        assert!(diff <= 1e-6, "{}: resumed differs from straight by {diff}", x.name);
+    }
+    assert_eq!(straight.summary.eval_mrr, resumed.summary.eval_mrr);
+    std::fs::remove_dir_all(&out).ok();
+}
