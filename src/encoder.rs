@@ -24,7 +24,8 @@ pub struct EncoderOptions {
     /// L2-normalize each embedding (sentence-transformers' `normalize_embeddings`).
     pub normalize: bool,
     /// A peft adapter folder applied to the encoder: any method rime trains (LoRA and its variants, SVFit, IA3,
-    /// bottleneck adapters, prompt, prefix), or a head-only probe adapter (no change).
+    /// bottleneck adapters, prompt, prefix), or a head-only probe adapter (no change). A ladder side-tuning
+    /// (`RIME_LST`) adapter is refused: its side network is not built here.
     pub adapter: Option<PathBuf>,
     /// Keep the first `dim` values of each embedding (a Matryoshka prefix), re-normalized when
     /// [`EncoderOptions::normalize`] is on. None: all of them. 0 or more than the model's hidden size is refused.
@@ -252,6 +253,15 @@ fn load_adapter(gpu: &Gpu, store: &mut ParamStore, dir: &Path, notes: &mut Vec<S
             dir.display()
         ));
         return Ok(classifier::hook_for(&classifier::Method::Probe));
+    }
+    if c.peft_type == rime_peft::methods::lst::PEFT_TYPE {
+        // Its side network is a graph beside the encoder, which the Encoder does not build: the embeddings
+        // would silently be the base model's.
+        return bad(format!(
+            "a {} adapter (ladder side-tuning) is a classifier's side network beside the encoder; embedding \
+             through it is not supported yet (evaluate it as a classifier)",
+            c.peft_type
+        ));
     }
     if c.peft_type == "LORA" {
         let pairs = ad.lora_pairs();

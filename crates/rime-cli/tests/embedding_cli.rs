@@ -65,6 +65,12 @@ fn bad_embedding_flags_and_data_name_the_flag_file_and_line() {
         &["--matryoshka-weights needs --matryoshka"],
     );
     refused(&train(&m, &data, &data, &out, &["--method", "probe"]), &["--method probe", "no head"]);
+    refused(
+        &train(&m, &data, &data, &out, &["--method", "lst"]),
+        &["--method lst with --task embedding is not supported yet", "classification only"],
+    );
+    refused(&train(&m, &data, &data, &out, &["--feature-cache", "memory"]), &["--feature-cache", "--task embedding"]);
+    refused(&train(&m, &data, &data, &out, &["--no-feature-cache"]), &["--no-feature-cache", "--task embedding"]);
     let few = dir.join("few.jsonl");
     head("train.jsonl", 5, &few);
     refused(&train(&m, &few, &data, &out, &[]), &["--batch-size 8", "5 training pairs", "few.jsonl"]);
@@ -132,5 +138,34 @@ fn a_tiny_matryoshka_run_then_embed_with_a_trained_dim() {
         "{}",
         stderr(&o)
     );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A ladder side-tuning adapter (trained by `--task classify --method lst`) is a side network the encoder does
+/// not build: `rime embed --adapter` refuses it, naming the folder, rather than embedding with the base model.
+#[test]
+fn embed_refuses_a_ladder_side_tuning_adapter() {
+    let Some(m) = model() else { return };
+    let dir = tmp("embed-lst");
+    let (data, out) = (dir.join("train.jsonl"), dir.join("out"));
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/fine_foods/train.jsonl");
+    let text = std::fs::read_to_string(src).unwrap();
+    std::fs::write(&data, text.lines().take(24).collect::<Vec<_>>().join("\n")).unwrap();
+    let o = rime()
+        .args(["train", "--method", "lst", "--model", m.to_str().unwrap(), "--train"])
+        .arg(&data)
+        .arg("--eval")
+        .arg(&data)
+        .args(["--epochs", "1", "--batch-size", "8", "--max-length", "32", "--no-feature-cache", "--no-baseline"])
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let best = out.join("best");
+    let cfg = std::fs::read_to_string(best.join("adapter_config.json")).unwrap();
+    assert!(cfg.contains("RIME_LST"), "{cfg}");
+    let o = rime().args(["embed", "--model", m.to_str().unwrap(), "--adapter"]).arg(&best).arg("x").output().unwrap();
+    refused(&o, &[best.to_str().unwrap(), "RIME_LST", "ladder side-tuning", "not supported"]);
     std::fs::remove_dir_all(&dir).ok();
 }

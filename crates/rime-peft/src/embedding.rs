@@ -720,7 +720,8 @@ struct Loaded {
 }
 
 /// Contrastive fine-tuning of an encoder for sentence embeddings ([`crate::train`] drives it): any tuning
-/// method but [`Method::Probe`] (which has no head here to train), MNRL with in-batch negatives (and hard
+/// method but [`Method::Probe`] (which has no head here to train) and [`Method::Lst`] (its side network trains
+/// for classification only; refused, not yet supported here), MNRL with in-batch negatives (and hard
 /// negatives when the data has them), optionally Matryoshka; evaluation each epoch by retrieval on held-out
 /// pairs; a head-less peft adapter (`task_type: FEATURE_EXTRACTION`, the trained dims in
 /// `rime_matryoshka_dims`). Its [`Event::Eval`] carries recall@1 at the full dim as `accuracy` and the MRR as
@@ -814,6 +815,16 @@ impl<'d> Task<'d> for EmbedTask<'d> {
                 "method",
                 "probe trains a classification head only, and an embedding task has no head: nothing would train; \
                  choose lora, svfit, ia3, adapter, prompt or prefix",
+            ));
+        }
+        if matches!(self.method, Method::Lst(_)) {
+            // The side network trains for classification only (crate::lst::LstTask); the embedding task
+            // rewrites the encoder's linears, which LST leaves untouched: refused before any work.
+            return Err(Error::invalid(
+                "method",
+                "lst (ladder side-tuning) is not supported by the embedding task yet: its side network trains \
+                 for classification only, and an embedding run would train nothing; choose lora, svfit, ia3, \
+                 adapter, prompt or prefix",
             ));
         }
         let dev = self.dev;

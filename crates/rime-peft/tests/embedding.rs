@@ -268,7 +268,7 @@ fn pairs(n: usize) -> PairData {
 }
 
 #[test]
-fn too_few_rows_for_the_batch_and_probe_are_refused_before_loading() {
+fn too_few_rows_for_the_batch_probe_and_lst_are_refused_before_loading() {
     // The model path does not exist: these refusals come first.
     let cfg = TrainConfig { batch_size: 16, ..TrainConfig::default() };
     let mut t = EmbedTask::new(dev(), "/nonexistent-model", lora(), pairs(10), Some(pairs(4)));
@@ -281,6 +281,16 @@ fn too_few_rows_for_the_batch_and_probe_are_refused_before_loading() {
     let mut t = EmbedTask::new(dev(), "/nonexistent-model", Method::Probe, pairs(40), None);
     match rime_peft::train(&mut t, &cfg, None, &mut |_| {}) {
         Err(Error::Invalid { field: "method", message }) => assert!(message.contains("probe"), "{message}"),
+        other => panic!("expected a method refusal, got {:?}", other.err()),
+    }
+    // Ladder side-tuning is not supported by the embedding task: refused before anything loads, not trained
+    // as a no-op.
+    let lst = Method::Lst(rime_peft::lst::LstConfig::default());
+    let mut t = EmbedTask::new(dev(), "/nonexistent-model", lst, pairs(40), None);
+    match rime_peft::train(&mut t, &cfg, None, &mut |_| {}) {
+        Err(Error::Invalid { field: "method", message }) => {
+            assert!(message.contains("lst") && message.contains("not supported"), "{message}")
+        }
         other => panic!("expected a method refusal, got {:?}", other.err()),
     }
     let cfg = TrainConfig { batch_size: 4, micro_batch_size: Some(2), ..TrainConfig::default() };

@@ -44,6 +44,17 @@ fn table(title: &str, rows: &[(&str, &[RetrievalMetrics])]) -> String {
 }
 
 pub(super) fn run(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
+    if a.method == "lst" {
+        return Err("--method lst with --task embedding is not supported yet: ladder side-tuning trains its side \
+                    network for classification only (--task classify); for embeddings choose --method lora, svfit, \
+                    ia3, adapter, prompt or prefix"
+            .into());
+    }
+    if a.no_feature_cache || a.feature_cache.is_some() {
+        return Err("--feature-cache and --no-feature-cache apply to --task classify (--method lst or probe); \
+                    --task embedding caches nothing"
+            .into());
+    }
     let defaults = a.train.is_none();
     let model = match &a.model {
         Some(m) => m.clone(),
