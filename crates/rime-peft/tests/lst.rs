@@ -354,3 +354,31 @@ fn memory_at_the_main_jobs_largest_graph() {
     );
     assert!(ls.activation_peak < lo.activation_peak);
 }
+
+#[test]
+fn an_interrupted_run_resumes_with_its_cache_to_the_straight_runs_adapter() {
+    let Some(m) = model() else { return };
+    let straight = run(&m, FeatureCache::Memory, data(24, "t")).unwrap();
+    let out = tmp("resume");
+    let task = || {
+        LstTask::new(dev(), &m, LstConfig::default(), data(24, "t"), Some(data(12, "e")))
+            .with_cache(FeatureCache::Dir(out.join("feature_cache")))
+    };
+    // Stopped after the first epoch (its checkpoint written), then resumed for both.
+    let first = TrainConfig { max_steps: Some(3), ..cfg() };
+    rime_peft::train(&mut task(), &first, Some(&out), &mut |_| {}).unwrap();
+    let mut infos = vec![];
+    let resumed = rime_peft::train(&mut task(), &TrainConfig { resume: true, ..cfg() }, Some(&out), &mut |e| {
+        if let rime_peft::Event::Info(s) = e {
+            infos.push(s)
+        }
+    })
+    .unwrap();
+    assert!(infos.iter().any(|s| s.contains("reused (fingerprint matches)")), "{infos:?}");
+    assert!(infos.iter().any(|s| s.contains("resumed from")), "{infos:?}");
+    assert_eq!(losses(&resumed), losses(&straight));
+    for (a, b) in resumed.adapter.tensors.iter().zip(&straight.adapter.tensors) {
+        assert!(a.data.iter().zip(&b.data).all(|(x, y)| x.to_bits() == y.to_bits()), "{} differs", a.name);
+    }
+    let _ = std::fs::remove_dir_all(&out);
+}
