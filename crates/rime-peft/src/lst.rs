@@ -111,7 +111,10 @@ impl LstConfig {
             if l >= layers {
                 return Err(Error::invalid(
                     "drop_layers",
-                    format!("has layer {l}; the model's layers are 0..{} ({layers} layers)", layers.saturating_sub(1)),
+                    format!(
+                        "has layer {l}; the model's layers are 0 to {} ({layers} layers)",
+                        layers.saturating_sub(1)
+                    ),
                 ));
             }
             if self.drop_layers[..i].contains(&l) {
