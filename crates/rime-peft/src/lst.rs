@@ -51,6 +51,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use half::f16;
+use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 use rand::{Rng, SeedableRng};
 use rime_graph::{Executor, Graph, OptimConfig, ParamStore, Var};
 use rime_io::dataset::{Dataset, LabelMap};
@@ -110,7 +111,10 @@ impl LstConfig {
             if l >= layers {
                 return Err(Error::invalid(
                     "drop_layers",
-                    format!("has layer {l}; the model's layers are 0..{} ({layers} layers)", layers.saturating_sub(1)),
+                    format!(
+                        "has layer {l}; the model's layers are 0 to {} ({layers} layers)",
+                        layers.saturating_sub(1)
+                    ),
                 ));
             }
             if self.drop_layers[..i].contains(&l) {
@@ -255,6 +259,9 @@ pub fn top_l1(w: &[f32], rows: usize, cols: usize, keep: usize, along_rows: bool
     idx
 }
 
+/// A side-layer tensor: (name relative to the layer, shape, values).
+pub type PrunedTensor = (String, Vec<usize>, Vec<f32>);
+
 /// The tensors of a side layer (names relative to the layer: `attention.self.query.weight`, ...) pruned from
 /// encoder layer `layer` as the module doc says; `get` reads an encoder tensor by its name without prefix.
 pub fn prune_layer(
@@ -263,13 +270,13 @@ pub fn prune_layer(
     hidden: usize,
     intermediate: usize,
     d: &SideDims,
-) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+) -> Result<Vec<PrunedTensor>> {
     let base = format!("encoder.layer.{layer}.");
     let mut out = vec![];
     #[allow(clippy::too_many_arguments)]
     fn lin(
         get: &mut dyn FnMut(&str) -> Result<Vec<f32>>,
-        out: &mut Vec<(String, Vec<usize>, Vec<f32>)>,
+        out: &mut Vec<PrunedTensor>,
         base: &str,
         m: &str,
         out_f: usize,
@@ -564,7 +571,7 @@ impl FeatureSet {
                 Error::Msg(format!("feature cache: holds encoder states {:?}, not {state}", self.stored))
             })?;
         let mut ex = Vec::new();
-        self.example_into(i, &mut ex);
+        self.example_into(i, &mut ex)?;
         let len = self.lens[i];
         let mut out = vec![0f32; h];
         for j in 0..len {
@@ -576,16 +583,26 @@ impl FeatureSet {
         Ok(out)
     }
 
-    /// Example `i`'s values as f32 into `out` (resized).
-    fn example_into(&self, i: usize, out: &mut Vec<f32>) {
+    /// Example `i`'s values as f32 into `out` (resized); the conversion is half's slice conversion (F16C
+    /// where the CPU has it).
+    fn example_into(&self, i: usize, out: &mut Vec<f32>) -> Result<()> {
         let (a, b) = (self.offsets[i], self.offsets[i + 1]);
-        out.clear();
-        match &self.data {
-            FeatureData::Mem(v) => out.extend(v[a..b].iter().map(|&x| f16::from_bits(x).to_f32())),
-            FeatureData::Map(m) => out.extend(
-                m[2 * a..2 * b].chunks_exact(2).map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()),
-            ),
-        }
+        let bits: &[u16] = match &self.data {
+            FeatureData::Mem(v) => &v[a..b],
+            FeatureData::Map(m) => {
+                // SAFETY: any two bytes are a valid u16; align_to hands back only the aligned middle, checked
+                // whole below (the map is page-aligned and every offset even). The file is little-endian, as
+                // the machines rime runs on.
+                let (pre, mid, post) = unsafe { m[2 * a..2 * b].align_to::<u16>() };
+                if !pre.is_empty() || !post.is_empty() {
+                    return Err(Error::Msg("feature cache: a misaligned map".into()));
+                }
+                mid
+            }
+        };
+        out.resize(b - a, 0.0);
+        bits.reinterpret_cast::<f16>().convert_to_f32_slice(out);
+        Ok(())
     }
 }
 
@@ -678,9 +695,9 @@ impl<'d> LstModel<'d> {
             .enumerate()
             .map(|(r, &i)| {
                 let len = enc.ids[i].len().min(t);
-                let mut v = Vec::with_capacity(read.len() * len * h);
-                for st in &read {
-                    v.extend(st[r * t * h..(r * t + len) * h].iter().map(|&x| f16::from_f32(x)));
+                let mut v = vec![f16::ZERO; read.len() * len * h];
+                for (k, st) in read.iter().enumerate() {
+                    v[k * len * h..(k + 1) * len * h].convert_from_f32_slice(&st[r * t * h..(r * t + len) * h]);
                 }
                 v
             })
@@ -726,10 +743,10 @@ impl<'d> LstModel<'d> {
             let len = enc.ids[i].len().min(t);
             match (&fresh, cache) {
                 (Some(f), _) => {
-                    ex.clear();
-                    ex.extend(f[r].iter().map(|x| x.to_f32()));
+                    ex.resize(f[r].len(), 0.0);
+                    f[r].convert_to_f32_slice(&mut ex);
                 }
-                (None, Some(c)) => c.example_into(i, &mut ex),
+                (None, Some(c)) => c.example_into(i, &mut ex)?,
                 (None, None) => unreachable!("one of them is set"),
             }
             if ex.len() != held * len * h {
@@ -808,7 +825,7 @@ impl<'d> LstModel<'d> {
         let offsets = FeatureSet::layout(&lens, self.per_token());
         let mut data = vec![0u16; offsets[lens.len()]];
         self.each_feature(enc, &mut |i, f| {
-            data[offsets[i]..offsets[i + 1]].iter_mut().zip(f).for_each(|(d, x)| *d = x.to_bits());
+            data[offsets[i]..offsets[i + 1]].copy_from_slice(HalfFloatSliceExt::reinterpret_cast(f));
             Ok(())
         })?;
         Ok(FeatureSet { stored: self.spec.states(), lens, offsets, data: FeatureData::Mem(data) })
@@ -834,9 +851,9 @@ impl<'d> LstModel<'d> {
                 // SAFETY: the file was just created by this process and is not resized while mapped.
                 let mut m = unsafe { memmap2::MmapMut::map_mut(&f) }.map_err(err)?;
                 self.each_feature(enc, &mut |i, f| {
-                    for (k, x) in f.iter().enumerate() {
-                        let at = 2 * (offsets[i] + k);
-                        m[at..at + 2].copy_from_slice(&x.to_bits().to_le_bytes());
+                    let bits: &[u16] = f.reinterpret_cast();
+                    for (d, x) in m[2 * offsets[i]..2 * offsets[i + 1]].chunks_exact_mut(2).zip(bits) {
+                        d.copy_from_slice(&x.to_le_bytes());
                     }
                     Ok(())
                 })?;

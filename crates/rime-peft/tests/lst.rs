@@ -316,3 +316,69 @@ fn probe_and_baseline_read_an_lst_cache() {
     assert!((plain.loss - cached.loss).abs() < 1e-2, "{} vs {}", plain.loss, cached.loss);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The executors' memory reports at the main job's largest graph (32 rows of 128 tokens): LST (side network
+/// on cached states: the states are inputs) against LoRA r=8 on query and value (the main job's method).
+#[test]
+fn memory_at_the_main_jobs_largest_graph() {
+    let Some(m) = model() else { return };
+    let d = dev();
+    let (mut store, bcfg, prefix, _) = rime_peft::classify::open_model(d, &m, 128).unwrap();
+    rime_peft::classifier::init_head(d, &mut store, bcfg.hidden, 2, 0).unwrap();
+    let lora = rime_peft::classifier::Method::Lora(rime_peft::lora::LoraConfig::default());
+    rime_peft::classifier::prepare_method(d, &mut store, &lora).unwrap();
+    let hook = rime_peft::classifier::hook_for(&lora);
+    let optim = Some(OptimConfig::adamw(1e-3, 0.01));
+    let se =
+        rime_peft::classifier::build_exec(d, &store, &bcfg, &prefix, hook.as_ref(), 32, 128, optim.clone()).unwrap();
+    let lo = se.exec.memory_report().clone();
+    drop(se);
+    let spec = LstSpec::new(LstConfig::default(), &bcfg, &prefix).unwrap();
+    let ck = rime_io::Checkpoint::open(&m).unwrap();
+    let mut get = |n: &str| -> rime_peft::Result<Vec<f32>> { Ok(ck.get_f32(&format!("{prefix}{n}"))?) };
+    lst::add_parameters(d, &mut store, &mut get, &bcfg, &spec, 0).unwrap();
+    let side = lst::build_side_exec(d, &store, &spec, 32, 128, optim, None).unwrap();
+    let ls = side.exec.memory_report().clone();
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    println!(
+        "B32 T128: LoRA activation peak {:.1} MiB, inputs {:.2} MiB, frozen weights {:.1} MiB; LST activation peak \
+         {:.1} MiB, inputs (cached states) {:.1} MiB, frozen {:.3} MiB; LST (activations + inputs) / LoRA activations \
+         = {:.3}",
+        mib(lo.activation_peak),
+        mib(lo.inputs),
+        mib(lo.frozen_weights),
+        mib(ls.activation_peak),
+        mib(ls.inputs),
+        mib(ls.frozen_weights),
+        (ls.activation_peak + ls.inputs) as f64 / lo.activation_peak as f64
+    );
+    assert!(ls.activation_peak < lo.activation_peak);
+}
+
+#[test]
+fn an_interrupted_run_resumes_with_its_cache_to_the_straight_runs_adapter() {
+    let Some(m) = model() else { return };
+    let straight = run(&m, FeatureCache::Memory, data(24, "t")).unwrap();
+    let out = tmp("resume");
+    let task = || {
+        LstTask::new(dev(), &m, LstConfig::default(), data(24, "t"), Some(data(12, "e")))
+            .with_cache(FeatureCache::Dir(out.join("feature_cache")))
+    };
+    // Stopped after the first epoch (its checkpoint written), then resumed for both.
+    let first = TrainConfig { max_steps: Some(3), ..cfg() };
+    rime_peft::train(&mut task(), &first, Some(&out), &mut |_| {}).unwrap();
+    let mut infos = vec![];
+    let resumed = rime_peft::train(&mut task(), &TrainConfig { resume: true, ..cfg() }, Some(&out), &mut |e| {
+        if let rime_peft::Event::Info(s) = e {
+            infos.push(s)
+        }
+    })
+    .unwrap();
+    assert!(infos.iter().any(|s| s.contains("reused (fingerprint matches)")), "{infos:?}");
+    assert!(infos.iter().any(|s| s.contains("resumed from")), "{infos:?}");
+    assert_eq!(losses(&resumed), losses(&straight));
+    for (a, b) in resumed.adapter.tensors.iter().zip(&straight.adapter.tensors) {
+        assert!(a.data.iter().zip(&b.data).all(|(x, y)| x.to_bits() == y.to_bits()), "{} differs", a.name);
+    }
+    let _ = std::fs::remove_dir_all(&out);
+}
