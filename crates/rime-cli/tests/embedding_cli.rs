@@ -65,10 +65,6 @@ fn bad_embedding_flags_and_data_name_the_flag_file_and_line() {
         &["--matryoshka-weights needs --matryoshka"],
     );
     refused(&train(&m, &data, &data, &out, &["--method", "probe"]), &["--method probe", "no head"]);
-    refused(
-        &train(&m, &data, &data, &out, &["--method", "lst"]),
-        &["--method lst with --task embedding is not supported yet", "classification only"],
-    );
     refused(&train(&m, &data, &data, &out, &["--feature-cache", "memory"]), &["--feature-cache", "--task embedding"]);
     refused(&train(&m, &data, &data, &out, &["--no-feature-cache"]), &["--no-feature-cache", "--task embedding"]);
     let few = dir.join("few.jsonl");
@@ -167,5 +163,33 @@ fn embed_refuses_a_ladder_side_tuning_adapter() {
     assert!(cfg.contains("RIME_LST"), "{cfg}");
     let o = rime().args(["embed", "--model", m.to_str().unwrap(), "--adapter"]).arg(&best).arg("x").output().unwrap();
     refused(&o, &[best.to_str().unwrap(), "RIME_LST", "ladder side-tuning", "not supported"]);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// `--task embedding --method lst`: the side network trains on the embedding loss from cached encoder states
+/// (in the run's feature_cache folder); a RIME_LST FEATURE_EXTRACTION adapter with its dims, which `rime embed`
+/// still refuses (the Encoder does not build the side network).
+#[test]
+fn an_lst_embedding_run_writes_a_feature_extraction_lst_adapter() {
+    let Some(m) = model() else { return };
+    let dir = tmp("embed-lst-train");
+    let (data, eval, out) = (dir.join("train.jsonl"), dir.join("test.jsonl"), dir.join("out"));
+    head("train.jsonl", 16, &data);
+    head("test.jsonl", 16, &eval);
+    let o = train(&m, &data, &eval, &out, &["--method", "lst", "--matryoshka", "32,384", "--epochs", "2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("lst embedding") && text.contains("tuned (best epoch)"), "{text}");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("best/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["task_type"], "FEATURE_EXTRACTION");
+    assert_eq!(cfg["peft_type"], "RIME_LST");
+    let rj: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("best/rime.json")).unwrap()).unwrap();
+    assert_eq!(rj["rime_matryoshka_dims"], serde_json::json!([32, 384]));
+    assert!(out.join("feature_cache/meta.json").is_file() && out.join("feature_cache/train.anchor.f16").is_file());
+    let best = out.join("best");
+    let o = rime().args(["embed", "--model", m.to_str().unwrap(), "--adapter"]).arg(&best).arg("x").output().unwrap();
+    refused(&o, &[best.to_str().unwrap(), "RIME_LST"]);
     std::fs::remove_dir_all(&dir).ok();
 }
