@@ -258,8 +258,9 @@ fn load_adapter(gpu: &Gpu, store: &mut ParamStore, dir: &Path, notes: &mut Vec<S
         // Its side network is a graph beside the encoder, which the Encoder does not build: the embeddings
         // would silently be the base model's.
         return bad(format!(
-            "a {} adapter (ladder side-tuning) is a classifier's side network beside the encoder; embedding \
-             through it is not supported yet (evaluate it as a classifier)",
+            "a {} adapter (ladder side-tuning) is a side network beside the encoder, which the Encoder does not \
+             build; embedding through it is not supported yet (evaluate a classification one as a classifier; an \
+             embedding one's retrieval scores are in its run's metrics.json)",
             c.peft_type
         ));
     }
