@@ -482,8 +482,10 @@ fn lst_embedding_cache_is_bitwise_the_recompute_and_another_datasets_cache_is_re
     }
     // Another training set in the same cache folder: refused, naming the set.
     let other = snli(8, "test.jsonl");
-    let e = lst_run(&m, FeatureCache::Dir(cache.clone()), other, eval.clone(), &cfg, None).err().expect("refused");
-    let e = e.to_string();
+    let e = match lst_run(&m, FeatureCache::Dir(cache.clone()), other, eval.clone(), &cfg, None) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("a cache of another training set was reused"),
+    };
     assert!(e.contains("made for another data set (train.anchor)") && e.contains("not reused"), "{e}");
     std::fs::remove_dir_all(&out).ok();
 }
