@@ -632,7 +632,8 @@ impl RetrievalSet {
 
 /// Retrieval scores of the model in `model` (BERT folder), with the adapter folder `adapter` applied or
 /// frozen (None: the "frozen" row of a comparison), on held-out `data` at each of `dims` (empty: [`eval_dims`]
-/// of the adapter's trained dims), in batches of `batch` texts of at most `max_length` tokens.
+/// of the adapter's trained dims), in batches of `batch` texts of at most `max_length` tokens. A `RIME_LST`
+/// adapter embeds through its side network ([`crate::lst_embed::SideEncoder`]).
 pub fn evaluate_retrieval(
     dev: &Device,
     model: &Path,
@@ -646,12 +647,13 @@ pub fn evaluate_retrieval(
     crate::config::check_max_length(max_length)?;
     data.check("eval")?;
     let (mut store, cfg, prefix, tok) = open_model_as(dev, model, max_length, DType::F32)?;
-    let (hook, trained) = match adapter {
+    let (hook, trained, lst) = match adapter {
         Some(dir) => {
             let (acfg, _) = classifier::load_adapter(dev, &mut store, dir)?;
-            (classifier::hook_for_adapter(&acfg)?, trained_dims(&acfg))
+            let lst = acfg.peft_type == crate::methods::lst::PEFT_TYPE;
+            (classifier::hook_for_adapter(&acfg)?, trained_dims(&acfg), lst.then_some(acfg))
         }
-        None => (classifier::hook_for(&Method::Probe), None),
+        None => (classifier::hook_for(&Method::Probe), None, None),
     };
     classifier::check_virtual_fit(hook.virtual_tokens(), max_length.min(cfg.max_positions), &cfg)?;
     let dims = if dims.is_empty() { eval_dims(&trained.unwrap_or_default(), cfg.hidden) } else { dims.to_vec() };
@@ -659,6 +661,16 @@ pub fn evaluate_retrieval(
         return Err(Error::invalid("dims", format!("{d}: outside 1..={} (the model's hidden size)", cfg.hidden)));
     }
     let (set, _) = RetrievalSet::new(&tok, data)?;
+    if let Some(acfg) = lst {
+        // A ladder side-tuning adapter: the side network's pooled output (the encoder's linears are untouched).
+        let mut side = crate::lst_embed::SideEncoder::new(dev, store, &cfg, &prefix, &acfg, batch, max_length)
+            .map_err(|e| {
+                Error::Msg(format!("{}: {e}", adapter.map(|p| p.display().to_string()).unwrap_or_default()))
+            })?;
+        let q = side.embed(&set.queries)?;
+        let c = side.embed(&set.corpus)?;
+        return Ok(retrieval_metrics(&q, &c, cfg.hidden, &set.gold, &dims));
+    }
     let mut emb = Embedder::new(batch, max_length);
     set.score(&mut emb, dev, &store, &cfg, &prefix, hook.as_ref(), &dims)
 }

@@ -120,6 +120,50 @@ impl<'d> LstEmbedTask<'d> {
     }
 }
 
+/// A saved `RIME_LST` adapter's side network beside the frozen encoder, forward only: the embeddings it gives
+/// (what [`crate::embedding::evaluate_retrieval`] and `rime::Encoder` use for an LST adapter). The encoder's
+/// states are rounded to f16 as in training.
+pub struct SideEncoder<'d> {
+    m: LstModel<'d>,
+    execs: HashMap<usize, (Executor, Var)>,
+}
+
+impl<'d> SideEncoder<'d> {
+    /// `store` holds the encoder and the adapter's tensors (loaded by [`classifier::load_adapter`]); `acfg` is
+    /// the adapter's config. Texts run in batches of `batch`, buckets up to `max_length`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        dev: &'d Device,
+        mut store: ParamStore,
+        bcfg: &rime_models::bert::BertConfig,
+        prefix: &str,
+        acfg: &rime_io::peft::AdapterConfig,
+        batch: usize,
+        max_length: usize,
+    ) -> Result<SideEncoder<'d>> {
+        let (cfg, dims) = crate::methods::lst::read_config(acfg)?;
+        let spec = LstSpec::new(cfg, bcfg, prefix)?;
+        if spec.dims != dims {
+            return Err(Error::Msg(format!(
+                "this LST adapter was made for a side network {dims:?}; the model makes {:?} (another model?)",
+                spec.dims
+            )));
+        }
+        crate::lst::add_constants(dev, &mut store, &spec)?;
+        let m = LstModel::new(dev, store, bcfg.clone(), spec, batch.max(1), max_length);
+        Ok(SideEncoder { m, execs: HashMap::new() })
+    }
+
+    /// Pooled side outputs [n, H] of the tokenized texts `enc`, in order (not normalized).
+    pub fn embed(&mut self, enc: &Encoded) -> Result<Vec<f32>> {
+        embed(&mut self.m, &mut self.execs, enc, None)
+    }
+
+    pub fn hidden(&self) -> usize {
+        self.m.bcfg.hidden
+    }
+}
+
 /// Pooled side outputs [n, H] of every text of `enc`, in order, through forward-only side graphs of
 /// `m.rows` rows per bucket (built on first use into `execs`).
 fn embed(

@@ -421,19 +421,20 @@ fn lst_run(
 fn lst_trains_embeddings_on_the_side_network_and_saves_a_feature_extraction_adapter() {
     let Some(m) = model() else { return };
     let train = snli(8, "train.jsonl");
-    let eval = snli(16, "test.jsonl");
+    // 64 held-out pairs: enough that retrieval is not perfect, so the comparisons below mean something.
+    let eval = snli(64, "test.jsonl");
     let cfg = TrainConfig { epochs: 4, batch_size: 8, max_length: 32, lr: 5e-3, ..TrainConfig::default() };
     let out = tmp("lst-embed");
     let dir = out.join("run");
-    let r = lst_run(&m, rime_peft::lst::FeatureCache::Memory, train, eval, &cfg, Some(&dir)).unwrap();
+    let r = lst_run(&m, rime_peft::lst::FeatureCache::Memory, train, eval.clone(), &cfg, Some(&dir)).unwrap();
     let losses: Vec<f64> = r.log.iter().filter_map(|v| v["loss"].as_f64()).collect();
     assert_eq!(losses.len(), 4);
     assert!(losses[3] < losses[0], "loss did not fall: {losses:?}");
     let s = &r.summary;
     assert_eq!(s.method, "lst");
-    assert!(s.eval_mrr.is_finite() && s.eval_mrr > 0.0, "{s:?}");
+    assert!(s.eval_mrr.is_finite() && s.eval_mrr > 0.0 && s.eval_mrr < 1.0, "{s:?}");
     assert_eq!(s.retrieval.iter().map(|x| x.dim).collect::<Vec<_>>(), vec![32, 64, 128, 256, 384]);
-    assert!(s.hard_negatives && s.eval_queries == 16);
+    assert!(s.hard_negatives && s.eval_queries == 64);
     let cfg_json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("best/adapter_config.json")).unwrap()).unwrap();
     assert_eq!(cfg_json["task_type"], "FEATURE_EXTRACTION");
@@ -447,6 +448,15 @@ fn lst_trains_embeddings_on_the_side_network_and_saves_a_feature_extraction_adap
     // The zero-initialised upsampler moved: the side network changed the embedding.
     let up = ad.tensors.iter().find(|t| t.name.contains("lst.up.weight")).unwrap();
     assert!(up.data.iter().any(|&x| x != 0.0));
+    // The saved adapter scores (through its side network) as the run's best evaluation, and not as the frozen
+    // model does.
+    let saved = embedding::evaluate_retrieval(dev(), &m, Some(&dir.join("best")), &eval, &[], 24, 32).unwrap();
+    assert_eq!(saved.len(), s.retrieval.len());
+    for (a, b) in saved.iter().zip(&s.retrieval) {
+        assert!((a.mrr - b.mrr).abs() < 1e-6, "dim {}: saved {} vs run {}", a.dim, a.mrr, b.mrr);
+    }
+    let frozen = embedding::evaluate_retrieval(dev(), &m, None, &eval, &[], 24, 32).unwrap();
+    assert!(frozen.iter().zip(&saved).any(|(f, a)| f.mrr != a.mrr), "{frozen:?} {saved:?}");
     std::fs::remove_dir_all(&out).ok();
 }
 
