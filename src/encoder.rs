@@ -24,8 +24,9 @@ pub struct EncoderOptions {
     /// L2-normalize each embedding (sentence-transformers' `normalize_embeddings`).
     pub normalize: bool,
     /// A peft adapter folder applied to the encoder: any method rime trains (LoRA and its variants, SVFit, IA3,
-    /// bottleneck adapters, prompt, prefix), or a head-only probe adapter (no change). A ladder side-tuning
-    /// (`RIME_LST`) adapter is refused: its side network is not built here.
+    /// bottleneck adapters, prompt, prefix), a head-only probe adapter (no change), or a ladder side-tuning
+    /// (`RIME_LST`) adapter, whose side network runs beside the frozen encoder (the embedding is its pooled
+    /// output; the encoder's states rounded to f16 as in training).
     pub adapter: Option<PathBuf>,
     /// Keep the first `dim` values of each embedding (a Matryoshka prefix), re-normalized when
     /// [`EncoderOptions::normalize`] is on. None: all of them. 0 or more than the model's hidden size is refused.
@@ -70,6 +71,8 @@ pub struct Encoder<'g> {
     max_length: usize,
     notes: Vec<String>,
     trained_dims: Option<Vec<usize>>,
+    /// A `RIME_LST` adapter's side network (then `store` and `session` stay empty).
+    side: Option<rime_peft::lst_embed::SideEncoder<'g>>,
 }
 
 /// `max_seq_length` of a sentence-transformers folder, when it says.
@@ -123,18 +126,34 @@ impl<'g> Encoder<'g> {
             None => None,
         };
         let mut notes = Vec::new();
-        let hook = match &opts.adapter {
+        let (hook, lst) = match &opts.adapter {
             Some(dir) => load_adapter(gpu, &mut store, dir, &mut notes)?,
-            None => classifier::hook_for(&classifier::Method::Probe),
+            None => (classifier::hook_for(&classifier::Method::Probe), None),
         };
         // The inference session ends in a classification head; without one it gets a dummy 1-class head
         // whose logits are ignored.
         if store.find(classifier::HEAD_WEIGHT).is_none() {
             classifier::init_head(dev, &mut store, cfg.hidden, 1, 0)?;
         }
+        let (store, side) = match (lst, &opts.adapter) {
+            (Some(acfg), Some(dir)) => {
+                let side = rime_peft::lst_embed::SideEncoder::new(
+                    dev,
+                    store,
+                    &cfg,
+                    &prefix,
+                    &acfg,
+                    opts.batch_size,
+                    max_length,
+                )
+                .map_err(|e| Error::invalid("adapter", format!("{}: {e}", dir.display())))?;
+                (None, Some(side))
+            }
+            _ => (Some(store), None),
+        };
         Ok(Encoder {
             gpu,
-            store: Some(store),
+            store,
             hook: Some(hook),
             session: None,
             cfg,
@@ -144,6 +163,7 @@ impl<'g> Encoder<'g> {
             max_length,
             notes,
             trained_dims,
+            side,
         })
     }
 
@@ -186,8 +206,10 @@ impl<'g> Encoder<'g> {
             e.types.push(enc.token_type_ids[r * t..r * t + len].to_vec());
         }
         let truncated = enc.truncated.iter().filter(|&&x| x).count();
-        let session = self.session(texts.len())?;
-        let (_, mut pooled) = session.predict(&e, |_| {})?;
+        let mut pooled = match &mut self.side {
+            Some(side) => side.embed(&e)?,
+            None => self.session(texts.len())?.predict(&e, |_| {})?.1,
+        };
         let mut hidden = self.cfg.hidden;
         if let Some(d) = self.opts.dim.filter(|&d| d < hidden) {
             // The Matryoshka prefix: the first d values of each row.
@@ -239,12 +261,17 @@ fn check_output(pooled: &[f32], hidden: usize) -> Result<()> {
 /// rsLoRA and rank/alpha patterns, SVFit, IA3, bottleneck adapters, prompt and prefix tuning) changes the
 /// embedding; a head-only probe adapter leaves it as the base model's (a note says so). A LoRA module the model
 /// lacks is refused (the adapter would silently do nothing there).
-fn load_adapter(gpu: &Gpu, store: &mut ParamStore, dir: &Path, notes: &mut Vec<String>) -> Result<Box<dyn LinearHook>> {
+fn load_adapter(
+    gpu: &Gpu,
+    store: &mut ParamStore,
+    dir: &Path,
+    notes: &mut Vec<String>,
+) -> Result<(Box<dyn LinearHook>, Option<rime_io::peft::AdapterConfig>)> {
     let mut ad = rime_io::PeftAdapter::load(dir)?;
     // peft's layouts (`bert.` for a BertForSequenceClassification adapter) as the store names the model.
     classifier::to_store_names(&mut ad, store);
     let c = &ad.config;
-    let bad = |m: String| -> Result<Box<dyn LinearHook>> {
+    let bad = |m: String| -> Result<(Box<dyn LinearHook>, Option<rime_io::peft::AdapterConfig>)> {
         Err(Error::invalid("adapter", format!("{}: {m}", dir.display())))
     };
     if c.peft_type == "RIME_PROBE" {
@@ -252,16 +279,13 @@ fn load_adapter(gpu: &Gpu, store: &mut ParamStore, dir: &Path, notes: &mut Vec<S
             "{} holds a classification head only; embeddings are those of the base model",
             dir.display()
         ));
-        return Ok(classifier::hook_for(&classifier::Method::Probe));
+        return Ok((classifier::hook_for(&classifier::Method::Probe), None));
     }
     if c.peft_type == rime_peft::methods::lst::PEFT_TYPE {
-        // Its side network is a graph beside the encoder, which the Encoder does not build: the embeddings
-        // would silently be the base model's.
-        return bad(format!(
-            "a {} adapter (ladder side-tuning) is a classifier's side network beside the encoder; embedding \
-             through it is not supported yet (evaluate it as a classifier)",
-            c.peft_type
-        ));
+        // Its side network is a graph beside the encoder: the Encoder builds it (the encoder's linears stay
+        // plain).
+        let (acfg, _) = classifier::load_adapter(gpu.device(), store, dir)?;
+        return Ok((classifier::hook_for(&classifier::Method::Probe), Some(acfg)));
     }
     if c.peft_type == "LORA" {
         let pairs = ad.lora_pairs();
@@ -278,7 +302,7 @@ fn load_adapter(gpu: &Gpu, store: &mut ParamStore, dir: &Path, notes: &mut Vec<S
         }
     }
     classifier::load_adapter(gpu.device(), store, dir)?;
-    Ok(classifier::hook_for_adapter(c)?)
+    Ok((classifier::hook_for_adapter(c)?, None))
 }
 
 /// Scales `row` to unit length as torch.nn.functional.normalize does: x / max(‖x‖, 1e-12).

@@ -305,6 +305,10 @@ pub fn embedding(
     cfg: &TrainConfig,
     mut on_event: impl FnMut(Event),
 ) -> Result<TrainResult<EmbedSummary>> {
+    if let Method::Lst(lst) = method {
+        let cache = FeatureCache::Memory;
+        return embedding_lst(gpu, model, lst, cache, train, eval, matryoshka, cfg, None, on_event);
+    }
     let mut task =
         rime_peft::EmbedTask::new(gpu.device(), model.as_ref(), method, train, eval).with_matryoshka(matryoshka);
     Ok(rime_peft::train(&mut task, cfg, None, &mut on_event)?)
@@ -325,9 +329,37 @@ pub fn embedding_in(
     out: &Path,
     mut on_event: impl FnMut(Event),
 ) -> Result<TrainResult<EmbedSummary>> {
+    if let Method::Lst(lst) = method {
+        let cache = FeatureCache::Dir(out.join("feature_cache"));
+        return embedding_lst(gpu, model, lst, cache, train, eval, matryoshka, cfg, Some(out), on_event);
+    }
     let mut task =
         rime_peft::EmbedTask::new(gpu.device(), model.as_ref(), method, train, eval).with_matryoshka(matryoshka);
     Ok(rime_peft::train(&mut task, cfg, Some(out), &mut on_event)?)
+}
+
+/// Sentence embeddings by ladder side-tuning ([`Method::Lst`]; what [`embedding`] and [`embedding_in`] run for
+/// it): the side network of [`classify_lst`] trained with the embedding loss (MNRL, optionally Matryoshka) on
+/// the stacked [anchors; positives; negatives] rows, evaluated by retrieval on its pooled output; every text's
+/// encoder states come from `cache` (fingerprinted by the model and the texts' token ids when a folder). The
+/// adapter is a `RIME_LST` one with `task_type` `FEATURE_EXTRACTION` and the trained dims.
+#[allow(clippy::too_many_arguments)]
+pub fn embedding_lst(
+    gpu: &Gpu,
+    model: impl AsRef<Path>,
+    lst: LstConfig,
+    cache: FeatureCache,
+    train: PairData,
+    eval: Option<PairData>,
+    matryoshka: MatryoshkaConfig,
+    cfg: &TrainConfig,
+    out: Option<&Path>,
+    mut on_event: impl FnMut(Event),
+) -> Result<TrainResult<EmbedSummary>> {
+    let mut task = rime_peft::lst_embed::LstEmbedTask::new(gpu.device(), model.as_ref(), lst, train, eval)
+        .with_cache(cache)
+        .with_matryoshka(matryoshka);
+    Ok(rime_peft::train(&mut task, cfg, out, &mut on_event)?)
 }
 
 /// Retrieval on held-out pairs (queries: the anchors; corpus: the distinct positives) of the encoder in

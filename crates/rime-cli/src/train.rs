@@ -70,9 +70,9 @@ pub struct TrainArgs {
     /// lst: temperature T of the gates sigmoid(alpha / T).
     #[arg(long, value_name = "T", default_value_t = 0.1, allow_hyphen_values = true)]
     lst_gate_temperature: f32,
-    /// lst: where the encoder's hidden states (f16) are cached: a folder (default OUT/feature_cache; reused by a
-    /// later run or --resume on the same model and data, refused for other ones) or `memory` (RAM, this run
-    /// only). probe: train the head from this cache (an LST run's folder serves); the main job's linear-probe
+    /// lst (--task classify or embedding): where the encoder's hidden states (f16) are cached: a folder (default
+    /// OUT/feature_cache; reused by a later run or --resume on the same model and data, refused for other ones)
+    /// or `memory` (RAM, this run only). probe: train the head from this cache (an LST run's folder serves); the main job's linear-probe
     /// baseline also reads its features from it.
     #[arg(long, value_name = "DIR")]
     feature_cache: Option<PathBuf>,

@@ -65,10 +65,6 @@ fn bad_embedding_flags_and_data_name_the_flag_file_and_line() {
         &["--matryoshka-weights needs --matryoshka"],
     );
     refused(&train(&m, &data, &data, &out, &["--method", "probe"]), &["--method probe", "no head"]);
-    refused(
-        &train(&m, &data, &data, &out, &["--method", "lst"]),
-        &["--method lst with --task embedding is not supported yet", "classification only"],
-    );
     refused(&train(&m, &data, &data, &out, &["--feature-cache", "memory"]), &["--feature-cache", "--task embedding"]);
     refused(&train(&m, &data, &data, &out, &["--no-feature-cache"]), &["--no-feature-cache", "--task embedding"]);
     let few = dir.join("few.jsonl");
@@ -141,10 +137,10 @@ fn a_tiny_matryoshka_run_then_embed_with_a_trained_dim() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// A ladder side-tuning adapter (trained by `--task classify --method lst`) is a side network the encoder does
-/// not build: `rime embed --adapter` refuses it, naming the folder, rather than embedding with the base model.
+/// A ladder side-tuning adapter trained by `--task classify --method lst` is a side network beside the encoder:
+/// `rime embed --adapter` runs it (its pooled output, as for a classification LoRA adapter) instead of refusing.
 #[test]
-fn embed_refuses_a_ladder_side_tuning_adapter() {
+fn embed_runs_a_classification_ladder_side_tuning_adapter() {
     let Some(m) = model() else { return };
     let dir = tmp("embed-lst");
     let (data, out) = (dir.join("train.jsonl"), dir.join("out"));
@@ -166,6 +162,52 @@ fn embed_refuses_a_ladder_side_tuning_adapter() {
     let cfg = std::fs::read_to_string(best.join("adapter_config.json")).unwrap();
     assert!(cfg.contains("RIME_LST"), "{cfg}");
     let o = rime().args(["embed", "--model", m.to_str().unwrap(), "--adapter"]).arg(&best).arg("x").output().unwrap();
-    refused(&o, &[best.to_str().unwrap(), "RIME_LST", "ladder side-tuning", "not supported"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
+    let e: Vec<f64> = v["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+    assert_eq!(e.len(), 384);
+    assert!((e.iter().map(|x| x * x).sum::<f64>().sqrt() - 1.0).abs() < 1e-5);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// `--task embedding --method lst`: the side network trains on the embedding loss from cached encoder states
+/// (in the run's feature_cache folder); a RIME_LST FEATURE_EXTRACTION adapter with its dims, which `rime embed`
+/// embeds through (the Encoder builds the side network).
+#[test]
+fn an_lst_embedding_run_writes_a_feature_extraction_lst_adapter() {
+    let Some(m) = model() else { return };
+    let dir = tmp("embed-lst-train");
+    let (data, eval, out) = (dir.join("train.jsonl"), dir.join("test.jsonl"), dir.join("out"));
+    head("train.jsonl", 16, &data);
+    head("test.jsonl", 16, &eval);
+    let o = train(&m, &data, &eval, &out, &["--method", "lst", "--matryoshka", "32,384", "--epochs", "2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("lst embedding") && text.contains("tuned (best epoch)"), "{text}");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("best/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["task_type"], "FEATURE_EXTRACTION");
+    assert_eq!(cfg["peft_type"], "RIME_LST");
+    let rj: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("best/rime.json")).unwrap()).unwrap();
+    assert_eq!(rj["rime_matryoshka_dims"], serde_json::json!([32, 384]));
+    assert!(out.join("feature_cache/meta.json").is_file() && out.join("feature_cache/train.anchor.f16").is_file());
+    // `rime embed` runs the side network: a unit vector of the trained dim, unlike the base model's.
+    let best = out.join("best");
+    let embed = |adapter: Option<&Path>| {
+        let mut c = rime();
+        c.args(["embed", "--model", m.to_str().unwrap(), "--dim", "32"]);
+        if let Some(a) = adapter {
+            c.arg("--adapter").arg(a);
+        }
+        let o = c.arg("A man is eating food.").output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
+        v["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect::<Vec<f64>>()
+    };
+    let (tuned, base) = (embed(Some(&best)), embed(None));
+    assert_eq!(tuned.len(), 32);
+    assert!((tuned.iter().map(|x| x * x).sum::<f64>().sqrt() - 1.0).abs() < 1e-5);
+    assert!(tuned.iter().zip(&base).any(|(a, b)| (a - b).abs() > 1e-4), "the LST adapter changed nothing");
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -493,7 +493,7 @@ pub fn metric_values(m: &[RetrievalMetrics]) -> Vec<(String, f64)> {
 }
 
 /// [`metric_values`] read back.
-fn from_values(values: &[(String, f64)], dims: &[usize]) -> Vec<RetrievalMetrics> {
+pub(crate) fn from_values(values: &[(String, f64)], dims: &[usize]) -> Vec<RetrievalMetrics> {
     let get = |k: String| values.iter().find(|(n, _)| *n == k).map_or(f64::NAN, |(_, v)| *v);
     dims.iter()
         .map(|&d| RetrievalMetrics {
@@ -506,7 +506,7 @@ fn from_values(values: &[(String, f64)], dims: &[usize]) -> Vec<RetrievalMetrics
 }
 
 /// Tokenize single texts (token types zero).
-fn tokenize(tok: &Tokenizer, texts: &[String]) -> Result<(Encoded, usize)> {
+pub(crate) fn tokenize(tok: &Tokenizer, texts: &[String]) -> Result<(Encoded, usize)> {
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     let enc = tok.encode_batch(&refs, None, Padding::Longest)?;
     let t = enc.seq_len;
@@ -599,14 +599,14 @@ impl Embedder {
 }
 
 /// The tokenized held-out retrieval set.
-struct RetrievalSet {
-    queries: Encoded,
-    corpus: Encoded,
-    gold: Vec<usize>,
+pub(crate) struct RetrievalSet {
+    pub(crate) queries: Encoded,
+    pub(crate) corpus: Encoded,
+    pub(crate) gold: Vec<usize>,
 }
 
 impl RetrievalSet {
-    fn new(tok: &Tokenizer, data: &PairData) -> Result<(RetrievalSet, usize)> {
+    pub(crate) fn new(tok: &Tokenizer, data: &PairData) -> Result<(RetrievalSet, usize)> {
         let (q, c, gold) = retrieval_set(data);
         let (queries, t1) = tokenize(tok, &q)?;
         let (corpus, t2) = tokenize(tok, &c)?;
@@ -632,7 +632,8 @@ impl RetrievalSet {
 
 /// Retrieval scores of the model in `model` (BERT folder), with the adapter folder `adapter` applied or
 /// frozen (None: the "frozen" row of a comparison), on held-out `data` at each of `dims` (empty: [`eval_dims`]
-/// of the adapter's trained dims), in batches of `batch` texts of at most `max_length` tokens.
+/// of the adapter's trained dims), in batches of `batch` texts of at most `max_length` tokens. A `RIME_LST`
+/// adapter embeds through its side network ([`crate::lst_embed::SideEncoder`]).
 pub fn evaluate_retrieval(
     dev: &Device,
     model: &Path,
@@ -646,12 +647,13 @@ pub fn evaluate_retrieval(
     crate::config::check_max_length(max_length)?;
     data.check("eval")?;
     let (mut store, cfg, prefix, tok) = open_model_as(dev, model, max_length, DType::F32)?;
-    let (hook, trained) = match adapter {
+    let (hook, trained, lst) = match adapter {
         Some(dir) => {
             let (acfg, _) = classifier::load_adapter(dev, &mut store, dir)?;
-            (classifier::hook_for_adapter(&acfg)?, trained_dims(&acfg))
+            let lst = acfg.peft_type == crate::methods::lst::PEFT_TYPE;
+            (classifier::hook_for_adapter(&acfg)?, trained_dims(&acfg), lst.then_some(acfg))
         }
-        None => (classifier::hook_for(&Method::Probe), None),
+        None => (classifier::hook_for(&Method::Probe), None, None),
     };
     classifier::check_virtual_fit(hook.virtual_tokens(), max_length.min(cfg.max_positions), &cfg)?;
     let dims = if dims.is_empty() { eval_dims(&trained.unwrap_or_default(), cfg.hidden) } else { dims.to_vec() };
@@ -659,6 +661,16 @@ pub fn evaluate_retrieval(
         return Err(Error::invalid("dims", format!("{d}: outside 1..={} (the model's hidden size)", cfg.hidden)));
     }
     let (set, _) = RetrievalSet::new(&tok, data)?;
+    if let Some(acfg) = lst {
+        // A ladder side-tuning adapter: the side network's pooled output (the encoder's linears are untouched).
+        let mut side = crate::lst_embed::SideEncoder::new(dev, store, &cfg, &prefix, &acfg, batch, max_length)
+            .map_err(|e| {
+                Error::Msg(format!("{}: {e}", adapter.map(|p| p.display().to_string()).unwrap_or_default()))
+            })?;
+        let q = side.embed(&set.queries)?;
+        let c = side.embed(&set.corpus)?;
+        return Ok(retrieval_metrics(&q, &c, cfg.hidden, &set.gold, &dims));
+    }
     let mut emb = Embedder::new(batch, max_length);
     set.score(&mut emb, dev, &store, &cfg, &prefix, hook.as_ref(), &dims)
 }
@@ -695,6 +707,69 @@ pub struct EmbedSummary {
     pub memory: String,
 }
 
+/// The train and eval pairs of an embedding run: `eval`, or a held-out part of `train`; refused when the
+/// training pairs are fewer than a batch (in-batch negatives need full batches).
+pub(crate) fn split_pairs(
+    train: &PairData,
+    eval: Option<&PairData>,
+    cfg: &TrainConfig,
+    on: &mut dyn FnMut(Event),
+) -> Result<(PairData, PairData)> {
+    train.check("train")?;
+    let (train, eval) = match eval {
+        Some(e) => {
+            e.check("eval")?;
+            (train.clone(), e.clone())
+        }
+        None => {
+            on(Event::Info(format!(
+                "no eval set: holding out {:.0}% of {} for evaluation",
+                cfg.eval_fraction * 100.0,
+                train.label("train")
+            )));
+            train.split(cfg.eval_fraction, cfg.seed)?
+        }
+    };
+    if train.len() < cfg.batch_size {
+        return Err(Error::invalid(
+            "batch_size",
+            format!(
+                "{}: more than the {} training pairs of {} (in-batch negatives need full batches); lower it",
+                cfg.batch_size,
+                train.len(),
+                train.label("train")
+            ),
+        ));
+    }
+    Ok((train, eval))
+}
+
+/// The tokenized sides of the training pairs, in the order the loss stacks them: anchors, positives and the
+/// hard negatives when there are; with the number of truncated texts.
+pub(crate) fn tokenize_blocks(tok: &Tokenizer, train: &PairData) -> Result<(Vec<Encoded>, usize)> {
+    let mut blocks = vec![];
+    let mut truncated = 0;
+    let mut sides = vec![&train.anchors, &train.positives];
+    if let Some(n) = &train.negatives {
+        sides.push(n);
+    }
+    for side in sides {
+        let (e, t) = tokenize(tok, side)?;
+        truncated += t;
+        blocks.push(e);
+    }
+    Ok((blocks, truncated))
+}
+
+/// Make a method's adapter value an embedding adapter: no head, `task_type` [`TASK_TYPE`], the trained dims
+/// ([`DIMS_FIELD`]) and their weights.
+pub(crate) fn mark_embedding_adapter(ad: &mut PeftAdapter, dims: &[usize], weights: &[f32]) {
+    ad.config.task_type = Some(TASK_TYPE.into());
+    ad.config.modules_to_save = vec![];
+    ad.config.raw.insert(DIMS_FIELD.into(), serde_json::json!(dims));
+    ad.config.raw.insert("rime_matryoshka_weights".into(), serde_json::json!(weights));
+}
+
 /// A model ready to train: what [`EmbedTask::prepare`] loads.
 struct Loaded {
     store: ParamStore,
@@ -720,8 +795,8 @@ struct Loaded {
 }
 
 /// Contrastive fine-tuning of an encoder for sentence embeddings ([`crate::train`] drives it): any tuning
-/// method but [`Method::Probe`] (which has no head here to train) and [`Method::Lst`] (its side network trains
-/// for classification only; refused, not yet supported here), MNRL with in-batch negatives (and hard
+/// method but [`Method::Probe`] (which has no head here to train) and [`Method::Lst`] (refused: its side network
+/// trains in [`crate::lst_embed::LstEmbedTask`]), MNRL with in-batch negatives (and hard
 /// negatives when the data has them), optionally Matryoshka; evaluation each epoch by retrieval on held-out
 /// pairs; a head-less peft adapter (`task_type: FEATURE_EXTRACTION`, the trained dims in
 /// `rime_matryoshka_dims`). Its [`Event::Eval`] carries recall@1 at the full dim as `accuracy` and the MRR as
@@ -769,35 +844,13 @@ impl<'d> EmbedTask<'d> {
         self.loaded.as_mut().ok_or_else(|| Error::Msg("the embedding task is not prepared".into()))
     }
 
-    /// The train and eval pairs: `eval`, or a held-out part of `train`.
-    fn splits(&self, cfg: &TrainConfig, on: &mut dyn FnMut(Event)) -> Result<(PairData, PairData)> {
-        self.train.check("train")?;
-        match &self.eval {
-            Some(e) => {
-                e.check("eval")?;
-                Ok((self.train.clone(), e.clone()))
-            }
-            None => {
-                on(Event::Info(format!(
-                    "no eval set: holding out {:.0}% of {} for evaluation",
-                    cfg.eval_fraction * 100.0,
-                    self.train.label("train")
-                )));
-                self.train.split(cfg.eval_fraction, cfg.seed)
-            }
-        }
-    }
-
     /// The adapter value: the method's tensors under peft's names, no head, `task_type: FEATURE_EXTRACTION`,
     /// the trained dims.
     fn adapter_value(&self) -> Result<PeftAdapter> {
         let l = self.loaded()?;
         let tuning: Box<dyn TuningMethod> = l.method.tuning();
         let mut ad = classifier::peft_adapter(self.dev, &l.store, tuning.as_ref(), &self.model.display().to_string())?;
-        ad.config.task_type = Some(TASK_TYPE.into());
-        ad.config.modules_to_save = vec![];
-        ad.config.raw.insert(DIMS_FIELD.into(), serde_json::json!(l.dims));
-        ad.config.raw.insert("rime_matryoshka_weights".into(), serde_json::json!(l.weights));
+        mark_embedding_adapter(&mut ad, &l.dims, &l.weights);
         Ok(ad)
     }
 }
@@ -818,43 +871,20 @@ impl<'d> Task<'d> for EmbedTask<'d> {
             ));
         }
         if matches!(self.method, Method::Lst(_)) {
-            // The side network trains for classification only (crate::lst::LstTask); the embedding task
-            // rewrites the encoder's linears, which LST leaves untouched: refused before any work.
+            // The side network is not a rewrite of the encoder's linears: its own task builds it.
             return Err(Error::invalid(
                 "method",
-                "lst (ladder side-tuning) is not supported by the embedding task yet: its side network trains \
-                 for classification only, and an embedding run would train nothing; choose lora, svfit, ia3, \
-                 adapter, prompt or prefix",
+                "lst (ladder side-tuning) trains a side network beside the encoder, which this task does not \
+                 build: run it with rime_peft::lst_embed::LstEmbedTask (rime::finetune::embedding_in does)",
             ));
         }
         let dev = self.dev;
-        let (train, eval) = self.splits(cfg, on)?;
-        if train.len() < cfg.batch_size {
-            return Err(Error::invalid(
-                "batch_size",
-                format!(
-                    "{}: more than the {} training pairs of {} (in-batch negatives need full batches); lower it",
-                    cfg.batch_size,
-                    train.len(),
-                    train.label("train")
-                ),
-            ));
-        }
+        let (train, eval) = split_pairs(&self.train, self.eval.as_ref(), cfg, on)?;
         let (mut store, bcfg, prefix, tok) = open_model_as(dev, &self.model, cfg.max_length, cfg.weights.dtype())?;
         let (dims, weights) = self.matryoshka.resolve(bcfg.hidden)?;
         let method = self.method.clone().for_model(&bcfg);
         classifier::check_virtual_fit(method.virtual_tokens(), cfg.max_length.min(bcfg.max_positions), &bcfg)?;
-        let mut blocks = vec![];
-        let mut truncated = 0;
-        let mut sides = vec![&train.anchors, &train.positives];
-        if let Some(n) = &train.negatives {
-            sides.push(n);
-        }
-        for side in sides {
-            let (e, t) = tokenize(&tok, side)?;
-            truncated += t;
-            blocks.push(e);
-        }
+        let (blocks, truncated) = tokenize_blocks(&tok, &train)?;
         let (eval_set, te) = RetrievalSet::new(&tok, &eval)?;
         if truncated + te > 0 {
             on(Event::Warn(format!(

@@ -15,6 +15,7 @@ pub mod embedding;
 mod fault;
 pub mod image;
 pub mod lst;
+pub mod lst_embed;
 pub mod methods;
 pub mod metrics;
 pub mod plot;

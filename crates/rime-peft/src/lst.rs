@@ -523,6 +523,27 @@ pub fn build_side_exec(
     Ok(SideExec { exec, logits, loss, pooled: so.pooled, batch: b, seq: t })
 }
 
+/// Feed a side graph of `rows` rows and `t` tokens ([`side_output`]): the state buffers (one [rows, t, H] per
+/// state of [`LstSpec::states`], in order) and the 0/1 token mask [rows, t], with the mask and pool weights
+/// derived from it.
+pub fn feed_side_inputs(
+    dev: &Device,
+    ex: &Executor,
+    spec: &LstSpec,
+    bufs: &[Vec<f32>],
+    mask: &[u32],
+    rows: usize,
+    t: usize,
+) -> Result<()> {
+    let (_, maskf, pool) = bert::aux_inputs(mask, rows, t);
+    for (s, buf) in spec.states().iter().zip(bufs) {
+        ex.feed_f32(dev, &state_input(*s), buf)?;
+    }
+    ex.feed_f32(dev, bert::ATTENTION_MASK, &maskf)?;
+    ex.feed_f32(dev, bert::POOL_WEIGHTS, &pool)?;
+    Ok(())
+}
+
 /// Per-example encoder states, f16, in one buffer: example `i` holds `states × len_i × H` values (state-major,
 /// then token, then channel).
 pub struct FeatureSet {
@@ -586,6 +607,12 @@ impl FeatureSet {
     /// Example `i`'s values as f32 into `out` (resized); the conversion is half's slice conversion (F16C
     /// where the CPU has it).
     fn example_into(&self, i: usize, out: &mut Vec<f32>) -> Result<()> {
+        if i + 1 >= self.offsets.len() {
+            return Err(Error::Msg(format!(
+                "feature cache: example {i} asked of a cache of {} examples",
+                self.offsets.len().saturating_sub(1)
+            )));
+        }
         let (a, b) = (self.offsets[i], self.offsets[i + 1]);
         let bits: &[u16] = match &self.data {
             FeatureData::Mem(v) => &v[a..b],
@@ -704,20 +731,23 @@ impl<'d> LstModel<'d> {
             .collect())
     }
 
-    /// Feed examples `idx` of `enc` into the side graph of bucket `t`: states from `cache`, or from the
-    /// encoder when None.
-    pub fn feed(
+    /// The side graph's inputs for examples `idx` of `enc` (at most `rows`) in `rows` rows padded to bucket
+    /// `t`: one buffer [rows, t, H] per state of [`LstSpec::states`] (in that order) and the 0/1 token mask
+    /// [rows, t]; states from `cache`, or from the encoder (rounded to f16 as the cache is) when None.
+    pub fn side_inputs(
         &mut self,
         enc: &Encoded,
         idx: &[usize],
         t: usize,
         cache: Option<&FeatureSet>,
-    ) -> Result<&mut SideExec> {
+    ) -> Result<(Vec<Vec<f32>>, Vec<u32>)> {
         let (b, h) = (self.rows, self.bcfg.hidden);
+        if idx.len() > b {
+            return Err(Error::Msg(format!("lst: a batch of {} examples in a graph of {b} rows", idx.len())));
+        }
         let ns = self.spec.states().len();
         let mut bufs = vec![vec![0f32; b * t * h]; ns];
         let mut mask = vec![0u32; b * t];
-        let mut labels = vec![-100i32; b];
         let fresh = match cache {
             Some(_) => None,
             None => Some(self.features(enc, idx, t)?),
@@ -760,16 +790,27 @@ impl<'d> LstModel<'d> {
                 buf[r * t * h..(r * t + len) * h].copy_from_slice(&ex[s * len * h..(s + 1) * len * h]);
             }
             mask[r * t..r * t + len].fill(1);
+        }
+        Ok((bufs, mask))
+    }
+
+    /// Feed examples `idx` of `enc` into the side graph of bucket `t`: states from `cache`, or from the
+    /// encoder when None.
+    pub fn feed(
+        &mut self,
+        enc: &Encoded,
+        idx: &[usize],
+        t: usize,
+        cache: Option<&FeatureSet>,
+    ) -> Result<&mut SideExec> {
+        let (bufs, mask) = self.side_inputs(enc, idx, t, cache)?;
+        let mut labels = vec![-100i32; self.rows];
+        for (r, &i) in idx.iter().enumerate() {
             labels[r] = enc.labels[i];
         }
-        let (_, maskf, pool) = bert::aux_inputs(&mask, b, t);
-        let dev = self.dev;
+        let (dev, rows, spec) = (self.dev, self.rows, self.spec.clone());
         let se = self.side(t)?;
-        for (s, buf) in wanted.iter().zip(&bufs) {
-            se.exec.feed_f32(dev, &state_input(*s), buf)?;
-        }
-        se.exec.feed_f32(dev, bert::ATTENTION_MASK, &maskf)?;
-        se.exec.feed_f32(dev, bert::POOL_WEIGHTS, &pool)?;
+        feed_side_inputs(dev, &se.exec, &spec, &bufs, &mask, rows, t)?;
         se.exec.feed_i32(dev, "labels", &labels)?;
         Ok(se)
     }
@@ -940,16 +981,24 @@ pub fn data_fingerprint(enc: &Encoded) -> String {
 
 /// The fingerprint a cache folder's meta.json records.
 fn cache_meta(model_hash: &str, max_length: usize, spec: &LstSpec, train: &Encoded, eval: &Encoded) -> Value {
-    json!({
+    cache_meta_sets(model_hash, max_length, spec, &[("train", train), ("eval", eval)])
+}
+
+/// The fingerprint of a cache folder holding the named `sets` (each kept in `<name>.f16`): the model's hash,
+/// max_length, the width, the states and each set's [`data_fingerprint`] under its name.
+pub fn cache_meta_sets(model_hash: &str, max_length: usize, spec: &LstSpec, sets: &[(&str, &Encoded)]) -> Value {
+    let mut v = json!({
         "format": "rime-lst-feature-cache 1",
         "dtype": "f16",
         "model": model_hash,
         "max_length": max_length,
         "hidden": spec.dims.hidden,
         "states": spec.states(),
-        "train": data_fingerprint(train),
-        "eval": data_fingerprint(eval),
-    })
+    });
+    for (name, enc) in sets {
+        v[*name] = json!(data_fingerprint(enc));
+    }
+    v
 }
 
 /// Open the cache in `dir` when its fingerprint matches `meta`, build it when there is none; refuse one whose
@@ -961,6 +1010,21 @@ fn open_or_build(
     train: &Encoded,
     eval: &Encoded,
 ) -> Result<(FeatureSet, FeatureSet, bool)> {
+    let (mut v, built) = open_or_build_sets(m, dir, meta, &[("train", train), ("eval", eval)])?;
+    let ev = v.pop().ok_or_else(|| Error::Msg("feature cache: no eval set".into()))?;
+    let tr = v.pop().ok_or_else(|| Error::Msg("feature cache: no train set".into()))?;
+    Ok((tr, ev, built))
+}
+
+/// [`open_or_build`] for any named sets (`meta` from [`cache_meta_sets`] on the same sets): each set's
+/// features in `<dir>/<name>.f16`, in the order of `sets`. A folder whose meta.json lacks one of the names (a
+/// cache of another task or data) is refused like one whose fingerprint differs. Returns (sets, built).
+pub fn open_or_build_sets(
+    m: &mut LstModel,
+    dir: &Path,
+    meta: &Value,
+    sets: &[(&str, &Encoded)],
+) -> Result<(Vec<FeatureSet>, bool)> {
     let meta_path = dir.join("meta.json");
     if meta_path.is_file() {
         let text =
@@ -974,17 +1038,17 @@ fn open_or_build(
                     continue; // any superset of the states read serves (below)
                 }
                 if have.get(k) != Some(want) {
+                    let what = match k.as_str() {
+                        "model" => "model (its weights, config or tokenizer differ)".to_string(),
+                        "train" => "training set".to_string(),
+                        "eval" => "eval set".to_string(),
+                        other if sets.iter().any(|(n, _)| *n == other) => format!("data set ({other})"),
+                        other => other.to_string(),
+                    };
                     return Err(Error::Msg(format!(
-                        "feature cache {}: made for another {} ({} there, {} here); not reused. Delete the folder \
-                         or give another cache folder",
+                        "feature cache {}: made for another {what} ({} there, {} here); not reused. Delete the \
+                         folder or give another cache folder",
                         dir.display(),
-                        match k.as_str() {
-                            "model" => "model (its weights, config or tokenizer differ)",
-                            "train" => "training set",
-                            "eval" => "eval set",
-                            "states" => "set of layers (drop_layers)",
-                            other => other,
-                        },
                         have.get(k).map_or("nothing".into(), |v| v.to_string()),
                         want
                     )));
@@ -1003,25 +1067,24 @@ fn open_or_build(
             )));
         }
         let per = stored.len() * m.bcfg.hidden;
-        let layout = |enc: &Encoded| {
+        let mut out = Vec::with_capacity(sets.len());
+        for (name, enc) in sets {
             let lens: Vec<usize> = enc.ids.iter().map(|x| x.len()).collect();
             let off = FeatureSet::layout(&lens, per);
-            (lens, off)
-        };
-        let (lt, ot) = layout(train);
-        let (le, oe) = layout(eval);
-        let tr = map_features(&dir.join("train.f16"), stored.clone(), lt, ot)?;
-        let ev = map_features(&dir.join("eval.f16"), stored, le, oe)?;
-        return Ok((tr, ev, false));
+            out.push(map_features(&dir.join(format!("{name}.f16")), stored.clone(), lens, off)?);
+        }
+        return Ok((out, false));
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::Msg(format!("feature cache {}: {e}", dir.display())))?;
-    let tr = m.features_to_file(train, &dir.join("train.f16"))?;
-    let ev = m.features_to_file(eval, &dir.join("eval.f16"))?;
+    let mut out = Vec::with_capacity(sets.len());
+    for (name, enc) in sets {
+        out.push(m.features_to_file(enc, &dir.join(format!("{name}.f16")))?);
+    }
     let tmp = dir.join("meta.json.tmp");
     std::fs::write(&tmp, serde_json::to_string_pretty(meta).unwrap_or_default())
         .and_then(|_| std::fs::rename(&tmp, &meta_path))
         .map_err(|e| Error::Msg(format!("feature cache {}: {e}", meta_path.display())))?;
-    Ok((tr, ev, true))
+    Ok((out, true))
 }
 
 /// What [`LstTask::prepare`] loads.
@@ -1307,7 +1370,7 @@ impl<'d> Task<'d> for LstTask<'d> {
 }
 
 /// Refuse an adapter whose LST settings differ from the run's (a resume into another configuration).
-fn check_adapter(acfg: &AdapterConfig, spec: &LstSpec, dir: &Path) -> Result<()> {
+pub(crate) fn check_adapter(acfg: &AdapterConfig, spec: &LstSpec, dir: &Path) -> Result<()> {
     let (cfg, dims) = crate::methods::lst::read_config(acfg)?;
     if cfg != spec.cfg || dims != spec.dims {
         return Err(Error::Msg(format!(

@@ -283,13 +283,13 @@ fn too_few_rows_for_the_batch_probe_and_lst_are_refused_before_loading() {
         Err(Error::Invalid { field: "method", message }) => assert!(message.contains("probe"), "{message}"),
         other => panic!("expected a method refusal, got {:?}", other.err()),
     }
-    // Ladder side-tuning is not supported by the embedding task: refused before anything loads, not trained
-    // as a no-op.
+    // Ladder side-tuning is not built by EmbedTask (LstEmbedTask trains it): refused before anything loads, not
+    // trained as a no-op.
     let lst = Method::Lst(rime_peft::lst::LstConfig::default());
     let mut t = EmbedTask::new(dev(), "/nonexistent-model", lst, pairs(40), None);
     match rime_peft::train(&mut t, &cfg, None, &mut |_| {}) {
         Err(Error::Invalid { field: "method", message }) => {
-            assert!(message.contains("lst") && message.contains("not supported"), "{message}")
+            assert!(message.contains("lst") && message.contains("LstEmbedTask"), "{message}")
         }
         other => panic!("expected a method refusal, got {:?}", other.err()),
     }
@@ -397,5 +397,105 @@ fn an_embedding_run_resumed_from_its_checkpoint_ends_as_the_straight_run() {
         assert!(diff <= 1e-6, "{}: resumed differs from straight by {diff}", x.name);
     }
     assert_eq!(straight.summary.eval_mrr, resumed.summary.eval_mrr);
+    std::fs::remove_dir_all(&out).ok();
+}
+
+// ---- ladder side-tuning for embeddings (rime_peft::lst_embed) ----
+
+fn lst_run(
+    m: &std::path::Path,
+    cache: rime_peft::lst::FeatureCache,
+    train: PairData,
+    eval: PairData,
+    cfg: &TrainConfig,
+    dir: Option<&std::path::Path>,
+) -> rime_peft::Result<rime_peft::TrainResult<rime_peft::EmbedSummary>> {
+    let mut task =
+        rime_peft::lst_embed::LstEmbedTask::new(dev(), m, rime_peft::lst::LstConfig::default(), train, Some(eval))
+            .with_cache(cache)
+            .with_matryoshka(MatryoshkaConfig::dims(vec![32, 384]));
+    rime_peft::train(&mut task, cfg, dir, &mut |_| {})
+}
+
+#[test]
+fn lst_trains_embeddings_on_the_side_network_and_saves_a_feature_extraction_adapter() {
+    let Some(m) = model() else { return };
+    let train = snli(8, "train.jsonl");
+    // 64 held-out pairs: enough that retrieval is not perfect, so the comparisons below mean something.
+    let eval = snli(64, "test.jsonl");
+    let cfg = TrainConfig { epochs: 4, batch_size: 8, max_length: 32, lr: 5e-3, ..TrainConfig::default() };
+    let out = tmp("lst-embed");
+    let dir = out.join("run");
+    let r = lst_run(&m, rime_peft::lst::FeatureCache::Memory, train, eval.clone(), &cfg, Some(&dir)).unwrap();
+    let losses: Vec<f64> = r.log.iter().filter_map(|v| v["loss"].as_f64()).collect();
+    assert_eq!(losses.len(), 4);
+    assert!(losses[3] < losses[0], "loss did not fall: {losses:?}");
+    let s = &r.summary;
+    assert_eq!(s.method, "lst");
+    assert!(s.eval_mrr.is_finite() && s.eval_mrr > 0.0 && s.eval_mrr < 1.0, "{s:?}");
+    assert_eq!(s.retrieval.iter().map(|x| x.dim).collect::<Vec<_>>(), vec![32, 64, 128, 256, 384]);
+    assert!(s.hard_negatives && s.eval_queries == 64);
+    let cfg_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("best/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg_json["task_type"], "FEATURE_EXTRACTION");
+    assert_eq!(cfg_json["peft_type"], "RIME_LST");
+    assert!(cfg_json["modules_to_save"].as_array().is_none_or(|a| a.is_empty()), "{cfg_json}");
+    let ad = rime_io::PeftAdapter::load(dir.join("best")).unwrap();
+    assert_eq!(embedding::trained_dims(&ad.config), Some(vec![32, 384]));
+    let names: Vec<&String> = ad.tensors.iter().map(|t| &t.name).collect();
+    assert!(names.iter().all(|n| n.contains("lst.")), "{names:?}");
+    assert!(names.iter().any(|n| n.contains("lst.up.weight")), "{names:?}");
+    // The zero-initialised upsampler moved: the side network changed the embedding.
+    let up = ad.tensors.iter().find(|t| t.name.contains("lst.up.weight")).unwrap();
+    assert!(up.data.iter().any(|&x| x != 0.0));
+    // The saved adapter scores (through its side network) as the run's best evaluation, and not as the frozen
+    // model does.
+    let saved = embedding::evaluate_retrieval(dev(), &m, Some(&dir.join("best")), &eval, &[], 24, 32).unwrap();
+    assert_eq!(saved.len(), s.retrieval.len());
+    for (a, b) in saved.iter().zip(&s.retrieval) {
+        assert!((a.mrr - b.mrr).abs() < 1e-6, "dim {}: saved {} vs run {}", a.dim, a.mrr, b.mrr);
+    }
+    let frozen = embedding::evaluate_retrieval(dev(), &m, None, &eval, &[], 24, 32).unwrap();
+    assert!(frozen.iter().zip(&saved).any(|(f, a)| f.mrr != a.mrr), "{frozen:?} {saved:?}");
+    std::fs::remove_dir_all(&out).ok();
+}
+
+#[test]
+fn lst_embedding_cache_is_bitwise_the_recompute_and_another_datasets_cache_is_refused() {
+    use rime_peft::lst::FeatureCache;
+    let Some(m) = model() else { return };
+    let train = snli(8, "train.jsonl");
+    let eval = snli(8, "test.jsonl");
+    let cfg = TrainConfig { epochs: 2, batch_size: 4, max_length: 32, lr: 5e-3, ..TrainConfig::default() };
+    let out = tmp("lst-embed-cache");
+    let cache = out.join("cache");
+    let bits = |r: &rime_peft::TrainResult<rime_peft::EmbedSummary>| -> Vec<u32> {
+        r.log.iter().filter_map(|v| v["loss"].as_f64()).map(|l| (l as f32).to_bits()).collect()
+    };
+    let off = lst_run(&m, FeatureCache::Off, train.clone(), eval.clone(), &cfg, None).unwrap();
+    let mem = lst_run(&m, FeatureCache::Memory, train.clone(), eval.clone(), &cfg, None).unwrap();
+    let file = lst_run(&m, FeatureCache::Dir(cache.clone()), train.clone(), eval.clone(), &cfg, None).unwrap();
+    let again = lst_run(&m, FeatureCache::Dir(cache.clone()), train.clone(), eval.clone(), &cfg, None).unwrap();
+    assert!(cache.join("meta.json").is_file() && cache.join("train.negative.f16").is_file());
+    assert!(cache.join("eval.corpus.f16").is_file());
+    let l = bits(&off);
+    assert_eq!(l.len(), 4, "2 steps × 2 epochs");
+    for (name, r) in [("memory", &mem), ("file", &file), ("file reused", &again)] {
+        assert_eq!(bits(r), l, "{name}: losses differ from the recompute run");
+        assert_eq!(r.adapter.tensors.len(), off.adapter.tensors.len());
+        for (a, b) in r.adapter.tensors.iter().zip(&off.adapter.tensors) {
+            assert_eq!(a.name, b.name);
+            let same = a.data.iter().zip(&b.data).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same, "{name}: adapter tensor {} differs from the recompute run", a.name);
+        }
+        assert_eq!(r.summary.eval_mrr.to_bits(), off.summary.eval_mrr.to_bits(), "{name}: eval MRR");
+    }
+    // Another training set in the same cache folder: refused, naming the set.
+    let other = snli(8, "test.jsonl");
+    let e = match lst_run(&m, FeatureCache::Dir(cache.clone()), other, eval.clone(), &cfg, None) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("a cache of another training set was reused"),
+    };
+    assert!(e.contains("made for another data set (train.anchor)") && e.contains("not reused"), "{e}");
     std::fs::remove_dir_all(&out).ok();
 }

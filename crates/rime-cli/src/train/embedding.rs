@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use rime::finetune::{self, Event, MatryoshkaConfig, PairColumns, PairData, RetrievalMetrics};
+use rime::finetune::{self, Event, FeatureCache, MatryoshkaConfig, Method, PairColumns, PairData, RetrievalMetrics};
 use rime_kernels::{Device, DeviceOptions};
 
 use super::{default_model, method_of, repo_data, train_config, BoxErr, Progress, TrainArgs};
@@ -44,16 +44,13 @@ fn table(title: &str, rows: &[(&str, &[RetrievalMetrics])]) -> String {
 }
 
 pub(super) fn run(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
-    if a.method == "lst" {
-        return Err("--method lst with --task embedding is not supported yet: ladder side-tuning trains its side \
-                    network for classification only (--task classify); for embeddings choose --method lora, svfit, \
-                    ia3, adapter, prompt or prefix"
-            .into());
-    }
-    if a.no_feature_cache || a.feature_cache.is_some() {
-        return Err("--feature-cache and --no-feature-cache apply to --task classify (--method lst or probe); \
-                    --task embedding caches nothing"
-            .into());
+    if a.method != "lst" && (a.no_feature_cache || a.feature_cache.is_some()) {
+        return Err(format!(
+            "--feature-cache and --no-feature-cache apply to --method lst (and probe with --task classify); \
+             --task embedding with --method {} caches nothing",
+            a.method
+        )
+        .into());
     }
     let defaults = a.train.is_none();
     let model = match &a.model {
@@ -93,17 +90,19 @@ pub(super) fn run(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
         )),
         e => progress.on(e),
     };
-    let run = finetune::embedding_in(
-        &gpu,
-        &model,
-        method,
-        train_data.clone(),
-        eval_data.clone(),
-        matryoshka,
-        &cfg,
-        &out,
-        &mut on,
-    )?;
+    let (tr, ev) = (train_data.clone(), eval_data.clone());
+    let run = match method {
+        Method::Lst(lst) => {
+            let cache = match &a.feature_cache {
+                _ if a.no_feature_cache => FeatureCache::Off,
+                Some(p) if p.as_os_str() == "memory" => FeatureCache::Memory,
+                Some(p) => FeatureCache::Dir(p.clone()),
+                None => FeatureCache::Dir(out.join("feature_cache")),
+            };
+            finetune::embedding_lst(&gpu, &model, lst, cache, tr, ev, matryoshka, &cfg, Some(&out), &mut on)?
+        }
+        method => finetune::embedding_in(&gpu, &model, method, tr, ev, matryoshka, &cfg, &out, &mut on)?,
+    };
     progress.bar.finish_and_clear();
     let s = run.summary;
     outln!(
