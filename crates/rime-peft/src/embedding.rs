@@ -477,6 +477,15 @@ pub fn retrieval_set(data: &PairData) -> (Vec<String>, Vec<String>, Vec<usize>) 
     (data.anchors.clone(), corpus, gold)
 }
 
+/// A task's [`Evaluation`] of per-dim retrieval metrics over `examples` queries: MRR at the full dim (the last)
+/// is the score; the shared metrics record carries recall@1 at the full dim as `accuracy` and MRR as `macro_f1`
+/// (see [`EmbedSummary`] for the real names); there is no eval loss.
+pub(crate) fn retrieval_evaluation(m: &[RetrievalMetrics], examples: usize) -> Result<Evaluation> {
+    let full = m.last().copied().ok_or_else(|| Error::Msg("no eval dim".into()))?;
+    let metrics = EvalMetrics { accuracy: full.recall_at_1, macro_f1: full.mrr, loss: f64::NAN, examples };
+    Ok(Evaluation { metrics, score: full.mrr, values: metric_values(m) })
+}
+
 /// Metric names in `metrics.jsonl` and the history: `eval_mrr` (the full dim: what picks the best adapter),
 /// and per dim D `eval_recall@1@D`, `eval_recall@10@D`, `eval_mrr@D`.
 pub fn metric_values(m: &[RetrievalMetrics]) -> Vec<(String, f64)> {
@@ -1003,12 +1012,7 @@ impl<'d> Task<'d> for EmbedTask<'d> {
         let dev = self.dev;
         let l = self.loaded_mut()?;
         let m = l.eval.score(&mut l.embedder, dev, &l.store, &l.cfg, &l.prefix, l.eval_hook.as_ref(), &l.eval_dims)?;
-        let full = m.last().copied().ok_or_else(|| Error::Msg("no eval dim".into()))?;
-        // The shared metrics record: recall@1 at the full dim as "accuracy", MRR as "macro_f1" (see EmbedSummary
-        // for the real names); there is no eval loss.
-        let metrics =
-            EvalMetrics { accuracy: full.recall_at_1, macro_f1: full.mrr, loss: f64::NAN, examples: l.eval.gold.len() };
-        Ok(Some(Evaluation { metrics, score: full.mrr, values: metric_values(&m) }))
+        Ok(Some(retrieval_evaluation(&m, l.eval.gold.len())?))
     }
 
     fn metric(&self) -> Metric {

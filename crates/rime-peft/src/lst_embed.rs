@@ -21,12 +21,12 @@ use rime_graph::{Executor, Graph, OptimConfig, ParamStore, Var};
 use rime_io::peft::PeftAdapter;
 use rime_kernels::Device;
 
-use crate::classifier::{self, EvalMetrics};
+use crate::classifier;
 use crate::classify::{empty_store, open_model_as, Encoded};
 use crate::config::TrainConfig;
 use crate::embedding::{
-    add_loss_constants, eval_dims, from_values, loss_graph, mark_embedding_adapter, metric_values, retrieval_metrics,
-    split_pairs, tokenize_blocks, EmbedSummary, LossFeeds, MatryoshkaConfig, PairData, RetrievalSet,
+    add_loss_constants, eval_dims, from_values, loss_graph, mark_embedding_adapter, retrieval_evaluation,
+    retrieval_metrics, split_pairs, tokenize_blocks, EmbedSummary, LossFeeds, MatryoshkaConfig, PairData, RetrievalSet,
 };
 use crate::lst::{
     add_parameters, cache_meta_sets, check_adapter, feed_side_inputs, model_fingerprint, open_or_build_sets,
@@ -368,11 +368,7 @@ impl<'d> Task<'d> for LstEmbedTask<'d> {
         let q = embed(&mut l.m, &mut l.eval_execs, &l.eval.queries, l.query_f.as_ref())?;
         let c = embed(&mut l.m, &mut l.eval_execs, &l.eval.corpus, l.corpus_f.as_ref())?;
         let m = retrieval_metrics(&q, &c, l.m.bcfg.hidden, &l.eval.gold, &l.eval_dims);
-        let full = m.last().copied().ok_or_else(|| Error::Msg("no eval dim".into()))?;
-        // As EmbedTask: recall@1 at the full dim as "accuracy", MRR as "macro_f1"; no eval loss.
-        let metrics =
-            EvalMetrics { accuracy: full.recall_at_1, macro_f1: full.mrr, loss: f64::NAN, examples: l.eval.gold.len() };
-        Ok(Some(Evaluation { metrics, score: full.mrr, values: metric_values(&m) }))
+        Ok(Some(retrieval_evaluation(&m, l.eval.gold.len())?))
     }
 
     fn metric(&self) -> Metric {
