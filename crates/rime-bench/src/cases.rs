@@ -492,16 +492,37 @@ pub(crate) fn train_step(ctx: &Ctx) -> Result<CaseResult> {
     let labels: Vec<i32> = (0..b).map(|i| (i % 2) as i32).collect();
     classifier::feed(dev, &se, &ids, &types, &mask, &labels)?;
 
-    let exec = &mut se.exec;
+    let steps = time_steps(ctx, &mut se.exec)?;
+    let (cpu, flops) = cpu_step(ctx, &cfg, b, t, r);
+    let shape = format!("B={b} T={t} L={} C={} LoRA r={r} q,v + head", cfg.layers, cfg.hidden);
+    let base = format!("{}: the step's products + attention only (lower bound of a CPU step)", gemm_label());
+    let mut res = ctx.result("train_step_minilm_lora", shape, Unit::Gflops, flops, steps.wall, base, cpu);
+    step_extras(ctx, &mut res, &steps, b, &se.exec)?;
+    res.extra.insert("weights".into(), weights.into());
+    Ok(res)
+}
+
+/// A steady training loop's timings ([`time_steps`]).
+struct StepTimes {
+    wall: Stats,
+    kernel: Option<f64>,
+    record: Option<f64>,
+    outside: Option<f64>,
+    host_cpu: Option<f64>,
+    loss: Option<f32>,
+}
+
+/// Warm up, then run `ctx.opts.train_steps` steps one at a time, as the trainer runs them (each step() waits
+/// for the GPU: it reads the previous loss). With timestamps, a marker submitted just before the step and one
+/// just after bracket its GPU work; the marker before fires at once, while the step is still being recorded,
+/// so the recording time is taken off. The share outside kernels is then 1 - kernel time / wall time of the
+/// same step.
+fn time_steps(ctx: &Ctx, exec: &mut rime_graph::Executor) -> Result<StepTimes> {
+    let dev = ctx.dev;
     for _ in 0..ctx.opts.warmup.max(1) {
         exec.step(dev)?;
     }
     exec.last_loss(dev)?;
-
-    // Steps one at a time, as the trainer runs them (each step() waits for the GPU: it reads the previous
-    // loss). With timestamps, a marker submitted just before the step and one just after bracket its GPU
-    // work; the marker before fires at once, while the step is still being recorded, so the recording time
-    // is taken off. The share outside kernels is then 1 - kernel time / wall time of the same step.
     let steps = ctx.opts.train_steps.max(1);
     let set = ctx.timer.marker_set();
     let (mut wall_s, mut record_s, mut kernel_s, mut outside_s) = (vec![], vec![], vec![], vec![]);
@@ -536,40 +557,138 @@ pub(crate) fn train_step(ctx: &Ctx) -> Result<CaseResult> {
         }
     }
     let med = |v: Vec<f64>| (!v.is_empty()).then(|| Stats::of(v).median);
-    let gpu = Stats::of(wall_s);
-    let wall = gpu.median;
+    let wall = Stats::of(wall_s);
     let (kernel, record) = (med(kernel_s), med(record_s));
     let outside = match (med(outside_s), host_cpu) {
         (Some(o), _) => Some(o),
-        (None, Some(h)) => Some((h / wall).clamp(0.0, 1.0)),
+        (None, Some(h)) => Some((h / wall.median).clamp(0.0, 1.0)),
         _ => None,
     };
+    Ok(StepTimes { wall, kernel, record, outside, host_cpu, loss })
+}
 
-    let (cpu, flops) = cpu_step(ctx, &cfg, b, t, r);
-    let shape = format!("B={b} T={t} L={} C={} LoRA r={r} q,v + head", cfg.layers, cfg.hidden);
-    let base = format!("{}: the step's products + attention only (lower bound of a CPU step)", gemm_label());
-    let mut res = ctx.result("train_step_minilm_lora", shape, Unit::Gflops, flops, gpu, base, cpu);
+/// The training-step cases' extra fields: examples/s (rime and baseline), the step's parts and its kernel
+/// profile.
+fn step_extras(
+    ctx: &Ctx,
+    res: &mut CaseResult,
+    st: &StepTimes,
+    b: usize,
+    exec: &rime_graph::Executor,
+) -> Result<()> {
     let ms = |x: f64| (x * 1e5).round() / 100.0;
+    let baseline_ms = res.baseline_ms;
     let e = &mut res.extra;
-    e.insert("examples_per_s".into(), (b as f64 / wall).into());
-    e.insert("baseline_examples_per_s".into(), (b as f64 / res.baseline_ms * 1e3).into());
-    e.insert("step_ms".into(), ms(wall).into());
-    e.insert("kernel_ms".into(), kernel.map(ms).into());
-    e.insert("record_submit_ms".into(), record.map(ms).into());
-    e.insert("host_cpu_ms".into(), host_cpu.map(ms).into());
-    e.insert("outside_kernels_share".into(), outside.map(|x| (x * 1e4).round() / 1e4).into());
+    e.insert("examples_per_s".into(), (b as f64 / st.wall.median).into());
+    e.insert("baseline_examples_per_s".into(), (b as f64 / baseline_ms * 1e3).into());
+    e.insert("step_ms".into(), ms(st.wall.median).into());
+    e.insert("kernel_ms".into(), st.kernel.map(ms).into());
+    e.insert("record_submit_ms".into(), st.record.map(ms).into());
+    e.insert("host_cpu_ms".into(), st.host_cpu.map(ms).into());
+    e.insert("outside_kernels_share".into(), st.outside.map(|x| (x * 1e4).round() / 1e4).into());
     e.insert(
         "outside_kernels_method".into(),
-        if kernel.is_some() { "1 - timestamped GPU time / wall" } else { "calling thread's CPU time / wall" }.into(),
+        if st.kernel.is_some() { "1 - timestamped GPU time / wall" } else { "calling thread's CPU time / wall" }
+            .into(),
     );
     e.insert("dispatches_per_step".into(), exec.dispatches_per_step().into());
     if let Some(p) = kernel_profile(ctx, exec)? {
         e.insert("profile".into(), p);
     }
-    e.insert("loss".into(), loss.map(|l| l as f64).into());
-    e.insert("weights".into(), weights.into());
+    e.insert("loss".into(), st.loss.map(|l| l as f64).into());
     res.timing = "wall per step (steady training loop)";
+    Ok(())
+}
+
+/// Ladder side-tuning's step from cached states: the side network (reduction 8) over seven [B, T, H] encoder
+/// states fed as inputs, the head and AdamW; the encoder does not run (its states are random here, as from a
+/// cache). Baseline: the side network's products and attention through `gemm` on the CPU.
+pub(crate) fn lst_step(ctx: &Ctx) -> Result<CaseResult> {
+    use rime_peft::lst::{self, LstConfig, LstSpec};
+    let dev = ctx.dev;
+    let tiny = ctx.opts.tiny;
+    let (b, t) = if tiny { (2, 16) } else { (32, 128) };
+    let cfg = if tiny { tiny_config() } else { minilm_config() };
+    let lcfg = LstConfig { reduction: if tiny { 4 } else { 8 }, ..LstConfig::default() };
+    let spec = LstSpec::new(lcfg, &cfg, "")?;
+    let mut store = ParamStore::new();
+    let shapes: std::collections::HashMap<String, Vec<usize>> = rime_models::bert::param_shapes(&cfg).into_iter().collect();
+    let mut get = |name: &str| -> rime_peft::Result<Vec<f32>> {
+        let n: usize = shapes.get(name).map(|s| s.iter().product()).unwrap_or(0);
+        Ok(fill(n, 7 + name.len() as u64).into_iter().map(|x| 0.04 * x).collect())
+    };
+    lst::add_parameters(dev, &mut store, &mut get, &cfg, &spec, 0)?;
+    classifier::init_head(dev, &mut store, cfg.hidden, 2, 0)?;
+    let optim = OptimConfig::adamw(1e-3, 0.01);
+    let mut se = lst::build_side_exec(dev, &store, &spec, b, t, Some(optim), None)?;
+    let states = spec.states();
+    let bufs: Vec<Vec<f32>> = states.iter().map(|&s| fill(b * t * cfg.hidden, 60 + s as u64)).collect();
+    let mask = vec![1u32; b * t];
+    lst::feed_side_inputs(dev, &se.exec, &spec, &bufs, &mask, b, t)?;
+    let labels: Vec<i32> = (0..b).map(|i| (i % 2) as i32).collect();
+    se.exec.feed_i32(dev, "labels", &labels)?;
+    let steps = time_steps(ctx, &mut se.exec)?;
+    let (cpu, flops) = cpu_lst_step(ctx, &cfg, &spec, b, t);
+    let d = spec.dims.side;
+    let shape = format!(
+        "B={b} T={t} H={} side width {d} ({} layers, {} heads), {} states",
+        cfg.hidden,
+        spec.cfg.kept_layers(cfg.layers).len(),
+        spec.dims.heads,
+        states.len()
+    );
+    let base = format!("{}: the side network's products + attention only", gemm_label());
+    let mut res = ctx.result("train_step_minilm_lst", shape, Unit::Gflops, flops, steps.wall, base, cpu);
+    step_extras(ctx, &mut res, &steps, b, &se.exec)?;
+    res.extra.insert("weights".into(), "random side network and states of MiniLM-L6's shapes".into());
     Ok(res)
+}
+
+/// The products a side-network step must do (nominal): the downsamplers (forward and weight gradient; no
+/// gradient enters the states), each side layer's six linears (forward, input and weight gradients) and the
+/// upsampler.
+fn lst_products(h: usize, d: usize, f: usize, m: usize, states: usize, layers: usize) -> Vec<(usize, usize, usize)> {
+    let mut v = Vec::new();
+    for _ in 0..states {
+        v.extend([(m, d, h), (d, h, m)]);
+    }
+    for _ in 0..layers {
+        for (o, i) in [(d, d), (d, d), (d, d), (d, d), (f, d), (d, f)] {
+            v.extend([(m, o, i), (m, i, o), (o, i, m)]);
+        }
+    }
+    v.extend([(m, h, d), (m, d, h), (h, d, m)]);
+    v
+}
+
+fn cpu_lst_step(ctx: &Ctx, cfg: &BertConfig, spec: &rime_peft::lst::LstSpec, b: usize, t: usize) -> (Stats, f64) {
+    let (d, f, heads) = (spec.dims.side, spec.dims.intermediate, spec.dims.heads);
+    let layers = spec.cfg.kept_layers(cfg.layers).len();
+    let prods = lst_products(cfg.hidden, d, f, b * t, spec.states().len(), layers);
+    let big = prods.iter().map(|&(m, n, k)| (m * k).max(k * n).max(m * n)).max().unwrap_or(1);
+    let lhs = fill(big, 41);
+    let rhs = fill(big, 42);
+    let mut dst = vec![0f32; big];
+    let hs = d / heads;
+    let att = cpu::Attention { b, t, nh: heads, hs, scale: 1.0 / (hs as f32).sqrt() };
+    let n = b * t * d;
+    let (q, k, v, dout) = (fill(n, 43), fill(n, 44), fill(n, 45), fill(n, 46));
+    let mask = vec![1f32; b * t];
+    let (mut out, mut lse) = (vec![0f32; n], vec![0f32; b * heads * t]);
+    let (mut dq, mut dk, mut dv) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+    let steps = ctx.opts.runs.clamp(1, 3);
+    let stats = measure_cpu(1, steps, || {
+        for &(m, nn, kk) in &prods {
+            cpu::gemm_f32(m, nn, kk, &mut dst, row(nn), false, &lhs, row(kk), &rhs, row(nn), 1.0, cpu::all_threads());
+        }
+        for _ in 0..layers {
+            att.forward(&mut out, &mut lse, &q, &k, &v, &mask);
+            att.backward(&mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &out, &lse, &mask);
+        }
+    });
+    let flops = prods.iter().map(|&(m, n, k)| 2.0 * (m * n * k) as f64).sum::<f64>()
+        + layers as f64 * 14.0 * (b * heads * t * t * hs) as f64;
+    (stats, flops)
 }
 
 /// Where a training step's kernel time goes: one step with each dispatch timed on its own, summed per kernel
@@ -577,6 +696,11 @@ pub(crate) fn train_step(ctx: &Ctx) -> Result<CaseResult> {
 fn kernel_profile(ctx: &Ctx, exec: &rime_graph::Executor) -> Result<Option<serde_json::Value>> {
     let ds: Vec<&Dispatch> = exec.step_dispatches().collect();
     let Some(times) = ctx.timer.profile(&ds)? else { return Ok(None) };
+    if std::env::var("RIME_PROFILE_DUMP").is_ok() {
+        for (d, t) in ds.iter().zip(&times) {
+            eprintln!("PROF {} {:?} {:.3}", d.label, d.workgroups(), t * 1e3);
+        }
+    }
     let mut by: Vec<(String, usize, f64)> = Vec::new();
     for (d, t) in ds.iter().zip(&times) {
         match by.iter_mut().find(|(k, _, _)| *k == d.label) {

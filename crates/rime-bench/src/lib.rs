@@ -36,11 +36,12 @@ pub enum Suite {
     Lora,
     Merge,
     TrainStep,
+    LstStep,
     All,
 }
 
 impl Suite {
-    pub const NAMES: [&'static str; 6] = ["matmul", "attention", "lora", "merge", "train-step", "all"];
+    pub const NAMES: [&'static str; 7] = ["matmul", "attention", "lora", "merge", "train-step", "lst-step", "all"];
 
     pub fn parse(s: &str) -> Result<Suite> {
         Ok(match s {
@@ -49,6 +50,7 @@ impl Suite {
             "lora" => Suite::Lora,
             "merge" => Suite::Merge,
             "train-step" | "train_step" => Suite::TrainStep,
+            "lst-step" | "lst_step" => Suite::LstStep,
             "all" => Suite::All,
             _ => return Err(Error::Msg(format!("unknown case '{s}': expected one of {}", Suite::NAMES.join(", ")))),
         })
@@ -235,6 +237,9 @@ pub fn run(
     }
     if suite.includes(Suite::TrainStep) {
         push(cases::train_step(&ctx)?);
+    }
+    if suite.includes(Suite::LstStep) {
+        push(cases::lst_step(&ctx)?);
     }
     Ok(out)
 }
