@@ -696,11 +696,6 @@ fn cpu_lst_step(ctx: &Ctx, cfg: &BertConfig, spec: &rime_peft::lst::LstSpec, b: 
 fn kernel_profile(ctx: &Ctx, exec: &rime_graph::Executor) -> Result<Option<serde_json::Value>> {
     let ds: Vec<&Dispatch> = exec.step_dispatches().collect();
     let Some(times) = ctx.timer.profile(&ds)? else { return Ok(None) };
-    if std::env::var("RIME_PROFILE_DUMP").is_ok() {
-        for (d, t) in ds.iter().zip(&times) {
-            eprintln!("PROF {} {:?} {:.3}", d.label, d.workgroups(), t * 1e3);
-        }
-    }
     let mut by: Vec<(String, usize, f64)> = Vec::new();
     for (d, t) in ds.iter().zip(&times) {
         match by.iter_mut().find(|(k, _, _)| *k == d.label) {
