@@ -72,8 +72,11 @@ fn example(
     Ok((ids, targets, cut))
 }
 
+/// Token ids and their targets (-100 where unscored), one pair per example.
+type Examples = Vec<(Vec<u32>, Vec<i32>)>;
+
 /// Tokenized examples that have at least one target token, and how many were cut at the maximum length.
-fn encode_all(model: &llama::LlamaModel, ds: &Dataset, max_len: usize) -> Result<(Vec<(Vec<u32>, Vec<i32>)>, usize)> {
+fn encode_all(model: &llama::LlamaModel, ds: &Dataset, max_len: usize) -> Result<(Examples, usize)> {
     let eos = model.eos_tokens.first().copied();
     let (mut data, mut cut) = (vec![], 0);
     for ex in &ds.examples {

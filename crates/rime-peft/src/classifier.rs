@@ -365,6 +365,7 @@ pub struct ShapeExec {
 /// Build the classification graph for (b, t): encoder → mean pool → head → cross-entropy, or with a
 /// [`HeadKind::Hf`] head in the store: encoder → first token → pooler → classifier → cross-entropy (`pooled`
 /// stays the mean pool either way).
+#[allow(clippy::too_many_arguments)]
 pub fn build_exec(
     dev: &Device,
     store: &ParamStore,

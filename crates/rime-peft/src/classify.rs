@@ -362,19 +362,30 @@ impl<'d> ClassifyTask<'d> {
 
     /// The train and eval splits: `eval` when given, else a seeded held-out part of `train`.
     fn splits(&self, cfg: &TrainConfig, on: &mut dyn FnMut(Event)) -> Result<(Dataset, Dataset)> {
-        let train = self.train.dataset("train")?;
-        Ok(match &self.eval {
-            Some(e) => (train, e.dataset("eval")?),
-            None => {
-                on(Event::Info(format!(
-                    "no eval set: holding out {:.0}% of {} for evaluation",
-                    cfg.eval_fraction * 100.0,
-                    train.path.display()
-                )));
-                train.split(cfg.eval_fraction, cfg.seed)?
-            }
-        })
+        splits(&self.train, self.eval.as_ref(), cfg, on)
     }
+}
+
+/// The training and evaluation sets of a text-classification task: `eval`, or a seeded held-out part of
+/// `train` (`cfg.eval_fraction`), said in an event.
+pub(crate) fn splits(
+    train: &TextClassData,
+    eval: Option<&TextClassData>,
+    cfg: &TrainConfig,
+    on: &mut dyn FnMut(Event),
+) -> Result<(Dataset, Dataset)> {
+    let train = train.dataset("train")?;
+    Ok(match eval {
+        Some(e) => (train, e.dataset("eval")?),
+        None => {
+            on(Event::Info(format!(
+                "no eval set: holding out {:.0}% of {} for evaluation",
+                cfg.eval_fraction * 100.0,
+                train.path.display()
+            )));
+            train.split(cfg.eval_fraction, cfg.seed)?
+        }
+    })
 }
 
 impl<'d> Task<'d> for ClassifyTask<'d> {

@@ -682,6 +682,21 @@ impl<'d> LstModel<'d> {
     }
 
     /// The side graph of bucket `t` (built on first use, sharing the optimizer state).
+    /// The optimizer of the training graphs built from now on; `rows` must be the rows this model was made for.
+    pub fn set_optim(&mut self, optim: OptimConfig, rows: usize) -> Result<()> {
+        if rows != self.rows {
+            return Err(Error::Msg(format!("lst: compiled for {rows} rows, prepared for {}", self.rows)));
+        }
+        self.optim = Some(optim);
+        Ok(())
+    }
+
+    /// The sequence bucket of a batch whose longest example has `longest` tokens (`longest` itself before a
+    /// model is loaded).
+    pub fn bucket_of(m: Option<&LstModel>, longest: usize) -> usize {
+        bucket(longest, m.map_or(longest, |m| m.max_length))
+    }
+
     pub fn side(&mut self, t: usize) -> Result<&mut SideExec> {
         if !self.side.contains_key(&t) {
             let donor = self.side.values().next().map(|s| &s.exec);
@@ -1177,18 +1192,7 @@ impl<'d> LstTask<'d> {
     }
 
     fn splits(&self, cfg: &TrainConfig, on: &mut dyn FnMut(Event)) -> Result<(Dataset, Dataset)> {
-        let train = self.train.dataset("train")?;
-        Ok(match &self.eval {
-            Some(e) => (train, e.dataset("eval")?),
-            None => {
-                on(Event::Info(format!(
-                    "no eval set: holding out {:.0}% of {} for evaluation",
-                    cfg.eval_fraction * 100.0,
-                    train.path.display()
-                )));
-                train.split(cfg.eval_fraction, cfg.seed)?
-            }
-        })
+        crate::classify::splits(&self.train, self.eval.as_ref(), cfg, on)
     }
 }
 
@@ -1267,16 +1271,11 @@ impl<'d> Task<'d> for LstTask<'d> {
     }
 
     fn compile(&mut self, optim: OptimConfig, rows: usize) -> Result<()> {
-        let l = self.loaded_mut()?;
-        if rows != l.m.rows {
-            return Err(Error::Msg(format!("lst: compiled for {rows} rows, prepared for {}", l.m.rows)));
-        }
-        l.m.optim = Some(optim);
-        Ok(())
+        self.loaded_mut()?.m.set_optim(optim, rows)
     }
 
     fn bucket(&self, longest: usize) -> usize {
-        bucket(longest, self.loaded.as_ref().map_or(longest, |l| l.m.max_length))
+        LstModel::bucket_of(self.loaded.as_ref().map(|l| &l.m), longest)
     }
 
     fn executor(&mut self, key: usize) -> Result<(&mut Executor, &ParamStore)> {

@@ -33,7 +33,7 @@ use crate::lst::{
     side_output, FeatureCache, FeatureSet, LstConfig, LstModel, LstSpec,
 };
 use crate::methods::lst::Lst;
-use crate::trainer::{bucket, Evaluation, Event, Metric, RunStats, Task};
+use crate::trainer::{Evaluation, Event, Metric, RunStats, Task};
 use crate::{Error, Result};
 
 /// What [`LstEmbedTask::prepare`] loads.
@@ -297,16 +297,11 @@ impl<'d> Task<'d> for LstEmbedTask<'d> {
     }
 
     fn compile(&mut self, optim: OptimConfig, rows: usize) -> Result<()> {
-        let l = self.loaded_mut()?;
-        if rows != l.m.rows {
-            return Err(Error::Msg(format!("lst embedding: compiled for {rows} rows, prepared for {}", l.m.rows)));
-        }
-        l.m.optim = Some(optim);
-        Ok(())
+        self.loaded_mut()?.m.set_optim(optim, rows)
     }
 
     fn bucket(&self, longest: usize) -> usize {
-        bucket(longest, self.loaded.as_ref().map_or(longest, |l| l.m.max_length))
+        LstModel::bucket_of(self.loaded.as_ref().map(|l| &l.m), longest)
     }
 
     fn executor(&mut self, key: usize) -> Result<(&mut Executor, &ParamStore)> {

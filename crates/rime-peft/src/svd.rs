@@ -146,15 +146,17 @@ fn axpy(a: f64, x: &[f64], y: &mut [f64]) {
 #[inline(always)]
 fn orthogonalize(v: &mut [f64], q: &[f64], cnt: usize, coef: &mut [f64]) -> (f64, f64, f64) {
     let len = v.len();
-    let mut norms = [dot(v, v).sqrt(), 0.0, 0.0];
-    for pass in 1..3 {
+    let n0 = dot(v, v).sqrt();
+    let mut pass = || {
         dots(v, q, len, &mut coef[..cnt]);
         for (r, &c) in coef[..cnt].iter().enumerate() {
             axpy(-c, &q[r * len..(r + 1) * len], v);
         }
-        norms[pass] = dot(v, v).sqrt();
-    }
-    (norms[0], norms[1], norms[2])
+        dot(v, v).sqrt()
+    };
+    let n1 = pass();
+    let n2 = pass();
+    (n0, n1, n2)
 }
 
 /// Eigen-decomposition of the symmetric g [n, n] (row-major, overwritten): returns the eigenvalues d, and
@@ -312,7 +314,8 @@ fn tridiagonal_ql(z: &mut [f64], n: usize, d: &mut [f64], e: &mut [f64]) {
                 p = -s * s2 * c3 * el1 * e[l] / dl1;
                 e[l] = s * p;
                 d[l] = c * p;
-                if !(e[l].abs() > eps * tst1) {
+                // Also stops on a NaN (the comparison is false then).
+                if e[l].abs().partial_cmp(&(eps * tst1)) != Some(std::cmp::Ordering::Greater) {
                     break;
                 }
             }
