@@ -96,6 +96,8 @@ const FLAGS: &[(&str, &str)] = &[
     ("reduction", "--reduction"),
     ("drop_layers", "--lst-drop-layers"),
     ("gate_temperature", "--lst-gate-temperature"),
+    ("heads", "--lst-heads"),
+    ("dropout", "--lst-dropout"),
     // the run
     ("epochs", "--epochs"),
     ("lr", "--lr"),

@@ -67,6 +67,14 @@ pub struct TrainArgs {
     /// 0,2,4 keeps every second layer of MiniLM's six.
     #[arg(long, value_name = "LAYERS")]
     lst_drop_layers: Option<String>,
+    /// lst: the side network's attention heads, each a multiple of 4 wide (default: the model's heads when
+    /// that holds, else heads of 4: MiniLM at --reduction 8 has 12 heads of 4; 3 gives heads of 16).
+    #[arg(long, value_name = "N")]
+    lst_heads: Option<usize>,
+    /// lst: dropout probability on the side layers' attention and FFN outputs (BERT's hidden dropout), in
+    /// training only.
+    #[arg(long, value_name = "P", default_value_t = 0.0)]
+    lst_dropout: f32,
     /// lst: temperature T of the gates sigmoid(alpha / T).
     #[arg(long, value_name = "T", default_value_t = 0.1, allow_hyphen_values = true)]
     lst_gate_temperature: f32,
@@ -445,6 +453,8 @@ fn method_of(a: &TrainArgs) -> Result<Method, BoxErr> {
                     .collect::<Result<_, _>>()?,
             },
             gate_temperature: a.lst_gate_temperature,
+            heads: a.lst_heads,
+            dropout: a.lst_dropout,
         }),
         m => {
             return Err(format!(

@@ -78,11 +78,18 @@ pub struct LstConfig {
     pub drop_layers: Vec<usize>,
     /// T in the gate μ = sigmoid(α / T). Default 0.1.
     pub gate_temperature: f32,
+    /// The side network's attention heads; each must be a multiple of 4 wide (the attention kernel's head
+    /// sizes). Default (None): the encoder's heads when each stays a multiple of 4 wide, else heads of 4
+    /// (MiniLM at r = 8: 12 heads of 4).
+    pub heads: Option<usize>,
+    /// Dropout on each side layer's two sublayer outputs before their residual adds (BERT's hidden dropout),
+    /// in training graphs only. Default 0.
+    pub dropout: f32,
 }
 
 impl Default for LstConfig {
     fn default() -> Self {
-        LstConfig { reduction: 8, drop_layers: vec![], gate_temperature: 0.1 }
+        LstConfig { reduction: 8, drop_layers: vec![], gate_temperature: 0.1, heads: None, dropout: 0.0 }
     }
 }
 
@@ -106,6 +113,9 @@ impl LstConfig {
         crate::config::at_least("reduction", self.reduction, 1)?;
         if !(self.gate_temperature.is_finite() && self.gate_temperature > 0.0) {
             return Err(Error::invalid("gate_temperature", format!("{}: must be above 0", self.gate_temperature)));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(Error::invalid("dropout", format!("{}: expected a probability in [0, 1)", self.dropout)));
         }
         for (i, &l) in self.drop_layers.iter().enumerate() {
             if l >= layers {
@@ -135,9 +145,28 @@ impl LstConfig {
             ));
         }
         let side = cfg.hidden / r;
+        if let Some(h) = self.heads {
+            if h == 0 || !side.is_multiple_of(h) || !(side / h).is_multiple_of(4) {
+                return Err(Error::invalid(
+                    "heads",
+                    format!(
+                        "{h}: the side width {side} (the model's {} / reduction {r}) must split into {h} heads each a \
+                         multiple of 4 wide (the attention kernel's head sizes){}",
+                        cfg.hidden,
+                        if side.is_multiple_of(4) {
+                            format!("; heads that fit: {}", fitting_heads(side))
+                        } else {
+                            String::new()
+                        }
+                    ),
+                ));
+            }
+        }
         // The encoder's heads when each stays a multiple of 4 wide (the attention kernel's head sizes), else
         // heads of 4.
-        let heads = if side.is_multiple_of(cfg.heads) && (side / cfg.heads).is_multiple_of(4) {
+        let heads = if let Some(h) = self.heads {
+            h
+        } else if side.is_multiple_of(cfg.heads) && (side / cfg.heads).is_multiple_of(4) {
             cfg.heads
         } else if side.is_multiple_of(4) {
             side / 4
@@ -175,6 +204,15 @@ impl LstConfig {
         s.dedup();
         s
     }
+}
+
+/// The head counts that split `side` into heads a multiple of 4 wide, as a list for an error message.
+fn fitting_heads(side: usize) -> String {
+    (1..=side / 4)
+        .filter(|h| side.is_multiple_of(*h) && (side / h).is_multiple_of(4))
+        .map(|h| h.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Everything the side graph needs: the config, the sizes, the encoder's LayerNorm eps and GELU form, and the
@@ -403,6 +441,7 @@ fn side_layer(
     mask: Var,
     b: usize,
     t: usize,
+    dropout: f32,
 ) -> Result<Var> {
     let (d, nh) = (spec.dims.side, spec.dims.heads);
     let hs = d / nh;
@@ -426,11 +465,14 @@ fn side_layer(
     let a = g.attention(q4, k4, v4, Some(mask), false, 1.0 / (hs as f32).sqrt())?;
     let a = g.reshape(a, &[b, t, d])?;
     let o = lin(g, a, "attention.output.dense")?;
+    // A seed per dropout site; the executor mixes in the step, so every step draws new masks.
+    let o = g.dropout(o, dropout, 0x157d_0000 + 2 * l as u32);
     let r = g.add(o, x)?;
     let x1 = ln(g, r, "attention.output.LayerNorm")?;
     let i = lin(g, x1, "intermediate.dense")?;
     let i = g.gelu(i, spec.gelu_tanh);
     let o2 = lin(g, i, "output.dense")?;
+    let o2 = g.dropout(o2, dropout, 0x157d_0001 + 2 * l as u32);
     let r2 = g.add(o2, x1)?;
     ln(g, r2, "output.LayerNorm")
 }
@@ -445,8 +487,16 @@ pub struct SideOutput {
 
 /// Build the side network for `b` sequences of `t` tokens on the graph inputs [`state_input`]`(s)` ([B, T, H]
 /// each, for `s` in [`LstSpec::states`]), `attention_mask` [B, T] and `pool_weights` [B, 1, T] (as the encoder
-/// names them). The tensors are the store's ([`add_parameters`] or a loaded adapter).
-pub fn side_output(g: &mut Graph, store: &ParamStore, spec: &LstSpec, b: usize, t: usize) -> Result<SideOutput> {
+/// names them). The tensors are the store's ([`add_parameters`] or a loaded adapter). `dropout`: the side
+/// layers' dropout probability (`spec.cfg.dropout` in a training graph, 0 in an evaluation one).
+pub fn side_output(
+    g: &mut Graph,
+    store: &ParamStore,
+    spec: &LstSpec,
+    b: usize,
+    t: usize,
+    dropout: f32,
+) -> Result<SideOutput> {
     let (h, d) = (spec.dims.hidden, spec.dims.side);
     let mut inputs = HashMap::new();
     for s in spec.states() {
@@ -481,7 +531,7 @@ pub fn side_output(g: &mut Graph, store: &ParamStore, spec: &LstSpec, b: usize, 
         let a = g.mul(dl, mu)?;
         let c = g.mul(x, nmu)?;
         let u = g.add(a, c)?;
-        x = side_layer(g, store, spec, l, u, mask, b, t)?;
+        x = side_layer(g, store, spec, l, u, mask, b, t, dropout)?;
     }
     let uw = g.param(store, &spec.name("up.weight"))?;
     let ub = g.param(store, &spec.name("up.bias"))?;
@@ -502,7 +552,8 @@ pub struct SideExec {
     pub seq: usize,
 }
 
-/// Build [`SideExec`] (sharing the optimizer state of `donor`, another bucket's graph).
+/// Build [`SideExec`] (sharing the optimizer state of `donor`, another bucket's graph): a training graph with
+/// the config's dropout when `optim` is given, else an evaluation graph without dropout.
 pub fn build_side_exec(
     dev: &Device,
     store: &ParamStore,
@@ -513,7 +564,8 @@ pub fn build_side_exec(
     donor: Option<&Executor>,
 ) -> Result<SideExec> {
     let mut g = Graph::new();
-    let so = side_output(&mut g, store, spec, b, t)?;
+    let dropout = if optim.is_some() { spec.cfg.dropout } else { 0.0 };
+    let so = side_output(&mut g, store, spec, b, t, dropout)?;
     let hw = g.param(store, classifier::HEAD_WEIGHT)?;
     let hb = g.param(store, classifier::HEAD_BIAS)?;
     let logits = g.linear(so.pooled, hw, Some(hb))?;
@@ -657,6 +709,8 @@ pub struct LstModel<'d> {
     pub optim: Option<OptimConfig>,
     backbone: HashMap<usize, (Executor, Vec<Var>)>,
     side: HashMap<usize, SideExec>,
+    /// Evaluation graphs, built only when the training graphs have dropout (else those serve).
+    eval_side: HashMap<usize, SideExec>,
 }
 
 impl<'d> LstModel<'d> {
@@ -678,10 +732,10 @@ impl<'d> LstModel<'d> {
             optim: None,
             backbone: HashMap::new(),
             side: HashMap::new(),
+            eval_side: HashMap::new(),
         }
     }
 
-    /// The side graph of bucket `t` (built on first use, sharing the optimizer state).
     /// The optimizer of the training graphs built from now on; `rows` must be the rows this model was made for.
     pub fn set_optim(&mut self, optim: OptimConfig, rows: usize) -> Result<()> {
         if rows != self.rows {
@@ -697,6 +751,7 @@ impl<'d> LstModel<'d> {
         bucket(longest, m.map_or(longest, |m| m.max_length))
     }
 
+    /// The side graph of bucket `t` (built on first use, sharing the optimizer state).
     pub fn side(&mut self, t: usize) -> Result<&mut SideExec> {
         if !self.side.contains_key(&t) {
             let donor = self.side.values().next().map(|s| &s.exec);
@@ -704,6 +759,18 @@ impl<'d> LstModel<'d> {
             self.side.insert(t, se);
         }
         Ok(self.side.get_mut(&t).expect("just inserted"))
+    }
+
+    /// The graph that evaluates bucket `t`: the training graph, or without dropout when that has it.
+    fn eval_graph(&mut self, t: usize) -> Result<&mut SideExec> {
+        if self.spec.cfg.dropout == 0.0 || self.optim.is_none() {
+            return self.side(t);
+        }
+        if !self.eval_side.contains_key(&t) {
+            let se = build_side_exec(self.dev, &self.store, &self.spec, self.rows, t, None, None)?;
+            self.eval_side.insert(t, se);
+        }
+        Ok(self.eval_side.get_mut(&t).expect("just inserted"))
     }
 
     pub fn any_side(&self) -> Option<&SideExec> {
@@ -809,7 +876,7 @@ impl<'d> LstModel<'d> {
         Ok((bufs, mask))
     }
 
-    /// Feed examples `idx` of `enc` into the side graph of bucket `t`: states from `cache`, or from the
+    /// Feed examples `idx` of `enc` into the training graph of bucket `t`: states from `cache`, or from the
     /// encoder when None.
     pub fn feed(
         &mut self,
@@ -818,13 +885,25 @@ impl<'d> LstModel<'d> {
         t: usize,
         cache: Option<&FeatureSet>,
     ) -> Result<&mut SideExec> {
+        self.feed_graph(enc, idx, t, cache, false)
+    }
+
+    /// [`LstModel::feed`] into the training graph, or the evaluation graph when `eval`.
+    fn feed_graph(
+        &mut self,
+        enc: &Encoded,
+        idx: &[usize],
+        t: usize,
+        cache: Option<&FeatureSet>,
+        eval: bool,
+    ) -> Result<&mut SideExec> {
         let (bufs, mask) = self.side_inputs(enc, idx, t, cache)?;
         let mut labels = vec![-100i32; self.rows];
         for (r, &i) in idx.iter().enumerate() {
             labels[r] = enc.labels[i];
         }
         let (dev, rows, spec) = (self.dev, self.rows, self.spec.clone());
-        let se = self.side(t)?;
+        let se = if eval { self.eval_graph(t)? } else { self.side(t)? };
         feed_side_inputs(dev, &se.exec, &spec, &bufs, &mask, rows, t)?;
         se.exec.feed_i32(dev, "labels", &labels)?;
         Ok(se)
@@ -851,7 +930,7 @@ impl<'d> LstModel<'d> {
         let mut logits = vec![0f32; enc.ids.len() * classes];
         let dev = self.dev;
         for (chunk, t) in self.batches(enc) {
-            let se = self.feed(enc, &chunk, t, cache)?;
+            let se = self.feed_graph(enc, &chunk, t, cache, true)?;
             se.exec.forward(dev)?;
             let lg = se.exec.read(dev, se.logits)?;
             for (r, &i) in chunk.iter().enumerate() {

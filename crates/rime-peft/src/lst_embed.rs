@@ -178,7 +178,7 @@ fn embed(
         let (bufs, mask) = m.side_inputs(enc, &chunk, t, cache)?;
         if let std::collections::hash_map::Entry::Vacant(slot) = execs.entry(t) {
             let mut g = Graph::new();
-            let so = side_output(&mut g, &m.store, &m.spec, rows, t)?;
+            let so = side_output(&mut g, &m.store, &m.spec, rows, t, 0.0)?;
             let ex = Executor::new(dev, g, &m.store, None, &[so.pooled], None)?;
             slot.insert((ex, so.pooled));
         }
@@ -310,7 +310,7 @@ impl<'d> Task<'d> for LstEmbedTask<'d> {
         if !l.train_execs.contains_key(&key) {
             let (b, k) = (l.m.rows, l.k);
             let mut g = Graph::new();
-            let so = side_output(&mut g, &l.m.store, &l.m.spec, k * b, key)?;
+            let so = side_output(&mut g, &l.m.store, &l.m.spec, k * b, key, l.m.spec.cfg.dropout)?;
             let loss = loss_graph(&mut g, &l.m.store, so.pooled, b, k, &l.dims, &l.weights)?;
             let donor = l.train_execs.values().next().map(|(e, _)| e);
             let ex = Executor::new_sharing(dev, g, &l.m.store, Some(loss), &[], l.m.optim.clone(), donor)?;

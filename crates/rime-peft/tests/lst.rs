@@ -84,13 +84,40 @@ fn side_network_gradients_match_finite_differences() {
 
 #[test]
 fn side_network_gradients_with_a_dropped_layer() {
-    let c = LstConfig { reduction: 2, drop_layers: vec![0], gate_temperature: 0.5 };
+    let c = LstConfig { reduction: 2, drop_layers: vec![0], gate_temperature: 0.5, heads: None, dropout: 0.0 };
     assert_eq!(c.states(2), vec![0, 2]);
     grads_match(c);
 }
 
 /// The paper's pruning written independently: an index is kept when fewer than `keep` others rank above it
 /// (larger L1 norm, or an equal norm and a lower index).
+#[test]
+fn dropout_acts_in_training_graphs_only() {
+    let d = dev();
+    let cfg = LstConfig { dropout: 0.5, ..LstConfig::default() };
+    let (st, spec) = tiny_lst(LstConfig { reduction: 2, ..cfg });
+    common::perturb(d, &st);
+    let loss = |se: &mut lst::SideExec| {
+        feed_random(se, &spec);
+        se.exec.forward(d).unwrap();
+        se.exec.read(d, se.loss).unwrap()[0]
+    };
+    let optim = || Some(OptimConfig::adamw(0.0, 0.0));
+    let mut train = lst::build_side_exec(d, &st, &spec, B, T, optim(), None).unwrap();
+    let mut eval = lst::build_side_exec(d, &st, &spec, B, T, None, None).unwrap();
+    let plain = LstSpec { cfg: LstConfig { dropout: 0.0, ..spec.cfg.clone() }, ..spec.clone() };
+    let mut undropped = lst::build_side_exec(d, &st, &plain, B, T, optim(), None).unwrap();
+    let (e1, e2, p) = (loss(&mut eval), loss(&mut eval), loss(&mut undropped));
+    assert_eq!(e1.to_bits(), e2.to_bits(), "evaluation is deterministic");
+    assert_eq!(e1.to_bits(), p.to_bits(), "the evaluation graph has no dropout: {e1} vs {p}");
+    let t = loss(&mut train);
+    assert!((t - e1).abs() > 1e-4, "the training graph drops: {t} vs {e1}");
+    let e = LstConfig { dropout: 1.0, ..LstConfig::default() }.validate(2).unwrap_err().to_string();
+    assert!(e.starts_with("dropout"), "{e}");
+    let e = LstConfig { heads: Some(5), ..LstConfig::default() }.dims(&common::tiny_cfg()).unwrap_err().to_string();
+    assert!(e.starts_with("heads"), "{e}");
+}
+
 fn kept_ref(w: &[f32], rows: usize, cols: usize, keep: usize, by_rows: bool) -> Vec<usize> {
     let n = if by_rows { rows } else { cols };
     let norm = |i: usize| -> f64 {

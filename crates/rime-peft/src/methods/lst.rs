@@ -3,7 +3,7 @@
 //! methods in that it is not a [`LinearHook`] rewrite of the encoder but a second network beside it, so the
 //! hook here is the plain encoder and [`crate::lst::LstTask`] / [`crate::lst::predict`] build the side graph.
 //!
-//! adapter_config.json: `peft_type` `RIME_LST`, and `lst_reduction`, `lst_drop_layers`, `lst_gate_temperature`,
+//! adapter_config.json: `peft_type` `RIME_LST`, and `lst_reduction`, `lst_drop_layers`, `lst_gate_temperature`, `lst_dropout`,
 //! `lst_side_hidden`, `lst_side_heads`, `lst_side_intermediate`, `lst_layers`, `lst_hidden` (the side
 //! network's sizes and the backbone's depth and width it was built for). adapter_model.safetensors: the side
 //! network (`base_model.model.lst.*`) and the head (`base_model.model.head.*`).
@@ -63,7 +63,6 @@ pub fn read_config(a: &AdapterConfig) -> Result<(LstConfig, SideDims)> {
         .and_then(|v| v.as_f64())
         .ok_or_else(|| Error::Msg("adapter_config.json: RIME_LST adapter without 'lst_gate_temperature'".into()))?
         as f32;
-    let cfg = LstConfig { reduction: num("lst_reduction")?, drop_layers, gate_temperature };
     let dims = SideDims {
         hidden: num("lst_hidden")?,
         side: num("lst_side_hidden")?,
@@ -71,6 +70,10 @@ pub fn read_config(a: &AdapterConfig) -> Result<(LstConfig, SideDims)> {
         intermediate: num("lst_side_intermediate")?,
         layers: num("lst_layers")?,
     };
+    // Dropout acts in training only; adapters written before it was an option have no field.
+    let dropout = a.raw.get("lst_dropout").and_then(|v| v.as_f64()).unwrap_or(0.0) as f32;
+    let cfg =
+        LstConfig { reduction: num("lst_reduction")?, drop_layers, gate_temperature, heads: Some(dims.heads), dropout };
     cfg.validate(dims.layers)?;
     Ok((cfg, dims))
 }
@@ -109,6 +112,7 @@ impl TuningMethod for Lst {
         a.raw.insert("lst_reduction".into(), json!(self.cfg.reduction));
         a.raw.insert("lst_drop_layers".into(), json!(self.cfg.drop_layers));
         a.raw.insert("lst_gate_temperature".into(), json!(self.cfg.gate_temperature));
+        a.raw.insert("lst_dropout".into(), json!(self.cfg.dropout));
         a.raw.insert("lst_side_hidden".into(), json!(d.side));
         a.raw.insert("lst_side_heads".into(), json!(d.heads));
         a.raw.insert("lst_side_intermediate".into(), json!(d.intermediate));
