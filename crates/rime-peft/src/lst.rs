@@ -65,7 +65,7 @@ use crate::classify::{encode, metrics_from_logits, open_model_as, ClassifySummar
 use crate::config::{HeadKind, TrainConfig};
 use crate::data::TextClassData;
 use crate::methods::lst::Lst;
-use crate::trainer::{bucket, Evaluation, Event, Metric, RunStats, Task};
+use crate::trainer::{bucket_by, Evaluation, Event, Metric, RunStats, Task};
 use crate::{Error, Result};
 
 /// The settings of ladder side-tuning.
@@ -272,6 +272,11 @@ impl LstSpec {
 pub fn state_input(s: usize) -> String {
     format!("lst.h.{s}")
 }
+
+/// Side graphs are compiled per 16-token bucket (the encoder's are per 32): they are small, so twice as many
+/// cost little memory, and a batch pads to within 15 tokens of its longest row instead of 31 (fine_foods with
+/// length-grouped batches: 83 tokens a row on average instead of 89, against 76 unpadded).
+const BUCKET: usize = 16;
 
 const GATE_IN: &str = "rime.lst.gate_in";
 const GATE_MU: &str = "rime.lst.mu";
@@ -748,7 +753,7 @@ impl<'d> LstModel<'d> {
     /// The sequence bucket of a batch whose longest example has `longest` tokens (`longest` itself before a
     /// model is loaded).
     pub fn bucket_of(m: Option<&LstModel>, longest: usize) -> usize {
-        bucket(longest, m.map_or(longest, |m| m.max_length))
+        bucket_by(longest, m.map_or(longest, |m| m.max_length), BUCKET)
     }
 
     /// The side graph of bucket `t` (built on first use, sharing the optimizer state).
@@ -919,7 +924,7 @@ impl<'d> LstModel<'d> {
             .chunks(self.rows)
             .map(|c| {
                 let longest = c.iter().map(|&i| enc.ids[i].len()).max().unwrap_or(1);
-                (c.to_vec(), bucket(longest, self.max_length))
+                (c.to_vec(), bucket_by(longest, self.max_length, BUCKET))
             })
             .collect()
     }

@@ -698,9 +698,14 @@ pub fn batches_by_length(lens: &[usize], batch: usize, seed: u64) -> Vec<Vec<usi
     batches
 }
 
-/// Sequence-length buckets: graphs are compiled per bucket.
+/// Sequence-length buckets: graphs are compiled per bucket (multiples of 32 tokens).
 pub fn bucket(len: usize, max_length: usize) -> usize {
-    let b = len.div_ceil(32) * 32;
+    bucket_by(len, max_length, 32)
+}
+
+/// Buckets of `step` tokens: `len` rounded up to a multiple of `step`, within [8, max_length].
+pub fn bucket_by(len: usize, max_length: usize, step: usize) -> usize {
+    let b = len.div_ceil(step.max(1)) * step.max(1);
     b.clamp(8, max_length.max(8))
 }
 
