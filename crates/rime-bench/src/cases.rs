@@ -569,13 +569,7 @@ fn time_steps(ctx: &Ctx, exec: &mut rime_graph::Executor) -> Result<StepTimes> {
 
 /// The training-step cases' extra fields: examples/s (rime and baseline), the step's parts and its kernel
 /// profile.
-fn step_extras(
-    ctx: &Ctx,
-    res: &mut CaseResult,
-    st: &StepTimes,
-    b: usize,
-    exec: &rime_graph::Executor,
-) -> Result<()> {
+fn step_extras(ctx: &Ctx, res: &mut CaseResult, st: &StepTimes, b: usize, exec: &rime_graph::Executor) -> Result<()> {
     let ms = |x: f64| (x * 1e5).round() / 100.0;
     let baseline_ms = res.baseline_ms;
     let e = &mut res.extra;
@@ -588,8 +582,7 @@ fn step_extras(
     e.insert("outside_kernels_share".into(), st.outside.map(|x| (x * 1e4).round() / 1e4).into());
     e.insert(
         "outside_kernels_method".into(),
-        if st.kernel.is_some() { "1 - timestamped GPU time / wall" } else { "calling thread's CPU time / wall" }
-            .into(),
+        if st.kernel.is_some() { "1 - timestamped GPU time / wall" } else { "calling thread's CPU time / wall" }.into(),
     );
     e.insert("dispatches_per_step".into(), exec.dispatches_per_step().into());
     if let Some(p) = kernel_profile(ctx, exec)? {
@@ -612,7 +605,8 @@ pub(crate) fn lst_step(ctx: &Ctx) -> Result<CaseResult> {
     let lcfg = LstConfig { reduction: if tiny { 4 } else { 8 }, ..LstConfig::default() };
     let spec = LstSpec::new(lcfg, &cfg, "")?;
     let mut store = ParamStore::new();
-    let shapes: std::collections::HashMap<String, Vec<usize>> = rime_models::bert::param_shapes(&cfg).into_iter().collect();
+    let shapes: std::collections::HashMap<String, Vec<usize>> =
+        rime_models::bert::param_shapes(&cfg).into_iter().collect();
     let mut get = |name: &str| -> rime_peft::Result<Vec<f32>> {
         let n: usize = shapes.get(name).map(|s| s.iter().product()).unwrap_or(0);
         Ok(fill(n, 7 + name.len() as u64).into_iter().map(|x| 0.04 * x).collect())
