@@ -1,0 +1,202 @@
+//! The prelude of one shaders/qmatmul.wgsl specialization, generated at run time by the launcher
+//! (ops/qmatmul.rs) for one GGUF block type and one row tile: `deq8` for the type, then the register-tiled
+//! bodies `qmm_forward` and `qmm_backward` with TM rows written out (lavapipe keeps private arrays that loops
+//! index in memory, so every accumulator is a scalar WGSL variable).
+//!
+//! `deq8(rb, k)` returns values k..k+8 (k a multiple of 8) of the row whose blocks start at byte `rb`, with the
+//! f32 operations of ggml's `dequantize_row_*` (and of rime-io's and the reference's copies) in the same order.
+
+use crate::qtensor::QType;
+
+/// Columns (rows of W) per invocation of the forward body.
+pub(crate) const FORWARD_COLS: usize = 4;
+/// k values per invocation of the backward body (two `deq8`).
+pub(crate) const BACKWARD_K: usize = 16;
+
+/// The generated prelude for `qtype` and `tm` rows per invocation.
+pub(crate) fn prelude(qtype: QType, tm: usize) -> String {
+    let mut s = String::new();
+    s.push_str(deq8(qtype));
+    forward(&mut s, tm);
+    backward(&mut s, tm);
+    s
+}
+
+fn deq8(qtype: QType) -> &'static str {
+    match qtype {
+        // y = q * d
+        QType::Q8_0 => {
+            "fn deq8(rb: u32, k: u32) -> V8 {
+    let base = rb + (k >> 5u) * 34u;
+    let d = qf16(base);
+    let w = qbytes8(base + 2u + (k & 31u));
+    return V8(sbytes(w.x) * d, sbytes(w.y) * d);
+}
+"
+        }
+        // y = (nibble - 8) * d; values 0..16 are low nibbles of qs[0..16], values 16..32 the high nibbles.
+        QType::Q4_0 => {
+            "fn deq8(rb: u32, k: u32) -> V8 {
+    let base = rb + (k >> 5u) * 18u;
+    let d = qf16(base);
+    let j = k & 31u;
+    let w = qbytes8(base + 2u + (j & 15u));
+    let sh = (j >> 4u) * 4u;
+    let lo = (w.x >> sh) & 0x0f0f0f0fu;
+    let hi = (w.y >> sh) & 0x0f0f0f0fu;
+    return V8((ubytes(lo) - 8.0) * d, (ubytes(hi) - 8.0) * d);
+}
+"
+        }
+        // y = nibble * d + m
+        QType::Q4_1 => {
+            "fn deq8(rb: u32, k: u32) -> V8 {
+    let base = rb + (k >> 5u) * 20u;
+    let d = qf16(base);
+    let m = qf16(base + 2u);
+    let j = k & 31u;
+    let w = qbytes8(base + 4u + (j & 15u));
+    let sh = (j >> 4u) * 4u;
+    let lo = (w.x >> sh) & 0x0f0f0f0fu;
+    let hi = (w.y >> sh) & 0x0f0f0f0fu;
+    return V8(ubytes(lo) * d + m, ubytes(hi) * d + m);
+}
+"
+        }
+        // y = ((nibble | bit j of qh << 4) - 16) * d
+        QType::Q5_0 => {
+            "fn deq8(rb: u32, k: u32) -> V8 {
+    let base = rb + (k >> 5u) * 22u;
+    let d = qf16(base);
+    let j = k & 31u;
+    let hb = vec4<u32>(qbytes4(base + 2u) >> j);
+    let w = qbytes8(base + 6u + (j & 15u));
+    let sh = (j >> 4u) * 4u;
+    let lo = (w.x >> sh) & 0x0f0f0f0fu;
+    let hi = (w.y >> sh) & 0x0f0f0f0fu;
+    let h0 = vec4<f32>(((hb >> vec4<u32>(0u, 1u, 2u, 3u)) & vec4<u32>(1u)) * 16u);
+    let h1 = vec4<f32>(((hb >> vec4<u32>(4u, 5u, 6u, 7u)) & vec4<u32>(1u)) * 16u);
+    return V8((ubytes(lo) + h0 - 16.0) * d, (ubytes(hi) + h1 - 16.0) * d);
+}
+"
+        }
+        // Sub-block s (32 values) of a 256-value block: y = (d * sc) * nibble - dmin * mn, nibbles of
+        // qs[32 * (s / 2)..][..32], low for even s, high for odd.
+        QType::Q4K => {
+            "fn deq8(rb: u32, k: u32) -> V8 {
+    let base = rb + (k >> 8u) * 144u;
+    let e = k & 255u;
+    let s = e >> 5u;
+    let sm = scale_min_k4(base + 4u, s);
+    let d1 = qf16(base) * f32(sm.x);
+    let m1 = qf16(base + 2u) * f32(sm.y);
+    let w = qbytes8(base + 16u + (s >> 1u) * 32u + (e & 31u));
+    let sh = (s & 1u) * 4u;
+    let lo = (w.x >> sh) & 0x0f0f0f0fu;
+    let hi = (w.y >> sh) & 0x0f0f0f0fu;
+    return V8(d1 * ubytes(lo) - m1, d1 * ubytes(hi) - m1);
+}
+"
+        }
+        // Half h (128 values) of a 256-value block, quarter qd (32 values), l = 0..32 inside it:
+        // y = (d * sc) * (q6 - 32), q6 = nibble of ql[64h + l + 32(qd & 1)] (high for qd >= 2) | 2 bits of
+        // qh[32h + l] at 2qd, sc = scales[8h + l / 16 + 2qd] (i8).
+        QType::Q6K => {
+            "fn deq8(rb: u32, k: u32) -> V8 {
+    let base = rb + (k >> 8u) * 210u;
+    let e = k & 255u;
+    let h = e >> 7u;
+    let qd = (e >> 5u) & 3u;
+    let l = e & 31u;
+    let scb = qbyte(base + 192u + h * 8u + (l >> 4u) + 2u * qd);
+    let ds = qf16(base + 208u) * f32(bitcast<i32>(scb << 24u) >> 24u);
+    let ql = qbytes8(base + h * 64u + l + (qd & 1u) * 32u);
+    let nsh = (qd >> 1u) * 4u;
+    let qh = qbytes8(base + 128u + h * 32u + l);
+    let hsh = 2u * qd;
+    let a = ((ql.x >> nsh) & 0x0f0f0f0fu) | (((qh.x >> hsh) & 0x03030303u) << 4u);
+    let b = ((ql.y >> nsh) & 0x0f0f0f0fu) | (((qh.y >> hsh) & 0x03030303u) << 4u);
+    return V8(ds * (ubytes(a) - 32.0), ds * (ubytes(b) - 32.0));
+}
+"
+        }
+    }
+}
+
+/// Appends one line of WGSL.
+fn line(s: &mut String, l: &str) {
+    s.push_str(l);
+    s.push('\n');
+}
+
+/// `qmm_forward`: TM rows x [`FORWARD_COLS`] columns of y, k in steps of 8 (one `deq8` per column, two vec4
+/// loads of x per row), accumulators `a{r}_{c}` as vec4 summed at the end.
+fn forward(s: &mut String, tm: usize) {
+    let tn = FORWARD_COLS;
+    line(s, "fn qmm_forward(wid: vec3<u32>, lane: u32) {");
+    line(s, &format!("    let n0 = (wid.x * WG + lane) * {tn}u;"));
+    line(s, "    if (n0 >= p.n) { return; }");
+    line(s, &format!("    let m0 = wid.y * {tm}u;"));
+    for c in 0..tn {
+        line(s, &format!("    let wb{c} = min(n0 + {c}u, p.n - 1u) * p.row_bytes;"));
+    }
+    for r in 0..tm {
+        line(s, &format!("    let xr{r} = min(m0 + {r}u, p.m - 1u) * p.k;"));
+    }
+    for r in 0..tm {
+        let vars: Vec<String> = (0..tn).map(|c| format!("var a{r}_{c} = vec4<f32>(0.0);")).collect();
+        line(s, &format!("    {}", vars.join(" ")));
+    }
+    line(s, "    for (var k = 0u; k < p.k; k += 8u) {");
+    for c in 0..tn {
+        line(s, &format!("        let w{c} = deq8(wb{c}, k);"));
+    }
+    for r in 0..tm {
+        line(s, &format!("        {{ let xa = x4[(xr{r} + k) >> 2u]; let xb = x4[(xr{r} + k + 4u) >> 2u];"));
+        for c in 0..tn {
+            line(s, &format!("          a{r}_{c} = fma(xb, w{c}.b, fma(xa, w{c}.a, a{r}_{c}));"));
+        }
+        line(s, "        }");
+    }
+    line(s, "    }");
+    for r in 0..tm {
+        for c in 0..tn {
+            line(s, &format!("    store_y(m0 + {r}u, n0 + {c}u, hsum(a{r}_{c}));"));
+        }
+    }
+    line(s, "}");
+}
+
+/// `qmm_backward`: TM rows x [`BACKWARD_K`] values of dx, n in steps of 1 (two `deq8` of W's row n, one load
+/// of dY per row), accumulators `a{r}_{i}` (vec4 i of the 16 values).
+fn backward(s: &mut String, tm: usize) {
+    line(s, "fn qmm_backward(wid: vec3<u32>, lane: u32) {");
+    line(s, &format!("    let k0 = (wid.x * WG + lane) * {BACKWARD_K}u;"));
+    line(s, "    if (k0 >= p.k) { return; }");
+    line(s, &format!("    let m0 = wid.y * {tm}u;"));
+    for r in 0..tm {
+        line(s, &format!("    let dr{r} = min(m0 + {r}u, p.m - 1u) * p.n;"));
+    }
+    for r in 0..tm {
+        let vars: Vec<String> = (0..4).map(|i| format!("var a{r}_{i} = vec4<f32>(0.0);")).collect();
+        line(s, &format!("    {}", vars.join(" ")));
+    }
+    line(s, "    for (var n = 0u; n < p.n; n++) {");
+    line(s, "        let wb = n * p.row_bytes;");
+    line(s, "        let w0 = deq8(wb, k0); let w1 = deq8(wb, k0 + 8u);");
+    for r in 0..tm {
+        line(s, &format!("        {{ let g = vec4<f32>(dy[dr{r} + n]);"));
+        line(
+            s,
+            &format!(
+                "          a{r}_0 = fma(g, w0.a, a{r}_0); a{r}_1 = fma(g, w0.b, a{r}_1); \
+                 a{r}_2 = fma(g, w1.a, a{r}_2); a{r}_3 = fma(g, w1.b, a{r}_3); }}"
+            ),
+        );
+    }
+    line(s, "    }");
+    for r in 0..tm {
+        line(s, &format!("    store_dx(m0 + {r}u, k0, a{r}_0, a{r}_1, a{r}_2, a{r}_3);"));
+    }
+    line(s, "}");
+}

@@ -1,0 +1,144 @@
+//! Launchers for shaders/qmatmul.wgsl: the two products a frozen quantized weight W [N, K] ([`QTensor`], GGUF
+//! blocks of Q8_0, Q4_0, Q4_1, Q5_0, Q4_K or Q6_K) takes part in, dequantized in registers:
+//! - [`qmatmul_forward`]: y [M, N] (+)= x [M, K] · Wᵀ (+ bias [N]);
+//! - [`qmatmul_backward_input`]: dx [M, K] (+)= dY [M, N] · W.
+//!
+//! One module per (block type, row tile TM): the type's `deq8` and the bodies with TM rows written out come
+//! from a prelude generated at run time (src/gen/qmatmul.rs), both entry points live in every module. An
+//! invocation owns TM rows of the output and 4 columns (forward) or 16 k values (backward). The row tile is the
+//! matrix-vector path for M <= [`QGEMV_MAX_M`] (decoding, short prompts): TM is the smallest of 1, 2, 4, 8 that
+//! covers M, so no row is computed twice; larger M runs the tiled path, blocks of 8 rows (the last one clamped
+//! and its extra rows not stored). x and dY rows are leading dims of f32 tensors of any rank ([..., K] and
+//! [..., N]); K must be a whole number of the type's blocks (32 or 256 values), which QTensor guarantees.
+
+use super::words;
+use crate::error::{shape_err, Result};
+use crate::gen::qmatmul::{prelude, BACKWARD_K, FORWARD_COLS};
+use crate::guard::{expect_f32, expect_f32_shape, index_u32};
+use crate::qtensor::{QTensor, QType};
+use crate::{Device, Dispatch, Spec, Tensor};
+
+const FILE: &str = "qmatmul.wgsl";
+/// Row tiles the specializations offer.
+const TMS: [usize; 4] = [1, 2, 4, 8];
+/// The largest M that the matrix-vector path (a row tile covering all rows) serves.
+pub const QGEMV_MAX_M: usize = 8;
+
+fn spec(qtype: QType, tm: usize, wg: u32) -> Spec {
+    Spec::new().prelude(prelude(qtype, tm)).constant("WG", wg as f64)
+}
+
+pub fn specs() -> Vec<(&'static str, Spec)> {
+    let mut v = Vec::new();
+    for qt in QType::ALL {
+        for tm in TMS {
+            v.push((FILE, spec(qt, tm, 8)));
+        }
+    }
+    v
+}
+
+/// Rows per invocation for M rows: the smallest tile that covers M, else 8.
+fn row_tile(m: usize) -> usize {
+    TMS.into_iter().find(|&t| t >= m).unwrap_or(TMS[TMS.len() - 1])
+}
+
+/// 8 lanes (one lavapipe subgroup, which runs a workgroup as one SIMD batch) on CPU adapters, 64 on GPUs.
+fn workgroup(dev: &Device) -> u32 {
+    if dev.is_cpu() {
+        8
+    } else {
+        64
+    }
+}
+
+/// M, the rows of `t` viewed as [M, last]: `t` must be f32 with last dim `last`.
+fn rows_of(op: &'static str, name: &str, t: &Tensor, last: usize, last_name: &str) -> Result<usize> {
+    expect_f32(op, name, t)?;
+    if t.rank() == 0 || t.last_dim() != last {
+        return Err(shape_err(op, format!("{name} {:?} must end in {last_name} = {last}", t.shape)));
+    }
+    Ok(t.rows())
+}
+
+fn params(op: &'static str, m: usize, w: &QTensor, has_bias: bool, accumulate: bool) -> Result<Vec<u8>> {
+    let u = |what: &str, x: usize| index_u32(op, what, x);
+    // Byte offsets of W and element offsets of x, y, dx, dY must fit in u32.
+    u("the weight's byte count", w.rows * w.row_bytes())?;
+    u("the element count of x / dx", m * w.cols)?;
+    u("the element count of y / dY", m * w.rows)?;
+    Ok(words(&[
+        u("M", m)?,
+        u("N", w.rows)?,
+        u("K", w.cols)?,
+        u("the row bytes", w.row_bytes())?,
+        has_bias as u32,
+        accumulate as u32,
+        0,
+        0,
+    ]))
+}
+
+/// out [M, N] (+)= x [M, K] · Wᵀ (+ bias [N]), W [N, K] quantized; x and out f32 with any leading dims
+/// (x [..., K], out [..., N], the same rows). With `accumulate` the product is added to out (after the bias).
+pub fn qmatmul_forward(
+    dev: &Device,
+    out: &Tensor,
+    x: &Tensor,
+    w: &QTensor,
+    bias: Option<&Tensor>,
+    accumulate: bool,
+) -> Result<Vec<Dispatch>> {
+    const OP: &str = "qmatmul_forward";
+    let m = rows_of(OP, "x", x, w.cols, "K (the weight's columns)")?;
+    let mo = rows_of(OP, "out", out, w.rows, "N (the weight's rows)")?;
+    if mo != m {
+        return Err(shape_err(OP, format!("out {:?} has {mo} rows, x {:?} has {m}", out.shape, x.shape)));
+    }
+    if let Some(b) = bias {
+        expect_f32_shape(OP, "bias", b, &[w.rows])?;
+    }
+    if m == 0 {
+        return Ok(Vec::new());
+    }
+    let tm = row_tile(m);
+    let wg = workgroup(dev);
+    let grid = [
+        index_u32(OP, "the column groups", w.rows.div_ceil(FORWARD_COLS).div_ceil(wg as usize))?,
+        index_u32(OP, "the row blocks", m.div_ceil(tm))?,
+        1,
+    ];
+    let p = params(OP, m, w, bias.is_some(), accumulate)?;
+    let bindings = [(1, x), (2, &w.words), (3, out), (4, bias.unwrap_or(x))];
+    Ok(vec![dev.dispatch(FILE, "qmatmul_forward", &spec(w.qtype, tm, wg), Some(&p), &bindings, grid)?])
+}
+
+/// dx [M, K] (+)= dY [M, N] · W, W [N, K] quantized: the input gradient of [`qmatmul_forward`]. dY and dx f32
+/// with any leading dims (dY [..., N], dx [..., K], the same rows); with `accumulate` added to dx.
+pub fn qmatmul_backward_input(
+    dev: &Device,
+    dx: &Tensor,
+    dy: &Tensor,
+    w: &QTensor,
+    accumulate: bool,
+) -> Result<Vec<Dispatch>> {
+    const OP: &str = "qmatmul_backward_input";
+    let m = rows_of(OP, "dy", dy, w.rows, "N (the weight's rows)")?;
+    let mx = rows_of(OP, "dx", dx, w.cols, "K (the weight's columns)")?;
+    if mx != m {
+        return Err(shape_err(OP, format!("dx {:?} has {mx} rows, dy {:?} has {m}", dx.shape, dy.shape)));
+    }
+    if m == 0 {
+        return Ok(Vec::new());
+    }
+    let tm = row_tile(m);
+    let wg = workgroup(dev);
+    let grid = [
+        index_u32(OP, "the k groups", w.cols.div_ceil(BACKWARD_K).div_ceil(wg as usize))?,
+        index_u32(OP, "the row blocks", m.div_ceil(tm))?,
+        1,
+    ];
+    let p = params(OP, m, w, false, accumulate)?;
+    let bindings = [(2, &w.words), (5, dy), (6, dx)];
+    Ok(vec![dev.dispatch(FILE, "qmatmul_backward_input", &spec(w.qtype, tm, wg), Some(&p), &bindings, grid)?])
+}
