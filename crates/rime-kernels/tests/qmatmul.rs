@@ -12,7 +12,10 @@
 
 mod common;
 use common::*;
-use rime_kernels::ops::qmatmul::{qmatmul_backward_input, qmatmul_forward, QGEMV_MAX_M};
+use rime_kernels::ops::qmatmul::{
+    qdequantize, qmatmul_backward_input, qmatmul_backward_input_scratch, qmatmul_forward, qmatmul_forward_scratch,
+    QGEMV_MAX_M,
+};
 use rime_kernels::reference::qmatmul as r;
 use rime_kernels::{Device, QTensor, QType};
 
@@ -101,6 +104,12 @@ fn check(d: &Device, qtype: QType, m: usize, n: usize, k: usize, bias: bool, acc
     d.run(&qmatmul_forward(d, &ty, &tx, &qw, bias.then_some(&tb), accumulate).unwrap()).unwrap();
     let (bo, po) = (bias.then_some(&b[..]), accumulate.then_some(&prev_y[..]));
     let want = r::qmatmul_forward(&x, &w, bo, po, m, n, k);
+    // The scratch path (dequantize, then the f32 matmul for M > 8) on a scratch larger than the weight.
+    let scratch = d.zeros(&[n * k + 5], rime_kernels::DType::F32).unwrap();
+    let ty2 = d.upload_f32(&prev_y, &[m, n]).unwrap();
+    d.run(&qmatmul_forward_scratch(d, &ty2, &tx, &qw, bias.then_some(&tb), accumulate, &scratch).unwrap()).unwrap();
+    let bound = forward_bounds(&x, &w, bo, po, m, n, k);
+    assert_within(&format!("forward (scratch) {what}"), &d.download_f32(&ty2).unwrap(), &want, &bound);
     assert_within(
         &format!("forward {what}"),
         &d.download_f32(&ty).unwrap(),
@@ -115,6 +124,10 @@ fn check(d: &Device, qtype: QType, m: usize, n: usize, k: usize, bias: bool, acc
     d.run(&qmatmul_backward_input(d, &tdx, &tdy, &qw, accumulate).unwrap()).unwrap();
     let po = accumulate.then_some(&prev_dx[..]);
     let want = r::qmatmul_backward_input(&dy, &w, po, m, n, k);
+    let tdx2 = d.upload_f32(&prev_dx, &[m, k]).unwrap();
+    d.run(&qmatmul_backward_input_scratch(d, &tdx2, &tdy, &qw, accumulate, &scratch).unwrap()).unwrap();
+    let bound = backward_bounds(&dy, &w, po, m, n, k);
+    assert_within(&format!("backward (scratch) {what}"), &d.download_f32(&tdx2).unwrap(), &want, &bound);
     assert_within(
         &format!("backward {what}"),
         &d.download_f32(&tdx).unwrap(),
@@ -191,6 +204,36 @@ fn larger_shapes_and_leading_dims_match_reference() {
         let bound = backward_bounds(&dy, &w, None, m, n, k);
         assert_within(&format!("backward {qtype} {n}x{k}"), &d.download_f32(&tdx).unwrap(), &want, &bound);
     }
+}
+
+/// The GPU dequantizer (the scratch path's first step) against the reference: bit for bit where a value is one
+/// product (Q8_0, Q4_0, Q5_0, Q6_K); within one rounding of a product no larger than the largest weight where
+/// it is `q * d + m` or `d1 * q - m1` (Q4_1, Q4_K: a GPU compiler may fuse them into one fma).
+#[test]
+fn qdequantize_matches_reference() {
+    let d = dev();
+    for (i, qtype) in QType::ALL.into_iter().enumerate() {
+        let (n, k) = (7, qtype.block().0 * 3);
+        let bytes = random_blocks(qtype, n, k, 700 + i as u64);
+        let want = r::dequantize(qtype, &bytes, n, k).unwrap();
+        let qw = QTensor::upload(d, qtype, n, k, &bytes).unwrap();
+        let out = d.zeros(&[n, k], rime_kernels::DType::F32).unwrap();
+        d.run(&qdequantize(d, &out, &qw).unwrap()).unwrap();
+        let got = d.download_f32(&out).unwrap();
+        let fused = matches!(qtype, QType::Q4_1 | QType::Q4K);
+        let big = want.iter().fold(0f32, |a, &v| a.max(v.abs()));
+        for (j, (g, w)) in got.iter().zip(&want).enumerate() {
+            let ok = if fused { ((g - w).abs() as f64) <= 2.0 * U * big as f64 } else { g.to_bits() == w.to_bits() };
+            assert!(ok, "{qtype} value {j}: GPU {g}, reference {w}");
+        }
+    }
+    let small = d.zeros(&[10], rime_kernels::DType::F32).unwrap();
+    let qw = QTensor::upload(d, QType::Q8_0, 1, 32, &random_blocks(QType::Q8_0, 1, 32, 1)).unwrap();
+    assert!(qdequantize(d, &small, &qw).err().unwrap().to_string().contains("fewer"));
+    let x = d.zeros(&[9, 32], rime_kernels::DType::F32).unwrap();
+    let y = d.zeros(&[9, 1], rime_kernels::DType::F32).unwrap();
+    let e = qmatmul_forward_scratch(d, &y, &x, &qw, None, false, &small).err().unwrap().to_string();
+    assert!(e.contains("scratch"), "{e}");
 }
 
 /// The reference's own dequantizer agrees bit for bit with rime-io's (which tests/gguf_vectors.rs in rime-io
@@ -275,4 +318,55 @@ fn bad_uploads_and_shapes_are_refused_with_the_sizes() {
 
     assert_eq!(QType::from_ggml_id(12), Some(QType::Q4K));
     assert_eq!(QType::from_ggml_id(1), None);
+}
+
+/// Timing, not a check (`cargo test -p rime-kernels --test qmatmul timing -- --ignored --nocapture`): Q4_K and
+/// Q4_1 weights at SmolLM2's MLP shapes (W [1536, 576] up, Q4_1 only; [576, 1536] down) against the f32 matmul of the
+/// dequantized weight (with its texture twin where the device makes them), same run, M = 1, 8 and 8 x 256.
+#[test]
+#[ignore]
+fn timing_against_f32_matmul() {
+    use rime_kernels::ops::matmul::matmul_forward;
+    use std::time::Instant;
+    let d = dev();
+    let time = |ds: &[rime_kernels::Dispatch]| {
+        d.run(ds).unwrap();
+        let reps = 5;
+        let t = Instant::now();
+        for _ in 0..reps {
+            d.run(ds).unwrap();
+        }
+        t.elapsed().as_secs_f64() / reps as f64 * 1e3
+    };
+    eprintln!("adapter: {}", d.info().name);
+    eprintln!(
+        "{:<5} {:>5} {:>5} {:>5} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "type", "N", "K", "M", "q fwd ms", "scratch", "f32 fwd", "q bwd ms", "scratch", "f32 bwd"
+    );
+    for qtype in [QType::Q4K, QType::Q4_1] {
+        // K = 576 is not a whole number of 256-value blocks: llama.cpp stores such K-quant tensors as another type.
+        for (n, k) in [(1536, 576), (576, 1536)].into_iter().filter(|&(_, k)| qtype.row_bytes(k).is_some()) {
+            let bytes = random_blocks(qtype, n, k, 3);
+            let qw = QTensor::upload(d, qtype, n, k, &bytes).unwrap();
+            let w = r::dequantize(qtype, &bytes, n, k).unwrap();
+            let fw = d.with_texture_twin(&d.upload_f32(&w, &[n, k]).unwrap()).unwrap();
+            for m in [1, 8, 16, 64, 2048] {
+                let x = d.upload_f32(&randn(1, m * k, 1.0), &[m, k]).unwrap();
+                let y = d.zeros(&[m, n], rime_kernels::DType::F32).unwrap();
+                let dy = d.upload_f32(&randn(2, m * n, 1.0), &[m, n]).unwrap();
+                let dx = d.zeros(&[m, k], rime_kernels::DType::F32).unwrap();
+                let scratch = d.zeros(&[n * k], rime_kernels::DType::F32).unwrap();
+                let qsf = time(&qmatmul_forward_scratch(d, &y, &x, &qw, None, false, &scratch).unwrap());
+                let qsb = time(&qmatmul_backward_input_scratch(d, &dx, &dy, &qw, false, &scratch).unwrap());
+                let qf = time(&qmatmul_forward(d, &y, &x, &qw, None, false).unwrap());
+                let ff = time(&matmul_forward(d, &y, &x, &fw, None, false, true).unwrap());
+                let qb = time(&qmatmul_backward_input(d, &dx, &dy, &qw, false).unwrap());
+                let fb = time(&matmul_forward(d, &dx, &dy, &fw, None, false, false).unwrap());
+                eprintln!(
+                    "{:<5} {n:>5} {k:>5} {m:>5} {qf:>10.2} {qsf:>10.2} {ff:>10.2} {qb:>10.2} {qsb:>10.2} {fb:>10.2}",
+                    qtype.name()
+                );
+            }
+        }
+    }
 }

@@ -11,18 +11,21 @@
 //! and its extra rows not stored). x and dY rows are leading dims of f32 tensors of any rank ([..., K] and
 //! [..., N]); K must be a whole number of the type's blocks (32 or 256 values), which QTensor guarantees.
 
-use super::words;
+use super::matmul::{matmul_forward_scaled, Variant};
+use super::{grid_1d, words};
 use crate::error::{shape_err, Result};
 use crate::gen::qmatmul::{prelude, BACKWARD_K, FORWARD_COLS};
 use crate::guard::{expect_f32, expect_f32_shape, index_u32};
 use crate::qtensor::{QTensor, QType};
-use crate::{Device, Dispatch, Spec, Tensor};
+use crate::{DType, Device, Dispatch, Spec, Tensor};
 
 const FILE: &str = "qmatmul.wgsl";
 /// Row tiles the specializations offer.
 const TMS: [usize; 4] = [1, 2, 4, 8];
 /// The largest M that the matrix-vector path (a row tile covering all rows) serves.
 pub const QGEMV_MAX_M: usize = 8;
+/// From this many rows the `_scratch` launchers dequantize W into the caller's scratch and run the f32 matmul.
+pub const QSCRATCH_MIN_M: usize = QGEMV_MAX_M + 1;
 
 fn spec(qtype: QType, tm: usize, wg: u32) -> Spec {
     Spec::new().prelude(prelude(qtype, tm)).constant("WG", wg as f64)
@@ -141,4 +144,84 @@ pub fn qmatmul_backward_input(
     let p = params(OP, m, w, false, accumulate)?;
     let bindings = [(2, &w.words), (5, dy), (6, dx)];
     Ok(vec![dev.dispatch(FILE, "qmatmul_backward_input", &spec(w.qtype, tm, wg), Some(&p), &bindings, grid)?])
+}
+
+/// out [N, K] (f32, at least N * K elements; the first N * K are written) = W dequantized, eight values per
+/// invocation with the kernels' own `deq8`.
+pub fn qdequantize(dev: &Device, out: &Tensor, w: &QTensor) -> Result<Vec<Dispatch>> {
+    const OP: &str = "qdequantize";
+    expect_f32(OP, "out", out)?;
+    if out.numel() < w.rows * w.cols {
+        return Err(shape_err(
+            OP,
+            format!("out {:?} holds fewer than the weight's {} x {} values", out.shape, w.rows, w.cols),
+        ));
+    }
+    let wg = workgroup(dev);
+    let groups = index_u32(OP, "the workgroup count", (w.rows * w.cols / 8).div_ceil(wg as usize))?;
+    let p = params(OP, 0, w, false, false)?;
+    let bindings = [(2, &w.words), (6, out)];
+    Ok(vec![dev.dispatch(FILE, "qdequantize", &spec(w.qtype, 1, wg), Some(&p), &bindings, grid_1d(groups))?])
+}
+
+/// The scratch weight view [N, K] after checking `scratch` (f32, at least N * K elements).
+fn scratch_view(op: &'static str, scratch: &Tensor, w: &QTensor) -> Result<Tensor> {
+    expect_f32(op, "scratch", scratch)?;
+    if scratch.numel() < w.rows * w.cols {
+        return Err(shape_err(
+            op,
+            format!(
+                "scratch {:?} holds fewer than the weight's {} x {} values (one scratch of the largest weight \
+                 serves every layer)",
+                scratch.shape, w.rows, w.cols
+            ),
+        ));
+    }
+    Ok(scratch.view(&[w.rows, w.cols], DType::F32))
+}
+
+/// [`qmatmul_forward`], except that products of at least [`QSCRATCH_MIN_M`] rows dequantize W into `scratch`
+/// (f32, at least N * K elements, overwritten; the caller shares one among all layers, since dispatches run in
+/// order) and run the f32 matmul (its tiled kernels), which on lavapipe is several times faster than reading
+/// the blocks per row tile (README, "Quantized weights on the GPU"). The weight stays quantized at rest.
+#[allow(clippy::too_many_arguments)]
+pub fn qmatmul_forward_scratch(
+    dev: &Device,
+    out: &Tensor,
+    x: &Tensor,
+    w: &QTensor,
+    bias: Option<&Tensor>,
+    accumulate: bool,
+    scratch: &Tensor,
+) -> Result<Vec<Dispatch>> {
+    const OP: &str = "qmatmul_forward";
+    let m = rows_of(OP, "x", x, w.cols, "K (the weight's columns)")?;
+    if m < QSCRATCH_MIN_M {
+        return qmatmul_forward(dev, out, x, w, bias, accumulate);
+    }
+    let wf = scratch_view(OP, scratch, w)?;
+    let mut ds = qdequantize(dev, &wf, w)?;
+    ds.extend(matmul_forward_scaled(dev, Variant::Auto, out, x, &wf, bias, false, true, 1.0, accumulate)?);
+    Ok(ds)
+}
+
+/// [`qmatmul_backward_input`] with [`qmatmul_forward_scratch`]'s large-M path (W dequantized into `scratch`,
+/// then the f32 matmul dY · W).
+pub fn qmatmul_backward_input_scratch(
+    dev: &Device,
+    dx: &Tensor,
+    dy: &Tensor,
+    w: &QTensor,
+    accumulate: bool,
+    scratch: &Tensor,
+) -> Result<Vec<Dispatch>> {
+    const OP: &str = "qmatmul_backward_input";
+    let m = rows_of(OP, "dy", dy, w.rows, "N (the weight's rows)")?;
+    if m < QSCRATCH_MIN_M {
+        return qmatmul_backward_input(dev, dx, dy, w, accumulate);
+    }
+    let wf = scratch_view(OP, scratch, w)?;
+    let mut ds = qdequantize(dev, &wf, w)?;
+    ds.extend(matmul_forward_scaled(dev, Variant::Auto, dx, dy, &wf, None, false, false, 1.0, accumulate)?);
+    Ok(ds)
 }
