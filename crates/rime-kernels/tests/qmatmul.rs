@@ -89,6 +89,7 @@ fn assert_within(what: &str, got: &[f32], want: &[f32], bound: &[f64]) {
 }
 
 /// Both products of one quantized weight [n, k] with m rows, against the reference.
+#[allow(clippy::too_many_arguments)]
 fn check(d: &Device, qtype: QType, m: usize, n: usize, k: usize, bias: bool, accumulate: bool, seed: u64) {
     let bytes = random_blocks(qtype, n, k, seed);
     let w = r::dequantize(qtype, &bytes, n, k).unwrap();
