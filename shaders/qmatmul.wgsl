@@ -127,18 +127,28 @@ fn qmatmul_backward_input(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_
     qmm_backward(wid, lane);
 }
 
-// W [N, K] to f32 (dx4 as the output [N, K]), eight values per invocation over a flat 1-D grid (grid_1d):
-// the scratch weight of the large-M path (ops/qmatmul.rs) and a GPU check of the dequantizers.
+// W [N, K] to f32 (dx4 as the output [N, K]), 32 values (four deq8) per invocation over a flat 1-D grid
+// (grid_1d): the scratch weight of the large-M path (ops/qmatmul.rs) and a GPU check of the dequantizers.
 @compute @workgroup_size(WG)
 fn qdequantize(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                @builtin(local_invocation_index) lane: u32) {
     let i = flat_group(wid, nwg) * WG + lane;
-    let per_row = p.k >> 3u;
+    let per_row = p.k >> 5u;
     if (i >= p.n * per_row) { return; }
     let n = i / per_row;
-    let k = (i - n * per_row) * 8u;
-    let v = deq8(n * p.row_bytes, k);
+    let k = (i - n * per_row) * 32u;
+    let rb = n * p.row_bytes;
     let o = (n * p.k + k) >> 2u;
-    dx4[o] = v.a;
-    dx4[o + 1u] = v.b;
+    let v0 = deq8(rb, k);
+    let v1 = deq8(rb, k + 8u);
+    let v2 = deq8(rb, k + 16u);
+    let v3 = deq8(rb, k + 24u);
+    dx4[o] = v0.a;
+    dx4[o + 1u] = v0.b;
+    dx4[o + 2u] = v1.a;
+    dx4[o + 3u] = v1.b;
+    dx4[o + 4u] = v2.a;
+    dx4[o + 5u] = v2.b;
+    dx4[o + 6u] = v3.a;
+    dx4[o + 7u] = v3.b;
 }

@@ -146,8 +146,8 @@ pub fn qmatmul_backward_input(
     Ok(vec![dev.dispatch(FILE, "qmatmul_backward_input", &spec(w.qtype, tm, wg), Some(&p), &bindings, grid)?])
 }
 
-/// out [N, K] (f32, at least N * K elements; the first N * K are written) = W dequantized, eight values per
-/// invocation with the kernels' own `deq8`.
+/// out [N, K] (f32, at least N * K elements; the first N * K are written) = W dequantized, 32 values per
+/// invocation (K is a multiple of 32) with the kernels' own `deq8`.
 pub fn qdequantize(dev: &Device, out: &Tensor, w: &QTensor) -> Result<Vec<Dispatch>> {
     const OP: &str = "qdequantize";
     expect_f32(OP, "out", out)?;
@@ -158,7 +158,7 @@ pub fn qdequantize(dev: &Device, out: &Tensor, w: &QTensor) -> Result<Vec<Dispat
         ));
     }
     let wg = workgroup(dev);
-    let groups = index_u32(OP, "the workgroup count", (w.rows * w.cols / 8).div_ceil(wg as usize))?;
+    let groups = index_u32(OP, "the workgroup count", (w.rows * w.cols / 32).div_ceil(wg as usize))?;
     let p = params(OP, 0, w, false, false)?;
     let bindings = [(2, &w.words), (6, out)];
     Ok(vec![dev.dispatch(FILE, "qdequantize", &spec(w.qtype, 1, wg), Some(&p), &bindings, grid_1d(groups))?])
