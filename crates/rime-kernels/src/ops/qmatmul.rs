@@ -46,8 +46,18 @@ fn row_tile(m: usize) -> usize {
     TMS.into_iter().find(|&t| t >= m).unwrap_or(TMS[TMS.len() - 1])
 }
 
+#[cfg(test)]
+thread_local! {
+    /// The unit tests run the GPU workgroup size on lavapipe through this.
+    static WG_OVERRIDE: std::cell::Cell<Option<u32>> = const { std::cell::Cell::new(None) };
+}
+
 /// 8 lanes (one lavapipe subgroup, which runs a workgroup as one SIMD batch) on CPU adapters, 64 on GPUs.
 fn workgroup(dev: &Device) -> u32 {
+    #[cfg(test)]
+    if let Some(wg) = WG_OVERRIDE.with(|c| c.get()) {
+        return wg;
+    }
     if dev.is_cpu() {
         8
     } else {
@@ -224,4 +234,68 @@ pub fn qmatmul_backward_input_scratch(
     let mut ds = qdequantize(dev, &wf, w)?;
     ds.extend(matmul_forward_scaled(dev, Variant::Auto, dx, dy, &wf, None, false, false, 1.0, accumulate)?);
     Ok(ds)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reference::qmatmul as r;
+    use crate::DeviceOptions;
+    use rand::{Rng, SeedableRng};
+
+    /// The GPU workgroup size (64, several workgroups per row block in both products and the dequantizer) on
+    /// whatever adapter runs the tests, against the reference (tolerance as tests/qmatmul.rs explains).
+    #[test]
+    fn gpu_workgroup_size_matches_reference() {
+        let Ok(dev) = Device::new(&DeviceOptions::default()) else { return };
+        WG_OVERRIDE.with(|c| c.set(Some(64)));
+        let mut g = rand::rngs::StdRng::seed_from_u64(5);
+        for (qtype, n, k) in [(QType::Q4K, 300, 1280), (QType::Q5_0, 261, 1088)] {
+            let (bs, bb) = qtype.block();
+            let mut bytes: Vec<u8> = (0..n * k / bs * bb).map(|_| g.random::<u8>()).collect();
+            for blk in bytes.chunks_exact_mut(bb) {
+                // Finite f16 scales in [2^-10, 2^-4): exponent field 5..11, any mantissa.
+                for o in [0, 2] {
+                    let h: u16 = ((g.random_range(5u16..11)) << 10) | g.random_range(0u16..1024);
+                    blk[o..o + 2].copy_from_slice(&h.to_le_bytes());
+                }
+            }
+            let w = r::dequantize(qtype, &bytes, n, k).unwrap();
+            let qw = QTensor::upload(&dev, qtype, n, k, &bytes).unwrap();
+            let m = 37;
+            let x: Vec<f32> = (0..m * k).map(|_| g.random_range(-1.0..1.0)).collect();
+            let dy: Vec<f32> = (0..m * n).map(|_| g.random_range(-1.0..1.0)).collect();
+            let u = 1.0 / (1u64 << 24) as f64;
+            let close = |what: &str, got: Vec<f32>, want: Vec<f32>, terms: usize, abs: Vec<f64>| {
+                for (i, ((a, b), s)) in got.iter().zip(&want).zip(&abs).enumerate() {
+                    let tol = (terms + 4) as f64 * u * s + (b.abs() as f64) * u;
+                    assert!(((a - b).abs() as f64) <= tol, "{what} {qtype}: index {i}: got {a}, want {b}");
+                }
+            };
+            let tx = dev.upload_f32(&x, &[m, k]).unwrap();
+            let ty = dev.zeros(&[m, n], crate::DType::F32).unwrap();
+            dev.run(&qmatmul_forward(&dev, &ty, &tx, &qw, None, false).unwrap()).unwrap();
+            let abs: Vec<f64> = (0..m * n)
+                .map(|i| (0..k).map(|t| (x[i / n * k + t] as f64 * w[i % n * k + t] as f64).abs()).sum())
+                .collect();
+            let want = r::qmatmul_forward(&x, &w, None, None, m, n, k);
+            close("forward", dev.download_f32(&ty).unwrap(), want, k, abs);
+            let tdy = dev.upload_f32(&dy, &[m, n]).unwrap();
+            let tdx = dev.zeros(&[m, k], crate::DType::F32).unwrap();
+            dev.run(&qmatmul_backward_input(&dev, &tdx, &tdy, &qw, false).unwrap()).unwrap();
+            let abs: Vec<f64> = (0..m * k)
+                .map(|i| (0..n).map(|j| (dy[i / k * n + j] as f64 * w[j * k + i % k] as f64).abs()).sum())
+                .collect();
+            let want = r::qmatmul_backward_input(&dy, &w, None, m, n, k);
+            close("backward", dev.download_f32(&tdx).unwrap(), want, n, abs);
+            let tw = dev.zeros(&[n, k], crate::DType::F32).unwrap();
+            dev.run(&qdequantize(&dev, &tw, &qw).unwrap()).unwrap();
+            let big = w.iter().fold(0f32, |a, v| a.max(v.abs())) as f64;
+            let got = dev.download_f32(&tw).unwrap();
+            for (i, (a, b)) in got.iter().zip(&w).enumerate() {
+                assert!(((a - b).abs() as f64) <= 2.0 * u * big, "dequantize {qtype}: index {i}: got {a}, want {b}");
+            }
+        }
+        WG_OVERRIDE.with(|c| c.set(None));
+    }
 }
