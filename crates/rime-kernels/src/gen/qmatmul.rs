@@ -13,13 +13,38 @@ pub(crate) const FORWARD_COLS: usize = 4;
 /// k values per invocation of the backward body (two `deq8`).
 pub(crate) const BACKWARD_K: usize = 16;
 
-/// The generated prelude for `qtype` and `tm` rows per invocation.
-pub(crate) fn prelude(qtype: QType, tm: usize) -> String {
+/// The generated prelude for `qtype` and `tm` rows per invocation; `subgroup`: `fetch_x` shares x through
+/// subgroupBroadcast (8-lane subgroups, one per workgroup).
+pub(crate) fn prelude(qtype: QType, tm: usize, subgroup: bool) -> String {
     let mut s = String::new();
+    s.push_str(fetch_x(subgroup));
     s.push_str(deq8(qtype));
     forward(&mut s, tm);
     backward(&mut s, tm);
     s
+}
+
+/// x values k0..k0+32 of the row starting at element `base`, as eight vec4. With 8-lane subgroups lane l loads
+/// one vec4 and subgroupBroadcast (constant lanes, hence spelled out) hands all eight to every lane (the lanes of
+/// a workgroup share their rows); without, each lane loads all eight. Only the subgroup flavour mentions
+/// subgroups (a module that did would not build on adapters without them).
+fn fetch_x(subgroup: bool) -> &'static str {
+    if subgroup {
+        "fn fetch_x(base: u32, k0: u32, lane: u32) -> array<vec4<f32>, 8> {
+    let v = x4[(base + k0 + 4u * lane) >> 2u];
+    return array<vec4<f32>, 8>(subgroupBroadcast(v, 0u), subgroupBroadcast(v, 1u), subgroupBroadcast(v, 2u),
+        subgroupBroadcast(v, 3u), subgroupBroadcast(v, 4u), subgroupBroadcast(v, 5u), subgroupBroadcast(v, 6u),
+        subgroupBroadcast(v, 7u));
+}
+"
+    } else {
+        "fn fetch_x(base: u32, k0: u32, lane: u32) -> array<vec4<f32>, 8> {
+    let i = (base + k0) >> 2u;
+    return array<vec4<f32>, 8>(x4[i], x4[i + 1u], x4[i + 2u], x4[i + 3u], x4[i + 4u], x4[i + 5u], x4[i + 6u],
+        x4[i + 7u]);
+}
+"
+    }
 }
 
 fn deq8(qtype: QType) -> &'static str {
@@ -129,13 +154,14 @@ fn line(s: &mut String, l: &str) {
     s.push('\n');
 }
 
-/// `qmm_forward`: TM rows x [`FORWARD_COLS`] columns of y, k in steps of 8 (one `deq8` per column, two vec4
-/// loads of x per row), accumulators `a{r}_{c}` as vec4 summed at the end.
+/// `qmm_forward`: TM rows x [`FORWARD_COLS`] columns of y, k in steps of 32 (K is a whole number of 32-value
+/// blocks): `fetch_x` gives each row's 32 x values (eight vec4), then four `deq8` per column, accumulators
+/// `a{r}_{c}` as vec4 summed at the end. No early return: every lane takes part in `fetch_x`'s broadcasts
+/// (columns past N are clamped on load and skipped on store).
 fn forward(s: &mut String, tm: usize) {
     let tn = FORWARD_COLS;
     line(s, "fn qmm_forward(wid: vec3<u32>, lane: u32) {");
     line(s, &format!("    let n0 = (wid.x * WG + lane) * {tn}u;"));
-    line(s, "    if (n0 >= p.n) { return; }");
     line(s, &format!("    let m0 = wid.y * {tm}u;"));
     for c in 0..tn {
         line(s, &format!("    let wb{c} = min(n0 + {c}u, p.n - 1u) * p.row_bytes;"));
@@ -147,14 +173,22 @@ fn forward(s: &mut String, tm: usize) {
         let vars: Vec<String> = (0..tn).map(|c| format!("var a{r}_{c} = vec4<f32>(0.0);")).collect();
         line(s, &format!("    {}", vars.join(" ")));
     }
-    line(s, "    for (var k = 0u; k < p.k; k += 8u) {");
-    for c in 0..tn {
-        line(s, &format!("        let w{c} = deq8(wb{c}, k);"));
-    }
+    line(s, "    for (var k0 = 0u; k0 < p.k; k0 += 32u) {");
     for r in 0..tm {
-        line(s, &format!("        {{ let xa = x4[(xr{r} + k) >> 2u]; let xb = x4[(xr{r} + k + 4u) >> 2u];"));
+        line(s, &format!("        let x{r} = fetch_x(xr{r}, k0, lane);"));
+    }
+    for g in 0..4 {
+        line(s, &format!("        {{ let k = k0 + {}u;", 8 * g));
         for c in 0..tn {
-            line(s, &format!("          a{r}_{c} = fma(xb, w{c}.b, fma(xa, w{c}.a, a{r}_{c}));"));
+            line(s, &format!("          let w{c} = deq8(wb{c}, k);"));
+        }
+        for r in 0..tm {
+            let fmas: Vec<String> = (0..tn)
+                .map(|c| {
+                    format!("a{r}_{c} = fma(x{r}[{}], w{c}.b, fma(x{r}[{}], w{c}.a, a{r}_{c}));", 2 * g + 1, 2 * g)
+                })
+                .collect();
+            line(s, &format!("          {}", fmas.join(" ")));
         }
         line(s, "        }");
     }

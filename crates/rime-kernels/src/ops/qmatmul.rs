@@ -27,18 +27,25 @@ pub const QGEMV_MAX_M: usize = 8;
 /// From this many rows the `_scratch` launchers dequantize W into the caller's scratch and run the f32 matmul.
 pub const QSCRATCH_MIN_M: usize = QGEMV_MAX_M + 1;
 
-fn spec(qtype: QType, tm: usize, wg: u32) -> Spec {
-    Spec::new().prelude(prelude(qtype, tm)).constant("WG", wg as f64)
+fn spec(qtype: QType, tm: usize, wg: u32, subgroup: bool) -> Spec {
+    Spec::new().prelude(prelude(qtype, tm, subgroup)).constant("WG", wg as f64)
 }
 
 pub fn specs() -> Vec<(&'static str, Spec)> {
     let mut v = Vec::new();
     for qt in QType::ALL {
         for tm in TMS {
-            v.push((FILE, spec(qt, tm, 8)));
+            for sg in [false, true] {
+                v.push((FILE, spec(qt, tm, 8, sg)));
+            }
         }
     }
     v
+}
+
+/// Whether the forward body shares x through subgroupBroadcast: workgroups of 8 lanes that are one subgroup.
+fn subgroup_x(dev: &Device, wg: u32) -> bool {
+    wg == 8 && dev.has_subgroups() && dev.info().subgroup_min_size == 8 && dev.info().subgroup_max_size == 8
 }
 
 /// Rows per invocation for M rows: the smallest tile that covers M, else 8.
@@ -123,7 +130,8 @@ pub fn qmatmul_forward(
     ];
     let p = params(OP, m, w, bias.is_some(), accumulate)?;
     let bindings = [(1, x), (2, &w.words), (3, out), (4, bias.unwrap_or(x))];
-    Ok(vec![dev.dispatch(FILE, "qmatmul_forward", &spec(w.qtype, tm, wg), Some(&p), &bindings, grid)?])
+    let sp = spec(w.qtype, tm, wg, subgroup_x(dev, wg));
+    Ok(vec![dev.dispatch(FILE, "qmatmul_forward", &sp, Some(&p), &bindings, grid)?])
 }
 
 /// dx [M, K] (+)= dY [M, N] · W, W [N, K] quantized: the input gradient of [`qmatmul_forward`]. dY and dx f32
@@ -153,7 +161,7 @@ pub fn qmatmul_backward_input(
     ];
     let p = params(OP, m, w, false, accumulate)?;
     let bindings = [(2, &w.words), (5, dy), (6, dx)];
-    Ok(vec![dev.dispatch(FILE, "qmatmul_backward_input", &spec(w.qtype, tm, wg), Some(&p), &bindings, grid)?])
+    Ok(vec![dev.dispatch(FILE, "qmatmul_backward_input", &spec(w.qtype, tm, wg, false), Some(&p), &bindings, grid)?])
 }
 
 /// out [N, K] (f32, at least N * K elements; the first N * K are written) = W dequantized, 32 values per
@@ -171,7 +179,7 @@ pub fn qdequantize(dev: &Device, out: &Tensor, w: &QTensor) -> Result<Vec<Dispat
     let groups = index_u32(OP, "the workgroup count", (w.rows * w.cols / 32).div_ceil(wg as usize))?;
     let p = params(OP, 0, w, false, false)?;
     let bindings = [(2, &w.words), (6, out)];
-    Ok(vec![dev.dispatch(FILE, "qdequantize", &spec(w.qtype, 1, wg), Some(&p), &bindings, grid_1d(groups))?])
+    Ok(vec![dev.dispatch(FILE, "qdequantize", &spec(w.qtype, 1, wg, false), Some(&p), &bindings, grid_1d(groups))?])
 }
 
 /// The scratch weight view [N, K] after checking `scratch` (f32, at least N * K elements).
