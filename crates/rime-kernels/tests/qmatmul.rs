@@ -182,11 +182,14 @@ fn q6_k_matches_reference() {
 }
 
 /// More columns than one workgroup covers and more k than one workgroup's backward lanes (several workgroups
-/// per row block), rows a multiple of 8 and leading dims [2, 20] flattened.
+/// per row block), weights past 32 KB (byte offsets past 15 bits), rows a multiple of 8 and leading dims
+/// [2, 20] flattened.
 #[test]
 fn larger_shapes_and_leading_dims_match_reference() {
     let d = dev();
-    for (qtype, n, k) in [(QType::Q4K, 70, 768), (QType::Q8_0, 300, 160)] {
+    for (qtype, n, k) in
+        [(QType::Q4K, 130, 768), (QType::Q8_0, 300, 160), (QType::Q6K, 90, 512), (QType::Q5_0, 260, 256)]
+    {
         let (m, seed) = (40, 77);
         let bytes = random_blocks(qtype, n, k, seed);
         let w = r::dequantize(qtype, &bytes, n, k).unwrap();

@@ -3,8 +3,10 @@
 //! bodies `qmm_forward` and `qmm_backward` with TM rows written out (lavapipe keeps private arrays that loops
 //! index in memory, so every accumulator is a scalar WGSL variable).
 //!
-//! `deq8(rb, k)` returns values k..k+8 (k a multiple of 8) of the row whose blocks start at byte `rb`, with the
-//! f32 operations of ggml's `dequantize_row_*` (and of rime-io's and the reference's copies) in the same order.
+//! `head32(rb, k0)` reads what values k0..k0+32 of the row whose blocks start at byte `rb` share (scales,
+//! offsets, high bits) and `vals8(rb, k0, g, head)` returns values k0 + 8g..k0 + 8g + 8, with the f32 operations
+//! of ggml's `dequantize_row_*` (and of rime-io's and the reference's copies) in the same order; `deq8(rb, k)`
+//! is the two for any multiple of 8.
 
 use crate::qtensor::QType;
 
@@ -18,7 +20,8 @@ pub(crate) const BACKWARD_K: usize = 16;
 pub(crate) fn prelude(qtype: QType, tm: usize, subgroup: bool) -> String {
     let mut s = String::new();
     s.push_str(fetch_x(subgroup));
-    s.push_str(deq8(qtype));
+    s.push_str(dequant(qtype));
+    s.push_str(DEQ8);
     forward(&mut s, tm);
     backward(&mut s, tm);
     s
@@ -47,106 +50,130 @@ fn fetch_x(subgroup: bool) -> &'static str {
     }
 }
 
-fn deq8(qtype: QType) -> &'static str {
+/// The type's `head32(rb, k0)` (what values k0..k0+32 share: scales, offsets, high bits; k0 a multiple of 32)
+/// and `vals8(rb, k0, g, h)` (values k0 + 8g..k0 + 8g + 8 from that head). Each value is computed with ggml's
+/// f32 operations in ggml's order.
+fn dequant(qtype: QType) -> &'static str {
     match qtype {
         // y = q * d
         QType::Q8_0 => {
-            "fn deq8(rb: u32, k: u32) -> V8 {
-    let base = rb + (k >> 5u) * 34u;
-    let d = qf16(base);
-    let w = qbytes8(base + 2u + (k & 31u));
-    return V8(sbytes(w.x) * d, sbytes(w.y) * d);
+            "fn head32(rb: u32, k0: u32) -> H32 {
+    let base = rb + (k0 >> 5u) * 34u;
+    return H32(qf16(base), 0.0, base, 0u);
+}
+fn vals8(rb: u32, k0: u32, g: u32, h: H32) -> V8 {
+    let w = qbytes8(h.base + 2u + 8u * g);
+    return V8(sbytes(w.x) * h.d, sbytes(w.y) * h.d);
 }
 "
         }
-        // y = (nibble - 8) * d; values 0..16 are low nibbles of qs[0..16], values 16..32 the high nibbles.
+        // y = (nibble - 8) * d; values 0..16 are the low nibbles of qs[0..16], values 16..32 the high nibbles.
         QType::Q4_0 => {
-            "fn deq8(rb: u32, k: u32) -> V8 {
-    let base = rb + (k >> 5u) * 18u;
-    let d = qf16(base);
-    let j = k & 31u;
-    let w = qbytes8(base + 2u + (j & 15u));
-    let sh = (j >> 4u) * 4u;
+            "fn head32(rb: u32, k0: u32) -> H32 {
+    let base = rb + (k0 >> 5u) * 18u;
+    return H32(qf16(base), 0.0, base, 0u);
+}
+fn vals8(rb: u32, k0: u32, g: u32, h: H32) -> V8 {
+    let w = qbytes8(h.base + 2u + 8u * (g & 1u));
+    let sh = (g >> 1u) * 4u;
     let lo = (w.x >> sh) & 0x0f0f0f0fu;
     let hi = (w.y >> sh) & 0x0f0f0f0fu;
-    return V8((ubytes(lo) - 8.0) * d, (ubytes(hi) - 8.0) * d);
+    return V8((ubytes(lo) - 8.0) * h.d, (ubytes(hi) - 8.0) * h.d);
 }
 "
         }
         // y = nibble * d + m
         QType::Q4_1 => {
-            "fn deq8(rb: u32, k: u32) -> V8 {
-    let base = rb + (k >> 5u) * 20u;
-    let d = qf16(base);
-    let m = qf16(base + 2u);
-    let j = k & 31u;
-    let w = qbytes8(base + 4u + (j & 15u));
-    let sh = (j >> 4u) * 4u;
+            "fn head32(rb: u32, k0: u32) -> H32 {
+    let base = rb + (k0 >> 5u) * 20u;
+    return H32(qf16(base), qf16(base + 2u), base, 0u);
+}
+fn vals8(rb: u32, k0: u32, g: u32, h: H32) -> V8 {
+    let w = qbytes8(h.base + 4u + 8u * (g & 1u));
+    let sh = (g >> 1u) * 4u;
     let lo = (w.x >> sh) & 0x0f0f0f0fu;
     let hi = (w.y >> sh) & 0x0f0f0f0fu;
-    return V8(ubytes(lo) * d + m, ubytes(hi) * d + m);
+    return V8(ubytes(lo) * h.d + h.m, ubytes(hi) * h.d + h.m);
 }
 "
         }
-        // y = ((nibble | bit j of qh << 4) - 16) * d
+        // y = ((nibble | bit j of qh << 4) - 16) * d (qh in the head's x)
         QType::Q5_0 => {
-            "fn deq8(rb: u32, k: u32) -> V8 {
-    let base = rb + (k >> 5u) * 22u;
-    let d = qf16(base);
-    let j = k & 31u;
-    let hb = vec4<u32>(qbytes4(base + 2u) >> j);
-    let w = qbytes8(base + 6u + (j & 15u));
-    let sh = (j >> 4u) * 4u;
+            "fn head32(rb: u32, k0: u32) -> H32 {
+    let base = rb + (k0 >> 5u) * 22u;
+    return H32(qf16(base), 0.0, base, qbytes4(base + 2u));
+}
+fn vals8(rb: u32, k0: u32, g: u32, h: H32) -> V8 {
+    let hb = vec4<u32>(h.x >> (8u * g));
+    let w = qbytes8(h.base + 6u + 8u * (g & 1u));
+    let sh = (g >> 1u) * 4u;
     let lo = (w.x >> sh) & 0x0f0f0f0fu;
     let hi = (w.y >> sh) & 0x0f0f0f0fu;
     let h0 = vec4<f32>(((hb >> vec4<u32>(0u, 1u, 2u, 3u)) & vec4<u32>(1u)) * 16u);
     let h1 = vec4<f32>(((hb >> vec4<u32>(4u, 5u, 6u, 7u)) & vec4<u32>(1u)) * 16u);
-    return V8((ubytes(lo) + h0 - 16.0) * d, (ubytes(hi) + h1 - 16.0) * d);
+    return V8((ubytes(lo) + h0 - 16.0) * h.d, (ubytes(hi) + h1 - 16.0) * h.d);
 }
 "
         }
-        // Sub-block s (32 values) of a 256-value block: y = (d * sc) * nibble - dmin * mn, nibbles of
-        // qs[32 * (s / 2)..][..32], low for even s, high for odd.
+        // Sub-block s = (k0 % 256) / 32 of a 256-value block: y = (d * sc) * nibble - dmin * mn, the nibbles of
+        // qs[32 * (s / 2)..][..32], low for even s, high for odd (the head's x: the shift, base: those 32 bytes, which
+        // are 4-aligned as every 144-byte block is).
         QType::Q4K => {
-            "fn deq8(rb: u32, k: u32) -> V8 {
-    let base = rb + (k >> 8u) * 144u;
-    let e = k & 255u;
-    let s = e >> 5u;
+            "fn head32(rb: u32, k0: u32) -> H32 {
+    let base = rb + (k0 >> 8u) * 144u;
+    let s = (k0 & 255u) >> 5u;
+    let dm = unpack2x16float(q[base >> 2u]);
     let sm = scale_min_k4(base + 4u, s);
-    let d1 = qf16(base) * f32(sm.x);
-    let m1 = qf16(base + 2u) * f32(sm.y);
-    let w = qbytes8(base + 16u + (s >> 1u) * 32u + (e & 31u));
-    let sh = (s & 1u) * 4u;
-    let lo = (w.x >> sh) & 0x0f0f0f0fu;
-    let hi = (w.y >> sh) & 0x0f0f0f0fu;
-    return V8(d1 * ubytes(lo) - m1, d1 * ubytes(hi) - m1);
+    return H32(dm.x * f32(sm.x), dm.y * f32(sm.y), base + 16u + (s >> 1u) * 32u, (s & 1u) * 4u);
+}
+fn vals8(rb: u32, k0: u32, g: u32, h: H32) -> V8 {
+    let i = (h.base >> 2u) + 2u * g;
+    let lo = (q[i] >> h.x) & 0x0f0f0f0fu;
+    let hi = (q[i + 1u] >> h.x) & 0x0f0f0f0fu;
+    return V8(h.d * ubytes(lo) - h.m, h.d * ubytes(hi) - h.m);
 }
 "
         }
-        // Half h (128 values) of a 256-value block, quarter qd (32 values), l = 0..32 inside it:
-        // y = (d * sc) * (q6 - 32), q6 = nibble of ql[64h + l + 32(qd & 1)] (high for qd >= 2) | 2 bits of
-        // qh[32h + l] at 2qd, sc = scales[8h + l / 16 + 2qd] (i8).
+        // Half hf (128 values) of a 256-value block, quarter qd (32 values), l = 0..32 inside it:
+        // y = (d * sc) * (q6 - 32), q6 = the nibble of ql[64hf + l + 32(qd & 1)] (high for qd >= 2) | 2 bits of
+        // qh[32hf + l] at 2qd, sc = scales[8hf + l / 16 + 2qd] (i8): d * sc for l < 16 in d, l >= 16 in m.
         QType::Q6K => {
-            "fn deq8(rb: u32, k: u32) -> V8 {
-    let base = rb + (k >> 8u) * 210u;
-    let e = k & 255u;
-    let h = e >> 7u;
+            "fn head32(rb: u32, k0: u32) -> H32 {
+    let base = rb + (k0 >> 8u) * 210u;
+    let e = k0 & 255u;
+    let hf = e >> 7u;
     let qd = (e >> 5u) & 3u;
-    let l = e & 31u;
-    let scb = qbyte(base + 192u + h * 8u + (l >> 4u) + 2u * qd);
-    let ds = qf16(base + 208u) * f32(bitcast<i32>(scb << 24u) >> 24u);
-    let ql = qbytes8(base + h * 64u + l + (qd & 1u) * 32u);
+    let sb = base + 192u + hf * 8u + 2u * qd;
+    let d = qf16(base + 208u);
+    let s0 = f32(bitcast<i32>(qbyte(sb) << 24u) >> 24u);
+    let s1 = f32(bitcast<i32>(qbyte(sb + 1u) << 24u) >> 24u);
+    return H32(d * s0, d * s1, base, 0u);
+}
+fn vals8(rb: u32, k0: u32, g: u32, h: H32) -> V8 {
+    let e = k0 & 255u;
+    let hf = e >> 7u;
+    let qd = (e >> 5u) & 3u;
+    let l = 8u * g;
+    let ql = qbytes8(h.base + hf * 64u + l + (qd & 1u) * 32u);
     let nsh = (qd >> 1u) * 4u;
-    let qh = qbytes8(base + 128u + h * 32u + l);
+    let qh = qbytes8(h.base + 128u + hf * 32u + l);
     let hsh = 2u * qd;
     let a = ((ql.x >> nsh) & 0x0f0f0f0fu) | (((qh.x >> hsh) & 0x03030303u) << 4u);
     let b = ((ql.y >> nsh) & 0x0f0f0f0fu) | (((qh.y >> hsh) & 0x03030303u) << 4u);
+    let ds = select(h.d, h.m, g >= 2u);
     return V8(ds * (ubytes(a) - 32.0), ds * (ubytes(b) - 32.0));
 }
 "
         }
     }
 }
+
+/// `deq8(rb, k)`: values k..k+8 (k a multiple of 8) through the head of their 32-value group.
+const DEQ8: &str = "fn deq8(rb: u32, k: u32) -> V8 {
+    let k0 = k & ~31u;
+    return vals8(rb, k0, (k - k0) >> 3u, head32(rb, k0));
+}
+";
 
 /// Appends one line of WGSL.
 fn line(s: &mut String, l: &str) {
@@ -177,10 +204,13 @@ fn forward(s: &mut String, tm: usize) {
     for r in 0..tm {
         line(s, &format!("        let x{r} = fetch_x(xr{r}, k0, lane);"));
     }
+    for c in 0..tn {
+        line(s, &format!("        let h{c} = head32(wb{c}, k0);"));
+    }
     for g in 0..4 {
-        line(s, &format!("        {{ let k = k0 + {}u;", 8 * g));
+        line(s, "        {");
         for c in 0..tn {
-            line(s, &format!("          let w{c} = deq8(wb{c}, k);"));
+            line(s, &format!("          let w{c} = vals8(wb{c}, k0, {g}u, h{c});"));
         }
         for r in 0..tm {
             let fmas: Vec<String> = (0..tn)
@@ -208,6 +238,7 @@ fn backward(s: &mut String, tm: usize) {
     line(s, &format!("    let k0 = (wid.x * WG + lane) * {BACKWARD_K}u;"));
     line(s, "    if (k0 >= p.k) { return; }");
     line(s, &format!("    let m0 = wid.y * {tm}u;"));
+    line(s, "    let kh = k0 & ~31u;\n    let g0 = (k0 - kh) >> 3u;");
     for r in 0..tm {
         line(s, &format!("    let dr{r} = min(m0 + {r}u, p.m - 1u) * p.n;"));
     }
@@ -217,7 +248,8 @@ fn backward(s: &mut String, tm: usize) {
     }
     line(s, "    for (var n = 0u; n < p.n; n++) {");
     line(s, "        let wb = n * p.row_bytes;");
-    line(s, "        let w0 = deq8(wb, k0); let w1 = deq8(wb, k0 + 8u);");
+    line(s, "        let h = head32(wb, kh);");
+    line(s, "        let w0 = vals8(wb, kh, g0, h); let w1 = vals8(wb, kh, g0 + 1u, h);");
     for r in 0..tm {
         line(s, &format!("        {{ let g = vec4<f32>(dy[dr{r} + n]);"));
         line(
