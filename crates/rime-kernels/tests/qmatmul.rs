@@ -14,7 +14,7 @@ mod common;
 use common::*;
 use rime_kernels::ops::qmatmul::{
     qdequantize, qmatmul_backward_input, qmatmul_backward_input_scratch, qmatmul_forward, qmatmul_forward_scratch,
-    QGEMV_MAX_M,
+    QGEMV_MAX_M, QSCRATCH_MIN_M_FORWARD,
 };
 use rime_kernels::reference::qmatmul as r;
 use rime_kernels::{Device, QTensor, QType};
@@ -105,7 +105,8 @@ fn check(d: &Device, qtype: QType, m: usize, n: usize, k: usize, bias: bool, acc
     d.run(&qmatmul_forward(d, &ty, &tx, &qw, bias.then_some(&tb), accumulate).unwrap()).unwrap();
     let (bo, po) = (bias.then_some(&b[..]), accumulate.then_some(&prev_y[..]));
     let want = r::qmatmul_forward(&x, &w, bo, po, m, n, k);
-    // The scratch path (dequantize, then the f32 matmul for M > 8) on a scratch larger than the weight.
+    // The scratch launchers (the block kernels below 24 / 16 rows, else dequantize + the f32 matmul: M = 37 here)
+    // on a scratch larger than the weight.
     let scratch = d.zeros(&[n * k + 5], rime_kernels::DType::F32).unwrap();
     let ty2 = d.upload_f32(&prev_y, &[m, n]).unwrap();
     d.run(&qmatmul_forward_scratch(d, &ty2, &tx, &qw, bias.then_some(&tb), accumulate, &scratch).unwrap()).unwrap();
@@ -234,8 +235,8 @@ fn qdequantize_matches_reference() {
     let small = d.zeros(&[10], rime_kernels::DType::F32).unwrap();
     let qw = QTensor::upload(d, QType::Q8_0, 1, 32, &random_blocks(QType::Q8_0, 1, 32, 1)).unwrap();
     assert!(qdequantize(d, &small, &qw).err().unwrap().to_string().contains("fewer"));
-    let x = d.zeros(&[9, 32], rime_kernels::DType::F32).unwrap();
-    let y = d.zeros(&[9, 1], rime_kernels::DType::F32).unwrap();
+    let x = d.zeros(&[QSCRATCH_MIN_M_FORWARD, 32], rime_kernels::DType::F32).unwrap();
+    let y = d.zeros(&[QSCRATCH_MIN_M_FORWARD, 1], rime_kernels::DType::F32).unwrap();
     let e = qmatmul_forward_scratch(d, &y, &x, &qw, None, false, &small).err().unwrap().to_string();
     assert!(e.contains("scratch"), "{e}");
 }
@@ -354,7 +355,7 @@ fn timing_against_f32_matmul() {
             let qw = QTensor::upload(d, qtype, n, k, &bytes).unwrap();
             let w = r::dequantize(qtype, &bytes, n, k).unwrap();
             let fw = d.with_texture_twin(&d.upload_f32(&w, &[n, k]).unwrap()).unwrap();
-            for m in [1, 8, 16, 64, 2048] {
+            for m in [1, 8, 16, 32, 64, 2048] {
                 let x = d.upload_f32(&randn(1, m * k, 1.0), &[m, k]).unwrap();
                 let y = d.zeros(&[m, n], rime_kernels::DType::F32).unwrap();
                 let dy = d.upload_f32(&randn(2, m * n, 1.0), &[m, n]).unwrap();

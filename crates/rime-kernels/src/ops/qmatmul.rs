@@ -1,15 +1,20 @@
 //! Launchers for shaders/qmatmul.wgsl: the two products a frozen quantized weight W [N, K] ([`QTensor`], GGUF
 //! blocks of Q8_0, Q4_0, Q4_1, Q5_0, Q4_K or Q6_K) takes part in, dequantized in registers:
 //! - [`qmatmul_forward`]: y [M, N] (+)= x [M, K] · Wᵀ (+ bias [N]);
-//! - [`qmatmul_backward_input`]: dx [M, K] (+)= dY [M, N] · W.
+//! - [`qmatmul_backward_input`]: dx [M, K] (+)= dY [M, N] · W;
+//! - [`qdequantize`]: W as f32, and the `_scratch` launchers that use it for large M.
 //!
-//! One module per (block type, row tile TM): the type's `deq8` and the bodies with TM rows written out come
-//! from a prelude generated at run time (src/gen/qmatmul.rs), both entry points live in every module. An
-//! invocation owns TM rows of the output and 4 columns (forward) or 16 k values (backward). The row tile is the
-//! matrix-vector path for M <= [`QGEMV_MAX_M`] (decoding, short prompts): TM is the smallest of 1, 2, 4, 8 that
-//! covers M, so no row is computed twice; larger M runs the tiled path, blocks of 8 rows (the last one clamped
-//! and its extra rows not stored). x and dY rows are leading dims of f32 tensors of any rank ([..., K] and
-//! [..., N]); K must be a whole number of the type's blocks (32 or 256 values), which QTensor guarantees.
+//! One module per (block type, row tile TM, x through subgroups or not): the type's dequantizer and the bodies
+//! with TM rows written out come from a prelude generated at run time (src/gen/qmatmul.rs); every entry point
+//! lives in every module. An invocation owns TM rows of the output and 4 columns (forward, k in steps of 32,
+//! x shared by subgroupBroadcast when workgroups are one 8-lane subgroup, as on lavapipe) or 16 k values
+//! (backward). The row tile is the matrix-vector path for M <= [`QGEMV_MAX_M`] (decoding, short prompts): TM is
+//! the smallest of 1, 2, 4, 8 that covers M, so no row is computed twice; larger M runs the tiled path, blocks
+//! of 8 rows (the last one clamped and its extra rows not stored). From [`QSCRATCH_MIN_M_FORWARD`] /
+//! [`QSCRATCH_MIN_M_BACKWARD`] rows the `_scratch` launchers dequantize W into a caller's scratch and run the
+//! f32 matmul instead (faster at training sizes). x and dY rows are leading dims of f32 tensors of any rank
+//! ([..., K] and [..., N]); K must be a whole number of the type's blocks (32 or 256 values), which QTensor
+//! guarantees.
 
 use super::matmul::{matmul_forward_scaled, Variant};
 use super::{grid_1d, words};
@@ -24,8 +29,11 @@ const FILE: &str = "qmatmul.wgsl";
 const TMS: [usize; 4] = [1, 2, 4, 8];
 /// The largest M that the matrix-vector path (a row tile covering all rows) serves.
 pub const QGEMV_MAX_M: usize = 8;
-/// From this many rows the `_scratch` launchers dequantize W into the caller's scratch and run the f32 matmul.
-pub const QSCRATCH_MIN_M: usize = QGEMV_MAX_M + 1;
+/// From this many rows [`qmatmul_forward_scratch`] dequantizes W into the caller's scratch and runs the f32
+/// matmul (on lavapipe, SmolLM2's MLP weights: the block kernel is faster at 16 rows, the scratch path at 32).
+pub const QSCRATCH_MIN_M_FORWARD: usize = 24;
+/// The same for [`qmatmul_backward_input_scratch`] (about even at 16 rows, the scratch path 2x faster at 32).
+pub const QSCRATCH_MIN_M_BACKWARD: usize = 16;
 
 fn spec(qtype: QType, tm: usize, wg: u32, subgroup: bool) -> Spec {
     Spec::new().prelude(prelude(qtype, tm, subgroup)).constant("WG", wg as f64)
@@ -198,10 +206,10 @@ fn scratch_view(op: &'static str, scratch: &Tensor, w: &QTensor) -> Result<Tenso
     Ok(scratch.view(&[w.rows, w.cols], DType::F32))
 }
 
-/// [`qmatmul_forward`], except that products of at least [`QSCRATCH_MIN_M`] rows dequantize W into `scratch`
+/// [`qmatmul_forward`], except that products of at least [`QSCRATCH_MIN_M_FORWARD`] rows dequantize W into `scratch`
 /// (f32, at least N * K elements, overwritten; the caller shares one among all layers, since dispatches run in
-/// order) and run the f32 matmul (its tiled kernels), which on lavapipe is several times faster than reading
-/// the blocks per row tile (README, "Quantized weights on the GPU"). The weight stays quantized at rest.
+/// order) and run the f32 matmul (its tiled kernels), which on lavapipe is 2-3x faster than reading the blocks
+/// per row tile at training sizes (README, "Quantized weights on the GPU (kernels)"). The weight stays quantized at rest.
 #[allow(clippy::too_many_arguments)]
 pub fn qmatmul_forward_scratch(
     dev: &Device,
@@ -214,7 +222,7 @@ pub fn qmatmul_forward_scratch(
 ) -> Result<Vec<Dispatch>> {
     const OP: &str = "qmatmul_forward";
     let m = rows_of(OP, "x", x, w.cols, "K (the weight's columns)")?;
-    if m < QSCRATCH_MIN_M {
+    if m < QSCRATCH_MIN_M_FORWARD {
         return qmatmul_forward(dev, out, x, w, bias, accumulate);
     }
     let wf = scratch_view(OP, scratch, w)?;
@@ -235,7 +243,7 @@ pub fn qmatmul_backward_input_scratch(
 ) -> Result<Vec<Dispatch>> {
     const OP: &str = "qmatmul_backward_input";
     let m = rows_of(OP, "dy", dy, w.rows, "N (the weight's rows)")?;
-    if m < QSCRATCH_MIN_M {
+    if m < QSCRATCH_MIN_M_BACKWARD {
         return qmatmul_backward_input(dev, dx, dy, w, accumulate);
     }
     let wf = scratch_view(OP, scratch, w)?;
