@@ -33,7 +33,7 @@ pub enum Error {
     #[error("{file}: field `{field}`: {msg}")]
     Config { file: String, field: String, msg: String },
     /// A GGUF tensor uses a quantization type that rime cannot dequantize.
-    #[error("{file}: tensor `{tensor}` has GGUF type {ggml_type}, which rime cannot read (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K)")]
+    #[error("{file}: tensor `{tensor}` has GGUF type {ggml_type}, which rime cannot read (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q4_K, Q6_K)")]
     UnsupportedGgufType { file: String, tensor: String, ggml_type: String },
     /// A dataset row is malformed; `line` is 1-based in the file.
     #[error("{file}: line {line}: {msg}")]

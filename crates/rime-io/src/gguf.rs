@@ -1,6 +1,6 @@
 //! GGUF files (llama.cpp's format, versions 2 and 3): header, metadata key/values, tensor infos, and tensor
-//! data dequantized to f32 exactly as ggml's `dequantize_row_*` does (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K,
-//! Q6_K). GGUF lists dimensions fastest first (`ne[0]`); everything public here uses PyTorch order.
+//! data dequantized to f32 exactly as ggml's `dequantize_row_*` does (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0,
+//! Q4_K, Q6_K). GGUF lists dimensions fastest first (`ne[0]`); everything public here uses PyTorch order.
 //!
 //! For Llama checkpoints it also maps tensor names to Hugging Face's, undoes llama.cpp's RoPE row permutation
 //! of `attn_q` / `attn_k` the way transformers' GGUF loader does, derives a [`ModelConfig`] from the `llama.*`
@@ -203,6 +203,7 @@ impl GgmlType {
                 | GgmlType::Q8_0
                 | GgmlType::Q4_0
                 | GgmlType::Q4_1
+                | GgmlType::Q5_0
                 | GgmlType::Q4K
                 | GgmlType::Q6K
         )
@@ -886,6 +887,7 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], numel: usize) -> Option<Vec<f32>> 
         GgmlType::Q8_0 => bytes.chunks_exact(bb).for_each(|blk| dequantize_block_q8_0(blk, &mut y)),
         GgmlType::Q4_0 => bytes.chunks_exact(bb).for_each(|blk| dequantize_block_q4_0(blk, &mut y)),
         GgmlType::Q4_1 => bytes.chunks_exact(bb).for_each(|blk| dequantize_block_q4_1(blk, &mut y)),
+        GgmlType::Q5_0 => bytes.chunks_exact(bb).for_each(|blk| dequantize_block_q5_0(blk, &mut y)),
         GgmlType::Q4K => bytes.chunks_exact(bb).for_each(|blk| dequantize_block_q4_k(blk, &mut y)),
         GgmlType::Q6K => bytes.chunks_exact(bb).for_each(|blk| dequantize_block_q6_k(blk, &mut y)),
         _ => return None,
@@ -914,6 +916,22 @@ pub fn dequantize_block_q4_1(blk: &[u8], y: &mut Vec<f32>) {
     let qs = &blk[4..20];
     y.extend(qs.iter().map(|&q| (q & 0x0F) as f32 * d + m));
     y.extend(qs.iter().map(|&q| (q >> 4) as f32 * d + m));
+}
+
+/// `block_q5_0 { f16 d; u8 qh[4]; u8 qs[16]; }`: element j (j < 16) is the low nibble of qs[j] with bit j of
+/// qh (a little-endian u32) as its fifth bit, element j + 16 the high nibble with bit j + 16; both offset by 16.
+pub fn dequantize_block_q5_0(blk: &[u8], y: &mut Vec<f32>) {
+    let d = f16(blk, 0);
+    let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
+    let qs = &blk[6..22];
+    y.extend(qs.iter().enumerate().map(|(j, &q)| {
+        let h = ((qh >> j) << 4) & 0x10;
+        (((q as u32 & 0x0F) | h) as i32 - 16) as f32 * d
+    }));
+    y.extend(qs.iter().enumerate().map(|(j, &q)| {
+        let h = (qh >> (j + 12)) & 0x10;
+        (((q as u32 >> 4) | h) as i32 - 16) as f32 * d
+    }));
 }
 
 /// ggml's get_scale_min_k4: 6-bit scale and min number `j` (0..8) of a Q4_K/Q5_K block.

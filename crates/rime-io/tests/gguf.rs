@@ -260,7 +260,7 @@ fn sample_gguf() -> Vec<u8> {
     q41.extend(f16_bytes(-1.0));
     q41.extend((0..16u8).map(|j| j | ((15 - j) << 4)));
     g.tensor("w.q4_1", &[32, 1], 3, q41);
-    g.tensor("w.q5_0", &[32], 6, vec![0; 22]);
+    g.tensor("w.q5_1", &[32], 7, vec![0; 24]);
     g.build()
 }
 
@@ -296,8 +296,8 @@ fn synthetic_gguf_reads_every_metadata_type_and_tensor_type() {
     assert_eq!(g.tensor_info("w.q4_1").unwrap().shape(), vec![1, 32]);
     assert_eq!(g.dequantize("w.q4_1").unwrap()[15], 2.75);
 
-    let e = g.dequantize("w.q5_0").unwrap_err().to_string();
-    assert!(e.contains("tiny.gguf") && e.contains("w.q5_0") && e.contains("Q5_0"), "{e}");
+    let e = g.dequantize("w.q5_1").unwrap_err().to_string();
+    assert!(e.contains("tiny.gguf") && e.contains("w.q5_1") && e.contains("Q5_1"), "{e}");
     let e = g.dequantize("w.nope").unwrap_err().to_string();
     assert!(e.contains("w.nope") && e.contains("w.f32"), "{e}");
     // Not a llama file as far as config is concerned: missing keys are named.

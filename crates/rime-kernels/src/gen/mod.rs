@@ -2,6 +2,8 @@
 //! memory, so the hot register tiles are scalar variables with every loop written out; these Rust functions
 //! write them, sharing the helpers below.
 //! - `attention`: the subgroup kernels, generated per head size into the specialization's prelude at run time.
+//! - `qmatmul`: the block type's dequantizer and the row-tiled bodies of shaders/qmatmul.wgsl, generated per
+//!   (GGUF block type, row tile) into the specialization's prelude at run time.
 //! - `matmul`, `gemv`: the register-tiled functions of `shaders/matmul.wgsl` and `shaders/gemv.wgsl`. Their
 //!   output is committed inside those files (so the shaders stay readable and are embedded as they are); the
 //!   test `generated_functions_match_shaders` fails when a committed function differs from its generator, and
@@ -20,6 +22,7 @@ pub(crate) mod attention;
 mod gemv;
 #[cfg(test)]
 mod matmul;
+pub(crate) mod qmatmul;
 
 /// `f(i)` for every `i` of `items`, joined by `sep`.
 #[cfg(test)]

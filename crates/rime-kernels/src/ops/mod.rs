@@ -17,6 +17,7 @@ pub mod norm;
 pub mod optim;
 pub mod patch;
 pub mod prepend;
+pub mod qmatmul;
 pub mod reduce;
 pub mod rope;
 pub mod softmax;
@@ -44,6 +45,7 @@ pub fn declared_specs() -> Vec<(&'static str, Spec)> {
     v.extend(optim::specs());
     v.extend(patch::specs());
     v.extend(prepend::specs());
+    v.extend(qmatmul::specs());
     v.extend(reduce::specs());
     v.extend(rope::specs());
     v.extend(softmax::specs());

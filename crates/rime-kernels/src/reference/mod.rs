@@ -17,6 +17,7 @@ pub mod norm;
 pub mod optim;
 pub mod patch;
 pub mod prepend;
+pub mod qmatmul;
 pub mod reduce;
 pub mod rope;
 pub mod softmax;
