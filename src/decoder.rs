@@ -4,7 +4,6 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use rime_kernels::DType;
 use rime_models::generate::{generate_greedy, render_chat, Decoder as KvDecoder};
 use rime_models::llama::{self, LlamaModel};
 
@@ -16,9 +15,13 @@ pub struct DecoderOptions {
     /// A peft LoRA (or DoRA) adapter folder, applied on the GPU while decoding: its factors sit beside the
     /// frozen weights and each adapted linear computes `W·x + s·B·(A·x)` (nothing is folded).
     pub adapter: Option<PathBuf>,
-    /// Store the matrices in half precision (half the memory, about twice the decoding speed).
-    pub half_precision: bool,
+    /// How the matrices are held on the GPU: f32 (the default), f16 (half the memory, about twice the decoding
+    /// speed) or the file's quantized blocks ([`Weights::Quantized`], dequantized inside the kernels).
+    pub weights: Weights,
 }
+
+/// How a GGUF's matrices are held on the GPU ([`DecoderOptions::weights`], and `--weights` of causal-LM training).
+pub use rime_models::llama::GgufWeights as Weights;
 
 /// How one generation runs.
 #[derive(Debug, Clone)]
@@ -87,9 +90,8 @@ impl<'g> Decoder<'g> {
         if !path.is_file() {
             return Err(Error::invalid("model", format!("{}: no such file", path.display())));
         }
-        let dtype = if opts.half_precision { DType::F16 } else { DType::F32 };
         let t0 = Instant::now();
-        let model = llama::load_gguf(gpu.device(), path, opts.adapter.as_deref(), dtype)?;
+        let model = llama::load_gguf_with(gpu.device(), path, opts.adapter.as_deref(), opts.weights)?;
         let mut eos = model.eos_tokens.clone();
         // Chat models end a turn with their end-of-turn token, which may differ from the file's eos.
         for t in ["<|im_end|>", "<|eot_id|>", "<|end|>"] {

@@ -28,7 +28,8 @@ pub struct GenerateArgs {
     /// A peft LoRA adapter folder, applied on the GPU while decoding (its factors beside the weights).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
-    /// How matrices are held on the GPU: f32 or f16.
+    /// How matrices are held on the GPU: f32, f16 or q (the GGUF's quantized blocks, dequantized inside the
+    /// kernels: the least memory).
     #[arg(long, default_value = "f32")]
     pub weights: String,
 }
@@ -40,13 +41,10 @@ pub fn run(opts: &DeviceOptions, a: &GenerateArgs) -> Result<(), BoxErr> {
             format!("--model {}: no such file (run scripts/fetch-models.sh for the default)", path.display()).into()
         );
     }
-    let half_precision = match a.weights.as_str() {
-        "f32" => false,
-        "f16" => true,
-        w => return Err(format!("--weights {w}: expected f32 or f16").into()),
-    };
+    let weights = rime::decoder::Weights::parse(&a.weights)
+        .ok_or_else(|| format!("--weights {}: expected f32, f16 or q", a.weights))?;
     let gpu = rime::Gpu::from_device(Device::new(opts)?);
-    let dopts = DecoderOptions { adapter: a.adapter.clone(), half_precision };
+    let dopts = DecoderOptions { adapter: a.adapter.clone(), weights };
     let mut lm = Decoder::load_with(&gpu, &path, &dopts)?;
     let gopts = GenerateOptions { max_new_tokens: a.max_new_tokens, chat: a.chat };
     let mut out = crate::out::Out;

@@ -187,8 +187,9 @@ pub struct TrainArgs {
     #[arg(long, value_name = "M")]
     micro_batch_size: Option<usize>,
     /// How the frozen linear weights are held on the GPU: f32 (exact, the default), f16 or bf16 (half the
-    /// memory and fewer bytes per load; results move by about f16's precision). Classification with lora
-    /// (not --dora or --init pissa), ia3, adapter, prompt, prefix or probe.
+    /// memory and fewer bytes per load; results move by about f16's precision), or q (causal-lm: the GGUF's
+    /// Q8_0/Q4_0/Q4_1/Q5_0/Q4_K/Q6_K blocks kept as they are and dequantized inside the kernels, QLoRA-style:
+    /// about a sixth of f32's weight memory). Not with --dora, --init pissa or --method svfit.
     #[arg(long, default_value = "f32")]
     weights: String,
     /// Skip the linear-probe baseline of the main job (for --task embedding: the frozen model's retrieval scores).
@@ -361,7 +362,7 @@ fn lora_config(a: &TrainArgs, targets: &str) -> Result<LoraConfig, BoxErr> {
 /// f32 (SVFit, DoRA's norms, PiSSA's residual).
 fn frozen_weights(a: &TrainArgs) -> Result<WeightStorage, BoxErr> {
     let w = WeightStorage::parse(&a.weights)
-        .ok_or_else(|| format!("--weights {}: expected f32, f16 or bf16", a.weights))?;
+        .ok_or_else(|| format!("--weights {}: expected f32, f16, bf16 or q", a.weights))?;
     if w != WeightStorage::F32 && (a.method == "svfit" || a.dora || a.init == "pissa") {
         return Err(format!(
             "--weights {} does not combine with --method svfit, --dora or --init pissa (they rewrite or read the \
@@ -677,9 +678,6 @@ fn run_causal(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
     }
     if a.micro_batch_size.is_some() {
         return Err("--micro-batch-size applies to --task classify; for causal-lm lower --batch-size".into());
-    }
-    if a.weights != "f32" {
-        return Err("--weights applies to --task classify; causal-lm dequantizes the GGUF to f32".into());
     }
     let cfg = train_config(a)?;
     let lora = lora_config(a, &targets)?;

@@ -351,6 +351,70 @@ fn causal_lm_lora_learns_and_its_adapter_generates() {
     std::fs::remove_dir_all(&d).ok();
 }
 
+/// QLoRA-style: `--weights q` trains LoRA on SmolLM2 with its Q4_1 / Q8_0 blocks held as they are; the
+/// per-step losses follow the f32 run's (the same dequantized values, multiplied in another order), the run
+/// reports the weight bytes, and `rime generate --weights q --adapter` decodes with the adapter.
+#[test]
+fn causal_lm_lora_on_quantized_weights_follows_the_f32_run() {
+    let gguf = match rime_io::models_dir().join("smollm2-135m-instruct.Q4_1.gguf") {
+        p if p.exists() => p,
+        _ => {
+            eprintln!("SKIPPED: SmolLM2 GGUF not found, run scripts/fetch-models.sh");
+            return;
+        }
+    };
+    let d = tmp("clm_q");
+    let data = d.join("d.jsonl");
+    let row = |p: &str, c: &str| serde_json::json!({"prompt": p, "completion": c}).to_string();
+    let rows = [row("Say the secret word.", "The secret word is pumpernickel."), row("Name a colour.", "Teal.")];
+    std::fs::write(&data, rows.join("\n")).unwrap();
+    let run = |weights: &str| {
+        let out = d.join(weights);
+        let o = rime()
+            .args([
+                "train",
+                "--task",
+                "causal-lm",
+                "--model",
+                gguf.to_str().unwrap(),
+                "--train",
+                data.to_str().unwrap(),
+            ])
+            .args(["--text-column", "completion", "--text-pair-column", "prompt", "--batch-size", "2"])
+            .args(["--max-length", "24", "--epochs", "3", "--lr", "3e-3", "--weights", weights])
+            .args(["--out", out.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(o.status.success(), "{err}");
+        let losses: Vec<f32> = err
+            .lines()
+            .filter_map(|l| {
+                l.strip_prefix("step ")
+                    .and_then(|r| r.split("loss ").nth(1))
+                    .and_then(|x| x.split(',').next()?.trim().parse().ok())
+            })
+            .collect();
+        (err, losses, out)
+    };
+    let (_, lf, _) = run("f32");
+    let (err, lq, out) = run("q");
+    assert!(err.contains("weights:") && err.contains("in GGUF blocks"), "{err}");
+    assert_eq!(lq.len(), 3, "{err}");
+    for (a, b) in lf.iter().zip(&lq) {
+        assert!((a - b).abs() <= 1e-3 * a.abs().max(1.0), "f32 losses {lf:?}, quantized {lq:?}");
+    }
+    assert!(lq[2] < lq[0], "the loss falls: {lq:?}");
+    let g = rime()
+        .args(["generate", "--model", gguf.to_str().unwrap(), "--weights", "q"])
+        .args(["--adapter", out.join("adapter").to_str().unwrap(), "--prompt", "Say the secret word."])
+        .args(["--max-new-tokens", "3"])
+        .output()
+        .unwrap();
+    assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
+    std::fs::remove_dir_all(&d).ok();
+}
+
 /// Causal-LM training evaluates each epoch on --eval (completion loss, perplexity, best adapter kept), and a
 /// run stopped after 2 steps then resumed from its checkpoint ends with the same adapter as a straight run,
 /// with the whole LoRA family on: DoRA, PiSSA init (saved converted, split back on resume) and dropout.

@@ -225,6 +225,28 @@ impl std::fmt::Display for GgmlType {
     }
 }
 
+/// A tensor as stored in a GGUF file, under its Hugging Face name ([`GgufFile::load_hf_raw`]).
+#[derive(Debug, Clone)]
+pub struct RawNamedTensor {
+    pub name: String,
+    /// PyTorch order.
+    pub shape: Vec<usize>,
+    pub ggml_type: GgmlType,
+    pub bytes: Vec<u8>,
+}
+
+/// The heads whose RoPE permutation llama.cpp applied to this tensor's rows (Llama's q and k projections),
+/// None for any other tensor.
+fn rope_heads(gguf_name: &str, config: &ModelConfig) -> Option<usize> {
+    if gguf_name.ends_with(".attn_q.weight") {
+        Some(config.num_attention_heads)
+    } else if gguf_name.ends_with(".attn_k.weight") {
+        Some(config.num_key_value_heads)
+    } else {
+        None
+    }
+}
+
 /// One tensor's entry in the file.
 #[derive(Debug, Clone)]
 pub struct GgufTensorInfo {
@@ -617,14 +639,7 @@ impl GgufFile {
         })?;
         let shape = t.shape();
         let mut data = self.dequantize(gguf_name)?;
-        let heads = if gguf_name.ends_with(".attn_q.weight") {
-            Some(config.num_attention_heads)
-        } else if gguf_name.ends_with(".attn_k.weight") {
-            Some(config.num_key_value_heads)
-        } else {
-            None
-        };
-        if let Some(n_head) = heads {
+        if let Some(n_head) = rope_heads(gguf_name, config) {
             data = reverse_permute(&data, &shape, n_head).ok_or_else(|| Error::ShapeMismatch {
                 file: display(&self.path),
                 tensor: gguf_name.to_string(),
@@ -634,6 +649,48 @@ impl GgufFile {
             })?;
         }
         Ok((hf, shape, data))
+    }
+
+    /// One tensor under its Hugging Face name as stored: its GGUF type and bytes (q/k rows put back in the
+    /// Hugging Face order as [`GgufFile::load_hf_tensor`] does, whole rows moved, so block-quantized rows stay
+    /// intact), for a loader that keeps the file's quantization.
+    pub fn load_hf_raw_tensor(&self, gguf_name: &str, config: &ModelConfig) -> Result<RawNamedTensor> {
+        let t = self.tensor_info(gguf_name)?;
+        let hf = hf_name(gguf_name).ok_or_else(|| Error::Tensor {
+            file: display(&self.path),
+            tensor: gguf_name.to_string(),
+            msg: "no Hugging Face name for this GGUF tensor".into(),
+        })?;
+        let shape = t.shape();
+        // The loader's NaN policy holds for kept blocks too: no NaN or ±Inf value or block scale gets past.
+        self.dequantize(gguf_name)?;
+        let mut bytes = self.raw_bytes(gguf_name)?.to_vec();
+        if let Some(n_head) = rope_heads(gguf_name, config) {
+            let rows = shape.first().copied().unwrap_or(0);
+            let row_bytes = bytes.len().checked_div(rows).unwrap_or(0);
+            bytes = reverse_permute_rows(&bytes, rows, row_bytes, n_head).ok_or_else(|| Error::ShapeMismatch {
+                file: display(&self.path),
+                tensor: gguf_name.to_string(),
+                actual: shape.clone(),
+                expected: vec![config.head_dim() * n_head, config.hidden_size],
+                why: format!("rows must split into {n_head} heads of an even size to undo the RoPE permutation"),
+            })?;
+        }
+        Ok(RawNamedTensor { name: hf, shape, ggml_type: t.ggml_type, bytes })
+    }
+
+    /// Every mappable tensor under Hugging Face names as stored ([`GgufFile::load_hf_raw_tensor`]), after
+    /// checking the shapes against `config`. Sorted by HF name.
+    pub fn load_hf_raw(&self, config: &ModelConfig) -> Result<Vec<RawNamedTensor>> {
+        self.check_config(config)?;
+        let mut out = Vec::with_capacity(self.tensors.len());
+        for t in &self.tensors {
+            if hf_name(&t.name).is_some() {
+                out.push(self.load_hf_raw_tensor(&t.name, config)?);
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
     }
 
     /// Every mappable tensor under Hugging Face names (see [`GgufFile::load_hf_tensor`]), after checking the
@@ -848,11 +905,17 @@ pub fn hf_name(gguf: &str) -> Option<String> {
 pub fn reverse_permute(w: &[f32], shape: &[usize], n_head: usize) -> Option<Vec<f32>> {
     let rows = *shape.first()?;
     let cols: usize = shape[1..].iter().product();
-    if n_head == 0 || rows % (2 * n_head) != 0 || rows * cols != w.len() {
+    reverse_permute_rows(w, rows, cols, n_head)
+}
+
+/// [`reverse_permute`] on `rows` rows of `cols` items each (f32 values, or a quantized tensor's bytes with
+/// `cols` its row bytes: the permutation moves whole rows).
+pub fn reverse_permute_rows<T: Copy + Default>(w: &[T], rows: usize, cols: usize, n_head: usize) -> Option<Vec<T>> {
+    if n_head == 0 || !rows.is_multiple_of(2 * n_head) || rows * cols != w.len() {
         return None;
     }
     let dim = rows / n_head / 2;
-    let mut out = vec![0f32; w.len()];
+    let mut out = vec![T::default(); w.len()];
     for h in 0..n_head {
         for j in 0..2 {
             for d in 0..dim {

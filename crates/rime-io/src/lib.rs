@@ -20,7 +20,7 @@ pub mod tokenizer;
 pub use config::{Architecture, ModelConfig};
 pub use dataset::{split_indices, Columns, Dataset, DatasetFormat, Example, LabelMap};
 pub use error::{check_finite, Error, Result};
-pub use gguf::{GgmlType, GgufFile, GgufTensorInfo, GgufValue, NamedTensor};
+pub use gguf::{GgmlType, GgufFile, GgufTensorInfo, GgufValue, NamedTensor, RawNamedTensor};
 pub use image::{image_folder, image_list, read_idx, read_idx_images, Fit, Idx, ImageFolder, Preprocess, RgbImage};
 pub use lora_math::{add_scaled_product, dora_rescale_rows, dora_row_scale, pattern_lookup, LoraDims};
 pub use models::{locate_model, models_dir};

@@ -52,6 +52,9 @@ pub struct Device {
     pipelines: Mutex<HashMap<PipelineKey, Arc<wgpu::ComputePipeline>>>,
     pool: Mutex<HashMap<u64, Vec<Arc<wgpu::Buffer>>>>,
     errors: Arc<Mutex<Vec<String>>>,
+    /// The f32 scratch that quantized weights are dequantized into before a large product (see
+    /// [`Device::dequant_scratch`]).
+    scratch: Mutex<Option<Tensor>>,
 }
 
 fn type_rank(t: wgpu::DeviceType) -> u32 {
@@ -156,6 +159,7 @@ impl Device {
             pipelines: Mutex::new(HashMap::new()),
             pool: Mutex::new(HashMap::new()),
             errors,
+            scratch: Mutex::new(None),
         })
     }
 
@@ -221,6 +225,35 @@ impl Device {
         let bytes = dtype.storage_bytes(shape.iter().product());
         self.check_size("(new tensor)", bytes)?;
         Ok(Tensor::new(self.buffer(bytes), shape.to_vec(), dtype))
+    }
+
+    /// The device's dequantization scratch, at least `elems` f32 values: the quantized matmul launchers
+    /// ([`crate::ops::matmul`] with a [`DType::Q`] weight) dequantize a weight into it before a product of many
+    /// rows and run the f32 matmul. One scratch serves every weight, since dispatches run in order; it grows
+    /// to the largest weight asked for (a dispatch recorded earlier keeps the smaller one it was given, so
+    /// reserve the largest first: [`Device::reserve_dequant_scratch`]).
+    pub fn dequant_scratch(&self, elems: usize) -> Result<Tensor> {
+        let mut s = self.scratch.lock().map_err(|_| Error::Gpu {
+            what: "the dequantization scratch".into(),
+            msg: "its lock is poisoned (a thread panicked holding it)".into(),
+        })?;
+        if let Some(t) = s.as_ref().filter(|t| t.numel() >= elems) {
+            return Ok(t.clone());
+        }
+        let t = self.empty(&[elems.max(1)], DType::F32)?;
+        *s = Some(t.clone());
+        Ok(t)
+    }
+
+    /// Size the dequantization scratch for a weight of `elems` values now (a model loader calls it with its
+    /// largest quantized weight), so that every product shares one buffer.
+    pub fn reserve_dequant_scratch(&self, elems: usize) -> Result<()> {
+        self.dequant_scratch(elems).map(|_| ())
+    }
+
+    /// Bytes of the dequantization scratch (0 when no quantized product ran).
+    pub fn dequant_scratch_bytes(&self) -> u64 {
+        self.scratch.lock().ok().and_then(|s| s.as_ref().map(|t| t.bytes())).unwrap_or(0)
     }
 
     /// A zero-filled tensor.

@@ -164,4 +164,18 @@ impl QTensor {
     pub fn buffer(&self) -> &Arc<wgpu::Buffer> {
         &self.words.buffer
     }
+
+    /// The weight as a [`Tensor`] of shape [rows, cols] and dtype [`DType::Q`], sharing the buffer: what a
+    /// parameter store holds, and what the matmul and embedding launchers accept in place of an f32 weight.
+    pub fn to_tensor(&self) -> Tensor {
+        self.words.view(&[self.rows, self.cols], DType::Q(self.qtype))
+    }
+
+    /// The quantized weight a [`DType::Q`] tensor of shape [rows, cols] holds; None for any other tensor.
+    pub fn from_tensor(t: &Tensor) -> Option<QTensor> {
+        let DType::Q(qtype) = t.dtype else { return None };
+        let [rows, cols] = t.shape[..] else { return None };
+        let nwords = (rows * qtype.row_bytes(cols)?).div_ceil(4);
+        (t.bytes() >= 4 * nwords as u64).then(|| QTensor { qtype, rows, cols, words: t.view(&[nwords], DType::U32) })
+    }
 }

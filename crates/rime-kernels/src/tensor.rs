@@ -10,19 +10,34 @@ pub enum DType {
     BF16,
     U32,
     I32,
+    /// A frozen weight [rows, cols] in GGUF blocks of this type ([`crate::QTensor`]'s layout): it takes part
+    /// in x·Wᵀ and dY·W (the matmul launchers route it to ops::qmatmul) and in embedding lookups, dequantized
+    /// in the kernels. It has no whole number of bytes per element: see [`DType::storage_bytes`].
+    Q(crate::QType),
 }
 
 impl DType {
-    /// Bytes per element.
+    /// Bytes per element (0 for a quantized type, whose elements share block scales: see
+    /// [`DType::storage_bytes`]).
     pub fn size(self) -> usize {
         match self {
             DType::F16 | DType::BF16 => 2,
+            DType::Q(_) => 0,
             _ => 4,
         }
     }
-    /// Bytes of a buffer holding `n` elements (rounded up to whole 32-bit words).
+    /// Bytes of a buffer holding `n` elements (rounded up to whole 32-bit words); for a quantized type, `n`
+    /// values' blocks.
     pub fn storage_bytes(self, n: usize) -> u64 {
-        ((n * self.size()).max(4).next_multiple_of(4)) as u64
+        let bytes = match self {
+            DType::Q(q) => n.div_ceil(q.block().0) * q.block().1,
+            _ => n * self.size(),
+        };
+        (bytes.max(4).next_multiple_of(4)) as u64
+    }
+    /// True for the GGUF block types.
+    pub fn is_quantized(self) -> bool {
+        matches!(self, DType::Q(_))
     }
 }
 

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use rime_graph::{Graph, ParamStore, Var};
 use rime_io::{GgufFile, ModelConfig, PeftAdapter, Tokenizer};
-use rime_kernels::{DType, Device};
+use rime_kernels::{DType, Device, QTensor, QType};
 
 use crate::LinearHook;
 
@@ -334,29 +334,94 @@ pub struct LlamaModel {
 
 pub use crate::lora::fold_lora;
 
+/// How a GGUF's frozen weights are held on the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GgufWeights {
+    /// Every tensor dequantized to f32 (exact against a dequantize-then-multiply reference).
+    #[default]
+    F32,
+    /// Matrices dequantized and rounded to f16 (half the memory of f32); norms f32.
+    F16,
+    /// Matrices kept in the file's block types where the kernels read them (Q8_0, Q4_0, Q4_1, Q5_0, Q4_K,
+    /// Q6_K: [`DType::Q`]), dequantized inside the matmul and embedding kernels; other types (F16, BF16, F32
+    /// matrices, norms) dequantized to f32.
+    Quantized,
+}
+
+impl GgufWeights {
+    /// `f32`, `f16` or `q`.
+    pub fn parse(s: &str) -> Option<GgufWeights> {
+        match s {
+            "f32" => Some(GgufWeights::F32),
+            "f16" => Some(GgufWeights::F16),
+            "q" | "quantized" => Some(GgufWeights::Quantized),
+            _ => None,
+        }
+    }
+}
+
 /// Reads a Llama GGUF file: weights dequantized and uploaded (matrices as `weight_dtype`, F32 or F16; norms
 /// always F32), frozen, under Hugging Face names; tokenizer, chat template and special tokens from the metadata.
 /// `adapter`: a peft LoRA folder whose factors are uploaded beside the weights (see [`crate::lora`]); the
 /// weights themselves stay the base model's, and both the decoder and [`build`] apply the adapter on the GPU.
 pub fn load_gguf(dev: &Device, path: &Path, adapter: Option<&Path>, weight_dtype: DType) -> Result<LlamaModel> {
+    let weights = if weight_dtype == DType::F16 { GgufWeights::F16 } else { GgufWeights::F32 };
+    load_gguf_with(dev, path, adapter, weights)
+}
+
+/// [`load_gguf`] with the weights held as `weights` says. With [`GgufWeights::Quantized`] the matrices keep
+/// their GGUF bytes on the device (q/k rows reordered whole to Hugging Face's order); the dequantization
+/// scratch the large products share is reserved for the largest of them ([`Device::reserve_dequant_scratch`]).
+pub fn load_gguf_with(dev: &Device, path: &Path, adapter: Option<&Path>, weights: GgufWeights) -> Result<LlamaModel> {
     let file = GgufFile::open(path)?;
     let mc = file.model_config()?;
     let cfg = LlamaConfig::from_model_config(&mc)
         .map_err(|e| Error::Model { file: path.display().to_string(), msg: e.to_string() })?;
-    let tensors = file.load_hf(&mc)?;
+    let mut store = ParamStore::new();
+    // The adapter's checks (and DoRA's magnitudes) read the f32 weights; a quantized load without an adapter
+    // never dequantizes the matrices.
+    let tensors = if weights != GgufWeights::Quantized || adapter.is_some() { file.load_hf(&mc)? } else { vec![] };
     let (factors, folded) = match adapter {
         Some(dir) => crate::lora::decode_tensors(&tensors, &PeftAdapter::load(dir)?, dir)?,
         None => (Vec::new(), Vec::new()),
     };
-    let mut store = ParamStore::new();
-    for (name, shape, data) in tensors {
-        let t = if weight_dtype == DType::F16 && shape.len() == 2 {
-            let h: Vec<half::f16> = data.iter().map(|&x| half::f16::from_f32(x)).collect();
-            dev.upload_bytes(&name, bytemuck::cast_slice(&h), &shape, DType::F16)?
-        } else {
-            dev.upload_bytes(&name, bytemuck::cast_slice(&data), &shape, DType::F32)?
-        };
-        store.add(&name, t, false)?;
+    if weights == GgufWeights::Quantized {
+        drop(tensors);
+        let mut largest = 0;
+        for t in file.load_hf_raw(&mc)? {
+            let qtype = QType::ALL.into_iter().find(|q| q.name() == t.ggml_type.to_string());
+            let tensor = match (qtype, &t.shape[..]) {
+                (Some(q), &[rows, cols]) => {
+                    largest = largest.max(rows * cols);
+                    QTensor::upload_named(dev, &t.name, q, rows, cols, &t.bytes)?.to_tensor()
+                }
+                _ => {
+                    let data = rime_io::gguf::dequantize(t.ggml_type, &t.bytes, t.shape.iter().product()).ok_or_else(
+                        || Error::Model {
+                            file: path.display().to_string(),
+                            msg: format!("tensor `{}` has GGUF type {}, which rime cannot read", t.name, t.ggml_type),
+                        },
+                    )?;
+                    dev.upload_bytes(&t.name, bytemuck::cast_slice(&data), &t.shape, DType::F32)?
+                }
+            };
+            store.add(&t.name, tensor, false)?;
+        }
+        // One scratch for every large product (a weight too large for one binding is read from its blocks).
+        let fits = DType::F32.storage_bytes(largest) <= dev.max_binding();
+        if largest > 0 && fits {
+            dev.reserve_dequant_scratch(largest)?;
+        }
+    } else {
+        for (name, shape, data) in tensors {
+            let t = if weights == GgufWeights::F16 && shape.len() == 2 {
+                let h: Vec<half::f16> = data.iter().map(|&x| half::f16::from_f32(x)).collect();
+                dev.upload_bytes(&name, bytemuck::cast_slice(&h), &shape, DType::F16)?
+            } else {
+                dev.upload_bytes(&name, bytemuck::cast_slice(&data), &shape, DType::F32)?
+            };
+            store.add(&name, t, false)?;
+        }
     }
     // the adapter's factors stay f32: the LoRA products read them as such
     for (name, shape, data) in factors {

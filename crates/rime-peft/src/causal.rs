@@ -263,12 +263,30 @@ impl<'d> Task<'d> for CausalTask<'d> {
                 "a causal language model has no BertForSequenceClassification head (hf)",
             ));
         }
-        if cfg.weights != WeightStorage::F32 {
-            return Err(Error::invalid("weights", "applies to classification; causal LM dequantizes the GGUF to f32"));
-        }
+        let weights = match cfg.weights {
+            WeightStorage::F32 => llama::GgufWeights::F32,
+            WeightStorage::F16 => llama::GgufWeights::F16,
+            WeightStorage::Quantized => llama::GgufWeights::Quantized,
+            WeightStorage::BF16 => {
+                return Err(Error::invalid("weights", "bf16: a GGUF decoder's weights are f32, f16 or quantized (q)"))
+            }
+        };
         let (train_ds, eval_ds) = self.splits(cfg, on)?;
         let dev = self.dev;
-        let mut model = llama::load_gguf(dev, &self.model, None, DType::F32).map_err(|e| Error::Msg(e.to_string()))?;
+        let mut model =
+            llama::load_gguf_with(dev, &self.model, None, weights).map_err(|e| Error::Msg(e.to_string()))?;
+        let (wbytes, qbytes) = model.store.iter().fold((0u64, 0u64), |(a, q), (_, p)| {
+            (a + p.tensor.bytes(), q + if p.tensor.dtype.is_quantized() { p.tensor.bytes() } else { 0 })
+        });
+        on(Event::Info(format!(
+            "weights: {:.1} MB on the device ({:.1} MB of it in GGUF blocks){}",
+            wbytes as f64 / 1e6,
+            qbytes as f64 / 1e6,
+            match dev.dequant_scratch_bytes() {
+                0 => String::new(),
+                s => format!(", plus a {:.1} MB dequantization scratch", s as f64 / 1e6),
+            }
+        )));
         model.store.add_texture_twins(dev)?;
         let pad = model.eos_tokens.first().copied().unwrap_or(0);
         let (data, cut) = encode_all(&model, &train_ds, cfg.max_length)?;

@@ -399,7 +399,7 @@ impl<'d> Task<'d> for ClassifyTask<'d> {
         let dev = self.dev;
         let (train_ds, eval_ds) = self.splits(cfg, on)?;
         let labels = LabelMap::from_dataset(&train_ds)?;
-        let (mut store, bcfg, prefix, tok) = open_model_as(dev, &self.model, cfg.max_length, cfg.weights.dtype())?;
+        let (mut store, bcfg, prefix, tok) = open_model_as(dev, &self.model, cfg.max_length, cfg.weights.dtype()?)?;
         let method = self.method.clone().for_model(&bcfg);
         classifier::check_virtual_fit(method.virtual_tokens(), cfg.max_length.min(bcfg.max_positions), &bcfg)?;
         let (train, trunc) = encode(&tok, &train_ds, Some(&labels))?;
@@ -550,7 +550,7 @@ pub fn probe_baseline(
         None => train_full.split(cfg.eval_fraction, cfg.seed)?,
     };
     let labels = LabelMap::from_dataset(&train_ds)?;
-    let (mut store, bcfg, prefix, tok) = open_model_as(dev, model, cfg.max_length, cfg.weights.dtype())?;
+    let (mut store, bcfg, prefix, tok) = open_model_as(dev, model, cfg.max_length, cfg.weights.dtype()?)?;
     let (tr, _) = encode(&tok, &train_ds, Some(&labels))?;
     let (ev, _) = encode(&tok, &eval_ds, Some(&labels))?;
     classifier::init_head(dev, &mut store, bcfg.hidden, labels.len(), cfg.seed)?;

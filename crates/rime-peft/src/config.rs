@@ -57,25 +57,39 @@ pub enum WeightStorage {
     F16,
     /// Half the memory, f32's range.
     BF16,
+    /// A GGUF decoder's matrices kept in the file's block types (Q8_0, Q4_0, Q4_1, Q5_0, Q4_K, Q6_K),
+    /// dequantized inside the kernels (QLoRA-style: causal-LM training and generation). Encoders (safetensors)
+    /// have no quantized weights and refuse it.
+    Quantized,
 }
 
 impl WeightStorage {
-    /// `f32`, `f16` or `bf16`.
+    /// `f32`, `f16`, `bf16` or `q`.
     pub fn parse(s: &str) -> Option<WeightStorage> {
         match s {
             "f32" => Some(WeightStorage::F32),
             "f16" => Some(WeightStorage::F16),
             "bf16" => Some(WeightStorage::BF16),
+            "q" | "quantized" => Some(WeightStorage::Quantized),
             _ => None,
         }
     }
 
-    pub fn dtype(self) -> rime_kernels::DType {
-        match self {
+    /// The dtype an encoder's frozen matrices are stored in; an error naming the setting for
+    /// [`WeightStorage::Quantized`], which only a GGUF decoder has.
+    pub fn dtype(self) -> crate::Result<rime_kernels::DType> {
+        Ok(match self {
             WeightStorage::F32 => rime_kernels::DType::F32,
             WeightStorage::F16 => rime_kernels::DType::F16,
             WeightStorage::BF16 => rime_kernels::DType::BF16,
-        }
+            WeightStorage::Quantized => {
+                return Err(crate::Error::invalid(
+                    "weights",
+                    "quantized: only a GGUF decoder (causal-LM training) keeps quantized weights; an encoder's \
+                     safetensors have none (use f32, f16 or bf16)",
+                ))
+            }
+        })
     }
 }
 

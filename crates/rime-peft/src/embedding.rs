@@ -889,7 +889,7 @@ impl<'d> Task<'d> for EmbedTask<'d> {
         }
         let dev = self.dev;
         let (train, eval) = split_pairs(&self.train, self.eval.as_ref(), cfg, on)?;
-        let (mut store, bcfg, prefix, tok) = open_model_as(dev, &self.model, cfg.max_length, cfg.weights.dtype())?;
+        let (mut store, bcfg, prefix, tok) = open_model_as(dev, &self.model, cfg.max_length, cfg.weights.dtype()?)?;
         let (dims, weights) = self.matryoshka.resolve(bcfg.hidden)?;
         let method = self.method.clone().for_model(&bcfg);
         classifier::check_virtual_fit(method.virtual_tokens(), cfg.max_length.min(bcfg.max_positions), &bcfg)?;

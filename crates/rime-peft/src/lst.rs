@@ -1294,7 +1294,7 @@ impl<'d> Task<'d> for LstTask<'d> {
         }
         let (train_ds, eval_ds) = self.splits(cfg, on)?;
         let labels = LabelMap::from_dataset(&train_ds)?;
-        let (mut store, bcfg, prefix, tok) = open_model_as(dev, &self.model, cfg.max_length, cfg.weights.dtype())?;
+        let (mut store, bcfg, prefix, tok) = open_model_as(dev, &self.model, cfg.max_length, cfg.weights.dtype()?)?;
         let spec = if self.head_only {
             LstSpec::probe(&bcfg, &prefix)
         } else {
@@ -1520,7 +1520,7 @@ pub fn probe_baseline_cached(
         None => train_full.split(cfg.eval_fraction, cfg.seed)?,
     };
     let labels = LabelMap::from_dataset(&train_ds)?;
-    let (store, bcfg, prefix, tok) = open_model_as(dev, model, cfg.max_length, cfg.weights.dtype())?;
+    let (store, bcfg, prefix, tok) = open_model_as(dev, model, cfg.max_length, cfg.weights.dtype()?)?;
     let (tr, _) = encode(&tok, &train_ds, Some(&labels))?;
     let (ev, _) = encode(&tok, &eval_ds, Some(&labels))?;
     let spec = LstSpec::probe(&bcfg, &prefix);

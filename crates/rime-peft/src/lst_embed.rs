@@ -213,7 +213,7 @@ impl<'d> Task<'d> for LstEmbedTask<'d> {
     fn prepare(&mut self, cfg: &TrainConfig, on: &mut dyn FnMut(Event)) -> Result<Vec<usize>> {
         let dev = self.dev;
         let (train, eval) = split_pairs(&self.train, self.eval.as_ref(), cfg, on)?;
-        let (mut store, bcfg, prefix, tok) = open_model_as(dev, &self.model, cfg.max_length, cfg.weights.dtype())?;
+        let (mut store, bcfg, prefix, tok) = open_model_as(dev, &self.model, cfg.max_length, cfg.weights.dtype()?)?;
         let (dims, weights) = self.matryoshka.resolve(bcfg.hidden)?;
         let spec = LstSpec::new(self.cfg.clone(), &bcfg, &prefix)?;
         let (blocks, truncated) = tokenize_blocks(&tok, &train)?;

@@ -35,6 +35,9 @@ fn check_ids(op: &'static str, ids: &Tensor) -> Result<usize> {
 /// I32 id) yields a zero row: the launcher cannot read ids, so out-of-range ids are not reported here.
 pub fn embedding_forward(dev: &Device, out: &Tensor, ids: &Tensor, table: &Tensor) -> Result<Vec<Dispatch>> {
     const OP: &str = "embedding_forward";
+    if let Some(w) = crate::QTensor::from_tensor(table) {
+        return super::qmatmul::qembedding_forward(dev, out, &ids.reshape(&[ids.numel()])?, &w);
+    }
     let n = check_ids(OP, ids)?;
     expect_dtype(OP, "table", table, FLOATS)?;
     if table.rank() != 2 {

@@ -54,7 +54,9 @@ fn dims(op: &'static str, xs: &Tensor, a: &Tensor, b: &Tensor) -> Result<Dims> {
 }
 
 fn weight_of(op: &'static str, w: &Tensor, d: &Dims) -> Result<()> {
-    expect_dtype(op, "w", w, FLOATS)?;
+    if !w.dtype.is_quantized() {
+        expect_dtype(op, "w", w, FLOATS)?;
+    }
     expect_shape(op, "w", w, &[d.oc, d.c])
 }
 
@@ -119,7 +121,12 @@ pub fn lora_forward(
     }
     let (rows, c, oc, r) = (d.rows, d.c, d.oc, d.r);
     let mut v = gemm(dev, &product(h, x, [c, 1], a, [1, c], None, (rows, r, c), 1.0, false), Variant::Auto)?;
-    v.extend(gemm(dev, &product(out, x, [c, 1], w, [1, c], bias, (rows, oc, c), 1.0, false), Variant::Auto)?);
+    match crate::QTensor::from_tensor(w) {
+        Some(qw) => v.extend(super::qmatmul::linear_forward(dev, out, x, &qw, bias, false)?),
+        None => {
+            v.extend(gemm(dev, &product(out, x, [c, 1], w, [1, c], bias, (rows, oc, c), 1.0, false), Variant::Auto)?)
+        }
+    }
     v.extend(gemm(dev, &product(out, h, [r, 1], b, [1, r], None, (rows, oc, r), scale, true), Variant::Auto)?);
     Ok(v)
 }
@@ -146,7 +153,12 @@ pub fn lora_backward_input(
     expect_shape(OP, "dh_tmp", dh_tmp, &with_last(&d.lead, d.r))?;
     let (rows, c, oc, r) = (d.rows, d.c, d.oc, d.r);
     let mut v = gemm(dev, &product(dh_tmp, dout, [oc, 1], b, [r, 1], None, (rows, r, oc), 1.0, false), Variant::Auto)?;
-    v.extend(gemm(dev, &product(dx, dout, [oc, 1], w, [c, 1], None, (rows, c, oc), 1.0, false), Variant::Auto)?);
+    match crate::QTensor::from_tensor(w) {
+        Some(qw) => v.extend(super::qmatmul::linear_backward_input(dev, dx, dout, &qw, false)?),
+        None => {
+            v.extend(gemm(dev, &product(dx, dout, [oc, 1], w, [c, 1], None, (rows, c, oc), 1.0, false), Variant::Auto)?)
+        }
+    }
     v.extend(gemm(dev, &product(dx, dh_tmp, [r, 1], a, [c, 1], None, (rows, c, r), scale, true), Variant::Auto)?);
     Ok(v)
 }

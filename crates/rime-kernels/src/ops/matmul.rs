@@ -10,7 +10,7 @@
 use super::words;
 use crate::error::{shape_err, Result};
 use crate::guard::{expect_dtype, expect_f32, expect_shape, index_u32, FLOATS};
-use crate::{DType, Device, Dispatch, Spec, Tensor, TextureTwin};
+use crate::{DType, Device, Dispatch, QTensor, Spec, Tensor, TextureTwin};
 
 const FILE: &str = "matmul.wgsl";
 /// General kernel: workgroup of WGX x WGY invocations, each an 8x8 tile (GTM x GTN in the shader).
@@ -297,6 +297,18 @@ pub(crate) fn gemm(dev: &Device, g: &Gemm, variant: Variant) -> Result<Vec<Dispa
     Ok(vec![d])
 }
 
+/// A quantized right operand in a product other than x·Wᵀ and dY·W.
+fn quantized_err(op: &'static str, b: &Tensor) -> crate::Error {
+    shape_err(
+        op,
+        format!(
+            "a quantized weight ({:?} {:?}) takes part only in x·Wᵀ (a linear layer) and dY·W (its input gradient), \
+             not in this product",
+            b.dtype, b.shape
+        ),
+    )
+}
+
 /// Sizes of one matmul: `batch_dims` of a, op(a) is [M, K], op(b) is [K, N].
 struct Dims {
     batch_dims: Vec<usize>,
@@ -411,6 +423,12 @@ pub fn matmul_forward_scaled(
     accumulate: bool,
 ) -> Result<Vec<Dispatch>> {
     const OP: &str = "matmul_forward";
+    if let Some(w) = QTensor::from_tensor(b) {
+        if trans_a || !trans_b || alpha != 1.0 {
+            return Err(quantized_err(OP, b));
+        }
+        return super::qmatmul::linear_forward(dev, out, a, &w, bias, accumulate);
+    }
     expect_f32(OP, "a", a)?;
     expect_f32(OP, "out", out)?;
     expect_dtype(OP, "b", b, FLOATS)?;
@@ -474,6 +492,12 @@ pub fn matmul_backward_input_variant(
     trans_b: bool,
 ) -> Result<Vec<Dispatch>> {
     const OP: &str = "matmul_backward_input";
+    if let Some(w) = QTensor::from_tensor(b) {
+        if trans_a || !trans_b {
+            return Err(quantized_err(OP, b));
+        }
+        return super::qmatmul::linear_backward_input(dev, da, dout, &w, false);
+    }
     expect_f32(OP, "da", da)?;
     expect_f32(OP, "dout", dout)?;
     expect_dtype(OP, "b", b, FLOATS)?;

@@ -190,6 +190,69 @@ pub fn qdequantize(dev: &Device, out: &Tensor, w: &QTensor) -> Result<Vec<Dispat
     Ok(vec![dev.dispatch(FILE, "qdequantize", &spec(w.qtype, 1, wg, false), Some(&p), &bindings, grid_1d(groups))?])
 }
 
+/// out [M, K] (f32) = the rows `ids` [M] (u32) of W [N, K] dequantized: an embedding lookup in a quantized
+/// table (an id outside [0, N) gives a zero row, as [`super::embedding::embedding_forward`] does). `out` may
+/// have any leading dims ([..., K], M rows).
+pub fn qembedding_forward(dev: &Device, out: &Tensor, ids: &Tensor, w: &QTensor) -> Result<Vec<Dispatch>> {
+    const OP: &str = "qembedding_forward";
+    let m = rows_of(OP, "out", out, w.cols, "K (the table's columns)")?;
+    crate::guard::expect_dtype(OP, "ids", ids, &[DType::U32])?;
+    if ids.numel() != m {
+        return Err(shape_err(OP, format!("ids {:?} for out {:?}: one id per row", ids.shape, out.shape)));
+    }
+    if m == 0 {
+        return Ok(Vec::new());
+    }
+    let wg = workgroup(dev);
+    let groups = index_u32(OP, "the workgroup count", (m * w.cols / 32).div_ceil(wg as usize))?;
+    let p = params(OP, m, w, false, false)?;
+    let bindings = [(2, &w.words), (6, out), (7, ids)];
+    Ok(vec![dev.dispatch(FILE, "qembedding", &spec(w.qtype, 1, wg, false), Some(&p), &bindings, grid_1d(groups))?])
+}
+
+/// The device's dequantization scratch for a product of `m` rows with `w`, when the `_scratch` path would
+/// use it: from `min_m` rows, and only for a weight whose f32 copy fits one storage binding (a larger one,
+/// such as a 262,144-token output head, is read from its blocks).
+fn device_scratch(dev: &Device, w: &QTensor, m: usize, min_m: usize) -> Result<Option<Tensor>> {
+    let elems = w.rows * w.cols;
+    if m < min_m || DType::F32.storage_bytes(elems) > dev.max_binding() {
+        return Ok(None);
+    }
+    dev.dequant_scratch(elems).map(Some)
+}
+
+/// x [.., K] · Wᵀ (+ bias) with a quantized W, as the matmul launchers route it: the block kernels for few
+/// rows, else W dequantized into the device's scratch and the f32 matmul.
+pub(crate) fn linear_forward(
+    dev: &Device,
+    out: &Tensor,
+    x: &Tensor,
+    w: &QTensor,
+    bias: Option<&Tensor>,
+    accumulate: bool,
+) -> Result<Vec<Dispatch>> {
+    let m = x.numel() / w.cols.max(1);
+    match device_scratch(dev, w, m, QSCRATCH_MIN_M_FORWARD)? {
+        Some(s) => qmatmul_forward_scratch(dev, out, x, w, bias, accumulate, &s),
+        None => qmatmul_forward(dev, out, x, w, bias, accumulate),
+    }
+}
+
+/// dY [.., N] · W with a quantized W (the input gradient of [`linear_forward`]), routed as it is.
+pub(crate) fn linear_backward_input(
+    dev: &Device,
+    dx: &Tensor,
+    dy: &Tensor,
+    w: &QTensor,
+    accumulate: bool,
+) -> Result<Vec<Dispatch>> {
+    let m = dy.numel() / w.rows.max(1);
+    match device_scratch(dev, w, m, QSCRATCH_MIN_M_BACKWARD)? {
+        Some(s) => qmatmul_backward_input_scratch(dev, dx, dy, w, accumulate, &s),
+        None => qmatmul_backward_input(dev, dx, dy, w, accumulate),
+    }
+}
+
 /// The scratch weight view [N, K] after checking `scratch` (f32, at least N * K elements).
 fn scratch_view(op: &'static str, scratch: &Tensor, w: &QTensor) -> Result<Tensor> {
     expect_f32(op, "scratch", scratch)?;
