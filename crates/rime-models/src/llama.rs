@@ -392,7 +392,9 @@ pub fn load_gguf_with(dev: &Device, path: &Path, adapter: Option<&Path>, weights
             let qtype = QType::ALL.into_iter().find(|q| q.name() == t.ggml_type.to_string());
             let tensor = match (qtype, &t.shape[..]) {
                 (Some(q), &[rows, cols]) => {
-                    largest = largest.max(rows * cols);
+                    if rows * cols <= rime_kernels::ops::qmatmul::SCRATCH_MAX_VALUES {
+                        largest = largest.max(rows * cols);
+                    }
                     QTensor::upload_named(dev, &t.name, q, rows, cols, &t.bytes)?.to_tensor()
                 }
                 _ => {
@@ -407,7 +409,8 @@ pub fn load_gguf_with(dev: &Device, path: &Path, adapter: Option<&Path>, weights
             };
             store.add(&t.name, tensor, false)?;
         }
-        // One scratch for every large product (a weight too large for one binding is read from its blocks).
+        // One scratch for every large product (the output head and any weight above SCRATCH_MAX_VALUES are
+        // read from their blocks).
         let fits = DType::F32.storage_bytes(largest) <= dev.max_binding();
         if largest > 0 && fits {
             dev.reserve_dequant_scratch(largest)?;

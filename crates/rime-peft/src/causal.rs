@@ -275,19 +275,24 @@ impl<'d> Task<'d> for CausalTask<'d> {
         let dev = self.dev;
         let mut model =
             llama::load_gguf_with(dev, &self.model, None, weights).map_err(|e| Error::Msg(e.to_string()))?;
-        let (wbytes, qbytes) = model.store.iter().fold((0u64, 0u64), |(a, q), (_, p)| {
-            (a + p.tensor.bytes(), q + if p.tensor.dtype.is_quantized() { p.tensor.bytes() } else { 0 })
+        model.store.add_texture_twins(dev)?;
+        let (wbytes, qbytes, twins) = model.store.iter().fold((0u64, 0u64, 0u64), |(a, q, t), (_, p)| {
+            let tw = p.tensor.texture.as_ref().map_or(0, |tw| (tw.rows * tw.cols * tw.dtype.size()) as u64);
+            (a + p.tensor.bytes(), q + if p.tensor.dtype.is_quantized() { p.tensor.bytes() } else { 0 }, t + tw)
         });
         on(Event::Info(format!(
-            "weights: {:.1} MB on the device ({:.1} MB of it in GGUF blocks){}",
+            "weights: {:.1} MB on the device ({:.1} MB of it in GGUF blocks){}{}",
             wbytes as f64 / 1e6,
             qbytes as f64 / 1e6,
+            match twins {
+                0 => String::new(),
+                t => format!(", plus {:.1} MB of texture twins", t as f64 / 1e6),
+            },
             match dev.dequant_scratch_bytes() {
                 0 => String::new(),
                 s => format!(", plus a {:.1} MB dequantization scratch", s as f64 / 1e6),
             }
         )));
-        model.store.add_texture_twins(dev)?;
         let pad = model.eos_tokens.first().copied().unwrap_or(0);
         let (data, cut) = encode_all(&model, &train_ds, cfg.max_length)?;
         let (eval, cut_e) = match &eval_ds {

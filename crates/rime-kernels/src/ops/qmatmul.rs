@@ -210,12 +210,17 @@ pub fn qembedding_forward(dev: &Device, out: &Tensor, ids: &Tensor, w: &QTensor)
     Ok(vec![dev.dispatch(FILE, "qembedding", &spec(w.qtype, 1, wg, false), Some(&p), &bindings, grid_1d(groups))?])
 }
 
+/// The largest weight (values) that the matmul launchers dequantize into the device's scratch before a large
+/// product: 8M values (32 MB of f32), above every projection of the decoders rime loads. A larger one (an
+/// embedding table used as the output head: SmolLM2's 28M values, Gemma 3's 168M) is read from its blocks,
+/// so that the scratch never costs a sizeable share of the f32 weights the quantization saved.
+pub const SCRATCH_MAX_VALUES: usize = 8 << 20;
+
 /// The device's dequantization scratch for a product of `m` rows with `w`, when the `_scratch` path would
-/// use it: from `min_m` rows, and only for a weight whose f32 copy fits one storage binding (a larger one,
-/// such as a 262,144-token output head, is read from its blocks).
+/// use it: from `min_m` rows, for a weight of at most [`SCRATCH_MAX_VALUES`] values.
 fn device_scratch(dev: &Device, w: &QTensor, m: usize, min_m: usize) -> Result<Option<Tensor>> {
     let elems = w.rows * w.cols;
-    if m < min_m || DType::F32.storage_bytes(elems) > dev.max_binding() {
+    if m < min_m || elems > SCRATCH_MAX_VALUES || DType::F32.storage_bytes(elems) > dev.max_binding() {
         return Ok(None);
     }
     dev.dequant_scratch(elems).map(Some)
