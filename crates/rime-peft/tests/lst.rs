@@ -380,6 +380,21 @@ fn memory_at_the_main_jobs_largest_graph() {
         (ls.activation_peak + ls.inputs) as f64 / lo.activation_peak as f64
     );
     assert!(ls.activation_peak < lo.activation_peak);
+    // The layer-dropping variant the README's tables measure (--lst-drop-layers 0,2,4), in a store of its own.
+    let (mut store2, ..) = rime_peft::classify::open_model(d, &m, 128).unwrap();
+    rime_peft::classifier::init_head(d, &mut store2, bcfg.hidden, 2, 0).unwrap();
+    let drop = LstSpec::new(LstConfig { drop_layers: vec![0, 2, 4], ..LstConfig::default() }, &bcfg, &prefix).unwrap();
+    lst::add_parameters(d, &mut store2, &mut get, &bcfg, &drop, 0).unwrap();
+    let side = lst::build_side_exec(d, &store2, &drop, 32, 128, Some(OptimConfig::adamw(1e-3, 0.01)), None).unwrap();
+    let ld = side.exec.memory_report().clone();
+    println!(
+        "B32 T128, --lst-drop-layers 0,2,4: LST activation peak {:.1} MiB, inputs (cached states) {:.1} MiB; \
+         (activations + inputs) / LoRA activations = {:.3}",
+        mib(ld.activation_peak),
+        mib(ld.inputs),
+        (ld.activation_peak + ld.inputs) as f64 / lo.activation_peak as f64
+    );
+    assert!(ld.activation_peak < ls.activation_peak && ld.inputs < ls.inputs);
 }
 
 #[test]
