@@ -183,7 +183,8 @@ pub struct TrainArgs {
     #[arg(long)]
     max_steps: Option<usize>,
     /// Gradient accumulation: run each --batch-size step as micro-batches of M rows and apply one update
-    /// (the same update as the whole batch, with a micro-batch's activation memory). Classification only.
+    /// (the same update as the whole batch, with a micro-batch's activation memory). Classification and
+    /// causal-lm (there each micro-batch weighs by its scored tokens).
     #[arg(long, value_name = "M")]
     micro_batch_size: Option<usize>,
     /// How the frozen linear weights are held on the GPU: f32 (exact, the default), f16 or bf16 (half the
@@ -675,9 +676,6 @@ fn run_causal(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
     let targets = if a.targets == "query,value" { "q_proj,v_proj".to_string() } else { a.targets.clone() };
     if a.method != "lora" {
         return Err("--task causal-lm supports --method lora".into());
-    }
-    if a.micro_batch_size.is_some() {
-        return Err("--micro-batch-size applies to --task classify; for causal-lm lower --batch-size".into());
     }
     let cfg = train_config(a)?;
     let lora = lora_config(a, &targets)?;

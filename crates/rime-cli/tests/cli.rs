@@ -415,6 +415,65 @@ fn causal_lm_lora_on_quantized_weights_follows_the_f32_run() {
     std::fs::remove_dir_all(&d).ok();
 }
 
+/// Causal-LM gradient accumulation: micro-batches of one row weigh by their scored tokens (completions of 9
+/// and 2 tokens here), so `--batch-size 2 --micro-batch-size 1` logs the losses and writes the adapter of the
+/// whole-batch run (up to f32 summation order).
+#[test]
+fn causal_lm_micro_batches_give_the_whole_batch_update() {
+    let gguf = match rime_io::models_dir().join("smollm2-135m-instruct.Q4_1.gguf") {
+        p if p.exists() => p,
+        _ => {
+            eprintln!("SKIPPED: SmolLM2 GGUF not found, run scripts/fetch-models.sh");
+            return;
+        }
+    };
+    let d = tmp("clm_micro");
+    let data = d.join("d.jsonl");
+    let row = |p: &str, c: &str| serde_json::json!({"prompt": p, "completion": c}).to_string();
+    let rows = [row("Say the secret word.", "The secret word is pumpernickel, said the baker."), row("Yes?", "No.")];
+    std::fs::write(&data, rows.join("\n")).unwrap();
+    let run = |name: &str, extra: &[&str]| {
+        let out = d.join(name);
+        let o = rime()
+            .args([
+                "train",
+                "--task",
+                "causal-lm",
+                "--model",
+                gguf.to_str().unwrap(),
+                "--train",
+                data.to_str().unwrap(),
+            ])
+            .args(["--text-column", "completion", "--text-pair-column", "prompt", "--batch-size", "2"])
+            .args(["--max-length", "24", "--epochs", "2", "--lr", "3e-3", "--out", out.to_str().unwrap()])
+            .args(extra)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(o.status.success(), "{err}");
+        let losses: Vec<f32> = err
+            .lines()
+            .filter_map(|l| {
+                l.strip_prefix("step ")
+                    .and_then(|r| r.split("loss ").nth(1))
+                    .and_then(|x| x.split(',').next()?.trim().parse().ok())
+            })
+            .collect();
+        losses
+    };
+    let whole = run("whole", &[]);
+    let micro = run("micro", &["--micro-batch-size", "1"]);
+    assert_eq!(whole.len(), 2);
+    for (a, b) in whole.iter().zip(&micro) {
+        assert!((a - b).abs() <= 1e-4 * a.abs(), "whole-batch losses {whole:?}, micro-batches {micro:?}");
+    }
+    // Adam moves a parameter by about lr (3e-3) a step wherever its gradient is nonzero: a micro-batch
+    // weighed by rows instead of tokens, or lost, would move the adapter by a sizeable fraction of that.
+    let worst = checkpoint_diff(&d.join("whole"), &d.join("micro"));
+    assert!(worst < 2e-4, "micro-batched adapter differs from the whole batch's by {worst}");
+    std::fs::remove_dir_all(&d).ok();
+}
+
 /// Causal-LM training evaluates each epoch on --eval (completion loss, perplexity, best adapter kept), and a
 /// run stopped after 2 steps then resumed from its checkpoint ends with the same adapter as a straight run,
 /// with the whole LoRA family on: DoRA, PiSSA init (saved converted, split back on resume) and dropout.

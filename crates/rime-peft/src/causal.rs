@@ -398,8 +398,11 @@ impl<'d> Task<'d> for CausalTask<'d> {
         Metric { name: "eval_loss", higher_is_better: false }
     }
 
-    fn supports_micro_batches(&self) -> bool {
-        false
+    /// The loss is the mean over the scored (completion) tokens of the batch.
+    fn loss_weight(&self, idx: &[usize]) -> usize {
+        self.loaded
+            .as_ref()
+            .map_or(idx.len(), |l| idx.iter().map(|&i| l.data[i].1.iter().filter(|&&t| t != -100).count()).sum())
     }
 
     fn adapter(&self) -> Result<PeftAdapter> {

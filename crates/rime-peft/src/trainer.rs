@@ -105,9 +105,16 @@ pub trait Task<'d> {
     /// Evaluate on the task's eval set; None when it has none.
     fn evaluate(&mut self) -> Result<Option<Evaluation>>;
     fn metric(&self) -> Metric;
-    /// Whether [`TrainConfig::micro_batch_size`] applies (the loss is a mean over rows).
+    /// Whether [`TrainConfig::micro_batch_size`] applies (the loss is a mean over what
+    /// [`Task::loss_weight`] counts).
     fn supports_micro_batches(&self) -> bool {
         true
+    }
+    /// What the loss of examples `idx` averages over: rows by default, a causal LM's scored tokens. With
+    /// micro-batches, each one's gradient is scaled by its share of the batch's weight, so the update is the
+    /// whole batch's.
+    fn loss_weight(&self, idx: &[usize]) -> usize {
+        idx.len()
     }
     /// The trained adapter as a value.
     fn adapter(&self) -> Result<PeftAdapter>;
@@ -492,11 +499,13 @@ impl<'a, 'd, T: Task<'d> + ?Sized> Run<'a, 'd, T> {
     fn micro_step(&mut self, epoch: usize, chunk: &[usize], on: &mut dyn FnMut(Event)) -> Result<()> {
         let (dev, step, n) = (self.dev, self.step, chunk.len());
         let parts: Vec<&[usize]> = chunk.chunks(self.cfg.rows()).collect();
+        let total = self.task.loss_weight(chunk).max(1) as f64;
         let mut loss = 0f64;
         for (i, part) in parts.iter().enumerate() {
+            let share = self.task.loss_weight(part) as f64 / total;
             let key = self.key_of(part);
             let (ex, loss_var) = self.task.feed(part, key)?;
-            ex.set_loss_scale(dev, part.len() as f32 / n as f32)?;
+            ex.set_loss_scale(dev, share as f32)?;
             ex.step = step as u64;
             let last = i + 1 == parts.len();
             ex.micro_step(dev, i == 0, last)?;
@@ -504,7 +513,7 @@ impl<'a, 'd, T: Task<'d> + ?Sized> Run<'a, 'd, T> {
             if last {
                 ex.last_loss(dev)?; // the staged copy of the same loss
             }
-            loss += l as f64 * part.len() as f64 / n as f64;
+            loss += l as f64 * share;
         }
         let lr = self.lr();
         self.log.step(on, loss as f32, step, epoch, n, lr)
