@@ -117,6 +117,7 @@ const FLAGS: &[(&str, &str)] = &[
     ("overwrite", "--force"),
     ("max_steps", "--max-steps"),
     ("weights", "--weights"),
+    ("gradient_checkpointing", "--gradient-checkpointing"),
     ("method", "--method"),
     ("matryoshka_dims", "--matryoshka"),
     ("matryoshka_weights", "--matryoshka-weights"),

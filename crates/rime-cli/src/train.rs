@@ -187,6 +187,11 @@ pub struct TrainArgs {
     /// causal-lm (there each micro-batch weighs by its scored tokens).
     #[arg(long, value_name = "M")]
     micro_batch_size: Option<usize>,
+    /// causal-lm: recompute each decoder layer's activations in the backward pass instead of keeping them
+    /// (gradient checkpointing): the same gradients, a fraction of the activation memory, about a third more
+    /// compute.
+    #[arg(long)]
+    gradient_checkpointing: bool,
     /// How the frozen linear weights are held on the GPU: f32 (exact, the default), f16 or bf16 (half the
     /// memory and fewer bytes per load; results move by about f16's precision), or q (causal-lm: the GGUF's
     /// Q8_0/Q4_0/Q4_1/Q5_0/Q4_K/Q6_K blocks kept as they are and dequantized inside the kernels, QLoRA-style:
@@ -398,6 +403,7 @@ fn train_config(a: &TrainArgs) -> Result<TrainConfig, BoxErr> {
         max_steps: a.max_steps,
         weights: frozen_weights(a)?,
         head: HeadKind::parse(&a.head).ok_or_else(|| format!("--head '{}': expected mean or hf", a.head))?,
+        gradient_checkpointing: a.gradient_checkpointing,
     })
 }
 

@@ -474,6 +474,47 @@ fn causal_lm_micro_batches_give_the_whole_batch_update() {
     std::fs::remove_dir_all(&d).ok();
 }
 
+/// `--gradient-checkpointing` recomputes each layer for its backward, LoRA dropout masks included: the run
+/// ends with bitwise the adapter of the run that keeps every activation.
+#[test]
+fn causal_lm_gradient_checkpointing_gives_the_same_adapter() {
+    let gguf = match rime_io::models_dir().join("smollm2-135m-instruct.Q4_1.gguf") {
+        p if p.exists() => p,
+        _ => {
+            eprintln!("SKIPPED: SmolLM2 GGUF not found, run scripts/fetch-models.sh");
+            return;
+        }
+    };
+    let d = tmp("clm_ckpt");
+    let data = d.join("d.jsonl");
+    let row = |p: &str, c: &str| serde_json::json!({"prompt": p, "completion": c}).to_string();
+    std::fs::write(&data, [row("Say the secret word.", "Pumpernickel."), row("Yes?", "No, never.")].join("\n"))
+        .unwrap();
+    let run = |name: &str, extra: &[&str]| {
+        let o = rime()
+            .args([
+                "train",
+                "--task",
+                "causal-lm",
+                "--model",
+                gguf.to_str().unwrap(),
+                "--train",
+                data.to_str().unwrap(),
+            ])
+            .args(["--text-column", "completion", "--text-pair-column", "prompt", "--batch-size", "2"])
+            .args(["--max-length", "16", "--epochs", "2", "--lr", "3e-3", "--lora-dropout", "0.2"])
+            .args(["--out", d.join(name).to_str().unwrap()])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    run("plain", &[]);
+    run("ckpt", &["--gradient-checkpointing"]);
+    assert_eq!(checkpoint_diff(&d.join("plain"), &d.join("ckpt")), 0.0);
+    std::fs::remove_dir_all(&d).ok();
+}
+
 /// Causal-LM training evaluates each epoch on --eval (completion loss, perplexity, best adapter kept), and a
 /// run stopped after 2 steps then resumed from its checkpoint ends with the same adapter as a straight run,
 /// with the whole LoRA family on: DoRA, PiSSA init (saved converted, split back on resume) and dropout.

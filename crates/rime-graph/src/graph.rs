@@ -210,12 +210,17 @@ pub struct Node {
     pub shape: Vec<usize>,
     pub dtype: DType,
     pub name: String,
+    /// The gradient-checkpoint segment the node was built in ([`Graph::checkpoint`]), if any.
+    pub segment: Option<u32>,
 }
 
 /// A model as a list of ops. Build it with the methods below, in forward order.
 #[derive(Debug, Clone, Default)]
 pub struct Graph {
     pub nodes: Vec<Node>,
+    /// The segment new nodes join ([`Graph::checkpoint`]).
+    segment: Option<u32>,
+    segments: u32,
 }
 
 pub(crate) fn shape_err(op: &'static str, msg: String) -> Error {
@@ -228,8 +233,24 @@ impl Graph {
     }
 
     pub(crate) fn push(&mut self, op: Op, shape: Vec<usize>, dtype: DType, name: &str) -> Var {
-        self.nodes.push(Node { op, shape, dtype, name: name.to_string() });
+        self.nodes.push(Node { op, shape, dtype, name: name.to_string(), segment: self.segment });
         Var(self.nodes.len() - 1)
+    }
+
+    /// Gradient checkpointing: the nodes built from now until [`Graph::end_checkpoint`] form one segment
+    /// whose activations a training executor does not keep for the backward pass. It keeps what enters the
+    /// segment, and just before the segment's gradient rules run it recomputes the segment's forward (the
+    /// same kernels on the same inputs, dropout masks included, so the gradients are bitwise those without
+    /// checkpointing) into fresh buffers. A model marks each frozen block so: activation memory then holds
+    /// one block's activations plus the block boundaries, at the cost of a second forward pass.
+    pub fn checkpoint(&mut self) {
+        self.segments += 1;
+        self.segment = Some(self.segments);
+    }
+
+    /// Close the segment opened by [`Graph::checkpoint`].
+    pub fn end_checkpoint(&mut self) {
+        self.segment = None;
     }
 
     pub fn node(&self, v: Var) -> &Node {

@@ -168,6 +168,10 @@ pub trait LlamaOps {
     ) -> Result<Self::V, Self::E>;
     /// The final RMSNorm (the decoder applies it to the last position only).
     fn final_norm(&mut self, x: Self::V, weight: &str) -> Result<Self::V, Self::E>;
+    /// Layer `layer` starts (the training graph opens a gradient-checkpoint segment here when asked).
+    fn layer_start(&mut self, _layer: usize) {}
+    /// Layer `layer` is complete.
+    fn layer_end(&mut self, _layer: usize) {}
 }
 
 /// The Llama model, once: embeddings, `cfg.layers` pre-norm blocks (attention, SwiGLU FFN) and the final
@@ -176,6 +180,7 @@ pub trait LlamaOps {
 pub fn define<O: LlamaOps>(ops: &mut O, cfg: &LlamaConfig, head: Option<&str>) -> Result<O::V, O::E> {
     let mut x = ops.embed("model.embed_tokens.weight")?;
     for l in 0..cfg.layers {
+        ops.layer_start(l);
         let base = format!("model.layers.{l}.");
         let module = |p: Proj| format!("{base}{}", p.module());
         let lin = |ops: &mut O, x: O::V, p: Proj| ops.linear(x, &module(p), &format!("{}.weight", module(p)), p);
@@ -192,6 +197,7 @@ pub fn define<O: LlamaOps>(ops: &mut O, cfg: &LlamaConfig, head: Option<&str>) -
         let m = ops.silu_mul(l, gate, up)?;
         let d = lin(ops, m, Proj::Down)?;
         x = ops.residual(l, Block::Ffn, x, h2, d)?;
+        ops.layer_end(l);
     }
     let h = ops.final_norm(x, "model.norm.weight")?;
     match head {
@@ -208,6 +214,8 @@ struct GraphOps<'a> {
     hook: &'a dyn LinearHook,
     b: usize,
     t: usize,
+    /// Each layer a gradient-checkpoint segment ([`Graph::checkpoint`]).
+    checkpoint: bool,
 }
 
 impl LlamaOps for GraphOps<'_> {
@@ -270,6 +278,18 @@ impl LlamaOps for GraphOps<'_> {
     fn final_norm(&mut self, x: Var, weight: &str) -> rime_graph::Result<Var> {
         self.rmsnorm(x, weight)
     }
+
+    fn layer_start(&mut self, _layer: usize) {
+        if self.checkpoint {
+            self.g.checkpoint();
+        }
+    }
+
+    fn layer_end(&mut self, _layer: usize) {
+        if self.checkpoint {
+            self.g.end_checkpoint();
+        }
+    }
 }
 
 fn check_graph(cfg: &LlamaConfig, t: usize) -> rime_graph::Result<()> {
@@ -293,7 +313,7 @@ pub fn build_hidden(
     hook: &dyn LinearHook,
 ) -> rime_graph::Result<Var> {
     check_graph(cfg, t)?;
-    define(&mut GraphOps { g, store, cfg, hook, b, t }, cfg, None)
+    define(&mut GraphOps { g, store, cfg, hook, b, t, checkpoint: false }, cfg, None)
 }
 
 /// The name of the output projection: `lm_head.weight`, or the embedding matrix when tied.
@@ -314,8 +334,23 @@ pub fn build(
     t: usize,
     hook: &dyn LinearHook,
 ) -> rime_graph::Result<Var> {
+    build_with(g, store, cfg, b, t, hook, false)
+}
+
+/// [`build`], with each decoder layer a gradient-checkpoint segment when `checkpoint` ([`Graph::checkpoint`]:
+/// a training executor keeps the layer boundaries and recomputes each layer's activations for its backward).
+pub fn build_with(
+    g: &mut Graph,
+    store: &ParamStore,
+    cfg: &LlamaConfig,
+    b: usize,
+    t: usize,
+    hook: &dyn LinearHook,
+    checkpoint: bool,
+) -> rime_graph::Result<Var> {
     check_graph(cfg, t)?;
-    let logits = define(&mut GraphOps { g, store, cfg, hook, b, t }, cfg, Some(lm_head_name(store, cfg)))?;
+    let ops = &mut GraphOps { g, store, cfg, hook, b, t, checkpoint };
+    let logits = define(ops, cfg, Some(lm_head_name(store, cfg)))?;
     Ok(g.name(logits, "logits"))
 }
 

@@ -98,6 +98,8 @@ struct Buckets {
     hook: LoraHook,
     /// None: forward-only graphs (evaluation without dropout).
     optim: Option<OptimConfig>,
+    /// Each decoder layer a gradient-checkpoint segment (training graphs).
+    checkpoint: bool,
     execs: HashMap<usize, (Executor, Var)>,
     first: Option<usize>,
 }
@@ -107,7 +109,7 @@ impl Buckets {
         if !self.execs.contains_key(&t) {
             let (b, v) = (self.b, self.cfg.vocab);
             let mut g = Graph::new();
-            let logits = llama::build(&mut g, store, &self.cfg, b, t, &self.hook)?;
+            let logits = llama::build_with(&mut g, store, &self.cfg, b, t, &self.hook, self.checkpoint)?;
             let flat = g.reshape(logits, &[b * t, v])?;
             let targets = g.input("targets", &[b * t], DType::I32);
             let loss = g.cross_entropy(flat, targets, -100)?;
@@ -321,18 +323,20 @@ impl<'d> Task<'d> for CausalTask<'d> {
             self.lora.alpha,
             modules.len()
         )));
-        let buckets = |hook: LoraHook| Buckets {
+        let buckets = |hook: LoraHook, checkpoint: bool| Buckets {
             b: cfg.batch_size,
             max_length: cfg.max_length,
             cfg: model.cfg.clone(),
             hook,
             optim: None,
+            checkpoint,
             execs: HashMap::new(),
             first: None,
         };
         let l = &self.lora;
-        let train_buckets = buckets(LoraHook { scale: l.scale(), dropout: l.dropout, seed: l.seed });
-        let eval_buckets = (l.dropout > 0.0).then(|| buckets(LoraHook::new(l.scale())));
+        let hook = LoraHook { scale: l.scale(), dropout: l.dropout, seed: l.seed };
+        let train_buckets = buckets(hook, cfg.gradient_checkpointing);
+        let eval_buckets = (l.dropout > 0.0).then(|| buckets(LoraHook::new(l.scale()), false));
         let lens = data.iter().map(|(x, _)| x.len()).collect();
         let truncated = cut + cut_e;
         self.loaded =
@@ -396,6 +400,10 @@ impl<'d> Task<'d> for CausalTask<'d> {
 
     fn metric(&self) -> Metric {
         Metric { name: "eval_loss", higher_is_better: false }
+    }
+
+    fn supports_checkpointing(&self) -> bool {
+        true
     }
 
     /// The loss is the mean over the scored (completion) tokens of the batch.

@@ -116,6 +116,10 @@ pub trait Task<'d> {
     fn loss_weight(&self, idx: &[usize]) -> usize {
         idx.len()
     }
+    /// Whether [`TrainConfig::gradient_checkpointing`] applies (a model whose frozen blocks it can recompute).
+    fn supports_checkpointing(&self) -> bool {
+        false
+    }
     /// The trained adapter as a value.
     fn adapter(&self) -> Result<PeftAdapter>;
     /// Write the adapter folder (peft layout) at `dir`, atomically.
@@ -213,6 +217,12 @@ pub fn train<'d, T: Task<'d> + ?Sized>(
     on: &mut dyn FnMut(Event),
 ) -> Result<TrainResult<T::Summary>> {
     cfg.validate()?;
+    if cfg.gradient_checkpointing && !task.supports_checkpointing() {
+        return Err(Error::invalid(
+            "gradient_checkpointing",
+            "applies to causal-LM training (a decoder's frozen blocks); this task's graph has none to recompute",
+        ));
+    }
     if cfg.micro_batch_size.is_some_and(|m| m < cfg.batch_size) && !task.supports_micro_batches() {
         return Err(Error::invalid("micro_batch_size", "does not apply to this task; lower batch_size instead"));
     }

@@ -77,7 +77,7 @@ impl Index<usize> for Args {
 }
 
 pub(crate) type KResult = rime_kernels::Result<Vec<Dispatch>>;
-type Build = Box<dyn Fn(&Device, &Args) -> KResult>;
+type Build = std::rc::Rc<dyn Fn(&Device, &Args) -> KResult>;
 
 /// One kernel launch (or a few, from one launcher) with every slot it reads or writes.
 pub(crate) struct Call {
@@ -88,12 +88,28 @@ pub(crate) struct Call {
     build: Build,
     /// A dropout's graph seed: its mask is redrawn every step.
     pub reseed: Option<u32>,
+    /// The checkpoint segment of the node whose forward rule made the call ([`Graph::checkpoint`]).
+    pub segment: Option<u32>,
 }
 
 impl Call {
     /// Every slot the call touches (for liveness, reads and writes count alike).
     pub(crate) fn slots(&self) -> impl Iterator<Item = usize> + '_ {
         self.args.iter().chain(self.opt.iter().flatten()).map(|r| r.slot)
+    }
+
+    /// The same call on other slots (`remap` gives each slot's replacement) in another phase.
+    pub(crate) fn remapped(&self, phase: Phase, remap: &dyn Fn(usize) -> usize) -> Call {
+        let r = |t: &TRef| TRef { slot: remap(t.slot), ..t.clone() };
+        Call {
+            name: self.name,
+            phase,
+            args: self.args.iter().map(r).collect(),
+            opt: self.opt.iter().map(|o| o.as_ref().map(r)).collect(),
+            build: self.build.clone(),
+            reseed: self.reseed,
+            segment: self.segment,
+        }
     }
 
     pub(crate) fn build(&self, dev: &Device, resolve: &dyn Fn(&TRef) -> Tensor) -> KResult {
@@ -129,6 +145,8 @@ pub(crate) struct Builder<'g> {
     pub param_grad: HashMap<ParamId, usize>,
     /// Extra tensors a forward kernel saves for its backward (lse, mean/rstd, LoRA's x·Aᵀ).
     aux: HashMap<Var, Vec<TRef>>,
+    /// The checkpoint segment of the node whose forward rule is running.
+    segment: Option<u32>,
 }
 
 impl<'g> Builder<'g> {
@@ -152,6 +170,7 @@ impl<'g> Builder<'g> {
             needs,
             param_grad: HashMap::new(),
             aux: HashMap::new(),
+            segment: None,
         }
     }
 
@@ -207,8 +226,9 @@ impl<'g> Builder<'g> {
             phase,
             args: args.iter().map(|r| (*r).clone()).collect(),
             opt: opt.iter().map(|o| o.cloned()).collect(),
-            build: Box::new(build),
+            build: std::rc::Rc::new(build),
             reseed: None,
+            segment: if phase == Phase::Forward { self.segment } else { None },
         });
         self.calls.len() - 1
     }
@@ -324,7 +344,10 @@ impl<'g> Builder<'g> {
             }
         };
         self.var_ref[i] = Some(out.clone());
-        ops::forward(self, v, &out)
+        self.segment = self.g.nodes[i].segment;
+        let r = ops::forward(self, v, &out);
+        self.segment = None;
+        r
     }
 
     /// The gradient rule of node `i`, given the gradient of its output (nothing when no gradient reached it).

@@ -129,6 +129,78 @@ fn share_from(donor: &Executor, slots: &mut [Slot], lowered: &Lowered) {
     }
 }
 
+/// Gradient checkpointing ([`Graph::checkpoint`]): for each segment whose activations a gradient rule reads,
+/// the segment's forward calls are repeated just before the first such rule, writing fresh slots, and every
+/// gradient rule reads those instead. An activation of the segment (a planned slot first written by one of its
+/// forward calls, not an output) then lives only while the forward pass still reads it; its twin lives from
+/// the recomputation to the segment's last gradient rule. What enters the segment (an earlier block's output,
+/// the weights, the inputs) is read again by the recomputation, so it is kept: the checkpoint; so are the
+/// segment's outputs (what later forward calls read).
+fn recompute_segments(slots: &mut Vec<Slot>, calls: Vec<Call>, keep: &[usize]) -> Vec<Call> {
+    // Twins are appended to `slots`; only the slots lowering made can be a segment's activations.
+    let n0 = slots.len();
+    let mut first = vec![usize::MAX; n0];
+    for (ci, c) in calls.iter().enumerate() {
+        for s in c.slots() {
+            first[s] = first[s].min(ci);
+        }
+    }
+    let mut segments: Vec<u32> = calls.iter().filter(|c| c.phase == Phase::Forward).filter_map(|c| c.segment).collect();
+    segments.sort_unstable();
+    segments.dedup();
+    // Per call index: the recomputations to insert before it, and the slot replacements of gradient rules.
+    let mut before: HashMap<usize, Vec<Call>> = HashMap::new();
+    let mut remap: HashMap<usize, HashMap<usize, usize>> = HashMap::new();
+    for seg in segments {
+        let fwd: Vec<usize> =
+            (0..calls.len()).filter(|&i| calls[i].phase == Phase::Forward && calls[i].segment == Some(seg)).collect();
+        // The segment's outputs (read by a later forward call outside it) stay as they are: the next segment's
+        // recomputation reads them anyway, so twins would only keep two segments' activations at once.
+        let outside: std::collections::HashSet<usize> = (0..calls.len())
+            .filter(|&i| calls[i].phase == Phase::Forward && calls[i].segment != Some(seg))
+            .flat_map(|i| calls[i].slots())
+            .collect();
+        let internal: std::collections::HashSet<usize> = (0..n0)
+            .filter(|&s| {
+                slots[s].kind == Kind::Planned
+                    && !keep.contains(&s)
+                    && !outside.contains(&s)
+                    && fwd.binary_search(&first[s]).is_ok()
+            })
+            .collect();
+        let readers: Vec<usize> = (0..calls.len())
+            .filter(|&i| calls[i].phase == Phase::Backward && calls[i].slots().any(|s| internal.contains(&s)))
+            .collect();
+        let Some(&at) = readers.first() else { continue };
+        let mut twin = HashMap::new();
+        let mut internal: Vec<usize> = internal.into_iter().collect();
+        internal.sort_unstable();
+        for &s in &internal {
+            slots.push(Slot { bytes: slots[s].bytes, kind: Kind::Planned, tensor: None });
+            twin.insert(s, slots.len() - 1);
+        }
+        let map = |s: usize| twin.get(&s).copied().unwrap_or(s);
+        before.entry(at).or_default().extend(fwd.iter().map(|&i| calls[i].remapped(Phase::Backward, &map)));
+        for &r in &readers {
+            remap.entry(r).or_default().extend(twin.iter().map(|(&a, &b)| (a, b)));
+        }
+    }
+    if before.is_empty() {
+        return calls;
+    }
+    let mut out = Vec::with_capacity(calls.len());
+    for (i, c) in calls.into_iter().enumerate() {
+        if let Some(rc) = before.remove(&i) {
+            out.extend(rc);
+        }
+        match remap.get(&i) {
+            Some(m) => out.push(c.remapped(c.phase, &|s| m.get(&s).copied().unwrap_or(s))),
+            None => out.push(c),
+        }
+    }
+    out
+}
+
 /// Build every call's dispatches once, in call order, per phase.
 fn build_dispatches(dev: &Device, slots: &[Slot], calls: &[Call]) -> Result<Lists> {
     let mut l = Lists { forward: Vec::new(), backward: Vec::new(), optim: Vec::new(), dropouts: Vec::new() };
@@ -199,6 +271,7 @@ impl Executor {
         let keep: Vec<usize> =
             outputs.iter().chain(loss.as_ref()).filter_map(|v| b.var_ref[v.0].as_ref().map(|r| r.slot)).collect();
         let (mut slots, calls, var_ref, grad_ref) = (b.slots, b.calls, b.var_ref, b.grad_ref);
+        let calls = recompute_segments(&mut slots, calls, &keep);
         if let Some(d) = donor {
             share_from(d, &mut slots, &lowered);
         }
