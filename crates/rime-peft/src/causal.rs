@@ -37,6 +37,9 @@ pub struct CausalSummary {
     pub train_seconds: f64,
     pub trainable_params: usize,
     pub truncated: usize,
+    /// The executor's memory report of a training graph (frozen weights, trainable parameters, gradients,
+    /// optimizer state, activation peak, inputs).
+    pub memory: String,
 }
 
 /// Token ids and targets of one example: targets[i] is the token after ids[i], or -100 where no loss is
@@ -454,6 +457,7 @@ impl<'d> Task<'d> for CausalTask<'d> {
             train_seconds: run.train_seconds,
             trainable_params: l.map_or(0, |l| l.trainable),
             truncated: l.map_or(0, |l| l.truncated),
+            memory: run.memory.clone(),
         }
     }
 
