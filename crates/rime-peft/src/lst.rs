@@ -1455,7 +1455,10 @@ impl<'d> Task<'d> for LstTask<'d> {
 /// Refuse an adapter whose LST settings differ from the run's (a resume into another configuration).
 pub(crate) fn check_adapter(acfg: &AdapterConfig, spec: &LstSpec, dir: &Path) -> Result<()> {
     let (cfg, dims) = crate::methods::lst::read_config(acfg)?;
-    if cfg != spec.cfg || dims != spec.dims {
+    // The head count is compared as resolved (in `dims`): the adapter records it, a run may leave it to the
+    // default rule.
+    let same = LstConfig { heads: spec.cfg.heads, ..cfg.clone() } == spec.cfg;
+    if !same || dims != spec.dims {
         return Err(Error::Msg(format!(
             "{}: an LST adapter with {cfg:?} {dims:?}; this run has {:?} {:?}",
             dir.display(),
