@@ -185,3 +185,57 @@ fn dora_scale_gradient_reaches_m_and_treats_the_norm_as_constant() {
         }
     }
 }
+
+/// Gradient checkpointing ([`Graph::checkpoint`]): two segments (linear → GELU → dropout → linear, twice, the
+/// weights trainable) give bitwise the loss and gradients of the same graph without segments over three
+/// Adam steps (so the recomputed dropout redraws the step's mask, not another), with a lower activation peak
+/// and the recomputation's extra dispatches.
+#[test]
+fn checkpointed_segments_give_bitwise_the_same_training() {
+    let d = dev();
+    let (n, c, h) = (64, 16, 48);
+    let run = |checkpoint: bool| {
+        let mut store = ParamStore::new();
+        for (i, (name, shape)) in
+            [("w1", [h, c]), ("w2", [c, h]), ("w3", [h, c]), ("w4", [4, h])].into_iter().enumerate()
+        {
+            store.add_f32(d, name, &rnd(10 + i as u64, shape[0] * shape[1], 0.3), &shape, true).unwrap();
+        }
+        let mut g = Graph::new();
+        let x = g.input("x", &[n, c], DType::F32);
+        let t = g.input("targets", &[n], DType::I32);
+        let mut block = |g: &mut Graph, x: Var, wa: &str, wb: &str, seed: u32| {
+            if checkpoint {
+                g.checkpoint();
+            }
+            let (wa, wb) = (g.param(&store, wa).unwrap(), g.param(&store, wb).unwrap());
+            let a = g.linear(x, wa, None).unwrap();
+            let a = g.gelu(a, false);
+            let a = g.dropout(a, P, seed);
+            let y = g.linear(a, wb, None).unwrap();
+            g.end_checkpoint();
+            y
+        };
+        let y = block(&mut g, x, "w1", "w2", 3);
+        let y = block(&mut g, y, "w3", "w4", 4);
+        let loss = g.cross_entropy(y, t, -100).unwrap();
+        let mut ex = Executor::new(d, g, &store, Some(loss), &[loss], Some(OptimConfig::adamw(1e-2, 0.0))).unwrap();
+        ex.feed_f32(d, "x", &rnd(2, n * c, 1.0)).unwrap();
+        ex.feed_i32(d, "targets", &(0..n as i32).map(|i| i % 4).collect::<Vec<_>>()).unwrap();
+        let mut losses = vec![];
+        for _ in 0..3 {
+            ex.step(d).unwrap();
+            losses.push(ex.read(d, loss).unwrap()[0]);
+        }
+        let weights: Vec<Vec<f32>> = store.iter().map(|(id, _)| store.read_f32(d, id).unwrap()).collect();
+        (losses, weights, ex.memory_report().activation_peak, ex.dispatches_per_step())
+    };
+    let (l0, w0, peak0, n0) = run(false);
+    let (l1, w1, peak1, n1) = run(true);
+    assert!(l0.iter().zip(&l1).all(|(a, b)| a.to_bits() == b.to_bits()), "losses {l0:?} vs {l1:?}");
+    for (a, b) in w0.iter().zip(&w1) {
+        assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "weights differ after 3 steps");
+    }
+    assert!(peak1 < peak0, "activation peak {peak0} -> {peak1}");
+    assert!(n1 > n0, "dispatches {n0} -> {n1}");
+}
