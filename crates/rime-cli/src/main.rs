@@ -35,7 +35,7 @@ enum Cmd {
     /// List the adapters wgpu sees, the one rime picks, its limits and features, and run a kernel self-check.
     Info(info::InfoArgs),
     /// Fine-tune a model (no arguments: the main job, LoRA on MiniLM for fine_foods reviews).
-    Train(train::TrainArgs),
+    Train(Box<train::TrainArgs>),
     /// Evaluate an adapter written by `rime train` on labelled data.
     Eval(train::EvalArgs),
     // No doc comment here: it would replace MergeArgs' long help (the YAML reference) in `rime merge --help`.

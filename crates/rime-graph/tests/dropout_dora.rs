@@ -204,7 +204,7 @@ fn checkpointed_segments_give_bitwise_the_same_training() {
         let mut g = Graph::new();
         let x = g.input("x", &[n, c], DType::F32);
         let t = g.input("targets", &[n], DType::I32);
-        let mut block = |g: &mut Graph, x: Var, wa: &str, wb: &str, seed: u32| {
+        let block = |g: &mut Graph, x: Var, wa: &str, wb: &str, seed: u32| {
             if checkpoint {
                 g.checkpoint();
             }

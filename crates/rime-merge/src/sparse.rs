@@ -12,6 +12,7 @@
 //!   mergekit's CPU path does);
 //! - combined by `merge_gta_forward`: weighted, TIES' sign consensus for ties / dare_ties / breadcrumbs_ties /
 //!   della, normalised, scaled by lambda, added to the base.
+//!
 //! Without sparsification the tensor streams in chunks; sparsified task vectors are held whole on the GPU (the
 //! top-k, ranks and norms are whole-tensor statistics), the combine then runs chunk by chunk.
 //!
