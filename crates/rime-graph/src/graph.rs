@@ -98,6 +98,8 @@ pub enum Op {
         mask: Option<Var>,
         causal: bool,
         scale: f32,
+        /// Causal sliding window in keys (0 = none).
+        window: usize,
     },
     Softmax {
         x: Var,
