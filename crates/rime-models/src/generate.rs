@@ -15,10 +15,10 @@ use std::sync::Arc;
 
 use rime_graph::ParamStore;
 
-use rime_kernels::ops::{attention, elementwise, embedding, lora, matmul, norm, rope};
+use rime_kernels::ops::{attention, concat, elementwise, embedding, lora, matmul, norm, rope};
 use rime_kernels::{wgpu, DType, Device, Dispatch, Tensor};
 
-use crate::llama::{define, lm_head_name, Block, Error, LlamaConfig, LlamaOps, Proj, Result};
+use crate::llama::{define, lm_head_name, row_parts, Block, Error, LlamaConfig, LlamaOps, Proj, Result};
 use crate::lora::factor_name;
 
 /// A LoRA adapter on one linear, applied on the GPU (see [`crate::lora`]): y = W·x + sB·(A·x), then for
@@ -56,6 +56,8 @@ struct Scratch {
     h_last: Tensor, // [1, C]
     rstd1: Tensor,  // [1]
     logits: Tensor, // [1, V]
+    /// One part of the logits when the head is split by rows ([1, largest part]).
+    logits_part: Option<Tensor>,
     /// A·x of an adapted linear ([T, r] views), and its output before DoRA's scale ([T, out] views).
     lora_h: Option<Tensor>,
     dora_y: Option<Tensor>,
@@ -145,6 +147,8 @@ pub struct Decoder {
     max_seq: usize,
     len: usize,
     weights: HashMap<String, Tensor>,
+    /// Weights split by rows (see [`crate::llama::upload_split`]): name -> (part, first row) in order.
+    parts: HashMap<String, Vec<(Tensor, u32)>>,
     head: &'static str,
     adapters: HashMap<String, Adapted>,
     k_cache: Vec<Tensor>,
@@ -234,7 +238,17 @@ impl Decoder {
         let mut names = Names::default();
         define(&mut names, cfg, Some(head))?;
         let mut weights = HashMap::new();
+        let mut parts = HashMap::new();
         for n in names.weights {
+            if store.find(&n).is_none() {
+                if let Some(ps) = row_parts(store, &n) {
+                    let ts = ps.iter().map(|(p, off)| -> Result<(Tensor, u32)> {
+                        Ok((store.get(store.id(p)?).tensor.clone(), *off))
+                    });
+                    parts.insert(n, ts.collect::<Result<Vec<_>>>()?);
+                    continue;
+                }
+            }
             let t = store.get(store.id(&n)?).tensor.clone();
             weights.insert(n, t);
         }
@@ -256,6 +270,7 @@ impl Decoder {
             max_seq,
             len: 0,
             weights,
+            parts,
             head,
             adapters: adapters_in(store, &names.modules)?,
             k_cache,
@@ -345,6 +360,10 @@ impl Decoder {
             h_last: f(&[1, c.hidden])?,
             rstd1: f(&[1])?,
             logits: f(&[1, c.vocab])?,
+            logits_part: match self.parts.get(self.head) {
+                Some(ps) => Some(f(&[1, ps.iter().map(|(t, _)| t.shape[0]).max().unwrap_or(1)])?),
+                None => None,
+            },
             lora_h,
             dora_y,
         })
@@ -515,7 +534,20 @@ impl LlamaOps for Recorder<'_> {
     type E = Error;
 
     fn embed(&mut self, weight: &str) -> Result<Slot> {
-        let ds = embedding::embedding_forward(self.dev, &self.s.x, &self.s.ids, self.weight(weight)?)?;
+        let s = self.s;
+        if let Some(ps) = self.dec.parts.get(weight) {
+            // a table split by rows: the first part writes x, each other one adds its rows through h
+            for (k, (t, off)) in ps.iter().enumerate() {
+                let out = if k == 0 { &s.x } else { &s.h };
+                let mut ds = embedding::embedding_forward_offset(self.dev, out, &s.ids, t, *off)?;
+                if k > 0 {
+                    ds.extend(elementwise::add_inplace_forward(self.dev, &s.x, &s.h, 1.0)?);
+                }
+                self.push(ds);
+            }
+            return Ok(Slot::X);
+        }
+        let ds = embedding::embedding_forward(self.dev, &s.x, &s.ids, self.weight(weight)?)?;
         self.push(ds);
         Ok(Slot::X)
     }
@@ -529,6 +561,27 @@ impl LlamaOps for Recorder<'_> {
 
     fn linear(&mut self, x: Slot, module: &str, weight: &str, proj: Proj) -> Result<Slot> {
         let (s, out) = (self.s, output_slot(proj));
+        if let Some(ps) = self.dec.parts.get(weight) {
+            // a weight split by rows (the output head of a large vocabulary): each part's product, then its
+            // columns of the output
+            if self.dec.adapters.contains_key(module) {
+                return Err(Error::Invalid(format!(
+                    "`{module}`: an adapter on a weight split by rows is not supported"
+                )));
+            }
+            let part =
+                s.logits_part.as_ref().filter(|_| proj == Proj::Head).ok_or_else(|| {
+                    Error::Invalid(format!("`{weight}` is split by rows; only the output head may be"))
+                })?;
+            let rows = s.slot(x).rows();
+            for (t, off) in ps {
+                let pv = part.view(&[rows, t.shape[0]], DType::F32);
+                let mut ds = matmul::matmul_forward(self.dev, &pv, s.slot(x), t, None, false, true)?;
+                ds.extend(concat::concat_cols(self.dev, s.slot(out), &pv, *off as usize)?);
+                self.push(ds);
+            }
+            return Ok(out);
+        }
         let w = self.weight(weight)?;
         let ds = match self.dec.adapters.get(module) {
             Some(ad) => self.adapted(s.slot(out), s.slot(x), w, ad)?,

@@ -321,6 +321,21 @@ impl LlamaOps for GraphOps<'_> {
 
     fn embed(&mut self, weight: &str) -> rime_graph::Result<Var> {
         let ids = self.g.input(INPUT_IDS, &[self.b, self.t], DType::U32);
+        if self.store.find(weight).is_none() {
+            if let Some(parts) = row_parts(self.store, weight) {
+                // a table split by rows: each part looks up its own ids, the others give zero rows
+                let mut sum: Option<Var> = None;
+                for (name, offset) in parts {
+                    let p = self.g.param(self.store, &name)?;
+                    let e = self.g.embedding_offset(ids, p, offset)?;
+                    sum = Some(match sum {
+                        Some(s) => self.g.add(s, e)?,
+                        None => e,
+                    });
+                }
+                return sum.ok_or_else(|| rime_graph::Error::Invalid(format!("`{weight}` has no row parts")));
+            }
+        }
         let emb = self.g.param(self.store, weight)?;
         self.g.embedding(ids, emb) // [B, T, C]
     }
@@ -331,6 +346,22 @@ impl LlamaOps for GraphOps<'_> {
     }
 
     fn linear(&mut self, x: Var, module: &str, weight: &str, _: Proj) -> rime_graph::Result<Var> {
+        if self.store.find(weight).is_none() {
+            if let Some(parts) = row_parts(self.store, weight) {
+                // a weight split by rows (an output head over a large vocabulary): the products side by side
+                if self.store.find(&crate::lora::factor_name(module, "A")).is_some() {
+                    return Err(rime_graph::Error::Invalid(format!(
+                        "`{module}`: an adapter on a weight split by rows (`{weight}`) is not supported"
+                    )));
+                }
+                let mut ys = Vec::with_capacity(parts.len());
+                for (name, _) in parts {
+                    let w = self.g.param(self.store, &name)?;
+                    ys.push(self.g.linear(x, w, None)?);
+                }
+                return self.g.concat_last(&ys);
+            }
+        }
         let w = self.g.param(self.store, weight)?;
         let (store, an) = (self.store, crate::lora::factor_name(module, "A"));
         if store.find(&an).is_none() {
@@ -419,9 +450,63 @@ pub fn build_hidden(
     define(&mut GraphOps { g, store, cfg, hook, b, t }, cfg, None)
 }
 
+/// The name of part `k` of a weight split by rows ([`upload_split`]).
+pub fn row_part_name(name: &str, k: usize) -> String {
+    format!("{name}#rows{k}")
+}
+
+/// The parts of a weight split by rows and the first row of each, if `store` holds it that way.
+pub fn row_parts(store: &ParamStore, name: &str) -> Option<Vec<(String, u32)>> {
+    let mut out = Vec::new();
+    let mut offset = 0usize;
+    while let Some(id) = store.find(&row_part_name(name, out.len())) {
+        let rows = store.get(id).tensor.shape.first().copied().unwrap_or(0);
+        out.push((row_part_name(name, out.len()), u32::try_from(offset).ok()?));
+        offset += rows;
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+/// Uploads a frozen matrix [rows, cols] (f32 `data`, stored as `dtype`) into `store` as `name`, or, when it is
+/// larger than one storage binding of `dev` (Gemma's 262,144 × 640 embedding on lavapipe's 128 MiB), as parts
+/// of whole rows named by [`row_part_name`]; the graph and the decoder then gather and multiply part by part.
+pub fn upload_split(
+    dev: &Device,
+    store: &mut ParamStore,
+    name: &str,
+    shape: &[usize],
+    data: &[f32],
+    dtype: DType,
+) -> Result<()> {
+    let elem = if dtype == DType::F16 { 2 } else { 4 };
+    let upload = |n: &str, shape: &[usize], d: &[f32]| -> Result<rime_kernels::Tensor> {
+        Ok(if dtype == DType::F16 {
+            let h: Vec<half::f16> = d.iter().map(|&x| half::f16::from_f32(x)).collect();
+            dev.upload_bytes(n, bytemuck::cast_slice(&h), shape, DType::F16)?
+        } else {
+            dev.upload_bytes(n, bytemuck::cast_slice(d), shape, DType::F32)?
+        })
+    };
+    let bytes = (data.len() * elem) as u64;
+    if shape.len() != 2 || bytes <= dev.max_binding() {
+        store.add(name, upload(name, shape, data)?, false)?;
+        return Ok(());
+    }
+    let (rows, cols) = (shape[0], shape[1]);
+    let per = (dev.max_binding() as usize / (cols * elem).max(1)).max(1);
+    for (k, start) in (0..rows).step_by(per).enumerate() {
+        let end = (start + per).min(rows);
+        let part = row_part_name(name, k);
+        store.add(&part, upload(&part, &[end - start, cols], &data[start * cols..end * cols])?, false)?;
+    }
+    Ok(())
+}
+
 /// The name of the output projection: `lm_head.weight`, or the embedding matrix when tied.
 pub fn lm_head_name(store: &ParamStore, cfg: &LlamaConfig) -> &'static str {
-    if cfg.tie_word_embeddings || store.find("lm_head.weight").is_none() {
+    if cfg.tie_word_embeddings
+        || (store.find("lm_head.weight").is_none() && row_parts(store, "lm_head.weight").is_none())
+    {
         "model.embed_tokens.weight"
     } else {
         "lm_head.weight"
@@ -473,13 +558,8 @@ pub fn load_gguf(dev: &Device, path: &Path, adapter: Option<&Path>, weight_dtype
     };
     let mut store = ParamStore::new();
     for (name, shape, data) in tensors {
-        let t = if weight_dtype == DType::F16 && shape.len() == 2 {
-            let h: Vec<half::f16> = data.iter().map(|&x| half::f16::from_f32(x)).collect();
-            dev.upload_bytes(&name, bytemuck::cast_slice(&h), &shape, DType::F16)?
-        } else {
-            dev.upload_bytes(&name, bytemuck::cast_slice(&data), &shape, DType::F32)?
-        };
-        store.add(&name, t, false)?;
+        let dtype = if weight_dtype == DType::F16 && shape.len() == 2 { DType::F16 } else { DType::F32 };
+        upload_split(dev, &mut store, &name, &shape, &data, dtype)?;
     }
     // the adapter's factors stay f32: the LoRA products read them as such
     for (name, shape, data) in factors {

@@ -441,3 +441,101 @@ fn gemma3_270m_matches_transformers() {
     println!("gemma3 270m greedy: {got:?} ({:?})", tok.decode(&got, true).unwrap());
     assert_eq!(got, want, "greedy tokens differ from transformers");
 }
+
+/// A store with the embedding (and so the tied head) split by rows, as `upload_split` does for a table larger
+/// than one storage binding.
+fn upload_with_split_embedding(d: &Device, tensors: &[rime_io::NamedTensor], rows_per_part: usize) -> ParamStore {
+    let mut store = ParamStore::new();
+    for (name, shape, data) in tensors {
+        if name == "model.embed_tokens.weight" {
+            let c = shape[1];
+            for (k, start) in (0..shape[0]).step_by(rows_per_part).enumerate() {
+                let end = (start + rows_per_part).min(shape[0]);
+                let part = llama::row_part_name(name, k);
+                store.add_f32(d, &part, &data[start * c..end * c], &[end - start, c], false).unwrap();
+            }
+        } else {
+            store.add_f32(d, name, data, shape, false).unwrap();
+        }
+    }
+    store
+}
+
+/// The split table gives the logits of the whole one, in the graph (gather by parts, head as products side by
+/// side) and in the KV-cache decoder, and the same LoRA gradients (the head's gradient flows back through the
+/// column blocks).
+#[test]
+fn tiny_gemma_split_embedding_matches_whole() {
+    let d = dev();
+    let m = tiny(24);
+    let whole = upload(d, &m.tensors);
+    let split = upload_with_split_embedding(d, &m.tensors, 20); // 53 rows: parts of 20, 20, 13
+    assert_eq!(llama::row_parts(&split, "model.embed_tokens.weight").unwrap().len(), 3);
+    let a = graph_logits(d, &whole, &m.cfg, &IDS);
+    let b = graph_logits(d, &split, &m.cfg, &IDS);
+    let diff = max_abs(&a, &b);
+    println!("tiny gemma split vs whole embedding: graph max |diff| {diff:.3e}");
+    assert!(diff <= 1e-5, "{diff}");
+    let v = m.cfg.vocab;
+    let mut dec = Decoder::new(d, &split, &m.cfg, 12).unwrap();
+    let mut worst = max_abs(&dec.prefill(d, &IDS[..4]).unwrap(), &a[3 * v..4 * v]);
+    for (p, &id) in IDS.iter().enumerate().skip(4) {
+        worst = worst.max(max_abs(&dec.decode(d, id).unwrap(), &a[p * v..(p + 1) * v]));
+    }
+    println!("tiny gemma split embedding: KV-cache decoder vs graph max |diff| {worst:.3e}");
+    assert!(worst <= 1e-4, "{worst}");
+
+    // gradients of a LoRA factor through the split head equal those through the whole one
+    let grad = |store: &mut ParamStore| -> (f32, Vec<f32>) {
+        let (c, q) = (m.cfg.hidden, m.cfg.heads * 16);
+        let a: Vec<f32> = (0..2 * c).map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.05).collect();
+        let bm: Vec<f32> = (0..q * 2).map(|i| ((i * 5 % 13) as f32 - 6.0) * 0.03).collect();
+        for l in 0..m.cfg.layers {
+            let base = format!("model.layers.{l}.self_attn.q_proj");
+            store.add_f32(d, &format!("{base}.lora_A.weight"), &a, &[2, c], true).unwrap();
+            store.add_f32(d, &format!("{base}.lora_B.weight"), &bm, &[q, 2], true).unwrap();
+        }
+        let t = IDS.len();
+        let mut g = Graph::new();
+        let logits = llama::build(&mut g, store, &m.cfg, 1, t, &QLora).unwrap();
+        let logits = g.reshape(logits, &[t, m.cfg.vocab]).unwrap();
+        let tg = g.input("targets", &[t], DType::I32);
+        let loss = g.cross_entropy(logits, tg, -100).unwrap();
+        let mut ex = Executor::new(d, g, store, Some(loss), &[loss], Some(OptimConfig::sgd(0.0, 0.0, 0.0))).unwrap();
+        ex.feed_u32(d, llama::INPUT_IDS, &IDS).unwrap();
+        let targets: Vec<i32> = IDS[1..].iter().map(|&x| x as i32).chain([-100]).collect();
+        ex.feed_i32(d, "targets", &targets).unwrap();
+        ex.backward_only(d).unwrap();
+        let id = store.id("model.layers.2.self_attn.q_proj.lora_A.weight").unwrap();
+        (ex.read(d, loss).unwrap()[0], ex.read_param_grad(d, id).unwrap())
+    };
+    let (mut whole, mut split) = (whole, split);
+    let (lw, gw) = grad(&mut whole);
+    let (ls, gs) = grad(&mut split);
+    println!("tiny gemma split embedding: loss {lw} vs {ls}, LoRA grad max |diff| {:.3e}", max_abs(&gw, &gs));
+    assert!((lw - ls).abs() <= 1e-5 && max_abs(&gw, &gs) <= 1e-5);
+    assert!(gw.iter().any(|&x| x != 0.0));
+}
+
+/// LoRA on q_proj only.
+struct QLora;
+impl LinearHook for QLora {
+    fn linear(&self, g: &mut Graph, store: &ParamStore, module: &str, x: Var, w: Var, b: Option<Var>) -> GResult<Var> {
+        if module.ends_with("q_proj") {
+            let a = g.param(store, &format!("{module}.lora_A.weight"))?;
+            let bb = g.param(store, &format!("{module}.lora_B.weight"))?;
+            g.lora(x, w, b, a, bb, 2.0)
+        } else {
+            g.linear(x, w, b)
+        }
+    }
+}
+
+/// Gemma 3's chat template (the fallback for GGUF files without one) renders one user turn as transformers'
+/// `apply_chat_template(add_generation_prompt=True)` does for Gemma 3.
+#[test]
+fn gemma3_chat_template_renders_a_user_turn() {
+    let t = rime_io::gguf::GEMMA3_CHAT_TEMPLATE;
+    let got = rime_models::generate::render_chat(t, "  What is rime? ", "<bos>", "<eos>").unwrap();
+    assert_eq!(got, "<bos><start_of_turn>user\nWhat is rime?<end_of_turn>\n<start_of_turn>model\n");
+}
