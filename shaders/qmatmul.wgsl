@@ -167,9 +167,9 @@ fn qdequantize(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     dx4[o + 7u] = v3.b;
 }
 
-// out [M, K] (dx4) = the rows ids[0..M] of W dequantized (an embedding lookup), 32 values per invocation over
-// a flat 1-D grid, as qdequantize with the row picked by the id. An id >= N (outside the table) gives zeros,
-// as embedding_forward does.
+// out [M, K] (dx4) = the rows ids[0..M] - p._p0 of W dequantized (an embedding lookup in a table, or in one row
+// part of a table split by rows), 32 values per invocation over a flat 1-D grid, as qdequantize with the row
+// picked by the id. An id outside the part gives zeros, as embedding_forward does.
 @compute @workgroup_size(WG)
 fn qembedding(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
               @builtin(local_invocation_index) lane: u32) {
@@ -179,8 +179,10 @@ fn qembedding(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     let r = i / per_row;
     let k = (i - r * per_row) * 32u;
     let o = (r * p.k + k) >> 2u;
-    let n = ids[r];
-    if (n >= p.n) {
+    // p._p0: the row offset of a table split by rows (ids outside [offset, offset + N) give zeros).
+    let id = ids[r];
+    let n = id - p._p0;
+    if (id < p._p0 || n >= p.n) {
         for (var j = 0u; j < 8u; j = j + 1u) { dx4[o + j] = vec4<f32>(0.0); }
         return;
     }

@@ -94,7 +94,7 @@ impl<'g> Decoder<'g> {
         let model = llama::load_gguf_with(gpu.device(), path, opts.adapter.as_deref(), opts.weights)?;
         let mut eos = model.eos_tokens.clone();
         // Chat models end a turn with their end-of-turn token, which may differ from the file's eos.
-        for t in ["<|im_end|>", "<|eot_id|>", "<|end|>"] {
+        for t in ["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"] {
             if let Some(id) = model.tokenizer.token_to_id(t) {
                 if !eos.contains(&id) {
                     eos.push(id);

@@ -85,6 +85,12 @@ pub enum Op {
     Embedding {
         ids: Var,
         table: Var,
+        /// The table holds rows offset.. of the vocabulary (a table split by rows); other ids give zeros.
+        offset: u32,
+    },
+    /// Parts [.., w_i] side by side along the last axis.
+    ConcatLast {
+        parts: Vec<Var>,
     },
     Rope {
         x: Var,
@@ -98,6 +104,8 @@ pub enum Op {
         mask: Option<Var>,
         causal: bool,
         scale: f32,
+        /// Causal sliding window in keys (0 = none).
+        window: usize,
     },
     Softmax {
         x: Var,
@@ -159,6 +167,7 @@ impl Op {
             Op::LayerNorm { .. } => "layernorm",
             Op::RmsNorm { .. } => "rmsnorm",
             Op::Embedding { .. } => "embedding",
+            Op::ConcatLast { .. } => "concat_last",
             Op::Rope { .. } => "rope",
             Op::Attention { .. } => "attention",
             Op::Softmax { .. } => "softmax",
@@ -174,7 +183,11 @@ impl Op {
 
     /// The tensors this op reads.
     pub fn inputs(&self) -> Vec<Var> {
+        if let Op::ConcatLast { parts } = self {
+            return parts.clone();
+        }
         match *self {
+            Op::ConcatLast { .. } => vec![],
             Op::Input | Op::Param(_) | Op::State => vec![],
             Op::CacheWrite { cache, src, pos } => vec![cache, src, pos],
             Op::RopeAt { x, pos, .. } => vec![x, pos],
@@ -195,7 +208,7 @@ impl Op {
             Op::Add { a, b } | Op::Mul { a, b } => vec![a, b],
             Op::LayerNorm { x, gamma, beta, .. } => vec![x, gamma, beta],
             Op::RmsNorm { x, gamma, .. } => vec![x, gamma],
-            Op::Embedding { ids, table } => vec![ids, table],
+            Op::Embedding { ids, table, .. } => vec![ids, table],
             Op::Attention { q, k, v, mask, .. } => [Some(q), Some(k), Some(v), mask].into_iter().flatten().collect(),
             Op::Softmax { x, mask, .. } => [Some(x), mask].into_iter().flatten().collect(),
             Op::CrossEntropy { logits, targets, .. } => vec![logits, targets],

@@ -1,5 +1,6 @@
 //! Hugging Face `config.json` as the few numbers rime's model builders need, for the architectures rime knows
-//! (BERT encoders, Llama decoders), and a check that a checkpoint's tensor shapes agree with them.
+//! (BERT encoders, Llama decoders; Gemma 3 decoders from GGUF metadata), and a check that a checkpoint's
+//! tensor shapes agree with them.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -14,6 +15,8 @@ use crate::safetensors::Checkpoint;
 pub enum Architecture {
     Bert,
     Llama,
+    /// Gemma 3 text decoder (`Gemma3ForCausalLM`); read from GGUF files (see [`Gemma3Params`]).
+    Gemma3,
 }
 
 impl Architecture {
@@ -22,7 +25,30 @@ impl Architecture {
         match self {
             Architecture::Bert => "bert",
             Architecture::Llama => "llama",
+            Architecture::Gemma3 => "gemma3",
         }
+    }
+}
+
+/// What a Gemma 3 text decoder adds to the Llama hyper-parameters (transformers' `Gemma3TextConfig`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gemma3Params {
+    /// Size of one attention head (256 for Gemma 3 270M; not hidden_size / heads).
+    pub head_dim: usize,
+    /// Attention scores are scaled by 1/sqrt(query_pre_attn_scalar).
+    pub query_pre_attn_scalar: f64,
+    /// Keys a query of a sliding layer sees (itself included).
+    pub sliding_window: usize,
+    /// Every `sliding_window_pattern`-th layer (1-based) is a global layer; the others slide.
+    pub sliding_window_pattern: usize,
+    /// RoPE base of the sliding layers (the global layers use `rope_theta`).
+    pub rope_local_base_freq: f64,
+}
+
+impl Gemma3Params {
+    /// Whether layer `layer` (0-based) is a sliding-window layer, as transformers' default `layer_types`.
+    pub fn is_sliding(&self, layer: usize) -> bool {
+        self.sliding_window_pattern == 0 || !(layer + 1).is_multiple_of(self.sliding_window_pattern)
     }
 }
 
@@ -51,6 +77,8 @@ pub struct ModelConfig {
     pub bos_token_id: Option<u32>,
     /// HF allows one id or a list.
     pub eos_token_id: Vec<u32>,
+    /// Set for [`Architecture::Gemma3`].
+    pub gemma3: Option<Gemma3Params>,
 }
 
 impl ModelConfig {
@@ -144,11 +172,11 @@ impl ModelConfig {
         let vocab_size = required("vocab_size")?;
         let max_position_embeddings = usize_field("max_position_embeddings")?.unwrap_or(match architecture {
             Architecture::Bert => 512,
-            Architecture::Llama => 2048,
+            Architecture::Llama | Architecture::Gemma3 => 2048,
         });
         let type_vocab_size = match architecture {
             Architecture::Bert => usize_field("type_vocab_size")?.unwrap_or(2),
-            Architecture::Llama => usize_field("type_vocab_size")?.unwrap_or(0),
+            Architecture::Llama | Architecture::Gemma3 => usize_field("type_vocab_size")?.unwrap_or(0),
         };
         if hidden_size % num_attention_heads != 0 {
             return Err(cfg_err(
@@ -166,6 +194,7 @@ impl ModelConfig {
             None | Some(Value::Null) => match architecture {
                 Architecture::Bert => "gelu".to_string(),
                 Architecture::Llama => "silu".to_string(),
+                Architecture::Gemma3 => "gelu_pytorch_tanh".to_string(),
             },
             Some(Value::String(s)) => s.clone(),
             Some(v) => return Err(cfg_err("hidden_act", format!("expected a string, found {v}"))),
@@ -196,12 +225,16 @@ impl ModelConfig {
             pad_token_id: pad.first().copied(),
             bos_token_id: bos.first().copied(),
             eos_token_id: id_field("eos_token_id")?,
+            gemma3: None,
         })
     }
 
-    /// Size of one attention head.
+    /// Size of one attention head (Gemma 3 states it; otherwise hidden_size / num_attention_heads).
     pub fn head_dim(&self) -> usize {
-        self.hidden_size / self.num_attention_heads
+        match &self.gemma3 {
+            Some(g) => g.head_dim,
+            None => self.hidden_size / self.num_attention_heads,
+        }
     }
 
     /// The tensors this config implies with their PyTorch shapes, in Hugging Face names without a model
@@ -250,6 +283,35 @@ impl ModelConfig {
                     push(format!("{p}.mlp.down_proj.weight"), vec![h, i]);
                     push(format!("{p}.input_layernorm.weight"), vec![h]);
                     push(format!("{p}.post_attention_layernorm.weight"), vec![h]);
+                }
+                push("model.norm.weight".into(), vec![h]);
+                if !self.tie_word_embeddings {
+                    push("lm_head.weight".into(), vec![v, h]);
+                }
+            }
+            Architecture::Gemma3 => {
+                let hd = self.head_dim();
+                let (q, kv) = (self.num_attention_heads * hd, self.num_key_value_heads * hd);
+                push("model.embed_tokens.weight".into(), vec![v, h]);
+                for l in 0..self.num_hidden_layers {
+                    let p = format!("model.layers.{l}");
+                    push(format!("{p}.self_attn.q_proj.weight"), vec![q, h]);
+                    push(format!("{p}.self_attn.k_proj.weight"), vec![kv, h]);
+                    push(format!("{p}.self_attn.v_proj.weight"), vec![kv, h]);
+                    push(format!("{p}.self_attn.o_proj.weight"), vec![h, q]);
+                    push(format!("{p}.self_attn.q_norm.weight"), vec![hd]);
+                    push(format!("{p}.self_attn.k_norm.weight"), vec![hd]);
+                    push(format!("{p}.mlp.gate_proj.weight"), vec![i, h]);
+                    push(format!("{p}.mlp.up_proj.weight"), vec![i, h]);
+                    push(format!("{p}.mlp.down_proj.weight"), vec![h, i]);
+                    for n in [
+                        "input_layernorm",
+                        "post_attention_layernorm",
+                        "pre_feedforward_layernorm",
+                        "post_feedforward_layernorm",
+                    ] {
+                        push(format!("{p}.{n}.weight"), vec![h]);
+                    }
                 }
                 push("model.norm.weight".into(), vec![h]);
                 if !self.tie_word_embeddings {
@@ -314,7 +376,9 @@ impl ModelConfig {
     fn layer_probe(&self, prefix: &str, layer: usize) -> String {
         match self.architecture {
             Architecture::Bert => format!("{prefix}encoder.layer.{layer}.attention.self.query.weight"),
-            Architecture::Llama => format!("{prefix}model.layers.{layer}.self_attn.q_proj.weight"),
+            Architecture::Llama | Architecture::Gemma3 => {
+                format!("{prefix}model.layers.{layer}.self_attn.q_proj.weight")
+            }
         }
     }
 
@@ -395,6 +459,15 @@ impl ModelConfig {
             format!("max_position_embeddings {}, hidden_size {}", c.max_position_embeddings, c.hidden_size)
         } else if name.contains("token_type") {
             format!("type_vocab_size {}, hidden_size {}", c.type_vocab_size, c.hidden_size)
+        } else if name.contains("q_norm.") || name.contains("k_norm.") {
+            format!("head_dim {}", c.head_dim())
+        } else if name.contains("q_proj") || name.contains("o_proj") {
+            format!(
+                "num_attention_heads {} × head_dim {}, hidden_size {}",
+                c.num_attention_heads,
+                c.head_dim(),
+                c.hidden_size
+            )
         } else if name.contains("k_proj") || name.contains("v_proj") {
             format!(
                 "num_key_value_heads {} × head_dim {}, hidden_size {}",
@@ -422,7 +495,7 @@ pub fn is_known_unused(architecture: Architecture, name: &str) -> bool {
                 || name.starts_with("cls.")
                 || name.starts_with("classifier.")
         }
-        Architecture::Llama => name.ends_with(".rotary_emb.inv_freq"),
+        Architecture::Llama | Architecture::Gemma3 => name.ends_with(".rotary_emb.inv_freq"),
     }
 }
 
@@ -488,6 +561,9 @@ fn refuse_unimplemented(
                     ));
                 }
             }
+        }
+        Architecture::Gemma3 => {
+            return Err(cfg_err("model_type", "gemma3 is read from GGUF files only".into()));
         }
     }
     Ok(())

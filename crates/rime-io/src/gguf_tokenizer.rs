@@ -4,9 +4,20 @@
 //! tokens, USER_DEFINED tokens (type 4) as plain added tokens, and a BOS template only when
 //! `tokenizer.ggml.add_bos_token` is true. For `tokenizer.ggml.pre = "smollm"` digits are split one by one
 //! first, as SmolLM2's own tokenizer.json does.
+//!
+//! Gemma 3 files store a sentencepiece vocabulary (`tokenizer.ggml.model = "llama"`) without merges; as
+//! transformers' GGUF loader does (`gemma_tokenizer`), tokens made only of spaces are respelled with `▁`, the
+//! merges are recovered from the vocabulary (every split of a token into two vocabulary entries, ordered by the
+//! token's position in the file, then longer left piece first), and the model is `GemmaTokenizer`'s: BPE with
+//! byte fallback and fused unknowns, spaces normalized to `▁`, decoded back through byte fallback.
 
+use tokenizers::decoders::byte_fallback::ByteFallback;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::decoders::fuse::Fuse;
+use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+use tokenizers::decoders::DecoderWrapper;
 use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::normalizers::replace::Replace;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
@@ -27,10 +38,15 @@ pub(crate) fn build(g: &GgufFile) -> Result<tokenizers::Tokenizer> {
         .ok_or_else(|| err("tokenizer.ggml.model", "missing: the file has no tokenizer".into()))?
         .as_str()
         .ok_or_else(|| err("tokenizer.ggml.model", "not a string".into()))?;
-    if model != "gpt2" {
+    let arch = g.get("general.architecture").and_then(GgufValue::as_str).unwrap_or("");
+    let gemma = model == "llama" && arch == "gemma3";
+    if model != "gpt2" && !gemma {
         return Err(err(
             "tokenizer.ggml.model",
-            format!("tokenizer model `{model}` is not supported (rime reads gpt2-style BPE)"),
+            format!(
+                "tokenizer model `{model}` (architecture `{arch}`) is not supported (rime reads gpt2-style BPE, and \
+                 Gemma 3's sentencepiece vocabulary)"
+            ),
         ));
     }
     let strings = |key: &str| -> Result<Vec<&str>> {
@@ -45,7 +61,6 @@ pub(crate) fn build(g: &GgufFile) -> Result<tokenizers::Tokenizer> {
             .collect()
     };
     let tokens = strings("tokenizer.ggml.tokens")?;
-    let merges_raw = strings("tokenizer.ggml.merges")?;
     let types: Vec<i64> = match g.get("tokenizer.ggml.token_type").and_then(GgufValue::as_array) {
         Some(a) => a.iter().map(|v| v.as_i64().unwrap_or(1)).collect(),
         None => Vec::new(),
@@ -67,6 +82,14 @@ pub(crate) fn build(g: &GgufFile) -> Result<tokenizers::Tokenizer> {
         }
     };
 
+    if gemma {
+        let unk = id("tokenizer.ggml.unknown_token_id")?.map_or("<unk>", |u| tokens[u as usize]);
+        let (mut tok, vocab) = gemma_model(&tokens, unk)
+            .map_err(|e| err("tokenizer.ggml.tokens", format!("cannot build the sentencepiece BPE: {e}")))?;
+        add_tokens(&mut tok, &tokens, &types, &|t| vocab.contains_key(t));
+        return add_bos(g, tok, &tokens, &id, &err);
+    }
+    let merges_raw = strings("tokenizer.ggml.merges")?;
     let mut vocab = Vocab::default();
     for (i, t) in tokens.iter().enumerate() {
         vocab.insert((*t).to_string(), i as u32);
@@ -96,7 +119,12 @@ pub(crate) fn build(g: &GgufFile) -> Result<tokenizers::Tokenizer> {
         tok.with_pre_tokenizer(Some(byte_level));
     }
     tok.with_decoder(Some(ByteLevelDecoder::default()));
+    add_tokens(&mut tok, &tokens, &types, &|_| true);
+    add_bos(g, tok, &tokens, &id, &err)
+}
 
+/// CONTROL tokens as special added tokens, USER_DEFINED ones (that `in_vocab` accepts) as plain added tokens.
+fn add_tokens(tok: &mut tokenizers::Tokenizer, tokens: &[&str], types: &[i64], in_vocab: &dyn Fn(&str) -> bool) {
     let special: Vec<AddedToken> = types
         .iter()
         .enumerate()
@@ -106,12 +134,21 @@ pub(crate) fn build(g: &GgufFile) -> Result<tokenizers::Tokenizer> {
     let user: Vec<AddedToken> = types
         .iter()
         .enumerate()
-        .filter(|(_, &t)| t == USER_DEFINED)
+        .filter(|&(i, &t)| t == USER_DEFINED && in_vocab(tokens[i]))
         .map(|(i, _)| AddedToken::from(tokens[i].to_string(), false).normalized(false))
         .collect();
     tok.add_special_tokens(&special);
     tok.add_tokens(&user);
+}
 
+/// A BOS template when `tokenizer.ggml.add_bos_token` is true.
+fn add_bos(
+    g: &GgufFile,
+    mut tok: tokenizers::Tokenizer,
+    tokens: &[&str],
+    id: &dyn Fn(&str) -> Result<Option<u32>>,
+    err: &dyn Fn(&str, String) -> Error,
+) -> Result<tokenizers::Tokenizer> {
     let add_bos = g.get("tokenizer.ggml.add_bos_token").and_then(GgufValue::as_bool).unwrap_or(false);
     if add_bos {
         let bos = id("tokenizer.ggml.bos_token_id")?
@@ -127,4 +164,56 @@ pub(crate) fn build(g: &GgufFile) -> Result<tokenizers::Tokenizer> {
         tok.with_post_processor(Some(template));
     }
     Ok(tok)
+}
+
+/// `GemmaTokenizer` over a GGUF sentencepiece vocabulary (see the module docs); also returns the vocabulary
+/// as respelled.
+fn gemma_model(tokens: &[&str], unk: &str) -> tokenizers::Result<(tokenizers::Tokenizer, Vocab)> {
+    let respelled: Vec<String> = tokens.iter().map(|t| respell_spaces(t)).collect();
+    let mut vocab = Vocab::default();
+    for (i, t) in respelled.iter().enumerate() {
+        vocab.insert(t.clone(), i as u32);
+    }
+    let merges = sentencepiece_merges(&respelled, &vocab);
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab.clone(), merges)
+        .unk_token(unk.to_string())
+        .fuse_unk(true)
+        .byte_fallback(true)
+        .build()?;
+    let mut tok = tokenizers::Tokenizer::new(bpe);
+    tok.with_normalizer(Some(Replace::new(" ", "\u{2581}")?));
+    tok.with_decoder(Some(DecoderSequence::new(vec![
+        DecoderWrapper::Replace(Replace::new("\u{2581}", " ")?),
+        DecoderWrapper::ByteFallback(ByteFallback::new()),
+        DecoderWrapper::Fuse(Fuse::new()),
+    ])));
+    Ok((tok, vocab))
+}
+
+/// A token of whitespace holding a space, spelled with as many `▁` as it has characters (as transformers'
+/// `gemma_tokenizer` respells Gemma's multi-space tokens); any other token as it is.
+pub fn respell_spaces(t: &str) -> String {
+    if t.contains(' ') && t.chars().all(char::is_whitespace) {
+        "\u{2581}".repeat(t.chars().count())
+    } else {
+        t.to_string()
+    }
+}
+
+/// The merges a sentencepiece BPE vocabulary implies (transformers' `generate_merges` with each token's score
+/// the negated position in the file): for every token in file order, each split into two vocabulary entries,
+/// longer left piece first.
+pub fn sentencepiece_merges(tokens: &[String], vocab: &Vocab) -> Vec<(String, String)> {
+    let mut merges = Vec::new();
+    for t in tokens {
+        let cuts: Vec<usize> = t.char_indices().map(|(i, _)| i).skip(1).collect();
+        for &c in cuts.iter().rev() {
+            let (l, r) = t.split_at(c);
+            if vocab.contains_key(l) && vocab.contains_key(r) {
+                merges.push((l.to_string(), r.to_string()));
+            }
+        }
+    }
+    merges
 }

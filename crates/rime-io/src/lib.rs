@@ -17,7 +17,7 @@ mod peft_check;
 pub mod safetensors;
 pub mod tokenizer;
 
-pub use config::{Architecture, ModelConfig};
+pub use config::{Architecture, Gemma3Params, ModelConfig};
 pub use dataset::{split_indices, Columns, Dataset, DatasetFormat, Example, LabelMap};
 pub use error::{check_finite, Error, Result};
 pub use gguf::{GgmlType, GgufFile, GgufTensorInfo, GgufValue, NamedTensor, RawNamedTensor};

@@ -555,3 +555,113 @@ mod props {
         }
     }
 }
+
+/// A tiny Gemma 3 GGUF: hidden 8, 2 query heads / 1 KV head of size 8 (not hidden / heads), FFN 16, two blocks,
+/// window 4, and a sentencepiece vocabulary without merges (a two-space token, a control token).
+fn tiny_gemma(edit: impl Fn(&mut GgufBuilder)) -> Vec<u8> {
+    let mut g = GgufBuilder::new();
+    g.kv_str("general.architecture", "gemma3");
+    g.kv_u32("gemma3.block_count", 2);
+    g.kv_u32("gemma3.embedding_length", 8);
+    g.kv_u32("gemma3.attention.head_count", 2);
+    g.kv_u32("gemma3.attention.head_count_kv", 1);
+    g.kv_u32("gemma3.attention.key_length", 8);
+    g.kv_u32("gemma3.attention.value_length", 8);
+    g.kv_u32("gemma3.attention.sliding_window", 4);
+    g.kv_u32("gemma3.feed_forward_length", 16);
+    g.kv_u32("gemma3.context_length", 128);
+    let tokens =
+        ["<pad>", "<eos>", "<bos>", "<unk>", "a", "b", "ab", "▁", "▁a", "  ", "<start_of_turn>", "<end_of_turn>"];
+    g.kv_str("tokenizer.ggml.model", "llama");
+    g.kv_str_array("tokenizer.ggml.tokens", &tokens);
+    let mut types = 5u32.to_le_bytes().to_vec();
+    types.extend((tokens.len() as u64).to_le_bytes());
+    for t in [3i32, 3, 3, 2, 1, 1, 1, 1, 1, 1, 3, 3] {
+        types.extend(t.to_le_bytes());
+    }
+    g.kv("tokenizer.ggml.token_type", 9, &types);
+    g.kv_u32("tokenizer.ggml.bos_token_id", 2);
+    g.kv_u32("tokenizer.ggml.eos_token_id", 1);
+    g.kv_u32("tokenizer.ggml.unknown_token_id", 3);
+    g.kv("tokenizer.ggml.add_bos_token", 7, &[1]);
+    let f32s = |n: usize| -> Vec<u8> { (0..n).flat_map(|i| ((i % 7) as f32 * 0.1 - 0.2).to_le_bytes()).collect() };
+    let t = |g: &mut GgufBuilder, name: &str, dims: &[u64]| {
+        let n = dims.iter().product::<u64>() as usize;
+        g.tensor(name, dims, 0, f32s(n));
+    };
+    t(&mut g, "token_embd.weight", &[8, 12]);
+    t(&mut g, "output_norm.weight", &[8]);
+    for b in 0..2 {
+        for (m, dims) in [
+            ("attn_q", vec![8, 16]),
+            ("attn_k", vec![8, 8]),
+            ("attn_v", vec![8, 8]),
+            ("attn_output", vec![16, 8]),
+            ("attn_q_norm", vec![8]),
+            ("attn_k_norm", vec![8]),
+            ("ffn_gate", vec![8, 16]),
+            ("ffn_up", vec![8, 16]),
+            ("ffn_down", vec![16, 8]),
+            ("attn_norm", vec![8]),
+            ("post_attention_norm", vec![8]),
+            ("ffn_norm", vec![8]),
+            ("post_ffw_norm", vec![8]),
+        ] {
+            t(&mut g, &format!("blk.{b}.{m}.weight"), &dims);
+        }
+    }
+    edit(&mut g);
+    g.build()
+}
+
+#[test]
+fn gemma3_gguf_config_names_and_tokenizer() {
+    let dir = common::scratch("gguf_gemma3");
+    let p = dir.join("tiny-gemma.gguf");
+    std::fs::write(&p, tiny_gemma(|_| {})).unwrap();
+    let g = GgufFile::open(&p).unwrap();
+    let c = g.model_config().unwrap();
+    assert_eq!(c.architecture, rime_io::Architecture::Gemma3);
+    let gm = c.gemma3.clone().unwrap();
+    assert_eq!((c.head_dim(), gm.sliding_window, gm.sliding_window_pattern), (8, 4, 6));
+    assert_eq!((gm.query_pre_attn_scalar, gm.rope_local_base_freq, c.rope_theta), (8.0, 10000.0, 1e6));
+    assert!(gm.is_sliding(0) && gm.is_sliding(4) && !gm.is_sliding(5) && gm.is_sliding(6));
+    assert_eq!(c.hidden_act, "gelu_pytorch_tanh");
+    assert!(c.tie_word_embeddings);
+    assert_eq!(c.eos_token_id, vec![1, 11], "<eos> and <end_of_turn>");
+    let ts = g.load_hf(&c).unwrap();
+    let names: Vec<&str> = ts.iter().map(|t| t.0.as_str()).collect();
+    for n in [
+        "model.layers.1.pre_feedforward_layernorm.weight",
+        "model.layers.1.post_feedforward_layernorm.weight",
+        "model.layers.1.post_attention_layernorm.weight",
+        "model.layers.0.self_attn.q_norm.weight",
+        "model.layers.0.self_attn.k_norm.weight",
+    ] {
+        assert!(names.contains(&n), "{n} missing from {names:?}");
+    }
+    // q is not un-permuted (llama.cpp permutes Llama's q/k only); norm gains are kept as stored (1 + w)
+    let q = ts.iter().find(|t| t.0 == "model.layers.0.self_attn.q_proj.weight").unwrap();
+    assert_eq!(q.1, vec![16, 8]);
+    assert_eq!(q.2, g.dequantize("blk.0.attn_q.weight").unwrap());
+    let n = ts.iter().find(|t| t.0 == "model.layers.0.input_layernorm.weight").unwrap();
+    assert_eq!(n.2, g.dequantize("blk.0.attn_norm.weight").unwrap());
+
+    // sentencepiece BPE with merges recovered from the vocabulary, the two-space token respelled, BOS added
+    let tok = g.tokenizer().unwrap();
+    assert_eq!(tok.encode("ab a", true).unwrap(), vec![2, 6, 8]);
+    assert_eq!(tok.encode("a  b", false).unwrap(), vec![4, 9, 5]);
+    assert_eq!(tok.encode("<start_of_turn>ab", false).unwrap(), vec![10, 6]);
+    assert_eq!(tok.decode(&[6, 8, 9, 5], true).unwrap(), "ab a  b");
+
+    // bad input names the key
+    let err = |edit: &dyn Fn(&mut GgufBuilder)| {
+        std::fs::write(&p, tiny_gemma(edit)).unwrap();
+        GgufFile::open(&p).and_then(|g| g.model_config()).unwrap_err().to_string()
+    };
+    let e = err(&|g| g.kv_str("gemma3.rope.scaling.type", "linear"));
+    assert!(e.contains("`gemma3.rope.scaling.type`"), "{e}");
+    let e = err(&|g| g.kv("gemma3.final_logit_softcapping", 6, &30f32.to_le_bytes()));
+    assert!(e.contains("`gemma3.final_logit_softcapping`") && e.contains("soft-capping"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -128,6 +128,20 @@ fn embedding_lookup_in_a_quantized_table_is_exact() {
         // Dequantization is the reference's f32 operations, so the rows are bitwise equal, except where the
         // shader fuses d·q + m into one multiply-add (Q4_1, Q4_K): within two f32 roundings of the largest value.
         let got = d.download_f32(&out).unwrap();
+        // The same table as the row part 100..150 of a larger vocabulary: ids outside it give zero rows.
+        let shifted: Vec<u32> = vec![103, 149, 100, 99, 117, 150];
+        let tsh = d.upload_u32(&shifted, &[6]).unwrap();
+        let out2 = d.zeros(&[ids.len(), c], DType::F32).unwrap();
+        d.run(&embedding::embedding_forward_offset(d, &out2, &tsh, &tw, 100).unwrap()).unwrap();
+        let got2 = d.download_f32(&out2).unwrap();
+        for (r, (&a, &b)) in ids.iter().zip(&shifted).enumerate() {
+            let row = &got2[r * c..(r + 1) * c];
+            if (100..150).contains(&b) {
+                assert_eq!(row, &got[r * c..(r + 1) * c], "{qtype}: id {b} at offset 100 is row {a}");
+            } else {
+                assert!(row.iter().all(|&x| x == 0.0), "{qtype}: id {b} is outside the part");
+            }
+        }
         let fused = matches!(qtype, QType::Q4_1 | QType::Q4K);
         let big = max_abs(&want);
         for (j, (g, w)) in got.iter().zip(&want).enumerate() {

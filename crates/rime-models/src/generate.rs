@@ -7,16 +7,18 @@
 //! are built once and replayed. Scratch buffers are shared by all layers (the layers run in order), and each
 //! step is one submit. Only the last position's logits are computed and read back. A LoRA or DoRA adapter
 //! whose factors are in the store ([`crate::lora`]) is applied by the adapted linears on the GPU.
+//! For Gemma 3 the sliding layers attend causally within their window during the prompt, and under a second
+//! padding mask that keeps only the last `window` positions when decoding; their RoPE uses the local base.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use rime_graph::ParamStore;
 
-use rime_kernels::ops::{attention, elementwise, embedding, lora, matmul, norm, rope};
+use rime_kernels::ops::{attention, concat, elementwise, embedding, lora, matmul, norm, rope};
 use rime_kernels::{wgpu, DType, Device, Dispatch, Tensor};
 
-use crate::llama::{define, lm_head_name, Block, Error, LlamaConfig, LlamaOps, Proj, Result};
+use crate::llama::{define, lm_head_name, row_parts, Block, Error, LlamaConfig, LlamaOps, Proj, Result};
 use crate::lora::factor_name;
 
 /// A LoRA adapter on one linear, applied on the GPU (see [`crate::lora`]): y = W·x + sB·(A·x), then for
@@ -29,14 +31,18 @@ struct Adapted {
 
 /// Buffers of one chunk size T (activations of one layer at a time); the linears' outputs are [T, features].
 struct Scratch {
-    ids: Tensor,    // [T] U32
-    x: Tensor,      // [T, C] residual stream
-    h: Tensor,      // [T, C]
-    rstd: Tensor,   // [T]
-    q: Tensor,      // [T, NH·HS]
-    k: Tensor,      // [T, NKV·HS]
-    q4: Tensor,     // q as [1, T, NH, HS] (RoPE's input)
-    k4: Tensor,     // k as [1, T, NKV, HS]
+    ids: Tensor,  // [T] U32
+    x: Tensor,    // [T, C] residual stream
+    h: Tensor,    // [T, C]
+    rstd: Tensor, // [T]
+    q: Tensor,    // [T, NH·HS]
+    k: Tensor,    // [T, NKV·HS]
+    q4: Tensor,   // q (Gemma: q normed per head) as [1, T, NH, HS] (RoPE's input)
+    k4: Tensor,   // k (Gemma: k normed) as [1, T, NKV, HS]
+    /// Gemma: q and k after their per-head RMSNorm, and its rstd scratch [T·max(NH, NKV)].
+    qn: Option<Tensor>,
+    kn: Option<Tensor>,
+    rstd_h: Option<Tensor>,
     v: Tensor,      // [T, NKV·HS]
     qr: Tensor,     // [1, T, NH, HS]
     kr: Tensor,     // [1, T, NKV, HS]
@@ -50,6 +56,8 @@ struct Scratch {
     h_last: Tensor, // [1, C]
     rstd1: Tensor,  // [1]
     logits: Tensor, // [1, V]
+    /// One part of the logits when the head is split by rows ([1, largest part]).
+    logits_part: Option<Tensor>,
     /// A·x of an adapted linear ([T, r] views), and its output before DoRA's scale ([T, out] views).
     lora_h: Option<Tensor>,
     dora_y: Option<Tensor>,
@@ -63,6 +71,8 @@ enum Slot {
     Q,
     K,
     V,
+    Qn,
+    Kn,
     Att,
     O,
     Gate,
@@ -74,6 +84,8 @@ enum Slot {
 impl Scratch {
     fn slot(&self, s: Slot) -> &Tensor {
         match s {
+            Slot::Qn => self.qn.as_ref().unwrap_or(&self.h),
+            Slot::Kn => self.kn.as_ref().unwrap_or(&self.h),
             Slot::X => &self.x,
             Slot::H => &self.h,
             Slot::Q => &self.q,
@@ -104,9 +116,14 @@ fn output_slot(p: Proj) -> Slot {
 
 enum Item {
     D(Dispatch),
-    /// The RoPE of q or k, built per step because the position is one of its parameters.
-    RopeQ,
-    RopeK,
+    /// The RoPE of q or k, built per step because the position is one of its parameters; `local`: with
+    /// Gemma's sliding-layer base.
+    RopeQ {
+        local: bool,
+    },
+    RopeK {
+        local: bool,
+    },
     /// A buffer copy; `dst_off + pos * dst_pos_stride` is where it lands.
     Copy {
         src: Arc<wgpu::Buffer>,
@@ -130,11 +147,15 @@ pub struct Decoder {
     max_seq: usize,
     len: usize,
     weights: HashMap<String, Tensor>,
+    /// Weights split by rows (see [`crate::llama::upload_split`]): name -> (part, first row) in order.
+    parts: HashMap<String, Vec<(Tensor, u32)>>,
     head: &'static str,
     adapters: HashMap<String, Adapted>,
     k_cache: Vec<Tensor>,
     v_cache: Vec<Tensor>,
     mask: Tensor,
+    /// Gemma: the decode-step mask of the sliding layers (the last `window` cached positions).
+    mask_local: Option<Tensor>,
     decode: Option<Plan>,
     staging: wgpu::Buffer,
 }
@@ -168,6 +189,15 @@ impl LlamaOps for Names {
     }
     fn silu_mul(&mut self, _: usize, _: (), _: ()) -> Result<()> {
         Ok(())
+    }
+    fn gelu_mul(&mut self, _: usize, _: (), _: ()) -> Result<()> {
+        Ok(())
+    }
+    fn scale(&mut self, _: (), _: f32) -> Result<()> {
+        Ok(())
+    }
+    fn head_norm(&mut self, _: usize, _: (), weight: &str, _: usize) -> Result<()> {
+        self.embed(weight)
     }
     fn residual(&mut self, _: usize, _: Block, _: (), _: (), _: ()) -> Result<()> {
         Ok(())
@@ -208,7 +238,17 @@ impl Decoder {
         let mut names = Names::default();
         define(&mut names, cfg, Some(head))?;
         let mut weights = HashMap::new();
+        let mut parts = HashMap::new();
         for n in names.weights {
+            if store.find(&n).is_none() {
+                if let Some(ps) = row_parts(store, &n) {
+                    let ts = ps.iter().map(|(p, off)| -> Result<(Tensor, u32)> {
+                        Ok((store.get(store.id(p)?).tensor.clone(), *off))
+                    });
+                    parts.insert(n, ts.collect::<Result<Vec<_>>>()?);
+                    continue;
+                }
+            }
             let t = store.get(store.id(&n)?).tensor.clone();
             weights.insert(n, t);
         }
@@ -230,11 +270,16 @@ impl Decoder {
             max_seq,
             len: 0,
             weights,
+            parts,
             head,
             adapters: adapters_in(store, &names.modules)?,
             k_cache,
             v_cache,
             mask: dev.zeros(&[1, max_seq], DType::F32)?,
+            mask_local: match cfg.gemma {
+                Some(_) => Some(dev.zeros(&[1, max_seq], DType::F32)?),
+                None => None,
+            },
             decode: None,
             staging,
         })
@@ -261,6 +306,9 @@ impl Decoder {
     pub fn reset(&mut self, dev: &Device) -> Result<()> {
         self.len = 0;
         dev.write_f32(&self.mask, &vec![0.0; self.max_seq])?;
+        if let Some(m) = &self.mask_local {
+            dev.write_f32(m, &vec![0.0; self.max_seq])?;
+        }
         Ok(())
     }
 
@@ -280,13 +328,23 @@ impl Decoder {
         let f = |s: &[usize]| dev.empty(s, DType::F32);
         let (lora_h, dora_y) = self.adapter_scratch(dev, t)?;
         let (q, k) = (f(&[t, nh * hs])?, f(&[t, nkv * hs])?);
+        let gemma = c.gemma.is_some();
+        let (qn, kn, rstd_h) = if gemma {
+            (Some(f(&[t, nh * hs])?), Some(f(&[t, nkv * hs])?), Some(f(&[t * nh.max(nkv)])?))
+        } else {
+            (None, None, None)
+        };
+        let (q4, k4) = (qn.as_ref().unwrap_or(&q), kn.as_ref().unwrap_or(&k));
         Ok(Scratch {
             ids: dev.empty(&[t], DType::U32)?,
             x: f(&[t, c.hidden])?,
             h: f(&[t, c.hidden])?,
             rstd: f(&[t])?,
-            q4: q.view(&[1, t, nh, hs], DType::F32),
-            k4: k.view(&[1, t, nkv, hs], DType::F32),
+            q4: q4.view(&[1, t, nh, hs], DType::F32),
+            k4: k4.view(&[1, t, nkv, hs], DType::F32),
+            qn,
+            kn,
+            rstd_h,
             q,
             k,
             v: f(&[t, nkv * hs])?,
@@ -302,6 +360,10 @@ impl Decoder {
             h_last: f(&[1, c.hidden])?,
             rstd1: f(&[1])?,
             logits: f(&[1, c.vocab])?,
+            logits_part: match self.parts.get(self.head) {
+                Some(ps) => Some(f(&[1, ps.iter().map(|(t, _)| t.shape[0]).max().unwrap_or(1)])?),
+                None => None,
+            },
             lora_h,
             dora_y,
         })
@@ -324,10 +386,24 @@ impl Decoder {
         let theta = self.cfg.rope_theta;
         let rq = rope::rope_forward(dev, &s.qr, &s.q4, pos as u32, theta)?;
         let rk = rope::rope_forward(dev, &s.kr, &s.k4, pos as u32, theta)?;
+        let (rq_local, rk_local) = match &self.cfg.gemma {
+            Some(g) => (
+                rope::rope_forward(dev, &s.qr, &s.q4, pos as u32, g.rope_local_theta)?,
+                rope::rope_forward(dev, &s.kr, &s.k4, pos as u32, g.rope_local_theta)?,
+            ),
+            None => (Vec::new(), Vec::new()),
+        };
         let q = dev.queue();
         q.write_buffer(&s.ids.buffer, 0, bytemuck::cast_slice(tokens));
         let ones = vec![1.0f32; tokens.len()];
         q.write_buffer(&self.mask.buffer, (pos * 4) as u64, bytemuck::cast_slice(&ones));
+        if let (Some(m), Some(g)) = (&self.mask_local, &self.cfg.gemma) {
+            // the sliding layers' decode mask: the last `window` positions of the cache after this chunk
+            let end = pos + tokens.len();
+            let local: Vec<f32> =
+                (0..self.max_seq).map(|j| if j < end && j + g.sliding_window >= end { 1.0 } else { 0.0 }).collect();
+            q.write_buffer(&m.buffer, 0, bytemuck::cast_slice(&local));
+        }
         let mut enc =
             dev.wgpu_device().create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("rime decode") });
         let mut i = 0;
@@ -345,8 +421,10 @@ impl Decoder {
             while i < items.len() {
                 match &items[i] {
                     Item::D(d) => d.record(&mut pass),
-                    Item::RopeQ => rq.iter().for_each(|d| d.record(&mut pass)),
-                    Item::RopeK => rk.iter().for_each(|d| d.record(&mut pass)),
+                    Item::RopeQ { local: false } => rq.iter().for_each(|d| d.record(&mut pass)),
+                    Item::RopeK { local: false } => rk.iter().for_each(|d| d.record(&mut pass)),
+                    Item::RopeQ { local: true } => rq_local.iter().for_each(|d| d.record(&mut pass)),
+                    Item::RopeK { local: true } => rk_local.iter().for_each(|d| d.record(&mut pass)),
                     Item::Copy { .. } => break,
                 }
                 i += 1;
@@ -456,7 +534,20 @@ impl LlamaOps for Recorder<'_> {
     type E = Error;
 
     fn embed(&mut self, weight: &str) -> Result<Slot> {
-        let ds = embedding::embedding_forward(self.dev, &self.s.x, &self.s.ids, self.weight(weight)?)?;
+        let s = self.s;
+        if let Some(ps) = self.dec.parts.get(weight) {
+            // a table split by rows: the first part writes x, each other one adds its rows through h
+            for (k, (t, off)) in ps.iter().enumerate() {
+                let out = if k == 0 { &s.x } else { &s.h };
+                let mut ds = embedding::embedding_forward_offset(self.dev, out, &s.ids, t, *off)?;
+                if k > 0 {
+                    ds.extend(elementwise::add_inplace_forward(self.dev, &s.x, &s.h, 1.0)?);
+                }
+                self.push(ds);
+            }
+            return Ok(Slot::X);
+        }
+        let ds = embedding::embedding_forward(self.dev, &s.x, &s.ids, self.weight(weight)?)?;
         self.push(ds);
         Ok(Slot::X)
     }
@@ -470,6 +561,27 @@ impl LlamaOps for Recorder<'_> {
 
     fn linear(&mut self, x: Slot, module: &str, weight: &str, proj: Proj) -> Result<Slot> {
         let (s, out) = (self.s, output_slot(proj));
+        if let Some(ps) = self.dec.parts.get(weight) {
+            // a weight split by rows (the output head of a large vocabulary): each part's product, then its
+            // columns of the output
+            if self.dec.adapters.contains_key(module) {
+                return Err(Error::Invalid(format!(
+                    "`{module}`: an adapter on a weight split by rows is not supported"
+                )));
+            }
+            let part =
+                s.logits_part.as_ref().filter(|_| proj == Proj::Head).ok_or_else(|| {
+                    Error::Invalid(format!("`{weight}` is split by rows; only the output head may be"))
+                })?;
+            let rows = s.slot(x).rows();
+            for (t, off) in ps {
+                let pv = part.view(&[rows, t.shape[0]], DType::F32);
+                let mut ds = matmul::matmul_forward(self.dev, &pv, s.slot(x), t, None, false, true)?;
+                ds.extend(concat::concat_cols(self.dev, s.slot(out), &pv, *off as usize)?);
+                self.push(ds);
+            }
+            return Ok(out);
+        }
         let w = self.weight(weight)?;
         let ds = match self.dec.adapters.get(module) {
             Some(ad) => self.adapted(s.slot(out), s.slot(x), w, ad)?,
@@ -482,25 +594,35 @@ impl LlamaOps for Recorder<'_> {
     fn attention(&mut self, layer: usize, q: Slot, k: Slot, v: Slot) -> Result<Slot> {
         let (s, dec, t) = (self.s, self.dec, self.t);
         let (nh, nkv, hs) = (dec.cfg.heads, dec.cfg.kv_heads, dec.cfg.head_dim());
-        if (q, k, v) != (Slot::Q, Slot::K, Slot::V) {
+        let want = if dec.cfg.gemma.is_some() { (Slot::Qn, Slot::Kn, Slot::V) } else { (Slot::Q, Slot::K, Slot::V) };
+        if (q, k, v) != want {
             return Err(Error::Invalid(format!("attention of layer {layer} reads {q:?}, {k:?}, {v:?}")));
         }
         // RoPE (recorded per step: the position is one of its parameters), then the rotated keys and the
         // values appended to the cache at the chunk's position.
-        self.items.push(Item::RopeQ);
-        self.items.push(Item::RopeK);
+        let window = dec.cfg.window(layer);
+        let local = dec.cfg.rope_theta_at(layer) != dec.cfg.rope_theta;
+        self.items.push(Item::RopeQ { local });
+        self.items.push(Item::RopeK { local });
         let row = (nkv * hs * 4) as u64;
         let (kc, vc) = (&dec.k_cache[layer], &dec.v_cache[layer]);
         self.copy(&s.kr, 0, kc, row, row * t as u64);
         self.copy(&s.v, 0, vc, row, row * t as u64);
         let att = s.att.view(&[1, t, nh, hs], DType::F32);
-        let scale = 1.0 / (hs as f32).sqrt();
+        let scale = dec.cfg.attn_scale();
         let ds = match self.prefix {
             Some(n) => {
                 let view = |b: &Tensor| b.view(&[1, n, nkv, hs], DType::F32);
-                attention::attention_forward(self.dev, &att, &s.lse, &s.qr, &view(kc), &view(vc), None, true, scale)?
+                let (kv, vv) = (view(kc), view(vc));
+                attention::attention_forward_window(self.dev, &att, &s.lse, &s.qr, &kv, &vv, None, true, scale, window)?
             }
-            None => attention::attention_forward(self.dev, &att, &s.lse, &s.qr, kc, vc, Some(&dec.mask), false, scale)?,
+            None => {
+                let mask = match (&dec.mask_local, window) {
+                    (Some(m), w) if w > 0 => m,
+                    _ => &dec.mask,
+                };
+                attention::attention_forward(self.dev, &att, &s.lse, &s.qr, kc, vc, Some(mask), false, scale)?
+            }
         };
         self.push(ds);
         Ok(Slot::Att)
@@ -512,6 +634,45 @@ impl LlamaOps for Recorder<'_> {
         ds.extend(elementwise::mul_forward(self.dev, s.slot(gate), &s.act, s.slot(up))?);
         self.push(ds);
         Ok(gate)
+    }
+
+    fn gelu_mul(&mut self, _: usize, gate: Slot, up: Slot) -> Result<Slot> {
+        let s = self.s;
+        let mut ds = elementwise::gelu_forward(self.dev, &s.act, s.slot(gate), true)?;
+        ds.extend(elementwise::mul_forward(self.dev, s.slot(gate), &s.act, s.slot(up))?);
+        self.push(ds);
+        Ok(gate)
+    }
+
+    fn scale(&mut self, x: Slot, f: f32) -> Result<Slot> {
+        // out of place into h, then copied back (the kernels do not bind one buffer twice)
+        let (s, t, c) = (self.s, self.t, self.dec.cfg.hidden);
+        let ds = elementwise::scale_forward(self.dev, &s.h, s.slot(x), f)?;
+        self.push(ds);
+        self.copy(&s.h, 0, s.slot(x), 0, (t * c * 4) as u64);
+        Ok(x)
+    }
+
+    fn head_norm(&mut self, layer: usize, x: Slot, weight: &str, heads: usize) -> Result<Slot> {
+        let (s, t, hs) = (self.s, self.t, self.dec.cfg.head_dim());
+        let (out, slot) = match (x, &s.qn, &s.kn) {
+            (Slot::Q, Some(qn), _) => (qn, Slot::Qn),
+            (Slot::K, _, Some(kn)) => (kn, Slot::Kn),
+            _ => return Err(Error::Invalid(format!("head norm of layer {layer} reads {x:?}"))),
+        };
+        let rstd = s.rstd_h.as_ref().ok_or_else(|| Error::Invalid("head norm scratch".into()))?;
+        let rows = t * heads;
+        let v = |b: &Tensor| b.view(&[rows, hs], DType::F32);
+        let ds = norm::rmsnorm_forward(
+            self.dev,
+            &v(out),
+            &rstd.view(&[rows], DType::F32),
+            &v(s.slot(x)),
+            self.weight(weight)?,
+            self.dec.cfg.eps,
+        )?;
+        self.push(ds);
+        Ok(slot)
     }
 
     fn residual(&mut self, _: usize, _: Block, x: Slot, _: Slot, y: Slot) -> Result<Slot> {

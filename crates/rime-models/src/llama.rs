@@ -5,6 +5,13 @@
 //! (forward and backward through the [`LinearHook`]); [`crate::generate`] runs the same model for generation
 //! with a KV cache; both are [`define`], written once against [`LlamaOps`]. [`load_gguf`] reads a GGUF file
 //! into a [`ParamStore`], with a peft LoRA adapter's factors beside the weights if given.
+//!
+//! Gemma 3 (`Gemma3ForCausalLM`) is the same definition with [`LlamaConfig::gemma`] set: the embeddings scaled
+//! by √hidden, RMSNorm of q and k per head, norms after attention and after the MLP as well as before them
+//! (`pre_feedforward_layernorm` takes the place of Llama's `post_attention_layernorm`, which Gemma applies to
+//! the attention output), a GELU-tanh gated MLP, scores scaled by 1/√query_pre_attn_scalar, and on the
+//! sliding layers a causal window with their own RoPE base. Gemma's RMSNorm computes x·(1 + w); the store
+//! holds the 1 + w llama.cpp writes into GGUF files, so the norm is the same kernel as Llama's.
 
 use std::path::{Path, PathBuf};
 
@@ -43,20 +50,83 @@ pub struct LlamaConfig {
     pub eps: f32,
     pub rope_theta: f32,
     pub tie_word_embeddings: bool,
+    /// Set for a Gemma 3 decoder (see the module docs); None for Llama.
+    pub gemma: Option<GemmaConfig>,
+}
+
+/// What a Gemma 3 decoder changes in [`define`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct GemmaConfig {
+    /// Size of one attention head (not hidden / heads).
+    pub head_dim: usize,
+    /// Scores are scaled by 1/√query_pre_attn_scalar.
+    pub query_pre_attn_scalar: f32,
+    /// Keys a query of a sliding layer sees, itself included.
+    pub sliding_window: usize,
+    /// Per layer: true for a sliding-window layer.
+    pub sliding: Vec<bool>,
+    /// RoPE base of the sliding layers (the others use [`LlamaConfig::rope_theta`]).
+    pub rope_local_theta: f32,
 }
 
 impl LlamaConfig {
     pub fn head_dim(&self) -> usize {
-        self.hidden / self.heads.max(1)
+        match &self.gemma {
+            Some(g) => g.head_dim,
+            None => self.hidden / self.heads.max(1),
+        }
+    }
+
+    /// Width of the attention output, heads × head size (the hidden size for Llama).
+    pub fn attn_width(&self) -> usize {
+        self.heads * self.head_dim()
+    }
+
+    /// The attention score scale.
+    pub fn attn_scale(&self) -> f32 {
+        match &self.gemma {
+            Some(g) => 1.0 / g.query_pre_attn_scalar.sqrt(),
+            None => 1.0 / (self.head_dim() as f32).sqrt(),
+        }
+    }
+
+    /// The sliding window of layer `layer` (0 = full causal attention).
+    pub fn window(&self, layer: usize) -> usize {
+        match &self.gemma {
+            Some(g) if g.sliding.get(layer).copied().unwrap_or(false) => g.sliding_window,
+            _ => 0,
+        }
+    }
+
+    /// The RoPE base of layer `layer`.
+    pub fn rope_theta_at(&self, layer: usize) -> f32 {
+        match &self.gemma {
+            Some(g) if g.sliding.get(layer).copied().unwrap_or(false) => g.rope_local_theta,
+            _ => self.rope_theta,
+        }
     }
 
     /// From a checkpoint's config (GGUF metadata or `config.json`); checks the head split.
     pub fn from_model_config(c: &ModelConfig) -> Result<LlamaConfig> {
-        if c.architecture != rime_io::Architecture::Llama {
-            return Err(Error::Invalid(format!("architecture {} is not llama", c.architecture.as_str())));
-        }
-        if c.hidden_act != "silu" {
-            return Err(Error::Invalid(format!("hidden_act `{}`: the Llama builder implements silu", c.hidden_act)));
+        let gemma = match (c.architecture, &c.gemma3) {
+            (rime_io::Architecture::Llama, _) => None,
+            (rime_io::Architecture::Gemma3, Some(g)) => Some(GemmaConfig {
+                head_dim: g.head_dim,
+                query_pre_attn_scalar: g.query_pre_attn_scalar as f32,
+                sliding_window: g.sliding_window,
+                sliding: (0..c.num_hidden_layers).map(|l| g.is_sliding(l)).collect(),
+                rope_local_theta: g.rope_local_base_freq as f32,
+            }),
+            (a, _) => {
+                return Err(Error::Invalid(format!(
+                    "architecture {} is not a decoder rime builds (llama, gemma3)",
+                    a.as_str()
+                )))
+            }
+        };
+        let act = if gemma.is_some() { "gelu_pytorch_tanh" } else { "silu" };
+        if c.hidden_act != act {
+            return Err(Error::Invalid(format!("hidden_act `{}`: the builder implements {act}", c.hidden_act)));
         }
         let cfg = LlamaConfig {
             hidden: c.hidden_size,
@@ -69,15 +139,27 @@ impl LlamaConfig {
             eps: c.rms_norm_eps as f32,
             rope_theta: c.rope_theta as f32,
             tie_word_embeddings: c.tie_word_embeddings,
+            gemma,
         };
         cfg.validate()?;
         Ok(cfg)
     }
 
     fn validate(&self) -> Result<()> {
+        if let Some(g) = &self.gemma {
+            if g.head_dim == 0 || g.sliding.len() != self.layers || g.query_pre_attn_scalar <= 0.0 {
+                return Err(Error::Invalid(format!(
+                    "gemma: head_dim {}, {} layer kinds for {} layers, query_pre_attn_scalar {}",
+                    g.head_dim,
+                    g.sliding.len(),
+                    self.layers,
+                    g.query_pre_attn_scalar
+                )));
+            }
+        }
         if self.heads == 0
             || self.kv_heads == 0
-            || !self.hidden.is_multiple_of(self.heads)
+            || (self.gemma.is_none() && !self.hidden.is_multiple_of(self.heads))
             || !self.heads.is_multiple_of(self.kv_heads)
         {
             return Err(Error::Invalid(format!(
@@ -157,6 +239,13 @@ pub trait LlamaOps {
     fn attention(&mut self, layer: usize, q: Self::V, k: Self::V, v: Self::V) -> Result<Self::V, Self::E>;
     /// silu(gate) · up, the FFN activation of layer `layer`.
     fn silu_mul(&mut self, layer: usize, gate: Self::V, up: Self::V) -> Result<Self::V, Self::E>;
+    /// gelu_tanh(gate) · up, Gemma's FFN activation of layer `layer`.
+    fn gelu_mul(&mut self, layer: usize, gate: Self::V, up: Self::V) -> Result<Self::V, Self::E>;
+    /// x · s (Gemma's embedding scale; `x` is the embedding output).
+    fn scale(&mut self, x: Self::V, s: f32) -> Result<Self::V, Self::E>;
+    /// RMSNorm of each head of q [.., heads·HS] or k with the gain `weight` [HS] (Gemma's q_norm/k_norm);
+    /// `heads` tells q (the query heads) from k (the kv heads).
+    fn head_norm(&mut self, layer: usize, x: Self::V, weight: &str, heads: usize) -> Result<Self::V, Self::E>;
     /// x + y, closing sub-block `block` of layer `layer` whose (normed) input was `block_in`.
     fn residual(
         &mut self,
@@ -176,26 +265,42 @@ pub trait LlamaOps {
 
 /// The Llama model, once: embeddings, `cfg.layers` pre-norm blocks (attention, SwiGLU FFN) and the final
 /// norm, returning the normed hidden states; with `head`, the logits through `head` (`lm_head.weight` or the
-/// tied embedding matrix).
+/// tied embedding matrix). With [`LlamaConfig::gemma`], Gemma 3's block (see the module docs).
 pub fn define<O: LlamaOps>(ops: &mut O, cfg: &LlamaConfig, head: Option<&str>) -> Result<O::V, O::E> {
+    let gemma = cfg.gemma.is_some();
     let mut x = ops.embed("model.embed_tokens.weight")?;
+    if gemma {
+        // transformers: embed_scale = hidden_size ** 0.5, a Python float cast to the weights' f32
+        x = ops.scale(x, (cfg.hidden as f64).sqrt() as f32)?;
+    }
     for l in 0..cfg.layers {
         ops.layer_start(l);
         let base = format!("model.layers.{l}.");
         let module = |p: Proj| format!("{base}{}", p.module());
         let lin = |ops: &mut O, x: O::V, p: Proj| ops.linear(x, &module(p), &format!("{}.weight", module(p)), p);
         let h = ops.rmsnorm(x, &format!("{base}input_layernorm.weight"))?;
-        let q = lin(ops, h, Proj::Q)?;
-        let k = lin(ops, h, Proj::K)?;
+        let mut q = lin(ops, h, Proj::Q)?;
+        let mut k = lin(ops, h, Proj::K)?;
         let v = lin(ops, h, Proj::V)?;
+        if gemma {
+            q = ops.head_norm(l, q, &format!("{base}self_attn.q_norm.weight"), cfg.heads)?;
+            k = ops.head_norm(l, k, &format!("{base}self_attn.k_norm.weight"), cfg.kv_heads)?;
+        }
         let a = ops.attention(l, q, k, v)?;
-        let o = lin(ops, a, Proj::O)?;
+        let mut o = lin(ops, a, Proj::O)?;
+        if gemma {
+            o = ops.rmsnorm(o, &format!("{base}post_attention_layernorm.weight"))?;
+        }
         x = ops.residual(l, Block::Attention, x, h, o)?;
-        let h2 = ops.rmsnorm(x, &format!("{base}post_attention_layernorm.weight"))?;
+        let ffn_norm = if gemma { "pre_feedforward_layernorm" } else { "post_attention_layernorm" };
+        let h2 = ops.rmsnorm(x, &format!("{base}{ffn_norm}.weight"))?;
         let gate = lin(ops, h2, Proj::Gate)?;
         let up = lin(ops, h2, Proj::Up)?;
-        let m = ops.silu_mul(l, gate, up)?;
-        let d = lin(ops, m, Proj::Down)?;
+        let m = if gemma { ops.gelu_mul(l, gate, up)? } else { ops.silu_mul(l, gate, up)? };
+        let mut d = lin(ops, m, Proj::Down)?;
+        if gemma {
+            d = ops.rmsnorm(d, &format!("{base}post_feedforward_layernorm.weight"))?;
+        }
         x = ops.residual(l, Block::Ffn, x, h2, d)?;
         ops.layer_end(l);
     }
@@ -224,6 +329,21 @@ impl LlamaOps for GraphOps<'_> {
 
     fn embed(&mut self, weight: &str) -> rime_graph::Result<Var> {
         let ids = self.g.input(INPUT_IDS, &[self.b, self.t], DType::U32);
+        if self.store.find(weight).is_none() {
+            if let Some(parts) = row_parts(self.store, weight) {
+                // a table split by rows: each part looks up its own ids, the others give zero rows
+                let mut sum: Option<Var> = None;
+                for (name, offset) in parts {
+                    let p = self.g.param(self.store, &name)?;
+                    let e = self.g.embedding_offset(ids, p, offset)?;
+                    sum = Some(match sum {
+                        Some(s) => self.g.add(s, e)?,
+                        None => e,
+                    });
+                }
+                return sum.ok_or_else(|| rime_graph::Error::Invalid(format!("`{weight}` has no row parts")));
+            }
+        }
         let emb = self.g.param(self.store, weight)?;
         self.g.embedding(ids, emb) // [B, T, C]
     }
@@ -234,6 +354,22 @@ impl LlamaOps for GraphOps<'_> {
     }
 
     fn linear(&mut self, x: Var, module: &str, weight: &str, _: Proj) -> rime_graph::Result<Var> {
+        if self.store.find(weight).is_none() {
+            if let Some(parts) = row_parts(self.store, weight) {
+                // a weight split by rows (an output head over a large vocabulary): the products side by side
+                if self.store.find(&crate::lora::factor_name(module, "A")).is_some() {
+                    return Err(rime_graph::Error::Invalid(format!(
+                        "`{module}`: an adapter on a weight split by rows (`{weight}`) is not supported"
+                    )));
+                }
+                let mut ys = Vec::with_capacity(parts.len());
+                for (name, _) in parts {
+                    let w = self.g.param(self.store, &name)?;
+                    ys.push(self.g.linear(x, w, None)?);
+                }
+                return self.g.concat_last(&ys);
+            }
+        }
         let w = self.g.param(self.store, weight)?;
         let (store, an) = (self.store, crate::lora::factor_name(module, "A"));
         if store.find(&an).is_none() {
@@ -252,22 +388,40 @@ impl LlamaOps for GraphOps<'_> {
         }
     }
 
-    fn attention(&mut self, _: usize, q: Var, k: Var, v: Var) -> rime_graph::Result<Var> {
+    fn attention(&mut self, layer: usize, q: Var, k: Var, v: Var) -> rime_graph::Result<Var> {
         let (g, c) = (&mut *self.g, self.cfg);
         let (b, t, hs) = (self.b, self.t, c.head_dim());
         let q4 = g.reshape(q, &[b, t, c.heads, hs])?;
         let k4 = g.reshape(k, &[b, t, c.kv_heads, hs])?;
         let v4 = g.reshape(v, &[b, t, c.kv_heads, hs])?;
-        let q4 = g.rope(q4, 0, c.rope_theta)?;
-        let k4 = g.rope(k4, 0, c.rope_theta)?;
-        let a = g.attention(q4, k4, v4, None, true, 1.0 / (hs as f32).sqrt())?;
-        g.reshape(a, &[b, t, c.hidden])
+        let theta = c.rope_theta_at(layer);
+        let q4 = g.rope(q4, 0, theta)?;
+        let k4 = g.rope(k4, 0, theta)?;
+        let a = g.attention_window(q4, k4, v4, None, true, c.attn_scale(), c.window(layer))?;
+        g.reshape(a, &[b, t, c.attn_width()])
     }
 
     fn silu_mul(&mut self, layer: usize, gate: Var, up: Var) -> rime_graph::Result<Var> {
         let gate = self.g.silu(gate);
         let m = self.g.mul(gate, up)?;
         self.hook.ffn_activation(self.g, self.store, layer, m)
+    }
+
+    fn gelu_mul(&mut self, layer: usize, gate: Var, up: Var) -> rime_graph::Result<Var> {
+        let gate = self.g.gelu(gate, true);
+        let m = self.g.mul(gate, up)?;
+        self.hook.ffn_activation(self.g, self.store, layer, m)
+    }
+
+    fn scale(&mut self, x: Var, s: f32) -> rime_graph::Result<Var> {
+        Ok(self.g.scale(x, s))
+    }
+
+    fn head_norm(&mut self, _: usize, x: Var, weight: &str, heads: usize) -> rime_graph::Result<Var> {
+        let (b, t, hs) = (self.b, self.t, self.cfg.head_dim());
+        let x4 = self.g.reshape(x, &[b, t, heads, hs])?;
+        let y = self.rmsnorm(x4, weight)?;
+        self.g.reshape(y, &[b, t, heads * hs])
     }
 
     fn residual(&mut self, layer: usize, block: Block, x: Var, block_in: Var, y: Var) -> rime_graph::Result<Var> {
@@ -316,9 +470,91 @@ pub fn build_hidden(
     define(&mut GraphOps { g, store, cfg, hook, b, t, checkpoint: false }, cfg, None)
 }
 
+/// The name of part `k` of a weight split by rows ([`upload_split`]).
+pub fn row_part_name(name: &str, k: usize) -> String {
+    format!("{name}#rows{k}")
+}
+
+/// The parts of a weight split by rows and the first row of each, if `store` holds it that way.
+pub fn row_parts(store: &ParamStore, name: &str) -> Option<Vec<(String, u32)>> {
+    let mut out = Vec::new();
+    let mut offset = 0usize;
+    while let Some(id) = store.find(&row_part_name(name, out.len())) {
+        let rows = store.get(id).tensor.shape.first().copied().unwrap_or(0);
+        out.push((row_part_name(name, out.len()), u32::try_from(offset).ok()?));
+        offset += rows;
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+/// Uploads a frozen matrix [rows, cols] (f32 `data`, stored as `dtype`) into `store` as `name`, or, when it is
+/// larger than one storage binding of `dev` (Gemma's 262,144 × 640 embedding on lavapipe's 128 MiB), as parts
+/// of whole rows named by [`row_part_name`]; the graph and the decoder then gather and multiply part by part.
+pub fn upload_split(
+    dev: &Device,
+    store: &mut ParamStore,
+    name: &str,
+    shape: &[usize],
+    data: &[f32],
+    dtype: DType,
+) -> Result<()> {
+    let elem = if dtype == DType::F16 { 2 } else { 4 };
+    let upload = |n: &str, shape: &[usize], d: &[f32]| -> Result<rime_kernels::Tensor> {
+        Ok(if dtype == DType::F16 {
+            let h: Vec<half::f16> = d.iter().map(|&x| half::f16::from_f32(x)).collect();
+            dev.upload_bytes(n, bytemuck::cast_slice(&h), shape, DType::F16)?
+        } else {
+            dev.upload_bytes(n, bytemuck::cast_slice(d), shape, DType::F32)?
+        })
+    };
+    let bytes = (data.len() * elem) as u64;
+    if shape.len() != 2 || bytes <= dev.max_binding() {
+        store.add(name, upload(name, shape, data)?, false)?;
+        return Ok(());
+    }
+    let (rows, cols) = (shape[0], shape[1]);
+    let per = (dev.max_binding() as usize / (cols * elem).max(1)).max(1);
+    for (k, start) in (0..rows).step_by(per).enumerate() {
+        let end = (start + per).min(rows);
+        let part = row_part_name(name, k);
+        store.add(&part, upload(&part, &[end - start, cols], &data[start * cols..end * cols])?, false)?;
+    }
+    Ok(())
+}
+
+/// [`upload_split`] for a quantized matrix [rows, cols] of `qtype` given as its GGUF bytes: whole rows (whole
+/// blocks) per part when it is larger than one storage binding.
+#[allow(clippy::too_many_arguments)]
+fn upload_quantized_split(
+    dev: &Device,
+    store: &mut ParamStore,
+    name: &str,
+    qtype: QType,
+    rows: usize,
+    cols: usize,
+    bytes: &[u8],
+) -> Result<()> {
+    let row_bytes = bytes.len() / rows.max(1);
+    if (bytes.len() as u64) <= dev.max_binding() {
+        store.add(name, QTensor::upload_named(dev, name, qtype, rows, cols, bytes)?.to_tensor(), false)?;
+        return Ok(());
+    }
+    let per = (dev.max_binding() as usize / row_bytes.max(1)).max(1);
+    for (k, start) in (0..rows).step_by(per).enumerate() {
+        let end = (start + per).min(rows);
+        let part = row_part_name(name, k);
+        let q =
+            QTensor::upload_named(dev, &part, qtype, end - start, cols, &bytes[start * row_bytes..end * row_bytes])?;
+        store.add(&part, q.to_tensor(), false)?;
+    }
+    Ok(())
+}
+
 /// The name of the output projection: `lm_head.weight`, or the embedding matrix when tied.
 pub fn lm_head_name(store: &ParamStore, cfg: &LlamaConfig) -> &'static str {
-    if cfg.tie_word_embeddings || store.find("lm_head.weight").is_none() {
+    if cfg.tie_word_embeddings
+        || (store.find("lm_head.weight").is_none() && row_parts(store, "lm_head.weight").is_none())
+    {
         "model.embed_tokens.weight"
     } else {
         "lm_head.weight"
@@ -425,12 +661,12 @@ pub fn load_gguf_with(dev: &Device, path: &Path, adapter: Option<&Path>, weights
         let mut largest = 0;
         for t in file.load_hf_raw(&mc)? {
             let qtype = QType::ALL.into_iter().find(|q| q.name() == t.ggml_type.to_string());
-            let tensor = match (qtype, &t.shape[..]) {
+            match (qtype, &t.shape[..]) {
                 (Some(q), &[rows, cols]) => {
                     if rows * cols <= rime_kernels::ops::qmatmul::SCRATCH_MAX_VALUES {
                         largest = largest.max(rows * cols);
                     }
-                    QTensor::upload_named(dev, &t.name, q, rows, cols, &t.bytes)?.to_tensor()
+                    upload_quantized_split(dev, &mut store, &t.name, q, rows, cols, &t.bytes)?;
                 }
                 _ => {
                     let data = rime_io::gguf::dequantize(t.ggml_type, &t.bytes, t.shape.iter().product()).ok_or_else(
@@ -439,10 +675,9 @@ pub fn load_gguf_with(dev: &Device, path: &Path, adapter: Option<&Path>, weights
                             msg: format!("tensor `{}` has GGUF type {}, which rime cannot read", t.name, t.ggml_type),
                         },
                     )?;
-                    dev.upload_bytes(&t.name, bytemuck::cast_slice(&data), &t.shape, DType::F32)?
+                    upload_split(dev, &mut store, &t.name, &t.shape, &data, DType::F32)?;
                 }
-            };
-            store.add(&t.name, tensor, false)?;
+            }
         }
         // One scratch for every large product (the output head and any weight above SCRATCH_MAX_VALUES are
         // read from their blocks).
@@ -452,13 +687,8 @@ pub fn load_gguf_with(dev: &Device, path: &Path, adapter: Option<&Path>, weights
         }
     } else {
         for (name, shape, data) in tensors {
-            let t = if weights == GgufWeights::F16 && shape.len() == 2 {
-                let h: Vec<half::f16> = data.iter().map(|&x| half::f16::from_f32(x)).collect();
-                dev.upload_bytes(&name, bytemuck::cast_slice(&h), &shape, DType::F16)?
-            } else {
-                dev.upload_bytes(&name, bytemuck::cast_slice(&data), &shape, DType::F32)?
-            };
-            store.add(&name, t, false)?;
+            let dtype = if weights == GgufWeights::F16 && shape.len() == 2 { DType::F16 } else { DType::F32 };
+            upload_split(dev, &mut store, &name, &shape, &data, dtype)?;
         }
     }
     // the adapter's factors stay f32: the LoRA products read them as such

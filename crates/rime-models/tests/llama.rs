@@ -125,6 +125,7 @@ fn tiny_tensors(seed: u64, tie: bool) -> (Vec<rime_io::NamedTensor>, LlamaConfig
         eps: 1e-5,
         rope_theta: 10000.0,
         tie_word_embeddings: tie,
+        gemma: None,
     };
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut out = Vec::new();

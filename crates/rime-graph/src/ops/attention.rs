@@ -1,5 +1,6 @@
 //! `attention`: fused scaled-dot-product attention with an optional key mask, causal or not, grouped-query
-//! heads; forward saves the log-sum-exp per query row, one backward kernel writes dQ, dK and dV.
+//! heads, and an optional causal sliding window; forward saves the log-sum-exp per query row, one backward
+//! kernel writes dQ, dK and dV.
 
 use rime_kernels::ops::attention;
 use rime_kernels::DType;
@@ -11,6 +12,25 @@ use crate::graph::{shape_err, Graph, Op, Var};
 impl Graph {
     /// Fused attention: q [B, T, NH, HS], k/v [B, S, NKV, HS], mask [B, S] (1 keep, 0 pad).
     pub fn attention(&mut self, q: Var, k: Var, v: Var, mask: Option<Var>, causal: bool, scale: f32) -> Result<Var> {
+        self.attention_window(q, k, v, mask, causal, scale, 0)
+    }
+
+    /// [`Graph::attention`] with a causal sliding window: query t also needs key j > t + (S - T) - `window`
+    /// (0 = no window; a window needs `causal`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_window(
+        &mut self,
+        q: Var,
+        k: Var,
+        v: Var,
+        mask: Option<Var>,
+        causal: bool,
+        scale: f32,
+        window: usize,
+    ) -> Result<Var> {
+        if window > 0 && !causal {
+            return Err(shape_err("attention", format!("a sliding window ({window}) needs causal attention")));
+        }
         let (sq, sk, sv) = (self.shape(q).to_vec(), self.shape(k).to_vec(), self.shape(v).to_vec());
         let ok = sq.len() == 4
             && sk.len() == 4
@@ -30,7 +50,7 @@ impl Graph {
                 ));
             }
         }
-        Ok(self.push(Op::Attention { q, k, v, mask, causal, scale }, sq, DType::F32, "attention"))
+        Ok(self.push(Op::Attention { q, k, v, mask, causal, scale, window }, sq, DType::F32, "attention"))
     }
 }
 
@@ -40,6 +60,7 @@ pub(crate) struct Attn {
     pub mask: Option<Var>,
     pub causal: bool,
     pub scale: f32,
+    pub window: usize,
 }
 
 pub(crate) fn forward(bl: &mut Builder, v: Var, o: &TRef, at: Attn) {
@@ -48,9 +69,9 @@ pub(crate) fn forward(bl: &mut Builder, v: Var, o: &TRef, at: Attn) {
     let lse = bl.scratch(&[sq[0], sq[2], sq[1]]);
     bl.save_aux(v, &[&lse]);
     let (qr, kr, vr, mr) = (bl.v(q), bl.v(k), bl.v(vv), at.mask.map(|m| bl.v(m)));
-    let (causal, scale) = (at.causal, at.scale);
+    let (causal, scale, window) = (at.causal, at.scale, at.window);
     bl.call_opt("attention_forward", Phase::Forward, &[o, &lse, &qr, &kr, &vr], &[mr.as_ref()], move |d, t| {
-        attention::attention_forward(d, &t[0], &t[1], &t[2], &t[3], &t[4], t.opt(0), causal, scale)
+        attention::attention_forward_window(d, &t[0], &t[1], &t[2], &t[3], &t[4], t.opt(0), causal, scale, window)
     });
 }
 
@@ -62,11 +83,11 @@ pub(crate) fn backward(bl: &mut Builder, v: Var, dout: &TRef, at: Attn) {
     let tq = bl.target_or_scratch(q, false);
     let tk = bl.target_or_scratch(k, false);
     let tv = bl.target_or_scratch(vv, false);
-    let (causal, scale) = (at.causal, at.scale);
+    let (causal, scale, window) = (at.causal, at.scale, at.window);
     let args = [&tq.r, &tk.r, &tv.r, &delta, dout, &qr, &kr, &vr, &o, &lse];
     bl.call_opt("attention_backward", Phase::Backward, &args, &[mr.as_ref()], move |d, t| {
         let (dq, dk, dv, dl) = (&t[0], &t[1], &t[2], &t[3]);
-        attention::attention_backward(
+        attention::attention_backward_window(
             d,
             dq,
             dk,
@@ -81,6 +102,7 @@ pub(crate) fn backward(bl: &mut Builder, v: Var, dout: &TRef, at: Attn) {
             t.opt(0),
             causal,
             scale,
+            window,
         )
     });
     bl.finish(&tq);

@@ -7,6 +7,7 @@
 mod attention;
 mod binary;
 mod cache;
+mod concat;
 mod cross_entropy;
 mod dora;
 mod embedding;
@@ -43,9 +44,10 @@ pub(crate) fn forward(b: &mut Builder, v: Var, o: &TRef) -> Result<()> {
         Op::Rope { x, pos_offset, theta } => rope::forward(b, o, x, pos_offset, theta),
         Op::LayerNorm { x, gamma, beta, eps } => norm::layernorm_forward(b, v, o, [x, gamma, beta], eps),
         Op::RmsNorm { x, gamma, eps } => norm::rmsnorm_forward(b, v, o, [x, gamma], eps),
-        Op::Embedding { ids, table } => embedding::forward(b, o, ids, table),
-        Op::Attention { q, k, v: vv, mask, causal, scale } => {
-            attention::forward(b, v, o, attention::Attn { qkv: [q, k, vv], mask, causal, scale })
+        Op::Embedding { ids, table, offset } => embedding::forward(b, o, ids, table, offset),
+        Op::ConcatLast { parts } => concat::forward(b, o, &parts),
+        Op::Attention { q, k, v: vv, mask, causal, scale, window } => {
+            attention::forward(b, v, o, attention::Attn { qkv: [q, k, vv], mask, causal, scale, window })
         }
         Op::Softmax { x, mask, causal } => softmax::forward(b, o, x, mask, causal),
         Op::CrossEntropy { logits, targets, ignore_index } => {
@@ -79,9 +81,10 @@ pub(crate) fn backward(b: &mut Builder, v: Var, dout: &TRef) -> Result<()> {
         Op::Rope { x, pos_offset, theta } => rope::backward(b, dout, x, pos_offset, theta),
         Op::LayerNorm { x, gamma, beta, .. } => norm::layernorm_backward(b, v, dout, [x, gamma, beta]),
         Op::RmsNorm { x, gamma, .. } => norm::rmsnorm_backward(b, v, dout, [x, gamma]),
-        Op::Embedding { ids, table } => embedding::backward(b, dout, ids, table),
-        Op::Attention { q, k, v: vv, mask, causal, scale } => {
-            attention::backward(b, v, dout, attention::Attn { qkv: [q, k, vv], mask, causal, scale })
+        Op::Embedding { ids, table, offset } => embedding::backward(b, dout, ids, table, offset),
+        Op::ConcatLast { parts } => concat::backward(b, dout, &parts),
+        Op::Attention { q, k, v: vv, mask, causal, scale, window } => {
+            attention::backward(b, v, dout, attention::Attn { qkv: [q, k, vv], mask, causal, scale, window })
         }
         Op::Softmax { x, .. } => softmax::backward(b, v, dout, x),
         Op::CrossEntropy { logits, targets, ignore_index } => {

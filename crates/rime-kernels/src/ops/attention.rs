@@ -2,7 +2,9 @@
 //! log-sum-exp, and a backward that recomputes the probabilities from it), with padding mask, causal mask
 //! (aligned to the end of the keys, so T < S works for a KV cache) and grouped-query heads. Memory is linear in
 //! the sequence length; the backward is deterministic (no atomics): one dispatch computes dQ (and the
-//! D = rowsum(dO * O) scratch), a second computes dK and dV by iterating over queries.
+//! D = rowsum(dO * O) scratch), a second computes dK and dV by iterating over queries. The `_window`
+//! launchers add a sliding window to the causal rule (Gemma 3's local layers): query t sees key j iff
+//! t + (S - T) - W < j <= t + (S - T).
 
 use super::words;
 use crate::error::{shape_err, Result};
@@ -11,8 +13,10 @@ use crate::guard::{expect_f32, expect_f32_shape};
 use crate::{Device, Dispatch, Spec, Tensor};
 
 const FILE: &str = "attention.wgsl";
-/// Largest supported head size (the kernels keep up to four head vectors per invocation in registers).
+/// Largest head size of the subgroup kernels (they keep up to four head vectors per invocation in registers).
 pub const MAX_HEAD_SIZE: usize = 128;
+/// Largest head size of the plain kernels (Gemma 3 uses 256); above [`MAX_HEAD_SIZE`] only they run.
+pub const MAX_HEAD_SIZE_PLAIN: usize = 256;
 
 /// Which kernels to launch. Both compute the same thing.
 /// - `Subgroup`: workgroups of 8 lanes that share streamed rows through `subgroupBroadcast` (lavapipe, where
@@ -30,6 +34,16 @@ impl Variant {
     pub fn for_device(dev: &Device) -> Variant {
         if dev.is_cpu() && subgroups_usable(dev) {
             Variant::Subgroup
+        } else {
+            Variant::Plain
+        }
+    }
+
+    /// [`Variant::for_device`] where the subgroup kernels apply (head size up to [`MAX_HEAD_SIZE`], no sliding
+    /// window), else `Plain`.
+    pub fn for_call(dev: &Device, head_size: usize, window: usize) -> Variant {
+        if head_size <= MAX_HEAD_SIZE && window == 0 {
+            Variant::for_device(dev)
         } else {
             Variant::Plain
         }
@@ -70,10 +84,22 @@ pub fn specs() -> Vec<(&'static str, Spec)> {
             v.push((FILE, spec(hs, variant)));
         }
     }
+    for hs in (MAX_HEAD_SIZE + 4..=MAX_HEAD_SIZE_PLAIN).step_by(4) {
+        v.push((FILE, spec(hs, Variant::Plain)));
+    }
     v
 }
 
-fn check_variant(op: &'static str, dev: &Device, variant: Variant) -> Result<()> {
+fn check_variant(op: &'static str, dev: &Device, variant: Variant, d: &Dims, window: usize) -> Result<()> {
+    if variant == Variant::Subgroup && (d.hs > MAX_HEAD_SIZE || window > 0) {
+        return Err(shape_err(
+            op,
+            format!(
+                "the subgroup variant takes head sizes up to {MAX_HEAD_SIZE} and no sliding window (head size {},                  window {window}); use the plain variant",
+                d.hs
+            ),
+        ));
+    }
     if variant == Variant::Subgroup && !subgroups_usable(dev) {
         return Err(shape_err(
             op,
@@ -117,11 +143,11 @@ fn dims(op: &'static str, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tens
     if d.b == 0 || d.t == 0 || d.s == 0 || d.nh == 0 || d.nkv == 0 {
         return Err(shape_err(op, format!("empty dimension in q {:?} or k {:?}", q.shape, k.shape)));
     }
-    if d.hs == 0 || !d.hs.is_multiple_of(4) || d.hs > MAX_HEAD_SIZE {
+    if d.hs == 0 || !d.hs.is_multiple_of(4) || d.hs > MAX_HEAD_SIZE_PLAIN {
         return Err(shape_err(
             op,
             format!(
-                "head size {} (q {:?}) must be a positive multiple of 4 and at most {MAX_HEAD_SIZE}",
+                "head size {} (q {:?}) must be a positive multiple of 4 and at most {MAX_HEAD_SIZE_PLAIN}",
                 d.hs, q.shape
             ),
         ));
@@ -139,7 +165,7 @@ fn dims(op: &'static str, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tens
     Ok(d)
 }
 
-fn params(d: &Dims, has_mask: bool, causal: bool, scale: f32) -> Vec<u8> {
+fn params(d: &Dims, has_mask: bool, causal: bool, scale: f32, window: usize) -> Vec<u8> {
     words(&[
         d.b as u32,
         d.t as u32,
@@ -150,7 +176,7 @@ fn params(d: &Dims, has_mask: bool, causal: bool, scale: f32) -> Vec<u8> {
         has_mask as u32,
         scale.to_bits(),
         f32::NEG_INFINITY.to_bits(),
-        0,
+        window as u32,
         0,
         0,
     ])
@@ -205,7 +231,38 @@ pub fn attention_forward(
     causal: bool,
     scale: f32,
 ) -> Result<Vec<Dispatch>> {
-    attention_forward_variant(dev, Variant::for_device(dev), out, lse, q, k, v, mask, causal, scale)
+    let variant = Variant::for_call(dev, q.shape.last().copied().unwrap_or(0), 0);
+    attention_forward_variant(dev, variant, out, lse, q, k, v, mask, causal, scale)
+}
+
+/// [`attention_forward`] with a sliding window: with `causal`, query t sees key j iff
+/// t + (S - T) - window < j <= t + (S - T) (at most `window` keys, itself included; 0 = no window). A window
+/// needs `causal`. Runs the plain kernels.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward_window(
+    dev: &Device,
+    out: &Tensor,
+    lse: &Tensor,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    causal: bool,
+    scale: f32,
+    window: usize,
+) -> Result<Vec<Dispatch>> {
+    let variant = Variant::for_call(dev, q.shape.last().copied().unwrap_or(0), window);
+    forward_impl(dev, variant, out, lse, q, k, v, mask, causal, scale, window)
+}
+
+fn check_window(op: &'static str, causal: bool, window: usize) -> Result<()> {
+    if window > 0 && !causal {
+        return Err(shape_err(op, format!("a sliding window ({window}) needs causal attention")));
+    }
+    if window > u32::MAX as usize {
+        return Err(shape_err(op, format!("sliding window {window} does not fit 32 bits")));
+    }
+    Ok(())
 }
 
 /// [`attention_forward`] with an explicit kernel variant (tests run both).
@@ -222,17 +279,35 @@ pub fn attention_forward_variant(
     causal: bool,
     scale: f32,
 ) -> Result<Vec<Dispatch>> {
+    forward_impl(dev, variant, out, lse, q, k, v, mask, causal, scale, 0)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn forward_impl(
+    dev: &Device,
+    variant: Variant,
+    out: &Tensor,
+    lse: &Tensor,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    causal: bool,
+    scale: f32,
+    window: usize,
+) -> Result<Vec<Dispatch>> {
     const OP: &str = "attention_forward";
     let d = dims(OP, q, k, v, mask)?;
     expect_f32_shape(OP, "out", out, &q.shape)?;
     expect_f32_shape(OP, "lse", lse, &[d.b, d.nh, d.t])?;
-    check_variant(OP, dev, variant)?;
+    check_window(OP, causal, window)?;
+    check_variant(OP, dev, variant, &d, window)?;
     let m = mask.unwrap_or(k);
     Ok(vec![dev.dispatch(
         FILE,
         &variant.entry("attention_forward"),
         &spec(d.hs, variant),
-        Some(&params(&d, mask.is_some(), causal, scale)),
+        Some(&params(&d, mask.is_some(), causal, scale, window)),
         &[(1, q), (2, k), (3, v), (4, m), (5, out), (6, lse)],
         grid(d.t, d.nh, d.b, d.hs, variant),
     )?])
@@ -257,9 +332,31 @@ pub fn attention_backward(
     causal: bool,
     scale: f32,
 ) -> Result<Vec<Dispatch>> {
-    attention_backward_variant(
+    attention_backward_window(dev, dq, dk, dv, delta_tmp, dout, q, k, v, out, lse, mask, causal, scale, 0)
+}
+
+/// Gradients of [`attention_forward_window`] (see [`attention_backward`]).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_window(
+    dev: &Device,
+    dq: &Tensor,
+    dk: &Tensor,
+    dv: &Tensor,
+    delta_tmp: &Tensor,
+    dout: &Tensor,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    lse: &Tensor,
+    mask: Option<&Tensor>,
+    causal: bool,
+    scale: f32,
+    window: usize,
+) -> Result<Vec<Dispatch>> {
+    backward_impl(
         dev,
-        Variant::for_device(dev),
+        Variant::for_call(dev, q.shape.last().copied().unwrap_or(0), window),
         dq,
         dk,
         dv,
@@ -273,6 +370,7 @@ pub fn attention_backward(
         mask,
         causal,
         scale,
+        window,
     )
 }
 
@@ -295,6 +393,28 @@ pub fn attention_backward_variant(
     causal: bool,
     scale: f32,
 ) -> Result<Vec<Dispatch>> {
+    backward_impl(dev, variant, dq, dk, dv, delta_tmp, dout, q, k, v, out, lse, mask, causal, scale, 0)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_impl(
+    dev: &Device,
+    variant: Variant,
+    dq: &Tensor,
+    dk: &Tensor,
+    dv: &Tensor,
+    delta_tmp: &Tensor,
+    dout: &Tensor,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    lse: &Tensor,
+    mask: Option<&Tensor>,
+    causal: bool,
+    scale: f32,
+    window: usize,
+) -> Result<Vec<Dispatch>> {
     const OP: &str = "attention_backward";
     let d = dims(OP, q, k, v, mask)?;
     expect_f32_shape(OP, "dq", dq, &q.shape)?;
@@ -304,10 +424,11 @@ pub fn attention_backward_variant(
     expect_f32_shape(OP, "out", out, &q.shape)?;
     expect_f32_shape(OP, "lse", lse, &[d.b, d.nh, d.t])?;
     expect_f32_shape(OP, "delta_tmp", delta_tmp, &[d.b, d.nh, d.t])?;
-    check_variant(OP, dev, variant)?;
+    check_window(OP, causal, window)?;
+    check_variant(OP, dev, variant, &d, window)?;
     let m = mask.unwrap_or(k);
     let sp = spec(d.hs, variant);
-    let pr = params(&d, mask.is_some(), causal, scale);
+    let pr = params(&d, mask.is_some(), causal, scale, window);
     let query = dev.dispatch(
         FILE,
         &variant.entry("attention_backward_query"),

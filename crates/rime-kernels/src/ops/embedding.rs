@@ -34,9 +34,22 @@ fn check_ids(op: &'static str, ids: &Tensor) -> Result<usize> {
 /// out [N, C] = rows of table [V, C] (f32, f16 or bf16) picked by ids \[N] (U32). An id >= V (or a negative
 /// I32 id) yields a zero row: the launcher cannot read ids, so out-of-range ids are not reported here.
 pub fn embedding_forward(dev: &Device, out: &Tensor, ids: &Tensor, table: &Tensor) -> Result<Vec<Dispatch>> {
+    embedding_forward_offset(dev, out, ids, table, 0)
+}
+
+/// [`embedding_forward`] for a table holding rows `offset..offset + V` of a larger vocabulary (a table split by
+/// rows): out row i is table row ids[i] - offset, zero when ids[i] is outside that range. Summing the outputs
+/// of every part gives the lookup in the whole table.
+pub fn embedding_forward_offset(
+    dev: &Device,
+    out: &Tensor,
+    ids: &Tensor,
+    table: &Tensor,
+    offset: u32,
+) -> Result<Vec<Dispatch>> {
     const OP: &str = "embedding_forward";
     if let Some(w) = crate::QTensor::from_tensor(table) {
-        return super::qmatmul::qembedding_forward(dev, out, &ids.reshape(&[ids.numel()])?, &w);
+        return super::qmatmul::qembedding_forward_offset(dev, out, &ids.reshape(&[ids.numel()])?, &w, offset);
     }
     let n = check_ids(OP, ids)?;
     expect_dtype(OP, "table", table, FLOATS)?;
@@ -56,7 +69,7 @@ pub fn embedding_forward(dev: &Device, out: &Tensor, ids: &Tensor, table: &Tenso
     }
     let total = index_u32(OP, "N * C", n * c)?;
     index_u32(OP, "V * C", v * c)?;
-    let w = words(&[n as u32, c as u32, v as u32, 0]);
+    let w = words(&[n as u32, c as u32, v as u32, offset]);
     Ok(vec![dev.dispatch(
         FILE,
         OP,
@@ -75,6 +88,18 @@ pub fn embedding_backward(
     dout: &Tensor,
     ids: &Tensor,
     accumulate: bool,
+) -> Result<Vec<Dispatch>> {
+    embedding_backward_offset(dev, dtable, dout, ids, accumulate, 0)
+}
+
+/// [`embedding_backward`] for a table holding rows `offset..offset + V` (see [`embedding_forward_offset`]).
+pub fn embedding_backward_offset(
+    dev: &Device,
+    dtable: &Tensor,
+    dout: &Tensor,
+    ids: &Tensor,
+    accumulate: bool,
+    offset: u32,
 ) -> Result<Vec<Dispatch>> {
     const OP: &str = "embedding_backward";
     let n = check_ids(OP, ids)?;
@@ -95,7 +120,7 @@ pub fn embedding_backward(
     }
     let vc = index_u32(OP, "V * C", v * c)?;
     index_u32(OP, "N * C", n * c)?;
-    let w = words(&[n as u32, c as u32, v as u32, 0]);
+    let w = words(&[n as u32, c as u32, v as u32, offset]);
     let s = spec(DType::F32);
     let mut ds = Vec::new();
     if !accumulate && vc > 0 {

@@ -2,6 +2,7 @@
 
 pub mod attention;
 pub mod cache;
+pub mod concat;
 pub mod convert;
 pub mod cross_entropy;
 pub mod dora;
@@ -34,6 +35,7 @@ pub fn declared_specs() -> Vec<(&'static str, Spec)> {
     v.extend(cross_entropy::specs());
     v.extend(dora::specs());
     v.extend(elementwise::specs());
+    v.extend(concat::specs());
     v.extend(embedding::specs());
     v.extend(gemv::specs());
     v.extend(lora::specs());

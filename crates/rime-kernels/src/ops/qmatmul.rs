@@ -194,9 +194,21 @@ pub fn qdequantize(dev: &Device, out: &Tensor, w: &QTensor) -> Result<Vec<Dispat
 /// table (an id outside [0, N) gives a zero row, as [`super::embedding::embedding_forward`] does). `out` may
 /// have any leading dims ([..., K], M rows).
 pub fn qembedding_forward(dev: &Device, out: &Tensor, ids: &Tensor, w: &QTensor) -> Result<Vec<Dispatch>> {
+    qembedding_forward_offset(dev, out, ids, w, 0)
+}
+
+/// [`qembedding_forward`] for a table holding rows `offset..offset + N` of a larger vocabulary (a table split
+/// by rows, as `embedding_forward_offset`): out row i is table row ids[i] - offset, zero outside that range.
+pub fn qembedding_forward_offset(
+    dev: &Device,
+    out: &Tensor,
+    ids: &Tensor,
+    w: &QTensor,
+    offset: u32,
+) -> Result<Vec<Dispatch>> {
     const OP: &str = "qembedding_forward";
     let m = rows_of(OP, "out", out, w.cols, "K (the table's columns)")?;
-    crate::guard::expect_dtype(OP, "ids", ids, &[DType::U32])?;
+    crate::guard::expect_dtype(OP, "ids", ids, &[DType::U32, DType::I32])?;
     if ids.numel() != m {
         return Err(shape_err(OP, format!("ids {:?} for out {:?}: one id per row", ids.shape, out.shape)));
     }
@@ -205,7 +217,9 @@ pub fn qembedding_forward(dev: &Device, out: &Tensor, ids: &Tensor, w: &QTensor)
     }
     let wg = workgroup(dev);
     let groups = index_u32(OP, "the workgroup count", (m * w.cols / 32).div_ceil(wg as usize))?;
-    let p = params(OP, m, w, false, false)?;
+    let mut p = params(OP, m, w, false, false)?;
+    // The seventh word (`_p0` in the shader's Params) carries the row offset.
+    p[24..28].copy_from_slice(&offset.to_le_bytes());
     let bindings = [(2, &w.words), (6, out), (7, ids)];
     Ok(vec![dev.dispatch(FILE, "qembedding", &spec(w.qtype, 1, wg, false), Some(&p), &bindings, grid_1d(groups))?])
 }

@@ -1,7 +1,8 @@
 //! CPU reference for shaders/attention.wgsl: plain softmax attention that materialises the probabilities,
 //! accumulating in f64. Same layouts and masking rules as the kernels: q/out [B, T, NH, HS], k/v [B, S, NKV,
 //! HS], lse [B, NH, T], mask [B, S] (1 keep, 0 padding); causal lets query t see key j iff j <= t + (S - T);
-//! query head h uses kv head h / (NH / NKV). A row that sees no key outputs zeros and lse = -inf.
+//! query head h uses kv head h / (NH / NKV). A row that sees no key outputs zeros and lse = -inf. The
+//! `_window` forms add a causal sliding window W: query t also needs j > t + (S - T) - W.
 
 /// Sizes of one attention call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,10 +23,13 @@ impl Dims {
         let kh = h / (self.nh / self.nkv);
         ((b * self.s + j) * self.nkv + kh) * self.hs
     }
-    fn visible(&self, mask: Option<&[f32]>, causal: bool, b: usize, t: usize, j: usize) -> bool {
+    #[allow(clippy::too_many_arguments)]
+    fn visible(&self, mask: Option<&[f32]>, causal: bool, window: usize, b: usize, t: usize, j: usize) -> bool {
         let kept = mask.is_none_or(|m| m[b * self.s + j] != 0.0);
-        let in_window = !causal || (j as i64) <= t as i64 + self.s as i64 - self.t as i64;
-        kept && in_window
+        let last = t as i64 + self.s as i64 - self.t as i64;
+        let in_causal = !causal || (j as i64) <= last;
+        let in_window = !causal || window == 0 || (j as i64) > last - window as i64;
+        kept && in_causal && in_window
     }
 }
 
@@ -37,6 +41,7 @@ fn probs(
     k: &[f32],
     mask: Option<&[f32]>,
     causal: bool,
+    window: usize,
     scale: f32,
     b: usize,
     h: usize,
@@ -45,7 +50,7 @@ fn probs(
     let qa = d.q_at(b, t, h);
     let scores: Vec<Option<f64>> = (0..d.s)
         .map(|j| {
-            d.visible(mask, causal, b, t, j).then(|| {
+            d.visible(mask, causal, window, b, t, j).then(|| {
                 let ka = d.k_at(b, j, h);
                 scale as f64 * (0..d.hs).map(|c| q[qa + c] as f64 * k[ka + c] as f64).sum::<f64>()
             })
@@ -70,12 +75,27 @@ pub fn attention_forward(
     causal: bool,
     scale: f32,
 ) -> (Vec<f32>, Vec<f32>) {
+    attention_forward_window(d, q, k, v, mask, causal, scale, 0)
+}
+
+/// [`attention_forward`] with a causal sliding window of `window` keys (0 = none).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward_window(
+    d: &Dims,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    mask: Option<&[f32]>,
+    causal: bool,
+    scale: f32,
+    window: usize,
+) -> (Vec<f32>, Vec<f32>) {
     let mut out = vec![0f32; d.b * d.t * d.nh * d.hs];
     let mut lse = vec![0f32; d.b * d.nh * d.t];
     for b in 0..d.b {
         for h in 0..d.nh {
             for t in 0..d.t {
-                let (p, l) = probs(d, q, k, mask, causal, scale, b, h, t);
+                let (p, l) = probs(d, q, k, mask, causal, window, scale, b, h, t);
                 lse[(b * d.nh + h) * d.t + t] = l as f32;
                 let oa = d.q_at(b, t, h);
                 for c in 0..d.hs {
@@ -100,13 +120,29 @@ pub fn attention_backward(
     causal: bool,
     scale: f32,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    attention_backward_window(d, dout, q, k, v, mask, causal, scale, 0)
+}
+
+/// [`attention_backward`] with a causal sliding window of `window` keys (0 = none).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_window(
+    d: &Dims,
+    dout: &[f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    mask: Option<&[f32]>,
+    causal: bool,
+    scale: f32,
+    window: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let mut dq = vec![0f64; q.len()];
     let mut dk = vec![0f64; k.len()];
     let mut dv = vec![0f64; v.len()];
     for b in 0..d.b {
         for h in 0..d.nh {
             for t in 0..d.t {
-                let (p, _) = probs(d, q, k, mask, causal, scale, b, h, t);
+                let (p, _) = probs(d, q, k, mask, causal, window, scale, b, h, t);
                 let qa = d.q_at(b, t, h);
                 // dP_j = dO . v_j; dS_j = P_j (dP_j - sum_i P_i dP_i); scores = scale * q . k_j.
                 let dp: Vec<f64> = (0..d.s)

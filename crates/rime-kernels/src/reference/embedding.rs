@@ -1,10 +1,15 @@
 //! CPU reference for shaders/embedding.wgsl. table [v, c] as f32 values.
 
 pub fn embedding_forward(ids: &[u32], table: &[f32], c: usize) -> Vec<f32> {
+    embedding_forward_offset(ids, table, c, 0)
+}
+
+/// The lookup in a table holding rows `offset..offset + v` of a larger vocabulary: zero rows elsewhere.
+pub fn embedding_forward_offset(ids: &[u32], table: &[f32], c: usize, offset: u32) -> Vec<f32> {
     let v = table.len() / c;
     ids.iter()
         .flat_map(|&id| {
-            let id = id as usize;
+            let id = if id >= offset { (id - offset) as usize } else { usize::MAX };
             (0..c).map(move |j| if id < v { table[id * c + j] } else { 0.0 })
         })
         .collect()

@@ -3,6 +3,7 @@
 
 pub mod attention;
 pub mod cache;
+pub mod concat;
 pub mod convert;
 pub mod cross_entropy;
 pub mod dora;
