@@ -761,7 +761,7 @@ impl GgufFile {
     /// intact), for a loader that keeps the file's quantization.
     pub fn load_hf_raw_tensor(&self, gguf_name: &str, config: &ModelConfig) -> Result<RawNamedTensor> {
         let t = self.tensor_info(gguf_name)?;
-        let hf = hf_name(gguf_name).ok_or_else(|| Error::Tensor {
+        let hf = hf_name_for(config.architecture, gguf_name).ok_or_else(|| Error::Tensor {
             file: display(&self.path),
             tensor: gguf_name.to_string(),
             msg: "no Hugging Face name for this GGUF tensor".into(),
@@ -790,7 +790,7 @@ impl GgufFile {
         self.check_config(config)?;
         let mut out = Vec::with_capacity(self.tensors.len());
         for t in &self.tensors {
-            if hf_name(&t.name).is_some() {
+            if hf_name_for(config.architecture, &t.name).is_some() {
                 out.push(self.load_hf_raw_tensor(&t.name, config)?);
             }
         }

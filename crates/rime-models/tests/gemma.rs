@@ -384,6 +384,38 @@ fn gemma3_270m_matches_transformers() {
     assert_eq!(st.generated, want, "greedy tokens differ from transformers");
 }
 
+/// Gemma 3 270M with its matrices held as the file's blocks (`GgufWeights::Quantized`: Q5_0, Q8_0, Q4_K, Q6_K;
+/// the 178 MB Q8_0 embedding split into row parts of at most one binding) gives transformers' argmax and
+/// logits like the f32 load, and the greedy tokens; its weights are a fraction of f32's.
+#[test]
+fn gemma3_270m_quantized_weights_match_transformers() {
+    let Some(model) = gemma_gguf() else { return };
+    let d = dev();
+    let ck = Checkpoint::open(golden()).unwrap();
+    let ids: Vec<u32> = ck.get_i64("input_ids").unwrap().into_iter().map(|x| x as u32).collect();
+    let m = llama::load_gguf_with(d, &model, None, llama::GgufWeights::Quantized).unwrap();
+    let bytes: u64 = m.store.iter().map(|(_, p)| p.tensor.bytes()).sum();
+    let f32_bytes: u64 = m.store.iter().map(|(_, p)| 4 * p.tensor.numel() as u64).sum();
+    println!("gemma3 270m weights: quantized {:.1} MB, as f32 {:.1} MB", bytes as f64 / 1e6, f32_bytes as f64 / 1e6);
+    assert!((bytes as f64) <= 0.3 * f32_bytes as f64);
+    assert!(m
+        .store
+        .iter()
+        .any(|(_, p)| p.name.starts_with("model.embed_tokens.weight") && p.tensor.dtype.is_quantized()));
+    let (t, v) = (ids.len(), m.cfg.vocab);
+    let logits = graph_logits(d, &m.store, &m.cfg, &ids);
+    let want_argmax: Vec<u32> = ck.get_i64("argmax").unwrap().into_iter().map(|x| x as u32).collect();
+    let got_argmax: Vec<u32> = (0..t).map(|r| argmax(&logits[r * v..(r + 1) * v])).collect();
+    assert_eq!(got_argmax, want_argmax, "argmax per position differs from transformers");
+    let diff = max_abs(&logits[(t - 3) * v..], &ck.get_f32("logits_last3").unwrap());
+    println!("gemma3 270m quantized max |diff| vs transformers, last 3 positions: {diff:.3e}");
+    assert!(diff <= 2e-3, "logits differ from transformers by {diff} (tolerance 2e-3)");
+    let want: Vec<u32> = ck.get_i64("greedy").unwrap().into_iter().map(|x| x as u32).collect();
+    let mut dec = Decoder::new(d, &m.store, &m.cfg, t + want.len() + 1).unwrap();
+    let st = generate_greedy(d, &mut dec, &ids, want.len(), &[], &mut |_| Ok(())).unwrap();
+    assert_eq!(st.generated, want, "greedy tokens differ from transformers");
+}
+
 /// A store with the embedding (and so the tied head) split by rows, as `upload_split` does for a table larger
 /// than one storage binding.
 fn upload_with_split_embedding(d: &Device, tensors: &[rime_io::NamedTensor], rows_per_part: usize) -> ParamStore {
