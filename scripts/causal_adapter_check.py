@@ -33,11 +33,12 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+# The first is in data/rime_chat/train.jsonl, the others are held out (test.jsonl).
 PROMPTS = [
     "What is rime?",
     "What is lavapipe?",
     "How do I resume an interrupted run?",
-    "What is a GGUF file?",
+    "What is the LoRA rank?",
 ]
 
 
@@ -61,7 +62,8 @@ def captured(fn):
     for n in ("peft", "transformers"):
         logging.getLogger(n).removeHandler(h)
     msgs = [str(w.message) for w in caught if not issubclass(w.category, (ResourceWarning, DeprecationWarning))]
-    return out, msgs + h.records
+    # transformers' own deprecation notice while peft wraps the model, not about the adapter (as peft_roundtrip.py)
+    return out, [m for m in msgs + h.records if "is_gradient_checkpointing" not in m]
 
 
 def assistant_mask(ids, tok):
