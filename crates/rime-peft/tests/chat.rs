@@ -262,7 +262,8 @@ fn a_conversation_longer_than_max_length_is_refused_or_cut() {
     let dev = common::dev();
     let data = CausalData::from_file(&p, &Columns::default()).unwrap();
     let mut task = CausalTask::new(dev, &gguf, lora(), data.clone(), None);
-    let e = rime_peft::train(&mut task, &cfg, None, &mut |_| {}).err().expect("refused").to_string();
+    let Err(e) = rime_peft::train(&mut task, &cfg, None, &mut |_| {}) else { panic!("a long conversation is refused") };
+    let e = e.to_string();
     assert!(e.contains(&format!("{}: line 2: the conversation is", p.display())), "{e}");
     assert!(e.contains("longer than max_length 48"), "{e}");
     let mut warned = vec![];
