@@ -30,6 +30,7 @@ use std::path::Path;
 pub use rime_io::dataset::Columns;
 pub use rime_peft::adapter::{AdapterMode, BottleneckConfig};
 pub use rime_peft::classifier::{EvalMetrics, Method};
+pub use rime_peft::data::ChatMessage;
 pub use rime_peft::ia3::Ia3Config;
 pub use rime_peft::lora::{LoraConfig, LoraInit};
 pub use rime_peft::lst::{FeatureCache, LstConfig};
@@ -120,9 +121,10 @@ pub fn classify_lst(
     Ok(rime_peft::train(&mut task, cfg, out, &mut on_event)?)
 }
 
-/// LoRA on a Llama-family GGUF decoder, the loss on the completion tokens only; evaluates each epoch by
-/// completion loss and perplexity on `eval` (or a held-out part of `train`). With `out`, writes as
-/// [`classify_in`] does (the adapter under `adapter/`).
+/// LoRA on a Llama-family GGUF decoder, the loss on the completion tokens only (for chat data,
+/// [`CausalData::chat`] or a JSONL file with `messages`: on the assistant turns, rendered through the model's
+/// chat template); evaluates each epoch by completion loss and perplexity on `eval` (or a held-out part of
+/// `train`). With `out`, writes as [`classify_in`] does (the adapter under `adapter/`).
 #[allow(clippy::too_many_arguments)]
 pub fn causal_lm(
     gpu: &Gpu,

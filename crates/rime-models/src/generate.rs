@@ -773,11 +773,35 @@ pub fn generate_greedy(
     Ok(st)
 }
 
-/// Renders a Hugging Face chat template (Jinja, through minijinja) for one user message with the generation
-/// prompt added, as `tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)`
-/// does. The text is then tokenized without adding special tokens (the template writes them).
-pub fn render_chat(template: &str, prompt: &str, bos_token: &str, eos_token: &str) -> Result<String> {
+/// One message of a conversation in the OpenAI / Hugging Face chat format (`{"role": ..., "content": ...}`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatMessage {
+    /// `system`, `user` or `assistant` (the template decides what it accepts).
+    pub role: String,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> ChatMessage {
+        ChatMessage { role: role.into(), content: content.into() }
+    }
+}
+
+/// Renders a Hugging Face chat template (Jinja, through minijinja) for a conversation, as
+/// `tokenizer.apply_chat_template(messages, add_generation_prompt=..., tokenize=False)` does: the messages as
+/// `messages` (each with `role` and `content`), `add_generation_prompt`, `bos_token` and `eos_token`, and
+/// `raise_exception`; blocks trimmed as transformers' environment does (`trim_blocks`, `lstrip_blocks`). The text
+/// is then tokenized without adding special tokens (the template writes them).
+pub fn render_messages(
+    template: &str,
+    messages: &[ChatMessage],
+    add_generation_prompt: bool,
+    bos_token: &str,
+    eos_token: &str,
+) -> Result<String> {
     let mut env = minijinja::Environment::new();
+    env.set_trim_blocks(true);
+    env.set_lstrip_blocks(true);
     // transformers defines raise_exception for templates that reject a conversation.
     env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
         Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
@@ -785,11 +809,21 @@ pub fn render_chat(template: &str, prompt: &str, bos_token: &str, eos_token: &st
     let bad = |what: &str, e: minijinja::Error| Error::Invalid(format!("chat template {what}: {e:#}"));
     env.add_template("chat_template", template).map_err(|e| bad("does not parse", e))?;
     let tmpl = env.get_template("chat_template").map_err(|e| bad("does not parse", e))?;
+    let messages: Vec<minijinja::Value> = messages
+        .iter()
+        .map(|m| minijinja::context! { role => m.role.as_str(), content => m.content.as_str() })
+        .collect();
     let ctx = minijinja::context! {
-        messages => vec![minijinja::context! { role => "user", content => prompt }],
-        add_generation_prompt => true,
+        messages => messages,
+        add_generation_prompt => add_generation_prompt,
         bos_token => bos_token,
         eos_token => eos_token,
     };
     tmpl.render(ctx).map_err(|e| bad("failed", e))
+}
+
+/// [`render_messages`] for one user message with the generation prompt added (what `rime generate --chat`
+/// sends).
+pub fn render_chat(template: &str, prompt: &str, bos_token: &str, eos_token: &str) -> Result<String> {
+    render_messages(template, &[ChatMessage::new("user", prompt)], true, bos_token, eos_token)
 }

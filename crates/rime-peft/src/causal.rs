@@ -2,6 +2,15 @@
 //! only (prompt tokens and padding are ignored), the frozen GGUF backbone dequantized to f32 on the device.
 //! Data: prompt/completion pairs ([`CausalData`]); without prompts every token of the text is a target.
 //!
+//! Chat data ([`CausalData::chat`], or a JSONL file with a `messages` field) is rendered through the model's
+//! chat template (the GGUF's `tokenizer.chat_template`, as `apply_chat_template(messages, tokenize=False)`)
+//! and tokenized without added special tokens; the targets are the assistant turns' tokens only, each turn's
+//! content and the end-of-turn token that closes it (as TRL's assistant-only loss with a template whose
+//! `{% generation %}` block holds `content + '<|im_end|>'`), never what the template writes around them (role
+//! headers, the newline after `<|im_end|>`, system and user turns). [`chat_tokens`] finds each assistant span by
+//! rendering the conversation before the turn with the generation prompt and the conversation through the turn,
+//! and refuses a template for which these are not prefixes of the whole conversation's tokens.
+//!
 //! [`CausalTask`] is driven by the shared trainer ([`crate::trainer::train`]): batches grouped by length and
 //! padded to a length bucket (one graph per bucket, all sharing parameters and optimizer state), evaluation
 //! each epoch (completion loss and perplexity, lower is better) on the eval set or a held-out part of the
@@ -11,14 +20,13 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use rime_graph::{Executor, Graph, OptimConfig, ParamStore, Var};
-use rime_io::dataset::Dataset;
 use rime_io::peft::PeftAdapter;
 use rime_kernels::{DType, Device};
 use rime_models::llama::{self, LlamaConfig};
 
 use crate::classifier::EvalMetrics;
 use crate::config::{TrainConfig, WeightStorage};
-use crate::data::CausalData;
+use crate::data::{CausalData, ChatMessage};
 use crate::lora::{LoraConfig, LoraHook};
 use crate::trainer::{bucket, save_peft, Evaluation, Event, Metric, RunStats, Task};
 use crate::{Error, Result};
@@ -78,18 +86,202 @@ fn example(
 /// Token ids and their targets (-100 where unscored), one pair per example.
 type Examples = Vec<(Vec<u32>, Vec<i32>)>;
 
-/// Tokenized examples that have at least one target token, and how many were cut at the maximum length.
-fn encode_all(model: &llama::LlamaModel, ds: &Dataset, max_len: usize) -> Result<(Examples, usize)> {
-    let eos = model.eos_tokens.first().copied();
-    let (mut data, mut cut) = (vec![], 0);
-    for ex in &ds.examples {
-        let (ids, t, c) = example(&model.tokenizer, ex.text_pair.as_deref(), &ex.text, model.bos_token, eos, max_len)?;
-        cut += c as usize;
-        if t.iter().any(|&x| x >= 0) {
-            data.push((ids, t));
-        }
+/// A conversation rendered through a chat template and tokenized: `scored[i]` says whether `ids[i]` is a target
+/// (an assistant turn's token).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatTokens {
+    pub ids: Vec<u32>,
+    pub scored: Vec<bool>,
+}
+
+impl ChatTokens {
+    /// Token ids and next-token targets (-100 where unscored) over at most `max_len` input positions; the
+    /// bool says whether the conversation was cut.
+    pub fn targets(&self, max_len: usize) -> (Vec<u32>, Vec<i32>, bool) {
+        let cut = self.ids.len() > max_len + 1;
+        let n = self.ids.len().min(max_len + 1).saturating_sub(1);
+        let targets = (0..n).map(|i| if self.scored[i + 1] { self.ids[i + 1] as i32 } else { -100 }).collect();
+        (self.ids[..n].to_vec(), targets, cut)
     }
-    Ok((data, cut))
+}
+
+/// Renders `messages` (the template's `add_generation_prompt` as the bool) — a chat template with its special
+/// tokens bound.
+pub type RenderFn<'a> = dyn Fn(&[ChatMessage], bool) -> Result<String> + 'a;
+/// Tokenizes rendered text (no special tokens added).
+pub type EncodeFn<'a> = dyn Fn(&str) -> Result<Vec<u32>> + 'a;
+
+/// Renders and tokenizes a conversation and marks its assistant tokens. For each assistant message k, the
+/// tokens of the conversation before it with the generation prompt (`render(&messages[..k], true)`) must be a
+/// prefix of the tokens through it (`render(&messages[..=k], false)`), and those a prefix of the whole
+/// conversation's; the turn's span is what lies between. The span is scored up to and including the first of
+/// `end_of_turn` in it (the token that closes the turn); what the template writes after it (a newline) is not.
+/// Without such a token in the span the whole span is scored. A template that is not prefix-stable is an error
+/// naming the message.
+pub fn chat_tokens(
+    messages: &[ChatMessage],
+    render: &RenderFn,
+    encode: &EncodeFn,
+    end_of_turn: &[u32],
+) -> Result<ChatTokens> {
+    let full_text = render(messages, false)?;
+    let ids = encode(&full_text)?;
+    let mut scored = vec![false; ids.len()];
+    let unstable = |k: usize, what: &str| {
+        Error::Msg(format!(
+            "the chat template is not prefix-stable at message {} (assistant): {what}, so its tokens cannot be \
+             told apart from the template's",
+            k + 1
+        ))
+    };
+    for (k, m) in messages.iter().enumerate() {
+        if m.role != "assistant" {
+            continue;
+        }
+        let before = render(&messages[..k], true)?;
+        let through = render(&messages[..=k], false)?;
+        if !through.starts_with(&before) {
+            return Err(unstable(
+                k,
+                "the conversation before it with the generation prompt does not begin the text through it",
+            ));
+        }
+        if !full_text.starts_with(&through) {
+            return Err(unstable(k, "the text through it does not begin the whole conversation's text"));
+        }
+        let (b, t) = (encode(&before)?, encode(&through)?);
+        if !t.starts_with(&b) || !ids.starts_with(&t) {
+            return Err(unstable(k, "the tokens of the text before it are not a prefix of the tokens after it"));
+        }
+        if t.len() == b.len() {
+            return Err(unstable(k, "the template writes nothing for it"));
+        }
+        let end = (b.len()..t.len()).find(|&i| end_of_turn.contains(&t[i])).map_or(t.len(), |i| i + 1);
+        scored[b.len()..end].iter_mut().for_each(|s| *s = true);
+    }
+    Ok(ChatTokens { ids, scored })
+}
+
+/// A model's chat template with what it needs: its special tokens' text and the end-of-turn token ids.
+pub struct ChatTemplate {
+    pub template: String,
+    pub bos_token: String,
+    pub eos_token: String,
+    /// Tokens that close a turn: the file's eos tokens and, if the vocabulary has them, `<|im_end|>`,
+    /// `<|eot_id|>`, `<|end|>`, `<end_of_turn>`.
+    pub end_of_turn: Vec<u32>,
+}
+
+impl ChatTemplate {
+    /// The template and special tokens of a GGUF model (`source` names the file in the error when it has no
+    /// template).
+    pub fn from_parts(
+        tok: &rime_io::tokenizer::Tokenizer,
+        template: Option<&str>,
+        bos: Option<u32>,
+        eos: &[u32],
+        source: &Path,
+    ) -> Result<ChatTemplate> {
+        let template = template.ok_or_else(|| {
+            Error::Msg(format!(
+                "{}: the model has no chat template (tokenizer.chat_template), so chat data cannot be rendered",
+                source.display()
+            ))
+        })?;
+        let name = |id: Option<u32>| id.and_then(|i| tok.id_to_token(i)).unwrap_or_default();
+        let mut end_of_turn = eos.to_vec();
+        for t in ["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"] {
+            if let Some(id) = tok.token_to_id(t).filter(|id| !end_of_turn.contains(id)) {
+                end_of_turn.push(id);
+            }
+        }
+        Ok(ChatTemplate {
+            template: template.to_string(),
+            bos_token: name(bos),
+            eos_token: name(eos.first().copied()),
+            end_of_turn,
+        })
+    }
+
+    /// The text of `messages` (see [`rime_models::generate::render_messages`]).
+    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        rime_models::generate::render_messages(
+            &self.template,
+            messages,
+            add_generation_prompt,
+            &self.bos_token,
+            &self.eos_token,
+        )
+        .map_err(|e| Error::Msg(e.to_string()))
+    }
+
+    /// [`chat_tokens`] with this template and `tok`.
+    pub fn tokens(&self, tok: &rime_io::tokenizer::Tokenizer, messages: &[ChatMessage]) -> Result<ChatTokens> {
+        let render = |m: &[ChatMessage], g: bool| self.render(m, g);
+        let encode = |t: &str| -> Result<Vec<u32>> { Ok(tok.encode(t, false)?) };
+        chat_tokens(messages, &render, &encode, &self.end_of_turn)
+    }
+}
+
+/// What encoding a data set did besides the examples.
+#[derive(Default)]
+struct Encoded {
+    data: Examples,
+    /// Examples cut at the maximum length.
+    cut: usize,
+    /// Examples left out because no target token remained (all cut, or an empty completion).
+    dropped: usize,
+}
+
+/// Tokenized examples that have at least one target token, and how many were cut at the maximum length.
+/// Chat data: a conversation longer than `max_len` (+1: the last token is only predicted) is an error naming
+/// its line, unless the data allows truncation.
+fn encode_all(model: &llama::LlamaModel, data: &CausalData, name: &'static str, max_len: usize) -> Result<Encoded> {
+    let mut out = Encoded::default();
+    let mut push = |ids: Vec<u32>, t: Vec<i32>, c: bool| {
+        out.cut += c as usize;
+        if t.iter().any(|&x| x >= 0) {
+            out.data.push((ids, t));
+        } else {
+            out.dropped += 1;
+        }
+    };
+    let Some(convs) = &data.conversations else {
+        let eos = model.eos_tokens.first().copied();
+        for ex in &data.dataset(name)?.examples {
+            let (ids, t, c) =
+                example(&model.tokenizer, ex.text_pair.as_deref(), &ex.text, model.bos_token, eos, max_len)?;
+            push(ids, t, c);
+        }
+        return Ok(out);
+    };
+    let tmpl = ChatTemplate::from_parts(
+        &model.tokenizer,
+        model.chat_template.as_deref(),
+        model.bos_token,
+        &model.eos_tokens,
+        &model.source,
+    )?;
+    let (path, lines) = data.origin(name);
+    let at = |i: usize, msg: String| -> Error {
+        rime_io::Error::DatasetLine { file: path.display().to_string(), line: lines[i], msg }.into()
+    };
+    for (i, conv) in convs.iter().enumerate() {
+        let ct = tmpl.tokens(&model.tokenizer, conv).map_err(|e| at(i, e.to_string()))?;
+        if ct.ids.len() > max_len + 1 && !data.truncate {
+            return Err(at(
+                i,
+                format!(
+                    "the conversation is {} tokens through the chat template, longer than max_length {max_len} (+1: \
+                     the last token is only predicted); raise max_length or allow truncation",
+                    ct.ids.len()
+                ),
+            ));
+        }
+        let (ids, t, c) = ct.targets(max_len);
+        push(ids, t, c);
+    }
+    Ok(out)
 }
 
 /// One graph per padded length, all over the same parameters; the first one built owns the optimizer state
@@ -216,18 +408,21 @@ impl<'d> CausalTask<'d> {
         self.loaded.as_mut().ok_or_else(|| Error::Msg("the causal-LM task is not prepared".into()))
     }
 
-    fn splits(&self, cfg: &TrainConfig, on: &mut dyn FnMut(Event)) -> Result<(Dataset, Option<Dataset>)> {
-        let full = self.train.dataset("train")?;
+    fn splits(&self, cfg: &TrainConfig, on: &mut dyn FnMut(Event)) -> Result<(CausalData, Option<CausalData>)> {
+        let full = &self.train;
+        if full.is_empty() {
+            return Err(Error::invalid("train", "has no rows"));
+        }
         let n = full.len() as f64;
+        let shown = full.source().map_or_else(|| "the training data".to_string(), |p| p.display().to_string());
         Ok(match &self.eval {
-            Some(e) => (full, Some(e.dataset("eval")?)),
+            Some(e) => (full.clone(), Some(e.clone())),
             None if (n * cfg.eval_fraction).round() >= 1.0 && n * (1.0 - cfg.eval_fraction) >= 10.0 => {
                 on(Event::Info(format!(
-                    "no eval set: holding out {:.0}% of {} for evaluation",
+                    "no eval set: holding out {:.0}% of {shown} for evaluation",
                     cfg.eval_fraction * 100.0,
-                    full.path.display()
                 )));
-                let (t, e) = full.split(cfg.eval_fraction, cfg.seed)?;
+                let (t, e) = full.split("train", cfg.eval_fraction, cfg.seed)?;
                 (t, Some(e))
             }
             None => {
@@ -235,7 +430,7 @@ impl<'d> CausalTask<'d> {
                     "no eval set and {} rows are too few to hold some out: no evaluation; the last adapter is kept",
                     full.len()
                 )));
-                (full, None)
+                (full.clone(), None)
             }
         })
     }
@@ -299,25 +494,31 @@ impl<'d> Task<'d> for CausalTask<'d> {
             }
         )));
         let pad = model.eos_tokens.first().copied().unwrap_or(0);
-        let (data, cut) = encode_all(&model, &train_ds, cfg.max_length)?;
-        let (eval, cut_e) = match &eval_ds {
-            Some(e) => encode_all(&model, e, cfg.max_length)?,
-            None => (vec![], 0),
+        let train = encode_all(&model, &train_ds, "train", cfg.max_length)?;
+        let ev = match &eval_ds {
+            Some(e) => encode_all(&model, e, "eval", cfg.max_length)?,
+            None => Encoded::default(),
         };
-        if data.is_empty() {
-            return Err(Error::Msg(format!("{}: no example has a completion token to learn", train_ds.path.display())));
+        let what = if self.train.conversations.is_some() { "an assistant token" } else { "a completion token" };
+        if train.data.is_empty() {
+            let (p, _) = train_ds.origin("train");
+            return Err(Error::Msg(format!("{}: no example has {what} to learn", p.display())));
         }
-        if eval_ds.is_some() && eval.is_empty() {
-            return Err(Error::Msg("the eval set has no example with a completion token".into()));
+        if eval_ds.is_some() && ev.data.is_empty() {
+            return Err(Error::Msg(format!("the eval set has no example with {what}")));
         }
-        if cut + cut_e > 0 {
+        let (cut, dropped) = (train.cut + ev.cut, train.dropped + ev.dropped);
+        if cut > 0 {
             on(Event::Warn(format!(
-                "{} of {} examples are longer than max_length {} tokens and were truncated",
-                cut + cut_e,
-                data.len() + eval.len(),
+                "{cut} of {} examples are longer than max_length {} tokens and were truncated",
+                train.data.len() + ev.data.len() + dropped,
                 cfg.max_length
             )));
         }
+        if dropped > 0 {
+            on(Event::Warn(format!("{dropped} examples have no target token left ({what}) and are left out")));
+        }
+        let (data, eval) = (train.data, ev.data);
         let modules = crate::lora::add_lora(dev, &mut model.store, &self.lora)?;
         let trainable: usize = model.store.trainable().map(|(_, p)| p.tensor.numel()).sum();
         on(Event::Info(format!(
@@ -341,7 +542,7 @@ impl<'d> Task<'d> for CausalTask<'d> {
         let train_buckets = buckets(hook, cfg.gradient_checkpointing);
         let eval_buckets = (l.dropout > 0.0).then(|| buckets(LoraHook::new(l.scale()), false));
         let lens = data.iter().map(|(x, _)| x.len()).collect();
-        let truncated = cut + cut_e;
+        let truncated = cut;
         self.loaded =
             Some(Loaded { model, pad, data, eval, buckets: train_buckets, eval_buckets, trainable, truncated });
         Ok(lens)
