@@ -140,18 +140,8 @@ fn qmatmul_backward_input(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_
     qmm_backward(wid, lane);
 }
 
-// W [N, K] to f32 (dx4 as the output [N, K]), 32 values (four deq8) per invocation over a flat 1-D grid
-// (grid_1d): the scratch weight of the large-M path (ops/qmatmul.rs) and a GPU check of the dequantizers.
-@compute @workgroup_size(WG)
-fn qdequantize(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-               @builtin(local_invocation_index) lane: u32) {
-    let i = flat_group(wid, nwg) * WG + lane;
-    let per_row = p.k >> 5u;
-    if (i >= p.n * per_row) { return; }
-    let n = i / per_row;
-    let k = (i - n * per_row) * 32u;
-    let rb = n * p.row_bytes;
-    let o = (n * p.k + k) >> 2u;
+// The 32 values k..k+32 of the row at byte `rb`, dequantized into dx4[o..o + 8] (qdequantize, qembedding).
+fn write32(rb: u32, k: u32, o: u32) {
     let h = head32(rb, k);
     let v0 = vals8(rb, k, 0u, h);
     let v1 = vals8(rb, k, 1u, h);
@@ -165,6 +155,21 @@ fn qdequantize(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     dx4[o + 5u] = v2.b;
     dx4[o + 6u] = v3.a;
     dx4[o + 7u] = v3.b;
+}
+
+// W [N, K] to f32 (dx4 as the output [N, K]), 32 values (four deq8) per invocation over a flat 1-D grid
+// (grid_1d): the scratch weight of the large-M path (ops/qmatmul.rs) and a GPU check of the dequantizers.
+@compute @workgroup_size(WG)
+fn qdequantize(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) lane: u32) {
+    let i = flat_group(wid, nwg) * WG + lane;
+    let per_row = p.k >> 5u;
+    if (i >= p.n * per_row) { return; }
+    let n = i / per_row;
+    let k = (i - n * per_row) * 32u;
+    let rb = n * p.row_bytes;
+    let o = (n * p.k + k) >> 2u;
+    write32(rb, k, o);
 }
 
 // out [M, K] (dx4) = the rows ids[0..M] - p._p0 of W dequantized (an embedding lookup in a table, or in one row
@@ -187,17 +192,5 @@ fn qembedding(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
         return;
     }
     let rb = n * p.row_bytes;
-    let h = head32(rb, k);
-    let v0 = vals8(rb, k, 0u, h);
-    let v1 = vals8(rb, k, 1u, h);
-    let v2 = vals8(rb, k, 2u, h);
-    let v3 = vals8(rb, k, 3u, h);
-    dx4[o] = v0.a;
-    dx4[o + 1u] = v0.b;
-    dx4[o + 2u] = v1.a;
-    dx4[o + 3u] = v1.b;
-    dx4[o + 4u] = v2.a;
-    dx4[o + 5u] = v2.b;
-    dx4[o + 6u] = v3.a;
-    dx4[o + 7u] = v3.b;
+    write32(rb, k, o);
 }

@@ -5,7 +5,7 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::{checkpoint_diff, model, rime, tmp, train, write_labelled};
+use common::{checkpoint_diff, model, rime, step_losses, tmp, train, write_labelled};
 
 /// A one-epoch LoRA fine-tune on `data` (also its eval set) with `rime train`; returns its best/ adapter.
 fn train_tiny(m: &std::path::Path, data: &std::path::Path, out: &std::path::Path, seed: &str) -> PathBuf {
@@ -330,14 +330,7 @@ fn causal_lm_lora_learns_and_its_adapter_generates() {
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
-    let losses: Vec<f32> = err
-        .lines()
-        .filter_map(|l| {
-            l.strip_prefix("step ")
-                .and_then(|r| r.split("loss ").nth(1))
-                .and_then(|x| x.split(',').next()?.trim().parse().ok())
-        })
-        .collect();
+    let losses = step_losses(&err);
     assert_eq!(losses.len(), 6, "{err}");
     assert!(losses[5] < 0.5 * losses[0], "completion loss should fall on a repeated example: {losses:?}");
     let cfg = std::fs::read_to_string(out.join("adapter/adapter_config.json")).unwrap();
@@ -387,14 +380,7 @@ fn causal_lm_lora_on_quantized_weights_follows_the_f32_run() {
             .unwrap();
         let err = String::from_utf8_lossy(&o.stderr).to_string();
         assert!(o.status.success(), "{err}");
-        let losses: Vec<f32> = err
-            .lines()
-            .filter_map(|l| {
-                l.strip_prefix("step ")
-                    .and_then(|r| r.split("loss ").nth(1))
-                    .and_then(|x| x.split(',').next()?.trim().parse().ok())
-            })
-            .collect();
+        let losses = step_losses(&err);
         (err, losses, out)
     };
     let (_, lf, _) = run("f32");
@@ -451,15 +437,7 @@ fn causal_lm_micro_batches_give_the_whole_batch_update() {
             .unwrap();
         let err = String::from_utf8_lossy(&o.stderr).to_string();
         assert!(o.status.success(), "{err}");
-        let losses: Vec<f32> = err
-            .lines()
-            .filter_map(|l| {
-                l.strip_prefix("step ")
-                    .and_then(|r| r.split("loss ").nth(1))
-                    .and_then(|x| x.split(',').next()?.trim().parse().ok())
-            })
-            .collect();
-        losses
+        step_losses(&err)
     };
     let whole = run("whole", &[]);
     let micro = run("micro", &["--micro-batch-size", "1"]);

@@ -11,28 +11,6 @@ use rime_kernels::ops::{embedding, lora, matmul};
 use rime_kernels::reference::{embedding as re, lora as rl, qmatmul as rq};
 use rime_kernels::{DType, Device, QTensor, QType, Tensor};
 
-/// Random valid blocks (random bytes, every f16 scale replaced by a finite value in ±[1e-3, 0.1]).
-fn random_blocks(qtype: QType, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
-    use rand::Rng;
-    let mut g = rng(seed);
-    let (bs, bb) = qtype.block();
-    let scales: &[usize] = match qtype {
-        QType::Q8_0 | QType::Q4_0 | QType::Q5_0 => &[0],
-        QType::Q4_1 | QType::Q4K => &[0, 2],
-        QType::Q6K => &[208],
-    };
-    let mut out = Vec::with_capacity(rows * cols / bs * bb);
-    for _ in 0..rows * cols / bs {
-        let mut blk: Vec<u8> = (0..bb).map(|_| g.random::<u8>()).collect();
-        for &o in scales {
-            let v: f32 = g.random_range(1e-3..0.1) * if g.random::<bool>() { 1.0 } else { -1.0 };
-            blk[o..o + 2].copy_from_slice(&half::f16::from_f32(v).to_bits().to_le_bytes());
-        }
-        out.extend(blk);
-    }
-    out
-}
-
 /// A quantized weight [n, k] as the tensor a store holds, and its dequantized values.
 fn weight(d: &Device, qtype: QType, n: usize, k: usize, seed: u64) -> (Tensor, Vec<f32>) {
     let bytes = random_blocks(qtype, n, k, seed);

@@ -71,3 +71,15 @@ pub fn checkpoint_diff(a: &Path, b: &Path) -> f32 {
     assert_eq!(names(&x), names(&y), "{} and {} hold different tensors", a.display(), b.display());
     x.iter().zip(&y).flat_map(|((_, p), (_, q))| p.iter().zip(q).map(|(u, v)| (u - v).abs())).fold(0f32, f32::max)
 }
+
+/// The losses of the `step N: loss L, ...` lines a `rime train` run writes to stderr, in order.
+pub fn step_losses(stderr: &str) -> Vec<f32> {
+    stderr
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("step ")
+                .and_then(|r| r.split("loss ").nth(1))
+                .and_then(|x| x.split(',').next()?.trim().parse().ok())
+        })
+        .collect()
+}

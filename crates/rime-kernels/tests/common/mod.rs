@@ -54,3 +54,26 @@ pub fn finite_diff(x: &[f32], eps: f32, mut f: impl FnMut(&[f32]) -> f64) -> Vec
         })
         .collect()
 }
+
+/// Random valid blocks for a weight [rows, cols]: random bytes, each f16 scale replaced by a finite value of
+/// either sign in [1e-3, 0.1] (any other bytes form a valid block of these types).
+pub fn random_blocks(qtype: rime_kernels::QType, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+    use rand::Rng;
+    let mut g = rng(seed);
+    let (bs, bb) = qtype.block();
+    let scales: &[usize] = match qtype {
+        rime_kernels::QType::Q8_0 | rime_kernels::QType::Q4_0 | rime_kernels::QType::Q5_0 => &[0],
+        rime_kernels::QType::Q4_1 | rime_kernels::QType::Q4K => &[0, 2],
+        rime_kernels::QType::Q6K => &[208],
+    };
+    let mut out = Vec::with_capacity(rows * cols / bs * bb);
+    for _ in 0..rows * cols / bs {
+        let mut blk: Vec<u8> = (0..bb).map(|_| g.random::<u8>()).collect();
+        for &o in scales {
+            let v: f32 = g.random_range(1e-3..0.1) * if g.random::<bool>() { 1.0 } else { -1.0 };
+            blk[o..o + 2].copy_from_slice(&half::f16::from_f32(v).to_bits().to_le_bytes());
+        }
+        out.extend(blk);
+    }
+    out
+}
