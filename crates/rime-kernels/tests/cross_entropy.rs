@@ -144,3 +144,72 @@ fn cross_entropy_shaders_validate() {
         naga::back::pipeline_constants::process_overrides(&module, &info, None, &consts).unwrap();
     }
 }
+
+/// The rows `r` and columns `c` of x [.., v].
+fn block_of(x: &[f32], v: usize, r: std::ops::Range<usize>, c: std::ops::Range<usize>) -> Vec<f32> {
+    r.flat_map(|i| x[i * v + c.start..i * v + c.end].to_vec()).collect()
+}
+
+/// Logits taken as row chunks × class blocks (an output head split by vocabulary rows, tokens a chunk at a
+/// time): the chunks' loss shares add up to the reference mean, each chunk's folded lse is the reference lse
+/// of its rows, and each block's gradient is the reference gradient's block. Block widths mix f32 and vec4
+/// rows, and a target falls in each block.
+#[test]
+fn cross_entropy_blocks_match_the_whole() {
+    let d = dev();
+    // (rows, row chunk, class block boundaries)
+    let cases: &[(usize, usize, &[usize])] =
+        &[(7, 3, &[0, 5, 12, 13, 29]), (16, 16, &[0, 64, 128]), (9, 4, &[0, 1]), (33, 8, &[0, 40, 41, 200])];
+    for rv in variants(d) {
+        for &(n, chunk, cuts) in cases {
+            let v = *cuts.last().unwrap();
+            let x = randn((n * v) as u64 + 9, n * v, 6.0);
+            let t = targets(n, v, 11);
+            let (wl, wlse) = r::cross_entropy_forward(&x, &t, v, IGNORE);
+            let wd = r::cross_entropy_backward(0.3, &x, &wlse, &t, v, IGNORE);
+            let tt = up_i32(&t);
+            let what = format!("cross_entropy blocks {rv:?} {n}x{v} by {chunk}");
+            let mut total = 0f32;
+            for r0 in (0..n).step_by(chunk) {
+                let rows = r0..(r0 + chunk).min(n);
+                let m = rows.len();
+                let (lse, picked, loss) = (empty(&[m]), empty(&[m]), empty(&[1]));
+                let mut blocks = Vec::new();
+                for (k, c) in cuts.windows(2).enumerate() {
+                    let b = Block { row0: r0, offset: c[0], classes: v, first: k == 0 };
+                    let xb = up(&block_of(&x, v, rows.clone(), c[0]..c[1]), &[m, c[1] - c[0]]);
+                    d.run(&cross_entropy_block_forward_with(d, rv, &lse, &picked, &xb, &tt, b, IGNORE).unwrap())
+                        .unwrap();
+                    blocks.push((b, xb, c[0]..c[1]));
+                }
+                let b0 = blocks[0].0;
+                d.run(&cross_entropy_block_loss_with(d, rv, &loss, &lse, &picked, &tt, b0, IGNORE).unwrap()).unwrap();
+                total += get(&loss)[0];
+                assert_close(&format!("{what} lse at {r0}"), &get(&lse), &wlse[rows.clone()], 1e-5, 1e-6);
+                for (b, xb, cols) in blocks {
+                    let db = empty(&xb.shape);
+                    let ds =
+                        cross_entropy_block_backward_with(d, rv, &db, &up(&[0.3], &[1]), &xb, &lse, &tt, b, IGNORE);
+                    d.run(&ds.unwrap()).unwrap();
+                    let want = block_of(&wd, v, rows.clone(), cols.clone());
+                    assert_close(&format!("{what} dlogits {r0} {cols:?}"), &get(&db), &want, 1e-6, 1e-5);
+                }
+            }
+            assert_close(&(what + " loss"), &[total], &[wl], 1e-5, 1e-5);
+        }
+    }
+}
+
+#[test]
+fn cross_entropy_blocks_reject_blocks_outside_the_problem() {
+    let d = dev();
+    let (x, tt) = (empty(&[2, 4]), up_i32(&[0, 1, 2]));
+    let (lse, picked) = (empty(&[2]), empty(&[2]));
+    let past_classes = Block { row0: 0, offset: 3, classes: 6, first: true };
+    let e = cross_entropy_block_forward(d, &lse, &picked, &x, &tt, past_classes, IGNORE).err().unwrap().to_string();
+    assert!(e.contains("classes"), "{e}");
+    let past_rows = Block { row0: 2, offset: 0, classes: 4, first: true };
+    let e = cross_entropy_block_forward(d, &lse, &picked, &x, &tt, past_rows, IGNORE).err().unwrap().to_string();
+    assert!(e.contains("rows 2..4"), "{e}");
+    assert!(cross_entropy_block_loss(d, &empty(&[1]), &lse, &empty(&[3]), &tt, Block::whole(4), IGNORE).is_err());
+}

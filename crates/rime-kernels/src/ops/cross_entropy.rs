@@ -1,5 +1,12 @@
 //! Launchers for shaders/cross_entropy.wgsl: mean cross-entropy of logits [N, V] against targets \[N] (I32,
 //! rows equal to ignore_index left out), saving the per-row log-sum-exp for the backward.
+//!
+//! The logits may also come as blocks ([`Block`]): a chunk of rows times a range of classes, as a decoder's
+//! output head produces them when the whole [tokens, vocabulary] matrix would not fit one storage binding
+//! (Gemma 3's 262,144 classes). Each block of a row chunk folds its log-sum-exp into the chunk's running one
+//! ([`cross_entropy_block_forward`]); [`cross_entropy_block_loss`] then gives the chunk's share of the mean, and
+//! [`cross_entropy_block_backward`] each block's gradient. [`cross_entropy_forward`] and
+//! [`cross_entropy_backward`] are the one-block case.
 
 use super::reduce::{row_specs, width_for, RowVariant};
 use super::{grid_1d, words};
@@ -13,8 +20,35 @@ pub fn specs() -> Vec<(&'static str, Spec)> {
     row_specs(FILE)
 }
 
-/// Checks logits [N, V], targets [N] (I32), a per-row tensor; returns (N, V).
-fn dims(op: &'static str, logits: &Tensor, targets: &Tensor, lse: &Tensor) -> Result<(u32, u32)> {
+/// Where a block of logits [n, v] sits in the whole problem: its rows are rows `row0..row0 + n` of the
+/// targets, its columns classes `offset..offset + v` of `classes`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Block {
+    pub row0: usize,
+    pub offset: usize,
+    pub classes: usize,
+    /// Whether this is the first block of its rows (it writes the running log-sum-exp instead of folding into
+    /// it).
+    pub first: bool,
+}
+
+impl Block {
+    /// The whole problem as one block of `classes` columns.
+    pub fn whole(classes: usize) -> Block {
+        Block { row0: 0, offset: 0, classes, first: true }
+    }
+}
+
+/// Checks a block of logits [n, v] against targets (I32) and a per-row tensor; returns the kernel's parameter
+/// words and the element width.
+fn params(
+    op: &'static str,
+    logits: &Tensor,
+    targets: &Tensor,
+    lse: &Tensor,
+    b: Block,
+    ignore: i32,
+) -> Result<(Vec<u8>, u32)> {
     expect_f32(op, "logits", logits)?;
     expect_f32(op, "lse", lse)?;
     expect_nonempty(op, "logits", logits)?;
@@ -22,20 +56,47 @@ fn dims(op: &'static str, logits: &Tensor, targets: &Tensor, lse: &Tensor) -> Re
         return Err(shape_err(op, format!("logits {:?} must be [N, V]", logits.shape)));
     }
     let (n, v) = (logits.shape[0], logits.shape[1]);
-    if targets.dtype != DType::I32 || targets.numel() != n {
+    if targets.dtype != DType::I32 || targets.rank() != 1 || b.row0 + n > targets.numel() {
         return Err(shape_err(
             op,
             format!(
-                "targets ({:?} {:?}) must be I32 [{n}] for logits {:?}",
-                targets.dtype, targets.shape, logits.shape
+                "targets ({:?} {:?}) must be I32 holding rows {}..{} for logits {:?}",
+                targets.dtype,
+                targets.shape,
+                b.row0,
+                b.row0 + n,
+                logits.shape
             ),
+        ));
+    }
+    if b.offset + v > b.classes {
+        return Err(shape_err(
+            op,
+            format!("logits {:?} at class {} run past the {} classes", logits.shape, b.offset, b.classes),
         ));
     }
     if lse.numel() != n {
         return Err(shape_err(op, format!("lse {:?} must hold N = {n} values (logits {:?})", lse.shape, logits.shape)));
     }
     index_u32(op, "numel", logits.numel())?;
-    Ok((n as u32, v as u32))
+    index_u32(op, "classes", b.classes)?;
+    index_u32(op, "target rows", targets.numel())?;
+    let width = width_for(v);
+    let w = words(&[
+        n as u32,
+        v as u32,
+        ignore as u32,
+        v as u32 / width,
+        b.offset as u32,
+        b.classes as u32,
+        b.row0 as u32,
+        targets.numel() as u32,
+        b.first as u32,
+        0,
+        0,
+        0,
+    ]);
+    Ok((w, width))
 }
 
 fn scalar(op: &'static str, name: &str, t: &Tensor) -> Result<()> {
@@ -68,23 +129,138 @@ pub fn cross_entropy_forward_with(
     ignore_index: i32,
 ) -> Result<Vec<Dispatch>> {
     const OP: &str = "cross_entropy_forward";
+    if targets.numel() != logits.shape.first().copied().unwrap_or(0) {
+        return Err(shape_err(
+            OP,
+            format!("targets {:?} must hold one value per row of logits {:?}", targets.shape, logits.shape),
+        ));
+    }
+    let v = logits.shape.get(1).copied().unwrap_or(0);
+    // The picked target logits live in a scratch the dispatches' bind groups hold alive.
+    let picked = dev.empty(&[lse.numel().max(1)], DType::F32)?;
+    let b = Block::whole(v);
+    let mut ds = cross_entropy_block_forward_with(dev, rv, lse, &picked, logits, targets, b, ignore_index)?;
+    ds.extend(cross_entropy_block_loss_with(dev, rv, loss, lse, &picked, targets, b, ignore_index)?);
+    Ok(ds)
+}
+
+/// Folds the block `logits` [n, v] at `b` into the running log-sum-exp `lse` \[n] of its rows (written when
+/// `b.first`), and writes `picked` \[n] for the rows whose target is one of its classes.
+#[allow(clippy::too_many_arguments)]
+pub fn cross_entropy_block_forward(
+    dev: &Device,
+    lse: &Tensor,
+    picked: &Tensor,
+    logits: &Tensor,
+    targets: &Tensor,
+    b: Block,
+    ignore_index: i32,
+) -> Result<Vec<Dispatch>> {
+    cross_entropy_block_forward_with(dev, RowVariant::for_device(dev), lse, picked, logits, targets, b, ignore_index)
+}
+
+/// [`cross_entropy_block_forward`] with an explicit row variant.
+#[allow(clippy::too_many_arguments)]
+pub fn cross_entropy_block_forward_with(
+    dev: &Device,
+    rv: RowVariant,
+    lse: &Tensor,
+    picked: &Tensor,
+    logits: &Tensor,
+    targets: &Tensor,
+    b: Block,
+    ignore_index: i32,
+) -> Result<Vec<Dispatch>> {
+    const OP: &str = "cross_entropy_forward";
     rv.check(OP, dev)?;
-    let (n, v) = dims(OP, logits, targets, lse)?;
+    let (w, width) = params(OP, logits, targets, lse, b, ignore_index)?;
+    expect_f32(OP, "picked", picked)?;
+    if picked.numel() != lse.numel() {
+        return Err(shape_err(OP, format!("picked {:?} must match lse {:?}", picked.shape, lse.shape)));
+    }
+    let n = logits.shape[0] as u32;
+    Ok(vec![dev.dispatch(
+        FILE,
+        OP,
+        &rv.spec_w(width),
+        Some(&w),
+        &[(1, logits), (2, targets), (3, lse), (8, logits), (9, picked)],
+        grid_1d(n),
+    )?])
+}
+
+/// loss \[1] = the share of the mean loss of the rows `b.row0..b.row0 + n` once every block of them has been
+/// folded in: the sum over their kept rows of lse - picked, over the kept rows of all of `targets`. The shares of
+/// row chunks covering the targets add up to the mean. Only `b.row0`, `b.classes` and n (from `lse`) matter.
+#[allow(clippy::too_many_arguments)]
+pub fn cross_entropy_block_loss(
+    dev: &Device,
+    loss: &Tensor,
+    lse: &Tensor,
+    picked: &Tensor,
+    targets: &Tensor,
+    b: Block,
+    ignore_index: i32,
+) -> Result<Vec<Dispatch>> {
+    cross_entropy_block_loss_with(dev, RowVariant::for_device(dev), loss, lse, picked, targets, b, ignore_index)
+}
+
+/// [`cross_entropy_block_loss`] with an explicit row variant.
+#[allow(clippy::too_many_arguments)]
+pub fn cross_entropy_block_loss_with(
+    dev: &Device,
+    rv: RowVariant,
+    loss: &Tensor,
+    lse: &Tensor,
+    picked: &Tensor,
+    targets: &Tensor,
+    b: Block,
+    ignore_index: i32,
+) -> Result<Vec<Dispatch>> {
+    const OP: &str = "cross_entropy_forward_loss";
+    rv.check(OP, dev)?;
     scalar(OP, "loss", loss)?;
-    let width = width_for(v as usize);
-    let w = words(&[n, v, ignore_index as u32, v / width]);
-    let spec = rv.spec_w(width);
-    Ok(vec![
-        dev.dispatch(FILE, OP, &spec, Some(&w), &[(1, logits), (3, lse)], grid_1d(n))?,
-        dev.dispatch(
-            FILE,
-            "cross_entropy_forward_loss",
-            &spec,
-            Some(&w),
-            &[(2, targets), (3, lse), (4, loss), (8, logits)],
-            [1, 1, 1],
-        )?,
-    ])
+    expect_f32(OP, "picked", picked)?;
+    expect_f32(OP, "lse", lse)?;
+    let n = lse.numel();
+    if picked.numel() != n || n == 0 || targets.dtype != DType::I32 || b.row0 + n > targets.numel() {
+        return Err(shape_err(
+            OP,
+            format!(
+                "lse {:?} and picked {:?} must hold the rows {}..{} of targets ({:?} {:?})",
+                lse.shape,
+                picked.shape,
+                b.row0,
+                b.row0 + n,
+                targets.dtype,
+                targets.shape
+            ),
+        ));
+    }
+    index_u32(OP, "classes", b.classes)?;
+    index_u32(OP, "target rows", targets.numel())?;
+    let w = words(&[
+        n as u32,
+        1,
+        ignore_index as u32,
+        1,
+        0,
+        b.classes as u32,
+        b.row0 as u32,
+        targets.numel() as u32,
+        0,
+        0,
+        0,
+        0,
+    ]);
+    Ok(vec![dev.dispatch(
+        FILE,
+        OP,
+        &rv.spec_w(1),
+        Some(&w),
+        &[(2, targets), (3, lse), (4, loss), (9, picked)],
+        [1, 1, 1],
+    )?])
 }
 
 /// dlogits = dloss / kept_rows * (softmax(logits) - onehot(target)) on kept rows, 0 on ignored rows.
@@ -112,9 +288,49 @@ pub fn cross_entropy_backward_with(
     targets: &Tensor,
     ignore_index: i32,
 ) -> Result<Vec<Dispatch>> {
+    if targets.numel() != logits.shape.first().copied().unwrap_or(0) {
+        return Err(shape_err(
+            "cross_entropy_backward",
+            format!("targets {:?} must hold one value per row of logits {:?}", targets.shape, logits.shape),
+        ));
+    }
+    let b = Block::whole(logits.shape.get(1).copied().unwrap_or(0));
+    cross_entropy_block_backward_with(dev, rv, dlogits, dloss, logits, lse, targets, b, ignore_index)
+}
+
+/// The gradient of the mean loss (over the kept rows of all of `targets`) with respect to the block `logits`
+/// at `b`: dloss / kept rows * (softmax - onehot) on its kept rows, from the rows' full log-sum-exp `lse`.
+#[allow(clippy::too_many_arguments)]
+pub fn cross_entropy_block_backward(
+    dev: &Device,
+    dlogits: &Tensor,
+    dloss: &Tensor,
+    logits: &Tensor,
+    lse: &Tensor,
+    targets: &Tensor,
+    b: Block,
+    ignore_index: i32,
+) -> Result<Vec<Dispatch>> {
+    let rv = RowVariant::for_device(dev);
+    cross_entropy_block_backward_with(dev, rv, dlogits, dloss, logits, lse, targets, b, ignore_index)
+}
+
+/// [`cross_entropy_block_backward`] with an explicit row variant.
+#[allow(clippy::too_many_arguments)]
+pub fn cross_entropy_block_backward_with(
+    dev: &Device,
+    rv: RowVariant,
+    dlogits: &Tensor,
+    dloss: &Tensor,
+    logits: &Tensor,
+    lse: &Tensor,
+    targets: &Tensor,
+    b: Block,
+    ignore_index: i32,
+) -> Result<Vec<Dispatch>> {
     const OP: &str = "cross_entropy_backward";
     rv.check(OP, dev)?;
-    let (n, v) = dims(OP, logits, targets, lse)?;
+    let (w, width) = params(OP, logits, targets, lse, b, ignore_index)?;
     scalar(OP, "dloss", dloss)?;
     expect_f32(OP, "dlogits", dlogits)?;
     if dlogits.shape != logits.shape {
@@ -123,9 +339,8 @@ pub fn cross_entropy_backward_with(
     // dloss / kept rows lives on the GPU (dloss may be produced by an earlier kernel); the scratch word is
     // held alive by the dispatches' bind groups.
     let scale = dev.empty(&[1], DType::F32)?;
-    let width = width_for(v as usize);
-    let w = words(&[n, v, ignore_index as u32, v / width]);
     let spec = rv.spec_w(width);
+    let n = logits.shape[0] as u32;
     Ok(vec![
         dev.dispatch(
             FILE,
