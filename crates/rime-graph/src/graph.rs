@@ -112,10 +112,18 @@ pub enum Op {
         mask: Option<Var>,
         causal: bool,
     },
+    /// Logits as blocks of classes side by side (one block: the whole row) for rows row0.. of `targets`; the
+    /// output is their share of the mean over all of `targets`' kept rows.
     CrossEntropy {
-        logits: Var,
+        parts: Vec<Var>,
         targets: Var,
+        row0: usize,
         ignore_index: i32,
+    },
+    /// Rows start..start + n of x [N, ..] (n from the node's shape).
+    Rows {
+        x: Var,
+        start: usize,
     },
     /// rows [P, C] in front of every sequence of x [B, T, C].
     Prepend {
@@ -172,6 +180,7 @@ impl Op {
             Op::Attention { .. } => "attention",
             Op::Softmax { .. } => "softmax",
             Op::CrossEntropy { .. } => "cross_entropy",
+            Op::Rows { .. } => "rows",
             Op::Prepend { .. } => "prepend",
             Op::PatchUnfold { .. } => "patch_unfold",
             Op::State => "state",
@@ -183,11 +192,13 @@ impl Op {
 
     /// The tensors this op reads.
     pub fn inputs(&self) -> Vec<Var> {
-        if let Op::ConcatLast { parts } = self {
-            return parts.clone();
+        match self {
+            Op::ConcatLast { parts } => return parts.clone(),
+            Op::CrossEntropy { parts, targets, .. } => return parts.iter().copied().chain([*targets]).collect(),
+            _ => {}
         }
         match *self {
-            Op::ConcatLast { .. } => vec![],
+            Op::ConcatLast { .. } | Op::CrossEntropy { .. } => vec![],
             Op::Input | Op::Param(_) | Op::State => vec![],
             Op::CacheWrite { cache, src, pos } => vec![cache, src, pos],
             Op::RopeAt { x, pos, .. } => vec![x, pos],
@@ -199,6 +210,7 @@ impl Op {
             | Op::Relu { x }
             | Op::Dropout { x, .. }
             | Op::Rope { x, .. }
+            | Op::Rows { x, .. }
             | Op::PatchUnfold { x, .. } => vec![x],
             Op::Matmul { a, b, bias, .. } => [Some(a), Some(b), bias].into_iter().flatten().collect(),
             Op::Lora { x, w, bias, a, b, .. } => {
@@ -211,7 +223,6 @@ impl Op {
             Op::Embedding { ids, table, .. } => vec![ids, table],
             Op::Attention { q, k, v, mask, .. } => [Some(q), Some(k), Some(v), mask].into_iter().flatten().collect(),
             Op::Softmax { x, mask, .. } => [Some(x), mask].into_iter().flatten().collect(),
-            Op::CrossEntropy { logits, targets, .. } => vec![logits, targets],
             Op::Prepend { x, rows } => vec![x, rows],
         }
     }

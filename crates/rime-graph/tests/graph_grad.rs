@@ -442,3 +442,88 @@ fn prepend_prompt_and_prefix_gradients_match_finite_differences() {
     check_grads(&mut ex, &store, loss, 5, 99);
     assert_eq!(ex.gradient_buffers(), 4, "w, prompt, prefix, head; the frozen projections get none");
 }
+
+/// A head over classes split into two weight parts, taken three rows at a time (`rows`, blocks of logits,
+/// `cross_entropy_blocks`, the chunks' shares added; each chunk a checkpoint segment when `checkpoint`): the
+/// loss is the whole head's (concat_last + cross_entropy), the gradients of every parameter (a layer below the
+/// slices and both head parts) are the whole head's and match finite differences.
+#[test]
+fn chunked_head_cross_entropy_matches_the_whole_head() {
+    let d = dev();
+    let (n, c, v1, v2, chunk) = (7, 5, 6, 9, 3);
+    let mut store = ParamStore::new();
+    store.add_f32(d, "w0", &rnd(41, c * c, 0.6), &[c, c], true).unwrap();
+    store.add_f32(d, "head0", &rnd(42, v1 * c, 0.6), &[v1, c], true).unwrap();
+    store.add_f32(d, "head1", &rnd(43, v2 * c, 0.6), &[v2, c], true).unwrap();
+    let tg = [0, 14, -100, 6, 5, 2, 11];
+    let build = |chunked: Option<bool>| {
+        let mut g = Graph::new();
+        let x = g.input("x", &[n, c], DType::F32);
+        let t = targets(&mut g, n);
+        let w0 = g.param(&store, "w0").unwrap();
+        let parts = [g.param(&store, "head0").unwrap(), g.param(&store, "head1").unwrap()];
+        let h = g.linear(x, w0, None).unwrap();
+        let h = g.gelu(h, false);
+        let loss = match chunked {
+            None => {
+                let ys = parts.map(|w| g.linear(h, w, None).unwrap());
+                let logits = g.concat_last(&ys).unwrap();
+                g.cross_entropy(logits, t, -100).unwrap()
+            }
+            Some(checkpoint) => {
+                let mut total = None;
+                for r0 in (0..n).step_by(chunk) {
+                    if checkpoint {
+                        g.checkpoint();
+                    }
+                    let hc = g.rows(h, r0, chunk.min(n - r0)).unwrap();
+                    let ys = parts.map(|w| g.linear(hc, w, None).unwrap());
+                    let share = g.cross_entropy_blocks(&ys, t, r0, -100).unwrap();
+                    g.end_checkpoint();
+                    total = Some(match total {
+                        Some(s) => g.add(s, share).unwrap(),
+                        None => share,
+                    });
+                }
+                total.unwrap()
+            }
+        };
+        let mut ex = Executor::new(d, g, &store, Some(loss), &[loss], Some(OptimConfig::adamw(1e-2, 0.0))).unwrap();
+        ex.feed_f32(d, "x", &rnd(44, n * c, 1.0)).unwrap();
+        ex.feed_i32(d, "targets", &tg).unwrap();
+        ex.forward(d).unwrap();
+        ex.backward_only(d).unwrap();
+        let l = ex.read(d, loss).unwrap()[0];
+        let grads: Vec<Vec<f32>> = store.trainable().map(|(id, _)| ex.read_param_grad(d, id).unwrap()).collect();
+        (ex, loss, l, grads)
+    };
+    let (_, _, whole, want) = build(None);
+    for checkpoint in [false, true] {
+        let (mut ex, loss, l, grads) = build(Some(checkpoint));
+        assert!((l - whole).abs() <= 1e-6 * whole.abs().max(1.0), "chunked loss {l} vs whole {whole}");
+        for (g, w) in grads.iter().zip(&want) {
+            for (a, b) in g.iter().zip(w) {
+                assert!((a - b).abs() <= 1e-6 + 1e-5 * b.abs(), "checkpoint {checkpoint}: gradient {a} vs whole {b}");
+            }
+        }
+        check_grads(&mut ex, &store, loss, 4, 7);
+    }
+}
+
+#[test]
+fn rows_and_cross_entropy_blocks_reject_bad_shapes() {
+    let mut g = Graph::new();
+    let x = g.input("x", &[4, 3], DType::F32);
+    let t = targets(&mut g, 4);
+    let e = g.rows(x, 3, 2).err().unwrap().to_string();
+    assert!(e.contains("rows 3..5"), "{e}");
+    assert!(g.rows(x, 0, 0).is_err());
+    let r = g.rows(x, 2, 2).unwrap();
+    assert_eq!(g.shape(r), &[2, 3]);
+    let y = g.input("y", &[3, 3], DType::F32);
+    let e = g.cross_entropy_blocks(&[r, y], t, 2, -100).err().unwrap().to_string();
+    assert!(e.contains("cross_entropy_blocks"), "{e}");
+    assert!(g.cross_entropy_blocks(&[r], t, 3, -100).is_err());
+    assert!(g.cross_entropy_blocks(&[], t, 0, -100).is_err());
+    assert!(g.cross_entropy_blocks(&[r], t, 2, -100).is_ok());
+}

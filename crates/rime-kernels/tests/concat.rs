@@ -44,6 +44,25 @@ fn concat_and_slice_cols_match_reference() {
 }
 
 #[test]
+fn place_cols_matches_reference() {
+    let d = dev();
+    for &(n, w, total, off) in &[(1usize, 3usize, 3usize, 0usize), (5, 7, 20, 13), (1, 64, 640, 128), (9, 1, 70, 0)] {
+        let part = randn(3, n * w, 1.0);
+        let start = randn(4, n * total, 1.0);
+        for acc in [false, true] {
+            let whole = d.upload_f32(&start, &[n, total]).unwrap();
+            d.run(&concat::place_cols(d, &whole, &d.upload_f32(&part, &[n, w]).unwrap(), off, acc).unwrap()).unwrap();
+            let mut want = start.clone();
+            rc::place_cols(&mut want, &part, n, total, off, acc);
+            assert_close(&format!("place_cols {n}x{w} in {total} at {off} acc {acc}"), &get(&whole), &want, 0.0, 0.0);
+        }
+    }
+    let whole = d.empty(&[2, 5], DType::F32).unwrap();
+    let e = concat::place_cols(d, &whole, &d.empty(&[2, 3], DType::F32).unwrap(), 3, true).err().unwrap().to_string();
+    assert!(e.contains("place_cols") && e.contains("does not fit"), "{e}");
+}
+
+#[test]
 fn embedding_with_offset_sums_to_the_whole_lookup() {
     let d = dev();
     let (v, c) = (23usize, 9usize);

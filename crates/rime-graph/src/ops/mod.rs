@@ -50,9 +50,10 @@ pub(crate) fn forward(b: &mut Builder, v: Var, o: &TRef) -> Result<()> {
             attention::forward(b, v, o, attention::Attn { qkv: [q, k, vv], mask, causal, scale, window })
         }
         Op::Softmax { x, mask, causal } => softmax::forward(b, o, x, mask, causal),
-        Op::CrossEntropy { logits, targets, ignore_index } => {
-            cross_entropy::forward(b, v, o, logits, targets, ignore_index)
+        Op::CrossEntropy { parts, targets, row0, ignore_index } => {
+            cross_entropy::forward(b, v, o, &parts, targets, row0, ignore_index)
         }
+        Op::Rows { x, start } => concat::rows_forward(b, o, x, start),
         Op::Prepend { x, rows } => prepend::forward(b, o, x, rows),
         Op::PatchUnfold { x, p } => patch::forward(b, o, x, p),
         Op::CacheWrite { src, pos, .. } => cache::write_forward(b, o, src, pos),
@@ -87,9 +88,10 @@ pub(crate) fn backward(b: &mut Builder, v: Var, dout: &TRef) -> Result<()> {
             attention::backward(b, v, dout, attention::Attn { qkv: [q, k, vv], mask, causal, scale, window })
         }
         Op::Softmax { x, .. } => softmax::backward(b, v, dout, x),
-        Op::CrossEntropy { logits, targets, ignore_index } => {
-            cross_entropy::backward(b, v, dout, logits, targets, ignore_index)
+        Op::CrossEntropy { parts, targets, row0, ignore_index } => {
+            cross_entropy::backward(b, v, dout, &parts, targets, row0, ignore_index)
         }
+        Op::Rows { x, start } => concat::rows_backward(b, dout, x, start),
         Op::Prepend { x, rows } => prepend::backward(b, dout, x, rows),
         Op::PatchUnfold { x, p } => patch::backward(b, dout, x, p),
         Op::CacheWrite { .. } => cache::write_backward(b, v)?,

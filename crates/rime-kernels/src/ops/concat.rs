@@ -1,5 +1,6 @@
 //! Launchers for shaders/concat.wgsl: a block of columns written into, or read out of, a wider row-major
-//! matrix (concatenation along the last axis and its gradient; the output head of a vocabulary split by rows).
+//! matrix (concatenation along the last axis and its gradient; the output head of a vocabulary split by rows). Seen as one
+//! row, a matrix's chunk of rows is a column block: the graph's row slices use these kernels on such views.
 
 use super::{grid_1d, words};
 use crate::error::{shape_err, Result};
@@ -41,30 +42,46 @@ fn launch(
     dst: &Tensor,
     d: (usize, usize, usize),
     off: usize,
+    accumulate: bool,
 ) -> Result<Vec<Dispatch>> {
     let (n, w, total) = d;
-    if n * w == 0 {
+    // place_cols without accumulating writes the whole destination
+    let threads = if entry == "place_cols" && !accumulate { n * total } else { n * w };
+    if threads == 0 {
         return Ok(Vec::new());
     }
-    let p = words(&[n as u32, w as u32, total as u32, off as u32]);
+    let p = words(&[n as u32, w as u32, total as u32, off as u32, accumulate as u32, 0, 0, 0]);
     Ok(vec![dev.dispatch(
         FILE,
         entry,
         &spec(),
         Some(&p),
         &[(1, src), (2, dst)],
-        grid_1d(((n * w) as u32).div_ceil(WG)),
+        grid_1d((threads as u32).div_ceil(WG)),
     )?])
 }
 
 /// whole[.., offset..offset + w] = part[.., :] (part [.., w], whole [.., W], the same leading dimensions).
 pub fn concat_cols(dev: &Device, whole: &Tensor, part: &Tensor, offset: usize) -> Result<Vec<Dispatch>> {
     let d = dims("concat_cols", part, whole, offset)?;
-    launch(dev, "concat_cols", part, whole, d, offset)
+    launch(dev, "concat_cols", part, whole, d, offset, false)
 }
 
 /// part[.., :] = whole[.., offset..offset + w].
 pub fn slice_cols(dev: &Device, part: &Tensor, whole: &Tensor, offset: usize) -> Result<Vec<Dispatch>> {
     let d = dims("slice_cols", part, whole, offset)?;
-    launch(dev, "slice_cols", whole, part, d, offset)
+    launch(dev, "slice_cols", whole, part, d, offset, false)
+}
+
+/// whole[.., offset..offset + w] = part and zeros in the other columns, or with `accumulate`
+/// whole[.., offset..offset + w] += part and the other columns left as they are.
+pub fn place_cols(
+    dev: &Device,
+    whole: &Tensor,
+    part: &Tensor,
+    offset: usize,
+    accumulate: bool,
+) -> Result<Vec<Dispatch>> {
+    let d = dims("place_cols", part, whole, offset)?;
+    launch(dev, "place_cols", part, whole, d, offset, accumulate)
 }

@@ -15,3 +15,21 @@ pub fn concat_cols(parts: &[(&[f32], usize)], n: usize) -> Vec<f32> {
 pub fn slice_cols(whole: &[f32], n: usize, total: usize, offset: usize, w: usize) -> Vec<f32> {
     (0..n).flat_map(|r| whole[r * total + offset..r * total + offset + w].iter().copied()).collect()
 }
+
+/// whole [n, total] with part [n, w] placed at columns offset..offset + w: added there when `accumulate`,
+/// otherwise written there with zeros in the other columns.
+pub fn place_cols(whole: &mut [f32], part: &[f32], n: usize, total: usize, offset: usize, accumulate: bool) {
+    let w = part.len() / n.max(1);
+    for r in 0..n {
+        for j in 0..total {
+            let k = r * total + j;
+            let inside = j >= offset && j < offset + w;
+            match (inside, accumulate) {
+                (true, true) => whole[k] += part[r * w + j - offset],
+                (true, false) => whole[k] = part[r * w + j - offset],
+                (false, false) => whole[k] = 0.0,
+                (false, true) => {}
+            }
+        }
+    }
+}
