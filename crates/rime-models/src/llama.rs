@@ -590,6 +590,75 @@ pub fn build_with(
     Ok(g.name(logits, "logits"))
 }
 
+/// The decoder's mean next-token loss over `targets` [B·T] (I32; -100 marks positions without a target), for
+/// training and evaluation graphs. When the logits [B·T, vocab] fit `max_block` values (one storage binding
+/// of the device, in f32 values) this is [`build_with`] and [`Graph::cross_entropy`]; otherwise the whole
+/// logits matrix is never built: the tokens go through the output head a chunk of rows at a time
+/// ([`Graph::rows`]), each chunk's logits as blocks of the vocabulary (the head's row parts, see
+/// [`upload_split`]) of at most `max_block` values, folded by [`Graph::cross_entropy_blocks`] into the chunk's
+/// share of the mean. Each chunk is a gradient-checkpoint segment, so a training executor holds one chunk's
+/// logits at a time and recomputes them for the backward (Gemma 3's 262,144-way head at 8 × 256 tokens: 2 GiB of
+/// logits otherwise).
+#[allow(clippy::too_many_arguments)]
+pub fn build_loss(
+    g: &mut Graph,
+    store: &ParamStore,
+    cfg: &LlamaConfig,
+    (b, t): (usize, usize),
+    hook: &dyn LinearHook,
+    checkpoint: bool,
+    targets: Var,
+    max_block: usize,
+) -> rime_graph::Result<Var> {
+    let head = lm_head_name(store, cfg);
+    let parts = match row_parts(store, head) {
+        Some(p) if store.find(head).is_none() => p.into_iter().map(|(name, _)| name).collect(),
+        _ => vec![head.to_string()],
+    };
+    let n = b * t;
+    let widest = parts.iter().map(|p| store.find(p).map_or(0, |id| store.get(id).tensor.shape[0])).max().unwrap_or(0);
+    if parts.len() == 1 && n * widest <= max_block {
+        let logits = build_with(g, store, cfg, b, t, hook, checkpoint)?;
+        let flat = g.reshape(logits, &[n, cfg.vocab])?;
+        return g.cross_entropy(flat, targets, -100);
+    }
+    check_graph(cfg, t)?;
+    let ops = &mut GraphOps { g, store, cfg, hook, b, t, checkpoint };
+    let h = define(ops, cfg, None)?;
+    let h = g.reshape(h, &[n, cfg.hidden])?;
+    let module = Proj::Head.module();
+    if parts.len() > 1 && store.find(&crate::lora::factor_name(module, "A")).is_some() {
+        return Err(rime_graph::Error::Invalid(format!(
+            "`{module}`: an adapter on a weight split by rows (`{head}`) is not supported"
+        )));
+    }
+    // Equal chunks of at most max_block / widest rows.
+    let most = (max_block / widest.max(1)).max(1);
+    let chunks = n.div_ceil(most);
+    let rows = n.div_ceil(chunks);
+    let mut loss: Option<Var> = None;
+    for r0 in (0..n).step_by(rows) {
+        g.checkpoint();
+        let hc = g.rows(h, r0, rows.min(n - r0))?;
+        let mut blocks = Vec::with_capacity(parts.len());
+        for p in &parts {
+            let w = g.param(store, p)?;
+            blocks.push(if parts.len() == 1 {
+                hook.linear(g, store, module, hc, w, None)?
+            } else {
+                g.linear(hc, w, None)?
+            });
+        }
+        let share = g.cross_entropy_blocks(&blocks, targets, r0, -100)?;
+        g.end_checkpoint();
+        loss = Some(match loss {
+            Some(l) => g.add(l, share)?,
+            None => share,
+        });
+    }
+    loss.ok_or_else(|| rime_graph::Error::Invalid("a loss over no tokens".into()))
+}
+
 /// A Llama model on the device, with what generation needs from its file.
 pub struct LlamaModel {
     pub cfg: LlamaConfig,

@@ -346,6 +346,77 @@ fn checkpointed_layers_give_the_same_gradients_with_less_activation_memory() {
     assert!(n1 > n0, "the recomputation adds dispatches");
 }
 
+/// The loss without the whole logits matrix ([`llama::build_loss`] with a small block: the tokens a chunk of
+/// rows at a time, the head whole or split into two row parts): the loss and every LoRA gradient are those of
+/// the whole logits and [`Graph::cross_entropy`], with and without checkpointed layers.
+#[test]
+fn chunked_head_loss_matches_the_whole_logits() {
+    let d = dev();
+    let (tensors, cfg) = tiny_tensors(21, false);
+    let add_lora = |store: &mut ParamStore| {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        let kv = cfg.kv_heads * cfg.head_dim();
+        for l in 0..cfg.layers {
+            for (m, out) in [("q_proj", cfg.hidden), ("v_proj", kv)] {
+                let base = format!("model.layers.{l}.self_attn.{m}");
+                let a: Vec<f32> = (0..2 * cfg.hidden).map(|_| rng.random::<f32>() - 0.5).collect();
+                let b: Vec<f32> = (0..out * 2).map(|_| 0.3 * (rng.random::<f32>() - 0.5)).collect();
+                store.add_f32(d, &format!("{base}.lora_A.weight"), &a, &[2, cfg.hidden], true).unwrap();
+                store.add_f32(d, &format!("{base}.lora_B.weight"), &b, &[out, 2], true).unwrap();
+            }
+        }
+    };
+    let mut whole = upload(d, &tensors);
+    add_lora(&mut whole);
+    // the same model with its head as two row parts (as upload_split leaves a head too large for a binding)
+    let mut split = ParamStore::new();
+    for (name, shape, data) in &tensors {
+        if name == "lm_head.weight" {
+            let c = shape[1];
+            for (k, (r0, r1)) in [(0usize, 25usize), (25, cfg.vocab)].into_iter().enumerate() {
+                let part = &data[r0 * c..r1 * c];
+                split.add_f32(d, &llama::row_part_name(name, k), part, &[r1 - r0, c], false).unwrap();
+            }
+        } else {
+            split.add_f32(d, name, data, shape, false).unwrap();
+        }
+    }
+    add_lora(&mut split);
+    let (b, t) = (2, 24);
+    let ids: Vec<u32> = (0..b * t).map(|i| ((i * 29 + 3) % cfg.vocab) as u32).collect();
+    let targets: Vec<i32> =
+        (0..b * t).map(|i| if i % t == t - 1 || i % 5 == 2 { -100 } else { ids[i + 1] as i32 }).collect();
+    let run = |store: &ParamStore, block: usize, checkpoint: bool| {
+        let mut g = Graph::new();
+        let tg = g.input("targets", &[b * t], DType::I32);
+        let hook = TestLora { scale: 2.0 };
+        let loss = llama::build_loss(&mut g, store, &cfg, (b, t), &hook, checkpoint, tg, block).unwrap();
+        let chunks = g.nodes.iter().filter(|n| n.op.name() == "rows").count();
+        let mut ex = Executor::new(d, g, store, Some(loss), &[loss], Some(OptimConfig::sgd(0.0, 0.0, 0.0))).unwrap();
+        ex.feed_u32(d, llama::INPUT_IDS, &ids).unwrap();
+        ex.feed_i32(d, "targets", &targets).unwrap();
+        ex.backward_only(d).unwrap();
+        let loss = ex.read(d, loss).unwrap()[0];
+        let grads: Vec<Vec<f32>> = store.trainable().map(|(id, _)| ex.read_param_grad(d, id).unwrap()).collect();
+        (loss, grads, chunks)
+    };
+    let (l0, g0, c0) = run(&whole, usize::MAX, false);
+    assert_eq!(c0, 0, "the whole logits fit");
+    for (store, block, checkpoint, chunks) in
+        [(&whole, 7 * 61, false, 7), (&split, 10 * 36, true, 5), (&split, usize::MAX, false, 1)]
+    {
+        let (l, g, c) = run(store, block, checkpoint);
+        assert_eq!(c, chunks, "chunks at block {block}");
+        assert!((l - l0).abs() <= 1e-6 * l0.abs(), "chunked loss {l} vs whole {l0}");
+        for (i, (a, w)) in g.iter().zip(&g0).enumerate() {
+            assert!(w.iter().any(|x| *x != 0.0), "gradient {i} is zero");
+            for (x, y) in a.iter().zip(w) {
+                assert!((x - y).abs() <= 1e-6 + 1e-4 * y.abs(), "gradient {i}: {x} vs whole {y} (block {block})");
+            }
+        }
+    }
+}
+
 #[test]
 fn lora_fold_adds_scaled_product() {
     let cfg = rime_io::AdapterConfig::lora(2, 8.0, vec!["q_proj".into()]);

@@ -302,12 +302,12 @@ struct Buckets {
 impl Buckets {
     fn get(&mut self, dev: &Device, store: &ParamStore, t: usize) -> Result<&mut (Executor, Var)> {
         if !self.execs.contains_key(&t) {
-            let (b, v) = (self.b, self.cfg.vocab);
+            let b = self.b;
             let mut g = Graph::new();
-            let logits = llama::build_with(&mut g, store, &self.cfg, b, t, &self.hook, self.checkpoint)?;
-            let flat = g.reshape(logits, &[b * t, v])?;
             let targets = g.input("targets", &[b * t], DType::I32);
-            let loss = g.cross_entropy(flat, targets, -100)?;
+            let block = (dev.max_binding() / 4) as usize;
+            let loss =
+                llama::build_loss(&mut g, store, &self.cfg, (b, t), &self.hook, self.checkpoint, targets, block)?;
             let donor = self.first.and_then(|f| self.execs.get(&f)).map(|(e, _)| e);
             let ex = Executor::new_sharing(dev, g, store, Some(loss), &[loss], self.optim.clone(), donor)?;
             self.execs.insert(t, (ex, loss));
