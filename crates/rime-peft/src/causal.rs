@@ -305,7 +305,7 @@ impl Buckets {
             let b = self.b;
             let mut g = Graph::new();
             let targets = g.input("targets", &[b * t], DType::I32);
-            let block = (dev.max_binding() / 4) as usize;
+            let block = ((dev.max_binding() / 4) as usize).min(llama::LOSS_BLOCK_VALUES);
             let loss =
                 llama::build_loss(&mut g, store, &self.cfg, (b, t), &self.hook, self.checkpoint, targets, block)?;
             let donor = self.first.and_then(|f| self.execs.get(&f)).map(|(e, _)| e);
