@@ -20,7 +20,8 @@ struct Params {
     row_bytes: u32,
     has_bias: u32,
     accumulate: u32,
-    _p0: u32,
+    // qembedding: the first row of a table split by rows
+    row0: u32,
     _p1: u32,
 }
 @group(0) @binding(0) var<uniform> p: Params;
@@ -172,7 +173,7 @@ fn qdequantize(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     write32(rb, k, o);
 }
 
-// out [M, K] (dx4) = the rows ids[0..M] - p._p0 of W dequantized (an embedding lookup in a table, or in one row
+// out [M, K] (dx4) = the rows ids[0..M] - p.row0 of W dequantized (an embedding lookup in a table, or in one row
 // part of a table split by rows), 32 values per invocation over a flat 1-D grid, as qdequantize with the row
 // picked by the id. An id outside the part gives zeros, as embedding_forward does.
 @compute @workgroup_size(WG)
@@ -184,10 +185,10 @@ fn qembedding(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     let r = i / per_row;
     let k = (i - r * per_row) * 32u;
     let o = (r * p.k + k) >> 2u;
-    // p._p0: the row offset of a table split by rows (ids outside [offset, offset + N) give zeros).
+    // p.row0: the row offset of a table split by rows (ids outside [offset, offset + N) give zeros).
     let id = ids[r];
-    let n = id - p._p0;
-    if (id < p._p0 || n >= p.n) {
+    let n = id - p.row0;
+    if (id < p.row0 || n >= p.n) {
         for (var j = 0u; j < 8u; j = j + 1u) { dx4[o + j] = vec4<f32>(0.0); }
         return;
     }
