@@ -401,6 +401,52 @@ fn causal_lm_lora_on_quantized_weights_follows_the_f32_run() {
     std::fs::remove_dir_all(&d).ok();
 }
 
+/// QLoRA on the second decoder: Gemma 3 270M held quantized, chat data (two conversations through its chat
+/// template), gradient checkpointing, and a batch of 2 × 48 tokens whose loss goes over the head's row parts a
+/// chunk of tokens at a time (the whole [96, 262,144] logits are never built): the loss falls over three epochs,
+/// the adapter is written in peft's layout, and `rime generate --weights q --adapter` decodes with it.
+#[test]
+fn causal_lm_chat_lora_on_quantized_gemma() {
+    let gguf = match rime_io::models_dir().join("gemma-3-270m-q4_k_m.gguf") {
+        p if p.exists() => p,
+        _ => {
+            eprintln!("SKIPPED: Gemma 3 270M GGUF not found, run scripts/fetch-models.sh");
+            return;
+        }
+    };
+    let d = tmp("clm_gemma_q");
+    let data = d.join("chat.jsonl");
+    let conv = |q: &str, a: &str| {
+        serde_json::json!({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+            .to_string()
+    };
+    let rows = [conv("What is the secret word?", "The secret word is pumpernickel."), conv("Name a colour.", "Teal.")];
+    std::fs::write(&data, rows.join("\n")).unwrap();
+    let out = d.join("run");
+    let o = rime()
+        .args(["train", "--task", "causal-lm", "--model", gguf.to_str().unwrap(), "--train", data.to_str().unwrap()])
+        .args(["--batch-size", "2", "--max-length", "48", "--epochs", "3", "--lr", "3e-3", "--weights", "q"])
+        .args(["--gradient-checkpointing", "--out", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("in GGUF blocks"), "{err}");
+    let losses = step_losses(&err);
+    assert_eq!(losses.len(), 3, "{err}");
+    assert!(losses.iter().all(|l| l.is_finite()) && losses[2] < losses[0], "the loss falls: {losses:?}");
+    let adapter = out.join("adapter");
+    assert!(adapter.join("adapter_model.safetensors").exists() && adapter.join("adapter_config.json").exists());
+    let g = rime()
+        .args(["generate", "--model", gguf.to_str().unwrap(), "--weights", "q", "--chat"])
+        .args(["--adapter", adapter.to_str().unwrap(), "--prompt", "What is the secret word?"])
+        .args(["--max-new-tokens", "3"])
+        .output()
+        .unwrap();
+    assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
+    std::fs::remove_dir_all(&d).ok();
+}
+
 /// Causal-LM gradient accumulation: micro-batches of one row weigh by their scored tokens (completions of 9
 /// and 2 tokens here), so `--batch-size 2 --micro-batch-size 1` logs the losses and writes the adapter of the
 /// whole-batch run (up to f32 summation order).
