@@ -121,6 +121,21 @@ fn cross_entropy_backward_scale(@builtin(local_invocation_index) lid: u32) {
     }
 }
 
+// One workgroup: scale[0] = 1 / kept rows of all the targets (0 when none are kept): the gradient for a loss
+// gradient of one, which a caller scales once the real one is known (a frozen head's input gradient computed in
+// the forward pass).
+@compute @workgroup_size(WG)
+fn cross_entropy_backward_unit_scale(@builtin(local_invocation_index) lid: u32) {
+    var count = 0.0;
+    for (var r = lid; r < p.all_rows; r += WG) {
+        if (!ignored(targets[r])) { count += 1.0; }
+    }
+    let kept = row_sum(count, lid);
+    if (lid == 0u) {
+        scale[0] = select(1.0 / kept, 0.0, kept == 0.0);
+    }
+}
+
 @compute @workgroup_size(WG)
 fn cross_entropy_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                           @builtin(local_invocation_index) lid: u32) {

@@ -120,6 +120,16 @@ pub enum Op {
         row0: usize,
         ignore_index: i32,
     },
+    /// The cross-entropy share of rows row0.. of `targets` for the logits h·Wᵀ of frozen weights (blocks of
+    /// classes side by side), without keeping the logits: the forward also computes h's gradient for a loss
+    /// gradient of one.
+    LinearCrossEntropy {
+        h: Var,
+        weights: Vec<Var>,
+        targets: Var,
+        row0: usize,
+        ignore_index: i32,
+    },
     /// Rows start..start + n of x [N, ..] (n from the node's shape).
     Rows {
         x: Var,
@@ -180,6 +190,7 @@ impl Op {
             Op::Attention { .. } => "attention",
             Op::Softmax { .. } => "softmax",
             Op::CrossEntropy { .. } => "cross_entropy",
+            Op::LinearCrossEntropy { .. } => "linear_cross_entropy",
             Op::Rows { .. } => "rows",
             Op::Prepend { .. } => "prepend",
             Op::PatchUnfold { .. } => "patch_unfold",
@@ -195,10 +206,13 @@ impl Op {
         match self {
             Op::ConcatLast { parts } => return parts.clone(),
             Op::CrossEntropy { parts, targets, .. } => return parts.iter().copied().chain([*targets]).collect(),
+            Op::LinearCrossEntropy { h, weights, targets, .. } => {
+                return [*h].into_iter().chain(weights.iter().copied()).chain([*targets]).collect()
+            }
             _ => {}
         }
         match *self {
-            Op::ConcatLast { .. } | Op::CrossEntropy { .. } => vec![],
+            Op::ConcatLast { .. } | Op::CrossEntropy { .. } | Op::LinearCrossEntropy { .. } => vec![],
             Op::Input | Op::Param(_) | Op::State => vec![],
             Op::CacheWrite { cache, src, pos } => vec![cache, src, pos],
             Op::RopeAt { x, pos, .. } => vec![x, pos],

@@ -527,3 +527,87 @@ fn rows_and_cross_entropy_blocks_reject_bad_shapes() {
     assert!(g.cross_entropy_blocks(&[], t, 0, -100).is_err());
     assert!(g.cross_entropy_blocks(&[r], t, 2, -100).is_ok());
 }
+
+/// `linear_cross_entropy` over a frozen head in two parts, three rows at a time: the loss and the gradient of
+/// the layer below are the whole head's (concat_last + cross_entropy) and match finite differences; the
+/// gradient reaches h through the forward's unit gradient times the real loss gradient (here 1 per chunk, and
+/// the loss scaled by 0.5 to check the scaling). Evaluation graphs compute no gradient in the forward, and a
+/// trainable head weight is refused.
+#[test]
+fn linear_cross_entropy_matches_the_whole_head() {
+    let d = dev();
+    let (n, c, v1, v2, chunk) = (7, 5, 6, 9, 3);
+    let mut store = ParamStore::new();
+    store.add_f32(d, "w0", &rnd(51, c * c, 0.6), &[c, c], true).unwrap();
+    store.add_f32(d, "head0", &rnd(52, v1 * c, 0.6), &[v1, c], false).unwrap();
+    store.add_f32(d, "head1", &rnd(53, v2 * c, 0.6), &[v2, c], false).unwrap();
+    let tg = [3, 14, -100, 6, 5, 2, 11];
+    // 0: the whole head; 1: linear_cross_entropy per chunk; 2: linear + cross_entropy_blocks per chunk
+    let build = |mode: u8, train: bool| {
+        let mut g = Graph::new();
+        let x = g.input("x", &[n, c], DType::F32);
+        let t = targets(&mut g, n);
+        let w0 = g.param(&store, "w0").unwrap();
+        let parts = [g.param(&store, "head0").unwrap(), g.param(&store, "head1").unwrap()];
+        let h = g.linear(x, w0, None).unwrap();
+        let h = g.gelu(h, false);
+        let loss = if mode > 0 {
+            let mut total = None;
+            for r0 in (0..n).step_by(chunk) {
+                let hc = g.rows(h, r0, chunk.min(n - r0)).unwrap();
+                let share = if mode == 1 {
+                    g.linear_cross_entropy(hc, &parts, t, r0, -100).unwrap()
+                } else {
+                    let ys = parts.map(|w| g.linear(hc, w, None).unwrap());
+                    g.cross_entropy_blocks(&ys, t, r0, -100).unwrap()
+                };
+                total = Some(match total {
+                    Some(s) => g.add(s, share).unwrap(),
+                    None => share,
+                });
+            }
+            total.unwrap()
+        } else {
+            let ys = parts.map(|w| g.linear(h, w, None).unwrap());
+            let logits = g.concat_last(&ys).unwrap();
+            g.cross_entropy(logits, t, -100).unwrap()
+        };
+        let loss = g.scale(loss, 0.5);
+        let optim = train.then(|| OptimConfig::adamw(1e-2, 0.0));
+        let mut ex = Executor::new(d, g, &store, Some(loss), &[loss], optim).unwrap();
+        ex.feed_f32(d, "x", &rnd(54, n * c, 1.0)).unwrap();
+        ex.feed_i32(d, "targets", &tg).unwrap();
+        ex.forward(d).unwrap();
+        (ex, loss)
+    };
+    let (mut whole, wl) = build(0, true);
+    whole.backward_only(d).unwrap();
+    let want_loss = whole.read(d, wl).unwrap()[0];
+    let id = store.id("w0").unwrap();
+    let want = whole.read_param_grad(d, id).unwrap();
+    let (mut ex, loss) = build(1, true);
+    ex.backward_only(d).unwrap();
+    let l = ex.read(d, loss).unwrap()[0];
+    assert!((l - want_loss).abs() <= 1e-6 * want_loss.abs().max(1.0), "fused loss {l} vs whole {want_loss}");
+    let got = ex.read_param_grad(d, id).unwrap();
+    assert!(want.iter().any(|x| *x != 0.0));
+    for (a, b) in got.iter().zip(&want) {
+        assert!((a - b).abs() <= 1e-6 + 1e-5 * b.abs(), "gradient {a} vs whole {b}");
+    }
+    check_grads(&mut ex, &store, loss, 6, 8);
+    // forward only: the same loss, and the dispatches of the unfused chunks (no gradient prepared)
+    let (ev, el) = build(1, false);
+    assert_eq!(ev.read(d, el).unwrap()[0], l);
+    let (eu, _) = build(2, false);
+    assert_eq!(ev.dispatches_per_step(), eu.dispatches_per_step());
+    // a trainable head weight is refused when the graph is lowered
+    let mut trainable = ParamStore::new();
+    trainable.add_f32(d, "w", &rnd(55, v1 * c, 0.6), &[v1, c], true).unwrap();
+    let mut g = Graph::new();
+    let h = g.input("h", &[2, c], DType::F32);
+    let t = targets(&mut g, 2);
+    let w = g.param(&trainable, "w").unwrap();
+    let l = g.linear_cross_entropy(h, &[w], t, 0, -100).unwrap();
+    let e = Executor::new(d, g, &trainable, Some(l), &[l], Some(OptimConfig::sgd(0.1, 0.0, 0.0))).err().unwrap();
+    assert!(e.to_string().contains("trainable"), "{e}");
+}

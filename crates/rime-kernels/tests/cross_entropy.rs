@@ -213,3 +213,23 @@ fn cross_entropy_blocks_reject_blocks_outside_the_problem() {
     assert!(e.contains("rows 2..4"), "{e}");
     assert!(cross_entropy_block_loss(d, &empty(&[1]), &lse, &empty(&[3]), &tt, Block::whole(4), IGNORE).is_err());
 }
+
+/// The unit backward (a loss gradient of one, for a frozen head's input gradient computed in the forward pass) is
+/// the backward with dloss = 1, block by block.
+#[test]
+fn cross_entropy_unit_backward_is_the_backward_at_one() {
+    let d = dev();
+    let (n, v, split) = (6, 21, 8);
+    let x = randn(77, n * v, 5.0);
+    let t = targets(n, v, 12);
+    let (_, wlse) = r::cross_entropy_forward(&x, &t, v, IGNORE);
+    let want = r::cross_entropy_backward(1.0, &x, &wlse, &t, v, IGNORE);
+    let (tt, lse) = (up_i32(&t), up(&wlse, &[n]));
+    for (k, cols) in [0..split, split..v].into_iter().enumerate() {
+        let b = Block { row0: 0, offset: cols.start, classes: v, first: k == 0 };
+        let xb = up(&block_of(&x, v, 0..n, cols.clone()), &[n, cols.len()]);
+        let db = empty(&[n, cols.len()]);
+        d.run(&cross_entropy_block_backward_unit(d, &db, &xb, &lse, &tt, b, IGNORE).unwrap()).unwrap();
+        assert_close(&format!("unit backward {cols:?}"), &get(&db), &block_of(&want, v, 0..n, cols), 1e-6, 1e-5);
+    }
+}

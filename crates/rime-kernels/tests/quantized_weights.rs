@@ -60,6 +60,34 @@ fn linear_and_its_input_gradient_route_to_the_quantized_kernels() {
     assert!(d.dequant_scratch_bytes() >= (4 * n * k) as u64);
 }
 
+/// `matmul_backward_input_accumulate`: the input gradient of a product split into weight parts (an output head
+/// split by rows) summed into one dx, for an f32 and a quantized part, at few rows and many (the scratch path).
+#[test]
+fn input_gradient_accumulates_over_weight_parts() {
+    let d = dev();
+    let (k, n0, n1) = (256, 24, 40);
+    let (tw0, w0) = weight(d, QType::Q8_0, n0, k, 61);
+    let w1 = randn(62, n1 * k, 0.5);
+    let tw1 = d.upload_f32(&w1, &[n1, k]).unwrap();
+    for m in [3, 37] {
+        let (dy0, dy1) = (randn(63, m * n0, 1.0), randn(64, m * n1, 1.0));
+        let tdx = d.upload_f32(&randn(65, m * k, 9.0), &[m, k]).unwrap();
+        let (t0, t1) = (d.upload_f32(&dy0, &[m, n0]).unwrap(), d.upload_f32(&dy1, &[m, n1]).unwrap());
+        d.run(&matmul::matmul_backward_input_accumulate(d, &tdx, &t0, &tw0, false, true, false).unwrap()).unwrap();
+        d.run(&matmul::matmul_backward_input_accumulate(d, &tdx, &t1, &tw1, false, true, true).unwrap()).unwrap();
+        let a = rq::qmatmul_backward_input(&dy0, &w0, None, m, n0, k);
+        let b = rq::qmatmul_backward_input(&dy1, &w1, None, m, n1, k);
+        let want: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
+        assert_close(
+            &format!("dx over two parts m={m}"),
+            &d.download_f32(&tdx).unwrap(),
+            &want,
+            tol(n0 + n1, 40.0),
+            0.0,
+        );
+    }
+}
+
 #[test]
 fn lora_on_a_quantized_base_weight_matches_the_reference() {
     let d = dev();

@@ -147,6 +147,9 @@ pub(crate) struct Builder<'g> {
     aux: HashMap<Var, Vec<TRef>>,
     /// The checkpoint segment of the node whose forward rule is running.
     segment: Option<u32>,
+    /// Whether gradient rules follow the forward rules (a training graph); forward rules that prepare a gradient
+    /// themselves skip it otherwise.
+    pub(crate) training: bool,
 }
 
 impl<'g> Builder<'g> {
@@ -168,6 +171,7 @@ impl<'g> Builder<'g> {
             grad_ref: HashMap::new(),
             calls: Vec::new(),
             needs,
+            training: false,
             param_grad: HashMap::new(),
             aux: HashMap::new(),
             segment: None,

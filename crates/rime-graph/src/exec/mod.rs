@@ -80,6 +80,7 @@ struct Lists {
 /// Forward rules, then (training) the loss gradient seed, the gradient rules and the optimizer.
 fn lower(b: &mut Builder, loss: Option<Var>, cfg: Option<&OptimConfig>) -> Result<Lowered> {
     let training = loss.is_some() && cfg.is_some();
+    b.training = training;
     let param_grads = if training { b.param_grads() } else { Vec::new() };
     for i in 0..b.g.nodes.len() {
         b.forward(i)?;

@@ -53,6 +53,9 @@ pub(crate) fn forward(b: &mut Builder, v: Var, o: &TRef) -> Result<()> {
         Op::CrossEntropy { parts, targets, row0, ignore_index } => {
             cross_entropy::forward(b, v, o, &parts, targets, row0, ignore_index)
         }
+        Op::LinearCrossEntropy { h, weights, targets, row0, ignore_index } => {
+            cross_entropy::linear_forward(b, v, o, h, &weights, targets, (row0, ignore_index))?
+        }
         Op::Rows { x, start } => concat::rows_forward(b, o, x, start),
         Op::Prepend { x, rows } => prepend::forward(b, o, x, rows),
         Op::PatchUnfold { x, p } => patch::forward(b, o, x, p),
@@ -91,6 +94,7 @@ pub(crate) fn backward(b: &mut Builder, v: Var, dout: &TRef) -> Result<()> {
         Op::CrossEntropy { parts, targets, row0, ignore_index } => {
             cross_entropy::backward(b, v, dout, &parts, targets, row0, ignore_index)
         }
+        Op::LinearCrossEntropy { h, .. } => cross_entropy::linear_backward(b, v, dout, h),
         Op::Rows { x, start } => concat::rows_backward(b, dout, x, start),
         Op::Prepend { x, rows } => prepend::backward(b, dout, x, rows),
         Op::PatchUnfold { x, p } => patch::backward(b, dout, x, p),

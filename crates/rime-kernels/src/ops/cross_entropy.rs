@@ -328,10 +328,41 @@ pub fn cross_entropy_block_backward_with(
     b: Block,
     ignore_index: i32,
 ) -> Result<Vec<Dispatch>> {
+    scalar("cross_entropy_backward", "dloss", dloss)?;
+    block_backward(dev, rv, dlogits, Some(dloss), logits, lse, targets, b, ignore_index)
+}
+
+/// [`cross_entropy_block_backward`] for a loss gradient of one: dlogits = (softmax - onehot) / kept rows. The
+/// caller multiplies what it derives from it by the real loss gradient later (a frozen output head's input
+/// gradient, computed in the forward pass so that its logits need not be kept or recomputed).
+#[allow(clippy::too_many_arguments)]
+pub fn cross_entropy_block_backward_unit(
+    dev: &Device,
+    dlogits: &Tensor,
+    logits: &Tensor,
+    lse: &Tensor,
+    targets: &Tensor,
+    b: Block,
+    ignore_index: i32,
+) -> Result<Vec<Dispatch>> {
+    block_backward(dev, RowVariant::for_device(dev), dlogits, None, logits, lse, targets, b, ignore_index)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn block_backward(
+    dev: &Device,
+    rv: RowVariant,
+    dlogits: &Tensor,
+    dloss: Option<&Tensor>,
+    logits: &Tensor,
+    lse: &Tensor,
+    targets: &Tensor,
+    b: Block,
+    ignore_index: i32,
+) -> Result<Vec<Dispatch>> {
     const OP: &str = "cross_entropy_backward";
     rv.check(OP, dev)?;
     let (w, width) = params(OP, logits, targets, lse, b, ignore_index)?;
-    scalar(OP, "dloss", dloss)?;
     expect_f32(OP, "dlogits", dlogits)?;
     if dlogits.shape != logits.shape {
         return Err(shape_err(OP, format!("dlogits {:?} must have logits' shape {:?}", dlogits.shape, logits.shape)));
@@ -341,15 +372,26 @@ pub fn cross_entropy_block_backward_with(
     let scale = dev.empty(&[1], DType::F32)?;
     let spec = rv.spec_w(width);
     let n = logits.shape[0] as u32;
-    Ok(vec![
-        dev.dispatch(
+    let scale_dispatch = match dloss {
+        Some(dl) => dev.dispatch(
             FILE,
             "cross_entropy_backward_scale",
             &spec,
             Some(&w),
-            &[(2, targets), (5, dloss), (7, &scale)],
+            &[(2, targets), (5, dl), (7, &scale)],
             [1, 1, 1],
         )?,
+        None => dev.dispatch(
+            FILE,
+            "cross_entropy_backward_unit_scale",
+            &spec,
+            Some(&w),
+            &[(2, targets), (7, &scale)],
+            [1, 1, 1],
+        )?,
+    };
+    Ok(vec![
+        scale_dispatch,
         dev.dispatch(
             FILE,
             OP,

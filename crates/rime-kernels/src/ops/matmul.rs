@@ -491,12 +491,38 @@ pub fn matmul_backward_input_variant(
     trans_a: bool,
     trans_b: bool,
 ) -> Result<Vec<Dispatch>> {
+    backward_input(dev, variant, da, dout, b, (trans_a, trans_b), false)
+}
+
+/// [`matmul_backward_input`] added to what da holds when `accumulate` (the input gradient of a product split
+/// into parts, such as an output head split by rows).
+pub fn matmul_backward_input_accumulate(
+    dev: &Device,
+    da: &Tensor,
+    dout: &Tensor,
+    b: &Tensor,
+    trans_a: bool,
+    trans_b: bool,
+    accumulate: bool,
+) -> Result<Vec<Dispatch>> {
+    backward_input(dev, Variant::Auto, da, dout, b, (trans_a, trans_b), accumulate)
+}
+
+fn backward_input(
+    dev: &Device,
+    variant: Variant,
+    da: &Tensor,
+    dout: &Tensor,
+    b: &Tensor,
+    (trans_a, trans_b): (bool, bool),
+    accumulate: bool,
+) -> Result<Vec<Dispatch>> {
     const OP: &str = "matmul_backward_input";
     if let Some(w) = QTensor::from_tensor(b) {
         if trans_a || !trans_b {
             return Err(quantized_err(OP, b));
         }
-        return super::qmatmul::linear_backward_input(dev, da, dout, &w, false);
+        return super::qmatmul::linear_backward_input(dev, da, dout, &w, accumulate);
     }
     expect_f32(OP, "da", da)?;
     expect_f32(OP, "dout", dout)?;
@@ -522,7 +548,7 @@ pub fn matmul_backward_input_variant(
         r,
         o,
         alpha: 1.0,
-        accumulate: false,
+        accumulate,
     };
     if !d.b_batched {
         g.r[2] = 0;
