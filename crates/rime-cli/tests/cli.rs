@@ -5,7 +5,7 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::{checkpoint_diff, model, rime, step_losses, tmp, train, write_labelled};
+use common::{checkpoint_diff, checkpoint_diffs, model, rime, step_losses, tmp, train, write_labelled};
 
 /// A one-epoch LoRA fine-tune on `data` (also its eval set) with `rime train`; returns its best/ adapter.
 fn train_tiny(m: &std::path::Path, data: &std::path::Path, out: &std::path::Path, seed: &str) -> PathBuf {
@@ -492,9 +492,18 @@ fn causal_lm_micro_batches_give_the_whole_batch_update() {
         assert!((a - b).abs() <= 1e-4 * a.abs(), "whole-batch losses {whole:?}, micro-batches {micro:?}");
     }
     // Adam moves a parameter by about lr (3e-3) a step wherever its gradient is nonzero: a micro-batch
-    // weighed by rows instead of tokens, or lost, would move the adapter by a sizeable fraction of that.
-    let worst = checkpoint_diff(&d.join("whole"), &d.join("micro"));
-    assert!(worst < 2e-4, "micro-batched adapter differs from the whole batch's by {worst}");
+    // weighed by rows instead of tokens, or lost, would move a sizeable share of the adapter by a sizeable
+    // fraction of that. Adam also turns the sign of a gradient element within rounding of zero into a whole
+    // step, so a few elements may differ by up to 2 lr (measured: 60 of 460,800 here; in a similar run the
+    // elements that differed had first moments of 1e-9..2e-7 against a median of 1.4e-5).
+    let diffs = checkpoint_diffs(&d.join("whole"), &d.join("micro"));
+    let off = diffs.iter().filter(|&&x| x > 2e-4).count();
+    let worst = diffs.iter().copied().fold(0f32, f32::max);
+    assert!(
+        off * 1000 < diffs.len() && worst <= 2.5 * 3e-3,
+        "micro-batched adapter differs from the whole batch's in {off} of {} elements by more than 2e-4 (worst {worst})",
+        diffs.len()
+    );
     std::fs::remove_dir_all(&d).ok();
 }
 

@@ -36,6 +36,13 @@ pub trait LinearHook {
         let _ = (store, module);
         g.linear(x, w, b)
     }
+    /// Whether [`LinearHook::linear`] rewrites `module` (anything but the plain linear layer), given `store`.
+    /// A model may take a faster path for a linear layer its hook leaves plain (the decoders' output head fused
+    /// with the loss: `llama::build_loss`). The default, true, is the safe answer for a hook that does not say.
+    fn rewrites(&self, store: &ParamStore, module: &str) -> bool {
+        let _ = (store, module);
+        true
+    }
     /// Called on the output of the FFN activation of layer `layer` (IA3 scales it).
     fn ffn_activation(&self, g: &mut Graph, store: &ParamStore, layer: usize, h: Var) -> Result<Var> {
         let _ = (g, store, layer);
@@ -75,4 +82,8 @@ pub trait LinearHook {
 
 /// No rewrite: the pretrained model as is.
 pub struct Plain;
-impl LinearHook for Plain {}
+impl LinearHook for Plain {
+    fn rewrites(&self, _: &ParamStore, _: &str) -> bool {
+        false
+    }
+}

@@ -597,14 +597,18 @@ pub fn build_with(
 pub const LOSS_BLOCK_VALUES: usize = 8 << 20;
 
 /// The decoder's mean next-token loss over `targets` [B·T] (I32; -100 marks positions without a target), for
-/// training and evaluation graphs. When the logits [B·T, vocab] fit `max_block` values (one storage binding
-/// of the device, in f32 values) this is [`build_with`] and [`Graph::cross_entropy`]; otherwise the whole
-/// logits matrix is never built: the tokens go through the output head a chunk of rows at a time
-/// ([`Graph::rows`]), each chunk's logits as blocks of the vocabulary (the head's row parts, see
-/// [`upload_split`]) of at most `max_block` values, folded by [`Graph::cross_entropy_blocks`] into the chunk's
-/// share of the mean. Each chunk is a gradient-checkpoint segment, so a training executor holds one chunk's
-/// logits at a time and recomputes them for the backward (Gemma 3's 262,144-way head at 8 × 256 tokens: 2 GiB of
-/// logits otherwise).
+/// training and evaluation graphs, without the whole logits matrix [B·T, vocab].
+///
+/// When `hook` leaves the output head plain (it [`LinearHook::rewrites`] no `lm_head`, and no adapter for it is
+/// loaded), the tokens go through the head a chunk of rows at a time ([`Graph::rows`]) into
+/// [`Graph::linear_cross_entropy`] over the head's weight (or its row parts, see [`upload_split`]), at most
+/// `max_block` logits per chunk (one storage binding of the device, in f32 values, or less): each chunk's logits
+/// live only inside its forward pass, which also computes the chunk's hidden-state gradient for a unit loss
+/// gradient, so a training step neither keeps nor recomputes them (Gemma 3's 262,144-way head at 8 × 256 tokens:
+/// 2 GiB of logits otherwise). With an adapter on the head, the logits come from the hook's linear layer: whole
+/// when they fit `max_block` ([`build_with`] and [`Graph::cross_entropy`]), otherwise a chunk of rows at a time
+/// as blocks of the vocabulary ([`Graph::cross_entropy_blocks`]), each chunk a gradient-checkpoint segment that
+/// the backward recomputes.
 #[allow(clippy::too_many_arguments)]
 pub fn build_loss(
     g: &mut Graph,
@@ -622,40 +626,51 @@ pub fn build_loss(
         _ => vec![head.to_string()],
     };
     let n = b * t;
-    let widest = parts.iter().map(|p| store.find(p).map_or(0, |id| store.get(id).tensor.shape[0])).max().unwrap_or(0);
+    let rows_of = |p: &String| store.find(p).map_or(0, |id| store.get(id).tensor.shape[0]);
+    let widest = parts.iter().map(rows_of).max().unwrap_or(0);
+    let vocab: usize = parts.iter().map(rows_of).sum();
+    let module = Proj::Head.module();
+    let adapted = hook.rewrites(store, module) || store.find(&crate::lora::factor_name(module, "A")).is_some();
+    if !adapted {
+        check_graph(cfg, t)?;
+        let ops = &mut GraphOps { g, store, cfg, hook, b, t, checkpoint };
+        let h = define(ops, cfg, None)?;
+        let h = g.reshape(h, &[n, cfg.hidden])?;
+        let ws = parts.iter().map(|p| g.param(store, p)).collect::<rime_graph::Result<Vec<_>>>()?;
+        let rows = chunk_rows(n, max_block / vocab.max(1));
+        let mut loss: Option<Var> = None;
+        for r0 in (0..n).step_by(rows) {
+            let hc = if rows >= n { h } else { g.rows(h, r0, rows.min(n - r0))? };
+            let share = g.linear_cross_entropy(hc, &ws, targets, r0, -100)?;
+            loss = Some(match loss {
+                Some(l) => g.add(l, share)?,
+                None => share,
+            });
+        }
+        return loss.ok_or_else(|| rime_graph::Error::Invalid("a loss over no tokens".into()));
+    }
     if parts.len() == 1 && n * widest <= max_block {
         let logits = build_with(g, store, cfg, b, t, hook, checkpoint)?;
         let flat = g.reshape(logits, &[n, cfg.vocab])?;
         return g.cross_entropy(flat, targets, -100);
     }
-    check_graph(cfg, t)?;
-    let ops = &mut GraphOps { g, store, cfg, hook, b, t, checkpoint };
-    let h = define(ops, cfg, None)?;
-    let h = g.reshape(h, &[n, cfg.hidden])?;
-    let module = Proj::Head.module();
-    if parts.len() > 1 && store.find(&crate::lora::factor_name(module, "A")).is_some() {
+    if parts.len() > 1 {
         return Err(rime_graph::Error::Invalid(format!(
             "`{module}`: an adapter on a weight split by rows (`{head}`) is not supported"
         )));
     }
-    // Equal chunks of at most max_block / widest rows.
-    let most = (max_block / widest.max(1)).max(1);
-    let chunks = n.div_ceil(most);
-    let rows = n.div_ceil(chunks);
+    check_graph(cfg, t)?;
+    let ops = &mut GraphOps { g, store, cfg, hook, b, t, checkpoint };
+    let h = define(ops, cfg, None)?;
+    let h = g.reshape(h, &[n, cfg.hidden])?;
+    let w = g.param(store, &parts[0])?;
+    let rows = chunk_rows(n, max_block / widest.max(1));
     let mut loss: Option<Var> = None;
     for r0 in (0..n).step_by(rows) {
         g.checkpoint();
         let hc = g.rows(h, r0, rows.min(n - r0))?;
-        let mut blocks = Vec::with_capacity(parts.len());
-        for p in &parts {
-            let w = g.param(store, p)?;
-            blocks.push(if parts.len() == 1 {
-                hook.linear(g, store, module, hc, w, None)?
-            } else {
-                g.linear(hc, w, None)?
-            });
-        }
-        let share = g.cross_entropy_blocks(&blocks, targets, r0, -100)?;
+        let logits = hook.linear(g, store, module, hc, w, None)?;
+        let share = g.cross_entropy_blocks(&[logits], targets, r0, -100)?;
         g.end_checkpoint();
         loss = Some(match loss {
             Some(l) => g.add(l, share)?,
@@ -663,6 +678,12 @@ pub fn build_loss(
         });
     }
     loss.ok_or_else(|| rime_graph::Error::Invalid("a loss over no tokens".into()))
+}
+
+/// Rows per chunk when `n` rows are taken at most `most` at a time: equal chunks.
+fn chunk_rows(n: usize, most: usize) -> usize {
+    let chunks = n.div_ceil(most.max(1));
+    n.div_ceil(chunks.max(1)).max(1)
 }
 
 /// A Llama model on the device, with what generation needs from its file.

@@ -415,8 +415,8 @@ fn gemma3_270m_quantized_weights_match_transformers() {
     let st = generate_greedy(d, &mut dec, &ids, want.len(), &[], &mut |_| Ok(())).unwrap();
     assert_eq!(st.generated, want, "greedy tokens differ from transformers");
 
-    // The training loss without the whole logits (llama::build_loss: chunks of 4 tokens, each over the split
-    // head's quantized row parts) is the next-token loss of the logits above.
+    // The training loss without the whole logits (llama::build_loss: chunks of 4 tokens, each through
+    // linear_cross_entropy over the split head's quantized row parts) is the next-token loss of the logits above.
     let targets: Vec<i32> = (0..t).map(|r| if r + 1 < t { ids[r + 1] as i32 } else { -100 }).collect();
     let mut want_loss = 0f64;
     for (r, &tg) in targets.iter().enumerate().take(t - 1) {
@@ -425,17 +425,13 @@ fn gemma3_270m_quantized_weights_match_transformers() {
         let lse = mx + row.iter().map(|&x| (x as f64 - mx).exp()).sum::<f64>().ln();
         want_loss += (lse - row[tg as usize] as f64) / (t - 1) as f64;
     }
-    let widest = m
-        .store
-        .iter()
-        .filter(|(_, p)| p.name.starts_with("model.embed_tokens.weight#rows"))
-        .map(|(_, p)| p.tensor.shape[0])
-        .max();
-    let widest = widest.expect("the quantized embedding is split by rows");
+    assert!(llama::row_parts(&m.store, "model.embed_tokens.weight").is_some_and(|p| p.len() > 1));
     let mut g = Graph::new();
     let tg = g.input("targets", &[t], DType::I32);
-    let loss = llama::build_loss(&mut g, &m.store, &m.cfg, (1, t), &rime_models::Plain, false, tg, 4 * widest).unwrap();
-    assert_eq!(g.nodes.iter().filter(|n| n.op.name() == "rows").count(), t.div_ceil(4));
+    let block = 4 * m.cfg.vocab;
+    let loss = llama::build_loss(&mut g, &m.store, &m.cfg, (1, t), &rime_models::Plain, false, tg, block).unwrap();
+    let count = |name: &str| g.nodes.iter().filter(|n| n.op.name() == name).count();
+    assert_eq!((count("rows"), count("linear_cross_entropy")), (t.div_ceil(4), t.div_ceil(4)));
     let mut ex = Executor::new(d, g, &m.store, Some(loss), &[loss], None).unwrap();
     ex.feed_u32(d, llama::INPUT_IDS, &ids).unwrap();
     ex.feed_i32(d, "targets", &targets).unwrap();

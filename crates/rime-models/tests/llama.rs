@@ -216,6 +216,9 @@ struct TestLora {
     scale: f32,
 }
 impl LinearHook for TestLora {
+    fn rewrites(&self, _: &ParamStore, module: &str) -> bool {
+        module.ends_with("q_proj") || module.ends_with("v_proj")
+    }
     fn linear(&self, g: &mut Graph, store: &ParamStore, module: &str, x: Var, w: Var, b: Option<Var>) -> GResult<Var> {
         if module.ends_with("q_proj") || module.ends_with("v_proj") {
             let a = g.param(store, &format!("{module}.lora_A.weight"))?;
@@ -347,8 +350,9 @@ fn checkpointed_layers_give_the_same_gradients_with_less_activation_memory() {
 }
 
 /// The loss without the whole logits matrix ([`llama::build_loss`] with a small block: the tokens a chunk of
-/// rows at a time, the head whole or split into two row parts): the loss and every LoRA gradient are those of
-/// the whole logits and [`Graph::cross_entropy`], with and without checkpointed layers.
+/// rows at a time, the head whole or split into two row parts, fused with the loss where the hook leaves the head
+/// plain, as checkpointed blocks of logits where it may rewrite it): the loss and every LoRA gradient are those
+/// of the whole logits and [`Graph::cross_entropy`], with and without checkpointed layers.
 #[test]
 fn chunked_head_loss_matches_the_whole_logits() {
     let d = dev();
@@ -386,26 +390,42 @@ fn chunked_head_loss_matches_the_whole_logits() {
     let ids: Vec<u32> = (0..b * t).map(|i| ((i * 29 + 3) % cfg.vocab) as u32).collect();
     let targets: Vec<i32> =
         (0..b * t).map(|i| if i % t == t - 1 || i % 5 == 2 { -100 } else { ids[i + 1] as i32 }).collect();
-    let run = |store: &ParamStore, block: usize, checkpoint: bool| {
+    let run = |store: &ParamStore, block: usize, checkpoint: bool, plain_head: bool| {
         let mut g = Graph::new();
         let tg = g.input("targets", &[b * t], DType::I32);
-        let hook = TestLora { scale: 2.0 };
-        let loss = llama::build_loss(&mut g, store, &cfg, (b, t), &hook, checkpoint, tg, block).unwrap();
+        let lora = TestLora { scale: 2.0 };
+        let hook: &dyn LinearHook = if plain_head { &lora } else { &MayRewrite(&lora) };
+        let loss = llama::build_loss(&mut g, store, &cfg, (b, t), hook, checkpoint, tg, block).unwrap();
+        let fused = g.nodes.iter().any(|n| n.op.name() == "linear_cross_entropy");
+        assert_eq!(fused, plain_head);
         let chunks = g.nodes.iter().filter(|n| n.op.name() == "rows").count();
         let mut ex = Executor::new(d, g, store, Some(loss), &[loss], Some(OptimConfig::sgd(0.0, 0.0, 0.0))).unwrap();
         ex.feed_u32(d, llama::INPUT_IDS, &ids).unwrap();
         ex.feed_i32(d, "targets", &targets).unwrap();
+        // a loss gradient other than one (a micro-batch's share)
+        ex.set_loss_scale(d, 0.37).unwrap();
         ex.backward_only(d).unwrap();
         let loss = ex.read(d, loss).unwrap()[0];
         let grads: Vec<Vec<f32>> = store.trainable().map(|(id, _)| ex.read_param_grad(d, id).unwrap()).collect();
         (loss, grads, chunks)
     };
-    let (l0, g0, c0) = run(&whole, usize::MAX, false);
+    /// TestLora without saying which modules it rewrites (the output head then takes the unfused path).
+    struct MayRewrite<'a>(&'a TestLora);
+    impl LinearHook for MayRewrite<'_> {
+        fn linear(&self, g: &mut Graph, s: &ParamStore, m: &str, x: Var, w: Var, b: Option<Var>) -> GResult<Var> {
+            self.0.linear(g, s, m, x, w, b)
+        }
+    }
+    let (l0, g0, c0) = run(&whole, usize::MAX, false, false);
     assert_eq!(c0, 0, "the whole logits fit");
-    for (store, block, checkpoint, chunks) in
-        [(&whole, 7 * 61, false, 7), (&split, 10 * 36, true, 5), (&split, usize::MAX, false, 1)]
-    {
-        let (l, g, c) = run(store, block, checkpoint);
+    let cases = [
+        (&whole, 7 * 61, false, true, 7),
+        (&split, 10 * 61, true, true, 5),
+        (&split, usize::MAX, false, true, 0),
+        (&whole, 7 * 61, true, false, 7),
+    ];
+    for (store, block, checkpoint, plain_head, chunks) in cases {
+        let (l, g, c) = run(store, block, checkpoint, plain_head);
         assert_eq!(c, chunks, "chunks at block {block}");
         assert!((l - l0).abs() <= 1e-6 * l0.abs(), "chunked loss {l} vs whole {l0}");
         for (i, (a, w)) in g.iter().zip(&g0).enumerate() {

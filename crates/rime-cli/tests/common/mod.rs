@@ -60,6 +60,11 @@ pub fn train(model: &Path, data: &Path, out: &Path, extra: &[&str]) -> Output {
 /// The largest |difference| between the tensors of two runs' `checkpoint/adapter` folders, which must hold the
 /// same tensor names.
 pub fn checkpoint_diff(a: &Path, b: &Path) -> f32 {
+    checkpoint_diffs(a, b).into_iter().fold(0f32, f32::max)
+}
+
+/// Every element's |difference| between the checkpointed adapters of two runs, in a fixed order.
+pub fn checkpoint_diffs(a: &Path, b: &Path) -> Vec<f32> {
     let load = |dir: &Path| {
         let ad = rime_io::peft::PeftAdapter::load(dir.join("checkpoint/adapter")).unwrap();
         let mut t: Vec<(String, Vec<f32>)> = ad.tensors.into_iter().map(|t| (t.name, t.data)).collect();
@@ -69,7 +74,7 @@ pub fn checkpoint_diff(a: &Path, b: &Path) -> f32 {
     let (x, y) = (load(a), load(b));
     let names = |t: &[(String, Vec<f32>)]| t.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
     assert_eq!(names(&x), names(&y), "{} and {} hold different tensors", a.display(), b.display());
-    x.iter().zip(&y).flat_map(|((_, p), (_, q))| p.iter().zip(q).map(|(u, v)| (u - v).abs())).fold(0f32, f32::max)
+    x.iter().zip(&y).flat_map(|((_, p), (_, q))| p.iter().zip(q).map(|(u, v)| (u - v).abs())).collect()
 }
 
 /// The losses of the `step N: loss L, ...` lines a `rime train` run writes to stderr, in order.

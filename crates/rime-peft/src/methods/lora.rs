@@ -398,6 +398,10 @@ impl LoraHook {
 }
 
 impl LinearHook for LoraHook {
+    fn rewrites(&self, store: &ParamStore, module: &str) -> bool {
+        store.find(&factor_name(module, 'A')).is_some() && store.find(&factor_name(module, 'B')).is_some()
+    }
+
     fn linear(
         &self,
         g: &mut Graph,
