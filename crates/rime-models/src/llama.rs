@@ -590,10 +590,11 @@ pub fn build_with(
     Ok(g.name(logits, "logits"))
 }
 
-/// The most f32 values a training graph's block of logits holds ([`build_loss`]'s `max_block` as the trainer
-/// sets it, when a storage binding allows more): 32 MiB. Gemma 3 at 2 × 256 tokens with `--weights q` and
-/// gradient checkpointing measured the same step time at 8M and 32M values per block (93 s for two steps) and
-/// an activation peak of 213 against 326 MiB; at 4M values the steps were 7% slower.
+/// The most f32 logits a chunk of [`build_loss`] holds (its `max_block` as the trainer sets it, when a storage
+/// binding allows more): 8M values, 32 MiB. Measured on lavapipe, Gemma 3 at 2 × 256 tokens with `--weights q`
+/// and gradient checkpointing, two steps: 66.2 s and an activation peak of 127 MiB at 8M values, 64.2 s and
+/// 295 MiB at 32M (with the head's blocks as checkpoint segments instead of fused with the loss: 79.9 s and
+/// 213 MiB).
 pub const LOSS_BLOCK_VALUES: usize = 8 << 20;
 
 /// The decoder's mean next-token loss over `targets` [B·T] (I32; -100 marks positions without a target), for
