@@ -632,30 +632,12 @@ pub fn build_loss(
     let vocab: usize = parts.iter().map(rows_of).sum();
     let module = Proj::Head.module();
     let adapted = hook.rewrites(store, module) || store.find(&crate::lora::factor_name(module, "A")).is_some();
-    if !adapted {
-        check_graph(cfg, t)?;
-        let ops = &mut GraphOps { g, store, cfg, hook, b, t, checkpoint };
-        let h = define(ops, cfg, None)?;
-        let h = g.reshape(h, &[n, cfg.hidden])?;
-        let ws = parts.iter().map(|p| g.param(store, p)).collect::<rime_graph::Result<Vec<_>>>()?;
-        let rows = chunk_rows(n, max_block / vocab.max(1));
-        let mut loss: Option<Var> = None;
-        for r0 in (0..n).step_by(rows) {
-            let hc = if rows >= n { h } else { g.rows(h, r0, rows.min(n - r0))? };
-            let share = g.linear_cross_entropy(hc, &ws, targets, r0, -100)?;
-            loss = Some(match loss {
-                Some(l) => g.add(l, share)?,
-                None => share,
-            });
-        }
-        return loss.ok_or_else(|| rime_graph::Error::Invalid("a loss over no tokens".into()));
-    }
-    if parts.len() == 1 && n * widest <= max_block {
+    if adapted && parts.len() == 1 && n * widest <= max_block {
         let logits = build_with(g, store, cfg, b, t, hook, checkpoint)?;
         let flat = g.reshape(logits, &[n, cfg.vocab])?;
         return g.cross_entropy(flat, targets, -100);
     }
-    if parts.len() > 1 {
+    if adapted && parts.len() > 1 {
         return Err(rime_graph::Error::Invalid(format!(
             "`{module}`: an adapter on a weight split by rows (`{head}`) is not supported"
         )));
@@ -664,15 +646,22 @@ pub fn build_loss(
     let ops = &mut GraphOps { g, store, cfg, hook, b, t, checkpoint };
     let h = define(ops, cfg, None)?;
     let h = g.reshape(h, &[n, cfg.hidden])?;
-    let w = g.param(store, &parts[0])?;
-    let rows = chunk_rows(n, max_block / widest.max(1));
+    let ws = parts.iter().map(|p| g.param(store, p)).collect::<rime_graph::Result<Vec<_>>>()?;
+    // Fused, a chunk's logits of every part live at once; through the hook, one part's at a time.
+    let rows = chunk_rows(n, max_block / if adapted { widest } else { vocab }.max(1));
     let mut loss: Option<Var> = None;
     for r0 in (0..n).step_by(rows) {
-        g.checkpoint();
-        let hc = g.rows(h, r0, rows.min(n - r0))?;
-        let logits = hook.linear(g, store, module, hc, w, None)?;
-        let share = g.cross_entropy_blocks(&[logits], targets, r0, -100)?;
-        g.end_checkpoint();
+        let share = if adapted {
+            g.checkpoint();
+            let hc = g.rows(h, r0, rows.min(n - r0))?;
+            let logits = hook.linear(g, store, module, hc, ws[0], None)?;
+            let share = g.cross_entropy_blocks(&[logits], targets, r0, -100)?;
+            g.end_checkpoint();
+            share
+        } else {
+            let hc = if rows >= n { h } else { g.rows(h, r0, rows.min(n - r0))? };
+            g.linear_cross_entropy(hc, &ws, targets, r0, -100)?
+        };
         loss = Some(match loss {
             Some(l) => g.add(l, share)?,
             None => share,

@@ -82,7 +82,13 @@ fn params(
     index_u32(op, "classes", b.classes)?;
     index_u32(op, "target rows", targets.numel())?;
     let width = width_for(v);
-    let w = words(&[
+    Ok((block_words(n, v, width, b, targets.numel(), ignore), width))
+}
+
+/// The shader's Params for a block of `n` rows of `v` classes read `width` at a time (the loss kernel reads
+/// neither: v = width = 1 there, and `b.first` is ignored).
+fn block_words(n: usize, v: usize, width: u32, b: Block, all_rows: usize, ignore: i32) -> Vec<u8> {
+    words(&[
         n as u32,
         v as u32,
         ignore as u32,
@@ -90,13 +96,12 @@ fn params(
         b.offset as u32,
         b.classes as u32,
         b.row0 as u32,
-        targets.numel() as u32,
+        all_rows as u32,
         b.first as u32,
         0,
         0,
         0,
-    ]);
-    Ok((w, width))
+    ])
 }
 
 fn scalar(op: &'static str, name: &str, t: &Tensor) -> Result<()> {
@@ -239,20 +244,7 @@ pub fn cross_entropy_block_loss_with(
     }
     index_u32(OP, "classes", b.classes)?;
     index_u32(OP, "target rows", targets.numel())?;
-    let w = words(&[
-        n as u32,
-        1,
-        ignore_index as u32,
-        1,
-        0,
-        b.classes as u32,
-        b.row0 as u32,
-        targets.numel() as u32,
-        0,
-        0,
-        0,
-        0,
-    ]);
+    let w = block_words(n, 1, 1, Block { offset: 0, first: false, ..b }, targets.numel(), ignore_index);
     Ok(vec![dev.dispatch(
         FILE,
         OP,
