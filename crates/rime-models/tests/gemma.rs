@@ -7,13 +7,15 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
+mod common;
+use common::ModuleLora;
+
 use rand::{Rng, SeedableRng};
-use rime_graph::{Executor, Graph, OptimConfig, ParamStore, Result as GResult, Var};
+use rime_graph::{Executor, Graph, OptimConfig, ParamStore};
 use rime_io::Checkpoint;
 use rime_kernels::{DType, Device, DeviceOptions};
 use rime_models::generate::{argmax, generate_greedy, Decoder};
 use rime_models::llama::{self, GemmaConfig, LlamaConfig};
-use rime_models::LinearHook;
 
 fn dev() -> &'static Device {
     static D: OnceLock<Device> = OnceLock::new();
@@ -246,20 +248,9 @@ fn tiny_gemma_kv_cache_matches_full_forward() {
     assert!(max_abs(&again, &full[4 * v..5 * v]) <= 1e-4);
 }
 
-/// LoRA on every projection kind through the hook: x·Wᵀ + s·(x·Aᵀ)·Bᵀ.
-struct TestLora;
 const ADAPTED: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
-impl LinearHook for TestLora {
-    fn linear(&self, g: &mut Graph, store: &ParamStore, module: &str, x: Var, w: Var, b: Option<Var>) -> GResult<Var> {
-        if ADAPTED.iter().any(|m| module.ends_with(m)) && module.contains("layers.") {
-            let a = g.param(store, &format!("{module}.lora_A.weight"))?;
-            let bb = g.param(store, &format!("{module}.lora_B.weight"))?;
-            g.lora(x, w, b, a, bb, 2.0)
-        } else {
-            g.linear(x, w, b)
-        }
-    }
-}
+/// LoRA on every projection kind through the hook.
+const TEST_LORA: ModuleLora = ModuleLora { scale: 2.0, modules: &ADAPTED };
 
 #[test]
 fn tiny_gemma_lora_gradients_match_finite_differences() {
@@ -294,7 +285,7 @@ fn tiny_gemma_lora_gradients_match_finite_differences() {
     let probe = ["model.layers.0.self_attn.q_proj.lora_B.weight", "model.layers.1.mlp.down_proj.lora_B.weight"];
     let loss_of = |store: &ParamStore, grads: bool| -> (f32, Vec<Vec<f32>>) {
         let mut g = Graph::new();
-        let logits = llama::build(&mut g, store, cfg, 1, t, &TestLora).unwrap();
+        let logits = llama::build(&mut g, store, cfg, 1, t, &TEST_LORA).unwrap();
         let logits = g.reshape(logits, &[t, cfg.vocab]).unwrap();
         let tg = g.input("targets", &[t], DType::I32);
         let loss = g.cross_entropy(logits, tg, -100).unwrap();
@@ -496,7 +487,8 @@ fn tiny_gemma_split_embedding_matches_whole() {
         }
         let t = IDS.len();
         let mut g = Graph::new();
-        let logits = llama::build(&mut g, store, &m.cfg, 1, t, &QLora).unwrap();
+        let logits =
+            llama::build(&mut g, store, &m.cfg, 1, t, &ModuleLora { scale: 2.0, modules: &["q_proj"] }).unwrap();
         let logits = g.reshape(logits, &[t, m.cfg.vocab]).unwrap();
         let tg = g.input("targets", &[t], DType::I32);
         let loss = g.cross_entropy(logits, tg, -100).unwrap();
@@ -514,20 +506,6 @@ fn tiny_gemma_split_embedding_matches_whole() {
     println!("tiny gemma split embedding: loss {lw} vs {ls}, LoRA grad max |diff| {:.3e}", max_abs(&gw, &gs));
     assert!((lw - ls).abs() <= 1e-5 && max_abs(&gw, &gs) <= 1e-5);
     assert!(gw.iter().any(|&x| x != 0.0));
-}
-
-/// LoRA on q_proj only.
-struct QLora;
-impl LinearHook for QLora {
-    fn linear(&self, g: &mut Graph, store: &ParamStore, module: &str, x: Var, w: Var, b: Option<Var>) -> GResult<Var> {
-        if module.ends_with("q_proj") {
-            let a = g.param(store, &format!("{module}.lora_A.weight"))?;
-            let bb = g.param(store, &format!("{module}.lora_B.weight"))?;
-            g.lora(x, w, b, a, bb, 2.0)
-        } else {
-            g.linear(x, w, b)
-        }
-    }
 }
 
 /// Gemma 3's chat template (the fallback for GGUF files without one) renders one user turn as transformers'

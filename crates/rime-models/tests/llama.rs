@@ -5,6 +5,9 @@
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
+mod common;
+use common::ModuleLora;
+
 use rand::{Rng, SeedableRng};
 use rime_graph::{Executor, Graph, OptimConfig, ParamStore, Result as GResult, Var};
 use rime_io::Checkpoint;
@@ -211,24 +214,8 @@ fn kv_cache_decode_matches_full_forward() {
     assert!(dec.prefill(d, &[61]).is_err(), "an id outside the vocabulary must be refused");
 }
 
-/// LoRA on q_proj and v_proj through the hook: x·Wᵀ + s·(x·Aᵀ)·Bᵀ with A, B trainable.
-struct TestLora {
-    scale: f32,
-}
-impl LinearHook for TestLora {
-    fn rewrites(&self, _: &ParamStore, module: &str) -> bool {
-        module.ends_with("q_proj") || module.ends_with("v_proj")
-    }
-    fn linear(&self, g: &mut Graph, store: &ParamStore, module: &str, x: Var, w: Var, b: Option<Var>) -> GResult<Var> {
-        if module.ends_with("q_proj") || module.ends_with("v_proj") {
-            let a = g.param(store, &format!("{module}.lora_A.weight"))?;
-            let bb = g.param(store, &format!("{module}.lora_B.weight"))?;
-            g.lora(x, w, b, a, bb, self.scale)
-        } else {
-            g.linear(x, w, b)
-        }
-    }
-}
+/// LoRA on q_proj and v_proj through the hook, A and B trainable.
+const TEST_LORA: ModuleLora = ModuleLora { scale: 2.0, modules: &["q_proj", "v_proj"] };
 
 #[test]
 fn lora_gradients_reach_adapter_only() {
@@ -251,7 +238,7 @@ fn lora_gradients_reach_adapter_only() {
     let t = ids.len();
     let loss_of = |store: &ParamStore, grads: bool| -> (f32, Option<Vec<f32>>, usize) {
         let mut g = Graph::new();
-        let logits = llama::build(&mut g, store, &cfg, 1, t, &TestLora { scale: 2.0 }).unwrap();
+        let logits = llama::build(&mut g, store, &cfg, 1, t, &TEST_LORA).unwrap();
         let logits = g.reshape(logits, &[t, cfg.vocab]).unwrap();
         let tg = g.input("targets", &[t], DType::I32);
         let loss = g.cross_entropy(logits, tg, -100).unwrap();
@@ -324,7 +311,7 @@ fn checkpointed_layers_give_the_same_gradients_with_less_activation_memory() {
     let targets: Vec<i32> = (0..b * t).map(|i| if i % t == t - 1 { -100 } else { ids[i + 1] as i32 }).collect();
     let run = |checkpoint: bool| {
         let mut g = Graph::new();
-        let logits = llama::build_with(&mut g, &store, &cfg, b, t, &TestLora { scale: 2.0 }, checkpoint).unwrap();
+        let logits = llama::build_with(&mut g, &store, &cfg, b, t, &TEST_LORA, checkpoint).unwrap();
         let logits = g.reshape(logits, &[b * t, cfg.vocab]).unwrap();
         let tg = g.input("targets", &[b * t], DType::I32);
         let loss = g.cross_entropy(logits, tg, -100).unwrap();
@@ -393,7 +380,7 @@ fn chunked_head_loss_matches_the_whole_logits() {
     let run = |store: &ParamStore, block: usize, checkpoint: bool, plain_head: bool| {
         let mut g = Graph::new();
         let tg = g.input("targets", &[b * t], DType::I32);
-        let lora = TestLora { scale: 2.0 };
+        let lora = TEST_LORA;
         let hook: &dyn LinearHook = if plain_head { &lora } else { &MayRewrite(&lora) };
         let loss = llama::build_loss(&mut g, store, &cfg, (b, t), hook, checkpoint, tg, block).unwrap();
         let fused = g.nodes.iter().any(|n| n.op.name() == "linear_cross_entropy");
@@ -409,8 +396,8 @@ fn chunked_head_loss_matches_the_whole_logits() {
         let grads: Vec<Vec<f32>> = store.trainable().map(|(id, _)| ex.read_param_grad(d, id).unwrap()).collect();
         (loss, grads, chunks)
     };
-    /// TestLora without saying which modules it rewrites (the output head then takes the unfused path).
-    struct MayRewrite<'a>(&'a TestLora);
+    /// TEST_LORA without saying which modules it rewrites (the output head then takes the unfused path).
+    struct MayRewrite<'a>(&'a ModuleLora);
     impl LinearHook for MayRewrite<'_> {
         fn linear(&self, g: &mut Graph, s: &ParamStore, m: &str, x: Var, w: Var, b: Option<Var>) -> GResult<Var> {
             self.0.linear(g, s, m, x, w, b)
