@@ -443,63 +443,98 @@ fn prepend_prompt_and_prefix_gradients_match_finite_differences() {
     assert_eq!(ex.gradient_buffers(), 4, "w, prompt, prefix, head; the frozen projections get none");
 }
 
+/// How [`head_problem`]'s loss reads the head's logits.
+#[derive(Clone, Copy, Debug)]
+enum HeadLoss {
+    /// concat_last + cross_entropy over all rows.
+    Whole,
+    /// Three rows at a time: linear + cross_entropy_blocks, each chunk a checkpoint segment if asked.
+    Blocks { checkpoint: bool },
+    /// Three rows at a time: linear_cross_entropy.
+    Fused,
+}
+
+/// x [7, 5] → gelu(linear w0) → a head over 15 classes in two weight parts (6 + 9 rows, trainable or not) →
+/// the mean cross-entropy read as `how` says, times `scale`; the store's values drawn from `seed`. Returns the
+/// store and a built executor (with an AdamW optimizer when `train`) fed and run forward.
+fn head_problem(
+    seed: u64,
+    trainable_head: bool,
+    how: HeadLoss,
+    scale: f32,
+    train: bool,
+    tg: &[i32; 7],
+) -> (ParamStore, Executor, Var) {
+    let d = dev();
+    let (n, c, v1, v2, chunk) = (7, 5, 6, 9, 3);
+    let mut store = ParamStore::new();
+    store.add_f32(d, "w0", &rnd(seed, c * c, 0.6), &[c, c], true).unwrap();
+    store.add_f32(d, "head0", &rnd(seed + 1, v1 * c, 0.6), &[v1, c], trainable_head).unwrap();
+    store.add_f32(d, "head1", &rnd(seed + 2, v2 * c, 0.6), &[v2, c], trainable_head).unwrap();
+    let mut g = Graph::new();
+    let x = g.input("x", &[n, c], DType::F32);
+    let t = targets(&mut g, n);
+    let w0 = g.param(&store, "w0").unwrap();
+    let parts = [g.param(&store, "head0").unwrap(), g.param(&store, "head1").unwrap()];
+    let h = g.linear(x, w0, None).unwrap();
+    let h = g.gelu(h, false);
+    let loss = if let HeadLoss::Whole = how {
+        let ys = parts.map(|w| g.linear(h, w, None).unwrap());
+        let logits = g.concat_last(&ys).unwrap();
+        g.cross_entropy(logits, t, -100).unwrap()
+    } else {
+        let mut total = None;
+        for r0 in (0..n).step_by(chunk) {
+            let checkpoint = matches!(how, HeadLoss::Blocks { checkpoint: true });
+            if checkpoint {
+                g.checkpoint();
+            }
+            let hc = g.rows(h, r0, chunk.min(n - r0)).unwrap();
+            let share = if let HeadLoss::Fused = how {
+                g.linear_cross_entropy(hc, &parts, t, r0, -100).unwrap()
+            } else {
+                let ys = parts.map(|w| g.linear(hc, w, None).unwrap());
+                g.cross_entropy_blocks(&ys, t, r0, -100).unwrap()
+            };
+            if checkpoint {
+                g.end_checkpoint();
+            }
+            total = Some(match total {
+                Some(s) => g.add(s, share).unwrap(),
+                None => share,
+            });
+        }
+        total.unwrap()
+    };
+    let loss = if scale == 1.0 { loss } else { g.scale(loss, scale) };
+    let optim = train.then(|| OptimConfig::adamw(1e-2, 0.0));
+    let mut ex = Executor::new(d, g, &store, Some(loss), &[loss], optim).unwrap();
+    ex.feed_f32(d, "x", &rnd(seed + 3, n * c, 1.0)).unwrap();
+    ex.feed_i32(d, "targets", tg).unwrap();
+    ex.forward(d).unwrap();
+    (store, ex, loss)
+}
+
+/// The loss and every trainable gradient of a problem after a forward and backward pass.
+fn loss_and_grads(store: &ParamStore, ex: &mut Executor, loss: Var) -> (f32, Vec<Vec<f32>>) {
+    let d = dev();
+    ex.backward_only(d).unwrap();
+    let l = ex.read(d, loss).unwrap()[0];
+    (l, store.trainable().map(|(id, _)| ex.read_param_grad(d, id).unwrap()).collect())
+}
+
 /// A head over classes split into two weight parts, taken three rows at a time (`rows`, blocks of logits,
 /// `cross_entropy_blocks`, the chunks' shares added; each chunk a checkpoint segment when `checkpoint`): the
 /// loss is the whole head's (concat_last + cross_entropy), the gradients of every parameter (a layer below the
 /// slices and both head parts) are the whole head's and match finite differences.
 #[test]
 fn chunked_head_cross_entropy_matches_the_whole_head() {
-    let d = dev();
-    let (n, c, v1, v2, chunk) = (7, 5, 6, 9, 3);
-    let mut store = ParamStore::new();
-    store.add_f32(d, "w0", &rnd(41, c * c, 0.6), &[c, c], true).unwrap();
-    store.add_f32(d, "head0", &rnd(42, v1 * c, 0.6), &[v1, c], true).unwrap();
-    store.add_f32(d, "head1", &rnd(43, v2 * c, 0.6), &[v2, c], true).unwrap();
     let tg = [0, 14, -100, 6, 5, 2, 11];
-    let build = |chunked: Option<bool>| {
-        let mut g = Graph::new();
-        let x = g.input("x", &[n, c], DType::F32);
-        let t = targets(&mut g, n);
-        let w0 = g.param(&store, "w0").unwrap();
-        let parts = [g.param(&store, "head0").unwrap(), g.param(&store, "head1").unwrap()];
-        let h = g.linear(x, w0, None).unwrap();
-        let h = g.gelu(h, false);
-        let loss = match chunked {
-            None => {
-                let ys = parts.map(|w| g.linear(h, w, None).unwrap());
-                let logits = g.concat_last(&ys).unwrap();
-                g.cross_entropy(logits, t, -100).unwrap()
-            }
-            Some(checkpoint) => {
-                let mut total = None;
-                for r0 in (0..n).step_by(chunk) {
-                    if checkpoint {
-                        g.checkpoint();
-                    }
-                    let hc = g.rows(h, r0, chunk.min(n - r0)).unwrap();
-                    let ys = parts.map(|w| g.linear(hc, w, None).unwrap());
-                    let share = g.cross_entropy_blocks(&ys, t, r0, -100).unwrap();
-                    g.end_checkpoint();
-                    total = Some(match total {
-                        Some(s) => g.add(s, share).unwrap(),
-                        None => share,
-                    });
-                }
-                total.unwrap()
-            }
-        };
-        let mut ex = Executor::new(d, g, &store, Some(loss), &[loss], Some(OptimConfig::adamw(1e-2, 0.0))).unwrap();
-        ex.feed_f32(d, "x", &rnd(44, n * c, 1.0)).unwrap();
-        ex.feed_i32(d, "targets", &tg).unwrap();
-        ex.forward(d).unwrap();
-        ex.backward_only(d).unwrap();
-        let l = ex.read(d, loss).unwrap()[0];
-        let grads: Vec<Vec<f32>> = store.trainable().map(|(id, _)| ex.read_param_grad(d, id).unwrap()).collect();
-        (ex, loss, l, grads)
-    };
-    let (_, _, whole, want) = build(None);
+    let (store, mut ex, loss) = head_problem(41, true, HeadLoss::Whole, 1.0, true, &tg);
+    let (whole, want) = loss_and_grads(&store, &mut ex, loss);
     for checkpoint in [false, true] {
-        let (mut ex, loss, l, grads) = build(Some(checkpoint));
+        let (store, mut ex, loss) = head_problem(41, true, HeadLoss::Blocks { checkpoint }, 1.0, true, &tg);
+        let (l, grads) = loss_and_grads(&store, &mut ex, loss);
         assert!((l - whole).abs() <= 1e-6 * whole.abs().max(1.0), "chunked loss {l} vs whole {whole}");
         for (g, w) in grads.iter().zip(&want) {
             for (a, b) in g.iter().zip(w) {
@@ -536,75 +571,28 @@ fn rows_and_cross_entropy_blocks_reject_bad_shapes() {
 #[test]
 fn linear_cross_entropy_matches_the_whole_head() {
     let d = dev();
-    let (n, c, v1, v2, chunk) = (7, 5, 6, 9, 3);
-    let mut store = ParamStore::new();
-    store.add_f32(d, "w0", &rnd(51, c * c, 0.6), &[c, c], true).unwrap();
-    store.add_f32(d, "head0", &rnd(52, v1 * c, 0.6), &[v1, c], false).unwrap();
-    store.add_f32(d, "head1", &rnd(53, v2 * c, 0.6), &[v2, c], false).unwrap();
     let tg = [3, 14, -100, 6, 5, 2, 11];
-    // 0: the whole head; 1: linear_cross_entropy per chunk; 2: linear + cross_entropy_blocks per chunk
-    let build = |mode: u8, train: bool| {
-        let mut g = Graph::new();
-        let x = g.input("x", &[n, c], DType::F32);
-        let t = targets(&mut g, n);
-        let w0 = g.param(&store, "w0").unwrap();
-        let parts = [g.param(&store, "head0").unwrap(), g.param(&store, "head1").unwrap()];
-        let h = g.linear(x, w0, None).unwrap();
-        let h = g.gelu(h, false);
-        let loss = if mode > 0 {
-            let mut total = None;
-            for r0 in (0..n).step_by(chunk) {
-                let hc = g.rows(h, r0, chunk.min(n - r0)).unwrap();
-                let share = if mode == 1 {
-                    g.linear_cross_entropy(hc, &parts, t, r0, -100).unwrap()
-                } else {
-                    let ys = parts.map(|w| g.linear(hc, w, None).unwrap());
-                    g.cross_entropy_blocks(&ys, t, r0, -100).unwrap()
-                };
-                total = Some(match total {
-                    Some(s) => g.add(s, share).unwrap(),
-                    None => share,
-                });
-            }
-            total.unwrap()
-        } else {
-            let ys = parts.map(|w| g.linear(h, w, None).unwrap());
-            let logits = g.concat_last(&ys).unwrap();
-            g.cross_entropy(logits, t, -100).unwrap()
-        };
-        let loss = g.scale(loss, 0.5);
-        let optim = train.then(|| OptimConfig::adamw(1e-2, 0.0));
-        let mut ex = Executor::new(d, g, &store, Some(loss), &[loss], optim).unwrap();
-        ex.feed_f32(d, "x", &rnd(54, n * c, 1.0)).unwrap();
-        ex.feed_i32(d, "targets", &tg).unwrap();
-        ex.forward(d).unwrap();
-        (ex, loss)
-    };
-    let (mut whole, wl) = build(0, true);
-    whole.backward_only(d).unwrap();
-    let want_loss = whole.read(d, wl).unwrap()[0];
-    let id = store.id("w0").unwrap();
-    let want = whole.read_param_grad(d, id).unwrap();
-    let (mut ex, loss) = build(1, true);
-    ex.backward_only(d).unwrap();
-    let l = ex.read(d, loss).unwrap()[0];
+    let (store, mut whole, wl) = head_problem(51, false, HeadLoss::Whole, 0.5, true, &tg);
+    let (want_loss, want) = loss_and_grads(&store, &mut whole, wl);
+    let (store, mut ex, loss) = head_problem(51, false, HeadLoss::Fused, 0.5, true, &tg);
+    let (l, got) = loss_and_grads(&store, &mut ex, loss);
     assert!((l - want_loss).abs() <= 1e-6 * want_loss.abs().max(1.0), "fused loss {l} vs whole {want_loss}");
-    let got = ex.read_param_grad(d, id).unwrap();
-    assert!(want.iter().any(|x| *x != 0.0));
-    for (a, b) in got.iter().zip(&want) {
+    assert_eq!(got.len(), 1, "w0 only: the head is frozen");
+    assert!(want[0].iter().any(|x| *x != 0.0));
+    for (a, b) in got[0].iter().zip(&want[0]) {
         assert!((a - b).abs() <= 1e-6 + 1e-5 * b.abs(), "gradient {a} vs whole {b}");
     }
     check_grads(&mut ex, &store, loss, 6, 8);
     // forward only: the same loss, and the dispatches of the unfused chunks (no gradient prepared)
-    let (ev, el) = build(1, false);
+    let (_, ev, el) = head_problem(51, false, HeadLoss::Fused, 0.5, false, &tg);
     assert_eq!(ev.read(d, el).unwrap()[0], l);
-    let (eu, _) = build(2, false);
+    let (_, eu, _) = head_problem(51, false, HeadLoss::Blocks { checkpoint: false }, 0.5, false, &tg);
     assert_eq!(ev.dispatches_per_step(), eu.dispatches_per_step());
     // a trainable head weight is refused when the graph is lowered
     let mut trainable = ParamStore::new();
-    trainable.add_f32(d, "w", &rnd(55, v1 * c, 0.6), &[v1, c], true).unwrap();
+    trainable.add_f32(d, "w", &rnd(55, 6 * 5, 0.6), &[6, 5], true).unwrap();
     let mut g = Graph::new();
-    let h = g.input("h", &[2, c], DType::F32);
+    let h = g.input("h", &[2, 5], DType::F32);
     let t = targets(&mut g, 2);
     let w = g.param(&trainable, "w").unwrap();
     let l = g.linear_cross_entropy(h, &[w], t, 0, -100).unwrap();
